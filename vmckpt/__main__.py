@@ -1,0 +1,5 @@
+import sys
+
+from vmckpt.cli import main
+
+sys.exit(main())

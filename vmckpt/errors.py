@@ -1,0 +1,98 @@
+"""The one exception tree of vmckpt.
+
+Every error names what it is about (the guest, the layer, the step) so the
+CLI can print it as a single line; each class has its own exit code.
+"""
+
+from __future__ import annotations
+
+
+class VmckptError(Exception):
+    """Base of every error vmckpt raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        vm: str | None = None,
+        layer: str | None = None,
+        step: str | None = None,
+    ) -> None:
+        self.message = message
+        self.vm = vm
+        self.layer = layer
+        self.step = step
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        where = []
+        if self.vm:
+            where.append(f"guest {self.vm}")
+        if self.layer:
+            where.append(f"layer {self.layer}")
+        if self.step:
+            where.append(f"during {self.step}")
+        prefix = ", ".join(where)
+        return f"{prefix}: {self.message}" if prefix else self.message
+
+
+class UsageError(VmckptError):
+    """The command line or its arguments are wrong."""
+
+    exit_code = 2
+
+
+class StoreError(VmckptError):
+    """The store (a directory of layers) is missing, or a layer cannot be found."""
+
+    exit_code = 3
+
+
+class CorruptLayerError(StoreError):
+    """A layer's files do not match its manifest: checksum, size, or format."""
+
+    exit_code = 4
+
+
+class FormatVersionError(CorruptLayerError):
+    """A layer was written in a format version this vmckpt cannot read."""
+
+    exit_code = 5
+
+
+class StreamError(VmckptError):
+    """QEMU's migration stream is malformed or uses a feature vmckpt does not handle."""
+
+    exit_code = 6
+
+
+class QMPError(VmckptError):
+    """The monitor cannot be reached, is not QEMU, or a command failed."""
+
+    exit_code = 7
+
+
+class MachineError(VmckptError):
+    """QEMU could not be started, died, or the guest spec does not fit."""
+
+    exit_code = 8
+
+
+class CheckpointError(VmckptError):
+    """A checkpoint failed; the guest was left running as before."""
+
+    exit_code = 9
+
+
+class RestoreError(VmckptError):
+    """A restore failed; the QEMU it started was ended, the store is untouched."""
+
+    exit_code = 10
+
+
+class NotBuiltError(VmckptError):
+    """A feature that vmckpt does not have yet."""
+
+    exit_code = 11

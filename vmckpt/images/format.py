@@ -1,0 +1,436 @@
+"""The on-disk format of a layer: its constants, its manifest and its page index.
+
+Everything here is pure (bytes and values in, values out); `store` does the
+file work. docs/FORMAT.md is the specification this module implements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from vmckpt.errors import CorruptLayerError, FormatVersionError
+from vmckpt.ram import PAGE_SIZE, PageNumbers, RamImage
+
+# The version this vmckpt writes. Readers accept the same major and a lower or
+# equal minor (see `check_version`); the version is the format's own, not vmckpt's.
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+
+LAYER_FORMAT = "vmckpt-layer"
+STORE_FORMAT = "vmckpt-store"
+
+MANIFEST = "manifest.json"
+PAGES = "pages.bin"
+INDEX = "pages.idx"
+PRELUDE = "prelude.bin"
+DEVICE = "device.bin"
+# The files every 1.x layer has besides its manifest.
+LAYER_FILES = (PAGES, INDEX, PRELUDE, DEVICE)
+
+INDEX_DTYPE = np.dtype("<u4")
+LAYER_ID_RE = re.compile(r"^(\d{4,})-([0-9a-f]{6})$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """Size and sha256 (lowercase hex) of one file of a layer."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BlockSummary:
+    """One RAM block of a layer: its layout and how many pages the layer records."""
+
+    idstr: str
+    length: int
+    pages_stored: int
+    pages_zeroed: int
+
+    @property
+    def pages(self) -> int:
+        return (self.length + PAGE_SIZE - 1) // PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class LayerManifest:
+    """Everything a layer says about itself; the parsed, validated manifest.json."""
+
+    id: str
+    parent: str | None
+    created: str  # ISO 8601 UTC, e.g. 2025-01-31T12:00:00.123456Z
+    guest: str
+    spec: dict[str, Any]
+    qemu_version: str
+    machine_type: str
+    mechanism: str
+    ram_section: tuple[int, int, int]  # (section id, instance id, version id)
+    blocks: tuple[BlockSummary, ...]
+    stats: dict[str, Any]
+    files: dict[str, FileEntry]
+    format_version: tuple[int, int]
+
+    @property
+    def is_base(self) -> bool:
+        return self.parent is None
+
+    @property
+    def bytes_total(self) -> int:
+        """Sum of the sizes of the layer's files (manifest.json not included)."""
+        return sum(entry.size for entry in self.files.values())
+
+    @property
+    def layout(self) -> list[tuple[str, int]]:
+        """The RAM block layout (idstr, length) in manifest order."""
+        return [(block.idstr, block.length) for block in self.blocks]
+
+
+@dataclass
+class LayerContent:
+    """What the checkpoint code hands to `Store.write_layer`."""
+
+    parent: str | None
+    guest: str
+    spec: dict[str, Any]
+    qemu_version: str
+    machine_type: str
+    mechanism: str
+    ram_section: tuple[int, int, int]
+    stats: dict[str, Any]
+    ram: RamImage  # the full image the guest had at this checkpoint
+    pages: dict[str, npt.NDArray[Any]]  # per block: page numbers whose data this layer stores
+    zeroed: dict[str, npt.NDArray[Any]]  # per block: pages that became all-zero since the parent
+    prelude: bytes  # QEMU stream header and configuration section, opaque
+    epilogue: bytes  # device state, opaque
+
+
+@dataclass(frozen=True)
+class BlockIndex:
+    """The decoded index of one block: sorted, disjoint page numbers."""
+
+    stored: PageNumbers
+    zeroed: PageNumbers
+
+
+# --- manifest -------------------------------------------------------------
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The canonical encoding the manifest checksum is computed over."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def manifest_checksum(obj: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a manifest object without its checksum field."""
+    body = {key: value for key, value in obj.items() if key != "manifest_sha256"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def manifest_to_json(manifest: LayerManifest) -> dict[str, Any]:
+    """The JSON object of a manifest, checksum included."""
+    obj: dict[str, Any] = {
+        "format": LAYER_FORMAT,
+        "format_version": list(manifest.format_version),
+        "id": manifest.id,
+        "parent": manifest.parent,
+        "created": manifest.created,
+        "guest": manifest.guest,
+        "spec": manifest.spec,
+        "qemu_version": manifest.qemu_version,
+        "machine_type": manifest.machine_type,
+        "mechanism": manifest.mechanism,
+        "ram_section": list(manifest.ram_section),
+        "blocks": [
+            {
+                "idstr": block.idstr,
+                "length": block.length,
+                "pages_stored": block.pages_stored,
+                "pages_zeroed": block.pages_zeroed,
+            }
+            for block in manifest.blocks
+        ],
+        "stats": manifest.stats,
+        "files": {
+            name: {"size": entry.size, "sha256": entry.sha256}
+            for name, entry in sorted(manifest.files.items())
+        },
+    }
+    obj["manifest_sha256"] = manifest_checksum(obj)
+    return obj
+
+
+def manifest_bytes(obj: dict[str, Any]) -> bytes:
+    """manifest.json as written: sorted keys, indented for people, ASCII, newline."""
+    text = json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False)
+    return (text + "\n").encode("ascii")
+
+
+def _version_text(version: tuple[int, int]) -> str:
+    return f"{version[0]}.{version[1]}"
+
+
+def check_version(
+    version: tuple[int, int], *, what: str, layer: str | None, step: str, note: str = ""
+) -> None:
+    """Accept the same major and a lower or equal minor; raise FormatVersionError otherwise."""
+    major, minor = version
+    ours = f"{FORMAT_MAJOR}.0" + (f" to {FORMAT_MAJOR}.{FORMAT_MINOR}" if FORMAT_MINOR else "")
+    if major > FORMAT_MAJOR or (major == FORMAT_MAJOR and minor > FORMAT_MINOR):
+        raise FormatVersionError(
+            f"{what}: format version {_version_text(version)} is newer than this vmckpt "
+            f"reads ({ours}){note}",
+            layer=layer,
+            step=step,
+        )
+    if major != FORMAT_MAJOR:
+        raise FormatVersionError(
+            f"{what}: format version {_version_text(version)} is older than this vmckpt "
+            f"reads ({ours}){note}",
+            layer=layer,
+            step=step,
+        )
+
+
+def parse_version(value: Any, *, what: str, layer: str | None, step: str) -> tuple[int, int]:
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(type(part) is int and part >= 0 for part in value)
+    ):
+        raise CorruptLayerError(
+            f"{what}: format_version is {value!r}, not [major, minor]", layer=layer, step=step
+        )
+    return (value[0], value[1])
+
+
+class _Fields:
+    """Typed access to a JSON object's fields, each failure a CorruptLayerError."""
+
+    def __init__(self, obj: dict[str, Any], where: str, layer: str, step: str) -> None:
+        self.obj = obj
+        self.where = where
+        self.layer = layer
+        self.step = step
+
+    def fail(self, message: str) -> CorruptLayerError:
+        return CorruptLayerError(f"{MANIFEST}: {message}", layer=self.layer, step=self.step)
+
+    def get(self, key: str) -> Any:
+        if key not in self.obj:
+            raise self.fail(f"{self.where}field {key!r} is missing")
+        return self.obj[key]
+
+    def get_str(self, key: str) -> str:
+        value = self.get(key)
+        if not isinstance(value, str):
+            raise self.fail(f"{self.where}field {key!r} is {value!r}, not a string")
+        return value
+
+    def get_int(self, key: str) -> int:
+        value = self.get(key)
+        if type(value) is not int or value < 0:
+            raise self.fail(f"{self.where}field {key!r} is {value!r}, not a count")
+        return value
+
+    def get_dict(self, key: str) -> dict[str, Any]:
+        value = self.get(key)
+        if not isinstance(value, dict):
+            raise self.fail(f"{self.where}field {key!r} is not an object")
+        return value
+
+    def get_list(self, key: str) -> list[Any]:
+        value = self.get(key)
+        if not isinstance(value, list):
+            raise self.fail(f"{self.where}field {key!r} is not a list")
+        return value
+
+
+def parse_manifest(data: bytes, layer_id: str, step: str) -> LayerManifest:
+    """Parse and validate manifest.json: format, version, checksum, fields.
+
+    The version is judged before the checksum, because a newer format may
+    compute its checksum differently; a mismatching checksum is then only
+    mentioned. Raises CorruptLayerError or FormatVersionError.
+    """
+
+    def corrupt(message: str) -> CorruptLayerError:
+        return CorruptLayerError(f"{MANIFEST}: {message}", layer=layer_id, step=step)
+
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise corrupt(f"not valid JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise corrupt("not a JSON object")
+    if obj.get("format") != LAYER_FORMAT:
+        raise corrupt(f"format is {obj.get('format')!r}, not {LAYER_FORMAT!r}")
+    version = parse_version(obj.get("format_version"), what=MANIFEST, layer=layer_id, step=step)
+    stored_sum = obj.get("manifest_sha256")
+    try:
+        checksum_ok = stored_sum == manifest_checksum(obj)
+    except ValueError:  # NaN or infinity somewhere: never written by us
+        checksum_ok = False
+    check_version(
+        version,
+        what=MANIFEST,
+        layer=layer_id,
+        step=step,
+        note="" if checksum_ok else "; its checksum does not match either, it may be damaged",
+    )
+    if not isinstance(stored_sum, str):
+        raise corrupt("manifest_sha256 is missing")
+    if not checksum_ok:
+        raise corrupt(
+            f"sha256 mismatch (manifest_sha256 says {stored_sum}, "
+            f"content hashes to {manifest_checksum(obj)})"
+        )
+
+    fields = _Fields(obj, "", layer_id, step)
+    manifest_id = fields.get_str("id")
+    parent = fields.get("parent")
+    if parent is not None and (not isinstance(parent, str) or not LAYER_ID_RE.match(parent)):
+        raise corrupt(f"parent is {parent!r}, not a layer id")
+    ram_section = fields.get_list("ram_section")
+    if len(ram_section) != 3 or not all(type(part) is int for part in ram_section):
+        raise corrupt(f"ram_section is {ram_section!r}, not [section, instance, version]")
+
+    blocks: list[BlockSummary] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(fields.get_list("blocks")):
+        if not isinstance(raw, dict):
+            raise corrupt(f"blocks[{number}] is not an object")
+        block_fields = _Fields(raw, f"blocks[{number}]: ", layer_id, step)
+        block = BlockSummary(
+            idstr=block_fields.get_str("idstr"),
+            length=block_fields.get_int("length"),
+            pages_stored=block_fields.get_int("pages_stored"),
+            pages_zeroed=block_fields.get_int("pages_zeroed"),
+        )
+        if block.idstr in seen:
+            raise corrupt(f"RAM block {block.idstr!r} is listed twice")
+        if block.pages_stored + block.pages_zeroed > block.pages:
+            raise corrupt(
+                f"RAM block {block.idstr!r} has {block.pages} pages but records "
+                f"{block.pages_stored} stored and {block.pages_zeroed} zeroed"
+            )
+        seen.add(block.idstr)
+        blocks.append(block)
+
+    files: dict[str, FileEntry] = {}
+    for name, raw in fields.get_dict("files").items():
+        if not _FILE_NAME_RE.match(name) or name == MANIFEST:
+            raise corrupt(f"file name {name!r} is not allowed")
+        if not isinstance(raw, dict):
+            raise corrupt(f"files[{name!r}] is not an object")
+        file_fields = _Fields(raw, f"files[{name!r}]: ", layer_id, step)
+        digest = file_fields.get_str("sha256")
+        if not _SHA256_RE.match(digest):
+            raise corrupt(f"files[{name!r}]: sha256 {digest!r} is not 64 lowercase hex digits")
+        files[name] = FileEntry(size=file_fields.get_int("size"), sha256=digest)
+    for name in LAYER_FILES:
+        if name not in files:
+            raise corrupt(f"does not list {name}")
+
+    return LayerManifest(
+        id=manifest_id,
+        parent=parent,
+        created=fields.get_str("created"),
+        guest=fields.get_str("guest"),
+        spec=fields.get_dict("spec"),
+        qemu_version=fields.get_str("qemu_version"),
+        machine_type=fields.get_str("machine_type"),
+        mechanism=fields.get_str("mechanism"),
+        ram_section=(ram_section[0], ram_section[1], ram_section[2]),
+        blocks=tuple(blocks),
+        stats=fields.get_dict("stats"),
+        files=files,
+        format_version=version,
+    )
+
+
+# --- page index -----------------------------------------------------------
+
+
+def encode_index(parts: list[BlockIndex]) -> bytes:
+    """pages.idx: per block u32 count_stored, u32 count_zeroed, the stored, the zeroed."""
+    arrays: list[npt.NDArray[Any]] = []
+    for part in parts:
+        arrays.append(np.array([part.stored.size, part.zeroed.size], dtype=INDEX_DTYPE))
+        arrays.append(part.stored.astype(INDEX_DTYPE, copy=False))
+        arrays.append(part.zeroed.astype(INDEX_DTYPE, copy=False))
+    if not arrays:
+        return b""
+    return np.concatenate(arrays).tobytes()
+
+
+def _check_pages(
+    numbers: PageNumbers, block: BlockSummary, what: str, layer_id: str, step: str
+) -> None:
+    if numbers.size == 0:
+        return
+    if numbers.size > 1 and not bool(np.all(numbers[1:] > numbers[:-1])):
+        raise CorruptLayerError(
+            f"{INDEX}: {what} page numbers of RAM block {block.idstr!r} are not strictly ascending",
+            layer=layer_id,
+            step=step,
+        )
+    if int(numbers[-1]) >= block.pages:
+        raise CorruptLayerError(
+            f"{INDEX}: {what} page {int(numbers[-1])} is outside RAM block {block.idstr!r} "
+            f"({block.pages} pages)",
+            layer=layer_id,
+            step=step,
+        )
+
+
+def decode_index(data: bytes, manifest: LayerManifest, step: str) -> list[BlockIndex]:
+    """Decode pages.idx and check it against the manifest (counts, ranges, order)."""
+    layer_id = manifest.id
+
+    def corrupt(message: str) -> CorruptLayerError:
+        return CorruptLayerError(f"{INDEX}: {message}", layer=layer_id, step=step)
+
+    if len(data) % INDEX_DTYPE.itemsize:
+        raise corrupt(f"{len(data)} bytes is not a whole number of u32 words")
+    words: PageNumbers = np.frombuffer(data, dtype=INDEX_DTYPE).astype(np.uint32)
+    pos = 0
+    parts: list[BlockIndex] = []
+    for block in manifest.blocks:
+        if pos + 2 > words.size:
+            raise corrupt(f"ends before RAM block {block.idstr!r} (truncated?)")
+        count_stored, count_zeroed = int(words[pos]), int(words[pos + 1])
+        if (count_stored, count_zeroed) != (block.pages_stored, block.pages_zeroed):
+            raise corrupt(
+                f"RAM block {block.idstr!r} has {count_stored} stored and {count_zeroed} zeroed "
+                f"pages, manifest says {block.pages_stored} and {block.pages_zeroed}"
+            )
+        pos += 2
+        end = pos + count_stored + count_zeroed
+        if end > words.size:
+            raise corrupt(f"ends inside RAM block {block.idstr!r} (truncated?)")
+        stored = words[pos : pos + count_stored]
+        zeroed = words[pos + count_stored : end]
+        pos = end
+        _check_pages(stored, block, "stored", layer_id, step)
+        _check_pages(zeroed, block, "zeroed", layer_id, step)
+        both = np.intersect1d(stored, zeroed, assume_unique=True)
+        if both.size:
+            raise corrupt(
+                f"page {int(both[0])} of RAM block {block.idstr!r} is both stored and zeroed"
+            )
+        parts.append(BlockIndex(stored=stored, zeroed=zeroed))
+    if pos != words.size:
+        raise corrupt(f"{(words.size - pos) * INDEX_DTYPE.itemsize} bytes after the last block")
+    return parts

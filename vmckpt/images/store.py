@@ -1,0 +1,588 @@
+"""A store: a directory of immutable, checksummed layers, written crash-safely.
+
+Layout (docs/FORMAT.md has the byte-level specification)::
+
+    store/vmckpt-store.json     marker: {"format": "vmckpt-store", "format_version": [1, 0]}
+    store/layers/<id>/          one committed layer (manifest.json + its files)
+    store/layers/.tmp-<id>-<r>/ a layer being written; never read, never listed
+    store/guests/<name>/        runtime files of a running guest (managed by others)
+
+A layer becomes visible only by the rename of its complete, fsynced directory,
+and its manifest (written and fsynced last) is the commit point, so a crash
+leaves either the whole layer or none of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from vmckpt.errors import CorruptLayerError, StoreError
+from vmckpt.images import format as fmt
+from vmckpt.images.format import (
+    DEVICE,
+    INDEX,
+    LAYER_ID_RE,
+    MANIFEST,
+    PAGES,
+    PRELUDE,
+    STORE_FORMAT,
+    BlockIndex,
+    FileEntry,
+    LayerContent,
+    LayerManifest,
+)
+from vmckpt.ram import PAGE_SIZE, PageNumbers, RamBlock, RamImage
+
+STORE_MARKER = "vmckpt-store.json"
+LAYERS_DIR = "layers"
+GUESTS_DIR = "guests"
+TMP_PREFIX = ".tmp-"
+
+# Pages copied per step when writing or composing: caps the temporary copy at 64 MiB.
+CHUNK_PAGES = 16384
+
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+
+
+# --- durable file primitives ----------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mkdir_private(path: Path) -> None:
+    os.mkdir(path, _DIR_MODE)
+    os.chmod(path, _DIR_MODE)  # whatever the umask
+
+
+def _open_new(path: Path) -> int:
+    """A new file, 0600, that must not exist yet (borg: open with "x")."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+    os.fchmod(fd, _FILE_MODE)
+    return fd
+
+
+def _write_new(path: Path, chunks: Iterable[Any]) -> FileEntry:
+    """Write buffers to a new file, fsync it, and return its size and sha256."""
+    digest = hashlib.sha256()
+    size = 0
+    with os.fdopen(_open_new(path), "wb") as out:
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            out.write(view)
+            digest.update(view)
+            size += view.nbytes
+        out.flush()
+        os.fsync(out.fileno())
+    return FileEntry(size=size, sha256=digest.hexdigest())
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as src:
+        return hashlib.file_digest(src, "sha256").hexdigest()
+
+
+def _readinto_full(src: Any, buf: npt.NDArray[np.uint8]) -> int:
+    """Fill ``buf`` from ``src``; returns the bytes read (short only at end of file)."""
+    view = buf.data.cast("B")
+    done = 0
+    while done < view.nbytes:
+        got = src.readinto(view[done:])
+        if not got:
+            break
+        done += got
+    return done
+
+
+@dataclass(frozen=True)
+class _CheckedLayer:
+    """A layer whose files matched its manifest, with its decoded index and small files."""
+
+    manifest: LayerManifest
+    parts: list[BlockIndex]
+    prelude: bytes
+    device: bytes
+
+
+class Store:
+    """A vmckpt store on disk: create it, list, resolve, verify, compose and write layers."""
+
+    def __init__(self, path: Path) -> None:
+        """Open an existing store; StoreError if ``path`` is missing or not a store."""
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"store {self.path} does not exist", step="open")
+        marker = self.path / STORE_MARKER
+        if not self.path.is_dir() or not marker.is_file():
+            raise StoreError(
+                f"{self.path} is not a vmckpt store (it has no {STORE_MARKER})", step="open"
+            )
+        try:
+            obj = json.loads(marker.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise StoreError(f"{marker}: cannot be read ({exc})", step="open") from exc
+        if not isinstance(obj, dict) or obj.get("format") != STORE_FORMAT:
+            raise StoreError(f"{marker}: not a vmckpt store marker", step="open")
+        version = fmt.parse_version(
+            obj.get("format_version"), what=str(marker), layer=None, step="open"
+        )
+        fmt.check_version(version, what=str(marker), layer=None, step="open")
+
+    @classmethod
+    def create(cls, path: Path) -> Store:
+        """Create a store at ``path`` (parents too), or open it if it is one already.
+
+        Refuses a non-empty directory that is not a store. The marker file is
+        written last, atomically, so a half-created store is not a store.
+        """
+        path = Path(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if (path / STORE_MARKER).exists():
+                return cls(path)
+            leftovers = sorted(entry.name for entry in path.iterdir())
+            if set(leftovers) - {LAYERS_DIR, GUESTS_DIR}:
+                raise StoreError(
+                    f"{path} is not empty and not a vmckpt store ({', '.join(leftovers[:3])}...)",
+                    step="create",
+                )
+            os.chmod(path, _DIR_MODE)
+            for sub in (LAYERS_DIR, GUESTS_DIR):
+                if not (path / sub).is_dir():
+                    _mkdir_private(path / sub)
+            marker = {
+                "format": STORE_FORMAT,
+                "format_version": [fmt.FORMAT_MAJOR, fmt.FORMAT_MINOR],
+            }
+            tmp = path / f"{TMP_PREFIX}{STORE_MARKER}-{secrets.token_hex(4)}"
+            try:
+                _write_new(tmp, [fmt.manifest_bytes(marker)])
+                os.replace(tmp, path / STORE_MARKER)
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_dir(path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise StoreError(f"cannot create store {path}: {exc}", step="create") from exc
+        return cls(path)
+
+    # --- paths and names --------------------------------------------------
+
+    @property
+    def layers_path(self) -> Path:
+        return self.path / LAYERS_DIR
+
+    def guest_dir(self, name: str) -> Path:
+        """store/guests/<name>/, created 0700 if needed, for a running guest's runtime files."""
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            raise StoreError(f"{name!r} is not a usable guest name", vm=name, step="open")
+        guests = self.path / GUESTS_DIR
+        directory = guests / name
+        try:
+            if not guests.is_dir():
+                _mkdir_private(guests)
+            if not directory.is_dir():
+                _mkdir_private(directory)
+        except OSError as exc:
+            raise StoreError(f"cannot create {directory}: {exc}", vm=name, step="open") from exc
+        return directory
+
+    def _layer_dir(self, layer_id: str) -> Path:
+        return self.layers_path / layer_id
+
+    def _layer_names(self) -> list[str]:
+        try:
+            entries = list(os.scandir(self.layers_path))
+        except FileNotFoundError:
+            return []
+        return [e.name for e in entries if LAYER_ID_RE.match(e.name) and e.is_dir()]
+
+    def layer_ids(self) -> list[str]:
+        """Ids of the layers in the store, oldest first (by created time, then id).
+
+        Lists every layer directory, damaged ones too, so that `verify` reports them.
+        """
+
+        def created(layer_id: str) -> str:
+            try:
+                obj = json.loads((self._layer_dir(layer_id) / MANIFEST).read_bytes())
+            except (OSError, ValueError):
+                return ""
+            value = obj.get("created") if isinstance(obj, dict) else None
+            return value if isinstance(value, str) else ""
+
+        return sorted(self._layer_names(), key=lambda layer_id: (created(layer_id), layer_id))
+
+    def new_layer_id(self) -> str:
+        """A fresh id: 1 + the highest sequence number in the store, and 6 random hex digits."""
+        seqs = [int(name.split("-", 1)[0]) for name in self._layer_names()]
+        return f"{max(seqs, default=0) + 1:04d}-{secrets.token_hex(3)}"
+
+    def resolve(self, ref: str) -> str:
+        """The layer id that ``ref`` names exactly or as a unique prefix."""
+        names = sorted(self._layer_names())
+        if ref in names:
+            return ref
+        matches = [name for name in names if ref and name.startswith(ref)]
+        if not matches:
+            raise StoreError(f"no layer matches {ref!r} in {self.path}", step="resolve")
+        if len(matches) > 1:
+            shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+            raise StoreError(f"{ref!r} is ambiguous: it matches {shown}", step="resolve")
+        return matches[0]
+
+    # --- reading ----------------------------------------------------------
+
+    def manifest(self, layer_id: str) -> LayerManifest:
+        """The layer's manifest, its checksum and format version checked."""
+        return self._manifest(layer_id, "read")
+
+    def _manifest(self, layer_id: str, step: str) -> LayerManifest:
+        if not LAYER_ID_RE.match(layer_id):
+            raise StoreError(f"{layer_id!r} is not a layer id", step=step)
+        directory = self._layer_dir(layer_id)
+        if not directory.is_dir():
+            raise StoreError(f"no such layer in {self.path}", layer=layer_id, step=step)
+        try:
+            data = (directory / MANIFEST).read_bytes()
+        except FileNotFoundError as exc:
+            raise CorruptLayerError(f"{MANIFEST} is missing", layer=layer_id, step=step) from exc
+        except OSError as exc:
+            raise CorruptLayerError(f"{MANIFEST}: {exc}", layer=layer_id, step=step) from exc
+        manifest = fmt.parse_manifest(data, layer_id, step)
+        if manifest.id != layer_id:
+            raise CorruptLayerError(
+                f"{MANIFEST}: id is {manifest.id!r}, but the layer directory is {layer_id!r}",
+                layer=layer_id,
+                step=step,
+            )
+        return manifest
+
+    def chain(self, layer_id: str) -> list[LayerManifest]:
+        """The manifests from the base layer to ``layer_id``, base first."""
+        return self._chain(layer_id, "read", {})
+
+    def _chain(
+        self, layer_id: str, step: str, cache: dict[str, LayerManifest]
+    ) -> list[LayerManifest]:
+        chain: list[LayerManifest] = []
+        seen: set[str] = set()
+        current: str | None = layer_id
+        while current is not None:
+            if current in seen:
+                raise CorruptLayerError(
+                    f"{MANIFEST}: parent chain loops back to {current}",
+                    layer=chain[-1].id,
+                    step=step,
+                )
+            if chain and not self._layer_dir(current).is_dir():
+                raise CorruptLayerError(
+                    f"{MANIFEST}: parent {current} is missing", layer=chain[-1].id, step=step
+                )
+            if current not in cache:
+                cache[current] = self._manifest(current, step)
+            manifest = cache[current]
+            if chain and manifest.layout != chain[-1].layout:
+                raise CorruptLayerError(
+                    f"{MANIFEST}: RAM block layout {chain[-1].layout} differs from that of "
+                    f"parent {current} {manifest.layout}",
+                    layer=chain[-1].id,
+                    step=step,
+                )
+            seen.add(current)
+            chain.append(manifest)
+            current = manifest.parent
+        chain.reverse()
+        return chain
+
+    def _check_layer(self, manifest: LayerManifest, step: str, hash_pages: bool) -> _CheckedLayer:
+        """Check every file of a layer against its manifest and decode its index.
+
+        With ``hash_pages`` false, pages.bin's size is checked but not its
+        sha256 (the caller hashes it while reading it anyway).
+        """
+        layer_id = manifest.id
+        directory = self._layer_dir(layer_id)
+
+        def corrupt(message: str) -> CorruptLayerError:
+            return CorruptLayerError(message, layer=layer_id, step=step)
+
+        small: dict[str, bytes] = {}
+        for name, entry in sorted(manifest.files.items()):
+            path = directory / name
+            try:
+                info = os.stat(path)
+            except FileNotFoundError as exc:
+                raise corrupt(f"{name} is missing") from exc
+            if not stat.S_ISREG(info.st_mode):
+                raise corrupt(f"{name} is not a regular file")
+            if info.st_size != entry.size:
+                hint = " (truncated?)" if info.st_size < entry.size else ""
+                raise corrupt(f"{name} is {info.st_size} bytes, manifest says {entry.size}{hint}")
+            if name == PAGES:
+                if not hash_pages:
+                    continue
+                found = _sha256_file(path)
+            else:
+                small[name] = path.read_bytes()
+                found = hashlib.sha256(small[name]).hexdigest()
+            if found != entry.sha256:
+                raise corrupt(f"{name}: sha256 mismatch (expected {entry.sha256}, found {found})")
+
+        parts = fmt.decode_index(small[INDEX], manifest, step)
+        stored = sum(part.stored.size for part in parts)
+        if manifest.files[PAGES].size != stored * PAGE_SIZE:
+            raise corrupt(
+                f"{PAGES}: manifest says {manifest.files[PAGES].size} bytes, but the index "
+                f"stores {stored} pages ({stored * PAGE_SIZE} bytes)"
+            )
+        return _CheckedLayer(manifest, parts, small[PRELUDE], small[DEVICE])
+
+    def verify(self, layer_id: str | None = None) -> list[str]:
+        """Verify the chain ending at ``layer_id``, or every layer of the store.
+
+        Checks each manifest (checksum, format version, fields), each file's size
+        and sha256, each index against its manifest (counts, page ranges, order),
+        that parents exist, have the same RAM block layout and form no loop.
+        Returns the ids verified (base first for a chain); raises
+        CorruptLayerError (FormatVersionError) on the first problem found.
+        """
+        cache: dict[str, LayerManifest] = {}
+        if layer_id is not None:
+            chain = self._chain(layer_id, "verify", cache)
+            for manifest in chain:
+                self._check_layer(manifest, "verify", hash_pages=True)
+            return [manifest.id for manifest in chain]
+        ids = self.layer_ids()
+        for each in ids:
+            self._chain(each, "verify", cache)
+            self._check_layer(cache[each], "verify", hash_pages=True)
+        return ids
+
+    def compose(self, layer_id: str) -> tuple[RamImage, bytes, bytes]:
+        """The guest's RAM at ``layer_id`` plus that layer's prelude and device state.
+
+        Verifies the chain first (manifests, sizes, checksums, indexes); the
+        sha256 of each pages.bin is computed while it is read, and a mismatch
+        raises before anything is returned. For each page, the newest layer
+        that stores or zeroes it wins.
+        """
+        chain = self._chain(layer_id, "compose", {})
+        checked = [self._check_layer(m, "compose", hash_pages=False) for m in chain]
+        newest = chain[-1]
+        image = RamImage.zeroed([RamBlock(block.idstr, block.length) for block in newest.blocks])
+        scratch = np.empty((CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
+        for layer in checked:
+            self._apply_pages(layer, image, scratch)
+        return image, checked[-1].prelude, checked[-1].device
+
+    def _apply_pages(
+        self, layer: _CheckedLayer, image: RamImage, scratch: npt.NDArray[np.uint8]
+    ) -> None:
+        manifest = layer.manifest
+        expected = manifest.files[PAGES]
+        digest = hashlib.sha256()
+        with open(self._layer_dir(manifest.id) / PAGES, "rb") as src:
+            for block, part in zip(manifest.blocks, layer.parts, strict=True):
+                view = image.pages_of(block.idstr)
+                if part.zeroed.size:
+                    view[part.zeroed] = 0
+                for start in range(0, part.stored.size, CHUNK_PAGES):
+                    numbers = part.stored[start : start + CHUNK_PAGES]
+                    buf = scratch[: numbers.size]
+                    if _readinto_full(src, buf) != buf.nbytes:
+                        raise CorruptLayerError(
+                            f"{PAGES} ended early (truncated?)", layer=manifest.id, step="compose"
+                        )
+                    digest.update(buf.data)
+                    view[numbers] = buf
+            if src.read(1):
+                raise CorruptLayerError(
+                    f"{PAGES} is longer than its index says", layer=manifest.id, step="compose"
+                )
+        if digest.hexdigest() != expected.sha256:
+            raise CorruptLayerError(
+                f"{PAGES}: sha256 mismatch (expected {expected.sha256}, "
+                f"found {digest.hexdigest()})",
+                layer=manifest.id,
+                step="compose",
+            )
+
+    # --- writing ----------------------------------------------------------
+
+    def write_layer(self, content: LayerContent) -> LayerManifest:
+        """Write ``content`` as a new layer, atomically; return its manifest.
+
+        The layer is built in layers/.tmp-<id>-<random>/, every file fsynced,
+        manifest.json written and fsynced last, the directory fsynced, renamed
+        to layers/<id> and layers/ fsynced. On any failure the temporary
+        directory is removed and the store is as before; an OSError is raised
+        as StoreError, anything else is re-raised as it is.
+        """
+        parts = _check_content(content)
+        if content.parent is not None:
+            parent = self._manifest(content.parent, "write")
+            layout = [(block.idstr, block.length) for block in content.ram.blocks]
+            if parent.layout != layout:
+                raise StoreError(
+                    f"RAM block layout {layout} differs from that of parent "
+                    f"{parent.id} {parent.layout}",
+                    step="write",
+                )
+        layer_id = self.new_layer_id()
+        final = self._layer_dir(layer_id)
+        tmp = self.layers_path / f"{TMP_PREFIX}{layer_id}-{secrets.token_hex(4)}"
+        renamed = False
+        try:
+            _mkdir_private(tmp)
+            files = {
+                PAGES: _write_new(tmp / PAGES, _page_chunks(content.ram, parts)),
+                INDEX: _write_new(tmp / INDEX, [fmt.encode_index(parts)]),
+                PRELUDE: _write_new(tmp / PRELUDE, [content.prelude]),
+                DEVICE: _write_new(tmp / DEVICE, [content.epilogue]),
+            }
+            manifest = LayerManifest(
+                id=layer_id,
+                parent=content.parent,
+                created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                guest=content.guest,
+                spec=content.spec,
+                qemu_version=content.qemu_version,
+                machine_type=content.machine_type,
+                mechanism=content.mechanism,
+                ram_section=content.ram_section,
+                blocks=tuple(
+                    fmt.BlockSummary(block.idstr, block.length, part.stored.size, part.zeroed.size)
+                    for block, part in zip(content.ram.blocks, parts, strict=True)
+                ),
+                stats=content.stats,
+                files=files,
+                format_version=(fmt.FORMAT_MAJOR, fmt.FORMAT_MINOR),
+            )
+            data = fmt.manifest_bytes(fmt.manifest_to_json(manifest))
+            # Return what a reader will see (JSON turns tuples into lists, etc.).
+            manifest = fmt.parse_manifest(data, layer_id, "write")
+            _write_new(tmp / MANIFEST, [data])  # the commit point
+            _fsync_dir(tmp)
+            if os.path.lexists(final):
+                raise StoreError(f"{final} exists already", layer=layer_id, step="write")
+            os.rename(tmp, final)
+            renamed = True
+            _fsync_dir(self.layers_path)
+        except BaseException as exc:
+            shutil.rmtree(final if renamed else tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                where = Path(exc.filename).name if exc.filename else "layer directory"
+                raise StoreError(
+                    f"{where}: {exc.strerror or exc}", layer=layer_id, step="write"
+                ) from exc
+            raise
+        return manifest
+
+
+def _page_chunks(ram: RamImage, parts: list[BlockIndex]) -> Iterable[npt.NDArray[np.uint8]]:
+    """The stored pages in index order, copied out CHUNK_PAGES at a time into one buffer."""
+    largest = max((part.stored.size for part in parts), default=0)
+    scratch = np.empty((min(largest, CHUNK_PAGES), PAGE_SIZE), dtype=np.uint8)
+    for block, part in zip(ram.blocks, parts, strict=True):
+        view = ram.pages_of(block.idstr)
+        for start in range(0, part.stored.size, CHUNK_PAGES):
+            numbers = part.stored[start : start + CHUNK_PAGES]
+            buf = scratch[: numbers.size]
+            np.take(view, numbers, axis=0, out=buf)
+            yield buf
+
+
+def _page_numbers(raw: Any, block: RamBlock, what: str) -> PageNumbers:
+    """Validate page numbers given for a block; return them sorted, unique, uint32."""
+    if raw is None:
+        return np.zeros(0, dtype=np.uint32)
+    numbers = np.asarray(raw)
+    if numbers.ndim != 1 or (numbers.size and numbers.dtype.kind not in "ui"):
+        raise StoreError(
+            f"{what} of RAM block {block.idstr!r} must be a 1-d array of page numbers",
+            step="write",
+        )
+    if numbers.size == 0:
+        return np.zeros(0, dtype=np.uint32)
+    low, high = int(numbers.min()), int(numbers.max())
+    if low < 0 or high >= block.pages:
+        raise StoreError(
+            f"{what} of RAM block {block.idstr!r}: page {low if low < 0 else high} is outside "
+            f"the block ({block.pages} pages)",
+            step="write",
+        )
+    result: PageNumbers = numbers.astype(np.uint32)
+    if result.size > 1 and not bool(np.all(result[1:] > result[:-1])):
+        result = np.unique(result)
+    return result
+
+
+def _check_content(content: LayerContent) -> list[BlockIndex]:
+    """Validate what is to be written; return each block's index, in block order."""
+    ram = content.ram
+    names = [block.idstr for block in ram.blocks]
+    if len(set(names)) != len(names):
+        raise StoreError(f"RAM block names repeat: {names}", step="write")
+    unknown = (set(content.pages) | set(content.zeroed)) - set(names)
+    if unknown:
+        raise StoreError(f"pages given for unknown RAM blocks {sorted(unknown)}", step="write")
+    for what, value in (("spec", content.spec), ("stats", content.stats)):
+        try:
+            fmt.canonical_json(value)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{what} cannot be stored as JSON: {exc}", step="write") from exc
+    parts: list[BlockIndex] = []
+    for block in ram.blocks:
+        data = ram.data.get(block.idstr)
+        if (
+            data is None
+            or data.dtype != np.uint8
+            or data.shape != (block.pages * PAGE_SIZE,)
+            or not data.flags.c_contiguous
+        ):
+            raise StoreError(
+                f"RAM block {block.idstr!r}: data must be {block.pages * PAGE_SIZE} contiguous "
+                "uint8 bytes",
+                step="write",
+            )
+        stored = _page_numbers(content.pages.get(block.idstr), block, "pages")
+        zeroed = _page_numbers(content.zeroed.get(block.idstr), block, "zeroed")
+        both = np.intersect1d(stored, zeroed, assume_unique=True)
+        if both.size:
+            raise StoreError(
+                f"page {int(both[0])} of RAM block {block.idstr!r} is both stored and zeroed",
+                step="write",
+            )
+        words = ram.words_of(block.idstr)
+        for start in range(0, zeroed.size, CHUNK_PAGES):
+            numbers = zeroed[start : start + CHUNK_PAGES]
+            nonzero = words[numbers].any(axis=1)
+            if bool(nonzero.any()):
+                page = int(numbers[int(np.argmax(nonzero))])
+                raise StoreError(
+                    f"page {page} of RAM block {block.idstr!r} is listed as zeroed but is not "
+                    "all zero",
+                    step="write",
+                )
+        parts.append(BlockIndex(stored=stored, zeroed=zeroed))
+    return parts

@@ -1,0 +1,13 @@
+"""QEMU's migration stream: RAM pages per RAM block plus an opaque envelope.
+
+`read_stream` turns a stream (a file or QEMU's socket) into a `StreamEnvelope`
+and a `RamImage`; `write_stream` turns them back into a stream that QEMU's
+``migrate-incoming`` accepts. Only format version 3 with default migration
+capabilities is handled; anything else raises `StreamError`.
+"""
+
+from vmckpt.stream.envelope import StreamEnvelope
+from vmckpt.stream.reader import read_stream
+from vmckpt.stream.writer import write_stream
+
+__all__ = ["StreamEnvelope", "read_stream", "write_stream"]
