@@ -35,7 +35,8 @@ class VmckptError(Exception):
         if self.step:
             where.append(f"during {self.step}")
         prefix = ", ".join(where)
-        return f"{prefix}: {self.message}" if prefix else self.message
+        text = f"{prefix}: {self.message}" if prefix else self.message
+        return " ".join(text.split())  # one line, whatever the cause's message held
 
 
 class UsageError(VmckptError):
