@@ -3,7 +3,7 @@ PYTHON ?= python3
 STORE ?= demo-store
 MEMORY ?= 512M
 
-.PHONY: all deps guest demo test lint typecheck check-code bench clean
+.PHONY: all deps guest demo test lint typecheck check-code bench clean genode genode-demo
 
 all: guest
 
@@ -29,6 +29,16 @@ lint:
 
 typecheck:
 	$(PYTHON) -m mypy
+
+## A Genode scenario on an ISO built with Genode's run tool (see README, "Genode guests").
+GENODE_ISO ?=
+GENODE_STORE ?= genode-store
+
+genode genode-demo:
+	@if [ -z "$(GENODE_ISO)" ] || [ ! -f "$(GENODE_ISO)" ]; then \
+	  echo "$@: no Genode image$(if $(GENODE_ISO), at $(GENODE_ISO),): build one with Genode's run tool and pass GENODE_ISO=path/to/image.iso (see README)" >&2; exit 1; fi
+	$(PYTHON) scripts/genode_demo.py --iso "$(GENODE_ISO)" --store $(GENODE_STORE) --memory $(MEMORY) \
+	  $(if $(filter genode-demo,$@),--demo)
 
 clean:
 	$(MAKE) -C guest clean

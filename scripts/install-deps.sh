@@ -26,9 +26,14 @@ enable_backports() {
 }
 
 enable_backports
+# The GNU Mach test guest uses Debian's i386 gnumach image (guest/mach/mach.mk
+# explains why not the amd64 one); `make -C guest mach` downloads it.
+dpkg --print-foreign-architectures | grep -qx i386 || $SUDO dpkg --add-architecture i386
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+# The ISO test guest: GRUB 2 for BIOS, grub-mkrescue and what it needs.
+$SUDO apt-get install -y -qq grub-pc-bin grub-common xorriso mtools binutils >/dev/null
 $SUDO apt-get install -y -qq busybox-static cpio gzip gcc libc6-dev \
     openssh-server openssh-client iproute2 file >/dev/null
 

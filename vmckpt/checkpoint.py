@@ -19,14 +19,16 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import numpy as np
 
+from vmckpt.disks import DiskTracker
 from vmckpt.errors import CheckpointError, QMPError, VmckptError
-from vmckpt.images import LayerContent, LayerManifest, Store
+from vmckpt.images import DiskDelta, LayerContent, LayerManifest, Store
 from vmckpt.machine import GuestRecord
 from vmckpt.qmp import Event, Monitor
 from vmckpt.ram import PAGE_SIZE, RamImage
@@ -138,7 +140,31 @@ def take_checkpoint(
     runtime_dir: Path,
     settings: CheckpointSettings | None = None,
 ) -> CheckpointResult:
-    """Checkpoint a running guest into a new layer whose parent is the guest's head."""
+    """Checkpoint a running guest into a new layer whose parent is the guest's head.
+
+    Writable disks are captured at the instant the guest is stopped for the final
+    iteration (vmckpt/disks.py); on any failure what that added to QEMU is removed.
+    """
+    parent = store.manifest(guest.head) if guest.head is not None else None
+    tracker = DiskTracker(guest.name, guest.spec.disks, parent, runtime_dir / "disk-scratch")
+    committed = False
+    try:
+        result = _take_checkpoint(store, guest, runtime_dir, settings, tracker)
+        committed = True
+        return result
+    finally:
+        if tracker.active:
+            with contextlib.suppress(VmckptError), guest.running_process().monitor() as mon:
+                tracker.commit(mon) if committed else tracker.abort(mon)
+
+
+def _take_checkpoint(
+    store: Store,
+    guest: GuestRecord,
+    runtime_dir: Path,
+    settings: CheckpointSettings | None,
+    tracker: DiskTracker,
+) -> CheckpointResult:
     settings = settings or CheckpointSettings()
     started = time.monotonic()
     process = guest.running_process()
@@ -147,32 +173,16 @@ def take_checkpoint(
         store.manifest(parent)  # fail early, before touching the guest, if it is unreadable
 
     with process.monitor() as mon:
-        envelope, ram, stop, resume, downtime = _receive_live(mon, guest.name, settings)
+        tracker.prepare(mon)
+        envelope, ram, stop, resume, downtime = _receive_live(
+            mon, guest.name, settings, at_instant=tracker.mark_instant
+        )
+        disk_deltas = tracker.collect(mon)
         qemu_version = mon.greeting_version
     received = time.monotonic()
 
-    base: RamImage | None = None
-    if parent is not None:
-        base, _, _ = store.compose(parent)
-        if not base.same_layout(ram):
-            raise CheckpointError(
-                f"the guest's RAM blocks differ from parent layer {parent}'s",
-                vm=guest.name,
-                step="diff",
-            )
-    pages: dict[str, np.ndarray] = {}
-    zeroed: dict[str, np.ndarray] = {}
-    for block in ram.blocks:
-        if base is None:
-            pages[block.idstr] = ram.nonzero_pages(block.idstr)
-            zeroed[block.idstr] = np.zeros(0, dtype=np.uint32)
-            continue
-        changed = ram.changed_pages(block.idstr, base)
-        nonzero = ram.words_of(block.idstr)[changed].any(axis=1)
-        pages[block.idstr] = changed[nonzero]
-        zeroed[block.idstr] = changed[~nonzero]
+    pages, zeroed = diff_against_parent(store, guest.name, parent, ram)
     diffed = time.monotonic()
-
     pause_ms = (resume - stop) * 1000.0
     stats: dict[str, Any] = {
         "pause_ms": round(pause_ms, 3),
@@ -180,20 +190,90 @@ def take_checkpoint(
         "receive_s": round(received - started, 3),
         "diff_s": round(diffed - received, 3),
     }
+    return write_checkpoint_layer(
+        store,
+        guest,
+        runtime_dir,
+        LayerParts(envelope, ram, pages, zeroed, qemu_version, disk_deltas),
+        mechanism=MECHANISM_PRECOPY,
+        stats=stats,
+        started=started,
+    )
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """What a mechanism hands over to become a layer."""
+
+    envelope: StreamEnvelope
+    ram: RamImage
+    pages: dict[str, np.ndarray]
+    zeroed: dict[str, np.ndarray]
+    qemu_version: str
+    disks: list[DiskDelta] = field(default_factory=list)  # from DiskTracker.collect
+
+
+def diff_against_parent(
+    store: Store, vm: str, parent: str | None, ram: RamImage
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Pages to store (non-zero, changed) and pages that became zero, per RAM block.
+
+    Without a parent every non-zero page is stored. Vectorised over whole
+    blocks: no Python loop over pages.
+    """
+    base: RamImage | None = None
+    if parent is not None:
+        base, _, _ = store.compose(parent)
+        if not base.same_layout(ram):
+            raise CheckpointError(
+                f"the guest's RAM blocks differ from parent layer {parent}'s", vm=vm, step="diff"
+            )
+    pages: dict[str, np.ndarray] = {}
+    zeroed: dict[str, np.ndarray] = {}
+    for block in ram.blocks:
+        if base is None:
+            pages[block.idstr] = ram.nonzero_pages(block.idstr)
+            zeroed[block.idstr] = np.zeros(0, dtype=np.uint32)
+        else:
+            pages[block.idstr], zeroed[block.idstr] = split_zero(
+                ram, block.idstr, ram.changed_pages(block.idstr, base)
+            )
+    return pages, zeroed
+
+
+def split_zero(ram: RamImage, idstr: str, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split page numbers into those with data and those that are all zero now."""
+    nonzero = ram.words_of(idstr)[candidates].any(axis=1)
+    return candidates[nonzero], candidates[~nonzero]
+
+
+def write_checkpoint_layer(
+    store: Store,
+    guest: GuestRecord,
+    runtime_dir: Path,
+    parts: LayerParts,
+    *,
+    mechanism: str,
+    stats: dict[str, Any],
+    started: float,
+) -> CheckpointResult:
+    """Write the layer (atomically, via images), move the guest's head to it."""
+    envelope = parts.envelope
     content = LayerContent(
-        parent=parent,
+        parent=guest.head,
         guest=guest.name,
         spec=guest.spec.to_dict(),
-        qemu_version=qemu_version,
+        qemu_version=parts.qemu_version,
         machine_type=envelope.machine_type,
-        mechanism=MECHANISM_PRECOPY,
+        mechanism=mechanism,
         ram_section=(envelope.ram_section_id, envelope.ram_instance_id, envelope.ram_version_id),
         stats=stats,
-        ram=ram,
-        pages=pages,
-        zeroed=zeroed,
+        ram=parts.ram,
+        pages=parts.pages,
+        zeroed=parts.zeroed,
         prelude=envelope.prelude,
         epilogue=envelope.epilogue,
+        disks=parts.disks,
     )
     try:
         manifest = store.write_layer(content)
@@ -209,20 +289,22 @@ def take_checkpoint(
     guest.head = manifest.id
     guest.machine_type = envelope.machine_type
     guest.save(runtime_dir)
-    stored = sum(len(p) for p in pages.values())
     return CheckpointResult(
         layer=manifest,
-        pause_ms=pause_ms,
-        pages_stored=stored,
-        pages_zeroed=sum(len(z) for z in zeroed.values()),
+        pause_ms=float(stats.get("pause_ms", 0.0)),
+        pages_stored=sum(len(p) for p in parts.pages.values()),
+        pages_zeroed=sum(len(z) for z in parts.zeroed.values()),
         bytes_written=manifest.bytes_total,
         total_s=time.monotonic() - started,
-        mechanism=MECHANISM_PRECOPY,
+        mechanism=mechanism,
     )
 
 
 def _receive_live(
-    mon: Monitor, vm: str, settings: CheckpointSettings
+    mon: Monitor,
+    vm: str,
+    settings: CheckpointSettings,
+    at_instant: Callable[[Monitor], None] | None = None,
 ) -> tuple[StreamEnvelope, RamImage, float, float, int | None]:
     """Live-migrate the guest into a receiver thread; resume it the moment QEMU is done.
 
@@ -263,8 +345,10 @@ def _receive_live(
         )
         if finished.data["status"] == "completed":
             migrating = False
+            if at_instant is not None:
+                at_instant(mon)  # e.g. the disks' point: the guest is still stopped here
             if was_running:
-                mon.cont()  # the pause ends here: everything after runs beside the guest
+                mon.cont(retry_s=5.0)  # the pause ends here: everything after runs beside the guest
         else:
             migrating = False
             info = mon.query_migrate()
@@ -336,7 +420,7 @@ def _leave_guest_as_found(
     mon.close_fd(FD_NAME)
     with contextlib.suppress(QMPError):
         if was_running and not mon.is_running():
-            mon.cont()
+            mon.cont(retry_s=5.0)
 
 
 def page_bytes(pages: int) -> int:

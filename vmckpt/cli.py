@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from vmckpt import __version__
-from vmckpt.checkpoint import take_checkpoint
+from vmckpt.bootmedia import kernel_media
+from vmckpt.checkpoint import CheckpointResult, take_checkpoint
+from vmckpt.disks import DiskSpec
 from vmckpt.errors import MachineError, UsageError, VmckptError
 from vmckpt.guests import (
     follow_console,
@@ -28,7 +30,9 @@ from vmckpt.guests import (
 )
 from vmckpt.images import LayerManifest, Store
 from vmckpt.machine import BootMedium, GuestSpec, parse_memory
+from vmckpt.remote import cli as remote_cli
 from vmckpt.restore import restore_guest
+from vmckpt.watch import WatchSettings, watch
 
 
 def _print_json(data: Any) -> None:
@@ -67,11 +71,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if bool(args.kernel) == bool(args.iso):
         raise UsageError("give either --kernel (with --initrd/--append) or --iso")
+    if args.initrd and not args.kernel:
+        raise UsageError("--initrd needs --kernel")
     media: list[BootMedium] = []
     if args.kernel:
-        media.append(BootMedium.of("kernel", args.kernel))
-        if args.initrd:
-            media.append(BootMedium.of("initrd", args.initrd))
+        media += kernel_media(args.kernel, args.initrd or [])
     if args.iso:
         media.append(BootMedium.of("iso", args.iso))
     if args.cpus < 1:
@@ -83,6 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         media=tuple(media),
         append=args.append or "",
         qemu_args=tuple(args.qemu_arg or ()),
+        disks=tuple(DiskSpec.parse(i, text) for i, text in enumerate(args.disk or ())),
     )
     store = Store.create(Path(args.store))
     record = start_guest(store, args.name, spec)
@@ -104,6 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_console(args: argparse.Namespace) -> int:
     store = _open_store(args)
+    if (code := remote_cli.relayed(args, "console", *(["--follow"] * args.follow))) is not None:
+        return code
     record, runtime_dir = load_guest(store, args.name)
     log = runtime_dir / "serial.log"
     if not log.exists():
@@ -120,6 +127,8 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     store = _open_store(args)
+    if (code := remote_cli.relayed(args, "checkpoint", *(["--json"] * args.json))) is not None:
+        return code
     record, runtime_dir = load_guest(store, args.name)
     result = take_checkpoint(store, record, runtime_dir)
     if args.json:
@@ -132,6 +141,53 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
             f"written {_human_bytes(result.bytes_written)}  total {result.total_s:.2f} s  "
             f"[{result.mechanism}]"
         )
+    return 0
+
+
+def parse_duration(text: str) -> float:
+    """'1s', '500ms', '2m', '0.5' (seconds) -> seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for unit in ("ms", "s", "m", "h"):
+        if text.endswith(unit):
+            number, factor = text[: -len(unit)], units[unit]
+            break
+    else:
+        number, factor = text, 1.0
+    try:
+        seconds = float(number) * factor
+    except ValueError:
+        raise UsageError(f"cannot read duration {text!r} (use e.g. 1s, 500ms, 2m)") from None
+    if seconds <= 0:
+        raise UsageError(f"duration {text!r} must be positive")
+    return seconds
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    record, runtime_dir = load_guest(store, args.name)
+    record.running_process()
+
+    def report(result: CheckpointResult, note: str) -> None:
+        if args.json:
+            print(json.dumps({**result.to_dict(), "note": note}), flush=True)
+        else:
+            print(
+                f"layer {result.layer.id}  pause {result.pause_ms:7.1f} ms  "
+                f"pages {result.pages_stored:>7}  bytes {result.bytes_written:>10}  "
+                f"total {result.total_s:5.2f} s  [{result.mechanism}]"
+                + (f"  ({note})" if note else ""),
+                flush=True,
+            )
+
+    settings = WatchSettings(
+        interval_s=parse_duration(args.interval),
+        count=args.count,
+        pause_budget_ms=args.pause_budget,
+        use_colo=args.colo,
+    )
+    taken = watch(store, record, runtime_dir, settings, report)
+    if not args.json:
+        print(f"watch ended after {taken} checkpoint(s); guest {args.name} runs on")
     return 0
 
 
@@ -152,6 +208,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     store = _open_store(args)
     rows = [_layer_row(store.manifest(layer_id)) for layer_id in store.layer_ids()]
     guests = [guest_status(store, name).__dict__ for name in guest_names(store)]
+    guests = remote_cli.merge_guests(store, guests)
     if args.json:
         _print_json({"layers": rows, "guests": guests})
         return 0
@@ -171,7 +228,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         for guest in guests:
             print(
                 f"{guest['name']:<12} {guest['state']:<12} {guest['pid'] or '-':>8}  "
-                f"{guest['head'] or '-'}"
+                f"{guest['head'] or '-'}{'  on ' + guest['host'] if guest.get('host') else ''}"
             )
     return 0
 
@@ -193,6 +250,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "ram_blocks": [b.__dict__ for b in manifest.blocks],
         "files": {name: entry.__dict__ for name, entry in manifest.files.items()},
         "bytes_total": manifest.bytes_total,
+        "disks": [d.__dict__ for d in manifest.disks],
     }
     if args.json:
         _print_json(data)
@@ -217,6 +275,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"  {block.idstr:<28} {_human_bytes(block.length):>10}  "
             f"stored {block.pages_stored:>7} pages, zeroed {block.pages_zeroed}"
         )
+    for disk in manifest.disks:
+        print(
+            f"disk {disk.id:<9} {_human_bytes(disk.size):>10}  {disk.format}, "
+            f"{'full' if disk.full else 'delta'}: {disk.extents_stored} extents "
+            f"{_human_bytes(disk.bytes_stored)} stored, {disk.extents_zeroed} extents "
+            f"{_human_bytes(disk.bytes_zeroed)} zeroed"
+        )
     print("files")
     for name, entry in sorted(manifest.files.items()):
         print(f"  {name:<14} {_human_bytes(entry.size):>10}  sha256 {entry.sha256[:16]}…")
@@ -234,10 +299,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     store = _open_store(args)
-    if getattr(args, "host", None):
-        raise UsageError(
-            "restore on another host (--host) is not built yet (issue: remote restore)"
-        )
+    if args.host:
+        return remote_cli.restore(args, store)
     result = restore_guest(store, args.layer, args.name)
     if args.json:
         _print_json(result.to_dict())
@@ -262,6 +325,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     store = _open_store(args)
+    if (code := remote_cli.relayed(args, "stop")) is not None:
+        return code
     started = time.monotonic()
     pid = stop_guest(store, args.name)
     print(f"guest {args.name} stopped (PID {pid}, {time.monotonic() - started:.1f} s)")
@@ -290,13 +355,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     store_arg(p)
     p.add_argument("--kernel", metavar="FILE")
-    p.add_argument("--initrd", metavar="FILE")
+    p.add_argument(
+        "--initrd",
+        action="append",
+        metavar="FILE",
+        help="initrd of a Linux kernel; for a multiboot kernel its modules, 'FILE [ARGS],...' "
+        "(QEMU's syntax, ',,' is a literal comma; repeatable)",
+    )
     p.add_argument("--append", metavar="CMDLINE")
     p.add_argument("--iso", metavar="FILE")
     p.add_argument("--memory", default="512M")
     p.add_argument("--cpus", type=int, default=1)
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     p.add_argument("--qemu-arg", action="append", metavar="ARG", help="extra QEMU argument")
+    p.add_argument(
+        "--disk",
+        action="append",
+        metavar="IMAGE[:ro]",
+        help="a virtio disk (raw or qcow2; repeatable); writable ones are checkpointed, "
+        ":ro ones referenced by content hash",
+    )
     p.add_argument("--detach", action="store_true", help="return once the guest runs")
     p.set_defaults(func=cmd_run)
 
@@ -311,6 +389,20 @@ def build_parser() -> argparse.ArgumentParser:
     store_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_checkpoint)
+
+    p = sub.add_parser("watch", help="checkpoint a running guest periodically")
+    p.add_argument("name")
+    store_arg(p)
+    p.add_argument("--interval", default="1s", help="time between checkpoints (1s, 500ms)")
+    p.add_argument("--count", type=int, help="stop after this many checkpoints")
+    p.add_argument("--pause-budget", type=float, metavar="MS", help="keep pauses under this")
+    p.add_argument(
+        "--colo",
+        action="store_true",
+        help="experimental: incremental transfer through QEMU's COLO (see README)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("list", help="layers and guests of a store")
     store_arg(p)
@@ -332,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_arg(p)
     p.add_argument("--layer", metavar="ID", help="layer id or unique prefix (default: newest)")
     p.add_argument("--name", metavar="NAME", help="name of the restored guest")
-    p.add_argument("--host", metavar="[USER@]HOST[:PORT]", help=argparse.SUPPRESS)
+    remote_cli.add_restore_options(p)
     p.add_argument("--detach", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_restore)
@@ -341,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     store_arg(p)
     p.set_defaults(func=cmd_stop)
+
+    remote_cli.add_migrate_parser(sub)
     return parser
 
 

@@ -93,6 +93,29 @@ class RestoreError(VmckptError):
     exit_code = 10
 
 
+class RemoteError(VmckptError):
+    """Another host could not be reached, refused us, or failed a step there.
+
+    Whatever failed, a guest that was running where it started is left running.
+    """
+
+    exit_code = 12
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str | None = None,
+        vm: str | None = None,
+        layer: str | None = None,
+        step: str | None = None,
+    ) -> None:
+        self.host = host
+        super().__init__(
+            f"host {host}: {message}" if host else message, vm=vm, layer=layer, step=step
+        )
+
+
 class NotBuiltError(VmckptError):
     """A feature that vmckpt does not have yet."""
 

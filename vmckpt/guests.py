@@ -90,6 +90,19 @@ def follow_console(path: Path, follow: bool, alive: QemuProcess | None) -> Itera
             time.sleep(0.1)
 
 
+def _colo_state(version: str, has_x_colo: bool) -> str:
+    from vmckpt.watch import colo_refusal
+
+    if not has_x_colo:
+        return "no: QEMU lacks x-colo"
+    refusal = colo_refusal(version)
+    if refusal:
+        return f"no: {refusal}"
+    if version.startswith(("10.0.", "10.1.")):
+        return "no: QEMU 10.0/10.1 complete the migration instead of entering COLO (falls back)"
+    return "experimental (watch --colo)"
+
+
 @dataclass(frozen=True)
 class Capabilities:
     binary: str
@@ -119,8 +132,7 @@ def probe_capabilities() -> Capabilities:
         "precopy-diff": "yes"
         if "migrate" in commands and "getfd" in commands and "events" in caps
         else "no: QEMU lacks migrate/getfd/events",
-        "colo-incremental": "not built yet in vmckpt"
-        + ("" if "x-colo" in caps else "; QEMU lacks x-colo"),
+        "colo-incremental": _colo_state(version, "x-colo" in caps),
         "background-snapshot (baseline)": "yes"
         if "background-snapshot" in caps
         else "no: QEMU lacks it",

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmckpt.disks import DiskSpec
 from vmckpt.errors import MachineError, UsageError
 from vmckpt.qmp import Monitor
 
@@ -110,16 +111,22 @@ def file_sha256(path: Path) -> str:
 class BootMedium:
     """A read-only boot file, referenced by path and content hash, never copied."""
 
-    role: str  # kernel, initrd, iso
+    role: str  # kernel, initrd, iso, module (a multiboot boot module, in order)
     path: str
     sha256: str
+    args: str = ""  # a multiboot module's string after its path
 
     @classmethod
-    def of(cls, role: str, path: str | Path) -> BootMedium:
+    def of(cls, role: str, path: str | Path, args: str = "") -> BootMedium:
         resolved = Path(path).expanduser().resolve()
         if not resolved.is_file():
             raise UsageError(f"{role} {path} does not exist")
-        return cls(role, str(resolved), file_sha256(resolved))
+        return cls(role, str(resolved), file_sha256(resolved), args)
+
+    def qemu_module(self) -> str:
+        """This module as one entry of QEMU's multiboot -initrd list (commas doubled)."""
+        text = f"{self.path} {self.args}" if self.args else self.path
+        return text.replace(",", ",,")
 
     def check(self, vm: str | None = None) -> None:
         """Refuse a medium that is gone or whose content changed since the spec was made."""
@@ -147,6 +154,7 @@ class GuestSpec:
     media: tuple[BootMedium, ...] = ()
     append: str = ""
     qemu_args: tuple[str, ...] = ()
+    disks: tuple[DiskSpec, ...] = ()  # virtio-blk disks (vmckpt/disks.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,6 +170,7 @@ class GuestSpec:
                 media=tuple(BootMedium(**m) for m in data["media"]),
                 append=str(data.get("append", "")),
                 qemu_args=tuple(str(a) for a in data.get("qemu_args", ())),
+                disks=tuple(DiskSpec.from_dict(d) for d in data.get("disks", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MachineError(f"stored guest spec is incomplete: {exc}") from exc
@@ -199,12 +208,17 @@ class GuestSpec:
         kernel, initrd, iso = self.medium("kernel"), self.medium("initrd"), self.medium("iso")
         if kernel:
             args += ["-kernel", kernel.path]
-            if initrd:
+            modules = [m.qemu_module() for m in self.media if m.role == "module"]
+            if modules:
+                args += ["-initrd", ",".join(modules)]
+            elif initrd:
                 args += ["-initrd", initrd.path]
             if self.append:
                 args += ["-append", self.append]
         if iso:
             args += ["-cdrom", iso.path, "-boot", "d"]
+        for disk in self.disks:
+            args += disk.qemu_args()
         args += list(self.qemu_args)
         if incoming:
             args += ["-S", "-incoming", "defer"]

@@ -13,13 +13,17 @@ import contextlib
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, cast
 
+from vmckpt.disks import discard_restored, materialize, track_restored
 from vmckpt.errors import MachineError, QMPError, RestoreError, VmckptError
 from vmckpt.images import Store
 from vmckpt.machine import GuestRecord, GuestSpec, QemuProcess
+from vmckpt.qmp import Monitor
 from vmckpt.ram import RamImage
+from vmckpt.remote.media import relocate_media
 from vmckpt.stream import StreamEnvelope, write_stream
 
 FD_NAME = "vmckpt-restore"
@@ -60,7 +64,9 @@ def restore_guest(
     runtime_dir = store.guest_dir(name)
     _refuse_if_running(runtime_dir, name)
 
-    spec = GuestSpec.from_dict(manifest.spec)
+    # Boot media found by content: their own path, else a copy in the store (restore on
+    # another host, see vmckpt.remote.media).
+    spec = relocate_media(GuestSpec.from_dict(manifest.spec), store.path)
     spec.check_media(vm=name)
     ram, prelude, epilogue = store.compose(layer_id)
     envelope = StreamEnvelope(
@@ -71,23 +77,36 @@ def restore_guest(
         ram_version_id=manifest.ram_section[2],
         epilogue=epilogue,
     )
+    # Writable disks are rebuilt as new images beside the guest's runtime files.
+    spec = replace(spec, disks=materialize(store, manifest, spec.disks, runtime_dir, vm=name))
     composed = time.monotonic()
 
-    process = QemuProcess.launch(
-        spec,
-        name=name,
-        runtime_dir=runtime_dir,
-        machine_type=manifest.machine_type or None,
-        incoming=True,
-    )
     try:
-        written = _load_into(process, envelope, ram, timeout_s)
+        process = QemuProcess.launch(
+            spec,
+            name=name,
+            runtime_dir=runtime_dir,
+            machine_type=manifest.machine_type or None,
+            incoming=True,
+        )
+    except BaseException:
+        discard_restored(spec.disks, runtime_dir)
+        raise
+    try:
+        written = _load_into(
+            process,
+            envelope,
+            ram,
+            timeout_s,
+            before_resume=lambda mon: track_restored(mon, spec.disks, manifest),
+        )
         loaded = time.monotonic()
         GuestRecord(name, spec, process, head=layer_id, machine_type=manifest.machine_type).save(
             runtime_dir
         )
     except BaseException as exc:
         process.kill()
+        discard_restored(spec.disks, runtime_dir)
         if isinstance(exc, VmckptError) and not isinstance(exc, RestoreError):
             raise RestoreError(exc.message, vm=name, layer=layer_id, step=exc.step) from exc
         raise
@@ -136,7 +155,11 @@ class _StreamSender(threading.Thread):
 
 
 def _load_into(
-    process: QemuProcess, envelope: StreamEnvelope, ram: RamImage, timeout_s: float
+    process: QemuProcess,
+    envelope: StreamEnvelope,
+    ram: RamImage,
+    timeout_s: float,
+    before_resume: Callable[[Monitor], None] | None = None,
 ) -> int:
     ours, theirs = socket.socketpair()
     sender = _StreamSender(ours, envelope, ram)
@@ -174,7 +197,9 @@ def _load_into(
             if sender.error is not None:
                 raise RestoreError(f"writing the stream failed: {sender.error}", step="load")
             mon.set_migrate_capabilities({"events": False})
-            mon.cont()
+            if before_resume is not None:
+                before_resume(mon)
+            mon.cont(retry_s=5.0)
             if not mon.is_running():
                 raise RestoreError(f"the guest did not start: {mon.status()}", step="resume")
             return sender.written

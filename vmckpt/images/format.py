@@ -7,9 +7,11 @@ file work. docs/FORMAT.md is the specification this module implements.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,9 @@ from vmckpt.ram import PAGE_SIZE, PageNumbers, RamImage
 # The version this vmckpt writes. Readers accept the same major and a lower or
 # equal minor (see `check_version`); the version is the format's own, not vmckpt's.
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1  # 1.1 adds writable disks (`disks`, disk-<id>.idx/.bin)
+# A layer without disks is written as 1.0, so vmckpt versions that read 1.0 still read it.
+DISKS_MINOR = 1
 
 LAYER_FORMAT = "vmckpt-layer"
 STORE_FORMAT = "vmckpt-store"
@@ -33,6 +37,12 @@ PRELUDE = "prelude.bin"
 DEVICE = "device.bin"
 # The files every 1.x layer has besides its manifest.
 LAYER_FILES = (PAGES, INDEX, PRELUDE, DEVICE)
+# 1.1: per writable disk <id>, its delta's extent index and data.
+DISK_INDEX = "disk-{}.idx"
+DISK_DATA = "disk-{}.bin"
+DISK_DTYPE = np.dtype("<u8")
+DISK_ALIGN = 512  # extents start and end on sector boundaries
+DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 
 INDEX_DTYPE = np.dtype("<u4")
 LAYER_ID_RE = re.compile(r"^(\d{4,})-([0-9a-f]{6})$")
@@ -62,6 +72,60 @@ class BlockSummary:
         return (self.length + PAGE_SIZE - 1) // PAGE_SIZE
 
 
+Extents = tuple[tuple[int, int], ...]  # (offset, length) in bytes, ascending, disjoint
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    """One writable disk of a layer (format 1.1): what the layer's delta of it covers.
+
+    The delta is relative to the disk's contents at the parent layer, or to an
+    all-zero disk when ``full``. ``bitmap`` names the QEMU dirty bitmap that
+    tracked, in the guest that wrote the layer, the writes since this layer.
+    """
+
+    id: str
+    format: str  # the guest's image format: raw or qcow2
+    size: int  # virtual size in bytes
+    path: str  # the image the guest used (informational)
+    full: bool
+    extents_stored: int
+    extents_zeroed: int
+    bytes_stored: int
+    bytes_zeroed: int
+    bitmap: str | None
+
+    @property
+    def index_file(self) -> str:
+        return DISK_INDEX.format(self.id)
+
+    @property
+    def data_file(self) -> str:
+        return DISK_DATA.format(self.id)
+
+
+@dataclass(frozen=True)
+class DiskDelta:
+    """A disk delta handed to `Store.write_layer`: its extents and a scratch file with the
+    data of the stored extents, concatenated in order (copied into the layer)."""
+
+    id: str
+    format: str
+    size: int
+    path: str
+    full: bool
+    stored: Extents
+    zeroed: Extents
+    data_path: Path
+    bitmap: str | None
+
+
+@dataclass(frozen=True)
+class DiskIndex:
+    stored: Extents
+    zeroed: Extents
+
+
 @dataclass(frozen=True)
 class LayerManifest:
     """Everything a layer says about itself; the parsed, validated manifest.json."""
@@ -79,6 +143,10 @@ class LayerManifest:
     stats: dict[str, Any]
     files: dict[str, FileEntry]
     format_version: tuple[int, int]
+    disks: tuple[DiskRecord, ...] = ()  # format 1.1; none in 1.0
+
+    def disk(self, disk_id: str) -> DiskRecord | None:
+        return next((d for d in self.disks if d.id == disk_id), None)
 
     @property
     def is_base(self) -> bool:
@@ -112,6 +180,7 @@ class LayerContent:
     zeroed: dict[str, npt.NDArray[Any]]  # per block: pages that became all-zero since the parent
     prelude: bytes  # QEMU stream header and configuration section, opaque
     epilogue: bytes  # device state, opaque
+    disks: list[DiskDelta] = field(default_factory=list)  # writable disks (format 1.1)
 
 
 @dataclass(frozen=True)
@@ -167,6 +236,22 @@ def manifest_to_json(manifest: LayerManifest) -> dict[str, Any]:
             for name, entry in sorted(manifest.files.items())
         },
     }
+    if manifest.format_version >= (1, DISKS_MINOR):
+        obj["disks"] = [
+            {
+                "id": d.id,
+                "format": d.format,
+                "size": d.size,
+                "path": d.path,
+                "full": d.full,
+                "extents_stored": d.extents_stored,
+                "extents_zeroed": d.extents_zeroed,
+                "bytes_stored": d.bytes_stored,
+                "bytes_zeroed": d.bytes_zeroed,
+                "bitmap": d.bitmap,
+            }
+            for d in manifest.disks
+        ]
     obj["manifest_sha256"] = manifest_checksum(obj)
     return obj
 
@@ -342,6 +427,7 @@ def parse_manifest(data: bytes, layer_id: str, step: str) -> LayerManifest:
     for name in LAYER_FILES:
         if name not in files:
             raise corrupt(f"does not list {name}")
+    disks = _parse_disks(obj, version, files, layer_id, step)
 
     return LayerManifest(
         id=manifest_id,
@@ -357,7 +443,118 @@ def parse_manifest(data: bytes, layer_id: str, step: str) -> LayerManifest:
         stats=fields.get_dict("stats"),
         files=files,
         format_version=version,
+        disks=disks,
     )
+
+
+def _parse_disks(
+    obj: dict[str, Any],
+    version: tuple[int, int],
+    files: dict[str, FileEntry],
+    layer_id: str,
+    step: str,
+) -> tuple[DiskRecord, ...]:
+    """The 1.1 ``disks`` list (absent, and so empty, in 1.0 layers)."""
+
+    def corrupt(message: str) -> CorruptLayerError:
+        return CorruptLayerError(f"{MANIFEST}: {message}", layer=layer_id, step=step)
+
+    if version < (1, DISKS_MINOR):
+        return ()
+    disks: list[DiskRecord] = []
+    if "disks" not in obj:  # optional: absent means no writable disks
+        return ()
+    for number, raw in enumerate(_Fields(obj, "", layer_id, step).get_list("disks")):
+        if not isinstance(raw, dict):
+            raise corrupt(f"disks[{number}] is not an object")
+        f = _Fields(raw, f"disks[{number}]: ", layer_id, step)
+        full = f.get("full")
+        bitmap = f.get("bitmap")
+        if not isinstance(full, bool) or not (bitmap is None or isinstance(bitmap, str)):
+            raise corrupt(f"disks[{number}]: full or bitmap has the wrong type")
+        record = DiskRecord(
+            id=f.get_str("id"),
+            format=f.get_str("format"),
+            size=f.get_int("size"),
+            path=f.get_str("path"),
+            full=full,
+            extents_stored=f.get_int("extents_stored"),
+            extents_zeroed=f.get_int("extents_zeroed"),
+            bytes_stored=f.get_int("bytes_stored"),
+            bytes_zeroed=f.get_int("bytes_zeroed"),
+            bitmap=bitmap,
+        )
+        if not DISK_ID_RE.match(record.id) or any(d.id == record.id for d in disks):
+            raise corrupt(f"disk id {record.id!r} is not allowed or repeats")
+        for name in (record.index_file, record.data_file):
+            if name not in files:
+                raise corrupt(f"does not list {name}")
+        if files[record.data_file].size != record.bytes_stored:
+            raise corrupt(
+                f"{record.data_file} is listed with {files[record.data_file].size} bytes, "
+                f"disk {record.id} stores {record.bytes_stored}"
+            )
+        disks.append(record)
+    return tuple(disks)
+
+
+# --- disk extent index (1.1) ------------------------------------------------
+
+
+def encode_disk_index(stored: Extents, zeroed: Extents) -> bytes:
+    """disk-<id>.idx: u64 count_stored, u64 count_zeroed, then (offset, length) pairs."""
+    words = [len(stored), len(zeroed)]
+    for offset, length in (*stored, *zeroed):
+        words += [offset, length]
+    return np.array(words, dtype=DISK_DTYPE).tobytes()
+
+
+def check_extents(stored: Extents, zeroed: Extents, size: int) -> str | None:
+    """Why the extents are not valid for a disk of ``size`` bytes, or None if they are."""
+    for what, extents in (("stored", stored), ("zeroed", zeroed)):
+        end = 0
+        for offset, length in extents:
+            if offset % DISK_ALIGN or length % DISK_ALIGN or length <= 0:
+                return f"{what} extent ({offset}, {length}) is not sector aligned"
+            if offset < end:
+                return f"{what} extents are not ascending and disjoint at offset {offset}"
+            end = offset + length
+            if end > size:
+                return f"{what} extent ({offset}, {length}) ends after the disk ({size} bytes)"
+    ends = sorted([*stored, *zeroed])
+    for (a_off, a_len), (b_off, _) in itertools.pairwise(ends):
+        if a_off + a_len > b_off:
+            return f"stored and zeroed extents overlap at offset {b_off}"
+    return None
+
+
+def decode_disk_index(data: bytes, record: DiskRecord, layer_id: str, step: str) -> DiskIndex:
+    """Decode a disk index and check it against its manifest record."""
+
+    def corrupt(message: str) -> CorruptLayerError:
+        return CorruptLayerError(f"{record.index_file}: {message}", layer=layer_id, step=step)
+
+    if len(data) % DISK_DTYPE.itemsize or len(data) < 2 * DISK_DTYPE.itemsize:
+        raise corrupt(f"{len(data)} bytes is not a valid extent index (truncated?)")
+    words = [int(w) for w in np.frombuffer(data, dtype=DISK_DTYPE)]
+    count_stored, count_zeroed = words[0], words[1]
+    if (count_stored, count_zeroed) != (record.extents_stored, record.extents_zeroed):
+        raise corrupt(
+            f"has {count_stored} stored and {count_zeroed} zeroed extents, manifest says "
+            f"{record.extents_stored} and {record.extents_zeroed}"
+        )
+    if len(words) != 2 + 2 * (count_stored + count_zeroed):
+        raise corrupt(f"{len(data)} bytes do not match its extent counts")
+    pairs = [(words[i], words[i + 1]) for i in range(2, len(words), 2)]
+    stored, zeroed = tuple(pairs[:count_stored]), tuple(pairs[count_stored:])
+    problem = check_extents(stored, zeroed, record.size)
+    if problem:
+        raise corrupt(problem)
+    if sum(length for _, length in stored) != record.bytes_stored:
+        raise corrupt(f"stored extents do not add up to {record.bytes_stored} bytes")
+    if sum(length for _, length in zeroed) != record.bytes_zeroed:
+        raise corrupt(f"zeroed extents do not add up to {record.bytes_zeroed} bytes")
+    return DiskIndex(stored, zeroed)
 
 
 # --- page index -----------------------------------------------------------

@@ -171,7 +171,8 @@ class Store:
                     _mkdir_private(path / sub)
             marker = {
                 "format": STORE_FORMAT,
-                "format_version": [fmt.FORMAT_MAJOR, fmt.FORMAT_MINOR],
+                # The store's layout is that of 1.0 (1.1 changed only layers).
+                "format_version": [fmt.FORMAT_MAJOR, 0],
             }
             tmp = path / f"{TMP_PREFIX}{STORE_MARKER}-{secrets.token_hex(4)}"
             try:
@@ -338,8 +339,8 @@ class Store:
             if info.st_size != entry.size:
                 hint = " (truncated?)" if info.st_size < entry.size else ""
                 raise corrupt(f"{name} is {info.st_size} bytes, manifest says {entry.size}{hint}")
-            if name == PAGES:
-                if not hash_pages:
+            if name == PAGES or (name.startswith("disk-") and name.endswith(".bin")):
+                if name == PAGES and not hash_pages:
                     continue
                 found = _sha256_file(path)
             else:
@@ -355,6 +356,8 @@ class Store:
                 f"{PAGES}: manifest says {manifest.files[PAGES].size} bytes, but the index "
                 f"stores {stored} pages ({stored * PAGE_SIZE} bytes)"
             )
+        for disk in manifest.disks:
+            fmt.decode_disk_index(small[disk.index_file], disk, layer_id, step)
         return _CheckedLayer(manifest, parts, small[PRELUDE], small[DEVICE])
 
     def verify(self, layer_id: str | None = None) -> list[str]:
@@ -427,6 +430,89 @@ class Store:
                 step="compose",
             )
 
+    def disk_chain(self, layer_id: str, disk_id: str) -> list[LayerManifest]:
+        """The layers whose deltas make up disk ``disk_id`` at ``layer_id``: from the newest
+        layer at or below it that holds the disk in full, up to ``layer_id``."""
+        chain = self._chain(layer_id, "compose-disk", {})
+        newest = chain[-1].disk(disk_id)
+        if newest is None:
+            raise StoreError(f"has no disk {disk_id!r}", layer=layer_id, step="compose-disk")
+        used: list[LayerManifest] = []
+        for manifest in reversed(chain):
+            record = manifest.disk(disk_id)
+            if record is None or record.size != newest.size:
+                raise CorruptLayerError(
+                    f"{MANIFEST}: disk {disk_id} needs layer {manifest.id}'s delta, which it "
+                    "lacks (or its size differs)",
+                    layer=layer_id,
+                    step="compose-disk",
+                )
+            used.append(manifest)
+            if record.full:
+                break
+        used.reverse()
+        return used
+
+    def compose_disk(self, layer_id: str, disk_id: str, target: Path) -> int:
+        """Write disk ``disk_id`` as it was at ``layer_id`` into a new raw file ``target``.
+
+        Checks every layer used (manifest, files, index, sha256 of the data while
+        reading it) and removes ``target`` on failure. Returns the disk size.
+        """
+        used = self.disk_chain(layer_id, disk_id)
+        size = 0
+        try:
+            with open(target, "xb") as out:
+                for manifest in used:
+                    record = manifest.disk(disk_id)
+                    assert record is not None
+                    size = record.size
+                    out.truncate(size)
+                    checked = self._check_layer(manifest, "compose-disk", hash_pages=False)
+                    del checked
+                    index_bytes = (self._layer_dir(manifest.id) / record.index_file).read_bytes()
+                    index = fmt.decode_disk_index(index_bytes, record, manifest.id, "compose-disk")
+                    for offset, length in index.zeroed:
+                        out.seek(offset)
+                        for start in range(0, length, 1 << 20):
+                            out.write(bytes(min(1 << 20, length - start)))
+                    digest = hashlib.sha256()
+                    with open(self._layer_dir(manifest.id) / record.data_file, "rb") as src:
+                        for offset, length in index.stored:
+                            out.seek(offset)
+                            remaining = length
+                            while remaining:
+                                chunk = src.read(min(1 << 20, remaining))
+                                if not chunk:
+                                    raise CorruptLayerError(
+                                        f"{record.data_file} ended early (truncated?)",
+                                        layer=manifest.id,
+                                        step="compose-disk",
+                                    )
+                                digest.update(chunk)
+                                out.write(chunk)
+                                remaining -= len(chunk)
+                    expected = manifest.files[record.data_file].sha256
+                    if digest.hexdigest() != expected:
+                        raise CorruptLayerError(
+                            f"{record.data_file}: sha256 mismatch (expected {expected}, "
+                            f"found {digest.hexdigest()})",
+                            layer=manifest.id,
+                            step="compose-disk",
+                        )
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException as exc:
+            target.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StoreError(
+                    f"cannot write disk {disk_id} to {target}: {exc}",
+                    layer=layer_id,
+                    step="compose-disk",
+                ) from exc
+            raise
+        return size
+
     # --- writing ----------------------------------------------------------
 
     def write_layer(self, content: LayerContent) -> LayerManifest:
@@ -460,6 +546,7 @@ class Store:
                 PRELUDE: _write_new(tmp / PRELUDE, [content.prelude]),
                 DEVICE: _write_new(tmp / DEVICE, [content.epilogue]),
             }
+            disks = _write_disks(tmp, content, files)
             manifest = LayerManifest(
                 id=layer_id,
                 parent=content.parent,
@@ -476,7 +563,9 @@ class Store:
                 ),
                 stats=content.stats,
                 files=files,
-                format_version=(fmt.FORMAT_MAJOR, fmt.FORMAT_MINOR),
+                # A layer without disks stays 1.0, readable by every 1.x reader.
+                format_version=(fmt.FORMAT_MAJOR, fmt.DISKS_MINOR if disks else 0),
+                disks=disks,
             )
             data = fmt.manifest_bytes(fmt.manifest_to_json(manifest))
             # Return what a reader will see (JSON turns tuples into lists, etc.).
@@ -497,6 +586,51 @@ class Store:
                 ) from exc
             raise
         return manifest
+
+
+def _file_chunks(path: Path, expected: int) -> Iterable[bytes]:
+    """The bytes of a scratch file, exactly ``expected`` of them (else StoreError)."""
+    got = 0
+    with open(path, "rb") as src:
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            got += len(chunk)
+            yield chunk
+    if got != expected:
+        raise StoreError(f"{path} holds {got} bytes, its extents need {expected}", step="write")
+
+
+def _write_disks(
+    tmp: Path, content: LayerContent, files: dict[str, FileEntry]
+) -> tuple[fmt.DiskRecord, ...]:
+    """Write each disk delta's index and data into the layer being built."""
+    records: list[fmt.DiskRecord] = []
+    for delta in content.disks:
+        if not fmt.DISK_ID_RE.match(delta.id) or any(r.id == delta.id for r in records):
+            raise StoreError(f"disk id {delta.id!r} is not allowed or repeats", step="write")
+        problem = fmt.check_extents(delta.stored, delta.zeroed, delta.size)
+        if problem:
+            raise StoreError(f"disk {delta.id}: {problem}", step="write")
+        stored_bytes = sum(length for _, length in delta.stored)
+        record = fmt.DiskRecord(
+            id=delta.id,
+            format=delta.format,
+            size=delta.size,
+            path=delta.path,
+            full=delta.full,
+            extents_stored=len(delta.stored),
+            extents_zeroed=len(delta.zeroed),
+            bytes_stored=stored_bytes,
+            bytes_zeroed=sum(length for _, length in delta.zeroed),
+            bitmap=delta.bitmap,
+        )
+        files[record.index_file] = _write_new(
+            tmp / record.index_file, [fmt.encode_disk_index(delta.stored, delta.zeroed)]
+        )
+        files[record.data_file] = _write_new(
+            tmp / record.data_file, _file_chunks(delta.data_path, stored_bytes)
+        )
+        records.append(record)
+    return tuple(records)
 
 
 def _page_chunks(ram: RamImage, parts: list[BlockIndex]) -> Iterable[npt.NDArray[np.uint8]]:

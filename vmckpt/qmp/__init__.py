@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -43,6 +43,27 @@ class MigrationInfo:
     downtime_ms: int | None
     total_time_ms: int | None
     transferred: int | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class BlockNode:
+    """The parts of one ``query-named-block-nodes`` entry vmckpt uses."""
+
+    node_name: str
+    driver: str
+    file: str
+    read_only: bool
+    size: int  # virtual size in bytes
+    bitmaps: tuple[str, ...]  # names of its dirty bitmaps
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One ``query-jobs`` entry: id, status (e.g. running, concluded) and error, if any."""
+
+    id: str
+    status: str
     error: str | None
 
 
@@ -243,8 +264,23 @@ class Monitor:
     def stop(self) -> None:
         self.execute("stop")
 
-    def cont(self) -> None:
-        self.execute("cont")
+    def cont(self, *, retry_s: float = 0.0) -> None:
+        """Resume the guest.
+
+        Right after a MIGRATION ``completed`` event QEMU may still be tidying
+        up its migration thread and refuse with "Migration is not finalized
+        yet"; ``retry_s`` retries for that long (QEMU gives no error class
+        for it other than GenericError, hence the text match).
+        """
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                self.execute("cont")
+                return
+            except QMPError as exc:
+                if "not finalized" not in exc.message or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.0005)
 
     def quit(self) -> None:
         with contextlib.suppress(QMPError):
@@ -293,6 +329,59 @@ class Monitor:
 
     def commands(self) -> set[str]:
         return {c["name"] for c in self.execute("query-commands")}
+
+    # -- block layer: nodes, dirty bitmaps, backup jobs ---------------------------
+
+    def block_nodes(self) -> list[BlockNode]:
+        """Every named block node (``query-named-block-nodes``, flat), with its dirty bitmaps."""
+        return [
+            BlockNode(
+                node_name=str(node.get("node-name", "")),
+                driver=str(node.get("drv", "")),
+                file=str(node.get("file", "")),
+                read_only=bool(node.get("ro", False)),
+                size=int(node.get("image", {}).get("virtual-size", 0)),
+                bitmaps=tuple(str(b["name"]) for b in node.get("dirty-bitmaps", [])),
+            )
+            for node in self.execute("query-named-block-nodes", {"flat": True})
+        ]
+
+    def blockdev_add(self, options: Mapping[str, object]) -> None:
+        self.execute("blockdev-add", dict(options))
+
+    def blockdev_del(self, node_name: str) -> None:
+        self.execute("blockdev-del", {"node-name": node_name})
+
+    def blockdev_set_active(self, active: bool = True) -> None:
+        """Activate (or inactivate) every block node (QEMU 10+); a completed migration
+        leaves the source's nodes inactive until ``cont``."""
+        self.execute("blockdev-set-active", {"active": active})
+
+    def bitmap_remove(self, node: str, name: str) -> None:
+        self.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
+
+    def bitmap_add(self, node: str, name: str) -> None:
+        self.execute("block-dirty-bitmap-add", {"node": node, "name": name})
+
+    def transaction(self, actions: Sequence[tuple[str, Mapping[str, object]]]) -> None:
+        """Run QMP ``transaction``: every action takes effect at the same instant, or none."""
+        self.execute(
+            "transaction",
+            {"actions": [{"type": kind, "data": dict(data)} for kind, data in actions]},
+        )
+
+    def jobs(self) -> dict[str, JobInfo]:
+        """The block jobs QEMU knows (``query-jobs``), by id."""
+        return {
+            str(job["id"]): JobInfo(str(job["id"]), str(job["status"]), job.get("error"))
+            for job in self.execute("query-jobs")
+        }
+
+    def job_cancel(self, job_id: str) -> None:
+        self.execute("job-cancel", {"id": job_id})
+
+    def job_dismiss(self, job_id: str) -> None:
+        self.execute("job-dismiss", {"id": job_id})
 
     # -- plumbing --------------------------------------------------------------
 

@@ -38,6 +38,7 @@ SECTION_NAMES: Final = {
 }
 
 # Commands (enum MigrationCommand in savevm.c).
+MIG_CMD_ENABLE_COLO: Final = 8
 MIG_CMD_SWITCHOVER_START: Final = 11
 COMMAND_NAMES: Final = {
     1: "OPEN_RETURN_PATH",
@@ -46,10 +47,10 @@ COMMAND_NAMES: Final = {
     4: "POSTCOPY_LISTEN",
     5: "POSTCOPY_RUN",
     6: "POSTCOPY_RAM_DISCARD",
-    7: "POSTCOPY_RESUME",
-    8: "PACKAGED",
-    9: "RECV_BITMAP",
-    10: "ENABLE_COLO",
+    7: "PACKAGED",
+    8: "ENABLE_COLO",
+    9: "POSTCOPY_RESUME",
+    10: "RECV_BITMAP",
     11: "SWITCHOVER_START",
 }
 # Commands that carry no state and need no return path: kept as opaque bytes.
@@ -102,3 +103,23 @@ def ram_flag_names(flags: int) -> str:
         if flags & mask:
             names.append(RAM_FLAG_NAMES.get(mask, f"{mask:#x}"))
     return "|".join(names) or "none"
+
+
+# COLO checkpoint messages (enum COLOMessage in qapi/migration.json): be32 values,
+# primary -> secondary on the main stream, secondary -> primary on the return path.
+COLO_CHECKPOINT_READY: Final = 0
+COLO_CHECKPOINT_REQUEST: Final = 1
+COLO_CHECKPOINT_REPLY: Final = 2
+COLO_VMSTATE_SEND: Final = 3
+COLO_VMSTATE_SIZE: Final = 4
+COLO_VMSTATE_RECEIVED: Final = 5
+COLO_VMSTATE_LOADED: Final = 6
+COLO_MESSAGE_NAMES: Final = {
+    0: "CHECKPOINT_READY",
+    1: "CHECKPOINT_REQUEST",
+    2: "CHECKPOINT_REPLY",
+    3: "VMSTATE_SEND",
+    4: "VMSTATE_SIZE",
+    5: "VMSTATE_RECEIVED",
+    6: "VMSTATE_LOADED",
+}

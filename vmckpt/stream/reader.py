@@ -70,6 +70,8 @@ class _Reader:
         self.image: RamImage | None = None
         self.blocks: dict[str, _Block] = {}
         self.last_block: _Block | None = None
+        self.colo = False  # accept ENABLE_COLO; the initial stream ends at its vmdesc
+        self.touched: dict[str, list[int]] | None = None  # page offsets seen, per block
 
     # -- primitive reads -------------------------------------------------------
 
@@ -187,7 +189,7 @@ class _Reader:
                 break
 
         epilogue_at = self.pos
-        rest = self.src.read()
+        rest = self.read_rest_until_vmdesc() if self.colo else self.src.read()
         self.pos += len(rest)
         epilogue = bytes(kept) + rest
         self.check_epilogue(rest, epilogue_at)
@@ -200,6 +202,24 @@ class _Reader:
             epilogue=epilogue,
         )
         return envelope, self.image
+
+    def read_rest_until_vmdesc(self) -> bytes:
+        """The device part of a stream whose channel stays open (COLO).
+
+        Device sections do not say their length, and QEMU keeps the channel
+        open, waiting for vmckpt's CHECKPOINT_READY: so the part ends where
+        the EOF byte and the device description (which QEMU always sends
+        unless suppress-vmdesc is set) end.
+        """
+        rest = bytearray()
+        read1 = getattr(self.src, "read1", None)
+        while True:
+            chunk = read1(1 << 16) if read1 else self.src.read(1)
+            if not chunk:
+                return bytes(rest)  # the caller's check_epilogue reports it
+            rest += chunk
+            if _ends_with_vmdesc(rest):
+                return bytes(rest)
 
     def unexpected(self, section_type: int, at: int, where: str) -> StreamError:
         if section_type == fmt.SECTION_FULL:
@@ -257,6 +277,12 @@ class _Reader:
         at = self.pos - 1
         cmd = self.be16("command")
         length = self.be16("command length")
+        if cmd == fmt.MIG_CMD_ENABLE_COLO and self.colo and self.record is not None:
+            # Checkpointing is vmckpt's business: a restored guest must not
+            # wait for COLO messages, so the command stays out of the prelude.
+            self.read(length, "data of command ENABLE_COLO")
+            del self.record[-(5 + length) :]
+            return
         if cmd not in fmt.ACCEPTED_COMMANDS:
             name = fmt.COMMAND_NAMES.get(cmd, "unknown")
             raise _error(
@@ -326,6 +352,7 @@ class _Reader:
         """Records of one ram section up to EOS, then its footer."""
         read = self.src.read
         unpack = _UNPACK64
+        touched = self.touched
         block = self.last_block
         pos = self.pos
         try:
@@ -361,6 +388,8 @@ class _Reader:
                             )
                         block = found
                     offset = word - flags
+                    if touched is not None:
+                        touched.setdefault(block.idstr, []).append(offset)
                     if offset >= block.limit:
                         raise _error(
                             f"page offset {offset:#x} beyond RAM block {block.idstr!r} "
@@ -432,3 +461,20 @@ def read_stream(
     image may then be partly filled and must be discarded.
     """
     return _Reader(source, on_blocks).run()
+
+
+def _ends_with_vmdesc(data: bytearray) -> bool:
+    """Whether data ends with EOF, VMDESCRIPTION, be32 length and that much JSON."""
+    if not data.endswith(b"}"):
+        return False
+    candidate = data.rfind(b"\x00\x06")
+    while candidate >= 0:
+        start = candidate + 6
+        if len(data) >= start and fmt.BE32.unpack_from(data, candidate + 2)[0] == len(data) - start:
+            try:
+                json.loads(bytes(data[start:]))
+            except ValueError:
+                return False
+            return True
+        candidate = data.rfind(b"\x00\x06", 0, candidate)
+    return False

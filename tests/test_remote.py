@@ -1,0 +1,395 @@
+"""Another machine: restore there, live-migrate there and back, a cut cable, host keys.
+
+"Another machine" is a network namespace with its own sshd (tests/netns.py).
+It shares this filesystem, so the tests can read its serial logs; it has its
+own store directory, gets layers only over SFTP, and is driven over SSH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GUEST_BUILD, REPO, State, Vmckpt, guest_append, parse_states
+from tests.netns import OtherHost, other_host
+from tests.test_end_to_end import Taken, assert_continues, take
+from vmckpt.machine import process_start_time
+from vmckpt.remote.ssh import HostAddress, SshHost, SshOptions
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+
+class RemoteVmckpt(Vmckpt):
+    """The CLI runner, booting a private copy of the test guest (others rebuild guest/build)."""
+
+    media: Path = GUEST_BUILD
+
+    def run_guest(
+        self, name: str, *, memory: str = "256M", pages: int = 4, buf_mb: int = 64
+    ) -> None:
+        self.started.add(name)
+        self(
+            "run", name, "--store", str(self.store),
+            "--kernel", str(self.media / "vmlinuz"), "--initrd", str(self.media / "initrd.img"),
+            "--append", guest_append(pages=pages, buf_mb=buf_mb),
+            "--memory", memory, "--accel", "tcg", "--detach",
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def guest_copy() -> Iterator[Path]:
+    """The test guest's kernel and initrd, copied once so that a rebuild cannot change them.
+
+    $VMCKPT_TEST_GUEST names a folder with a vmlinuz and initrd.img to use instead
+    of building guest/.
+    """
+    source = Path(os.environ.get("VMCKPT_TEST_GUEST", GUEST_BUILD))
+    if "VMCKPT_TEST_GUEST" not in os.environ:
+        subprocess.run(["make", "-s", "-C", str(REPO / "guest")], check=True)
+    path = Path(tempfile.mkdtemp(prefix="vk-g-", dir="/tmp"))
+    try:
+        for name in ("vmlinuz", "initrd.img"):
+            assert (source / name).is_file(), f"{source}/{name} was not built"
+            shutil.copy(source / name, path / name)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def vmckpt(store_dir: Path, guest_copy: Path) -> Iterator[Vmckpt]:
+    runner = RemoteVmckpt(store_dir)
+    runner.media = guest_copy
+    try:
+        yield runner
+    finally:
+        runner.kill_all()
+
+
+@pytest.fixture(scope="module")
+def other() -> Iterator[OtherHost]:
+    with other_host() as host:
+        yield host
+
+
+@pytest.fixture
+def remote_store(other: OtherHost) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="vk-r-", dir="/tmp"))
+    try:
+        yield path / "store"
+    finally:
+        Vmckpt(path / "store").kill_all()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def ssh_args(other: OtherHost, remote_store: Path, known_hosts: Path | None = None) -> list[str]:
+    return [
+        "--identity", str(other.key),
+        "--known-hosts", str(known_hosts or other.known_hosts),
+        "--remote-store", str(remote_store),
+        # The other host sees this checkout (a shared filesystem): run vmckpt from it.
+        "--remote-python", f"env PYTHONPATH={REPO} {sys.executable}",
+    ]  # fmt: skip
+
+
+def remote_states(remote_store: Path, name: str) -> list[State]:
+    log = remote_store / "guests" / name / "serial.log"
+    return list(parse_states(log.read_text(errors="replace"))) if log.exists() else []
+
+
+def wait_remote_states(
+    remote_store: Path, name: str, count: int, timeout: float = 120
+) -> list[State]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = remote_states(remote_store, name)
+        if len(states) >= count:
+            return states
+        time.sleep(0.2)
+    log = remote_store / "guests" / name / "serial.log"
+    text = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+    raise AssertionError(f"remote guest {name} printed < {count} STATE lines:\n{text}")
+
+
+def guest_row(vmckpt: Vmckpt, name: str) -> dict[str, object]:
+    listing = json.loads(vmckpt("list", "--store", str(vmckpt.store), "--json").stdout)
+    rows = [g for g in listing["guests"] if g["name"] == name]
+    assert rows, f"guest {name} is not listed: {listing['guests']}"
+    return dict(rows[0])
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got: {result.stderr!r}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def test_restore_on_other_host_from_middle_layer_and_continue(
+    vmckpt: Vmckpt, other: OtherHost, remote_store: Path
+) -> None:
+    store = str(vmckpt.store)
+    vmckpt.run_guest("rr")
+    vmckpt.wait_states("rr", 5)
+    taken: list[Taken] = []
+    for _ in range(3):
+        taken.append(take(vmckpt, "rr"))
+        vmckpt.wait_states("rr", len(vmckpt.states("rr")) + 4)
+    original = vmckpt.states("rr")
+    vmckpt("stop", "rr", "--store", store)
+    middle = taken[1]
+
+    # An unknown host key is refused, and nothing is done there.
+    refused = vmckpt(
+        "restore", "--store", store, "--layer", middle.layer, "--name", "rr",
+        "--host", other.target, "--detach",
+        *ssh_args(other, remote_store, other.empty_known_hosts), check=False,
+    )  # fmt: skip
+    one_line_error(refused, 12, other.address, "host key", "--accept-new-host-key")
+    assert not remote_store.exists()
+    # A key that differs from the recorded one is refused too.
+    wrong = other.scratch / "known_hosts.wrong"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other.scratch / "other")],
+        check=True,
+    )
+    other_key = (other.scratch / "other.pub").read_text().split()
+    wrong.write_text(f"{other.address} {other_key[0]} {other_key[1]}\n")
+    changed = vmckpt(
+        "restore", "--store", store, "--layer", middle.layer, "--name", "rr",
+        "--host", other.target, "--detach", *ssh_args(other, remote_store, wrong), check=False,
+    )  # fmt: skip
+    one_line_error(changed, 12, "host key changed")
+    assert not remote_store.exists()
+
+    # Restore the middle layer there: it gets the base and the middle layer, no more.
+    out = vmckpt.restore(
+        "--layer", middle.layer, "--name", "rr", "--host", other.target,
+        *ssh_args(other, remote_store),
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    assert result["layers_copied"] == [taken[0].layer, middle.layer]
+    assert result["layers_reused"] == []
+    assert result["bytes_sent"] > 0
+    assert sorted(p.name for p in (remote_store / "layers").iterdir()) == sorted(
+        result["layers_copied"]
+    )
+    restored = wait_remote_states(remote_store, "rr", 10)
+    assert_continues(restored, original, middle)
+    assert other.qemu_pids(), "no QEMU runs on the other host"
+    assert "BAD" not in (remote_store / "guests/rr/serial.log").read_text(errors="replace")
+
+    # The remote guest is first-class here: list, console, checkpoint.
+    row = guest_row(vmckpt, "rr")
+    assert row["state"] == "running" and row["host"] == other.target.removesuffix(":22")
+    console = vmckpt("console", "rr", "--store", store)
+    assert "STATE seq=" in console.stdout
+    remote_ckpt = json.loads(vmckpt("checkpoint", "rr", "--store", store, "--json").stdout)
+    assert remote_ckpt["parent"] == middle.layer
+    assert (remote_store / "layers" / remote_ckpt["layer"] / "manifest.json").is_file()
+
+    vmckpt("stop", "rr", "--store", store)
+    assert not other.qemu_pids(), "stop left a QEMU on the other host"
+
+    # A second restore there, from the last layer, copies only the layer it lacks.
+    out = vmckpt.restore(
+        "--layer", taken[2].layer, "--name", "rr2", "--host", other.target,
+        *ssh_args(other, remote_store),
+    )  # fmt: skip
+    again = json.loads(out.stdout)
+    assert again["layers_copied"] == [taken[2].layer]
+    assert again["layers_reused"] == [taken[0].layer, middle.layer]
+    assert_continues(wait_remote_states(remote_store, "rr2", 8), original, taken[2])
+    vmckpt("stop", "rr2", "--store", store)
+
+
+def test_damaged_copy_is_never_committed(
+    vmckpt: Vmckpt, other: OtherHost, remote_store: Path
+) -> None:
+    """The check after the copy: one flipped byte and the layer does not appear there."""
+    vmckpt.run_guest("dc")
+    vmckpt.wait_states("dc", 3)
+    layer = take(vmckpt, "dc").layer
+    vmckpt("stop", "dc", "--store", str(vmckpt.store))
+    agent = [sys.executable, "-m", "vmckpt.remote.agent"]
+    subprocess.run([*agent, "prepare", "--store", str(remote_store)], check=True, cwd=REPO)
+    tmp_name = f".tmp-{layer}-0badc0de"
+    tmp = remote_store / "layers" / tmp_name
+    shutil.copytree(vmckpt.store / "layers" / layer, tmp)
+    manifest_sha = subprocess.run(
+        ["sha256sum", str(tmp / "manifest.json")], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    pages = tmp / "pages.bin"
+    data = bytearray(pages.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pages.write_bytes(bytes(data))
+    commit = [*agent, "commit-layer", "--store", str(remote_store), "--id", layer]
+    done = subprocess.run(
+        [*commit, "--tmp", tmp_name, "--manifest-sha256", manifest_sha],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "pages.bin sha256" in done.stdout
+    assert not tmp.exists() and not (remote_store / "layers" / layer).exists()
+    # The same copy, undamaged, is committed.
+    shutil.copytree(vmckpt.store / "layers" / layer, tmp)
+    subprocess.run(
+        [*commit, "--tmp", tmp_name, "--manifest-sha256", manifest_sha], check=True, cwd=REPO
+    )
+    assert (remote_store / "layers" / layer / "manifest.json").is_file()
+
+
+def test_migrate_there_and_back(vmckpt: Vmckpt, other: OtherHost, remote_store: Path) -> None:
+    store = str(vmckpt.store)
+    vmckpt.run_guest("mg")
+    vmckpt.wait_states("mg", 5)
+    local_pid = guest_row(vmckpt, "mg")["pid"]
+    out = vmckpt(
+        "migrate", "mg", "--store", store, "--to", other.target, "--json",
+        *ssh_args(other, remote_store),
+    )  # fmt: skip
+    there = json.loads(out.stdout)
+    last_here = vmckpt.last_seq("mg")
+    assert there["downtime_ms"] is not None and there["downtime_ms"] > 0
+    assert there["total_s"] > 0 and there["bytes_sent"] > 0
+    # The source QEMU ended only after the destination ran the guest.
+    assert isinstance(local_pid, int) and process_start_time(local_pid) is None  # gone or zombie
+    states = wait_remote_states(remote_store, "mg", 8)
+    seqs = [s.seq for s in states]
+    assert seqs[0] <= last_here + 1, (seqs[0], last_here)
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    row = guest_row(vmckpt, "mg")
+    assert row["state"] == "running" and row.get("host")
+    assert len(other.qemu_pids()) == 1
+
+    # And back.
+    vmckpt(
+        "migrate", "mg", "--store", store, "--to", "local", "--json",
+        *ssh_args(other, remote_store),
+    )  # fmt: skip
+    last_there = [s.seq for s in remote_states(remote_store, "mg")][-1]
+    assert not other.qemu_pids(), "the QEMU there did not end after migrating back"
+    back = vmckpt.wait_states("mg", len(vmckpt.states("mg")) + 5)
+    new = [s.seq for s in back if s.seq > last_here]
+    assert new and new[0] <= last_there + 1 and new[-1] > last_there, (new, last_there)
+    row = guest_row(vmckpt, "mg")
+    assert row["state"] == "running" and not row.get("host")
+    assert "BAD" not in vmckpt.serial("mg")
+    vmckpt("stop", "mg", "--store", store)
+
+
+def test_cut_connection_mid_migration_leaves_source_running(
+    vmckpt: Vmckpt, other: OtherHost, remote_store: Path
+) -> None:
+    store = str(vmckpt.store)
+    vmckpt.run_guest("cut")
+    vmckpt.wait_states("cut", 5)
+    migrate = subprocess.Popen(
+        [
+            sys.executable, "-m", "vmckpt", "migrate", "cut", "--store", store,
+            "--to", other.target, "--bandwidth", "4M", "--heartbeat", "5",
+            *ssh_args(other, remote_store),
+        ],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not other.qemu_pids():
+            assert migrate.poll() is None, migrate.communicate()
+            assert time.monotonic() < deadline, "no QEMU started on the other host"
+            time.sleep(0.1)
+        time.sleep(3)  # memory is on its way (4 MiB/s: ~25 s for this guest)
+        assert migrate.poll() is None, "the migration ended before the cut"
+        other.link(up=False)
+        out, err = migrate.communicate(timeout=120)
+    finally:
+        if migrate.poll() is None:
+            migrate.kill()  # our own child, by its handle
+            migrate.wait()
+        other.link(up=True)
+    assert migrate.returncode == 12, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "runs on at local" in lines[0], err
+    # The guest runs on here, and goes on counting.
+    row = guest_row(vmckpt, "cut")
+    assert row["state"] == "running" and not row.get("host"), row
+    before = vmckpt.last_seq("cut")
+    vmckpt.wait_states("cut", len(vmckpt.states("cut")) + 3)
+    assert vmckpt.last_seq("cut") > before
+    assert "BAD" not in vmckpt.serial("cut")
+    # Nothing is left on the other host.
+    deadline = time.monotonic() + 30
+    while other.qemu_pids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not other.qemu_pids(), "a QEMU was left on the other host"
+    vmckpt("stop", "cut", "--store", store)
+
+
+def test_new_host_key_is_added_only_when_accepted(other: OtherHost) -> None:
+    known = other.scratch / "known_hosts.accept"
+    known.write_text("")
+    address = HostAddress.parse(other.target)
+    with SshHost(address, SshOptions(str(other.key), str(known), True)).connect() as host:
+        code, out, _ = host.run(["echo", "hello"], timeout=30)
+    assert (code, out.strip()) == (0, "hello")
+    assert other.address in known.read_text()
+    # Now known: a connection without the flag succeeds.
+    with SshHost(address, SshOptions(str(other.key), str(known))).connect() as host:
+        assert host.run(["true"], timeout=30)[0] == 0
+
+
+def test_migrate_by_layers_sends_less_when_the_destination_has_earlier_layers(
+    vmckpt: Vmckpt, other: OtherHost, remote_store: Path
+) -> None:
+    store = str(vmckpt.store)
+    vmckpt.run_guest("ly")
+    vmckpt.wait_states("ly", 5)
+    args = ["migrate", "ly", "--store", store, "--json", *ssh_args(other, remote_store)]
+    cold = json.loads(vmckpt(*args, "--to", other.target, "--mechanism", "layers").stdout)
+    assert cold["mechanism"] == "layers" and cold["layers_reused"] == []
+    states = wait_remote_states(remote_store, "ly", 5)
+    seqs = [s.seq for s in states]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    vmckpt(*args, "--to", "local")
+    vmckpt.wait_states("ly", len(vmckpt.states("ly")) + 3)
+    # The destination keeps the layers it got: the second time only deltas travel.
+    warm = json.loads(vmckpt(*args, "--to", other.target, "--mechanism", "layers").stdout)
+    assert set(cold["layers_copied"]) <= set(warm["layers_reused"])
+    assert warm["bytes_sent"] * 20 < cold["bytes_sent"], (warm["bytes_sent"], cold["bytes_sent"])
+    states = wait_remote_states(remote_store, "ly", len(remote_states(remote_store, "ly")) + 3)
+    assert "BAD" not in (remote_store / "guests/ly/serial.log").read_text(errors="replace")
+    assert len(other.qemu_pids()) == 1
+    vmckpt("stop", "ly", "--store", store)
+    assert not other.qemu_pids()
+
+
+def test_destination_qemu_that_fails_to_start_leaves_source_running(
+    vmckpt: Vmckpt, other: OtherHost, remote_store: Path
+) -> None:
+    store = str(vmckpt.store)
+    vmckpt.run_guest("df")
+    vmckpt.wait_states("df", 3)
+    args = ssh_args(other, remote_store)
+    python = args.index("--remote-python") + 1
+    args[python] = f"env VMCKPT_QEMU=/bin/false {args[python].removeprefix('env ')}"
+    failed = vmckpt("migrate", "df", "--store", store, "--to", other.target, *args, check=False)
+    line = one_line_error(failed, 12, "QEMU exited", "runs on at the source")
+    assert "guest df" in line
+    row = guest_row(vmckpt, "df")
+    assert row["state"] == "running" and not row.get("host"), row
+    before = vmckpt.last_seq("df")
+    vmckpt.wait_states("df", len(vmckpt.states("df")) + 2)
+    assert vmckpt.last_seq("df") > before
+    assert not other.qemu_pids()
+    vmckpt("stop", "df", "--store", store)

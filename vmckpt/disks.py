@@ -1,0 +1,488 @@
+"""A guest's disks: their spec, and capturing writable ones at a checkpoint's instant.
+
+A writable disk (raw or qcow2, on virtio-blk) is captured with QEMU's block
+dirty bitmaps and an incremental backup job, so a layer holds only the disk
+clusters written since its parent. A read-only disk is referenced by path
+and sha256, like a boot medium, never copied.
+
+:class:`DiskTracker` is independent of how memory is captured; a checkpoint
+calls, in order:
+
+- :meth:`DiskTracker.prepare` (guest running): scratch backup targets are
+  created and attached to QEMU as block nodes (they are not visible to the guest);
+- :meth:`DiskTracker.mark_instant` (guest stopped, at the memory instant;
+  fast): one QMP ``transaction`` adds a fresh dirty bitmap per disk and
+  starts a point-in-time backup job per disk (copy-before-write): clusters
+  dirty since the parent (bitmap ``bitmap-mode: never``, so the parent's
+  bitmap is left as it was), or the whole disk when there is no usable bitmap.
+  After a migration completed, QEMU has inactivated the block nodes; they
+  are activated again first (``blockdev-set-active``, QEMU 10+);
+- :meth:`DiskTracker.collect` (guest running again): waits for the jobs,
+  detaches the targets and reads the clusters they hold into :class:`DiskDelta` s;
+- :meth:`DiskTracker.commit` once the layer is written (drops the parent's
+  bitmap: the new one now tracks writes since the new layer), or
+  :meth:`DiskTracker.abort` on any failure (cancels jobs, detaches targets,
+  removes the new bitmaps; the parent's bitmap still holds every write since
+  the parent, so the next checkpoint loses nothing).
+
+The new bitmap's name is recorded in the layer (``bitmap`` of its disk
+record); the next checkpoint uses it if the guest still has it, else takes
+the disk in full. A restore creates that bitmap in the restored QEMU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from vmckpt.errors import CheckpointError, MachineError, QMPError, RestoreError, UsageError
+from vmckpt.images import DiskDelta, LayerManifest, Store
+from vmckpt.qmp import Monitor
+
+FORMATS = ("raw", "qcow2")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def qemu_img(*args: str, vm: str | None = None, step: str = "qemu-img") -> str:
+    """Run qemu-img; its failure becomes a MachineError naming the step."""
+    binary = shutil.which("qemu-img")
+    if binary is None:
+        raise MachineError("qemu-img not found (install qemu-utils)", vm=vm, step=step)
+    result = subprocess.run([binary, *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise MachineError(
+            f"qemu-img {args[0]} failed: {result.stderr.strip() or result.stdout.strip()}",
+            vm=vm,
+            step=step,
+        )
+    return result.stdout
+
+
+def _escape(value: str) -> str:
+    """A value inside a QEMU option string: commas doubled."""
+    return value.replace(",", ",,")
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One virtio-blk disk of a guest: image path, format, size; read-only disks by hash."""
+
+    id: str  # short name, unique per guest: disk0, disk1, ...
+    path: str
+    format: str  # raw or qcow2
+    size: int  # virtual size in bytes
+    readonly: bool = False
+    sha256: str = ""  # read-only disks only: the content the layer expects
+
+    @classmethod
+    def of(cls, disk_id: str, path: str | Path, *, readonly: bool = False) -> DiskSpec:
+        """Describe an existing image; its format and size come from ``qemu-img info``."""
+        resolved = Path(path).expanduser().resolve()
+        if not resolved.is_file():
+            raise UsageError(f"disk {path} does not exist")
+        if not _ID_RE.match(disk_id):
+            raise UsageError(f"{disk_id!r} is not a usable disk id")
+        info = json.loads(qemu_img("info", "--output=json", "-U", str(resolved)))
+        image_format = str(info.get("format"))
+        if image_format not in FORMATS:
+            raise UsageError(f"disk {path} is {image_format}; vmckpt handles {', '.join(FORMATS)}")
+        if info.get("backing-filename"):
+            raise UsageError(f"disk {path} has a backing file; vmckpt handles standalone images")
+        return cls(
+            id=disk_id,
+            path=str(resolved),
+            format=image_format,
+            size=int(info["virtual-size"]),
+            readonly=readonly,
+            sha256=_sha256(resolved) if readonly else "",
+        )
+
+    @classmethod
+    def parse(cls, index: int, text: str) -> DiskSpec:
+        """``PATH`` or ``PATH:ro`` from the command line, as disk<index>."""
+        readonly = text.endswith(":ro")
+        return cls.of(f"disk{index}", text[:-3] if readonly else text, readonly=readonly)
+
+    @property
+    def node(self) -> str:
+        """The QEMU block node the guest's device uses."""
+        return f"vmckpt-{self.id}"
+
+    def qemu_args(self) -> list[str]:
+        ro = "on" if self.readonly else "off"
+        return [
+            "-blockdev",
+            f"driver=file,filename={_escape(self.path)},node-name={self.node}-file,read-only={ro}",
+            "-blockdev",
+            f"driver={self.format},file={self.node}-file,node-name={self.node},read-only={ro}",
+            "-device",
+            f"virtio-blk-pci,drive={self.node},id=vmckpt-dev-{self.id}",
+        ]
+
+    def check(self, vm: str | None = None) -> None:
+        """Refuse a missing image, or a read-only one whose content changed."""
+        path = Path(self.path)
+        if not path.is_file():
+            raise MachineError(
+                f"disk {self.id} ({self.path}) is missing", vm=vm, step="check-media"
+            )
+        if self.readonly and _sha256(path) != self.sha256:
+            raise MachineError(
+                f"read-only disk {self.id} ({self.path}) changed since the checkpoint",
+                vm=vm,
+                step="check-media",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiskSpec:
+        return cls(
+            id=str(data["id"]),
+            path=str(data["path"]),
+            format=str(data["format"]),
+            size=int(data["size"]),
+            readonly=bool(data.get("readonly", False)),
+            sha256=str(data.get("sha256", "")),
+        )
+
+
+@dataclass
+class _Capture:
+    """One writable disk's state during one checkpoint."""
+
+    disk: DiskSpec
+    target: Path
+    target_node: str
+    job: str
+    old_bitmap: str | None  # tracks writes since the parent layer; None: take it in full
+    new_bitmap: str
+    attached: bool = False
+    started: bool = False
+
+
+@dataclass
+class DiskTracker:
+    """Captures a guest's writable disks at one checkpoint instant (see the module doc)."""
+
+    vm: str
+    disks: Sequence[DiskSpec]
+    parent: LayerManifest | None
+    scratch: Path
+    job_timeout_s: float = 300.0
+    _captures: list[_Capture] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._captures)
+
+    def _fail(self, message: str, step: str) -> CheckpointError:
+        return CheckpointError(message, vm=self.vm, step=step)
+
+    def prepare(self, mon: Monitor) -> None:
+        """Create and attach a backup target per writable disk; choose full or incremental."""
+        writable = [d for d in self.disks if not d.readonly]
+        if not writable:
+            return
+        nodes = {node.node_name: node for node in mon.block_nodes()}
+        self.scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
+        token = secrets.token_hex(4)
+        try:
+            for disk in writable:
+                node = nodes.get(disk.node)
+                if node is None:
+                    raise self._fail(f"QEMU has no block node {disk.node}", "disk-prepare")
+                record = self.parent.disk(disk.id) if self.parent else None
+                old = record.bitmap if record and record.bitmap in node.bitmaps else None
+                capture = _Capture(
+                    disk=disk,
+                    target=self.scratch / f"backup-{disk.id}-{token}.qcow2",
+                    target_node=f"vmckpt-backup-{disk.id}",
+                    job=f"vmckpt-backup-{disk.id}",
+                    old_bitmap=old,
+                    new_bitmap=f"vmckpt-{token}",
+                )
+                self._captures.append(capture)
+                # A backing node makes QEMU record zeroed clusters in the target (instead
+                # of leaving them unallocated), so the target tells covered from not covered.
+                qemu_img(
+                    "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "null-co://", "-u",
+                    str(capture.target), str(disk.size),
+                    vm=self.vm, step="disk-prepare",
+                )  # fmt: skip
+                if capture.target_node in nodes:
+                    raise self._fail(
+                        f"block node {capture.target_node} exists: another checkpoint is running?",
+                        "disk-prepare",
+                    )
+                mon.blockdev_add(
+                    {
+                        "driver": "qcow2",
+                        "node-name": capture.target_node,
+                        "file": {"driver": "file", "filename": str(capture.target)},
+                        "backing": {"driver": "null-co", "size": disk.size, "read-zeroes": True},
+                    }
+                )
+                capture.attached = True
+        except QMPError as exc:
+            self.abort(mon)
+            raise self._fail(exc.message, "disk-prepare") from exc
+        except BaseException:
+            self.abort(mon)
+            raise
+
+    def mark_instant(self, mon: Monitor) -> None:
+        """The disk point, while the guest is stopped: new bitmaps and backup jobs, atomically."""
+        if not self._captures:
+            return
+        try:
+            with contextlib.suppress(QMPError):  # QEMU < 10 lacks it; nodes are active there
+                mon.blockdev_set_active(True)
+            actions: list[tuple[str, dict[str, object]]] = []
+            for capture in self._captures:
+                actions.append(
+                    (
+                        "block-dirty-bitmap-add",
+                        {"node": capture.disk.node, "name": capture.new_bitmap},
+                    )
+                )
+                backup: dict[str, object] = {
+                    "device": capture.disk.node,
+                    "target": capture.target_node,
+                    "job-id": capture.job,
+                    "auto-finalize": True,
+                    "auto-dismiss": False,
+                }
+                if capture.old_bitmap is None:
+                    backup["sync"] = "full"
+                else:
+                    backup.update(
+                        sync="bitmap", bitmap=capture.old_bitmap, **{"bitmap-mode": "never"}
+                    )
+                actions.append(("blockdev-backup", backup))
+            mon.transaction(actions)
+            for capture in self._captures:
+                capture.started = True
+        except QMPError as exc:
+            raise self._fail(exc.message, "disk-instant") from exc
+
+    def collect(self, mon: Monitor) -> list[DiskDelta]:
+        """Wait for the backup jobs, detach the targets, return each disk's delta."""
+        if not self._captures:
+            return []
+        try:
+            deadline = time.monotonic() + self.job_timeout_s
+            pending = {c.job for c in self._captures}
+            while pending:
+                jobs = mon.jobs()
+                for job_id in list(pending):
+                    info = jobs.get(job_id)
+                    if info is None:
+                        raise self._fail(f"backup job {job_id} vanished", "disk-collect")
+                    if info.status == "concluded":
+                        if info.error:
+                            raise self._fail(f"backup job {job_id}: {info.error}", "disk-collect")
+                        mon.job_dismiss(job_id)
+                        pending.discard(job_id)
+                if pending and time.monotonic() > deadline:
+                    raise self._fail(
+                        f"backup jobs {sorted(pending)} did not finish in {self.job_timeout_s} s",
+                        "disk-collect",
+                    )
+                if pending:
+                    time.sleep(0.05)
+            for capture in self._captures:
+                capture.started = False
+                mon.blockdev_del(capture.target_node)
+                capture.attached = False
+        except QMPError as exc:
+            raise self._fail(exc.message, "disk-collect") from exc
+        return [self._read_target(capture) for capture in self._captures]
+
+    def _read_target(self, capture: _Capture) -> DiskDelta:
+        """The clusters a backup target holds: data extents copied out, zero extents listed."""
+        entries = json.loads(
+            qemu_img(
+                "map", "--output=json", "-f", "qcow2", str(capture.target),
+                vm=self.vm, step="disk-collect",
+            )
+        )  # fmt: skip
+        stored: list[tuple[int, int]] = []
+        zeroed: list[tuple[int, int]] = []
+        data_path = capture.target.with_suffix(".bin")
+        with capture.target.open("rb") as src, data_path.open("xb") as out:
+            for entry in entries:
+                if entry.get("depth") != 0 or not entry.get("present", True):
+                    continue  # not covered by this delta: the backing node
+                start, length = int(entry["start"]), int(entry["length"])
+                if entry.get("data"):
+                    if entry.get("compressed") or "offset" not in entry:
+                        raise self._fail("backup target holds unreadable clusters", "disk-collect")
+                    src.seek(int(entry["offset"]))
+                    remaining = length
+                    while remaining:
+                        chunk = src.read(min(1 << 20, remaining))
+                        if not chunk:
+                            raise self._fail("backup target is truncated", "disk-collect")
+                        out.write(chunk)
+                        remaining -= len(chunk)
+                    _append(stored, start, length)
+                elif entry.get("zero"):
+                    _append(zeroed, start, length)
+        return DiskDelta(
+            id=capture.disk.id,
+            format=capture.disk.format,
+            size=capture.disk.size,
+            path=capture.disk.path,
+            full=capture.old_bitmap is None,
+            stored=tuple(stored),
+            zeroed=tuple(zeroed),
+            data_path=data_path,
+            bitmap=capture.new_bitmap,
+        )
+
+    def commit(self, mon: Monitor) -> None:
+        """The layer is written: the parent's bitmaps are no longer needed."""
+        for capture in self._captures:
+            if capture.old_bitmap is not None:
+                with contextlib.suppress(QMPError):
+                    mon.bitmap_remove(capture.disk.node, capture.old_bitmap)
+        self._cleanup_files()
+        self._captures = []
+
+    def abort(self, mon: Monitor) -> None:
+        """Undo everything this checkpoint added to QEMU: jobs, targets, new bitmaps.
+
+        Never raises; the guest's disk and the parent's bitmap are left as they were.
+        """
+        for capture in self._captures:
+            with contextlib.suppress(QMPError):
+                jobs = mon.jobs()
+                if capture.job in jobs:
+                    if jobs[capture.job].status not in {"concluded", "null"}:
+                        mon.job_cancel(capture.job)
+                        deadline = time.monotonic() + 10
+                        while time.monotonic() < deadline:
+                            info = mon.jobs().get(capture.job)
+                            if info is None or info.status == "concluded":
+                                break
+                            time.sleep(0.05)
+                    mon.job_dismiss(capture.job)
+            if capture.attached:
+                with contextlib.suppress(QMPError):
+                    mon.blockdev_del(capture.target_node)
+            with contextlib.suppress(QMPError):
+                nodes = {n.node_name: n for n in mon.block_nodes()}
+                node = nodes.get(capture.disk.node)
+                if node is not None and capture.new_bitmap in node.bitmaps:
+                    mon.bitmap_remove(capture.disk.node, capture.new_bitmap)
+        self._cleanup_files()
+        self._captures = []
+
+    def _cleanup_files(self) -> None:
+        for capture in self._captures:
+            capture.target.unlink(missing_ok=True)
+            capture.target.with_suffix(".bin").unlink(missing_ok=True)
+
+
+def _append(extents: list[tuple[int, int]], start: int, length: int) -> None:
+    """Add an extent, merging it with the previous one when they touch."""
+    if extents and extents[-1][0] + extents[-1][1] == start:
+        extents[-1] = (extents[-1][0], extents[-1][1] + length)
+    else:
+        extents.append((start, length))
+
+
+# -- restore ---------------------------------------------------------------------
+
+
+def materialize(
+    store: Store,
+    manifest: LayerManifest,
+    disks: Sequence[DiskSpec],
+    directory: Path,
+    *,
+    vm: str,
+) -> tuple[DiskSpec, ...]:
+    """Build each writable disk as it was at ``manifest``'s layer, as a new image in
+    ``directory``; check read-only ones. Returns the disks the restored QEMU uses."""
+    result: list[DiskSpec] = []
+    made: list[Path] = []
+    try:
+        for disk in disks:
+            if disk.readonly:
+                disk.check(vm)
+                result.append(disk)
+                continue
+            if manifest.disk(disk.id) is None:
+                raise RestoreError(
+                    f"holds no contents for writable disk {disk.id}",
+                    vm=vm,
+                    layer=manifest.id,
+                    step="compose-disk",
+                )
+            stem = directory / f"disk-{disk.id}-{manifest.id}-{secrets.token_hex(2)}"
+            raw = stem.with_suffix(".raw")
+            made.append(raw)
+            store.compose_disk(manifest.id, disk.id, raw)
+            raw.chmod(0o600)
+            path = raw
+            if disk.format == "qcow2":
+                path = stem.with_suffix(".qcow2")
+                made.append(path)
+                qemu_img(
+                    "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path),
+                    vm=vm, step="compose-disk",
+                )  # fmt: skip
+                path.chmod(0o600)
+                raw.unlink()
+            result.append(replace(disk, path=str(path)))
+    except BaseException:
+        for path in made:
+            path.unlink(missing_ok=True)
+        raise
+    return tuple(result)
+
+
+def track_restored(mon: Monitor, disks: Sequence[DiskSpec], manifest: LayerManifest) -> None:
+    """In a restored QEMU, before the guest runs: recreate each disk's dirty bitmap under
+    the name the layer recorded, so the next checkpoint of it is incremental."""
+    writable = [d for d in disks if not d.readonly]
+    if not writable:
+        return
+    with contextlib.suppress(QMPError):
+        mon.blockdev_set_active(True)
+    for disk in writable:
+        record = manifest.disk(disk.id)
+        if record is not None and record.bitmap:
+            mon.bitmap_add(disk.node, record.bitmap)
+
+
+def disks_of(spec_dict: dict[str, Any]) -> tuple[DiskSpec, ...]:
+    """The disks of a stored guest spec (none in specs written before disks existed)."""
+    return tuple(DiskSpec.from_dict(d) for d in spec_dict.get("disks", ()))
+
+
+def discard_restored(disks: Sequence[DiskSpec], directory: Path) -> None:
+    """Remove the images :func:`materialize` made in ``directory`` (a restore failed)."""
+    for disk in disks:
+        path = Path(disk.path)
+        if not disk.readonly and path.parent == directory and path.name.startswith("disk-"):
+            path.unlink(missing_ok=True)
