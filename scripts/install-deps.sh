@@ -30,7 +30,13 @@ enable_backports
 # explains why not the amd64 one); `make -C guest mach` downloads it.
 dpkg --print-foreign-architectures | grep -qx i386 || $SUDO dpkg --add-architecture i386
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
+# A mirror mid-sync can fail one index (seen: bookworm-security i386); retry, then
+# go on with what was fetched: a package that is really missing fails below, loudly.
+for attempt in 1 2 3; do
+    $SUDO apt-get update -qq && break
+    echo "apt-get update failed (attempt $attempt); retrying" >&2
+    sleep 5
+done
 $SUDO apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 # The ISO test guest: GRUB 2 for BIOS, grub-mkrescue and what it needs.
 $SUDO apt-get install -y -qq grub-pc-bin grub-common xorriso mtools binutils >/dev/null
