@@ -8,7 +8,7 @@ complete, vmckpt resumes the guest, and only then diffs the received RAM
 against the parent layer and writes the pages that changed.
 
 Every path that could leave the guest stopped or migrating goes through
-:func:`_leave_guest_as_found`: a failed checkpoint cancels the migration,
+:func:`leave_guest_as_found`: a failed checkpoint cancels the migration,
 restores the migration settings it changed and resumes the guest.
 """
 
@@ -59,6 +59,9 @@ class CheckpointResult:
     bytes_written: int
     total_s: float
     mechanism: str
+
+    # The guest's RAM as this layer holds it: the next checkpoint's diff base.
+    image: RamImage | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,8 +142,13 @@ def take_checkpoint(
     guest: GuestRecord,
     runtime_dir: Path,
     settings: CheckpointSettings | None = None,
+    *,
+    base: RamImage | None = None,
 ) -> CheckpointResult:
     """Checkpoint a running guest into a new layer whose parent is the guest's head.
+
+    ``base``, when given, is the RAM the head layer holds (the image a
+    previous checkpoint returned), so the diff needs no compose of the chain.
 
     Writable disks are captured at the instant the guest is stopped for the final
     iteration (vmckpt/disks.py); on any failure what that added to QEMU is removed.
@@ -149,7 +157,7 @@ def take_checkpoint(
     tracker = DiskTracker(guest.name, guest.spec.disks, parent, runtime_dir / "disk-scratch")
     committed = False
     try:
-        result = _take_checkpoint(store, guest, runtime_dir, settings, tracker)
+        result = _take_checkpoint(store, guest, runtime_dir, settings, tracker, base)
         committed = True
         return result
     finally:
@@ -164,6 +172,7 @@ def _take_checkpoint(
     runtime_dir: Path,
     settings: CheckpointSettings | None,
     tracker: DiskTracker,
+    base: RamImage | None,
 ) -> CheckpointResult:
     settings = settings or CheckpointSettings()
     started = time.monotonic()
@@ -181,7 +190,7 @@ def _take_checkpoint(
         qemu_version = mon.greeting_version
     received = time.monotonic()
 
-    pages, zeroed = diff_against_parent(store, guest.name, parent, ram)
+    pages, zeroed = diff_against_parent(store, guest.name, parent, ram, base=base)
     diffed = time.monotonic()
     pause_ms = (resume - stop) * 1000.0
     stats: dict[str, Any] = {
@@ -214,20 +223,21 @@ class LayerParts:
 
 
 def diff_against_parent(
-    store: Store, vm: str, parent: str | None, ram: RamImage
+    store: Store, vm: str, parent: str | None, ram: RamImage, *, base: RamImage | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Pages to store (non-zero, changed) and pages that became zero, per RAM block.
 
     Without a parent every non-zero page is stored. Vectorised over whole
     blocks: no Python loop over pages.
     """
-    base: RamImage | None = None
-    if parent is not None:
+    if parent is None:
+        base = None
+    elif base is None:
         base, _, _ = store.compose(parent)
-        if not base.same_layout(ram):
-            raise CheckpointError(
-                f"the guest's RAM blocks differ from parent layer {parent}'s", vm=vm, step="diff"
-            )
+    if base is not None and not base.same_layout(ram):
+        raise CheckpointError(
+            f"the guest's RAM blocks differ from parent layer {parent}'s", vm=vm, step="diff"
+        )
     pages: dict[str, np.ndarray] = {}
     zeroed: dict[str, np.ndarray] = {}
     for block in ram.blocks:
@@ -297,6 +307,7 @@ def write_checkpoint_layer(
         bytes_written=manifest.bytes_total,
         total_s=time.monotonic() - started,
         mechanism=mechanism,
+        image=parts.ram,
     )
 
 
@@ -362,7 +373,7 @@ def _receive_live(
     except QMPError as exc:
         raise CheckpointError(str(exc.message), vm=vm, step=exc.step or "migrate") from exc
     finally:
-        _leave_guest_as_found(mon, was_running, migrating, old_caps, old_params)
+        leave_guest_as_found(mon, was_running, migrating, old_caps, old_params)
         with contextlib.suppress(OSError):
             theirs.close()
         receiver.join(timeout=30)
@@ -393,7 +404,7 @@ def _pause_events(mon: Monitor, mark: int, finished: Event) -> tuple[float, floa
     return stop, resume
 
 
-def _leave_guest_as_found(
+def leave_guest_as_found(
     mon: Monitor,
     was_running: bool,
     migrating: bool,

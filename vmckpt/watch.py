@@ -47,6 +47,7 @@ from vmckpt.errors import CheckpointError, QMPError, StreamError
 from vmckpt.images import Store
 from vmckpt.machine import GuestRecord
 from vmckpt.qmp import Monitor
+from vmckpt.ram import RamImage
 from vmckpt.stream import StreamEnvelope
 from vmckpt.stream import format as fmt
 from vmckpt.stream.colo import ColoReceiver
@@ -91,6 +92,7 @@ class IncrementalSession:
         self._old_caps: dict[str, bool] = {}
         self._old_params: dict[str, Any] = {}
         self._was_running = True
+        self._head_image: RamImage | None = None  # RAM of the guest's head layer, if known
 
     # -- opening: the one full migration ------------------------------------------------
 
@@ -191,6 +193,7 @@ class IncrementalSession:
         except BaseException:
             self.close()
             raise
+        self._head_image = result.image
         if not self.active:
             self._restore_settings()
         return result
@@ -256,12 +259,21 @@ class IncrementalSession:
         settings = self.settings
         if pause_budget_ms is not None:
             settings = replace(settings, downtime_limit_ms=max(1, int(pause_budget_ms)))
-        return take_checkpoint(self.store, self.guest, self.runtime_dir, settings)
+        result = take_checkpoint(
+            self.store, self.guest, self.runtime_dir, settings, base=self._head_image
+        )
+        # The image just written is the next diff's base: no compose of a long chain.
+        self._head_image = result.image
+        return result
 
     # -- leaving -------------------------------------------------------------------
 
     def close(self) -> None:
         """End COLO (if on), restore the settings, make sure the guest runs."""
+        # COLO updates the image in place: after a failure it may hold pages no
+        # layer stores, so it must never serve as a diff base again.
+        if self.active:
+            self._head_image = None
         mon = self.mon
         if mon is not None:
             with contextlib.suppress(QMPError):

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vmckpt.checkpoint import ACTIVE_MIGRATION, leave_guest_as_found
 from vmckpt.errors import MachineError, QMPError, RemoteError, StoreError, VmckptError
 from vmckpt.images import Store
 from vmckpt.images.format import LAYER_ID_RE, MANIFEST, parse_manifest
@@ -46,10 +47,6 @@ from vmckpt.qmp import Monitor
 from vmckpt.remote.media import find_medium, relocate_media
 
 TMP_PREFIX = ".tmp-"
-ACTIVE_MIGRATION = {
-    "setup", "active", "pre-switchover", "device", "postcopy-active",
-    "postcopy-paused", "postcopy-recover", "cancelling", "wait-unplug", "colo",
-}  # fmt: skip
 
 
 def emit(**data: Any) -> None:
@@ -382,7 +379,8 @@ def cmd_send(args: argparse.Namespace) -> int:
             while control.poll() != "commit":
                 time.sleep(0.02)
         except BaseException:
-            _resume_here(mon, old_caps, old_params)
+            # The guest was running here before the migration: leave it so.
+            leave_guest_as_found(mon, True, False, old_caps, old_params)
             with contextlib.suppress(Exception):
                 emit(event="resumed", running=mon.is_running())
             raise
@@ -391,28 +389,6 @@ def cmd_send(args: argparse.Namespace) -> int:
     record.save(runtime_dir)
     emit(event="done")
     return 0
-
-
-def _resume_here(mon: Monitor, old_caps: dict[str, bool], old_params: dict[str, Any]) -> None:
-    """Cancel the migration, put the settings back, and run the guest here again."""
-    with contextlib.suppress(QMPError):
-        if mon.query_migrate().status in ACTIVE_MIGRATION:
-            mon.migrate_cancel()
-            deadline = time.monotonic() + 10
-            while mon.query_migrate().status in ACTIVE_MIGRATION and time.monotonic() < deadline:
-                time.sleep(0.05)
-    with contextlib.suppress(QMPError):
-        mon.set_migrate_capabilities({"events": old_caps.get("events", False)})
-    with contextlib.suppress(QMPError):
-        mon.set_migrate_parameters(
-            {k: old_params[k] for k in ("downtime-limit", "max-bandwidth") if k in old_params}
-        )
-    with contextlib.suppress(QMPError):
-        if not mon.is_running():
-            mon.cont(retry_s=5.0)
-
-
-# -- entry --------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
