@@ -30,6 +30,14 @@ lint:
 typecheck:
 	$(PYTHON) -m mypy
 
+## The checkpoint benchmark (issue 5): vmckpt against QEMU's baselines; tables, raw JSON, a plot.
+BENCH_ARGS ?= --sizes 256M,1G --rates 0,100,2000 --count 10
+BENCH_OUT ?= /tmp/vmckpt-bench
+
+bench: guest
+	$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q 'matplotlib>=3.8'
+	$(PYTHON) -m vmckpt bench $(BENCH_ARGS) --plot $(BENCH_OUT).png --json $(BENCH_OUT).json
+
 ## A Genode scenario on an ISO built with Genode's run tool (see README, "Genode guests").
 GENODE_ISO ?=
 GENODE_STORE ?= genode-store

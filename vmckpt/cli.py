@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vmckpt import __version__
+from vmckpt import __version__, bench
 from vmckpt.bootmedia import kernel_media
 from vmckpt.checkpoint import CheckpointResult, take_checkpoint
 from vmckpt.disks import DiskSpec
@@ -293,7 +293,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = _open_store(args)
     layer = store.resolve(args.layer) if args.layer else None
     verified = store.verify(layer)
-    print(f"ok: {len(verified)} layer(s) verified: {' '.join(verified)}")
+    shown = " ".join(verified) if len(verified) <= 8 else f"{verified[0]} … {verified[-1]}"
+    print(f"ok: {len(verified)} layer(s) verified: {shown}")
     return 0
 
 
@@ -435,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stop)
 
     remote_cli.add_migrate_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

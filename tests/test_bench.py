@@ -1,0 +1,49 @@
+"""The benchmark's bookkeeping, without QEMU: pauses from events, STATE gaps, the table."""
+
+from __future__ import annotations
+
+from vmckpt.bench import MethodRun, Sample, expected_distinct_pages, format_table, pause_from_events
+from vmckpt.qmp import Event
+
+
+def _event(name: str, at: float) -> Event:
+    return Event(name, {}, at)
+
+
+def test_pause_sums_stop_resume_pairs() -> None:
+    events = [
+        _event("MIGRATION", 0.0),
+        _event("STOP", 1.0),
+        _event("RESUME", 1.05),
+        _event("STOP", 2.0),
+        _event("RESUME", 2.01),
+    ]
+    total, pairs = pause_from_events(events)
+    assert pairs == 2
+    assert abs(total - 60.0) < 1e-6
+
+
+def test_unmatched_stop_counts_nothing() -> None:
+    assert pause_from_events([_event("STOP", 1.0)]) == (0.0, 0)
+
+
+def test_table_reports_base_apart_and_errors() -> None:
+    vmckpt = MethodRun(256, 100, "vmckpt", t0=0.0, state_times=[0.1, 0.2, 0.5, 0.6])
+    vmckpt.samples = [
+        Sample(10.0, 1.0, 100 << 20, 0.0, pages_stored=25000, base=True),
+        Sample(20.0, 0.5, 4 << 20, 1.0, pages_stored=1000),
+        Sample(30.0, 0.5, 4 << 20, 2.0, pages_stored=900),
+    ]
+    failed = MethodRun(256, 100, "background-snapshot", error="QEMU refused it")
+    table = format_table([vmckpt, failed])
+    assert "vmckpt base layer: 25000 pages" in table
+    assert "error: QEMU refused it" in table
+    assert abs((vmckpt.max_gap_ms() or 0) - 300.0) < 1e-6
+    row = next(line for line in table.splitlines() if line.startswith("vmckpt "))
+    assert row.split()[1] == "2"  # the base layer is not among the measured samples
+
+
+def test_expected_distinct_pages() -> None:
+    assert expected_distinct_pages(0) == 0.0
+    assert 960 < expected_distinct_pages(1000, 16384) < 980
+    assert expected_distinct_pages(10**7, 16384) <= 16384

@@ -1,0 +1,776 @@
+"""Checkpoint benchmark (issue 5): vmckpt against QEMU's own ways to save a running guest.
+
+For each guest RAM size and dirty rate one test guest is booted (TCG or KVM,
+as ``--accel`` says) and checkpointed ``count`` times, one checkpoint a
+second while its workload runs, by each method in turn:
+
+- ``vmckpt``: :func:`~vmckpt.checkpoint.take_checkpoint` (precopy-diff) into a
+  fresh store; the first layer is the base and is reported apart.
+- ``stop-migrate-cont``: QMP ``stop``, ``migrate`` to ``file:``, ``cont``.
+- ``live-migrate``: live ``migrate`` to ``file:`` of the running guest, then
+  ``cont`` (the source is left in ``postmigrate``).
+- ``savevm``: a ``snapshot-save`` job into a qcow2 node the guest was given
+  for it (``-blockdev``), then ``snapshot-delete`` so the image does not grow.
+- ``background-snapshot``: the capability on, ``migrate`` to ``file:``.
+
+The migration baselines use vmckpt's own migration parameters (downtime
+limit, bandwidth), so they differ from vmckpt only in where the stream goes.
+Every pause is measured from QEMU's STOP/RESUME event timestamps (summed if
+a method stops the guest more than once); the guest's own view is the
+longest gap between two STATE lines on its serial console while a method
+ran, timestamped on the host as they appear. Before the methods an ``idle``
+window of the same length measures the gaps the workload shows by itself.
+
+Benchmarks print numbers; nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vmckpt.checkpoint import ACTIVE_MIGRATION, FINISHED, CheckpointSettings, take_checkpoint
+from vmckpt.errors import QMPError, UsageError, VmckptError
+from vmckpt.guests import load_guest, start_guest, stop_guest
+from vmckpt.images import Store
+from vmckpt.machine import BootMedium, GuestSpec, parse_memory, qemu_binary, qemu_version
+from vmckpt.qmp import Event, Monitor
+from vmckpt.ram import PAGE_SIZE, RamImage
+
+METHODS = ("vmckpt", "stop-migrate-cont", "live-migrate", "savevm", "background-snapshot")
+IDLE = "idle"
+GUEST = "bench"
+SNAP_NODE = "vmckpt-bench-snap"
+STEP_MS = 100.0  # the workload's step at vmckpt.hz=10
+HZ = 10
+BUF_MB = 64
+BOOT_WAIT_S = 240.0
+JOB_TIMEOUT_S = 900.0
+STATE_LINE = re.compile(rb"^STATE seq=\d+ sum=[0-9a-f]{16} ok$")
+REPO_GUEST = Path(__file__).resolve().parent.parent / "guest" / "build"
+
+
+# -- measurements ---------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One checkpoint by one method."""
+
+    pause_ms: float
+    total_s: float
+    bytes: int
+    started_s: float  # since the method's first checkpoint began
+    stops: int = 1  # STOP/RESUME pairs seen
+    pages_stored: int | None = None  # vmckpt
+    pages_zeroed: int | None = None  # vmckpt
+    base: bool = False  # vmckpt's first (full) layer
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodRun:
+    """Every checkpoint one method took of one guest, and what the guest saw meanwhile."""
+
+    memory_mib: int
+    pages_per_step: int
+    method: str
+    samples: list[Sample] = field(default_factory=list)
+    error: str | None = None
+    state_times: list[float] = field(default_factory=list)  # monotonic, per STATE line
+    window_s: float = 0.0
+    t0: float = 0.0  # monotonic time the method began; Sample.started_s counts from it
+
+    def measured(self) -> list[Sample]:
+        """The samples the summary is over: vmckpt's base layer is reported apart."""
+        return [s for s in self.samples if not s.base]
+
+    def max_gap_ms(self) -> float | None:
+        if len(self.state_times) < 2:
+            return None
+        return float(np.max(np.diff(np.asarray(self.state_times)))) * 1000.0
+
+    def steps_between(self) -> list[int]:
+        """STATE lines (workload steps) between consecutive checkpoint starts."""
+        if not self.state_times or len(self.samples) < 2:
+            return []
+        rel = np.asarray(self.state_times) - self.t0
+        starts = [s.started_s for s in self.samples]
+        return [
+            int(np.count_nonzero((rel >= a) & (rel < b))) for a, b in itertools.pairwise(starts)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        gaps = np.diff(np.asarray(self.state_times, dtype=np.float64)) * 1000.0
+        return {
+            "memory_mib": self.memory_mib,
+            "pages_per_step": self.pages_per_step,
+            "method": self.method,
+            "error": self.error,
+            "samples": [asdict(s) for s in self.samples],
+            "state_lines": len(self.state_times),
+            "window_s": round(self.window_s, 3),
+            "max_state_gap_ms": self.max_gap_ms(),
+            "state_gaps_ms": [round(float(g), 2) for g in gaps],
+        }
+
+
+class StateTail(threading.Thread):
+    """Timestamps (time.monotonic) each STATE line as it appears in the serial log."""
+
+    def __init__(self, path: Path, poll_s: float = 0.003) -> None:
+        super().__init__(name="vmckpt-bench-tail", daemon=True)
+        self.path = path
+        self.poll_s = poll_s
+        self.times: list[float] = []
+        self._stop_event = threading.Event()
+        self._ready = threading.Event()
+
+    def run(self) -> None:
+        with self.path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            self._ready.set()
+            pending = b""
+            while not self._stop_event.is_set():
+                chunk = handle.read()
+                if not chunk:
+                    time.sleep(self.poll_s)
+                    continue
+                now = time.monotonic()
+                *lines, pending = (pending + chunk).split(b"\n")
+                self.times.extend(now for line in lines if STATE_LINE.match(line.strip()))
+
+    def wait_lines(self, count: int, timeout: float) -> None:
+        """Wait until ``count`` STATE lines were seen (or ``timeout`` passed)."""
+        deadline = time.monotonic() + timeout
+        while len(self.times) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def __enter__(self) -> StateTail:
+        self.start()
+        self._ready.wait(5.0)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop_event.set()
+        self.join(timeout=5.0)
+
+
+def pause_from_events(events: Sequence[Event]) -> tuple[float, int]:
+    """Sum of the guest's STOP..RESUME intervals (ms) in QEMU's event stream, and how many."""
+    total, pairs, stopped_at = 0.0, 0, None
+    for event in events:
+        if event.name == "STOP" and stopped_at is None:
+            stopped_at = event.timestamp
+        elif event.name == "RESUME" and stopped_at is not None:
+            total += (event.timestamp - stopped_at) * 1000.0
+            pairs += 1
+            stopped_at = None
+    return total, pairs
+
+
+def _wait_resumed(mon: Monitor, mark: int, timeout: float = 30.0) -> list[Event]:
+    """Events since ``mark`` once the guest runs again (its RESUME after the last STOP)."""
+    if not mon.is_running():
+        mon.cont(retry_s=5.0)
+    events = mon.events_since(mark)
+    stops = [e.timestamp for e in events if e.name == "STOP"]
+    if stops:
+        mon.wait_event({"RESUME"}, timeout, lambda e: e.timestamp >= stops[-1], since=mark)
+    return mon.events_since(mark)
+
+
+# -- one guest -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    sizes_mib: tuple[int, ...] = (256, 1024)
+    rates: tuple[int, ...] = (0, 100, 2000)
+    count: int = 10
+    methods: tuple[str, ...] = METHODS
+    interval_s: float = 1.0
+    accel: str = "tcg"
+    kernel: Path = REPO_GUEST / "vmlinuz"
+    initrd: Path = REPO_GUEST / "initrd.img"
+    out: Path | None = None
+
+
+class GuestBench:
+    """One booted guest of one (size, rate) and the methods run against it."""
+
+    def __init__(self, settings: BenchSettings, memory_mib: int, rate: int, work: Path) -> None:
+        self.settings = settings
+        self.memory_mib = memory_mib
+        self.rate = rate
+        self.work = work
+        self.store = Store.create(work / "run")
+        self.qcow2 = work / "snap.qcow2"
+        self.ckpt = CheckpointSettings()
+
+    def boot(self) -> None:
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", str(self.qcow2), "64M"],
+            check=True,
+            capture_output=True,
+        )
+        spec = GuestSpec(
+            memory_mib=self.memory_mib,
+            accel=self.settings.accel,
+            media=(
+                BootMedium.of("kernel", self.settings.kernel),
+                BootMedium.of("initrd", self.settings.initrd),
+            ),
+            append=f"console=ttyS0 quiet panic=-1 vmckpt.buf_mb={BUF_MB} vmckpt.pages={self.rate}",
+            qemu_args=(
+                "-blockdev",
+                f"driver=qcow2,node-name={SNAP_NODE},file.driver=file,file.filename={self.qcow2}",
+            ),
+        )
+        start_guest(self.store, GUEST, spec)
+        serial = self.runtime / "serial.log"
+        deadline = time.monotonic() + BOOT_WAIT_S
+        while time.monotonic() < deadline:
+            if serial.read_bytes().count(b"STATE seq=") >= 5:
+                return
+            if not self._process_alive():
+                raise RuntimeError(f"the guest's QEMU ended while booting: {self._log_tail()}")
+            time.sleep(0.5)
+        raise RuntimeError(f"the guest printed no STATE lines within {BOOT_WAIT_S:.0f} s")
+
+    @property
+    def runtime(self) -> Path:
+        return self.store.guest_dir(GUEST)
+
+    def _process_alive(self) -> bool:
+        record, _ = load_guest(self.store, GUEST)
+        return record.process is not None and record.process.alive()
+
+    def _log_tail(self) -> str:
+        record, _ = load_guest(self.store, GUEST)
+        return record.process.log_tail() if record.process else "(no process)"
+
+    def monitor(self) -> Monitor:
+        record, _ = load_guest(self.store, GUEST)
+        return record.running_process().monitor(timeout=60.0)
+
+    def stop(self) -> None:
+        with contextlib.suppress(VmckptError):
+            if self._process_alive():
+                stop_guest(self.store, GUEST)
+
+    # -- running a method -------------------------------------------------------
+
+    def run(self, method: str) -> MethodRun:
+        scratch = self.work / method
+        scratch.mkdir()
+        with StateTail(self.runtime / "serial.log") as tail:
+            # Lead-in and lead-out: a pause at either end of the window still lies
+            # between two STATE lines the tail saw.
+            tail.wait_lines(1, 5.0)
+            started = time.monotonic()
+            run = MethodRun(self.memory_mib, self.rate, method, t0=started)
+            try:
+                if method == IDLE:
+                    time.sleep(self.settings.count * self.settings.interval_s)
+                elif method == "vmckpt":
+                    self._vmckpt(run, scratch, started)
+                else:
+                    take = self._take_function(method)
+                    for index in range(self.settings.count):
+                        self._wait_slot(started, index)
+                        with self.monitor() as mon:
+                            sample = take(mon, scratch, index)
+                        sample.started_s = round(sample.started_s - started, 3)
+                        run.samples.append(sample)
+            except (VmckptError, OSError, RuntimeError) as exc:
+                run.error = exc.one_line() if isinstance(exc, VmckptError) else str(exc)
+                self._recover()
+            finally:
+                run.window_s = time.monotonic() - started
+                tail.wait_lines(len(tail.times) + 2, 5.0)
+        run.state_times = list(tail.times)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return run
+
+    def _wait_slot(self, started: float, index: int) -> None:
+        delay = started + index * self.settings.interval_s - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def _take_function(self, method: str) -> Callable[[Monitor, Path, int], Sample]:
+        return {
+            "stop-migrate-cont": lambda m, d, i: self._migrate(m, d / f"{i}.mig", stop=True),
+            "live-migrate": lambda m, d, i: self._migrate(m, d / f"{i}.mig"),
+            "background-snapshot": lambda m, d, i: self._migrate(
+                m, d / f"{i}.mig", background=True
+            ),
+            "savevm": lambda m, _d, i: self._savevm(m, i),
+        }[method]
+
+    def _recover(self) -> None:
+        """After a failed method: no migration in progress, settings back, guest running."""
+        if not self._process_alive():
+            return
+        with contextlib.suppress(VmckptError), self.monitor() as mon:
+            if mon.query_migrate().status in ACTIVE_MIGRATION:
+                mon.migrate_cancel()
+                deadline = time.monotonic() + 30
+                while (
+                    mon.query_migrate().status in ACTIVE_MIGRATION and time.monotonic() < deadline
+                ):
+                    time.sleep(0.05)
+            with contextlib.suppress(VmckptError):
+                mon.set_migrate_capabilities({"background-snapshot": False, "events": False})
+            for job in mon.jobs().values():
+                with contextlib.suppress(VmckptError):
+                    mon.job_dismiss(job.id)
+            if not mon.is_running():
+                mon.cont(retry_s=5.0)
+
+    # -- the methods ---------------------------------------------------------------
+
+    def _vmckpt(self, run: MethodRun, scratch: Path, started: float) -> None:
+        store = Store.create(scratch / "store")
+        record, runtime = load_guest(self.store, GUEST)
+        record.head = None
+        base: RamImage | None = None
+        try:
+            for index in range(self.settings.count + 1):  # the base layer, then `count`
+                self._wait_slot(started, index)
+                began = time.monotonic()
+                result = take_checkpoint(store, record, runtime, self.ckpt, base=base)
+                base = result.image
+                run.samples.append(
+                    Sample(
+                        pause_ms=result.pause_ms,
+                        total_s=result.total_s,
+                        bytes=result.bytes_written,
+                        started_s=round(began - started, 3),
+                        pages_stored=result.pages_stored,
+                        pages_zeroed=result.pages_zeroed,
+                        base=index == 0,
+                        extra={
+                            "qemu_downtime_ms": result.layer.stats.get("qemu_downtime_ms"),
+                            "layer": result.layer.id,
+                        },
+                    )
+                )
+        finally:
+            record.head = None
+            record.save(runtime)
+            shutil.rmtree(store.path, ignore_errors=True)
+
+    def _migrate(
+        self, mon: Monitor, path: Path, *, stop: bool = False, background: bool = False
+    ) -> Sample:
+        old_caps = mon.migrate_capabilities()
+        old_params = mon.migrate_parameters()
+        caps = {"events": True, **({"background-snapshot": True} if background else {})}
+        try:
+            mon.set_migrate_capabilities(caps)
+            mon.set_migrate_parameters(
+                {
+                    "downtime-limit": self.ckpt.downtime_limit_ms,
+                    "max-bandwidth": self.ckpt.max_bandwidth,
+                }
+            )
+            mark = mon.mark()
+            began = time.monotonic()
+            if stop:
+                mon.stop()
+            mon.migrate(f"file:{path}")
+            finished = mon.wait_event(
+                {"MIGRATION"},
+                self.ckpt.timeout_s,
+                lambda e: str(e.data.get("status")) in FINISHED,
+                since=mark,
+            )
+            if finished.data["status"] != "completed":
+                info = mon.query_migrate()
+                raise RuntimeError(
+                    f"migration {finished.data['status']}: {info.error or 'no reason given'}"
+                )
+            events = _wait_resumed(mon, mark)
+            total = time.monotonic() - began
+            info = mon.query_migrate()
+            pause, pairs = pause_from_events(events)
+            size = path.stat().st_size
+        finally:
+            restore = {k: old_caps.get(k, False) for k in caps}
+            with contextlib.suppress(QMPError):
+                mon.set_migrate_capabilities(restore)
+            with contextlib.suppress(QMPError):
+                mon.set_migrate_parameters(
+                    {k: old_params[k] for k in ("downtime-limit", "max-bandwidth")}
+                )
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return Sample(
+            pause_ms=pause,
+            total_s=total,
+            bytes=size,
+            started_s=began,
+            stops=pairs,
+            extra={"qemu_downtime_ms": info.downtime_ms, "transferred": info.transferred},
+        )
+
+    def _run_job(self, mon: Monitor, command: str, arguments: dict[str, object]) -> None:
+        job = str(arguments["job-id"])
+        mark = mon.mark()
+        mon.execute(command, arguments)
+        mon.wait_event(
+            {"JOB_STATUS_CHANGE"},
+            JOB_TIMEOUT_S,
+            lambda e: e.data.get("id") == job and e.data.get("status") == "concluded",
+            since=mark,
+        )
+        info = mon.jobs().get(job)
+        mon.job_dismiss(job)
+        if info is not None and info.error:
+            raise RuntimeError(f"{command} failed: {info.error}")
+
+    def _savevm(self, mon: Monitor, index: int) -> Sample:
+        tag = f"bench-{index}"
+        before = self.qcow2.stat().st_size
+        mark = mon.mark()
+        began = time.monotonic()
+        self._run_job(
+            mon,
+            "snapshot-save",
+            {"job-id": f"save-{index}", "tag": tag, "vmstate": SNAP_NODE, "devices": [SNAP_NODE]},
+        )
+        events = _wait_resumed(mon, mark)
+        total = time.monotonic() - began
+        pause, pairs = pause_from_events(events)
+        vmstate = _vm_state_size(mon, tag)
+        grown = self.qcow2.stat().st_size - before
+        deleting = time.monotonic()
+        self._run_job(
+            mon,
+            "snapshot-delete",
+            {"job-id": f"delete-{index}", "tag": tag, "devices": [SNAP_NODE]},
+        )
+        return Sample(
+            pause_ms=pause,
+            total_s=total,
+            bytes=vmstate,
+            started_s=began,
+            stops=pairs,
+            extra={"qcow2_growth": grown, "delete_s": round(time.monotonic() - deleting, 3)},
+        )
+
+
+def _vm_state_size(mon: Monitor, tag: str) -> int:
+    """The vm-state-size of snapshot ``tag`` on the bench's qcow2 node."""
+    for node in mon.execute("query-named-block-nodes", {"flat": True}):
+        if node.get("node-name") != SNAP_NODE:
+            continue
+        for snap in node.get("image", {}).get("snapshots", []):
+            if snap.get("name") == tag:
+                return int(snap.get("vm-state-size", 0))
+    raise RuntimeError(f"snapshot {tag} not found on node {SNAP_NODE}")
+
+
+def run_bench(
+    settings: BenchSettings, report: Callable[[list[MethodRun]], None] | None = None
+) -> tuple[list[MethodRun], Path]:
+    """Every method on one guest per (size, rate); ``report`` gets each guest's runs."""
+    qemu_binary()  # fail early without QEMU
+    if shutil.which("qemu-img") is None:
+        raise UsageError("qemu-img is needed for the savevm baseline (install qemu-utils)")
+    out = settings.out or Path(tempfile.mkdtemp(prefix="vk-bench-", dir="/tmp"))
+    out.mkdir(parents=True, exist_ok=True)
+    runs: list[MethodRun] = []
+    for memory in settings.sizes_mib:
+        for rate in settings.rates:
+            work = out / f"m{memory}p{rate}"
+            if work.exists():
+                shutil.rmtree(work)
+            guest = GuestBench(settings, memory, rate, work)
+            these: list[MethodRun] = []
+            try:
+                guest.boot()
+                for method in (IDLE, *settings.methods):
+                    if not guest._process_alive():
+                        these.append(MethodRun(memory, rate, method, error="the guest ended"))
+                        continue
+                    print(f"  {memory} MiB, {rate} pages/step: {method} ...", flush=True)
+                    these.append(guest.run(method))
+            except (VmckptError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+                error = exc.one_line() if isinstance(exc, VmckptError) else str(exc)
+                these.append(MethodRun(memory, rate, "boot", error=error))
+            finally:
+                guest.stop()
+                with contextlib.suppress(OSError):
+                    guest.qcow2.unlink()
+            runs.extend(these)
+            if report is not None:
+                report(these)
+    return runs, out
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
+
+
+def _mib(count: float) -> str:
+    return f"{count / (1 << 20):.1f} MiB"
+
+
+def expected_distinct_pages(writes: float, buffer_pages: int = BUF_MB * 256) -> float:
+    """Distinct buffer pages hit by ``writes`` uniformly random page writes."""
+    return buffer_pages * (1.0 - math.exp(-writes / buffer_pages)) if writes > 0 else 0.0
+
+
+def format_table(runs: Sequence[MethodRun]) -> str:
+    """One (size, rate) row's methods: pause, total time, bytes, the guest's longest gap."""
+    if not runs:
+        return ""
+    first = runs[0]
+    rate = first.pages_per_step
+    lines = [
+        f"== {first.memory_mib} MiB guest, {rate} pages/step "
+        f"({rate * HZ} page writes/s, {_mib(rate * HZ * PAGE_SIZE)}/s) ==",
+        f"{'method':<20} {'n':>3} {'pause med':>9} {'p95':>8} {'max':>8} {'total s':>8} "
+        f"{'bytes/ckpt med':>15} {'max gap ms':>10} {'stall ms':>9}",
+    ]
+    for run in runs:
+        gap = run.max_gap_ms()
+        stall = None if gap is None else gap - STEP_MS
+        samples = run.measured()
+        if run.error and not samples:
+            lines.append(
+                f"{run.method:<20} {'-':>3} {'error: ' + run.error}"
+                + (f"  [max gap {_ms(gap)} ms]" if gap is not None else "")
+            )
+            continue
+        if not samples:
+            lines.append(
+                f"{run.method:<20} {'-':>3} {'-':>9} {'-':>8} {'-':>8} {'-':>8} {'-':>15} "
+                f"{_ms(gap):>10} {_ms(stall):>9}"
+            )
+            continue
+        pause = np.asarray([s.pause_ms for s in samples])
+        total = np.median([s.total_s for s in samples])
+        size = np.median([s.bytes for s in samples])
+        lines.append(
+            f"{run.method:<20} {len(samples):>3} {np.median(pause):>9.1f} "
+            f"{np.percentile(pause, 95):>8.1f} {np.max(pause):>8.1f} {total:>8.2f} "
+            f"{_mib(float(size)):>15} {_ms(gap):>10} {_ms(stall):>9}"
+        )
+        if run.error:
+            lines.append(f"{'':<20}     stopped early: {run.error}")
+    for run in runs:
+        if run.method == "vmckpt":
+            lines.extend(_vmckpt_notes(run))
+    return "\n".join(lines)
+
+
+def _vmckpt_notes(run: MethodRun) -> list[str]:
+    notes: list[str] = []
+    base = [s for s in run.samples if s.base]
+    if base:
+        b = base[0]
+        notes.append(
+            f"  vmckpt base layer: {b.pages_stored} pages, {_mib(b.bytes)}, "
+            f"pause {b.pause_ms:.1f} ms, total {b.total_s:.2f} s"
+        )
+    layers = run.measured()
+    if layers:
+        stored = np.asarray([s.pages_stored or 0 for s in layers])
+        steps = run.steps_between()
+        steps_med = float(np.median(steps[1:] if len(steps) > 1 else steps)) if steps else 0.0
+        writes = steps_med * run.pages_per_step
+        distinct = expected_distinct_pages(writes)
+        notes.append(
+            f"  vmckpt layers: pages stored median {np.median(stored):.0f} "
+            f"(min {stored.min()}, max {stored.max()}); workload steps between checkpoints "
+            f"median {steps_med:.0f} = {writes:.0f} page writes, "
+            f"~{distinct:.0f} distinct buffer pages expected (random pages in a "
+            f"{BUF_MB * 256}-page buffer)"
+        )
+    return notes
+
+
+def format_vmckpt_summary(runs: Sequence[MethodRun]) -> str:
+    """vmckpt's layers against the dirty rate, one line per (size, rate)."""
+    lines = [
+        "== vmckpt layers vs dirty rate ==",
+        f"{'MiB':>5} {'pages/step':>10} {'base pages':>10} {'base MiB':>9} {'pages/layer':>11} "
+        f"{'MiB/layer':>9} {'writes/layer':>12} {'~distinct':>9}",
+    ]
+    for run in runs:
+        if run.method != "vmckpt" or not run.measured():
+            continue
+        base = next((s for s in run.samples if s.base), None)
+        layers = run.measured()
+        steps = run.steps_between()
+        steps_med = float(np.median(steps[1:] if len(steps) > 1 else steps)) if steps else 0.0
+        writes = steps_med * run.pages_per_step
+        lines.append(
+            f"{run.memory_mib:>5} {run.pages_per_step:>10} "
+            f"{(base.pages_stored if base else 0):>10} "
+            f"{(base.bytes if base else 0) / (1 << 20):>9.1f} "
+            f"{np.median([s.pages_stored or 0 for s in layers]):>11.0f} "
+            f"{np.median([s.bytes for s in layers]) / (1 << 20):>9.2f} "
+            f"{writes:>12.0f} {expected_distinct_pages(writes):>9.0f}"
+        )
+    return "\n".join(lines)
+
+
+def write_plot(runs: Sequence[MethodRun], path: Path) -> None:
+    """Median pause and bytes per checkpoint against the dirty rate; a column per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r.memory_mib for r in runs})
+    methods = [m for m in METHODS if any(r.method == m for r in runs)]
+    fig, axes = plt.subplots(
+        2, len(sizes), figsize=(5.5 * len(sizes), 8), squeeze=False, sharex=True
+    )
+    for col, size in enumerate(sizes):
+        pause_ax, bytes_ax = axes[0][col], axes[1][col]
+        for method in methods:
+            points = sorted(
+                (r.pages_per_step, r.measured())
+                for r in runs
+                if r.memory_mib == size and r.method == method and r.measured()
+            )
+            if not points:
+                continue
+            rates = [p[0] for p in points]
+            pause_ax.plot(
+                rates,
+                [np.median([s.pause_ms for s in p[1]]) for p in points],
+                marker="o",
+                label=method,
+            )
+            bytes_ax.plot(
+                rates,
+                [np.median([s.bytes for s in p[1]]) / (1 << 20) for p in points],
+                marker="o",
+                label=method,
+            )
+        pause_ax.set_title(f"{size} MiB guest")
+        pause_ax.set_ylabel("median guest pause (ms)")
+        bytes_ax.set_ylabel("median bytes per checkpoint (MiB)")
+        bytes_ax.set_xlabel("dirty rate (pages per 100 ms step)")
+        for ax in (pause_ax, bytes_ax):
+            ax.set_xscale("symlog", linthresh=10)
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+        pause_ax.legend(fontsize="small")
+    fig.suptitle("vmckpt vs QEMU baselines (vmckpt: layers after the base)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- command line ------------------------------------------------------------------
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``vmckpt bench`` on the CLI's subparsers."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "bench", help="benchmark checkpoints against QEMU's own baselines (issue 5)"
+    )
+    p.add_argument("--sizes", default="256M,1G", help="guest RAM sizes, e.g. 256M,1G")
+    p.add_argument("--rates", default="0,100,2000", help="pages written per 100 ms step")
+    p.add_argument("--count", type=int, default=10, help="checkpoints per method (one a second)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    p.add_argument("--accel", default="tcg", choices=["auto", "kvm", "tcg"])
+    p.add_argument("--kernel", type=Path, default=REPO_GUEST / "vmlinuz")
+    p.add_argument("--initrd", type=Path, default=REPO_GUEST / "initrd.img")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG (needs matplotlib)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="dump every raw measurement")
+    p.add_argument("--out", type=Path, metavar="DIR", help="scratch directory (default: /tmp)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    methods = tuple(_split(args.methods))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown method(s) {', '.join(unknown)} (use {', '.join(METHODS)})")
+    try:
+        rates = tuple(int(r) for r in _split(args.rates))
+    except ValueError:
+        raise UsageError(f"cannot read --rates {args.rates!r} (use e.g. 0,100,2000)") from None
+    if any(r < 0 or r > BUF_MB * 256 for r in rates):
+        raise UsageError(f"rates must be between 0 and {BUF_MB * 256} pages per step")
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install '.[bench]'") from None
+    settings = BenchSettings(
+        sizes_mib=tuple(parse_memory(s) for s in _split(args.sizes)),
+        rates=rates,
+        count=args.count,
+        methods=methods,
+        accel=args.accel,
+        kernel=args.kernel,
+        initrd=args.initrd,
+        out=args.out,
+    )
+    binary = qemu_binary()
+    print(
+        f"vmckpt bench: QEMU {qemu_version(binary)}, accel {settings.accel}, "
+        f"{os.cpu_count()} host CPUs, {settings.count} checkpoints per method, "
+        f"one per {settings.interval_s:.0f} s",
+        flush=True,
+    )
+
+    def report(these: list[MethodRun]) -> None:
+        print(format_table(these), end="\n\n", flush=True)
+
+    runs, out = run_bench(settings, report)
+    if any(r.method == "vmckpt" and r.measured() for r in runs):
+        print(format_vmckpt_summary(runs), end="\n\n")
+    print(f"scratch directory: {out}")
+    if args.json is not None:
+        data = {
+            "qemu_version": qemu_version(binary),
+            "accel": settings.accel,
+            "host_cpus": os.cpu_count(),
+            "count": settings.count,
+            "interval_s": settings.interval_s,
+            "checkpoint_settings": asdict(CheckpointSettings()),
+            "argv": sys.argv,
+            "runs": [r.to_dict() for r in runs],
+        }
+        args.json.write_text(json.dumps(data, indent=1))
+        print(f"raw measurements: {args.json}")
+    if args.plot is not None:
+        write_plot(runs, args.plot)
+        print(f"plot: {args.plot}")
+    return 0 if not any(r.method == "boot" for r in runs) else 1
