@@ -326,6 +326,14 @@ def _receive_live(
     was_running = bool(status["running"])
     if status["status"] in {"inmigrate", "finish-migrate", "save-vm", "restore-vm"}:
         raise CheckpointError(f"the guest is in state {status['status']}", vm=vm, step="prepare")
+    if status["status"] == "postmigrate":
+        # QEMU refuses to migrate a guest stopped by an earlier migration.
+        raise CheckpointError(
+            "the guest was paused when its last checkpoint was taken and has not run since; "
+            "QEMU cannot checkpoint it again until it is resumed",
+            vm=vm,
+            step="prepare",
+        )
     current = mon.query_migrate().status
     if current in ACTIVE_MIGRATION:
         raise CheckpointError(

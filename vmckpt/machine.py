@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -225,6 +226,18 @@ class GuestSpec:
         return args
 
 
+def _accepts_connections(path: Path) -> bool:
+    """Whether a Unix socket is listening: QEMU creates the file a moment before it listens."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def process_start_time(pid: int) -> int | None:
     """The kernel's start time of a PID, to tell our QEMU from a later process with its PID."""
     try:
@@ -314,7 +327,7 @@ class QemuProcess:
                     vm=self.name,
                     step="launch",
                 )
-            if self.qmp_socket.exists():
+            if self.qmp_socket.exists() and _accepts_connections(self.qmp_socket):
                 return
             time.sleep(0.02)
         self.kill()

@@ -107,7 +107,7 @@ class Monitor:
         except TimeoutError as exc:
             raise QMPError(
                 f"{where} did not answer as a QMP monitor within {self.timeout:.0f} s "
-                "(is it QEMU's QMP socket?)",
+                "(is it QEMU's QMP socket, and is no other client connected to it?)",
                 vm=self.vm,
                 step="connect",
             ) from exc
