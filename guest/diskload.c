@@ -32,6 +32,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "pages.h"
+#include "say.h"
+
 #define BLOCK 4096u
 #define MAGIC 0x6b7363646b736964ULL /* "diskcskd" */
 
@@ -45,38 +48,6 @@ static uint64_t mix(uint64_t z)
     return z ^ (z >> 31);
 }
 
-static uint64_t xorshift64s(uint64_t *s)
-{
-    uint64_t x = *s;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *s = x;
-    return x * 0x2545f4914f6cdd1dULL;
-}
-
-static void say(const char *fmt, ...)
-{
-    char line[256];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(line, sizeof line - 1, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return;
-    if (n > (int)sizeof line - 2)
-        n = sizeof line - 2;
-    line[n++] = '\n';
-    for (int off = 0; off < n;) {
-        ssize_t w = write(1, line + off, n - off);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return;
-        }
-        off += w;
-    }
-}
 
 static void read_cmdline(void)
 {

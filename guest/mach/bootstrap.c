@@ -28,6 +28,8 @@
  */
 typedef unsigned int u32;
 typedef unsigned long long u64;
+
+#include "../pages.h"
 typedef u32 mach_port_t;
 
 /* <mach/message.h> */
@@ -263,49 +265,10 @@ static void flush_line(void)
 
 /* --- the workload (same construction as guest/workload.c) ---------------- */
 
-#define PAGE 4096u
-#define WORDS (PAGE / 8u)
 #define BUF_PAGES 1024u /* 4 MiB; a power of two, so no 64-bit modulo */
 #define CHECK_EVERY 20u
 
 static u64 buf[BUF_PAGES * WORDS];
-
-static u64 splitmix64(u64 *s)
-{
-	u64 z = (*s += 0x9e3779b97f4a7c15ULL);
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-	return z ^ (z >> 31);
-}
-
-static u64 xorshift64s(u64 *s)
-{
-	u64 x = *s;
-	x ^= x >> 12;
-	x ^= x << 25;
-	x ^= x >> 27;
-	*s = x;
-	return x * 0x2545f4914f6cdd1dULL;
-}
-
-static void fill_page(u64 *p, u64 seed)
-{
-	for (u32 i = 0; i < WORDS; i++)
-		p[i] = splitmix64(&seed);
-}
-
-static u64 page_hash(const u64 *p, u64 idx)
-{
-	u64 a = 0, b = 0;
-	for (u32 i = 0; i < WORDS; i += 2) {
-		a += (p[i] ^ (i * 0x9e3779b97f4a7c15ULL)) * 0xff51afd7ed558ccdULL;
-		b += (p[i + 1] ^ ((i + 1) * 0xc2b2ae3d27d4eb4fULL)) * 0xc4ceb9fe1a85ec53ULL;
-	}
-	u64 h = a ^ (b << 1 | b >> 63) ^ (idx * 0x9e3779b97f4a7c15ULL);
-	h = (h ^ (h >> 33)) * 0xff51afd7ed558ccdULL;
-	h = (h ^ (h >> 33)) * 0xc4ceb9fe1a85ec53ULL;
-	return h ^ (h >> 33);
-}
 
 void bootstrap_main(u32 *sp)
 {
