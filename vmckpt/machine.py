@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmckpt.atomic import write_json_atomic
 from vmckpt.disks import DiskSpec
 from vmckpt.errors import MachineError, UsageError
 from vmckpt.qmp import Monitor
@@ -426,13 +427,7 @@ class GuestRecord:
             "head": self.head,
             "machine_type": self.machine_type,
         }
-        target = runtime_dir / self.FILE
-        temporary = runtime_dir / f".{self.FILE}.tmp"
-        with open(temporary, "w", opener=lambda p, f: os.open(p, f, 0o600)) as handle:
-            json.dump(data, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(target)
+        write_json_atomic(runtime_dir / self.FILE, data)
 
     @classmethod
     def load(cls, runtime_dir: Path, name: str) -> GuestRecord:

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import secrets
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import paramiko
 
+from vmckpt.atomic import write_json_atomic
 from vmckpt.errors import RemoteError, UsageError, VmckptError
 from vmckpt.images import LayerManifest, Store
 from vmckpt.images.format import MANIFEST
@@ -64,12 +64,7 @@ class RemoteRecord:
             "python": self.target.python,
             "ssh": self.target.ssh.to_dict(),
         }
-        tmp = path.with_name(f".{REMOTE_RECORD}.tmp")
-        with open(tmp, "w", opener=lambda p, f: os.open(p, f, 0o600)) as handle:
-            json.dump(data, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        write_json_atomic(path, data)
 
     @classmethod
     def load(cls, store: Store, name: str) -> RemoteRecord | None:
