@@ -3,7 +3,7 @@ PYTHON ?= python3
 STORE ?= demo-store
 MEMORY ?= 512M
 
-.PHONY: all deps guest demo test lint typecheck check-code bench clean genode genode-demo
+.PHONY: all deps guest demo test lint typecheck check-code bench bench-migrate clean genode genode-demo
 
 all: guest
 
@@ -37,6 +37,10 @@ BENCH_OUT ?= /tmp/vmckpt-bench
 bench: guest
 	$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q 'matplotlib>=3.8'
 	$(PYTHON) -m vmckpt bench $(BENCH_ARGS) --plot $(BENCH_OUT).png --json $(BENCH_OUT).json
+
+## Migration to another host (a network namespace with its own sshd; needs root).
+bench-migrate: guest
+	$(PYTHON) scripts/bench_migrate.py --json $(BENCH_OUT)-migrate.json
 
 ## A Genode scenario on an ISO built with Genode's run tool (see README, "Genode guests").
 GENODE_ISO ?=
