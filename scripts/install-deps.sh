@@ -42,5 +42,8 @@ $SUDO apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/
 $SUDO apt-get install -y -qq grub-pc-bin grub-common xorriso mtools binutils >/dev/null
 $SUDO apt-get install -y -qq busybox-static cpio gzip gcc libc6-dev \
     openssh-server openssh-client iproute2 file >/dev/null
+# libvirt domains (vmckpt --libvirt, tests/test_libvirt.py starts libvirtd itself);
+# libvirt-dev and pkg-config let pip build libvirt-python for this Python.
+$SUDO apt-get install -y -qq libvirt-daemon-system libvirt-clients libvirt-dev pkg-config >/dev/null
 
 python3 -m pip install -q --disable-pip-version-check -e '.[dev]'

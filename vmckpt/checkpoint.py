@@ -144,25 +144,29 @@ def take_checkpoint(
     settings: CheckpointSettings | None = None,
     *,
     base: RamImage | None = None,
+    monitor: Callable[[], Monitor] | None = None,
 ) -> CheckpointResult:
     """Checkpoint a running guest into a new layer whose parent is the guest's head.
 
     ``base``, when given, is the RAM the head layer holds (the image a
     previous checkpoint returned), so the diff needs no compose of the chain.
+    ``monitor``, when given, connects to a guest vmckpt did not start (e.g. a
+    libvirt domain, vmckpt/libvirt.py); by default the guest's own QEMU's QMP.
 
     Writable disks are captured at the instant the guest is stopped for the final
     iteration (vmckpt/disks.py); on any failure what that added to QEMU is removed.
     """
     parent = store.manifest(guest.head) if guest.head is not None else None
     tracker = DiskTracker(guest.name, guest.spec.disks, parent, runtime_dir / "disk-scratch")
+    connect = monitor or (lambda: guest.running_process().monitor())
     committed = False
     try:
-        result = _take_checkpoint(store, guest, runtime_dir, settings, tracker, base)
+        result = _take_checkpoint(store, guest, runtime_dir, settings, tracker, base, connect)
         committed = True
         return result
     finally:
         if tracker.active:
-            with contextlib.suppress(VmckptError), guest.running_process().monitor() as mon:
+            with contextlib.suppress(VmckptError), connect() as mon:
                 tracker.commit(mon) if committed else tracker.abort(mon)
 
 
@@ -173,15 +177,15 @@ def _take_checkpoint(
     settings: CheckpointSettings | None,
     tracker: DiskTracker,
     base: RamImage | None,
+    connect: Callable[[], Monitor],
 ) -> CheckpointResult:
     settings = settings or CheckpointSettings()
     started = time.monotonic()
-    process = guest.running_process()
     parent = guest.head
     if parent is not None:
         store.manifest(parent)  # fail early, before touching the guest, if it is unreadable
 
-    with process.monitor() as mon:
+    with connect() as mon:
         tracker.prepare(mon)
         envelope, ram, stop, resume, downtime = _receive_live(
             mon, guest.name, settings, at_instant=tracker.mark_instant

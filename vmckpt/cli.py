@@ -29,10 +29,11 @@ from vmckpt.guests import (
     stop_guest,
 )
 from vmckpt.images import LayerManifest, Store
+from vmckpt.libvirt import DEFAULT_URI, Domain, checkpoint_domain, restore_domain, watch_domain
 from vmckpt.machine import BootMedium, GuestSpec, parse_memory
 from vmckpt.remote import cli as remote_cli
 from vmckpt.restore import restore_guest
-from vmckpt.watch import WatchSettings, watch
+from vmckpt.watch import WatchSettings, stop_on_signals, watch
 
 
 def _print_json(data: Any) -> None:
@@ -125,12 +126,28 @@ def cmd_console(args: argparse.Namespace) -> int:
     return 0
 
 
+def _libvirt_domain(args: argparse.Namespace) -> Domain | None:
+    """The libvirt domain of --libvirt, or None; exactly one of NAME and --libvirt."""
+    if bool(args.name) == bool(args.libvirt):
+        raise UsageError("give either a guest NAME or --libvirt DOMAIN")
+    if args.connect and not args.libvirt:
+        raise UsageError("--connect goes with --libvirt")
+    return Domain(args.libvirt, args.connect or DEFAULT_URI) if args.libvirt else None
+
+
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    store = _open_store(args)
-    if (code := remote_cli.relayed(args, "checkpoint", *(["--json"] * args.json))) is not None:
-        return code
-    record, runtime_dir = load_guest(store, args.name)
-    result = take_checkpoint(store, record, runtime_dir)
+    domain = _libvirt_domain(args)
+    if domain is not None:
+        result = checkpoint_domain(Store.create(Path(args.store)), domain)
+    else:
+        store = _open_store(args)
+        extra = ["--json"] * args.json
+        if (code := remote_cli.relayed(args, "checkpoint", *extra)) is not None:
+            return code
+        record, runtime_dir = load_guest(store, args.name)
+        # A Ctrl-C lets the checkpoint finish (a second one aborts it, still cleanly).
+        with stop_on_signals():
+            result = take_checkpoint(store, record, runtime_dir)
     if args.json:
         _print_json(result.to_dict())
     else:
@@ -163,9 +180,11 @@ def parse_duration(text: str) -> float:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    store = _open_store(args)
-    record, runtime_dir = load_guest(store, args.name)
-    record.running_process()
+    domain = _libvirt_domain(args)
+    if domain is None:
+        store = _open_store(args)
+        record, runtime_dir = load_guest(store, args.name)
+        record.running_process()
 
     def report(result: CheckpointResult, note: str) -> None:
         if args.json:
@@ -185,9 +204,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
         pause_budget_ms=args.pause_budget,
         use_colo=args.colo,
     )
-    taken = watch(store, record, runtime_dir, settings, report)
+    if domain is not None:
+        taken = watch_domain(Store.create(Path(args.store)), domain, settings, report)
+    else:
+        taken = watch(store, record, runtime_dir, settings, report)
     if not args.json:
-        print(f"watch ended after {taken} checkpoint(s); guest {args.name} runs on")
+        print(f"watch ended after {taken} checkpoint(s); guest {args.name or args.libvirt} runs on")
     return 0
 
 
@@ -300,6 +322,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     store = _open_store(args)
+    if args.libvirt_define:
+        if args.host or args.name:
+            raise UsageError("--libvirt-define names the domain; it goes without --host/--name")
+        restored = restore_domain(
+            store, args.layer, args.libvirt_define, uri=args.connect or DEFAULT_URI
+        )
+        if args.json:
+            _print_json(restored.to_dict())
+        else:
+            print(
+                f"libvirt domain {restored.name} (UUID {restored.uuid}) defined and running "
+                f"from layer {restored.layer} on {restored.uri}  (total {restored.total_s:.2f} s)"
+            )
+        return 0
+    if args.connect:
+        raise UsageError("--connect goes with --libvirt-define")
     if args.host:
         return remote_cli.restore(args, store)
     result = restore_guest(store, args.layer, args.name)
@@ -385,15 +423,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true")
     p.set_defaults(func=cmd_console)
 
+    def libvirt_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--libvirt", metavar="DOMAIN", help="a running libvirt domain instead")
+        p.add_argument("--connect", metavar="URI", help=f"libvirt URI (default {DEFAULT_URI})")
+
     p = sub.add_parser("checkpoint", help="checkpoint a running guest into a new layer")
-    p.add_argument("name")
+    p.add_argument("name", nargs="?")
     store_arg(p)
+    libvirt_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_checkpoint)
 
     p = sub.add_parser("watch", help="checkpoint a running guest periodically")
-    p.add_argument("name")
+    p.add_argument("name", nargs="?")
     store_arg(p)
+    libvirt_args(p)
     p.add_argument("--interval", default="1s", help="time between checkpoints (1s, 500ms)")
     p.add_argument("--count", type=int, help="stop after this many checkpoints")
     p.add_argument("--pause-budget", type=float, metavar="MS", help="keep pauses under this")
@@ -425,6 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     store_arg(p)
     p.add_argument("--layer", metavar="ID", help="layer id or unique prefix (default: newest)")
     p.add_argument("--name", metavar="NAME", help="name of the restored guest")
+    p.add_argument(
+        "--libvirt-define",
+        metavar="NAME",
+        help="restore as a new libvirt domain NAME (layers taken with --libvirt)",
+    )
+    p.add_argument("--connect", metavar="URI", help=f"libvirt URI (default {DEFAULT_URI})")
     remote_cli.add_restore_options(p)
     p.add_argument("--detach", action="store_true")
     p.add_argument("--json", action="store_true")

@@ -120,3 +120,9 @@ class NotBuiltError(VmckptError):
     """A feature that vmckpt does not have yet."""
 
     exit_code = 11
+
+
+class LibvirtError(VmckptError):
+    """libvirt (libvirt-python, the daemon, or a domain) refused or failed a step."""
+
+    exit_code = 13

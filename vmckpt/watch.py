@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -79,8 +80,10 @@ class IncrementalSession:
         guest: GuestRecord,
         runtime_dir: Path,
         settings: CheckpointSettings | None = None,
+        monitor: Callable[[], Monitor] | None = None,
     ) -> None:
         self.store = store
+        self.connect = monitor  # for a guest vmckpt did not start (precopy-diff only)
         self.guest = guest
         self.runtime_dir = runtime_dir
         self.settings = settings or CheckpointSettings()
@@ -260,7 +263,12 @@ class IncrementalSession:
         if pause_budget_ms is not None:
             settings = replace(settings, downtime_limit_ms=max(1, int(pause_budget_ms)))
         result = take_checkpoint(
-            self.store, self.guest, self.runtime_dir, settings, base=self._head_image
+            self.store,
+            self.guest,
+            self.runtime_dir,
+            settings,
+            base=self._head_image,
+            monitor=self.connect,
         )
         # The image just written is the next diff's base: no compose of a long chain.
         self._head_image = result.image
@@ -364,15 +372,28 @@ def _pause_window(mon: Monitor, mark: int) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGINT and SIGTERM become Interrupted, so every cleanup path runs."""
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM ask the watch to stop once the checkpoint under way is done.
+
+    An exception raised from a signal handler could land inside the cleanup
+    that resumes the guest and cut it short, so the first signal only sets a
+    flag; a second one (the user insists) raises Interrupted, and the cleanup
+    in ``finally`` still runs.
+    """
+    stop = threading.Event()
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(signal.Signals(signum).name)
+        if stop.is_set():
+            raise Interrupted(signal.Signals(signum).name)
+        stop.set()
+        print(
+            "vmckpt: stopping once the checkpoint under way is written (again to abort it)",
+            file=sys.stderr,
+        )
 
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stop
     finally:
         for sig, previous in old.items():
             signal.signal(sig, previous)
@@ -384,13 +405,25 @@ def watch(
     runtime_dir: Path,
     settings: WatchSettings,
     report: Callable[[CheckpointResult, str], None],
+    *,
+    monitor: Callable[[], Monitor] | None = None,
 ) -> int:
-    """Checkpoint every interval until count or a signal; returns layers taken."""
+    """Checkpoint every interval until count or a signal; returns layers taken.
+
+    ``monitor`` connects to a guest vmckpt did not start (a libvirt domain); such a
+    guest is checkpointed with precopy-diff only (COLO needs a monitor vmckpt owns).
+    """
+    if monitor is not None and settings.use_colo:
+        raise CheckpointError(
+            "--colo needs a guest vmckpt started; this one is checkpointed with precopy-diff",
+            vm=guest.name,
+            step="watch",
+        )
     taken = 0
     interval = settings.interval_s
     budget = settings.pause_budget_ms
-    with _signals_interrupt():
-        session = IncrementalSession(store, guest, runtime_dir)
+    with stop_on_signals() as stop:
+        session = IncrementalSession(store, guest, runtime_dir, monitor=monitor)
         try:
             if not settings.use_colo:
                 session.unavailable_reason = "precopy-diff (COLO not requested)"
@@ -405,8 +438,9 @@ def watch(
             report(result, note)
             taken = 1
             next_at = time.monotonic() + interval
-            while settings.count is None or taken < settings.count:
-                time.sleep(max(0.0, next_at - time.monotonic()))
+            while (settings.count is None or taken < settings.count) and not stop.is_set():
+                if stop.wait(max(0.0, next_at - time.monotonic())):
+                    break
                 next_at = time.monotonic() + interval
                 result = session.checkpoint(budget)
                 taken += 1

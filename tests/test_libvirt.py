@@ -1,0 +1,279 @@
+"""libvirt domains: checkpoint a running domain, restore a layer as a new domain.
+
+Runs a real libvirtd (Debian's packages) with a TCG domain of the test guest.
+If no libvirtd listens on the system socket, the session fixture starts one
+(and virtlogd, which its QEMU driver needs) and ends them by PID afterwards;
+every domain a test defines is destroyed and undefined at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GUEST_BUILD, State, Vmckpt, guest_append, parse_states
+from tests.test_end_to_end import Taken, assert_continues
+
+URI = "qemu:///system"
+LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
+VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
+
+
+def _listening(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """End a daemon this fixture started, by its PID: SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if process.poll() is not None:
+            return
+        os.kill(process.pid, sig)
+        try:
+            process.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[str]:
+    """A libvirtd answering on qemu:///system: the running one, else one started here."""
+    started: list[subprocess.Popen[bytes]] = []
+    logs = Path(tempfile.mkdtemp(prefix="vk-libvirtd-"))
+    try:
+        if not _listening(LIBVIRT_SOCK):
+            for binary, sock in (("virtlogd", VIRTLOGD_SOCK), ("libvirtd", LIBVIRT_SOCK)):
+                if _listening(sock):
+                    continue
+                path = shutil.which(binary) or f"/usr/sbin/{binary}"
+                assert os.path.exists(path), f"{binary} is not installed (libvirt-daemon-system)"
+                with (logs / f"{binary}.log").open("wb") as log:
+                    started.append(
+                        subprocess.Popen(
+                            [path],
+                            stdin=subprocess.DEVNULL,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
+                deadline = time.monotonic() + 30
+                while not _listening(sock):
+                    assert started[-1].poll() is None, (
+                        f"{binary} exited: {(logs / f'{binary}.log').read_text()[-1000:]}"
+                    )
+                    assert time.monotonic() < deadline, f"{binary} did not listen on {sock}"
+                    time.sleep(0.1)
+        yield URI
+    finally:
+        for process in reversed(started):
+            _end(process)
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        ["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"virsh {' '.join(args)}: {result.stdout}{result.stderr}")
+    return result
+
+
+def domain_xml(name: str, serial: Path) -> str:
+    """A TCG domain of the test guest; its serial console goes to a file."""
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{GUEST_BUILD / "vmlinuz"}</kernel>
+    <initrd>{GUEST_BUILD / "initrd.img"}</initrd>
+    <cmdline>{guest_append(pages=4, buf_mb=64)}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{shutil.which("qemu-system-x86_64")}</emulator>
+    <serial type='file'><source path='{serial}' append='on'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+@dataclass
+class Domains:
+    """Domains a test defines; all destroyed and undefined at teardown."""
+
+    scratch: Path
+    names: list[str] = field(default_factory=list)
+
+    def new_name(self, stem: str) -> str:
+        name = f"vk-{stem}-{secrets.token_hex(3)}"
+        self.names.append(name)
+        return name
+
+    def define_and_start(self, name: str) -> Path:
+        serial = self.scratch / f"{name}.serial.log"
+        xml = self.scratch / f"{name}.xml"
+        xml.write_text(domain_xml(name, serial))
+        virsh("define", str(xml))
+        virsh("start", name)
+        return serial
+
+    def cleanup(self) -> None:
+        for name in self.names:
+            virsh("destroy", name, check=False)
+            virsh("undefine", name, check=False)
+
+
+@pytest.fixture
+def domains(libvirtd: str, guest_images: Path) -> Iterator[Domains]:
+    scratch = Path(tempfile.mkdtemp(prefix="vk-lv-", dir="/tmp"))
+    scratch.chmod(0o755)  # QEMU runs as libvirt-qemu; libvirtd opens the serial file
+    registry = Domains(scratch)
+    try:
+        yield registry
+    finally:
+        registry.cleanup()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def states(serial: Path, offset: int = 0) -> list[State]:
+    with serial.open("rb") as handle:
+        handle.seek(offset)
+        return parse_states(handle.read().decode(errors="replace"))
+
+
+def wait_states(serial: Path, count: int, offset: int = 0, timeout: float = 120) -> list[State]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = states(serial, offset) if serial.exists() else []
+        if len(found) >= count:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"{serial}: fewer than {count} STATE lines in {timeout:.0f} s")
+
+
+def last_seq(serial: Path) -> int:
+    found = states(serial)
+    return found[-1].seq if found else -1
+
+
+def test_domain_checkpointed_three_times_destroyed_and_restored_as_a_domain(
+    vmckpt: Vmckpt, domains: Domains
+) -> None:
+    name = domains.new_name("orig")
+    serial = domains.define_and_start(name)
+    wait_states(serial, 5)
+    store = str(vmckpt.store)
+
+    taken: list[Taken] = []
+    for _ in range(3):
+        before = last_seq(serial)
+        out = json.loads(vmckpt("checkpoint", "--libvirt", name, "--store", store, "--json").stdout)
+        taken.append(
+            Taken(
+                out["layer"],
+                before,
+                last_seq(serial),
+                out["pages_stored"],
+                out["bytes_written"],
+                out["pause_ms"],
+            )
+        )
+        assert virsh("domstate", name).stdout.strip() == "running"
+        wait_states(serial, len(states(serial)) + 5)
+    original = states(serial)
+    assert "BAD" not in serial.read_text(errors="replace")
+    assert [t.pages * 10 < taken[0].pages for t in taken[1:]] == [True, True], taken
+
+    listing = json.loads(vmckpt("list", "--store", store, "--json").stdout)
+    parents = {row["id"]: row["parent"] for row in listing["layers"]}
+    assert parents[taken[1].layer] == taken[0].layer
+    assert parents[taken[2].layer] == taken[1].layer
+    inspect = json.loads(vmckpt("inspect", "--store", store, taken[2].layer, "--json").stdout)
+    assert f"<name>{name}</name>" in inspect["spec"]["libvirt_xml"]
+    assert inspect["spec"]["accel"] == "tcg"
+    assert inspect["spec"]["memory_mib"] == 256
+
+    virsh("destroy", name)
+    offset = serial.stat().st_size  # the restored domain appends to the same console file
+    restored_name = domains.new_name("back")
+    out = json.loads(
+        vmckpt("restore", "--store", store, "--libvirt-define", restored_name, "--json").stdout
+    )
+    assert out["layer"] == taken[2].layer
+
+    restored = wait_states(serial, 15, offset)
+    assert_continues(restored, original, taken[2])
+    assert "BAD" not in serial.read_text(errors="replace")[offset:]
+    running = virsh("list", "--name").stdout.split()
+    assert restored_name in running and name not in running
+    info = virsh("dominfo", restored_name).stdout
+    assert "Persistent:     yes" in info, info
+    assert out["uuid"] in info
+
+    # The restored domain continues the chain, here under `watch`.
+    watched = vmckpt(
+        "watch", "--libvirt", restored_name, "--store", store,
+        "--interval", "0.5s", "--count", "2", "--json",
+    )  # fmt: skip
+    rows = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert [row["parent"] for row in rows] == [taken[2].layer, rows[0]["layer"]]
+    assert virsh("domstate", restored_name).stdout.strip() == "running"
+
+
+def test_libvirt_errors_are_one_line_with_their_exit_code(
+    vmckpt: Vmckpt, domains: Domains, tmp_path: Path
+) -> None:
+    store = str(vmckpt.store)
+    missing = vmckpt("checkpoint", "--libvirt", "vk-no-such-domain", "--store", store, check=False)
+    assert missing.returncode == 13, missing.stderr
+    assert "no domain vk-no-such-domain" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+
+    # Without libvirt-python: a clear error naming what to install, nothing else breaks.
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "libvirt.py").write_text("raise ImportError('libvirt hidden by the test')\n")
+    env = {"PYTHONPATH": str(shim)}
+    hidden = vmckpt("checkpoint", "--libvirt", "x", "--store", store, check=False, env=env)
+    assert hidden.returncode == 13, hidden.stderr
+    assert "libvirt-python is not installed" in hidden.stderr
+    assert vmckpt("list", "--store", store, env=env).returncode == 0
+
+    # A layer that did not come from a libvirt domain cannot be defined as one.
+    vmckpt.run_guest("plain")
+    vmckpt.wait_states("plain", 3)
+    vmckpt("checkpoint", "plain", "--store", store)
+    vmckpt("stop", "plain", "--store", store)
+    name = domains.new_name("never")
+    refused = vmckpt("restore", "--store", store, "--libvirt-define", name, check=False)
+    assert refused.returncode == 10, refused.stderr
+    assert "no libvirt_xml" in refused.stderr
+    assert virsh("dominfo", name, check=False).returncode != 0
