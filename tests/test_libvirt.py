@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,21 +24,11 @@ import pytest
 
 from tests.conftest import GUEST_BUILD, State, Vmckpt, guest_append, parse_states
 from tests.test_end_to_end import Taken, assert_continues
+from vmckpt.machine import socket_listens
 
 URI = "qemu:///system"
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
-
-
-def _listening(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def _end(process: subprocess.Popen[bytes]) -> None:
@@ -61,9 +50,9 @@ def libvirtd() -> Iterator[str]:
     started: list[subprocess.Popen[bytes]] = []
     logs = Path(tempfile.mkdtemp(prefix="vk-libvirtd-"))
     try:
-        if not _listening(LIBVIRT_SOCK):
+        if not socket_listens(LIBVIRT_SOCK):
             for binary, sock in (("virtlogd", VIRTLOGD_SOCK), ("libvirtd", LIBVIRT_SOCK)):
-                if _listening(sock):
+                if socket_listens(sock):
                     continue
                 path = shutil.which(binary) or f"/usr/sbin/{binary}"
                 assert os.path.exists(path), f"{binary} is not installed (libvirt-daemon-system)"
@@ -78,7 +67,7 @@ def libvirtd() -> Iterator[str]:
                         )
                     )
                 deadline = time.monotonic() + 30
-                while not _listening(sock):
+                while not socket_listens(sock):
                     assert started[-1].poll() is None, (
                         f"{binary} exited: {(logs / f'{binary}.log').read_text()[-1000:]}"
                     )

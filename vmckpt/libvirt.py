@@ -40,7 +40,6 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, BinaryIO
 
 from vmckpt.checkpoint import CheckpointResult, CheckpointSettings, take_checkpoint
@@ -218,19 +217,6 @@ class LibvirtMonitor(Monitor):
         if not self._loop.is_closed():
             self._loop.close()  # the unused asyncio loop of Monitor
         self._connected = False
-
-    def __enter__(self) -> LibvirtMonitor:
-        if not self._connected:
-            self.connect()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _command(self, command: str, arguments: Mapping[str, object] | None) -> str:
         request: dict[str, object] = {"execute": command}

@@ -227,7 +227,7 @@ class GuestSpec:
         return args
 
 
-def _accepts_connections(path: Path) -> bool:
+def socket_listens(path: Path) -> bool:
     """Whether a Unix socket is listening: QEMU creates the file a moment before it listens."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -328,7 +328,7 @@ class QemuProcess:
                     vm=self.name,
                     step="launch",
                 )
-            if self.qmp_socket.exists() and _accepts_connections(self.qmp_socket):
+            if self.qmp_socket.exists() and socket_listens(self.qmp_socket):
                 return
             time.sleep(0.02)
         self.kill()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient
 from qemu.qmp import QMPError as LibQMPError
@@ -147,7 +147,7 @@ class Monitor:
         self._loop.close()
         self._connected = False
 
-    def __enter__(self) -> Monitor:
+    def __enter__(self) -> Self:
         if not self._connected:
             self.connect()
         return self
