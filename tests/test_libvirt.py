@@ -89,16 +89,16 @@ def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def domain_xml(name: str, serial: Path) -> str:
-    """A TCG domain of the test guest; its serial console goes to a file."""
+def domain_xml(name: str, serial: Path, media: Path) -> str:
+    """A TCG domain of the test guest (kernel and initrd in ``media``); serial console to a file."""
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>256</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{GUEST_BUILD / "vmlinuz"}</kernel>
-    <initrd>{GUEST_BUILD / "initrd.img"}</initrd>
+    <kernel>{media / "vmlinuz"}</kernel>
+    <initrd>{media / "initrd.img"}</initrd>
     <cmdline>{guest_append(pages=4, buf_mb=64)}</cmdline>
   </os>
   <features><acpi/></features>
@@ -129,7 +129,7 @@ class Domains:
     def define_and_start(self, name: str) -> Path:
         serial = self.scratch / f"{name}.serial.log"
         xml = self.scratch / f"{name}.xml"
-        xml.write_text(domain_xml(name, serial))
+        xml.write_text(domain_xml(name, serial, self.scratch))
         virsh("define", str(xml))
         virsh("start", name)
         return serial
@@ -144,6 +144,11 @@ class Domains:
 def domains(libvirtd: str, guest_images: Path) -> Iterator[Domains]:
     scratch = Path(tempfile.mkdtemp(prefix="vk-lv-", dir="/tmp"))
     scratch.chmod(0o755)  # QEMU runs as libvirt-qemu; libvirtd opens the serial file
+    # The checkout may sit below a directory libvirt-qemu cannot enter (mktemp's
+    # 0700): the domain boots from copies that it can read.
+    for name in ("vmlinuz", "initrd.img"):
+        shutil.copy(GUEST_BUILD / name, scratch / name)
+        (scratch / name).chmod(0o644)
     registry = Domains(scratch)
     try:
         yield registry
