@@ -1,24 +1,36 @@
-# vmckpt: the two commands of the README, and the pieces they are made of.
-PYTHON ?= python3
-STORE ?= demo-store
-MEMORY ?= 512M
+# vmckpt: the two commands of the README (`make demo`, `make test`) and the pieces they are
+# made of. Both install what they need first (scripts/install-deps.sh; idempotent, seconds
+# when everything is there) into the system (Debian packages) and into .venv (Python).
+VENV    ?= .venv
+PYTHON  ?= $(VENV)/bin/python
+STORE   ?= demo-store
+MEMORY  ?= 512M
+# The microkernel test systems (../shared/guests/ beside this checkout).
+SHARED_GUESTS ?= $(firstword $(wildcard $(abspath ../shared/guests) /work/shared/guests))
+export SHARED_GUESTS
 
-.PHONY: all deps guest demo test lint typecheck check-code bench bench-migrate clean genode genode-demo
+.PHONY: all deps-demo deps-test guest demo test lint typecheck check-code \
+        bench bench-migrate clean genode genode-demo
 
 all: guest
 
-deps:
-	bash scripts/install-deps.sh
+deps-demo:
+	bash scripts/install-deps.sh demo
+
+deps-test:
+	bash scripts/install-deps.sh test
 
 guest:
 	$(MAKE) -C guest
 
-## One command: install what is needed, build the guest, boot, checkpoint x3, restore, carry on.
-demo: deps guest
+## One command: install what the demo needs, build the guest, boot it, checkpoint it
+## incrementally, restore the middle layer, show it carrying on.
+demo: deps-demo guest
 	$(PYTHON) scripts/demo.py --store $(STORE) --memory $(MEMORY)
 
-## Every test: lint, types, and the pytest suite with real QEMU guests under TCG.
-test: guest check-code
+## Every test: lint, types, and the pytest suite with real QEMU guests under TCG
+## (QEMU 10 from the system, QEMU 11 for the COLO tests).
+test: deps-test guest check-code
 	$(PYTHON) -m pytest -v tests
 
 check-code: lint typecheck
@@ -30,25 +42,24 @@ lint:
 typecheck:
 	$(PYTHON) -m mypy
 
-## The checkpoint benchmark (issue 5): vmckpt against QEMU's baselines; tables, raw JSON, a plot.
+## The checkpoint benchmark: vmckpt against QEMU's baselines; tables, raw JSON, a plot.
 BENCH_ARGS ?= --sizes 256M,1G --rates 0,100,2000 --count 10
 BENCH_OUT ?= /tmp/vmckpt-bench
 
-bench: guest
-	$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q 'matplotlib>=3.8'
+bench: deps-test guest
 	$(PYTHON) -m vmckpt bench $(BENCH_ARGS) --plot $(BENCH_OUT).png --json $(BENCH_OUT).json
 
 ## Migration to another host (a network namespace with its own sshd; needs root).
-bench-migrate: guest
+bench-migrate: deps-test guest
 	$(PYTHON) scripts/bench_migrate.py --json $(BENCH_OUT)-migrate.json
 
-## A Genode scenario on an ISO built with Genode's run tool (see README, "Genode guests").
-GENODE_ISO ?=
+## Microkernel guests: Genode (an ISO; the shared image by default).
+GENODE_ISO ?= $(firstword $(wildcard $(SHARED_GUESTS)/genode-hw-pc/genode-hw-pc-ckpt_counter.iso))
 GENODE_STORE ?= genode-store
 
-genode genode-demo:
+genode genode-demo: deps-demo
 	@if [ -z "$(GENODE_ISO)" ] || [ ! -f "$(GENODE_ISO)" ]; then \
-	  echo "$@: no Genode image$(if $(GENODE_ISO), at $(GENODE_ISO),): build one with Genode's run tool and pass GENODE_ISO=path/to/image.iso (see README)" >&2; exit 1; fi
+	  echo "$@: no Genode image$(if $(GENODE_ISO), at $(GENODE_ISO),): put one at ../shared/guests/genode-hw-pc/ or pass GENODE_ISO=path/to/image.iso (see README)" >&2; exit 1; fi
 	$(PYTHON) scripts/genode_demo.py --iso "$(GENODE_ISO)" --store $(GENODE_STORE) --memory $(MEMORY) \
 	  $(if $(filter genode-demo,$@),--demo)
 
