@@ -9,7 +9,7 @@ MEMORY  ?= 512M
 SHARED_GUESTS ?= $(firstword $(wildcard $(abspath ../shared/guests) /work/shared/guests))
 export SHARED_GUESTS
 
-.PHONY: all deps-demo deps-test guest demo test lint typecheck check-code \
+.PHONY: all deps-demo deps-test guest demo test test-fast lint typecheck check-code \
         bench bench-migrate clean genode genode-demo
 
 all: guest
@@ -33,11 +33,15 @@ demo: deps-demo guest
 test: deps-test guest check-code
 	$(PYTHON) -m pytest -v tests
 
+## The tests that boot no guest (seconds): the format, the stream, the CLI's parsing.
+test-fast: check-code
+	$(PYTHON) -m pytest -q -m "not qemu" tests
+
 check-code: lint typecheck
 
 lint:
-	$(PYTHON) -m ruff check vmckpt tests scripts
-	$(PYTHON) -m ruff format --check vmckpt tests scripts
+	$(PYTHON) -m ruff check vmckpt tests scripts benchmarks
+	$(PYTHON) -m ruff format --check vmckpt tests scripts benchmarks
 
 typecheck:
 	$(PYTHON) -m mypy
@@ -47,11 +51,11 @@ BENCH_ARGS ?= --sizes 256M,1G --rates 0,100,2000 --count 10
 BENCH_OUT ?= /tmp/vmckpt-bench
 
 bench: deps-test guest
-	$(PYTHON) -m vmckpt bench $(BENCH_ARGS) --plot $(BENCH_OUT).png --json $(BENCH_OUT).json
+	$(PYTHON) -m benchmarks.checkpoint $(BENCH_ARGS) --plot $(BENCH_OUT).png --json $(BENCH_OUT).json
 
 ## Migration to another host (a network namespace with its own sshd; needs root).
 bench-migrate: deps-test guest
-	$(PYTHON) scripts/bench_migrate.py --json $(BENCH_OUT)-migrate.json
+	$(PYTHON) -m benchmarks.migrate --json $(BENCH_OUT)-migrate.json
 
 ## Microkernel guests: Genode (an ISO; the shared image by default).
 GENODE_ISO ?= $(firstword $(wildcard $(SHARED_GUESTS)/genode-hw-pc/genode-hw-pc-ckpt_counter.iso))

@@ -7,7 +7,7 @@ output reads like a terminal session a user could type.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import re
 import shlex
 import shutil
@@ -22,6 +22,7 @@ STATE = re.compile(r"^STATE seq=(\d+) sum=([0-9a-f]{16}) ok$", re.M)
 
 
 def vmckpt(*args: str, quiet: bool = False) -> str:
+    """Run the vmckpt command as a user would type it (the store comes from VMCKPT_STORE)."""
     print(f"\n$ vmckpt {shlex.join(args)}", flush=True)
     result = subprocess.run(
         [sys.executable, "-m", "vmckpt", *args], capture_output=True, text=True, cwd=REPO
@@ -63,10 +64,13 @@ def main() -> None:
             cwd=REPO,
         )
     shutil.rmtree(store, ignore_errors=True)
+    os.environ["VMCKPT_STORE"] = str(store)
+    print(f"$ export VMCKPT_STORE={store}")
 
     vmckpt("check")
+    vmckpt("init", str(store))
     vmckpt(
-        "run", name, "--store", str(store),
+        "run", name,
         "--kernel", str(BUILD / "vmlinuz"), "--initrd", str(BUILD / "initrd.img"),
         "--append", "console=ttyS0 quiet panic=-1 vmckpt.buf_mb=64 vmckpt.pages=4",
         "--memory", args.memory, "--detach",
@@ -74,36 +78,39 @@ def main() -> None:
     print("(waiting for the guest to boot and its workload to start)", flush=True)
     wait_for_steps(store, name, 10)
 
-    layers = []
+    layers: list[tuple[str, int, int]] = []  # layer, and the seq range it was taken in
     for _ in range(3):
         time.sleep(2)
         before = states(store, name)[-1][0]
-        out = json.loads(vmckpt("checkpoint", name, "--store", str(store), "--json", quiet=True))
-        print(
-            f"layer {out['layer']}  parent {out['parent'] or '-'}  pause {out['pause_ms']:.1f} ms  "
-            f"pages {out['pages_stored']}  bytes {out['bytes_written']}  "
-            f"total {out['total_s']:.2f} s   (guest was at seq {before})"
-        )
-        layers.append(out["layer"])
+        out = vmckpt("checkpoint", name)
+        after = states(store, name)[-1][0]
+        match = re.search(r"^layer (\S+)", out, re.M)
+        if not match:
+            raise SystemExit(f"demo: no layer id in {out!r}")
+        layers.append((match.group(1), before, after))
+        print(f"  (taken while the guest went from seq {before} to seq {after})")
     time.sleep(1)
     original = dict(states(store, name))
-    vmckpt("list", "--store", str(store))
-    vmckpt("stop", name, "--store", str(store))
+    vmckpt("list")
+    vmckpt("stop", name)
 
-    middle = layers[1]
-    vmckpt("restore", "--store", str(store), "--layer", middle, "--name", name, "--detach")
+    middle, before, after = layers[1]
+    vmckpt("restore", "--layer", middle, "--name", name, "--detach")
     wait_for_steps(store, name, 20)
     restored = states(store, name)
     first, last = restored[0], restored[-1]
     agree = all(original.get(seq, s) == s for seq, s in restored)
-    vmckpt("console", name, "--store", str(store), quiet=True)
-    print(f"restored guest resumed at seq {first[0]} and carried on to seq {last[0]}")
+    vmckpt("console", name, quiet=True)
+    print(
+        f"the restored guest went on from seq {first[0]} (layer {middle} was taken between "
+        f"seq {before} and {after}) to seq {last[0]}"
+    )
     print(
         "its checksums "
         + ("match the original run's, step for step" if agree else "DIFFER from the original run")
     )
-    vmckpt("verify", "--store", str(store))
-    vmckpt("stop", name, "--store", str(store))
+    vmckpt("verify")
+    vmckpt("stop", name)
     if not agree:
         raise SystemExit("demo: the restored guest diverged")
     print("\ndemo done: the store stays in", store)

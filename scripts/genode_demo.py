@@ -86,7 +86,17 @@ def main() -> None:
             capture_output=True,
             cwd=REPO,
         )
-    run = ["run", name, "--store", str(store), "--iso", str(iso), "--memory", args.memory]
+    run = [
+        "run",
+        name,
+        "--store",
+        str(store),
+        "--create",
+        "--iso",
+        str(iso),
+        "--memory",
+        args.memory,
+    ]
     if not args.demo:
         subprocess.run([sys.executable, "-m", "vmckpt", *run], cwd=REPO, check=False)
         return

@@ -1,137 +1,32 @@
-"""Fixtures that boot the real test guest under QEMU (TCG) through the vmckpt CLI.
+"""Fixtures: the test guest, a fresh store per test, and the CLI runner that owns its QEMUs.
 
-Every guest a test starts is registered with the store it lives in; at
-teardown every QEMU that the store's records name is ended by its PID and
-start time, never by name.
+The helpers the tests share live in tests/framework/. Markers (pyproject.toml):
+``qemu`` (boots real guests), ``root`` (network namespaces, mounts, libvirtd),
+``libvirt``; ``pytest -m "not qemu"`` is the fast suite.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from vmckpt.machine import GuestRecord
-
-REPO = Path(__file__).resolve().parent.parent
-GUEST_BUILD = REPO / "guest" / "build"
-STATE_LINE = re.compile(r"^STATE seq=(\d+) sum=([0-9a-f]{16}) ok$")
-BAD_LINE = re.compile(r"\bBAD\b")
-BOOT_TIMEOUT = 120.0
+from tests.framework.guest import GUEST_BUILD, REPO, Vmckpt
 
 
-@dataclass(frozen=True)
-class State:
-    seq: int
-    sum: str
-
-
-def parse_states(text: str) -> list[State]:
-    """Every complete STATE line; a line torn by a checkpoint at the log's start is skipped."""
-    return [
-        State(int(m.group(1)), m.group(2))
-        for line in text.splitlines()
-        if (m := STATE_LINE.match(line.strip()))
-    ]
-
-
-@dataclass
-class Vmckpt:
-    """Runs the vmckpt CLI the way a user does and keeps track of what it started."""
-
-    store: Path
-    started: set[str] = field(default_factory=set)
-
-    def __call__(
-        self,
-        *args: str,
-        check: bool = True,
-        env: dict[str, str] | None = None,
-        timeout: float = 300,
-    ) -> subprocess.CompletedProcess[str]:
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        result = subprocess.run(
-            [sys.executable, "-m", "vmckpt", *args],
-            capture_output=True,
-            text=True,
-            env=full_env,
-            timeout=timeout,
-            cwd=REPO,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"vmckpt {' '.join(args)} exited {result.returncode}:\n"
-                f"{result.stdout}\n{result.stderr}"
-            )
-        return result
-
-    def run_guest(
-        self, name: str, *, memory: str = "256M", pages: int = 4, buf_mb: int = 64
-    ) -> None:
-        self.started.add(name)
-        self(
-            "run", name, "--store", str(self.store),
-            "--kernel", str(GUEST_BUILD / "vmlinuz"),
-            "--initrd", str(GUEST_BUILD / "initrd.img"),
-            "--append", guest_append(pages=pages, buf_mb=buf_mb),
-            "--memory", memory, "--accel", "tcg", "--detach",
-        )  # fmt: skip
-
-    def restore(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        result = self("restore", "--store", str(self.store), "--detach", "--json", *extra)
-        name = extra[extra.index("--name") + 1] if "--name" in extra else None
-        if name:
-            self.started.add(name)
-        return result
-
-    def serial(self, name: str) -> str:
-        return (self.store / "guests" / name / "serial.log").read_text(errors="replace")
-
-    def states(self, name: str) -> list[State]:
-        return parse_states(self.serial(name))
-
-    def wait_states(self, name: str, count: int, timeout: float = BOOT_TIMEOUT) -> list[State]:
-        """Wait until the guest has printed ``count`` STATE lines in its current log."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            states = self.states(name)
-            if len(states) >= count:
-                return states
-            time.sleep(0.2)
-        raise AssertionError(
-            f"guest {name} printed fewer than {count} STATE lines in {timeout:.0f} s:\n"
-            + self.serial(name)[-2000:]
-        )
-
-    def last_seq(self, name: str) -> int:
-        states = self.states(name)
-        return states[-1].seq if states else -1
-
-    def kill_all(self) -> None:
-        guests = self.store / "guests"
-        if not guests.is_dir():
-            return
-        for runtime in guests.iterdir():
-            try:
-                record = GuestRecord.load(runtime, runtime.name)
-            except Exception:
-                continue
-            if record.process is not None:
-                record.process.kill()
-
-
-def guest_append(*, pages: int, buf_mb: int) -> str:
-    return f"console=ttyS0 quiet panic=-1 vmckpt.buf_mb={buf_mb} vmckpt.pages={pages}"
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers follow the fixtures a test uses, so they are applied consistently."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & {"guest_images", "vmckpt"}:
+            item.add_marker(pytest.mark.qemu)
+        if "root" in names:
+            item.add_marker(pytest.mark.root)
 
 
 @pytest.fixture(scope="session")
@@ -143,10 +38,21 @@ def guest_images() -> Path:
     return GUEST_BUILD
 
 
+@pytest.fixture(scope="session")
+def root() -> None:
+    """Tests that need root (network namespaces, mounts, libvirtd) fail loudly without it."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (run make test as root, as CI does)", pytrace=False)
+
+
+def short_tmp(prefix: str) -> Path:
+    # A short path: QEMU's QMP socket lives inside the store (108-byte limit).
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
 @pytest.fixture
 def store_dir() -> Iterator[Path]:
-    # A short path: QEMU's QMP socket lives inside the store (108-byte limit).
-    path = Path(tempfile.mkdtemp(prefix="vk-", dir="/tmp"))
+    path = short_tmp("vk-")
     try:
         yield path / "store"
     finally:
@@ -155,7 +61,7 @@ def store_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def vmckpt(store_dir: Path, guest_images: Path) -> Iterator[Vmckpt]:
-    runner = Vmckpt(store_dir)
+    runner = Vmckpt(store_dir, media=guest_images)
     try:
         yield runner
     finally:

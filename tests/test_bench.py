@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from vmckpt.bench import MethodRun, Sample, expected_distinct_pages, format_table, pause_from_events
+from benchmarks.checkpoint import (
+    MethodRun,
+    Sample,
+    expected_distinct_pages,
+    format_table,
+    pause_from_events,
+)
 from vmckpt.qmp import Event
 
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from vmckpt.errors import StreamError
+from vmckpt.mechanisms import colo_refusal
 from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
 from vmckpt.stream import StreamEnvelope
 from vmckpt.stream import format as fmt
 from vmckpt.stream.colo import ColoReceiver
 from vmckpt.stream.reader import _Block
-from vmckpt.watch import colo_refusal
 
 SECTION_ID = 2
 
@@ -123,5 +123,9 @@ def test_primary_that_hangs_up_midway_is_an_error() -> None:
 
 
 def test_colo_refused_on_qemu_7() -> None:
-    assert colo_refusal("7.2.22") is not None
-    assert colo_refusal("10.0.2") is None
+    assert colo_refusal("7.2.22", "tcg") is not None
+    assert colo_refusal("10.0.13", "tcg") is not None
+    assert colo_refusal("10.2.2", "tcg") is not None
+    assert colo_refusal("11.1.3", "tcg") is None
+    assert colo_refusal("10.0.6", "kvm") is not None
+    assert colo_refusal("10.0.7", "kvm") is None

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GUEST_BUILD, Vmckpt, guest_append
-from vmckpt.machine import GuestRecord
-from vmckpt.qmp import Monitor
+from tests.framework.guest import GUEST_BUILD, Vmckpt, guest_append
 
 DISK_LINE = re.compile(r"^DISK seq=(\d+) sum=([0-9a-f]{16}) ok$", re.MULTILINE)
 DISK_SIZE = 64 << 20
@@ -33,7 +31,7 @@ def disk_states(text: str) -> dict[int, str]:
 def run_disk_guest(vmckpt: Vmckpt, name: str, image: Path) -> None:
     vmckpt.started.add(name)
     vmckpt(
-        "run", name, "--store", str(vmckpt.store),
+        "run", name, "--store", str(vmckpt.store), "--create",
         "--kernel", str(GUEST_BUILD / "vmlinuz"),
         "--initrd", str(GUEST_BUILD / "initrd.img"),
         "--append", guest_append(pages=4, buf_mb=16) + " vmckpt.disk=/dev/vda",
@@ -59,9 +57,9 @@ def checkpoint(vmckpt: Vmckpt, name: str) -> str:
 
 
 def bitmaps(vmckpt: Vmckpt, name: str) -> tuple[str, ...]:
-    record = GuestRecord.load(vmckpt.store / "guests" / name, name)
+    record = vmckpt.guest(name).record
     assert record.process is not None
-    with Monitor(record.process.qmp_socket, vm=name) as mon:
+    with vmckpt.monitor(name) as mon:
         nodes = {node.node_name: node for node in mon.block_nodes()}
         assert not any(n.startswith("vmckpt-backup") for n in nodes), nodes
         assert mon.jobs() == {}

@@ -9,44 +9,12 @@ printed for that step.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
-from tests.conftest import State, Vmckpt
+import pytest
 
+from tests.framework.guest import Taken, Vmckpt, assert_continues, take
 
-@dataclass(frozen=True)
-class Taken:
-    layer: str
-    before: int  # last seq the guest printed before the checkpoint started
-    after: int  # last seq printed once the checkpoint command returned
-    pages: int
-    bytes: int
-    pause_ms: float
-
-
-def take(vmckpt: Vmckpt, name: str) -> Taken:
-    before = vmckpt.last_seq(name)
-    out = json.loads(vmckpt("checkpoint", name, "--store", str(vmckpt.store), "--json").stdout)
-    after = vmckpt.last_seq(name)
-    return Taken(
-        out["layer"], before, after, out["pages_stored"], out["bytes_written"], out["pause_ms"]
-    )
-
-
-def assert_continues(restored: list[State], original: list[State], taken: Taken) -> None:
-    assert restored, "the restored guest printed no STATE line"
-    first = restored[0].seq
-    assert taken.before <= first <= taken.after + 1, (
-        f"restored guest starts at seq {first}, checkpoint was taken between "
-        f"seq {taken.before} and {taken.after}"
-    )
-    seqs = [s.seq for s in restored]
-    assert seqs == list(range(first, first + len(seqs))), f"seq does not increase by one: {seqs}"
-    by_seq = {s.seq: s.sum for s in original}
-    overlap = [s for s in restored if s.seq in by_seq]
-    assert overlap, "no step of the restored run overlaps the original run"
-    for state in overlap:
-        assert state.sum == by_seq[state.seq], f"seq {state.seq}: checksum differs from original"
+pytestmark = pytest.mark.qemu
 
 
 def test_checkpoint_chain_and_restore_from_middle_and_last(vmckpt: Vmckpt) -> None:
@@ -61,7 +29,7 @@ def test_checkpoint_chain_and_restore_from_middle_and_last(vmckpt: Vmckpt) -> No
 
     # Each later layer names the previous one as parent.
     listing = json.loads(vmckpt("list", "--store", str(vmckpt.store), "--json").stdout)
-    layers = {row["id"]: row for row in listing["layers"]}
+    layers = {row["layer"]: row for row in listing["layers"]}
     assert layers[taken[0].layer]["parent"] is None
     assert layers[taken[1].layer]["parent"] == taken[0].layer
     assert layers[taken[2].layer]["parent"] == taken[1].layer
@@ -100,7 +68,7 @@ def test_restored_guest_can_be_checkpointed_again(vmckpt: Vmckpt) -> None:
     vmckpt.wait_states("again2", 5)
     second = take(vmckpt, "again2")
     listing = json.loads(vmckpt("list", "--store", str(vmckpt.store), "--json").stdout)
-    parents = {row["id"]: row["parent"] for row in listing["layers"]}
+    parents = {row["layer"]: row["parent"] for row in listing["layers"]}
     assert parents[second.layer] == first.layer
     vmckpt("stop", "again2", "--store", str(vmckpt.store))
     vmckpt.restore("--layer", second.layer, "--name", "again3")

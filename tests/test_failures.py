@@ -8,7 +8,6 @@ code is not zero, stderr is one line naming what and where, and the store
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import socket
@@ -19,55 +18,50 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GUEST_BUILD, Vmckpt, guest_append
+from tests.conftest import short_tmp
+from tests.framework.guest import (
+    GUEST_BUILD,
+    Vmckpt,
+    assert_guest_untouched,
+    guest_append,
+    one_line_error,
+    qemu_pids_of,
+    snapshot,
+)
 from vmckpt.images.format import manifest_bytes, manifest_checksum
 from vmckpt.qmp import Monitor
 
-
-def snapshot(store: Path) -> dict[str, str]:
-    """Path -> sha256 of every file under the store's layers (what must not change)."""
-    layers = store / "layers"
-    return {
-        str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(layers.rglob("*"))
-        if p.is_file()
-    }
+pytestmark = pytest.mark.qemu
 
 
-def one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    assert result.returncode != 0, result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got: {result.stderr!r}"
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def qemu_pids_of(store: Path) -> list[int]:
-    """PIDs of live QEMU processes whose command line names this store (ours only)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
-            stat = (proc / "stat").read_text()
-            if str(store).encode() in cmdline and b"qemu-system" in cmdline and ") Z" not in stat:
-                pids.append(int(proc.name))
-    return pids
+@pytest.fixture(scope="module")
+def chain_original(guest_images: Path) -> Iterator[tuple[Path, list[str]]]:
+    """A stopped guest with a chain of three layers, built once for the module."""
+    path = short_tmp("vk-chain-")
+    runner = Vmckpt(path / "store", media=guest_images)
+    try:
+        runner.run_guest("bad")
+        runner.wait_states("bad", 3)
+        layers = [str(runner.checkpoint("bad")["layer"]) for _ in range(3)]
+        runner("stop", "bad", "--store", str(runner.store))
+        yield runner.store, layers
+    finally:
+        runner.kill_all()
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
-def chain(vmckpt: Vmckpt) -> Iterator[tuple[Vmckpt, list[str]]]:
-    """A stopped guest with a chain of three layers."""
-    vmckpt.run_guest("bad")
-    vmckpt.wait_states("bad", 3)
-    layers = []
-    for _ in range(3):
-        out = vmckpt("checkpoint", "bad", "--store", str(vmckpt.store), "--json").stdout
-        layers.append(json.loads(out)["layer"])
-    vmckpt("stop", "bad", "--store", str(vmckpt.store))
-    yield vmckpt, layers
+def chain(
+    chain_original: tuple[Path, list[str]], store_dir: Path, guest_images: Path
+) -> Iterator[tuple[Vmckpt, list[str]]]:
+    """A copy of that store for one test to damage."""
+    original, layers = chain_original
+    shutil.copytree(original, store_dir, symlinks=True)
+    runner = Vmckpt(store_dir, media=guest_images)
+    try:
+        yield runner, layers
+    finally:
+        runner.kill_all()
 
 
 def _restore_fails(vmckpt: Vmckpt, layer: str, *needles: str) -> None:
@@ -132,13 +126,21 @@ def test_store_that_does_not_exist(tmp_path: Path, vmckpt: Vmckpt) -> None:
         result = vmckpt(*command, "--store", str(missing), check=False)
         one_line_error(result, str(missing), "does not exist")
     assert not missing.exists()
+    # `run` does not create a store either (a typo must not create one), unless asked to.
+    run = [
+        "run", "typo", "--store", str(tmp_path / "no" / "such" / "st"),
+        "--kernel", str(GUEST_BUILD / "vmlinuz"), "--accel", "tcg", "--detach",
+    ]  # fmt: skip
+    one_line_error(vmckpt(*run, check=False), "does not exist", "vmckpt init")
+    one_line_error(vmckpt(*run, "--create", check=False), "parent directory", "does not exist")
+    assert not (tmp_path / "no").exists()
 
 
 def test_boot_medium_changed_since_the_checkpoint(vmckpt: Vmckpt, tmp_path: Path) -> None:
     initrd = tmp_path / "initrd.img"
     shutil.copy(GUEST_BUILD / "initrd.img", initrd)
     vmckpt(
-        "run", "media", "--store", str(vmckpt.store),
+        "run", "media", "--store", str(vmckpt.store), "--create",
         "--kernel", str(GUEST_BUILD / "vmlinuz"), "--initrd", str(initrd),
         "--append", guest_append(pages=4, buf_mb=16), "--memory", "256M",
         "--accel", "tcg", "--detach",
@@ -178,20 +180,22 @@ def test_qmp_socket_nobody_listens_on_or_not_qemu(vmckpt: Vmckpt, tmp_path: Path
     sock.bind(str(dead))
     sock.close()  # the file stays, nobody listens
     with pytest.raises(Exception, match="nobody listens") as info:
-        Monitor(dead, vm="ghost", timeout=3).connect()
+        Monitor.unix(dead, vm="ghost", timeout=3)
     assert "guest ghost" in str(info.value)
 
     server = _serve_garbage(tmp_path / "other.sock")
     try:
         with pytest.raises(Exception, match="not QEMU") as info:
-            Monitor(tmp_path / "other.sock", vm="ghost", timeout=3).connect()
+            Monitor.unix(tmp_path / "other.sock", vm="ghost", timeout=3)
     finally:
         server.close()
 
     # The same through the CLI: a running guest whose monitor socket was replaced.
     vmckpt.run_guest("mon")
     vmckpt.wait_states("mon", 2)
-    qmp = vmckpt.store / "guests" / "mon" / "qmp.sock"
+    record = vmckpt.guest("mon").record
+    assert record.process is not None
+    qmp = record.process.qmp_socket
     real = qmp.with_name("real.sock")
     qmp.rename(real)
     try:
@@ -216,18 +220,6 @@ def test_qmp_socket_nobody_listens_on_or_not_qemu(vmckpt: Vmckpt, tmp_path: Path
 # -- checkpoints that fail midway leave the guest as it was --------------------------------
 
 
-def assert_guest_untouched(vmckpt: Vmckpt, name: str) -> None:
-    with Monitor(vmckpt.store / "guests" / name / "qmp.sock", vm=name) as mon:
-        assert mon.status() == "running"
-        assert mon.query_migrate().status not in {"setup", "active", "device", "cancelling"}
-        assert mon.migrate_capabilities()["events"] is False, "migration events left on"
-        assert mon.migrate_parameters()["downtime-limit"] == 300, "downtime-limit left changed"
-    seq = vmckpt.last_seq(name)
-    vmckpt.wait_states(name, len(vmckpt.states(name)) + 3, timeout=30)
-    assert vmckpt.last_seq(name) > seq
-    assert "BAD" not in vmckpt.serial(name)
-
-
 def test_receiver_dies_midway(vmckpt: Vmckpt) -> None:
     vmckpt.run_guest("dies")
     vmckpt.wait_states("dies", 3)
@@ -244,13 +236,13 @@ def test_receiver_dies_midway(vmckpt: Vmckpt) -> None:
     vmckpt("verify", "--store", str(vmckpt.store))
 
 
-def test_store_disk_full(vmckpt: Vmckpt, tmp_path: Path) -> None:
+def test_store_disk_full(vmckpt: Vmckpt, tmp_path: Path, root: None) -> None:
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(small)], check=True)
     try:
         store = small / "store"
-        full = Vmckpt(store)
+        full = Vmckpt(store, media=vmckpt.media)
         try:
             full.run_guest("full")
             full.wait_states("full", 3)

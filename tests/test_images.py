@@ -268,16 +268,27 @@ def test_store_open_errors(tmp_path: Path) -> None:
 
 def test_store_create_is_idempotent_and_private(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "store"
-    first = Store.create(path)
+    with pytest.raises(StoreError, match=r"parent directory .* does not exist"):
+        Store.create(path)  # a typo in a path must not create a store somewhere
+    assert not (tmp_path / "a").exists()
+    first = Store.create(path, parents=True)
     Store.create(path)
     assert Store(path).path == first.path
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
-    guest = first.guest_dir("tiny")
+    guest = first.runtime_dir("tiny")
     assert guest == path / "guests" / "tiny" and guest.is_dir()
     assert stat.S_IMODE(guest.stat().st_mode) == 0o700
-    for bad in ("", "..", "a/b"):
+    for bad in ("", "..", "a/b", "a,b", "x\ny", ".hidden"):
         with pytest.raises(StoreError):
-            first.guest_dir(bad)
+            first.runtime_dir(bad)
+
+
+def test_relative_store_path_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = Store.create("rel")
+    assert store.path == tmp_path / "rel" and store.path.is_absolute()
 
 
 def test_store_marker_from_a_newer_format(tmp_path: Path) -> None:

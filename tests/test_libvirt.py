@@ -22,9 +22,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GUEST_BUILD, State, Vmckpt, guest_append, parse_states
-from tests.test_end_to_end import Taken, assert_continues
-from vmckpt.machine import socket_listens
+from tests.framework.guest import (
+    GUEST_BUILD,
+    State,
+    Taken,
+    Vmckpt,
+    assert_continues,
+    guest_append,
+    parse_states,
+)
+from vmckpt.qemu import socket_listens
+
+pytestmark = [pytest.mark.qemu, pytest.mark.libvirt]
 
 URI = "qemu:///system"
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
@@ -45,7 +54,7 @@ def _end(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="session")
-def libvirtd() -> Iterator[str]:
+def libvirtd(root: None) -> Iterator[str]:
     """A libvirtd answering on qemu:///system: the running one, else one started here."""
     started: list[subprocess.Popen[bytes]] = []
     logs = Path(tempfile.mkdtemp(prefix="vk-libvirtd-"))
@@ -185,6 +194,7 @@ def test_domain_checkpointed_three_times_destroyed_and_restored_as_a_domain(
     serial = domains.define_and_start(name)
     wait_states(serial, 5)
     store = str(vmckpt.store)
+    vmckpt("init", store)
 
     taken: list[Taken] = []
     for _ in range(3):
@@ -196,7 +206,7 @@ def test_domain_checkpointed_three_times_destroyed_and_restored_as_a_domain(
                 before,
                 last_seq(serial),
                 out["pages_stored"],
-                out["bytes_written"],
+                out["bytes"],
                 out["pause_ms"],
             )
         )
@@ -207,7 +217,7 @@ def test_domain_checkpointed_three_times_destroyed_and_restored_as_a_domain(
     assert [t.pages * 10 < taken[0].pages for t in taken[1:]] == [True, True], taken
 
     listing = json.loads(vmckpt("list", "--store", store, "--json").stdout)
-    parents = {row["id"]: row["parent"] for row in listing["layers"]}
+    parents = {row["layer"]: row["parent"] for row in listing["layers"]}
     assert parents[taken[1].layer] == taken[0].layer
     assert parents[taken[2].layer] == taken[1].layer
     inspect = json.loads(vmckpt("inspect", "--store", store, taken[2].layer, "--json").stdout)
@@ -246,6 +256,7 @@ def test_libvirt_errors_are_one_line_with_their_exit_code(
     vmckpt: Vmckpt, domains: Domains, tmp_path: Path
 ) -> None:
     store = str(vmckpt.store)
+    vmckpt("init", store)
     missing = vmckpt("checkpoint", "--libvirt", "vk-no-such-domain", "--store", store, check=False)
     assert missing.returncode == 13, missing.stderr
     assert "no domain vk-no-such-domain" in missing.stderr

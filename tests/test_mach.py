@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GUEST_BUILD, REPO, Vmckpt
-from tests.test_end_to_end import Taken, assert_continues, take
+from tests.framework.guest import GUEST_BUILD, REPO, Taken, Vmckpt, assert_continues, take
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +39,7 @@ def test_gnumach_chain_restore_from_middle(
     module = f"{bootstrap} ${{device-port}} pages=4 hz=10 $(task-create) $(task-resume)"
     vmckpt.started.add("mach")
     vmckpt(
-        "run", "mach", "--store", str(vmckpt.store),
+        "run", "mach", "--store", str(vmckpt.store), "--create",
         "--kernel", str(kernel), "--initrd", module, "--append", "console=com0",
         "--memory", "256M", "--accel", "tcg", "--detach",
     )  # fmt: skip

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GUEST_BUILD, REPO, Vmckpt
-from tests.test_end_to_end import Taken, assert_continues, take
+from tests.framework.guest import GUEST_BUILD, REPO, Taken, Vmckpt, assert_continues, take
 from vmckpt.bootmedia import kernel_media, split_module_list
 from vmckpt.errors import MachineError, UsageError
-from vmckpt.machine import GuestSpec
+from vmckpt.qemu import Launch, command_line
+from vmckpt.spec import GuestSpec
 
 ISO = GUEST_BUILD / "vmckpt-guest.iso"
 
@@ -42,7 +42,7 @@ def test_iso_guest_chain_restore_from_middle(
     shutil.copy(guest_iso, iso)
     vmckpt.started.add("iso")
     vmckpt(
-        "run", "iso", "--store", str(vmckpt.store), "--iso", str(iso),
+        "run", "iso", "--store", str(vmckpt.store), "--create", "--iso", str(iso),
         "--memory", "256M", "--accel", "tcg", "--detach",
     )  # fmt: skip
     vmckpt.wait_states("iso", 5)
@@ -119,8 +119,12 @@ def test_multiboot_modules_become_media_and_qemu_arguments(tmp_path: Path) -> No
     spec = GuestSpec(media=tuple(media), append="console=com0")
     again = GuestSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert again == spec
-    line = again.command_line(
-        "qemu", name="mb", accel="tcg", qmp_socket=tmp_path / "q", serial_log=tmp_path / "s"
+    line = command_line(
+        again,
+        Launch(name="mb", accel="tcg", serial_log=tmp_path / "s"),
+        binary="qemu",
+        qemu_major=10,
+        qmp_fd=3,
     )
     initrd = line[line.index("-initrd") + 1]
     assert initrd == f"{str(first).replace(',', ',,')} x=1 y,{second}"
@@ -141,8 +145,12 @@ def test_linux_kernel_takes_one_initrd_literally(tmp_path: Path) -> None:
     initrd.write_bytes(b"initrd")
     media = kernel_media(str(kernel), [str(initrd)])
     assert [(m.role, m.path) for m in media] == [("kernel", str(kernel)), ("initrd", str(initrd))]
-    line = GuestSpec(media=tuple(media)).command_line(
-        "qemu", name="l", accel="tcg", qmp_socket=tmp_path / "q", serial_log=tmp_path / "s"
+    line = command_line(
+        GuestSpec(media=tuple(media)),
+        Launch(name="l", accel="tcg", serial_log=tmp_path / "s"),
+        binary="qemu",
+        qemu_major=10,
+        qmp_fd=3,
     )
     assert line[line.index("-initrd") + 1] == str(initrd)  # no ',,' for a Linux kernel
     with pytest.raises(UsageError, match="not a multiboot kernel"):
@@ -164,7 +172,7 @@ def test_run_refuses_bad_media_in_one_line(vmckpt: Vmckpt, tmp_path: Path) -> No
         (["--iso", str(kernel), "--initrd", str(kernel)], "--initrd needs --kernel"),
     ]
     for args, needle in cases:
-        result = vmckpt("run", "bad", "--store", str(vmckpt.store), *args, check=False)
+        result = vmckpt("run", "bad", "--store", str(vmckpt.store), "--create", *args, check=False)
         assert result.returncode == UsageError.exit_code, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert needle in result.stderr, (args, result.stderr)

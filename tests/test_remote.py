@@ -7,6 +7,7 @@ own store directory, gets layers only over SFTP, and is driven over SSH.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,42 +20,30 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GUEST_BUILD, REPO, State, Vmckpt, guest_append, parse_states
-from tests.netns import OtherHost, other_host
-from tests.test_end_to_end import Taken, assert_continues, take
-from vmckpt.machine import process_start_time
+from tests.framework.guest import (
+    REPO,
+    State,
+    Taken,
+    Vmckpt,
+    assert_continues,
+    one_line_error,
+    parse_states,
+    take,
+)
+from tests.framework.netns import OtherHost, other_host
+from vmckpt.qemu import process_start_time
 from vmckpt.remote.ssh import HostAddress, SshHost, SshOptions
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
-
-
-class RemoteVmckpt(Vmckpt):
-    """The CLI runner, booting a private copy of the test guest (others rebuild guest/build)."""
-
-    media: Path = GUEST_BUILD
-
-    def run_guest(
-        self, name: str, *, memory: str = "256M", pages: int = 4, buf_mb: int = 64
-    ) -> None:
-        self.started.add(name)
-        self(
-            "run", name, "--store", str(self.store),
-            "--kernel", str(self.media / "vmlinuz"), "--initrd", str(self.media / "initrd.img"),
-            "--append", guest_append(pages=pages, buf_mb=buf_mb),
-            "--memory", memory, "--accel", "tcg", "--detach",
-        )  # fmt: skip
+pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture(scope="module")
-def guest_copy() -> Iterator[Path]:
+def guest_copy(guest_images: Path) -> Iterator[Path]:
     """The test guest's kernel and initrd, copied once so that a rebuild cannot change them.
 
-    $VMCKPT_TEST_GUEST names a folder with a vmlinuz and initrd.img to use instead
-    of building guest/.
+    $VMCKPT_TEST_GUEST names a folder with a vmlinuz and initrd.img to use instead.
     """
-    source = Path(os.environ.get("VMCKPT_TEST_GUEST", GUEST_BUILD))
-    if "VMCKPT_TEST_GUEST" not in os.environ:
-        subprocess.run(["make", "-s", "-C", str(REPO / "guest")], check=True)
+    source = Path(os.environ.get("VMCKPT_TEST_GUEST", guest_images))
     path = Path(tempfile.mkdtemp(prefix="vk-g-", dir="/tmp"))
     try:
         for name in ("vmlinuz", "initrd.img"):
@@ -67,8 +56,7 @@ def guest_copy() -> Iterator[Path]:
 
 @pytest.fixture
 def vmckpt(store_dir: Path, guest_copy: Path) -> Iterator[Vmckpt]:
-    runner = RemoteVmckpt(store_dir)
-    runner.media = guest_copy
+    runner = Vmckpt(store_dir, media=guest_copy)
     try:
         yield runner
     finally:
@@ -76,7 +64,7 @@ def vmckpt(store_dir: Path, guest_copy: Path) -> Iterator[Vmckpt]:
 
 
 @pytest.fixture(scope="module")
-def other() -> Iterator[OtherHost]:
+def other(root: None) -> Iterator[OtherHost]:
     with other_host() as host:
         yield host
 
@@ -127,15 +115,6 @@ def guest_row(vmckpt: Vmckpt, name: str) -> dict[str, object]:
     return dict(rows[0])
 
 
-def one_line_error(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got: {result.stderr!r}"
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
-
-
 def test_restore_on_other_host_from_middle_layer_and_continue(
     vmckpt: Vmckpt, other: OtherHost, remote_store: Path
 ) -> None:
@@ -156,7 +135,7 @@ def test_restore_on_other_host_from_middle_layer_and_continue(
         "--host", other.target, "--detach",
         *ssh_args(other, remote_store, other.empty_known_hosts), check=False,
     )  # fmt: skip
-    one_line_error(refused, 12, other.address, "host key", "--accept-new-host-key")
+    one_line_error(refused, other.address, "host key", "--accept-new-host-key", code=12)
     assert not remote_store.exists()
     # A key that differs from the recorded one is refused too.
     wrong = other.scratch / "known_hosts.wrong"
@@ -170,7 +149,7 @@ def test_restore_on_other_host_from_middle_layer_and_continue(
         "restore", "--store", store, "--layer", middle.layer, "--name", "rr",
         "--host", other.target, "--detach", *ssh_args(other, remote_store, wrong), check=False,
     )  # fmt: skip
-    one_line_error(changed, 12, "host key changed")
+    one_line_error(changed, "host key changed", code=12)
     assert not remote_store.exists()
 
     # Restore the middle layer there: it gets the base and the middle layer, no more.
@@ -181,7 +160,7 @@ def test_restore_on_other_host_from_middle_layer_and_continue(
     result = json.loads(out.stdout)
     assert result["layers_copied"] == [taken[0].layer, middle.layer]
     assert result["layers_reused"] == []
-    assert result["bytes_sent"] > 0
+    assert result["bytes"] > 0
     assert sorted(p.name for p in (remote_store / "layers").iterdir()) == sorted(
         result["layers_copied"]
     )
@@ -214,39 +193,42 @@ def test_restore_on_other_host_from_middle_layer_and_continue(
     vmckpt("stop", "rr2", "--store", store)
 
 
-def test_damaged_copy_is_never_committed(
-    vmckpt: Vmckpt, other: OtherHost, remote_store: Path
-) -> None:
-    """The check after the copy: one flipped byte and the layer does not appear there."""
+def test_damaged_copy_is_never_committed(vmckpt: Vmckpt, remote_store: Path) -> None:
+    """The check on receipt: one flipped byte and the layer does not appear there."""
     vmckpt.run_guest("dc")
     vmckpt.wait_states("dc", 3)
     layer = take(vmckpt, "dc").layer
     vmckpt("stop", "dc", "--store", str(vmckpt.store))
     agent = [sys.executable, "-m", "vmckpt.remote.agent"]
     subprocess.run([*agent, "prepare", "--store", str(remote_store)], check=True, cwd=REPO)
-    tmp_name = f".tmp-{layer}-0badc0de"
-    tmp = remote_store / "layers" / tmp_name
-    shutil.copytree(vmckpt.store / "layers" / layer, tmp)
-    manifest_sha = subprocess.run(
-        ["sha256sum", str(tmp / "manifest.json")], capture_output=True, text=True, check=True
-    ).stdout.split()[0]
-    pages = tmp / "pages.bin"
-    data = bytearray(pages.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    pages.write_bytes(bytes(data))
-    commit = [*agent, "commit-layer", "--store", str(remote_store), "--id", layer]
-    done = subprocess.run(
-        [*commit, "--tmp", tmp_name, "--manifest-sha256", manifest_sha],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
-    assert done.returncode != 0
-    assert "pages.bin sha256" in done.stdout
-    assert not tmp.exists() and not (remote_store / "layers" / layer).exists()
+    source = vmckpt.store / "layers" / layer
+    manifest_sha = hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()
+
+    def send(flip: bool) -> subprocess.CompletedProcess[bytes]:
+        names = sorted(p.name for p in source.iterdir() if p.name != "manifest.json")
+        names.append("manifest.json")
+        files = {name: bytearray((source / name).read_bytes()) for name in names}
+        if flip:
+            files["pages.bin"][len(files["pages.bin"]) // 2] ^= 0xFF
+        header = {
+            "layer": layer,
+            "manifest_sha256": manifest_sha,
+            "files": [[name, len(data)] for name, data in files.items()],
+        }
+        stream = json.dumps(header).encode() + b"\n" + b"".join(files.values())
+        stream += json.dumps({"end": True}).encode() + b"\n"
+        return subprocess.run(
+            [*agent, "receive-layers", "--store", str(remote_store)],
+            input=stream, capture_output=True, cwd=REPO,
+        )  # fmt: skip
+
+    damaged = send(flip=True)
+    assert damaged.returncode != 0
+    assert b"pages.bin does not match its manifest" in damaged.stdout
+    assert not (remote_store / "layers" / layer).exists()
+    assert not [p for p in (remote_store / "layers").iterdir() if p.name.startswith(".")]
     # The same copy, undamaged, is committed.
-    shutil.copytree(vmckpt.store / "layers" / layer, tmp)
-    subprocess.run(
-        [*commit, "--tmp", tmp_name, "--manifest-sha256", manifest_sha], check=True, cwd=REPO
-    )
+    assert send(flip=False).returncode == 0
     assert (remote_store / "layers" / layer / "manifest.json").is_file()
 
 
@@ -270,7 +252,7 @@ def test_migrate_there_and_back(vmckpt: Vmckpt, other: OtherHost, remote_store: 
     assert seqs[0] <= last_here + 1, (seqs[0], last_here)
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     row = guest_row(vmckpt, "mg")
-    assert row["state"] == "running" and row.get("host")
+    assert row["state"] == "running" and row["host"] != "local"
     assert len(other.qemu_pids()) == 1
 
     # And back.
@@ -284,7 +266,7 @@ def test_migrate_there_and_back(vmckpt: Vmckpt, other: OtherHost, remote_store: 
     new = [s.seq for s in back if s.seq > last_here]
     assert new and new[0] <= last_there + 1 and new[-1] > last_there, (new, last_there)
     row = guest_row(vmckpt, "mg")
-    assert row["state"] == "running" and not row.get("host")
+    assert row["state"] == "running" and row["host"] == "local"
     assert "BAD" not in vmckpt.serial("mg")
     vmckpt("stop", "mg", "--store", store)
 
@@ -323,7 +305,7 @@ def test_cut_connection_mid_migration_leaves_source_running(
     assert len(lines) == 1 and "runs on at local" in lines[0], err
     # The guest runs on here, and goes on counting.
     row = guest_row(vmckpt, "cut")
-    assert row["state"] == "running" and not row.get("host"), row
+    assert row["state"] == "running" and row["host"] == "local", row
     before = vmckpt.last_seq("cut")
     vmckpt.wait_states("cut", len(vmckpt.states("cut")) + 3)
     assert vmckpt.last_seq("cut") > before
@@ -384,10 +366,10 @@ def test_destination_qemu_that_fails_to_start_leaves_source_running(
     python = args.index("--remote-python") + 1
     args[python] = f"env VMCKPT_QEMU=/bin/false {args[python].removeprefix('env ')}"
     failed = vmckpt("migrate", "df", "--store", store, "--to", other.target, *args, check=False)
-    line = one_line_error(failed, 12, "QEMU exited", "runs on at the source")
+    line = one_line_error(failed, "QEMU", "runs on at the source", code=12)
     assert "guest df" in line
     row = guest_row(vmckpt, "df")
-    assert row["state"] == "running" and not row.get("host"), row
+    assert row["state"] == "running" and row["host"] == "local", row
     before = vmckpt.last_seq("df")
     vmckpt.wait_states("df", len(vmckpt.states("df")) + 2)
     assert vmckpt.last_seq("df") > before

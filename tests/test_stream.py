@@ -9,7 +9,6 @@ increments a counter at COUNTER_ADDR forever and writes it into one page of a
 from __future__ import annotations
 
 import io
-import shutil
 import socket
 import struct
 import subprocess
@@ -33,10 +32,7 @@ BLOB_SIZE = 4 << 20
 COUNTER_ADDR = 0x1F00000
 LOW = 1 << 20  # below 1 MiB, guest-physical addresses are not plain pc.ram
 
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(shutil.which(QEMU) is None, reason=f"{QEMU} not installed"),
-]
+pytestmark = pytest.mark.qemu
 
 # 32-bit code, entered by QEMU's multiboot loader with paging off:
 #   mov ebx, COUNTER_ADDR

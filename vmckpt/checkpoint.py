@@ -1,46 +1,46 @@
-"""One checkpoint of a running guest, end to end.
+"""One checkpoint of a running guest, end to end: mechanism ``precopy-diff``.
 
-Mechanism ``precopy-diff`` (mechanism 2 of DESIGN.md): QEMU live-migrates
-the guest into vmckpt over a socket pair it was handed with ``getfd``; the
-guest runs while RAM is copied and is stopped only for QEMU's final
-iteration and the device state. As soon as QEMU reports the migration
-complete, vmckpt resumes the guest, and only then diffs the received RAM
-against the parent layer and writes the pages that changed.
+QEMU live-migrates the guest into vmckpt over a socket pair it was handed
+with ``getfd`` (a :class:`~vmckpt.session.MigrationSession`); the guest runs
+while RAM is copied and is stopped only for QEMU's final iteration and the
+device state. As soon as QEMU reports the migration complete, vmckpt resumes
+the guest, and only then diffs the received RAM against the parent layer and
+writes the pages that changed (vmckpt/images). Writable disks are captured
+at the instant the guest is stopped (vmckpt/disk_capture.py).
 
-Every path that could leave the guest stopped or migrating goes through
-:func:`leave_guest_as_found`: a failed checkpoint cancels the migration,
-restores the migration settings it changed and resumes the guest.
+The session leaves the guest as found on every exit; a guard process
+(vmckpt/guard.py) does it if this process dies; the guest's checkpoint lock
+serialises checkpoints of one guest.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 import numpy as np
 
-from vmckpt.disks import DiskTracker
-from vmckpt.errors import CheckpointError, QMPError, VmckptError
+from vmckpt import faults, log
+from vmckpt.disk_capture import DiskTracker
+from vmckpt.errors import CheckpointError, VmckptError
+from vmckpt.guard import Guard
 from vmckpt.images import DiskDelta, LayerContent, LayerManifest, Store
-from vmckpt.machine import GuestRecord
-from vmckpt.qmp import Event, Monitor
-from vmckpt.ram import PAGE_SIZE, RamImage
+from vmckpt.progress import NO_PROGRESS, Progress
+from vmckpt.qmp import Monitor
+from vmckpt.ram import RamImage
+from vmckpt.session import JOURNAL, MigrationSession, recover
+from vmckpt.spec import GuestSpec
 from vmckpt.stream import StreamEnvelope, read_stream
 
 MECHANISM_PRECOPY = "precopy-diff"
-FD_NAME = "vmckpt-checkpoint"
-ACTIVE_MIGRATION = {
-    "setup", "active", "pre-switchover", "device", "postcopy-active",
-    "postcopy-paused", "postcopy-recover", "cancelling", "wait-unplug", "colo",
-}  # fmt: skip
-FINISHED = {"completed", "failed", "cancelled"}
+RECEIVER_JOIN_S = 30.0  # after the migration ended, the receiver has read all or fails
+_log = log.get(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class CheckpointSettings:
     downtime_limit_ms: int = 50  # QEMU's target for the final stop
     max_bandwidth: int = 8 << 30  # bytes/s; a local socket, so don't throttle
     timeout_s: float = 300.0  # give up (cancel, guest keeps running) after this
+    lock_wait_s: float = 0.0  # another checkpoint of the guest under way: wait this long
 
 
 @dataclass(frozen=True)
@@ -64,25 +65,78 @@ class CheckpointResult:
     image: RamImage | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """The checkpoint in vmckpt's JSON vocabulary (the same fields as ``list --json``)."""
         return {
             "layer": self.layer.id,
             "parent": self.layer.parent,
+            "guest": self.layer.guest,
+            "created": self.layer.created,
             "mechanism": self.mechanism,
             "pause_ms": round(self.pause_ms, 3),
             "pages_stored": self.pages_stored,
             "pages_zeroed": self.pages_zeroed,
-            "bytes_written": self.bytes_written,
+            "bytes": self.bytes_written,
             "total_s": round(self.total_s, 3),
         }
+
+
+class CheckpointTarget(Protocol):
+    """What a checkpoint needs of a guest (vmckpt/backends.py implements it)."""
+
+    store: Store
+    name: str
+    kind: str  # the store's name space of the guest: "guest" or "libvirt"
+
+    def spec(self) -> GuestSpec: ...
+
+    def monitor(self) -> Monitor: ...
+
+    def guard(self) -> Guard: ...
+
+    @property
+    def accel(self) -> str: ...
+
+
+class _CountingReader:
+    """A stream source that reports bytes read (progress) and can fail on purpose (faults)."""
+
+    def __init__(self, inner: BinaryIO, on_bytes: Callable[[int], None], fail_after: int | None):
+        self.inner = inner
+        self.on_bytes = on_bytes
+        self.budget = fail_after
+        self._pending = 0
+
+    def _count(self, n: int) -> None:
+        self._pending += n
+        if self._pending >= 4 << 20:
+            self.on_bytes(self._pending)
+            self._pending = 0
+        if self.budget is not None:
+            self.budget -= n
+            if self.budget < 0:
+                raise OSError("injected fault: receiver died")
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.inner.read(n)
+        self._count(len(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        count = int(cast(Any, self.inner).readinto(buffer) or 0)
+        self._count(count)
+        return count
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 class _StreamReceiver(threading.Thread):
     """Reads QEMU's migration stream from our end of the socket pair."""
 
-    def __init__(self, sock: socket.socket, fault_after: int | None) -> None:
+    def __init__(self, sock: socket.socket, on_bytes: Callable[[int], None]) -> None:
         super().__init__(name="vmckpt-receiver", daemon=True)
         self.sock = sock
-        self.fault_after = fault_after
+        self.on_bytes = on_bytes
         self.envelope: StreamEnvelope | None = None
         self.ram: RamImage | None = None
         self.error: BaseException | None = None
@@ -90,128 +144,163 @@ class _StreamReceiver(threading.Thread):
     def run(self) -> None:
         try:
             source = cast(BinaryIO, self.sock.makefile("rb", buffering=1 << 20))
-            if self.fault_after is not None:
-                source = cast(BinaryIO, _FailingReader(source, self.fault_after))
-            self.envelope, self.ram = read_stream(source)
+            counted = _CountingReader(source, self.on_bytes, faults.value("receiver-dies-after"))
+            self.envelope, self.ram = read_stream(cast(BinaryIO, counted))
         except BaseException as exc:  # reported to the main thread, never lost
             self.error = exc
         finally:
             # Closing our end makes QEMU's writes fail, so its migration fails
             # instead of blocking forever if we stopped reading early.
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
-            self.sock.close()
+            self.cut()
+
+    def cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self.join(timeout=RECEIVER_JOIN_S)
+        if self.is_alive():
+            self.cut()  # QEMU holds its end open: cut ours so the thread ends
+            self.join(timeout=5)
+        self.sock.close()
 
 
-class _FailingReader:
-    """Fault injection (VMCKPT_FAULT=receiver-dies-after:BYTES): the receiver dies midway."""
+@dataclass(frozen=True)
+class Received:
+    """What one live migration into vmckpt delivered."""
 
-    def __init__(self, inner: BinaryIO, budget: int) -> None:
-        self.inner = inner
-        self.budget = budget
-
-    def _spend(self, n: int) -> None:
-        self.budget -= n
-        if self.budget < 0:
-            raise OSError("injected fault: receiver died")
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.inner.read(n)
-        self._spend(len(data))
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        count = int(cast(Any, self.inner).readinto(buffer))
-        self._spend(count)
-        return count
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    envelope: StreamEnvelope
+    ram: RamImage
+    pause_ms: float
+    qemu_downtime_ms: int | None
+    qemu_version: str
 
 
-def _fault(point: str) -> int | None:
-    """Parse VMCKPT_FAULT=point:value, the fault-injection hook the tests use."""
-    spec = os.environ.get("VMCKPT_FAULT", "")
-    if spec.startswith(point + ":"):
-        return int(spec.split(":", 1)[1])
-    return None
+def receive_precopy(
+    mon: Monitor,
+    vm: str,
+    settings: CheckpointSettings,
+    *,
+    journal: Path | None,
+    at_instant: Callable[[Monitor], None] | None = None,
+    progress: Progress = NO_PROGRESS,
+    memory_bytes: int = 0,
+) -> Received:
+    """Live-migrate the guest into a receiver thread; resume it the moment QEMU is done.
+
+    ``at_instant`` runs while the guest is still stopped after the final
+    iteration (the disks' point). Whatever happens, the guest is left as found.
+    """
+    session = MigrationSession(
+        mon,
+        vm=vm,
+        error=CheckpointError,
+        capabilities={"events": True},
+        parameters={
+            "downtime-limit": settings.downtime_limit_ms,
+            "max-bandwidth": settings.max_bandwidth,
+        },
+        journal=journal,
+        timeout_s=settings.timeout_s,
+    )
+    with session, progress.task("receiving RAM", memory_bytes or None, unit="B") as task:
+        faults.point(faults.AFTER_SETTINGS)
+        receiver = _StreamReceiver(session.socket(), task.advance)
+        receiver.start()
+        try:
+            session.start()
+            faults.point(faults.MID_MIGRATION)
+            session.wait()
+            faults.point(faults.BEFORE_RESUME)
+            if at_instant is not None:
+                at_instant(mon)
+            session.resume()  # the pause ends here: everything after runs beside the guest
+            stop, resume = session.pause_window()
+            downtime = mon.query_migrate().downtime_ms
+        except BaseException:
+            receiver.cut()
+            raise
+        finally:
+            receiver.finish()
+    if receiver.error is not None or receiver.envelope is None or receiver.ram is None:
+        raise CheckpointError(
+            f"reading QEMU's stream failed: {receiver.error}", vm=vm, step="receive"
+        ) from receiver.error
+    return Received(
+        receiver.envelope, receiver.ram, (resume - stop) * 1000.0, downtime, mon.version
+    )
 
 
 def take_checkpoint(
-    store: Store,
-    guest: GuestRecord,
-    runtime_dir: Path,
+    target: CheckpointTarget,
     settings: CheckpointSettings | None = None,
     *,
     base: RamImage | None = None,
-    monitor: Callable[[], Monitor] | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> CheckpointResult:
     """Checkpoint a running guest into a new layer whose parent is the guest's head.
 
-    ``base``, when given, is the RAM the head layer holds (the image a
-    previous checkpoint returned), so the diff needs no compose of the chain.
-    ``monitor``, when given, connects to a guest vmckpt did not start (e.g. a
-    libvirt domain, vmckpt/libvirt.py); by default the guest's own QEMU's QMP.
-
-    Writable disks are captured at the instant the guest is stopped for the final
-    iteration (vmckpt/disks.py); on any failure what that added to QEMU is removed.
+    ``base``, when given, is the RAM the head layer holds (the image a previous
+    checkpoint returned), so the diff needs no compose of the chain.
     """
-    parent = store.manifest(guest.head) if guest.head is not None else None
-    tracker = DiskTracker(guest.name, guest.spec.disks, parent, runtime_dir / "disk-scratch")
-    connect = monitor or (lambda: guest.running_process().monitor())
+    settings = settings or CheckpointSettings()
+    store = target.store
+    store.check_writable()  # before the guest is paused for anything
+    with store.guest_lock(
+        target.name, what="checkpoint", wait_s=settings.lock_wait_s, kind=target.kind
+    ):
+        return _take(target, settings, base, progress)
+
+
+def _take(
+    target: CheckpointTarget,
+    settings: CheckpointSettings,
+    base: RamImage | None,
+    progress: Progress,
+) -> CheckpointResult:
+    started = time.monotonic()
+    store, name, kind = target.store, target.name, target.kind
+    parent_id = store.head(name, kind)
+    parent = store.manifest(parent_id) if parent_id else None  # fails before touching the guest
+    spec = target.spec()
+    journal = store.journal_path(name, JOURNAL, kind)
+    tracker = DiskTracker(name, spec.disks, parent, store.runtime_dir(name, kind) / "disk-scratch")
     committed = False
     try:
-        result = _take_checkpoint(store, guest, runtime_dir, settings, tracker, base, connect)
+        with target.guard(), target.monitor() as mon:
+            recover(mon, journal, vm=name)  # a session a dead vmckpt left open
+            tracker.prepare(mon)
+            received = receive_precopy(
+                mon, name, settings, journal=journal, at_instant=tracker.mark_instant,
+                progress=progress, memory_bytes=spec.memory_mib << 20,
+            )  # fmt: skip
+            disk_deltas = tracker.collect(mon)
+        receive_s = time.monotonic() - started
+        with progress.task("diffing against the parent", None):
+            pages, zeroed = diff_against_parent(store, name, parent_id, received.ram, base=base)
+        stats: dict[str, Any] = {
+            "pause_ms": round(received.pause_ms, 3),
+            "qemu_downtime_ms": received.qemu_downtime_ms,
+            "receive_s": round(receive_s, 3),
+            "diff_s": round(time.monotonic() - started - receive_s, 3),
+            "accel": target.accel,
+        }
+        result = write_checkpoint_layer(
+            target,
+            parent_id,
+            LayerParts(
+                received.envelope, received.ram, pages, zeroed, received.qemu_version, disk_deltas
+            ),
+            mechanism=MECHANISM_PRECOPY,
+            stats=stats,
+            started=started,
+        )
         committed = True
         return result
     finally:
         if tracker.active:
-            with contextlib.suppress(VmckptError), connect() as mon:
+            with contextlib.suppress(VmckptError), target.monitor() as mon:
                 tracker.commit(mon) if committed else tracker.abort(mon)
-
-
-def _take_checkpoint(
-    store: Store,
-    guest: GuestRecord,
-    runtime_dir: Path,
-    settings: CheckpointSettings | None,
-    tracker: DiskTracker,
-    base: RamImage | None,
-    connect: Callable[[], Monitor],
-) -> CheckpointResult:
-    settings = settings or CheckpointSettings()
-    started = time.monotonic()
-    parent = guest.head
-    if parent is not None:
-        store.manifest(parent)  # fail early, before touching the guest, if it is unreadable
-
-    with connect() as mon:
-        tracker.prepare(mon)
-        envelope, ram, stop, resume, downtime = _receive_live(
-            mon, guest.name, settings, at_instant=tracker.mark_instant
-        )
-        disk_deltas = tracker.collect(mon)
-        qemu_version = mon.greeting_version
-    received = time.monotonic()
-
-    pages, zeroed = diff_against_parent(store, guest.name, parent, ram, base=base)
-    diffed = time.monotonic()
-    pause_ms = (resume - stop) * 1000.0
-    stats: dict[str, Any] = {
-        "pause_ms": round(pause_ms, 3),
-        "qemu_downtime_ms": downtime,
-        "receive_s": round(received - started, 3),
-        "diff_s": round(diffed - received, 3),
-    }
-    return write_checkpoint_layer(
-        store,
-        guest,
-        runtime_dir,
-        LayerParts(envelope, ram, pages, zeroed, qemu_version, disk_deltas),
-        mechanism=MECHANISM_PRECOPY,
-        stats=stats,
-        started=started,
-    )
 
 
 @dataclass(frozen=True)
@@ -262,21 +351,20 @@ def split_zero(ram: RamImage, idstr: str, candidates: np.ndarray) -> tuple[np.nd
 
 
 def write_checkpoint_layer(
-    store: Store,
-    guest: GuestRecord,
-    runtime_dir: Path,
+    target: CheckpointTarget,
+    parent: str | None,
     parts: LayerParts,
     *,
     mechanism: str,
     stats: dict[str, Any],
     started: float,
 ) -> CheckpointResult:
-    """Write the layer (atomically, via images), move the guest's head to it."""
+    """Write the layer (atomically, via images) and move the guest's head to it."""
     envelope = parts.envelope
     content = LayerContent(
-        parent=guest.head,
-        guest=guest.name,
-        spec=guest.spec.to_dict(),
+        parent=parent,
+        guest=target.name,
+        spec=target.spec().to_dict(),
         qemu_version=parts.qemu_version,
         machine_type=envelope.machine_type,
         mechanism=mechanism,
@@ -289,20 +377,13 @@ def write_checkpoint_layer(
         epilogue=envelope.epilogue,
         disks=parts.disks,
     )
+    faults.point(faults.MID_WRITE)
     try:
-        manifest = store.write_layer(content)
+        manifest = target.store.commit_layer(content, head_of=(target.kind, target.name))
     except VmckptError as exc:
-        exc.vm = exc.vm or guest.name
+        exc.vm = exc.vm or target.name
         raise
-    except OSError as exc:
-        raise CheckpointError(
-            f"cannot write the layer: {exc} (the guest runs on; the store is unchanged)",
-            vm=guest.name,
-            step="write-layer",
-        ) from exc
-    guest.head = manifest.id
-    guest.machine_type = envelope.machine_type
-    guest.save(runtime_dir)
+    _log.info("%s: layer %s written (%s)", target.name, manifest.id, mechanism)
     return CheckpointResult(
         layer=manifest,
         pause_ms=float(stats.get("pause_ms", 0.0)),
@@ -315,136 +396,12 @@ def write_checkpoint_layer(
     )
 
 
-def _receive_live(
-    mon: Monitor,
-    vm: str,
-    settings: CheckpointSettings,
-    at_instant: Callable[[Monitor], None] | None = None,
-) -> tuple[StreamEnvelope, RamImage, float, float, int | None]:
-    """Live-migrate the guest into a receiver thread; resume it the moment QEMU is done.
-
-    Returns the stream, the RAM, the STOP and RESUME timestamps and QEMU's
-    own downtime figure. Whatever happens, the guest is left as it was found.
-    """
-    status = mon.execute("query-status")
-    was_running = bool(status["running"])
-    if status["status"] in {"inmigrate", "finish-migrate", "save-vm", "restore-vm"}:
-        raise CheckpointError(f"the guest is in state {status['status']}", vm=vm, step="prepare")
-    if status["status"] == "postmigrate":
-        # QEMU refuses to migrate a guest stopped by an earlier migration.
-        raise CheckpointError(
-            "the guest was paused when its last checkpoint was taken and has not run since; "
-            "QEMU cannot checkpoint it again until it is resumed",
-            vm=vm,
-            step="prepare",
-        )
-    current = mon.query_migrate().status
-    if current in ACTIVE_MIGRATION:
-        raise CheckpointError(
-            f"a migration is already in progress (state {current})", vm=vm, step="prepare"
-        )
-
-    old_caps = mon.migrate_capabilities()
-    old_params = mon.migrate_parameters()
-    ours, theirs = socket.socketpair()
-    receiver = _StreamReceiver(ours, _fault("receiver-dies-after"))
-    migrating = False
-    try:
-        mon.set_migrate_capabilities({"events": True})
-        mon.set_migrate_parameters(
-            {"downtime-limit": settings.downtime_limit_ms, "max-bandwidth": settings.max_bandwidth}
-        )
-        mark = mon.mark()
-        mon.send_fd(FD_NAME, theirs.fileno())
-        theirs.close()
-        receiver.start()
-        mon.migrate(f"fd:{FD_NAME}")
-        migrating = True
-        finished = mon.wait_event(
-            {"MIGRATION"},
-            settings.timeout_s,
-            lambda e: str(e.data.get("status")) in FINISHED,
-            since=mark,
-        )
-        if finished.data["status"] == "completed":
-            migrating = False
-            if at_instant is not None:
-                at_instant(mon)  # e.g. the disks' point: the guest is still stopped here
-            if was_running:
-                mon.cont(retry_s=5.0)  # the pause ends here: everything after runs beside the guest
-        else:
-            migrating = False
-            info = mon.query_migrate()
-            raise CheckpointError(
-                f"QEMU's migration {finished.data['status']}: {info.error or 'no reason given'}",
-                vm=vm,
-                step="migrate",
-            )
-        stop_event, resume_event = _pause_events(mon, mark, finished)
-        downtime = mon.query_migrate().downtime_ms
-    except QMPError as exc:
-        raise CheckpointError(str(exc.message), vm=vm, step=exc.step or "migrate") from exc
-    finally:
-        leave_guest_as_found(mon, was_running, migrating, old_caps, old_params)
-        with contextlib.suppress(OSError):
-            theirs.close()
-        receiver.join(timeout=30)
-        if receiver.is_alive():
-            # QEMU holds its end open: cut ours so the thread ends.
-            with contextlib.suppress(OSError):
-                ours.shutdown(socket.SHUT_RDWR)
-            receiver.join(timeout=5)
-
-    if receiver.error is not None or receiver.envelope is None or receiver.ram is None:
-        raise CheckpointError(
-            f"reading QEMU's stream failed: {receiver.error}", vm=vm, step="receive"
-        ) from receiver.error
-    return receiver.envelope, receiver.ram, stop_event, resume_event, downtime
-
-
-def _pause_events(mon: Monitor, mark: int, finished: Event) -> tuple[float, float]:
-    """QEMU's timestamps of the guest's STOP before, and RESUME after, the final iteration."""
-    if mon.is_running():
-        mon.wait_event({"RESUME"}, 10.0, lambda e: e.timestamp >= finished.timestamp, since=mark)
-    events = mon.events_since(mark)
-    stops = [e.timestamp for e in events if e.name == "STOP" and e.timestamp <= finished.timestamp]
-    resumes = [
-        e.timestamp for e in events if e.name == "RESUME" and e.timestamp >= finished.timestamp
-    ]
-    stop = stops[-1] if stops else finished.timestamp
-    resume = resumes[0] if resumes else finished.timestamp
-    return stop, resume
-
-
-def leave_guest_as_found(
-    mon: Monitor,
-    was_running: bool,
-    migrating: bool,
-    old_caps: dict[str, bool],
-    old_params: dict[str, Any],
-) -> None:
-    """Cancel our migration, put the settings back and make sure the guest runs."""
-    with contextlib.suppress(QMPError):
-        if migrating or mon.query_migrate().status in ACTIVE_MIGRATION:
-            mon.migrate_cancel()
-            deadline = time.monotonic() + 10
-            while mon.query_migrate().status in ACTIVE_MIGRATION and time.monotonic() < deadline:
-                time.sleep(0.05)
-    with contextlib.suppress(QMPError):
-        mon.set_migrate_capabilities({"events": old_caps.get("events", False)})
-    with contextlib.suppress(QMPError):
-        mon.set_migrate_parameters(
-            {
-                key: old_params[key]
-                for key in ("downtime-limit", "max-bandwidth")
-                if key in old_params
-            }
-        )
-    mon.close_fd(FD_NAME)
-    with contextlib.suppress(QMPError):
-        if was_running and not mon.is_running():
-            mon.cont(retry_s=5.0)
-
-
-def page_bytes(pages: int) -> int:
-    return pages * PAGE_SIZE
+__all__ = [
+    "MECHANISM_PRECOPY",
+    "CheckpointResult",
+    "CheckpointSettings",
+    "CheckpointTarget",
+    "LayerParts",
+    "receive_precopy",
+    "take_checkpoint",
+]

@@ -116,13 +116,30 @@ class RemoteError(VmckptError):
         )
 
 
-class NotBuiltError(VmckptError):
-    """A feature that vmckpt does not have yet."""
-
-    exit_code = 11
-
-
 class LibvirtError(VmckptError):
     """libvirt (libvirt-python, the daemon, or a domain) refused or failed a step."""
 
     exit_code = 13
+
+
+class LockError(VmckptError):
+    """Another vmckpt holds what this command needs (a guest's checkpoint, the store)."""
+
+    exit_code = 14
+
+
+def exit_codes() -> list[tuple[int, str]]:
+    """Every exit code the ``vmckpt`` command uses, with what it means (for --help)."""
+    codes = [(0, "success"), (1, "an unexpected error (a bug: please report it)")]
+    seen: set[int] = set()
+    pending: list[type[VmckptError]] = [VmckptError]
+    while pending:
+        cls = pending.pop(0)
+        pending.extend(cls.__subclasses__())
+        if cls is VmckptError or cls.exit_code in seen:
+            continue
+        seen.add(cls.exit_code)
+        summary = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+        codes.append((cls.exit_code, summary))
+    codes.append((130, "interrupted (Ctrl-C) before anything was changed"))
+    return sorted(codes)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import os
 import queue
 import struct
@@ -37,22 +36,22 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmckpt.checkpoint import CheckpointResult, CheckpointSettings, take_checkpoint
+from vmckpt.backends import Guest, GuestStatus
 from vmckpt.errors import LibvirtError, MachineError, QMPError, RestoreError, VmckptError
+from vmckpt.guard import Guard
 from vmckpt.images import Store
-from vmckpt.machine import BootMedium, GuestRecord, GuestSpec
-from vmckpt.qmp import Event, Monitor
+from vmckpt.progress import NO_PROGRESS, Progress
+from vmckpt.qmp import Monitor, PassthroughTransport
 from vmckpt.ram import RamImage
+from vmckpt.restore import load_layer_image
+from vmckpt.spec import BootMedium, GuestSpec
 from vmckpt.stream import StreamEnvelope, write_stream
-from vmckpt.watch import WatchSettings, watch
 
 DEFAULT_URI = "qemu:///system"
-LIBVIRT_DIR = "libvirt"  # store/libvirt/<domain>/: the head of each domain's chain
+KIND = "libvirt"  # the store's name space for domains' heads (store/libvirt/<domain>/)
 
 # libvirt's save image (src/qemu/qemu_saveimage.h): magic, then native-endian u32s
 # version, data_len, was_running, compressed, cookieOffset, unused[14]; then
@@ -154,31 +153,34 @@ def _lookup(lv: Any, conn: Any, name: str, uri: str) -> Any:
 # -- QMP through libvirt ---------------------------------------------------------------
 
 
-class LibvirtMonitor(Monitor):
-    """QMP of one libvirt domain, through libvirt's monitor passthrough.
+class LibvirtChannel:
+    """libvirt's monitor passthrough to one running domain, as a QMP passthrough channel
+    (vmckpt.qmp.Passthrough): QMP JSON text in, QMP JSON text out, events queued.
 
-    Offers what :class:`vmckpt.qmp.Monitor` offers (execute, send_fd, events with
-    QEMU's timestamps, the typed helpers built on execute). Not thread safe; one
-    thread drives it, libvirt's event thread only queues events.
+    libvirt's event thread only queues events (nova's rule: callbacks do nothing else).
     """
 
     def __init__(self, domain: str, uri: str = DEFAULT_URI) -> None:
-        super().__init__(f"libvirt:{domain}", vm=domain)
+        self.domain = domain
         self.uri = uri
+        self.description = f"libvirt domain {domain} at {uri}"
         self._lv, self._lvq = _modules()
         self._conn: Any = None
         self._dom: Any = None
         self._callback_id: int | None = None
-        self._queue: queue.SimpleQueue[tuple[str, int, int, str | None]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[tuple[str, int, int, str | None]] = queue.SimpleQueue()
 
-    def connect(self) -> LibvirtMonitor:
+    @property
+    def events(self) -> queue.SimpleQueue[tuple[str, int, int, str | None]]:
+        return self._events
+
+    def open(self) -> None:
         lv = self._lv
-        self._conn = _open(lv, self.uri, self.vm)
+        self._conn = _open(lv, self.uri, self.domain)
         try:
-            assert self.vm is not None
-            self._dom = _lookup(lv, self._conn, self.vm, self.uri)
+            self._dom = _lookup(lv, self._conn, self.domain, self.uri)
             if not self._dom.isActive():
-                raise LibvirtError("the domain is not running", vm=self.vm, step="connect")
+                raise LibvirtError("the domain is not running", vm=self.domain, step="connect")
 
             def queue_event(
                 _conn: Any,
@@ -189,107 +191,57 @@ class LibvirtMonitor(Monitor):
                 details: str | None,
                 _opaque: object,
             ) -> None:
-                self._queue.put((event, seconds, micros, details))
+                self._events.put((event, seconds, micros, details))
 
             try:
                 self._callback_id = self._lvq.qemuMonitorEventRegister(
                     self._conn, self._dom, None, queue_event, None, 0
                 )
             except lv.libvirtError as exc:
-                raise _error(lv, exc, domain=self.vm, step="connect", uri=self.uri) from exc
-            self.greeting_version = self.qemu_version()
+                raise _error(lv, exc, domain=self.domain, step="connect", uri=self.uri) from exc
         except BaseException:
             self.close()
             raise
-        self._connected = True
-        return self
+
+    def command(self, text: str) -> str:
+        if self._dom is None:
+            raise QMPError("not connected", vm=self.domain, step="passthrough")
+        try:
+            return str(self._lvq.qemuMonitorCommand(self._dom, text, 0))
+        except self._lv.libvirtError as exc:
+            raise _error(
+                self._lv, exc, domain=self.domain, step="passthrough", uri=self.uri, cls=QMPError
+            ) from exc
+
+    def command_with_fd(self, text: str, fd: int) -> str:
+        """A command with ``fd`` attached (virDomainQemuMonitorCommandWithFiles, libvirt 8.2+)."""
+        if self._dom is None:
+            raise QMPError("not connected", vm=self.domain, step="passthrough")
+        try:
+            reply, _files = self._lvq.qemuMonitorCommandWithFiles(self._dom, text, [fd], 0)
+        except self._lv.libvirtError as exc:
+            raise _error(
+                self._lv, exc, domain=self.domain, step="passthrough", uri=self.uri, cls=QMPError
+            ) from exc
+        return str(reply)
 
     def close(self) -> None:
-        if self._conn is not None:
-            if self._callback_id is not None:
-                with contextlib.suppress(Exception):
-                    self._lvq.qemuMonitorEventDeregister(self._conn, self._callback_id)
-                self._callback_id = None
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
-            self._dom = None
-        if not self._loop.is_closed():
-            self._loop.close()  # the unused asyncio loop of Monitor
-        self._connected = False
-
-    def _command(self, command: str, arguments: Mapping[str, object] | None) -> str:
-        request: dict[str, object] = {"execute": command}
-        if arguments:
-            request["arguments"] = dict(arguments)
-        return json.dumps(request)
-
-    def _reply(self, command: str, text: str) -> Any:
-        try:
-            reply = json.loads(text)
-        except ValueError as exc:
-            raise QMPError(
-                f"libvirt returned no JSON for {command}: {text[:80]!r}", vm=self.vm, step=command
-            ) from exc
-        if "error" in reply:
-            error = reply["error"]
-            raise QMPError(
-                f"QEMU refused {command}: {error.get('desc')} ({error.get('class')})",
-                vm=self.vm,
-                step=command,
-            )
-        return reply.get("return")
-
-    def execute(
-        self,
-        command: str,
-        arguments: Mapping[str, object] | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> Any:
-        """Run one QMP command through libvirt (whose own job timeout applies)."""
-        if self._dom is None:
-            raise QMPError("not connected", vm=self.vm, step=command)
-        try:
-            text = self._lvq.qemuMonitorCommand(self._dom, self._command(command, arguments), 0)
-        except self._lv.libvirtError as exc:
-            raise _error(
-                self._lv, exc, domain=self.vm, step=command, uri=self.uri, cls=QMPError
-            ) from exc
-        return self._reply(command, str(text))
-
-    def send_fd(self, name: str, fd: int) -> None:
-        """``getfd`` with ``fd`` attached, through virDomainQemuMonitorCommandWithFiles."""
-        if self._dom is None:
-            raise QMPError("not connected", vm=self.vm, step="getfd")
-        try:
-            text, _files = self._lvq.qemuMonitorCommandWithFiles(
-                self._dom, self._command("getfd", {"fdname": name}), [fd], 0
-            )
-        except self._lv.libvirtError as exc:
-            raise _error(
-                self._lv, exc, domain=self.vm, step="getfd", uri=self.uri, cls=QMPError
-            ) from exc
-        self._reply("getfd", str(text))
-
-    def _pull_one(self, timeout: float) -> None:
-        try:
-            name, seconds, micros, details = self._queue.get(timeout=max(0.0, timeout))
-        except queue.Empty:
+        if self._conn is None:
             return
-        try:
-            data = json.loads(details) if details else {}
-        except ValueError:
-            data = {}
-        self._events.append(
-            Event(name, data if isinstance(data, dict) else {}, seconds + micros / 1e6)
-        )
+        if self._callback_id is not None:
+            with contextlib.suppress(Exception):
+                self._lvq.qemuMonitorEventDeregister(self._conn, self._callback_id)
+            self._callback_id = None
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        self._conn = None
+        self._dom = None
 
-    def events_since(self, since: int) -> list[Event]:
-        time.sleep(0.01)  # let libvirt's event thread deliver what QEMU already sent
-        while not self._queue.empty():
-            self._pull_one(0.0)
-        return self._events[since:]
+
+def domain_monitor(domain: str, uri: str = DEFAULT_URI) -> Monitor:
+    """A connected Monitor on a running libvirt domain, through libvirt."""
+    channel = LibvirtChannel(domain, uri)
+    return Monitor(PassthroughTransport(channel, vm=domain), vm=domain).connect()
 
 
 # -- the spec, from the domain XML -------------------------------------------------------
@@ -353,76 +305,57 @@ def spec_from_xml(text: str, *, domain: str) -> LibvirtSpec:
     )
 
 
-# -- checkpoint and watch -------------------------------------------------------------------
+# -- the domain as a guest -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Domain:
-    """A libvirt domain as vmckpt checkpoints it."""
+class LibvirtGuest(Guest):
+    """A running libvirt domain: checkpointed where it runs (precopy-diff layers)."""
 
-    name: str
-    uri: str = DEFAULT_URI
+    kind = KIND
 
-    def monitor(self) -> LibvirtMonitor:
-        return LibvirtMonitor(self.name, self.uri).connect()
+    def __init__(self, store: Store, domain: str, uri: str | None = None) -> None:
+        if not domain or "/" in domain or "\0" in domain or domain in (".", ".."):
+            raise LibvirtError(f"{domain!r} is not a usable domain name", vm=domain, step="open")
+        super().__init__(store, domain)
+        self.uri = uri or DEFAULT_URI
+        self._spec: LibvirtSpec | None = None
 
     def spec(self) -> LibvirtSpec:
-        lv, _ = _modules()
-        conn = _open(lv, self.uri, self.name)
-        try:
-            dom = _lookup(lv, conn, self.name, self.uri)
-            if not dom.isActive():
-                raise LibvirtError("the domain is not running", vm=self.name, step="spec")
+        """The domain's spec, from its live XML (read once per command)."""
+        if self._spec is None:
+            lv, _ = _modules()
+            conn = _open(lv, self.uri, self.name)
             try:
-                text = dom.XMLDesc(lv.VIR_DOMAIN_XML_MIGRATABLE)
-            except lv.libvirtError as exc:
-                raise _error(lv, exc, domain=self.name, step="spec", uri=self.uri) from exc
-        finally:
-            with contextlib.suppress(Exception):
-                conn.close()
-        return spec_from_xml(str(text), domain=self.name)
+                dom = _lookup(lv, conn, self.name, self.uri)
+                if not dom.isActive():
+                    raise LibvirtError("the domain is not running", vm=self.name, step="spec")
+                try:
+                    text = dom.XMLDesc(lv.VIR_DOMAIN_XML_MIGRATABLE)
+                except lv.libvirtError as exc:
+                    raise _error(lv, exc, domain=self.name, step="spec", uri=self.uri) from exc
+            finally:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._spec = spec_from_xml(str(text), domain=self.name)
+        return self._spec
 
-    def record(self, store: Store) -> tuple[GuestRecord, Path]:
-        """The domain's record in the store (its chain's head), with a fresh spec."""
-        spec = self.spec()  # first: nothing is created in the store for a missing domain
-        runtime_dir = _runtime_dir(store, self.name)
-        head = None
-        with contextlib.suppress(MachineError):
-            head = GuestRecord.load(runtime_dir, self.name).head
-        if head is not None and not (store.path / "layers" / head).is_dir():
-            head = None  # its head layer was removed (gc): start a new chain
-        return GuestRecord(self.name, spec, None, head=head), runtime_dir
+    @property
+    def accel(self) -> str:
+        return self.spec().accel
 
+    def monitor(self) -> Monitor:
+        return domain_monitor(self.name, self.uri)
 
-def _runtime_dir(store: Store, name: str) -> Path:
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise LibvirtError(f"{name!r} is not a usable domain name", vm=name, step="open")
-    directory = store.path / LIBVIRT_DIR / name
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return directory
+    def guard(self) -> Guard:
+        return Guard.for_libvirt(store=self.store.path, name=self.name, uri=self.uri)
 
-
-def checkpoint_domain(
-    store: Store,
-    domain: Domain,
-    settings: CheckpointSettings | None = None,
-    *,
-    base: RamImage | None = None,
-) -> CheckpointResult:
-    """One precopy-diff checkpoint of a running libvirt domain into a new layer."""
-    record, runtime_dir = domain.record(store)
-    return take_checkpoint(store, record, runtime_dir, settings, base=base, monitor=domain.monitor)
-
-
-def watch_domain(
-    store: Store,
-    domain: Domain,
-    settings: WatchSettings,
-    report: Callable[[CheckpointResult, str], None],
-) -> int:
-    """``vmckpt watch`` for a libvirt domain (precopy-diff layers)."""
-    record, runtime_dir = domain.record(store)
-    return watch(store, record, runtime_dir, settings, report, monitor=domain.monitor)
+    def status(self) -> GuestStatus:
+        try:
+            with self.monitor() as mon:
+                state = mon.status()
+        except VmckptError:
+            state = "unreachable"
+        return GuestStatus(self.name, self.kind, state, None, self.head(), host=self.uri)
 
 
 # -- restore as a libvirt domain -------------------------------------------------------------
@@ -476,7 +409,12 @@ def write_save_image(sink: BinaryIO, xml: str, envelope: StreamEnvelope, ram: Ra
 
 
 def restore_domain(
-    store: Store, layer_ref: str | None, name: str, *, uri: str = DEFAULT_URI
+    store: Store,
+    layer_ref: str | None,
+    name: str,
+    *,
+    uri: str = DEFAULT_URI,
+    progress: Progress = NO_PROGRESS,
 ) -> DomainRestoreResult:
     """Define domain ``name`` from a layer's stored domain XML and start it from the layer.
 
@@ -484,10 +422,7 @@ def restore_domain(
     XML, or a domain of that name exists; a failure after the define undefines it.
     """
     started = time.monotonic()
-    layer_ids = store.layer_ids()
-    if not layer_ids:
-        raise RestoreError(f"store {store.path} holds no layers", vm=name, step="resolve")
-    layer_id = store.resolve(layer_ref) if layer_ref else layer_ids[-1]
+    layer_id = store.resolve(layer_ref) if layer_ref else store.newest()
     manifest = store.manifest(layer_id)
     text = manifest.spec.get("libvirt_xml")
     if not text:
@@ -517,29 +452,20 @@ def restore_domain(
                 layer=layer_id,
                 step="libvirt-define",
             )
-        ram, prelude, epilogue = store.compose(layer_id)
-        envelope = StreamEnvelope(
-            prelude=prelude,
-            machine_type=manifest.machine_type,
-            ram_section_id=manifest.ram_section[0],
-            ram_instance_id=manifest.ram_section[1],
-            ram_version_id=manifest.ram_section[2],
-            epilogue=epilogue,
-        )
+        image_of_layer = load_layer_image(store, layer_id, progress=progress)
         new_uuid = str(uuid.uuid4())
         xml = restored_xml(
             str(text), name=name, new_uuid=new_uuid, machine_type=manifest.machine_type
         )
         composed = time.monotonic()
-        runtime_dir = _runtime_dir(store, name)
-        image = runtime_dir / "restore.save"
+        image = store.runtime_dir(name, KIND) / "restore.save"
         defined: Any = None
         try:
             with contextlib.suppress(FileNotFoundError):
                 image.unlink()
             fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb", buffering=1 << 20) as sink:
-                written = write_save_image(sink, xml, envelope, ram)
+                written = write_save_image(sink, xml, image_of_layer.envelope, image_of_layer.ram)
             try:
                 defined = conn.defineXML(xml)
                 conn.restoreFlags(str(image), None, lv.VIR_DOMAIN_SAVE_RUNNING)
@@ -565,7 +491,7 @@ def restore_domain(
         finally:
             with contextlib.suppress(FileNotFoundError):
                 image.unlink()
-        GuestRecord(name, GuestSpec.from_dict(manifest.spec), None, head=layer_id).save(runtime_dir)
+        store.set_head(name, layer_id, KIND)
     finally:
         with contextlib.suppress(Exception):
             conn.close()

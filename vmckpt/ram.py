@@ -84,7 +84,3 @@ class RamImage:
 
     def same_layout(self, other: RamImage) -> bool:
         return self.blocks == other.blocks
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(block.length for block in self.blocks)

@@ -1,9 +1,13 @@
 """Bring a guest back to life from a layer.
 
-The chain is verified and composed first (nothing is started for a broken
-chain), then a QEMU is started from the stored spec with the layer's exact
-machine type, waiting for an incoming migration on a socket pair; vmckpt
-writes the composed stream into it and resumes the guest. A restore that
+:func:`load_layer_image` is the one "resolve → compose → envelope" step every
+restore uses (here, as a libvirt domain, on another host through its own
+vmckpt): the chain is verified and composed first, so nothing is started for
+a broken chain. :func:`restore_guest` then starts a QEMU from the stored spec
+with the layer's exact machine type, waiting for an incoming migration (a
+:class:`~vmckpt.session.MigrationSession`), writes the composed stream into
+it, resumes the guest, and watches it for a moment: a guest that panics,
+resets or whose QEMU exits right away is a failed restore. A restore that
 fails ends the QEMU it started; the store is only ever read.
 """
 
@@ -13,20 +17,57 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, cast
 
-from vmckpt.disks import discard_restored, materialize, track_restored
-from vmckpt.errors import MachineError, QMPError, RestoreError, VmckptError
-from vmckpt.images import Store
-from vmckpt.machine import GuestRecord, GuestSpec, QemuProcess
-from vmckpt.qmp import Monitor
+from vmckpt import log
+from vmckpt.backends import LocalGuest
+from vmckpt.disk_restore import discard_restored, materialize, track_restored
+from vmckpt.errors import QMPError, RestoreError, VmckptError
+from vmckpt.images import LayerManifest, Store
+from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.ram import RamImage
-from vmckpt.remote.media import relocate_media
+from vmckpt.session import MigrationSession
+from vmckpt.spec import GuestSpec, check_name
 from vmckpt.stream import StreamEnvelope, write_stream
 
-FD_NAME = "vmckpt-restore"
+LOAD_TIMEOUT_S = 120.0
+DEFAULT_CHECK_S = 1.0  # how long a restored guest is watched before the restore counts
+# Events that mean the restored guest died or restarted at once.
+FATAL_EVENTS = {"GUEST_PANICKED", "SHUTDOWN", "RESET", "GUEST_CRASHLOADED"}
+_log = log.get(__name__)
+
+
+@dataclass(frozen=True)
+class LayerImage:
+    """A layer composed with its chain: everything needed to load it into a QEMU."""
+
+    manifest: LayerManifest
+    ram: RamImage
+    envelope: StreamEnvelope
+
+    @property
+    def spec(self) -> GuestSpec:
+        return GuestSpec.from_dict(self.manifest.spec)
+
+
+def load_layer_image(
+    store: Store, layer_ref: str | None, *, progress: Progress = NO_PROGRESS
+) -> LayerImage:
+    """Resolve ``layer_ref`` (default: the newest layer), verify and compose its chain."""
+    layer_id = store.resolve(layer_ref) if layer_ref else store.newest()
+    manifest = store.manifest(layer_id)
+    with progress.task(f"composing layer {layer_id}", None):
+        ram, prelude, epilogue = store.compose(layer_id)
+    envelope = StreamEnvelope(
+        prelude=prelude,
+        machine_type=manifest.machine_type,
+        ram_section_id=manifest.ram_section[0],
+        ram_instance_id=manifest.ram_section[1],
+        ram_version_id=manifest.ram_section[2],
+        epilogue=epilogue,
+    )
+    return LayerImage(manifest, ram, envelope)
 
 
 @dataclass(frozen=True)
@@ -44,93 +85,80 @@ class RestoreResult:
             "name": self.name,
             "layer": self.layer,
             "pid": self.pid,
+            "host": "local",
             "compose_s": round(self.compose_s, 3),
             "load_s": round(self.load_s, 3),
             "total_s": round(self.total_s, 3),
-            "stream_bytes": self.stream_bytes,
+            "bytes": self.stream_bytes,
         }
 
 
+def relocate_media(spec: GuestSpec, store: Store) -> GuestSpec:
+    """The spec with each boot medium found by its content: at its own path, else in the
+    store's copy (restore on another host, see vmckpt/remote)."""
+    media = []
+    for medium in spec.media:
+        found = store.find_medium(medium.sha256, medium.path)
+        media.append(replace(medium, path=str(found)) if found else medium)
+    return replace(spec, media=tuple(media))
+
+
 def restore_guest(
-    store: Store, layer_ref: str | None, name: str | None, *, timeout_s: float = 120.0
+    store: Store,
+    layer_ref: str | None,
+    name: str | None,
+    *,
+    extra_args: tuple[str, ...] | None = None,
+    check_s: float = DEFAULT_CHECK_S,
+    progress: Progress = NO_PROGRESS,
 ) -> RestoreResult:
+    """Restore a layer into a new QEMU on this host, named ``name`` (default: the layer's
+    guest). ``extra_args`` are the free-form QEMU arguments to use (None: the layer's own)."""
     started = time.monotonic()
-    layer_ids = store.layer_ids()
-    if not layer_ids:
-        raise RestoreError(f"store {store.path} holds no layers", step="resolve")
-    layer_id = store.resolve(layer_ref) if layer_ref else layer_ids[-1]
-    manifest = store.manifest(layer_id)
-    name = name or manifest.guest
-    runtime_dir = store.guest_dir(name)
-    _refuse_if_running(runtime_dir, name)
-
-    # Boot media found by content: their own path, else a copy in the store (restore on
-    # another host, see vmckpt.remote.media).
-    spec = relocate_media(GuestSpec.from_dict(manifest.spec), store.path)
+    image = load_layer_image(store, layer_ref, progress=progress)
+    manifest = image.manifest
+    name = check_name(name or manifest.guest)
+    guest = LocalGuest(store, name)
+    guest.refuse_if_running()
+    spec = relocate_media(image.spec, store)
     spec.check_media(vm=name)
-    ram, prelude, epilogue = store.compose(layer_id)
-    envelope = StreamEnvelope(
-        prelude=prelude,
-        machine_type=manifest.machine_type,
-        ram_section_id=manifest.ram_section[0],
-        ram_instance_id=manifest.ram_section[1],
-        ram_version_id=manifest.ram_section[2],
-        epilogue=epilogue,
-    )
+    args = spec.qemu_args if extra_args is None else extra_args
+    runtime = store.runtime_dir(name)
     # Writable disks are rebuilt as new images beside the guest's runtime files.
-    spec = replace(spec, disks=materialize(store, manifest, spec.disks, runtime_dir, vm=name))
+    spec = replace(spec, disks=materialize(store, manifest, spec.disks, runtime, vm=name))
     composed = time.monotonic()
-
     try:
-        process = QemuProcess.launch(
-            spec,
-            name=name,
-            runtime_dir=runtime_dir,
-            machine_type=manifest.machine_type or None,
+        guest = LocalGuest.start(
+            store, name, spec, extra_args=args, machine_type=manifest.machine_type or None,
             incoming=True,
-        )
+        )  # fmt: skip
     except BaseException:
-        discard_restored(spec.disks, runtime_dir)
+        discard_restored(spec.disks, runtime)
         raise
+    process = guest.process()
     try:
-        written = _load_into(
-            process,
-            envelope,
-            ram,
-            timeout_s,
-            before_resume=lambda mon: track_restored(mon, spec.disks, manifest),
-        )
-        loaded = time.monotonic()
-        GuestRecord(name, spec, process, head=layer_id, machine_type=manifest.machine_type).save(
-            runtime_dir
-        )
+        with progress.task("loading into QEMU", None):
+            written, loaded = _load_into(guest, image, spec, check_s)
+        store.set_head(name, manifest.id)
     except BaseException as exc:
         process.kill()
-        discard_restored(spec.disks, runtime_dir)
+        discard_restored(spec.disks, runtime)
         if isinstance(exc, VmckptError) and not isinstance(exc, RestoreError):
-            raise RestoreError(exc.message, vm=name, layer=layer_id, step=exc.step) from exc
+            raise RestoreError(exc.message, vm=name, layer=manifest.id, step=exc.step) from exc
+        if isinstance(exc, RestoreError):
+            exc.layer = exc.layer or manifest.id
+            exc.args = (exc.one_line(),)
         raise
+    _log.info("%s: restored from layer %s", name, manifest.id)
     return RestoreResult(
         name=name,
-        layer=layer_id,
+        layer=manifest.id,
         pid=process.pid,
         compose_s=composed - started,
         load_s=loaded - composed,
         total_s=time.monotonic() - started,
         stream_bytes=written,
     )
-
-
-def _refuse_if_running(runtime_dir: Any, name: str) -> None:
-    with contextlib.suppress(MachineError):
-        record = GuestRecord.load(runtime_dir, name)
-        if record.process is not None and record.process.alive():
-            raise RestoreError(
-                f"a guest of this name is running (PID {record.process.pid}); "
-                "stop it or restore with --name",
-                vm=name,
-                step="restore",
-            )
 
 
 class _StreamSender(threading.Thread):
@@ -151,59 +179,65 @@ class _StreamSender(threading.Thread):
         finally:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_WR)
-            self.sock.close()
 
 
 def _load_into(
-    process: QemuProcess,
-    envelope: StreamEnvelope,
-    ram: RamImage,
-    timeout_s: float,
-    before_resume: Callable[[Monitor], None] | None = None,
-) -> int:
-    ours, theirs = socket.socketpair()
-    sender = _StreamSender(ours, envelope, ram)
-    try:
-        with process.monitor() as mon:
-            mon.set_migrate_capabilities({"events": True})
-            mark = mon.mark()
-            mon.send_fd(FD_NAME, theirs.fileno())
-            theirs.close()
+    guest: LocalGuest, image: LayerImage, spec: GuestSpec, check_s: float
+) -> tuple[int, float]:
+    """Load the composed stream, resume, watch the guest live; the bytes written and the
+    moment the guest ran."""
+    process = guest.process()
+    name = guest.name
+    with process.monitor() as mon:
+        session = MigrationSession(
+            mon, vm=name, error=RestoreError, capabilities={"events": True}, incoming=True,
+            timeout_s=LOAD_TIMEOUT_S,
+        )  # fmt: skip
+        with session:
+            sender = _StreamSender(session.socket(), image.envelope, image.ram)
             sender.start()
-            mon.migrate_incoming(f"fd:{FD_NAME}")
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if not process.alive():
-                    raise RestoreError(
-                        f"QEMU exited while loading the checkpoint: {process.log_tail()}",
-                        step="load",
-                    )
-                status = mon.query_migrate().status
-                if status == "completed":
-                    break
-                if status in {"failed", "cancelled"}:
+            try:
+                session.start()
+                try:
+                    session.wait()
+                except RestoreError as exc:
                     raise RestoreError(
                         f"QEMU rejected the checkpoint stream: {process.log_tail()}",
+                        vm=name,
                         step="load",
-                    )
-                if time.monotonic() > deadline:
-                    raise RestoreError(
-                        f"QEMU did not finish loading within {timeout_s:.0f} s", step="load"
-                    )
-                with contextlib.suppress(QMPError):
-                    mon.wait_event({"MIGRATION"}, 0.2, since=mark)
-                mark = mon.mark()
-            sender.join(timeout=30)
+                    ) from exc
+            finally:
+                sender.join(timeout=30)
             if sender.error is not None:
                 raise RestoreError(f"writing the stream failed: {sender.error}", step="load")
-            mon.set_migrate_capabilities({"events": False})
-            if before_resume is not None:
-                before_resume(mon)
-            mon.cont(retry_s=5.0)
-            if not mon.is_running():
-                raise RestoreError(f"the guest did not start: {mon.status()}", step="resume")
-            return sender.written
-    finally:
-        with contextlib.suppress(OSError):
-            theirs.close()
-        sender.join(timeout=5)
+            track_restored(mon, spec.disks, image.manifest)
+            mark = mon.mark()
+            session.resume()
+        running = time.monotonic()
+        if not mon.is_running():
+            raise RestoreError(f"the guest did not start: {mon.status()}", step="resume")
+        _watch_alive(guest, mon, mark, check_s)
+        return sender.written, running
+
+
+def _watch_alive(guest: LocalGuest, mon: Any, mark: int, check_s: float) -> None:
+    """Fail the restore if the guest dies, panics or resets within ``check_s``."""
+    process = guest.process()
+    deadline = time.monotonic() + check_s
+    while time.monotonic() < deadline:
+        for event in mon.events_since(mark):
+            if event.name in FATAL_EVENTS:
+                detail = event.data.get("action") or event.data.get("reason") or ""
+                what = f"{event.name}: {detail}" if detail else event.name
+                raise RestoreError(
+                    f"the restored guest failed at once ({what}); QEMU says: {process.log_tail()}",
+                    step="check-alive",
+                )
+        if not process.alive():
+            raise RestoreError(
+                f"QEMU exited right after the restore: {process.log_tail()}", step="check-alive"
+            )
+        with contextlib.suppress(QMPError):
+            mon.wait_event(
+                FATAL_EVENTS, min(0.2, max(0.0, deadline - time.monotonic())), since=mark
+            )

@@ -191,6 +191,11 @@ class BlockIndex:
     zeroed: PageNumbers
 
 
+def is_layer_file_name(name: str) -> bool:
+    """A name a layer's file may have (manifest.json included): no paths, no dot files."""
+    return bool(_FILE_NAME_RE.match(name)) and len(name) <= 64
+
+
 # --- manifest -------------------------------------------------------------
 
 

@@ -1,22 +1,33 @@
-"""A store: a directory of immutable, checksummed layers, written crash-safely.
+"""A store: a directory of immutable, checksummed layers, written crash-safely, and the
+runtime files of the guests that write into it. This module owns the store directory:
+no other module builds a path inside a store.
 
-Layout (docs/FORMAT.md has the byte-level specification)::
+Layout (docs/FORMAT.md has the byte-level specification of the layers)::
 
     store/vmckpt-store.json     marker: {"format": "vmckpt-store", "format_version": [1, 0]}
+    store/store.lock            the store lock (vmckpt/images/locks.py)
     store/layers/<id>/          one committed layer (manifest.json + its files)
-    store/layers/.tmp-<id>-<r>/ a layer being written; never read, never listed
-    store/guests/<name>/        runtime files of a running guest (managed by others)
+    store/layers/.tmp-<id>-<r>/ a layer being written or imported; never read, never listed
+    store/guests/<name>/        a guest's runtime files: record, head, sockets, logs, locks
+    store/libvirt/<domain>/     a libvirt domain's head (its own name space)
+    store/media/<sha256>/<file> boot media copied from another host, found by content
 
 A layer becomes visible only by the rename of its complete, fsynced directory,
 and its manifest (written and fsynced last) is the commit point, so a crash
-leaves either the whole layer or none of it.
+leaves either the whole layer or none of it. A guest's head moves with the
+commit under the store lock; a crash between the two is repaired from the
+``pending`` entry of the head file (see :meth:`Store.head`).
+
+Nothing in a store is followed as a symbolic link: a store can come from
+another host or user (docs/SECURITY.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -29,8 +40,20 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from vmckpt import faults
 from vmckpt.errors import CorruptLayerError, StoreError
+from vmckpt.fsutil import (
+    DIR_MODE,
+    FILE_MODE,
+    fsync_dir,
+    make_private_dir,
+    open_nofollow,
+    read_json,
+    sha256_file,
+    write_json_atomic,
+)
 from vmckpt.images import format as fmt
+from vmckpt.images import locks
 from vmckpt.images.format import (
     DEVICE,
     INDEX,
@@ -49,35 +72,37 @@ from vmckpt.ram import PAGE_SIZE, PageNumbers, RamBlock, RamImage
 STORE_MARKER = "vmckpt-store.json"
 LAYERS_DIR = "layers"
 GUESTS_DIR = "guests"
+LIBVIRT_DIR = "libvirt"
+MEDIA_DIR = "media"
 TMP_PREFIX = ".tmp-"
+STORE_LOCK = "store.lock"
+GUEST_LOCK = "checkpoint.lock"
+HEAD_FILE = "head.json"
+# Name spaces of guest runtime directories: guests vmckpt runs (or runs elsewhere), and
+# libvirt domains (whose names may repeat those of vmckpt's guests).
+KINDS = {"guest": GUESTS_DIR, "libvirt": LIBVIRT_DIR}
+RUNTIME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RECORD_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\.json$")
+STORE_LOCK_WAIT_S = 60.0  # publishing a layer holds it for milliseconds; maintenance longer
 
 # Pages copied per step when writing or composing: caps the temporary copy at 64 MiB.
 CHUNK_PAGES = 16384
-
-_FILE_MODE = 0o600
-_DIR_MODE = 0o700
-
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest (the guest spec included) is kilobytes
+# RAM a layer may describe beyond its guest's memory: video RAM, ROMs, ACPI tables.
+RAM_SLACK_BYTES = 1 << 30
 
 # --- durable file primitives ----------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _mkdir_private(path: Path) -> None:
-    os.mkdir(path, _DIR_MODE)
-    os.chmod(path, _DIR_MODE)  # whatever the umask
+    os.mkdir(path, DIR_MODE)
+    os.chmod(path, DIR_MODE)  # whatever the umask
 
 
 def _open_new(path: Path) -> int:
     """A new file, 0600, that must not exist yet (borg: open with "x")."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
-    os.fchmod(fd, _FILE_MODE)
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    os.fchmod(fd, FILE_MODE)
     return fd
 
 
@@ -96,9 +121,12 @@ def _write_new(path: Path, chunks: Iterable[Any]) -> FileEntry:
     return FileEntry(size=size, sha256=digest.hexdigest())
 
 
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as src:
-        return hashlib.file_digest(src, "sha256").hexdigest()
+def _is_real_dir(path: Path) -> bool:
+    """A directory, not a symbolic link to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _readinto_full(src: Any, buf: npt.NDArray[np.uint8]) -> int:
@@ -124,20 +152,24 @@ class _CheckedLayer:
 
 
 class Store:
-    """A vmckpt store on disk: create it, list, resolve, verify, compose and write layers."""
+    """A vmckpt store on disk: layers (list, resolve, verify, compose, write, import) and the
+    runtime files of its guests (records, heads, locks, media)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | str) -> None:
         """Open an existing store; StoreError if ``path`` is missing or not a store."""
-        self.path = Path(path)
+        self.path = Path(path).expanduser().absolute()
         if not self.path.exists():
-            raise StoreError(f"store {self.path} does not exist", step="open")
+            raise StoreError(
+                f"store {self.path} does not exist (create it with `vmckpt init {self.path}`)",
+                step="open",
+            )
         marker = self.path / STORE_MARKER
-        if not self.path.is_dir() or not marker.is_file():
+        if not _is_real_dir(self.path) or not marker.is_file() or marker.is_symlink():
             raise StoreError(
                 f"{self.path} is not a vmckpt store (it has no {STORE_MARKER})", step="open"
             )
         try:
-            obj = json.loads(marker.read_bytes().decode("utf-8"))
+            obj = read_json(marker)
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise StoreError(f"{marker}: cannot be read ({exc})", step="open") from exc
         if not isinstance(obj, dict) or obj.get("format") != STORE_FORMAT:
@@ -148,15 +180,26 @@ class Store:
         fmt.check_version(version, what=str(marker), layer=None, step="open")
 
     @classmethod
-    def create(cls, path: Path) -> Store:
-        """Create a store at ``path`` (parents too), or open it if it is one already.
+    def create(cls, path: Path | str, *, parents: bool = False) -> Store:
+        """Create a store at ``path``, or open it if it is one already.
 
-        Refuses a non-empty directory that is not a store. The marker file is
-        written last, atomically, so a half-created store is not a store.
+        Only the last component is created unless ``parents``: a missing parent
+        directory is refused (a typo in a store path must not create a store
+        somewhere unexpected), as is a non-empty directory that is not a store.
+        The marker file is written last, atomically, so a half-created store is
+        not a store.
         """
-        path = Path(path)
+        path = Path(path).expanduser().absolute()
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        if not path.parent.is_dir():
+            raise StoreError(
+                f"cannot create store {path}: its parent directory {path.parent} does not exist",
+                step="create",
+            )
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                _mkdir_private(path)
             if (path / STORE_MARKER).exists():
                 return cls(path)
             leftovers = sorted(entry.name for entry in path.iterdir())
@@ -165,7 +208,7 @@ class Store:
                     f"{path} is not empty and not a vmckpt store ({', '.join(leftovers[:3])}...)",
                     step="create",
                 )
-            os.chmod(path, _DIR_MODE)
+            os.chmod(path, DIR_MODE)
             for sub in (LAYERS_DIR, GUESTS_DIR):
                 if not (path / sub).is_dir():
                     _mkdir_private(path / sub)
@@ -180,8 +223,8 @@ class Store:
                 os.replace(tmp, path / STORE_MARKER)
             finally:
                 tmp.unlink(missing_ok=True)
-            _fsync_dir(path)
-            _fsync_dir(path.parent)
+            fsync_dir(path)
+            fsync_dir(path.parent)
         except OSError as exc:
             raise StoreError(f"cannot create store {path}: {exc}", step="create") from exc
         return cls(path)
@@ -192,21 +235,6 @@ class Store:
     def layers_path(self) -> Path:
         return self.path / LAYERS_DIR
 
-    def guest_dir(self, name: str) -> Path:
-        """store/guests/<name>/, created 0700 if needed, for a running guest's runtime files."""
-        if not name or name in (".", "..") or "/" in name or "\0" in name:
-            raise StoreError(f"{name!r} is not a usable guest name", vm=name, step="open")
-        guests = self.path / GUESTS_DIR
-        directory = guests / name
-        try:
-            if not guests.is_dir():
-                _mkdir_private(guests)
-            if not directory.is_dir():
-                _mkdir_private(directory)
-        except OSError as exc:
-            raise StoreError(f"cannot create {directory}: {exc}", vm=name, step="open") from exc
-        return directory
-
     def _layer_dir(self, layer_id: str) -> Path:
         return self.layers_path / layer_id
 
@@ -215,7 +243,9 @@ class Store:
             entries = list(os.scandir(self.layers_path))
         except FileNotFoundError:
             return []
-        return [e.name for e in entries if LAYER_ID_RE.match(e.name) and e.is_dir()]
+        return [
+            e.name for e in entries if LAYER_ID_RE.match(e.name) and e.is_dir(follow_symlinks=False)
+        ]
 
     def layer_ids(self) -> list[str]:
         """Ids of the layers in the store, oldest first (by created time, then id).
@@ -225,7 +255,7 @@ class Store:
 
         def created(layer_id: str) -> str:
             try:
-                obj = json.loads((self._layer_dir(layer_id) / MANIFEST).read_bytes())
+                obj = read_json(self._layer_dir(layer_id) / MANIFEST)
             except (OSError, ValueError):
                 return ""
             value = obj.get("created") if isinstance(obj, dict) else None
@@ -233,9 +263,19 @@ class Store:
 
         return sorted(self._layer_names(), key=lambda layer_id: (created(layer_id), layer_id))
 
-    def new_layer_id(self) -> str:
-        """A fresh id: 1 + the highest sequence number in the store, and 6 random hex digits."""
-        seqs = [int(name.split("-", 1)[0]) for name in self._layer_names()]
+    def has_layer(self, layer_id: str) -> bool:
+        return bool(LAYER_ID_RE.match(layer_id)) and _is_real_dir(self._layer_dir(layer_id))
+
+    def _new_layer_id(self) -> str:
+        """A fresh id (call under the store lock): 1 + the highest sequence number of any
+        layer or layer being written, and 6 random hex digits."""
+        seqs: list[int] = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.layers_path):
+                name = entry.name.removeprefix(TMP_PREFIX)
+                head = name.split("-", 1)[0]
+                if head.isdigit():
+                    seqs.append(int(head))
         return f"{max(seqs, default=0) + 1:04d}-{secrets.token_hex(3)}"
 
     def resolve(self, ref: str) -> str:
@@ -251,6 +291,180 @@ class Store:
             raise StoreError(f"{ref!r} is ambiguous: it matches {shown}", step="resolve")
         return matches[0]
 
+    def newest(self) -> str:
+        """The newest layer's id; StoreError if the store holds none."""
+        ids = self.layer_ids()
+        if not ids:
+            raise StoreError(f"store {self.path} holds no layers", step="resolve")
+        return ids[-1]
+
+    # --- locks ---------------------------------------------------------------
+
+    def lock(
+        self, what: str, wait_s: float = STORE_LOCK_WAIT_S
+    ) -> contextlib.AbstractContextManager[None]:
+        """The store lock (see vmckpt/images/locks.py)."""
+        return locks.hold(
+            self.path / STORE_LOCK,
+            what=what,
+            wait_s=wait_s,
+            busy=f"store {self.path} is busy",
+        )
+
+    def guest_lock(
+        self, name: str, *, what: str, wait_s: float, kind: str = "guest"
+    ) -> contextlib.AbstractContextManager[None]:
+        """A guest's checkpoint lock: one checkpoint (or checkpoint session) at a time."""
+        return locks.hold(
+            self.runtime_dir(name, kind) / GUEST_LOCK,
+            what=what,
+            wait_s=wait_s,
+            busy=f"guest {name}: a checkpoint is under way",
+        )
+
+    def guest_locked(self, name: str, kind: str = "guest") -> bool:
+        return locks.is_held(self._runtime_path(name, kind) / GUEST_LOCK)
+
+    # --- guests' runtime files ---------------------------------------------
+
+    def _runtime_path(self, name: str, kind: str) -> Path:
+        if kind not in KINDS:
+            raise StoreError(f"unknown kind of guest {kind!r}", vm=name, step="open")
+        if not RUNTIME_NAME_RE.match(name):
+            raise StoreError(f"{name!r} is not a usable guest name", vm=name, step="open")
+        return self.path / KINDS[kind] / name
+
+    def runtime_dir(self, name: str, kind: str = "guest") -> Path:
+        """The directory of a guest's runtime files (created 0700 if needed): QEMU's sockets
+        and logs live there; records, heads and locks are reached through the store."""
+        directory = self._runtime_path(name, kind)
+        try:
+            if not _is_real_dir(directory.parent):
+                make_private_dir(directory.parent)
+            if not _is_real_dir(directory):
+                make_private_dir(directory)
+        except OSError as exc:
+            raise StoreError(f"cannot create {directory}: {exc}", vm=name, step="open") from exc
+        return directory
+
+    def has_runtime(self, name: str, kind: str = "guest") -> bool:
+        return _is_real_dir(self._runtime_path(name, kind))
+
+    def read_record(self, name: str, record: str, kind: str = "guest") -> dict[str, Any] | None:
+        """A guest's JSON record file (``guest.json``, ``remote.json``), or None if absent."""
+        if not RECORD_NAME_RE.match(record):
+            raise StoreError(f"{record!r} is not a record name", vm=name, step="read-record")
+        path = self._runtime_path(name, kind) / record
+        try:
+            data = read_json(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read {path}: {exc}", vm=name, step="read-record") from exc
+        if not isinstance(data, dict):
+            raise StoreError(f"{path} is not a JSON object", vm=name, step="read-record")
+        return data
+
+    def write_record(
+        self, name: str, record: str, data: dict[str, Any], kind: str = "guest"
+    ) -> None:
+        """Replace a guest's record atomically (unique temporary name, fsync, rename)."""
+        if not RECORD_NAME_RE.match(record):
+            raise StoreError(f"{record!r} is not a record name", vm=name, step="write-record")
+        path = self.runtime_dir(name, kind) / record
+        try:
+            write_json_atomic(path, data)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc}", vm=name, step="write-record") from exc
+
+    def remove_record(self, name: str, record: str, kind: str = "guest") -> None:
+        if RECORD_NAME_RE.match(record) and self.has_runtime(name, kind):
+            (self._runtime_path(name, kind) / record).unlink(missing_ok=True)
+
+    def names_with(self, record: str, kind: str = "guest") -> list[str]:
+        """Names of the guests of ``kind`` that have a ``record`` file."""
+        root = self.path / KINDS[kind]
+        if not _is_real_dir(root):
+            return []
+        return sorted(
+            entry.name
+            for entry in os.scandir(root)
+            if RUNTIME_NAME_RE.match(entry.name)
+            and entry.is_dir(follow_symlinks=False)
+            and (Path(entry.path) / record).is_file()
+        )
+
+    def journal_path(self, name: str, file: str, kind: str = "guest") -> Path:
+        """Where a guest's journal ``file`` lives (vmckpt.session's migration journal)."""
+        if not RECORD_NAME_RE.match(file):
+            raise StoreError(f"{file!r} is not a journal name", vm=name, step="journal")
+        return self.runtime_dir(name, kind) / file
+
+    # --- heads ---------------------------------------------------------------
+
+    def head(self, name: str, kind: str = "guest") -> str | None:
+        """The layer guest ``name``'s next checkpoint is a delta against, or None.
+
+        A ``pending`` head is one whose layer was being published when its writer
+        died: if that layer exists (the rename happened), it is the head.
+        """
+        if not self.has_runtime(name, kind):
+            return None
+        data = self.read_record(name, HEAD_FILE, kind) or {}
+        head, pending = data.get("head"), data.get("pending")
+        if isinstance(pending, str) and self.has_layer(pending):
+            head = pending
+        if isinstance(head, str) and self.has_layer(head):
+            return head
+        return None
+
+    def set_head(self, name: str, layer_id: str | None, kind: str = "guest") -> None:
+        """Move a guest's head (a restored guest starts from the layer it was restored from)."""
+        with self.lock(f"set head of {name}"):
+            self.write_record(name, HEAD_FILE, {"head": layer_id, "pending": None}, kind)
+
+    # --- media ----------------------------------------------------------------
+
+    def media_path(self, sha256: str, file_name: str) -> Path:
+        """Where the store keeps its own copy of a boot medium: media/<sha256>/<file name>."""
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256) or not RUNTIME_NAME_RE.match(file_name):
+            raise StoreError(f"{file_name!r} ({sha256[:12]}) is not a medium name", step="media")
+        return self.path / MEDIA_DIR / sha256 / file_name
+
+    def find_medium(self, sha256: str, original: str) -> Path | None:
+        """A file with this content: the original path if it still holds it, else the store's
+        copy. The content hash decides, never the path."""
+        candidates = [Path(original)]
+        with contextlib.suppress(StoreError):
+            candidates.append(self.media_path(sha256, Path(original).name))
+        for candidate in candidates:
+            with contextlib.suppress(OSError):
+                if candidate.is_file() and sha256_file(candidate.resolve()) == sha256:
+                    return candidate.resolve() if candidate == Path(original) else candidate
+        return None
+
+    def import_medium(self, sha256: str, file_name: str, chunks: Iterable[bytes]) -> Path:
+        """Store a copy of a boot medium received from another host, checked by its hash."""
+        target = self.media_path(sha256, file_name)
+        try:
+            for directory in (target.parent.parent, target.parent):
+                if not _is_real_dir(directory):
+                    make_private_dir(directory)
+            partial = target.with_name(f"{TMP_PREFIX}{file_name}-{secrets.token_hex(4)}")
+            try:
+                entry = _write_new(partial, chunks)
+                if entry.sha256 != sha256:
+                    raise StoreError(
+                        f"{file_name}: the copy's sha256 is not the one announced", step="media"
+                    )
+                os.replace(partial, target)
+            finally:
+                partial.unlink(missing_ok=True)
+            fsync_dir(target.parent)
+        except OSError as exc:
+            raise StoreError(f"cannot store medium {file_name}: {exc}", step="media") from exc
+        return target
+
     # --- reading ----------------------------------------------------------
 
     def manifest(self, layer_id: str) -> LayerManifest:
@@ -261,10 +475,21 @@ class Store:
         if not LAYER_ID_RE.match(layer_id):
             raise StoreError(f"{layer_id!r} is not a layer id", step=step)
         directory = self._layer_dir(layer_id)
-        if not directory.is_dir():
+        if not _is_real_dir(directory):
+            if directory.is_symlink():
+                raise CorruptLayerError(
+                    "the layer directory is a symbolic link (refused)", layer=layer_id, step=step
+                )
             raise StoreError(f"no such layer in {self.path}", layer=layer_id, step=step)
         try:
-            data = (directory / MANIFEST).read_bytes()
+            with os.fdopen(open_nofollow(directory / MANIFEST), "rb") as handle:
+                data = handle.read(MAX_MANIFEST_BYTES + 1)
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise CorruptLayerError(
+                    f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes",
+                    layer=layer_id,
+                    step=step,
+                )
         except FileNotFoundError as exc:
             raise CorruptLayerError(f"{MANIFEST} is missing", layer=layer_id, step=step) from exc
         except OSError as exc:
@@ -295,7 +520,7 @@ class Store:
                     layer=chain[-1].id,
                     step=step,
                 )
-            if chain and not self._layer_dir(current).is_dir():
+            if chain and not _is_real_dir(self._layer_dir(current)):
                 raise CorruptLayerError(
                     f"{MANIFEST}: parent {current} is missing", layer=chain[-1].id, step=step
                 )
@@ -331,10 +556,11 @@ class Store:
         for name, entry in sorted(manifest.files.items()):
             path = directory / name
             try:
-                info = os.stat(path)
+                info = os.lstat(path)
             except FileNotFoundError as exc:
                 raise corrupt(f"{name} is missing") from exc
             if not stat.S_ISREG(info.st_mode):
+                # Never read through a link: it could point anywhere outside the store.
                 raise corrupt(f"{name} is not a regular file")
             if info.st_size != entry.size:
                 hint = " (truncated?)" if info.st_size < entry.size else ""
@@ -342,9 +568,10 @@ class Store:
             if name == PAGES or (name.startswith("disk-") and name.endswith(".bin")):
                 if name == PAGES and not hash_pages:
                     continue
-                found = _sha256_file(path)
+                found = sha256_file(path)
             else:
-                small[name] = path.read_bytes()
+                with os.fdopen(open_nofollow(path), "rb") as handle:
+                    small[name] = handle.read()
                 found = hashlib.sha256(small[name]).hexdigest()
             if found != entry.sha256:
                 raise corrupt(f"{name}: sha256 mismatch (expected {entry.sha256}, found {found})")
@@ -392,11 +619,25 @@ class Store:
         chain = self._chain(layer_id, "compose", {})
         checked = [self._check_layer(m, "compose", hash_pages=False) for m in chain]
         newest = chain[-1]
+        self._check_ram_size(newest, "compose")
         image = RamImage.zeroed([RamBlock(block.idstr, block.length) for block in newest.blocks])
         scratch = np.empty((CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
         for layer in checked:
             self._apply_pages(layer, image, scratch)
         return image, checked[-1].prelude, checked[-1].device
+
+    def _check_ram_size(self, manifest: LayerManifest, step: str) -> None:
+        """Refuse, before allocating it, RAM far beyond what the layer's guest has."""
+        memory = manifest.spec.get("memory_mib")
+        limit = (memory << 20 if type(memory) is int and memory > 0 else 0) + RAM_SLACK_BYTES
+        total = sum(block.length for block in manifest.blocks)
+        if total > limit:
+            raise CorruptLayerError(
+                f"{MANIFEST}: RAM blocks of {total} bytes in all exceed the guest's memory "
+                f"({memory} MiB) by far",
+                layer=manifest.id,
+                step=step,
+            )
 
     def _apply_pages(
         self, layer: _CheckedLayer, image: RamImage, scratch: npt.NDArray[np.uint8]
@@ -404,7 +645,7 @@ class Store:
         manifest = layer.manifest
         expected = manifest.files[PAGES]
         digest = hashlib.sha256()
-        with open(self._layer_dir(manifest.id) / PAGES, "rb") as src:
+        with os.fdopen(open_nofollow(self._layer_dir(manifest.id) / PAGES), "rb") as src:
             for block, part in zip(manifest.blocks, layer.parts, strict=True):
                 view = image.pages_of(block.idstr)
                 if part.zeroed.size:
@@ -470,14 +711,17 @@ class Store:
                     out.truncate(size)
                     checked = self._check_layer(manifest, "compose-disk", hash_pages=False)
                     del checked
-                    index_bytes = (self._layer_dir(manifest.id) / record.index_file).read_bytes()
+                    index_path = self._layer_dir(manifest.id) / record.index_file
+                    with os.fdopen(open_nofollow(index_path), "rb") as handle:
+                        index_bytes = handle.read()
                     index = fmt.decode_disk_index(index_bytes, record, manifest.id, "compose-disk")
                     for offset, length in index.zeroed:
                         out.seek(offset)
                         for start in range(0, length, 1 << 20):
                             out.write(bytes(min(1 << 20, length - start)))
                     digest = hashlib.sha256()
-                    with open(self._layer_dir(manifest.id) / record.data_file, "rb") as src:
+                    data_path = self._layer_dir(manifest.id) / record.data_file
+                    with os.fdopen(open_nofollow(data_path), "rb") as src:
                         for offset, length in index.stored:
                             out.seek(offset)
                             remaining = length
@@ -515,14 +759,35 @@ class Store:
 
     # --- writing ----------------------------------------------------------
 
-    def write_layer(self, content: LayerContent) -> LayerManifest:
-        """Write ``content`` as a new layer, atomically; return its manifest.
+    def check_writable(self) -> None:
+        """Refuse early (before a guest is paused for a checkpoint) a store that cannot take
+        a new layer: a read-only file system, missing permissions."""
+        probe = self.layers_path / f"{TMP_PREFIX}probe-{secrets.token_hex(4)}"
+        try:
+            _mkdir_private(probe)
+            probe.rmdir()
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write into {self.layers_path}: {exc.strerror or exc}", step="check-store"
+            ) from exc
 
-        The layer is built in layers/.tmp-<id>-<random>/, every file fsynced,
-        manifest.json written and fsynced last, the directory fsynced, renamed
-        to layers/<id> and layers/ fsynced. On any failure the temporary
-        directory is removed and the store is as before; an OSError is raised
-        as StoreError, anything else is re-raised as it is.
+    def write_layer(self, content: LayerContent) -> LayerManifest:
+        """Write ``content`` as a new layer, atomically, moving no guest's head."""
+        return self.commit_layer(content, head_of=None)
+
+    def commit_layer(
+        self, content: LayerContent, *, head_of: tuple[str, str] | None
+    ) -> LayerManifest:
+        """Write ``content`` as a new layer and make it the head of ``head_of`` (kind, name).
+
+        The id is allocated under the store lock (the temporary directory that
+        reserves it is made under the lock too, so ids never repeat); the layer is
+        built in layers/.tmp-<id>-<random>/, every file fsynced, manifest.json
+        written and fsynced last, the directory fsynced; then, under the store
+        lock, the head file notes the layer as pending, the directory is renamed
+        to layers/<id>, layers/ fsynced, and the head moved. On any failure the
+        temporary directory is removed and the store is as before; an OSError is
+        raised as StoreError, anything else as it is.
         """
         parts = _check_content(content)
         if content.parent is not None:
@@ -534,12 +799,8 @@ class Store:
                     f"{parent.id} {parent.layout}",
                     step="write",
                 )
-        layer_id = self.new_layer_id()
-        final = self._layer_dir(layer_id)
-        tmp = self.layers_path / f"{TMP_PREFIX}{layer_id}-{secrets.token_hex(4)}"
-        renamed = False
+        tmp, layer_id = self._reserve()
         try:
-            _mkdir_private(tmp)
             files = {
                 PAGES: _write_new(tmp / PAGES, _page_chunks(content.ram, parts)),
                 INDEX: _write_new(tmp / INDEX, [fmt.encode_index(parts)]),
@@ -571,21 +832,143 @@ class Store:
             # Return what a reader will see (JSON turns tuples into lists, etc.).
             manifest = fmt.parse_manifest(data, layer_id, "write")
             _write_new(tmp / MANIFEST, [data])  # the commit point
-            _fsync_dir(tmp)
-            if os.path.lexists(final):
-                raise StoreError(f"{final} exists already", layer=layer_id, step="write")
-            os.rename(tmp, final)
-            renamed = True
-            _fsync_dir(self.layers_path)
+            fsync_dir(tmp)
         except BaseException as exc:
-            shutil.rmtree(final if renamed else tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError):
-                where = Path(exc.filename).name if exc.filename else "layer directory"
-                raise StoreError(
-                    f"{where}: {exc.strerror or exc}", layer=layer_id, step="write"
-                ) from exc
+                raise _write_error(exc, layer_id) from exc
             raise
+        self._publish(tmp, layer_id, head_of)
         return manifest
+
+    def _reserve(self) -> tuple[Path, str]:
+        """A new layer id and the temporary directory that reserves it."""
+        try:
+            with self.lock("allocate a layer id"):
+                layer_id = self._new_layer_id()
+                tmp = self.layers_path / f"{TMP_PREFIX}{layer_id}-{secrets.token_hex(4)}"
+                _mkdir_private(tmp)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write into {self.layers_path}: {exc.strerror or exc}", step="write"
+            ) from exc
+        return tmp, layer_id
+
+    def _publish(self, tmp: Path, layer_id: str, head_of: tuple[str, str] | None) -> None:
+        """Rename a complete temporary layer into place and move the head, under the lock."""
+        final = self._layer_dir(layer_id)
+        try:
+            with self.lock(f"publish layer {layer_id}"):
+                if head_of is not None:
+                    kind, name = head_of
+                    old = self.head(name, kind)
+                    self.write_record(name, HEAD_FILE, {"head": old, "pending": layer_id}, kind)
+                if os.path.lexists(final):
+                    raise StoreError(f"{final} exists already", layer=layer_id, step="write")
+                os.rename(tmp, final)
+                fsync_dir(self.layers_path)
+                faults.point(faults.BEFORE_HEAD)
+                if head_of is not None:
+                    kind, name = head_of
+                    self.write_record(name, HEAD_FILE, {"head": layer_id, "pending": None}, kind)
+        except BaseException as exc:
+            if not _is_real_dir(final):
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise _write_error(exc, layer_id) from exc
+            raise
+
+    def receive_layer(
+        self,
+        layer_id: str,
+        manifest_sha256: str,
+        files: Iterable[tuple[str, Iterable[bytes]]],
+    ) -> bool:
+        """Take in a layer copied from another store, file by file; publish it only once
+        every file matches its manifest and the manifest the sender's hash.
+
+        Returns False if the store has that layer already (with the same manifest);
+        StoreError if it has a different one under that id, or the copy is damaged
+        (nothing is then added).
+        """
+        if not LAYER_ID_RE.match(layer_id):
+            raise StoreError(f"{layer_id!r} is not a layer id", step="receive-layer")
+        if self.has_layer(layer_id):
+            ours = sha256_file(self._layer_dir(layer_id) / MANIFEST)
+            if ours != manifest_sha256:
+                raise StoreError(
+                    "the store has a different layer under this id", layer=layer_id,
+                    step="receive-layer",
+                )  # fmt: skip
+            for _name, chunks in files:
+                for _chunk in chunks:
+                    pass  # consume what the sender sends anyway
+            return False
+        tmp = self.layers_path / f"{TMP_PREFIX}{layer_id}-{secrets.token_hex(4)}"
+        try:
+            _mkdir_private(tmp)
+            written: dict[str, FileEntry] = {}
+            for name, chunks in files:
+                if not fmt.is_layer_file_name(name) or name in written:
+                    raise StoreError(
+                        f"file name {name!r} is not allowed", layer=layer_id, step="receive-layer"
+                    )
+                written[name] = _write_new(tmp / name, chunks)
+            self._check_copy(tmp, layer_id, manifest_sha256, written)
+            fsync_dir(tmp)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise _write_error(exc, layer_id) from exc
+            raise
+        self._publish(tmp, layer_id, None)
+        return True
+
+    def _check_copy(
+        self, tmp: Path, layer_id: str, manifest_sha256: str, written: dict[str, FileEntry]
+    ) -> None:
+        def bad(message: str) -> StoreError:
+            return StoreError(f"the copy is damaged: {message}", layer=layer_id, step="check-copy")
+
+        if MANIFEST not in written:
+            raise bad(f"{MANIFEST} is missing")
+        if written[MANIFEST].sha256 != manifest_sha256:
+            raise bad(f"{MANIFEST} differs from the one the sender has")
+        with os.fdopen(open_nofollow(tmp / MANIFEST), "rb") as handle:
+            manifest = fmt.parse_manifest(handle.read(), layer_id, "check-copy")
+        if manifest.id != layer_id:
+            raise bad(f"{MANIFEST} names layer {manifest.id}")
+        for name, entry in manifest.files.items():
+            got = written.get(name)
+            if got is None:
+                raise bad(f"{name} is missing")
+            if got != entry:
+                raise bad(f"{name} does not match its manifest (size or sha256)")
+        extra = set(written) - set(manifest.files) - {MANIFEST}
+        if extra:
+            raise bad(f"unexpected files {sorted(extra)}")
+
+    def layer_files(self, layer_id: str) -> list[tuple[str, Path, int]]:
+        """A committed layer's files to send to another store: name, path, size; the
+        manifest last (the receiver commits on it)."""
+        manifest = self.manifest(layer_id)
+        directory = self._layer_dir(layer_id)
+        names = [*sorted(manifest.files), MANIFEST]
+        return [(name, directory / name, os.lstat(directory / name).st_size) for name in names]
+
+    def manifest_sha256(self, layer_id: str) -> str:
+        """The SHA-256 of a layer's manifest.json file as stored (its identity across stores)."""
+        self.manifest(layer_id)
+        return sha256_file(self._layer_dir(layer_id) / MANIFEST)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.path).free
+
+
+def _write_error(exc: OSError, layer_id: str) -> StoreError:
+    """An OSError while writing a layer, as a StoreError naming the file."""
+    where = Path(exc.filename).name if exc.filename else "layer directory"
+    return StoreError(f"{where}: {exc.strerror or exc}", layer=layer_id, step="write")
 
 
 def _file_chunks(path: Path, expected: int) -> Iterable[bytes]:

@@ -1,14 +1,12 @@
 """Other hosts over SSH (paramiko): copy layers, restore there, live-migrate, relay commands."""
 
-from vmckpt.remote.migrate import MigrateResult, MigrateSettings, migrate_guest
+from vmckpt.remote.migrate import MigrateResult, MigrateSettings, migrate_by_layers, migrate_guest
 from vmckpt.remote.ops import (
     DEFAULT_REMOTE_STORE,
-    RemoteRecord,
+    RemoteGuest,
     RemoteRestoreResult,
     RemoteTarget,
-    relay,
     remote_names,
-    remote_status,
     restore_remote,
 )
 from vmckpt.remote.ssh import DEFAULT_KNOWN_HOSTS, HostAddress, SshOptions
@@ -19,13 +17,12 @@ __all__ = [
     "HostAddress",
     "MigrateResult",
     "MigrateSettings",
-    "RemoteRecord",
+    "RemoteGuest",
     "RemoteRestoreResult",
     "RemoteTarget",
     "SshOptions",
+    "migrate_by_layers",
     "migrate_guest",
-    "relay",
     "remote_names",
-    "remote_status",
     "restore_remote",
 ]

@@ -3,17 +3,20 @@
 vmckpt runs this on whichever host holds the store and the QEMU concerned,
 over SSH on another host and as a child process on this one, so both ends
 run the same code. Every command prints JSON lines on stdout; a failure is a
-last line ``{"error": ..., "exit": ...}`` and that exit code.
+last line ``{"error": ..., "exit": ...}`` and that exit code. All store work
+goes through :class:`vmckpt.images.Store` (its commit path, its checks).
 
 Commands:
 
 - ``prepare``: create the store if needed; list its layers (id -> sha256 of manifest.json).
-- ``commit-layer``: check a layer copied into ``layers/.tmp-*`` against its manifest
-  (every file's size and sha256), then rename it into place; or remove it.
+- ``receive-layers``: layers on stdin (a JSON header line per layer naming its files
+  and sizes, then their bytes), each published only once every file matches its
+  manifest and the manifest the sender's hash (``Store.receive_layer``).
+- ``receive-medium``: a boot medium on stdin, kept under ``media/<sha256>/``.
 - ``media``: which boot media (role, sha256, path) this host has, by content.
 - ``describe``: a guest's spec, versioned machine type and head layer.
-- ``receive``: the destination of a live migration (see :func:`receive`).
-- ``send``: the source of a live migration (see :func:`send`).
+- ``receive``: the destination of a live migration (see :func:`cmd_receive`).
+- ``send``: the source of a live migration (see :func:`cmd_send`).
 
 ``receive`` and ``send`` read commands from stdin, one per line: ``ping``
 (the orchestrator is alive), ``commit``, ``abort``. No ``ping`` for
@@ -25,117 +28,105 @@ QEMU at the destination.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
-import os
 import queue
-import shutil
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from vmckpt.checkpoint import ACTIVE_MIGRATION, leave_guest_as_found
-from vmckpt.errors import MachineError, QMPError, RemoteError, StoreError, VmckptError
+from vmckpt import log
+from vmckpt.backends import LocalGuest
+from vmckpt.errors import RemoteError, StoreError, VmckptError
 from vmckpt.images import Store
-from vmckpt.images.format import LAYER_ID_RE, MANIFEST, parse_manifest
-from vmckpt.machine import BootMedium, GuestRecord, GuestSpec, QemuProcess
-from vmckpt.qmp import Monitor
-from vmckpt.remote.media import find_medium, relocate_media
+from vmckpt.restore import relocate_media
+from vmckpt.session import JOURNAL, MigrationSession
+from vmckpt.spec import BootMedium, GuestSpec
 
-TMP_PREFIX = ".tmp-"
+CHUNK = 1 << 20
+MAX_HEADER = 1 << 20
+POLL_S = 0.05
+REPORT_EVERY_S = 0.5
 
 
 def emit(**data: Any) -> None:
     print(json.dumps(data, sort_keys=True), flush=True)
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 # -- store commands ---------------------------------------------------------------
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    store = Store.create(Path(args.store))
-    layers: dict[str, str] = {}
-    for layer_id in store.layer_ids():
-        with contextlib.suppress(OSError):
-            layers[layer_id] = _sha256(store.layers_path / layer_id / MANIFEST)
-    usage = shutil.disk_usage(store.path)
-    emit(store=str(store.path.resolve()), layers=layers, free_bytes=usage.free)
+    # The store there is the one the user named (default ~/.vmckpt/store): made on first use.
+    store = Store.create(Path(args.store), parents=True)
+    layers = {layer_id: store.manifest_sha256(layer_id) for layer_id in store.layer_ids()}
+    emit(store=str(store.path), layers=layers, free_bytes=store.free_bytes())
     return 0
 
 
-def cmd_commit_layer(args: argparse.Namespace) -> int:
-    store = Store(Path(args.store))
-    layer_id = args.id
-    tmp = store.layers_path / args.tmp
-    if not LAYER_ID_RE.match(layer_id) or not args.tmp.startswith(f"{TMP_PREFIX}{layer_id}-"):
-        raise StoreError(f"{args.tmp!r} is not a temporary copy of a layer", step="commit-layer")
+def _header(source: BinaryIO) -> dict[str, Any] | None:
+    line = source.readline(MAX_HEADER)
+    if not line:
+        return None
     try:
-        if args.discard:
-            shutil.rmtree(tmp, ignore_errors=True)
-            emit(discarded=args.tmp)
-            return 0
-        _check_copy(tmp, layer_id, args.manifest_sha256)
-        final = store.layers_path / layer_id
-        if final.exists():
-            raise StoreError("exists already", layer=layer_id, step="commit-layer")
-        for path in tmp.iterdir():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        os.rename(tmp, final)
-        fd = os.open(store.layers_path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    emit(layer=layer_id)
+        data = json.loads(line)
+    except ValueError as exc:
+        raise StoreError(f"bad transfer header {line[:60]!r}", step="receive") from exc
+    if not isinstance(data, dict):
+        raise StoreError("bad transfer header", step="receive")
+    return data
+
+
+def _exactly(source: BinaryIO, size: int, what: str) -> Iterator[bytes]:
+    remaining = size
+    while remaining:
+        chunk = source.read(min(CHUNK, remaining))
+        if not chunk:
+            raise StoreError(
+                f"the transfer of {what} ended {remaining} bytes early", step="receive"
+            )
+        remaining -= len(chunk)
+        yield chunk
+
+
+def cmd_receive_layers(args: argparse.Namespace) -> int:
+    store = Store(Path(args.store))
+    source = sys.stdin.buffer
+    while (header := _header(source)) is not None:
+        if header.get("end"):
+            break
+        layer_id = str(header.get("layer"))
+        files = header.get("files")
+        if not isinstance(files, list):
+            raise StoreError("transfer header without files", layer=layer_id, step="receive")
+        parts = [
+            (str(name), _exactly(source, int(size), f"{layer_id}/{name}")) for name, size in files
+        ]
+        added = store.receive_layer(layer_id, str(header.get("manifest_sha256")), parts)
+        emit(event="layer", layer=layer_id, added=added)
+    emit(event="done")
     return 0
 
 
-def _check_copy(tmp: Path, layer_id: str, manifest_sha256: str) -> None:
-    """Every file of a copied layer must match its manifest, the manifest the sender's."""
-
-    def bad(message: str) -> StoreError:
-        return StoreError(f"the copy is damaged: {message}", layer=layer_id, step="check-copy")
-
-    manifest_path = tmp / MANIFEST
-    if not manifest_path.is_file():
-        raise bad(f"{MANIFEST} is missing")
-    found = _sha256(manifest_path)
-    if found != manifest_sha256:
-        raise bad(f"{MANIFEST} sha256 {found[:16]}… differs from the sent {manifest_sha256[:16]}…")
-    manifest = parse_manifest(manifest_path.read_bytes(), layer_id, "check-copy")
-    for name, entry in manifest.files.items():
-        path = tmp / name
-        if not path.is_file():
-            raise bad(f"{name} is missing")
-        if path.stat().st_size != entry.size:
-            raise bad(f"{name} is {path.stat().st_size} bytes, manifest says {entry.size}")
-        found = _sha256(path)
-        if found != entry.sha256:
-            raise bad(f"{name} sha256 {found[:16]}… differs from the manifest's")
-    extra = {p.name for p in tmp.iterdir()} - set(manifest.files) - {MANIFEST}
-    if extra:
-        raise bad(f"unexpected files {sorted(extra)}")
+def cmd_receive_medium(args: argparse.Namespace) -> int:
+    store = Store(Path(args.store))
+    header = _header(sys.stdin.buffer)
+    if header is None:
+        raise StoreError("no medium was sent", step="receive-medium")
+    sha256, name, size = str(header["sha256"]), str(header["name"]), int(header["size"])
+    path = store.import_medium(sha256, name, _exactly(sys.stdin.buffer, size, name))
+    emit(event="medium", sha256=sha256, path=str(path))
+    return 0
 
 
 def cmd_media(args: argparse.Namespace) -> int:
-    store_path = Path(args.store)
+    store = Store(Path(args.store))
     result = []
     for medium in json.loads(args.media):
-        wanted = BootMedium(**medium)
-        found = find_medium(store_path, wanted)
+        wanted = BootMedium.from_dict(medium)
+        found = store.find_medium(wanted.sha256, wanted.path)
         result.append({"role": wanted.role, "sha256": wanted.sha256, "found": str(found or "")})
     emit(media=result)
     return 0
@@ -143,17 +134,17 @@ def cmd_media(args: argparse.Namespace) -> int:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     store = Store(Path(args.store))
-    record = GuestRecord.load(store.path / "guests" / args.name, args.name)
-    process = record.running_process()
+    guest = LocalGuest(store, args.name)
+    process = guest.process()
     with process.monitor() as mon:
-        machine = str(mon.execute("qom-get", {"path": "/machine", "property": "type"}))
+        machine = mon.machine_type()
         state = mon.status()
-    machine = machine.removesuffix("-machine")
     emit(
-        name=record.name,
-        spec=record.spec.to_dict(),
+        name=args.name,
+        spec=guest.spec().to_dict(),
+        trusted_args=list(guest.record.trusted_args),
         machine_type=machine,
-        head=record.head,
+        head=guest.head(),
         state=state,
         pid=process.pid,
     )
@@ -204,22 +195,6 @@ class _Control:
         return command
 
 
-def _wait_migration_event(mon: Monitor, mark: int, timeout: float) -> str | None:
-    """The status of a finished migration (completed/failed/cancelled), if one was reported."""
-    try:
-        event = mon.wait_event(
-            {"MIGRATION"},
-            timeout,
-            lambda e: str(e.data.get("status")) in {"completed", "failed", "cancelled"},
-            since=mark,
-        )
-    except QMPError as exc:
-        if exc.step == "wait-event":
-            return None
-        raise
-    return str(event.data["status"])
-
-
 def cmd_receive(args: argparse.Namespace) -> int:
     """Start QEMU waiting for the guest on tcp:LISTEN:port; run it once it arrived.
 
@@ -228,73 +203,56 @@ def cmd_receive(args: argparse.Namespace) -> int:
     the orchestrator said ``commit``. Anything else ends the QEMU it started.
     """
     name = args.name
-    store = Store.create(Path(args.store))
-    runtime_dir = store.guest_dir(name)
-    with contextlib.suppress(MachineError):
-        old = GuestRecord.load(runtime_dir, name)
-        if old.process is not None and old.process.alive():
-            raise RemoteError(
-                f"a guest of this name runs here already (PID {old.process.pid})",
-                vm=name,
-                step="receive",
-            )
-    spec = relocate_media(GuestSpec.from_dict(json.loads(args.spec)), store.path)
+    store = Store(Path(args.store))
+    spec = relocate_media(GuestSpec.from_dict(json.loads(args.spec)), store)
     spec.check_media(vm=name)
     control = _Control(args.heartbeat, "receive", name)
-    process = QemuProcess.launch(
-        spec, name=name, runtime_dir=runtime_dir, machine_type=args.machine_type, incoming=True
-    )
+    guest = LocalGuest.start(
+        store, name, spec, extra_args=tuple(json.loads(args.trusted_args)),
+        machine_type=args.machine_type, incoming=True,
+    )  # fmt: skip
+    process = guest.process()
     try:
         with process.monitor() as mon:
-            mon.set_migrate_capabilities({"events": True})
-            mark = mon.mark()
-            mon.migrate_incoming(f"tcp:{args.listen}:0")
-            info = mon.execute("query-migrate")
-            port = int(info["socket-address"][0]["port"])
-            emit(event="listening", host=args.listen, port=port, pid=process.pid)
-            deadline = time.monotonic() + args.timeout
-            last_alive = 0.0
-            while True:
-                control.poll()
-                if not process.alive():
-                    raise MachineError(
-                        f"QEMU exited while receiving: {process.log_tail()}",
-                        vm=name,
-                        step="receive",
-                    )
-                if time.monotonic() > deadline:
-                    raise RemoteError(
-                        f"the guest did not arrive within {args.timeout:.0f} s",
-                        vm=name,
-                        step="receive",
-                    )
-                if time.monotonic() - last_alive >= 1.0:
-                    emit(event="alive")
-                    last_alive = time.monotonic()
-                status = _wait_migration_event(mon, mark, 0.05)
-                if status == "completed":
-                    break
-                if status is not None:
-                    raise RemoteError(
-                        f"the incoming migration {status}: {process.log_tail()}",
-                        vm=name,
-                        step="receive",
-                    )
-            resume_mark = mon.mark()
-            mon.cont(retry_s=5.0)
-            if not mon.is_running():
-                raise MachineError(f"the guest did not run: {mon.status()}", vm=name, step="resume")
-            resumed = [e for e in mon.events_since(resume_mark) if e.name == "RESUME"]
+            session = MigrationSession(
+                mon, vm=name, error=RemoteError, capabilities={"events": True}, incoming=True,
+                timeout_s=args.timeout,
+            )  # fmt: skip
+            with session:
+                session.start(f"tcp:{args.listen}:0")
+                emit(event="listening", host=args.listen, port=mon.incoming_port(), pid=process.pid)
+                deadline = time.monotonic() + args.timeout
+                last_alive = 0.0
+                while session.poll() not in {"completed", "failed", "cancelled"}:
+                    control.poll()
+                    if not process.alive():
+                        raise RemoteError(
+                            f"QEMU exited while receiving: {process.log_tail()}",
+                            vm=name,
+                            step="receive",
+                        )
+                    if time.monotonic() > deadline:
+                        raise RemoteError(
+                            f"the guest did not arrive within {args.timeout:.0f} s",
+                            vm=name,
+                            step="receive",
+                        )
+                    if time.monotonic() - last_alive >= 1.0:
+                        emit(event="alive")
+                        last_alive = time.monotonic()
+                    time.sleep(POLL_S)
+                session.wait(timeout=5.0)  # raises for failed/cancelled, with QEMU's reason
+                mark = mon.mark()
+                session.resume()
+            resumed = [e for e in mon.events_since(mark) if e.name == "RESUME"]
             emit(event="running", resume_ts=resumed[0].timestamp if resumed else time.time())
-            mon.set_migrate_capabilities({"events": False})
             while control.poll() != "commit":
                 if time.monotonic() - last_alive >= 1.0:
                     emit(event="alive")
                     last_alive = time.monotonic()
-                time.sleep(0.02)
-        GuestRecord(name, spec, process, head=args.head, machine_type=args.machine_type).save(
-            runtime_dir
-        )
+                time.sleep(POLL_S)
+        if args.head and store.has_layer(args.head):
+            store.set_head(name, args.head)
     except BaseException:
         process.kill()
         raise
@@ -308,85 +266,77 @@ def cmd_send(args: argparse.Namespace) -> int:
     Prints ``progress`` lines, ``completed`` (QEMU's downtime, total time, bytes
     and the STOP timestamp) when QEMU has sent everything, and ``done`` once
     the orchestrator said ``commit`` and the QEMU here ended. On any failure or
-    ``abort`` the migration is cancelled, the settings put back, and the guest
-    resumed here; the last line says so.
+    ``abort`` the session cancels the migration, puts the settings back and
+    resumes the guest here; the last line says so.
     """
     name = args.name
     store = Store(Path(args.store))
-    runtime_dir = store.path / "guests" / name
-    record = GuestRecord.load(runtime_dir, name)
-    process = record.running_process()
+    guest = LocalGuest(store, name)
+    process = guest.process()
     control = _Control(args.heartbeat, "send", name)
-    with process.monitor() as mon:
-        status = mon.execute("query-status")
-        if not status["running"]:
+    parameters: dict[str, object] = {"downtime-limit": args.downtime_limit}
+    if args.bandwidth:
+        parameters["max-bandwidth"] = args.bandwidth
+    with store.guest_lock(name, what="migrate", wait_s=60), guest.guard(), process.monitor() as mon:
+        if not mon.is_running():
             raise RemoteError(
-                f"the guest is not running here (state {status['status']})", vm=name, step="send"
+                f"the guest is not running here (state {mon.status()})", vm=name, step="send"
             )
-        if mon.query_migrate().status in ACTIVE_MIGRATION:
-            raise RemoteError("a migration is already in progress", vm=name, step="send")
-        old_caps = mon.migrate_capabilities()
-        old_params = mon.migrate_parameters()
+        session = MigrationSession(
+            mon, vm=name, error=RemoteError, capabilities={"events": True},
+            parameters=parameters, journal=store.journal_path(name, JOURNAL),
+            timeout_s=24 * 3600.0,
+        )  # fmt: skip
         try:
-            mon.set_migrate_capabilities({"events": True})
-            params: dict[str, object] = {"downtime-limit": args.downtime_limit}
-            if args.bandwidth:
-                params["max-bandwidth"] = args.bandwidth
-            mon.set_migrate_parameters(params)
-            mark = mon.mark()
-            started = time.monotonic()
-            mon.migrate(args.uri)
-            last_bytes, last_change, last_report = -1, time.monotonic(), 0.0
-            while True:
-                control.poll()
-                finished = _wait_migration_event(mon, mark, 0.1)
+            with session:
+                started = time.monotonic()
+                session.start(args.uri)
+                last_bytes, last_change, last_report = -1, time.monotonic(), 0.0
+                while True:
+                    control.poll()
+                    info = mon.query_migrate()
+                    now = time.monotonic()
+                    if info.status in {"completed", "failed", "cancelled"}:
+                        break
+                    transferred = info.transferred or 0
+                    if transferred != last_bytes:
+                        last_bytes, last_change = transferred, now
+                    elif now - last_change > args.stall:
+                        raise RemoteError(
+                            f"no progress for {args.stall:.0f} s at {transferred} bytes "
+                            "(connection cut?)",
+                            vm=name,
+                            step="send",
+                        )
+                    if now - last_report >= REPORT_EVERY_S:
+                        emit(event="progress", status=info.status, transferred=transferred)
+                        last_report = now
+                    time.sleep(POLL_S)
+                session.wait(timeout=5.0)
                 info = mon.query_migrate()
-                now = time.monotonic()
-                if finished is None and info.status in {"failed", "cancelled"}:
-                    finished = info.status
-                if finished == "completed":
-                    break
-                if finished is not None:
-                    raise RemoteError(
-                        f"QEMU's migration {finished}: {info.error or 'no reason given'}",
-                        vm=name,
-                        step="send",
-                    )
-                transferred = info.transferred or 0
-                if transferred != last_bytes:
-                    last_bytes, last_change = transferred, now
-                elif now - last_change > args.stall:
-                    raise RemoteError(
-                        f"no progress for {args.stall:.0f} s at {transferred} bytes "
-                        "(connection cut?)",
-                        vm=name,
-                        step="send",
-                    )
-                if now - last_report >= 0.5:
-                    emit(event="progress", status=info.status, transferred=transferred)
-                    last_report = now
-            info = mon.query_migrate()
-            events = mon.events_since(mark)
-            stops = [e.timestamp for e in events if e.name == "STOP"]
-            emit(
-                event="completed",
-                downtime_ms=info.downtime_ms,
-                total_ms=info.total_time_ms,
-                transferred=info.transferred,
-                stop_ts=stops[-1] if stops else None,
-                elapsed_s=time.monotonic() - started,
-            )
-            while control.poll() != "commit":
-                time.sleep(0.02)
+                stops = [e.timestamp for e in session.events() if e.name == "STOP"]
+                emit(
+                    event="completed",
+                    downtime_ms=info.downtime_ms,
+                    total_ms=info.total_time_ms,
+                    transferred=info.transferred,
+                    stop_ts=stops[-1] if stops else None,
+                    elapsed_s=time.monotonic() - started,
+                )
+                while control.poll() != "commit":
+                    time.sleep(POLL_S)
+                session.hand_over()  # the guest runs at the destination now
         except BaseException:
-            # The guest was running here before the migration: leave it so.
-            leave_guest_as_found(mon, True, False, old_caps, old_params)
-            with contextlib.suppress(Exception):
-                emit(event="resumed", running=mon.is_running())
+            # The session has put the guest back as it ran before the migration.
+            running = False
+            try:
+                running = mon.is_running()
+            finally:
+                emit(event="resumed", running=running)
             raise
     process.shutdown()
-    record.process = None
-    record.save(runtime_dir)
+    guest.record.process = None
+    guest.save()
     emit(event="done")
     return 0
 
@@ -402,11 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("prepare", cmd_prepare)
-    p = command("commit-layer", cmd_commit_layer)
-    p.add_argument("--id", required=True)
-    p.add_argument("--tmp", required=True)
-    p.add_argument("--manifest-sha256", default="")
-    p.add_argument("--discard", action="store_true")
+    command("receive-layers", cmd_receive_layers)
+    command("receive-medium", cmd_receive_medium)
     p = command("media", cmd_media)
     p.add_argument("--media", required=True, help="JSON list of boot media")
     p = command("describe", cmd_describe)
@@ -414,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("receive", cmd_receive)
     p.add_argument("--name", required=True)
     p.add_argument("--spec", required=True, help="the guest spec as JSON")
+    p.add_argument("--trusted-args", default="[]", help="JSON list of extra QEMU arguments")
     p.add_argument("--machine-type", required=True)
     p.add_argument("--listen", required=True, help="address to wait for the guest on")
     p.add_argument("--head", default=None)
@@ -430,9 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import logging
-
-    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    log.configure(0)
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

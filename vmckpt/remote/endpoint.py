@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from vmckpt.errors import RemoteError
@@ -27,6 +26,10 @@ class Session(Protocol):
     """A running agent command: lines to its stdin, lines from its stdout."""
 
     def send_line(self, line: str) -> bool: ...
+
+    def send_bytes(self, data: bytes) -> bool: ...
+
+    def end_input(self) -> None: ...
 
     def read_line(self, timeout: float) -> str | None: ...
 
@@ -59,14 +62,22 @@ class _LocalSession:
         assert self.proc.stderr is not None
         self._err = self.proc.stderr.read()
 
-    def send_line(self, line: str) -> bool:
+    def send_bytes(self, data: bytes) -> bool:
         try:
             assert self.proc.stdin is not None
-            self.proc.stdin.write((line + "\n").encode())
+            self.proc.stdin.write(data)
             self.proc.stdin.flush()
             return True
         except (OSError, ValueError):
             return False
+
+    def send_line(self, line: str) -> bool:
+        return self.send_bytes((line + "\n").encode())
+
+    def end_input(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
 
     def read_line(self, timeout: float) -> str | None:
         try:
@@ -100,18 +111,15 @@ class Endpoint:
     def host(self) -> str:
         return self.ssh.name if self.ssh else "local"
 
-    @property
-    def is_local(self) -> bool:
-        return self.ssh is None
-
-    def _argv(self, module: str, args: list[str]) -> list[str]:
+    def argv(self, module: str, args: list[str]) -> list[str]:
+        """How to run ``python -m module args`` there."""
         if self.ssh is None:
             return [sys.executable, "-m", module, *args]
         return [*shlex.split(self.python), "-m", module, *args]
 
     def open(self, command: str, *args: str) -> Session:
         """Start an agent command that the caller talks to line by line."""
-        argv = self._argv("vmckpt.remote.agent", [command, "--store", self.store, *args])
+        argv = self.argv("vmckpt.remote.agent", [command, "--store", self.store, *args])
         if self.ssh is None:
             return _LocalSession(argv)
         return self.ssh.open(argv, step=command)
@@ -130,7 +138,7 @@ class Endpoint:
 
     def vmckpt(self, *args: str, timeout: float = 300.0) -> tuple[int, str, str]:
         """Run the ``vmckpt`` command itself there; exit status, stdout, stderr."""
-        argv = self._argv("vmckpt", list(args))
+        argv = self.argv("vmckpt", list(args))
         if self.ssh is None:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
             return done.returncode, done.stdout, done.stderr
@@ -166,7 +174,3 @@ def agent_error(last: dict[str, Any], session: Session, host: str, step: str) ->
         return RemoteError(str(last["error"]), host=host, step=step)
     tail = " | ".join(session.stderr().strip().splitlines()[-2:]) or "no output"
     return RemoteError(f"the vmckpt agent failed: {tail}", host=host, step=step)
-
-
-def store_path(endpoint: Endpoint) -> Path:
-    return Path(endpoint.store)

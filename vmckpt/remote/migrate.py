@@ -30,12 +30,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmckpt.backends import LocalGuest
+from vmckpt.checkpoint import take_checkpoint
 from vmckpt.errors import RemoteError, UsageError, VmckptError
 from vmckpt.images import Store
-from vmckpt.machine import GuestSpec
 from vmckpt.remote.endpoint import Endpoint, Session, parse_line
-from vmckpt.remote.ops import RemoteRecord, RemoteTarget, ship_media
+from vmckpt.remote.ops import (
+    RemoteTarget,
+    forget_remote,
+    load_remote_target,
+    save_remote_record,
+    ship_layers,
+    ship_media,
+)
 from vmckpt.remote.ssh import SshHost
+from vmckpt.spec import GuestSpec
 
 
 @dataclass(frozen=True)
@@ -167,17 +176,17 @@ def migrate_guest(
     """Live-migrate guest ``name`` to ``to`` (None: to this host, from where it runs now)."""
     settings = settings or MigrateSettings()
     started = time.monotonic()
-    record = RemoteRecord.load(store, name)
-    if record is None and to is None:
+    now_at = load_remote_target(store, name)
+    if now_at is None and to is None:
         raise UsageError(f"guest {name} runs on this host already")
-    if record is not None and to is not None and record.target.address == to.address:
+    if now_at is not None and to is not None and now_at.address == to.address:
         raise UsageError(f"guest {name} runs on {to.address} already")
     connections: list[SshHost] = []
     try:
-        if record is None:
+        if now_at is None:
             source = Endpoint(str(store.path))
         else:
-            ssh, source = record.target.connect()
+            ssh, source = now_at.connect()
             connections.append(ssh)
         if to is None:
             dest = Endpoint(str(store.path))
@@ -196,9 +205,9 @@ def migrate_guest(
         for ssh in connections:
             ssh.close()
     if to is None:
-        RemoteRecord.forget(store, name)
+        forget_remote(store, name)
     else:
-        RemoteRecord(name, to).save(store)
+        save_remote_record(store, name, to)
     return result
 
 
@@ -221,6 +230,9 @@ def _migrate(
         ship_media(GuestSpec.from_dict(described["spec"]), dest, name)
     head = described.get("head")
     head_args = ["--head", str(head)] if head and head in prepared.get("layers", {}) else []
+    # Free-form QEMU arguments travel only from this host's own records to another host,
+    # never from another host to this one (docs/SECURITY.md).
+    trusted = described.get("trusted_args", []) if source.ssh is None else []
 
     dst = _Side(
         "destination",
@@ -228,7 +240,8 @@ def _migrate(
         dest.open(
             "receive", "--name", name, "--spec", json.dumps(described["spec"]),
             "--machine-type", str(described["machine_type"]), "--listen", listen,
-            "--heartbeat", str(settings.heartbeat_s), *head_args,
+            "--heartbeat", str(settings.heartbeat_s), "--trusted-args", json.dumps(trusted),
+            *head_args,
         ),
     )  # fmt: skip
     src: _Side | None = None
@@ -338,25 +351,21 @@ def migrate_by_layers(
     milliseconds; what it saves is bytes on the wire when the destination
     already holds most of the chain.
     """
-    from vmckpt.checkpoint import take_checkpoint
-    from vmckpt.guests import load_guest
-    from vmckpt.remote.ops import ship_layers
-
     started = time.monotonic()
-    record, runtime_dir = load_guest(store, name)
-    process = record.running_process()
+    guest = LocalGuest(store, name)
+    process = guest.process()
     ssh, dest = to.connect()
     with ssh:
-        first = take_checkpoint(store, record, runtime_dir)
+        first = take_checkpoint(guest)
         pre = ship_layers(store, store.chain(first.layer.id), dest)
-        ship_media(record.spec, dest, name)
+        ship_media(guest.spec(), dest, name)
         precopied = time.monotonic()
         with process.monitor() as mon:
             mon.stop()
         stopped = time.monotonic()
         restored_there = False
         try:
-            final = take_checkpoint(store, record, runtime_dir)
+            final = take_checkpoint(guest)
             last = ship_layers(store, store.chain(final.layer.id), dest)
             code, out, err = dest.vmckpt(
                 "restore", "--store", to.store, "--layer", final.layer.id, "--name", name,
@@ -375,16 +384,14 @@ def migrate_by_layers(
             resumed = time.monotonic()
             pid = int(json.loads(out)["pid"])
         except BaseException:
-            with process.monitor() as mon:
-                if not mon.is_running():
-                    mon.cont(retry_s=5.0)
+            guest.resume()
             if restored_there:
                 dest.vmckpt("stop", name, "--store", to.store)
             raise
     process.shutdown()
-    record.process = None
-    record.save(runtime_dir)
-    RemoteRecord(name, to).save(store)
+    guest.record.process = None
+    guest.save()
+    save_remote_record(store, name, to)
     return MigrateResult(
         name=name,
         source="local",

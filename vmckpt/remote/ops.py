@@ -1,37 +1,45 @@
 """Guests on other hosts: copy layers and media there, restore there, and keep a record here.
 
-A guest vmckpt runs on another host is recorded in the local store as
-``guests/<name>/remote.json`` (host, the store there, how to reach it), so
-``list``, ``console``, ``checkpoint`` and ``stop`` run the same command on that
-host and relay its output.
+A guest vmckpt runs on another host is recorded in the local store as the
+record ``remote.json`` of that guest (host, the store there, how to reach
+it), so ``list``, ``console``, ``checkpoint`` and ``stop`` run the same
+command on that host and relay its output (:class:`RemoteGuest`).
+
+Layers and media travel through the agent there (vmckpt/remote/agent.py),
+which writes them with that host's :class:`~vmckpt.images.Store`: nothing
+here builds a path inside either store.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
-import secrets
-import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paramiko
-
-from vmckpt.atomic import write_json_atomic
+from vmckpt.backends import Guest, GuestStatus
+from vmckpt.checkpoint import CheckpointSettings
 from vmckpt.errors import RemoteError, UsageError, VmckptError
 from vmckpt.images import LayerManifest, Store
-from vmckpt.images.format import MANIFEST
-from vmckpt.machine import GuestSpec
-from vmckpt.remote.endpoint import DEFAULT_REMOTE_PYTHON, Endpoint
-from vmckpt.remote.media import MEDIA_DIR
+from vmckpt.progress import NO_PROGRESS, Progress
+from vmckpt.remote.endpoint import (
+    DEFAULT_REMOTE_PYTHON,
+    Endpoint,
+    Session,
+    agent_error,
+    read_until_end,
+)
 from vmckpt.remote.ssh import HostAddress, SshHost, SshOptions
+from vmckpt.spec import GuestSpec
+from vmckpt.watch import WatchSettings
 
 REMOTE_RECORD = "remote.json"
 DEFAULT_REMOTE_STORE = ".vmckpt/store"  # relative to the remote user's home
+CHUNK = 1 << 20
+TRANSFER_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -47,53 +55,46 @@ class RemoteTarget:
         host = SshHost(self.address, self.ssh).connect()
         return host, Endpoint(self.store, host, self.python)
 
-
-@dataclass(frozen=True)
-class RemoteRecord:
-    """The local store's note that guest ``name`` runs on another host."""
-
-    name: str
-    target: RemoteTarget
-
-    def save(self, store: Store) -> None:
-        path = store.guest_dir(self.name) / REMOTE_RECORD
-        data = {
-            "name": self.name,
-            "host": str(self.target.address),
-            "store": self.target.store,
-            "python": self.target.python,
-            "ssh": self.target.ssh.to_dict(),
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "host": str(self.address),
+            "store": self.store,
+            "python": self.python,
+            "ssh": self.ssh.to_dict(),
         }
-        write_json_atomic(path, data)
 
     @classmethod
-    def load(cls, store: Store, name: str) -> RemoteRecord | None:
-        path = store.path / "guests" / name / REMOTE_RECORD
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text())
-            target = RemoteTarget(
-                address=HostAddress.parse(str(data["host"])),
-                store=str(data["store"]),
-                python=str(data.get("python") or DEFAULT_REMOTE_PYTHON),
-                ssh=SshOptions.from_dict(dict(data.get("ssh") or {})),
-            )
-        except (OSError, ValueError, KeyError, TypeError, UsageError) as exc:
-            raise RemoteError(f"cannot read {path}: {exc}", vm=name, step="load") from exc
-        return cls(name, target)
+    def from_dict(cls, data: dict[str, Any]) -> RemoteTarget:
+        return cls(
+            address=HostAddress.parse(str(data["host"])),
+            store=str(data["store"]),
+            python=str(data.get("python") or DEFAULT_REMOTE_PYTHON),
+            ssh=SshOptions.from_dict(dict(data.get("ssh") or {})),
+        )
 
-    @staticmethod
-    def forget(store: Store, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (store.path / "guests" / name / REMOTE_RECORD).unlink()
+
+def save_remote_record(store: Store, name: str, target: RemoteTarget) -> None:
+    store.write_record(name, REMOTE_RECORD, {"name": name, **target.to_dict()})
+
+
+def load_remote_target(store: Store, name: str) -> RemoteTarget | None:
+    if not store.has_runtime(name):
+        return None
+    data = store.read_record(name, REMOTE_RECORD)
+    if data is None:
+        return None
+    try:
+        return RemoteTarget.from_dict(data)
+    except (ValueError, KeyError, TypeError, UsageError) as exc:
+        raise RemoteError(f"its record is damaged: {exc}", vm=name, step="load") from exc
+
+
+def forget_remote(store: Store, name: str) -> None:
+    store.remove_record(name, REMOTE_RECORD)
 
 
 def remote_names(store: Store) -> list[str]:
-    root = store.path / "guests"
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / REMOTE_RECORD).is_file())
+    return store.names_with(REMOTE_RECORD)
 
 
 # -- layers and media -----------------------------------------------------------
@@ -107,46 +108,72 @@ class ShipResult:
     seconds: float
 
 
-def _manifest_sha256(store: Store, layer_id: str) -> str:
-    return hashlib.sha256((store.layers_path / layer_id / MANIFEST).read_bytes()).hexdigest()
+def _finish(session: Session, endpoint: Endpoint, step: str) -> list[dict[str, Any]]:
+    session.end_input()
+    try:
+        lines = read_until_end(session, TRANSFER_TIMEOUT_S, endpoint.host, step)
+    finally:
+        session.close()
+    if not lines or "error" in lines[-1]:
+        raise agent_error(lines[-1] if lines else {}, session, endpoint.host, step)
+    return lines
 
 
-def ship_layers(store: Store, chain: list[LayerManifest], endpoint: Endpoint) -> ShipResult:
+def ship_layers(
+    store: Store, chain: list[LayerManifest], endpoint: Endpoint, progress: Progress = NO_PROGRESS
+) -> ShipResult:
     """Copy to ``endpoint`` the layers of ``chain`` it lacks; each is checked there.
 
-    A layer is copied into ``layers/.tmp-<id>-<random>/`` over SFTP, its
-    manifest last; the agent there checks every file against the manifest (and
-    the manifest against ours) before renaming it into place, so a broken or
-    partial copy never becomes a layer. A layer the other store has under the
-    same id must have the same manifest, byte for byte.
+    The agent there takes each layer's files from its stdin and publishes the
+    layer only once every file matches the manifest and the manifest the one
+    we have (its hash), so a broken or partial copy never becomes a layer. A
+    layer the other store has under the same id must have the same manifest.
     """
-    assert endpoint.ssh is not None
-    host = endpoint.host
     started = time.monotonic()
     prepared = endpoint.call("prepare", timeout=60)
     remote_store = str(prepared["store"])
     theirs: dict[str, str] = dict(prepared.get("layers") or {})
-    missing = [m for m in chain if m.id not in theirs]
+    ours = {m.id: store.manifest_sha256(m.id) for m in chain}
     for manifest in chain:
-        if manifest.id in theirs and theirs[manifest.id] != _manifest_sha256(store, manifest.id):
+        if manifest.id in theirs and theirs[manifest.id] != ours[manifest.id]:
             raise RemoteError(
                 f"its store {remote_store} has a different layer under the same id",
-                host=host,
+                host=endpoint.host,
                 layer=manifest.id,
                 step="copy-layers",
             )
+    missing = [m for m in chain if m.id not in theirs]
     need = sum(m.bytes_total for m in missing)
     free = int(prepared.get("free_bytes") or 0)
     if need > free:
         raise RemoteError(
             f"its store {remote_store} has {free} bytes free, the layers need {need}",
-            host=host,
+            host=endpoint.host,
             step="copy-layers",
         )
-    sftp = endpoint.ssh.sftp()
     sent = 0
-    for manifest in missing:
-        sent += _copy_layer(store, manifest, endpoint, sftp, remote_store)
+    if missing:
+        session = endpoint.open("receive-layers")
+        with progress.task(
+            f"copying {len(missing)} layer(s) to {endpoint.host}", need, unit="B"
+        ) as task:
+            for manifest in missing:
+                files = store.layer_files(manifest.id)
+                header = {
+                    "layer": manifest.id,
+                    "manifest_sha256": ours[manifest.id],
+                    "files": [[name, size] for name, _path, size in files],
+                }
+                if not session.send_line(json.dumps(header)):
+                    break
+                for _name, path, _size in files:
+                    for chunk in _read_chunks(path):
+                        if not session.send_bytes(chunk):
+                            break
+                        sent += len(chunk)
+                        task.advance(len(chunk))
+            session.send_line(json.dumps({"end": True}))
+        _finish(session, endpoint, "copy-layers")
     return ShipResult(
         copied=[m.id for m in missing],
         reused=[m.id for m in chain if m.id in theirs],
@@ -155,86 +182,31 @@ def ship_layers(store: Store, chain: list[LayerManifest], endpoint: Endpoint) ->
     )
 
 
-def _copy_layer(
-    store: Store,
-    manifest: LayerManifest,
-    endpoint: Endpoint,
-    sftp: paramiko.SFTPClient,
-    remote_store: str,
-) -> int:
-    host = endpoint.host
-    tmp_name = f".tmp-{manifest.id}-{secrets.token_hex(4)}"
-    tmp = f"{remote_store}/layers/{tmp_name}"
-    local = store.layers_path / manifest.id
-    sent = 0
-    try:
-        sftp.mkdir(tmp, 0o700)
-        for name in [*sorted(manifest.files), MANIFEST]:  # the manifest last
-            remote_file = f"{tmp}/{name}"
-            sftp.put(str(local / name), remote_file, confirm=True)
-            sftp.chmod(remote_file, 0o600)
-            sent += (local / name).stat().st_size
-    except (OSError, paramiko.SSHException) as exc:
-        with contextlib.suppress(VmckptError):
-            endpoint.call("commit-layer", "--id", manifest.id, "--tmp", tmp_name, "--discard")
-        raise RemoteError(
-            f"copying to {tmp} failed: {exc} (nothing was added to its store)",
-            host=host,
-            layer=manifest.id,
-            step="copy-layers",
-        ) from exc
-    endpoint.call(
-        "commit-layer",
-        "--id",
-        manifest.id,
-        "--tmp",
-        tmp_name,
-        "--manifest-sha256",
-        _manifest_sha256(store, manifest.id),
-    )
-    return sent
+def _read_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            yield chunk
 
 
 def ship_media(spec: GuestSpec, endpoint: Endpoint, vm: str) -> int:
     """Make sure the other host has every boot medium (by sha256); copy those it lacks."""
-    assert endpoint.ssh is not None
     media = [dataclasses.asdict(m) for m in spec.media]
     found = endpoint.call("media", "--media", json.dumps(media), timeout=120)["media"]
-    sftp = endpoint.ssh.sftp()
     sent = 0
-    prepared = endpoint.call("prepare", timeout=60)
-    remote_store = str(prepared["store"])
     for medium, where in zip(spec.media, found, strict=True):
         if where["found"]:
             continue
-        local = Path(medium.path)
         medium.check(vm)
-        folder = f"{remote_store}/{MEDIA_DIR}/{medium.sha256}"
-        target = f"{folder}/{local.name}"
-        try:
-            for part in (f"{remote_store}/{MEDIA_DIR}", folder):
-                with contextlib.suppress(OSError):
-                    sftp.mkdir(part, 0o700)
-            sftp.put(str(local), target + ".part", confirm=True)
-            sftp.posix_rename(target + ".part", target)
-        except (OSError, paramiko.SSHException) as exc:
-            raise RemoteError(
-                f"copying {medium.role} {local} to {target} failed: {exc}",
-                host=endpoint.host,
-                vm=vm,
-                step="copy-media",
-            ) from exc
-        sent += local.stat().st_size
-    if sent:
-        again = endpoint.call("media", "--media", json.dumps(media), timeout=120)["media"]
-        lacking = [m["role"] for m in again if not m["found"]]
-        if lacking:
-            raise RemoteError(
-                f"boot media {lacking} do not match their sha256 after the copy",
-                host=endpoint.host,
-                vm=vm,
-                step="copy-media",
-            )
+        local = Path(medium.path)
+        size = local.stat().st_size
+        session = endpoint.open("receive-medium")
+        header = {"sha256": medium.sha256, "name": local.name, "size": size}
+        session.send_line(json.dumps(header))
+        for chunk in _read_chunks(local):
+            if not session.send_bytes(chunk):
+                break
+        _finish(session, endpoint, "copy-media")
+        sent += size
     return sent
 
 
@@ -263,28 +235,30 @@ class RemoteRestoreResult:
             "pid": self.pid,
             "layers_copied": self.copied,
             "layers_reused": self.reused,
-            "bytes_sent": self.bytes_sent,
+            "bytes": self.bytes_sent,
             "copy_s": round(self.copy_s, 3),
             "total_s": round(self.total_s, 3),
         }
 
 
 def restore_remote(
-    store: Store, layer_ref: str | None, name: str | None, target: RemoteTarget
+    store: Store,
+    layer_ref: str | None,
+    name: str | None,
+    target: RemoteTarget,
+    *,
+    progress: Progress = NO_PROGRESS,
 ) -> RemoteRestoreResult:
     """Restore a layer on another host: copy what it lacks, restore there, record it here."""
     started = time.monotonic()
-    ids = store.layer_ids()
-    if not ids:
-        raise RemoteError(f"store {store.path} holds no layers", step="resolve")
-    layer_id = store.resolve(layer_ref) if layer_ref else ids[-1]
+    layer_id = store.resolve(layer_ref) if layer_ref else store.newest()
     store.verify(layer_id)  # never ship a damaged chain
     chain = store.chain(layer_id)
     name = name or chain[-1].guest
-    existing = RemoteRecord.load(store, name)
+    existing = load_remote_target(store, name)
     if existing is not None:
         raise RemoteError(
-            f"a guest of this name is recorded on {existing.target.address} already; "
+            f"a guest of this name is recorded on {existing.address} already; "
             "stop it or restore with --name",
             vm=name,
             step="restore",
@@ -292,7 +266,7 @@ def restore_remote(
     spec = GuestSpec.from_dict(chain[-1].spec)
     ssh, endpoint = target.connect()
     with ssh:
-        shipped = ship_layers(store, chain, endpoint)
+        shipped = ship_layers(store, chain, endpoint, progress)
         ship_media(spec, endpoint, name)
         copied = time.monotonic()
         code, out, err = endpoint.vmckpt(
@@ -305,7 +279,7 @@ def restore_remote(
                 step="restore",
             )  # fmt: skip
         result = json.loads(out)
-    RemoteRecord(name, target).save(store)
+    save_remote_record(store, name, target)
     return RemoteRestoreResult(
         name=name,
         layer=layer_id,
@@ -325,65 +299,125 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-# -- relayed commands -------------------------------------------------------------
+# -- guests that run there ---------------------------------------------------------------
 
 
-def relay(store: Store, record: RemoteRecord, command: str, *args: str) -> int:
-    """Run ``vmckpt COMMAND NAME --store REMOTE ARGS`` there; copy its output here."""
-    ssh, endpoint = record.target.connect()
-    with ssh:
-        channel = ssh.open(
-            [
-                *endpoint._argv("vmckpt", []),
-                command, record.name, "--store", record.target.store, *args,
-            ],
-            step=command,
-        )  # fmt: skip
-        try:
-            while True:
-                try:
-                    line = channel.read_line(3600)
-                except TimeoutError:
-                    continue
-                if line is None:
-                    break
-                sys.stdout.write(line + "\n")
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            err = channel.stderr()
-            code = channel.exit_status(10)
-            channel.close()
-    if err.strip():
-        sys.stderr.write(f"{err.rstrip()} [on {record.target.address}]\n")
-    if command == "stop" and code == 0:
-        RemoteRecord.forget(store, record.name)
-    return code if code >= 0 else 1
+class RemoteGuest(Guest):
+    """A guest vmckpt runs on another host: every command runs there and is relayed here."""
 
+    kind = "guest"
 
-def remote_status(record: RemoteRecord) -> dict[str, Any]:
-    """The guest's row from ``vmckpt list --json`` there, with its host; 'unreachable' if not."""
-    row: dict[str, Any] = {
-        "name": record.name,
-        "host": str(record.target.address),
-        "running": False,
-        "pid": None,
-        "head": None,
-        "state": "unreachable",
-    }
-    try:
-        ssh, endpoint = record.target.connect()
+    def __init__(self, store: Store, name: str, target: RemoteTarget) -> None:
+        super().__init__(store, name)
+        self.target = target
+
+    @classmethod
+    def load(cls, store: Store, name: str) -> RemoteGuest | None:
+        target = load_remote_target(store, name)
+        return cls(store, name, target) if target is not None else None
+
+    def relay(self, command: str, *args: str) -> Iterator[str]:
+        """Run ``vmckpt COMMAND NAME --store REMOTE ARGS`` there, yielding its output lines;
+        a failure there is a RemoteError with that vmckpt's one-line error."""
+        ssh, endpoint = self.target.connect()
         with ssh:
-            code, out, _ = endpoint.vmckpt("list", "--store", record.target.store, "--json")
-    except VmckptError:
-        return row
-    if code != 0:
-        return row
-    for guest in json.loads(out).get("guests", []):
-        if guest.get("name") == record.name:
-            row.update(guest)
-            row["host"] = str(record.target.address)
-            return row
-    row["state"] = "gone"
-    return row
+            channel = ssh.open(
+                endpoint.argv("vmckpt", [command, self.name, "--store", self.target.store, *args]),
+                step=command,
+            )
+            try:
+                while True:
+                    try:
+                        line = channel.read_line(3600)
+                    except TimeoutError:
+                        continue
+                    if line is None:
+                        break
+                    yield line
+            finally:
+                err = channel.stderr()
+                code = channel.exit_status(10)
+                channel.close()
+        if code != 0:
+            raise RemoteError(
+                _last_line(err).split("error: ", 1)[-1], host=str(self.target.address),
+                vm=self.name, step=command,
+            )  # fmt: skip
+
+    def _rows(self, command: str, *args: str) -> Iterator[dict[str, Any]]:
+        for line in self.relay(command, *args, "--json"):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                yield {**row, "host": str(self.target.address)}
+
+    def checkpoint_row(
+        self, settings: CheckpointSettings | None = None, *, progress: Progress = NO_PROGRESS
+    ) -> dict[str, Any]:
+        text = "\n".join(self.relay("checkpoint", "--json"))
+        try:
+            row = json.loads(text)
+        except ValueError as exc:
+            raise RemoteError(
+                f"the checkpoint there printed no JSON: {text[:80]!r}", vm=self.name
+            ) from exc
+        return {**row, "host": str(self.target.address)}
+
+    def watch_rows(
+        self,
+        settings: WatchSettings,
+        report: Callable[[dict[str, Any]], None],
+        *,
+        progress: Progress = NO_PROGRESS,
+    ) -> int:
+        args = ["--interval", f"{settings.interval_s}s"]
+        if settings.count is not None:
+            args += ["--count", str(settings.count)]
+        if settings.pause_budget_ms is not None:
+            args += ["--pause-budget", str(settings.pause_budget_ms)]
+        taken = 0
+        for row in self._rows("watch", *args):
+            report(row)
+            taken += 1
+        return taken
+
+    def console(self, follow: bool) -> Iterator[str]:
+        for line in self.relay("console", *(["--follow"] if follow else [])):
+            yield line + "\n"
+
+    def stop(self) -> str:
+        out = " ".join(self.relay("stop"))
+        forget_remote(self.store, self.name)
+        return f"{out} [on {self.target.address}]"
+
+    def pause(self) -> None:
+        for _ in self.relay("pause"):
+            pass
+
+    def resume(self) -> bool:
+        for _ in self.relay("resume"):
+            pass
+        return False
+
+    def status(self) -> GuestStatus:
+        """The guest's row from ``vmckpt list --json`` there; 'unreachable' if it cannot be had."""
+        host = str(self.target.address)
+        unreachable = GuestStatus(self.name, "remote", "unreachable", None, None, host=host)
+        try:
+            ssh, endpoint = self.target.connect()
+            with ssh:
+                code, out, _ = endpoint.vmckpt("list", "--store", self.target.store, "--json")
+        except VmckptError:
+            return unreachable
+        if code != 0:
+            return unreachable
+        for row in json.loads(out).get("guests", []):
+            if row.get("name") == self.name:
+                return GuestStatus(
+                    self.name, "remote", str(row.get("state")), row.get("pid"), row.get("head"),
+                    host=host, mechanism=str(row.get("mechanism", "")),
+                    mechanism_reason=str(row.get("mechanism_reason", "")),
+                )  # fmt: skip
+        return GuestStatus(self.name, "remote", "gone", None, None, host=host)

@@ -31,6 +31,7 @@ from vmckpt.errors import RemoteError, UsageError
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 CONNECT_TIMEOUT = 15.0
+SEND_CHUNK = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -287,13 +288,36 @@ class Channel:
                 self.lines.put(pending.decode(errors="replace"))
             self.lines.put(None)
 
-    def send_line(self, line: str) -> bool:
-        """Write one line to the command's stdin; False if the channel is gone."""
+    def send_bytes(self, data: bytes) -> bool:
+        """Write to the command's stdin; False if the channel is gone.
+
+        The channel has a short timeout (for the reader thread), so a full SSH window
+        shows up here as a timeout: wait for room and go on.
+        """
+        view = memoryview(data)
         try:
-            self.chan.sendall((line + "\n").encode())
+            while view:
+                try:
+                    sent = self.chan.send(view[:SEND_CHUNK])
+                except TimeoutError:
+                    if self.chan.closed:
+                        return False
+                    continue
+                if sent <= 0:
+                    return False
+                view = view[sent:]
             return True
         except (OSError, EOFError, paramiko.SSHException):
             return False
+
+    def send_line(self, line: str) -> bool:
+        """Write one line to the command's stdin; False if the channel is gone."""
+        return self.send_bytes((line + "\n").encode())
+
+    def end_input(self) -> None:
+        """End the command's stdin (it reads end of file)."""
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            self.chan.shutdown_write()
 
     def read_line(self, timeout: float) -> str | None:
         """The next line, or None at end of output; raises TimeoutError if none arrives."""

@@ -1,9 +1,9 @@
-"""A guest's disks: their spec, and capturing writable ones at a checkpoint's instant.
+"""Writable disks at a checkpoint: captured at the very instant memory is.
 
 A writable disk (raw or qcow2, on virtio-blk) is captured with QEMU's block
 dirty bitmaps and an incremental backup job, so a layer holds only the disk
-clusters written since its parent. A read-only disk is referenced by path
-and sha256, like a boot medium, never copied.
+clusters written since its parent. Read-only disks are referenced by path and
+sha256 in the spec (vmckpt/spec.py), never copied.
 
 :class:`DiskTracker` is independent of how memory is captured; a checkpoint
 calls, in order:
@@ -27,141 +27,27 @@ calls, in order:
 
 The new bitmap's name is recorded in the layer (``bitmap`` of its disk
 record); the next checkpoint uses it if the guest still has it, else takes
-the disk in full. A restore creates that bitmap in the restored QEMU.
+the disk in full. A restore recreates that bitmap (vmckpt/disk_restore.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 import secrets
-import shutil
-import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from vmckpt.errors import CheckpointError, MachineError, QMPError, RestoreError, UsageError
-from vmckpt.images import DiskDelta, LayerManifest, Store
+from vmckpt.errors import CheckpointError, QMPError
+from vmckpt.images import DiskDelta, LayerManifest
+from vmckpt.qemu import qemu_img
 from vmckpt.qmp import Monitor
+from vmckpt.spec import DiskSpec
 
-FORMATS = ("raw", "qcow2")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def qemu_img(*args: str, vm: str | None = None, step: str = "qemu-img") -> str:
-    """Run qemu-img; its failure becomes a MachineError naming the step."""
-    binary = shutil.which("qemu-img")
-    if binary is None:
-        raise MachineError("qemu-img not found (install qemu-utils)", vm=vm, step=step)
-    result = subprocess.run([binary, *args], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise MachineError(
-            f"qemu-img {args[0]} failed: {result.stderr.strip() or result.stdout.strip()}",
-            vm=vm,
-            step=step,
-        )
-    return result.stdout
-
-
-def _escape(value: str) -> str:
-    """A value inside a QEMU option string: commas doubled."""
-    return value.replace(",", ",,")
-
-
-@dataclass(frozen=True)
-class DiskSpec:
-    """One virtio-blk disk of a guest: image path, format, size; read-only disks by hash."""
-
-    id: str  # short name, unique per guest: disk0, disk1, ...
-    path: str
-    format: str  # raw or qcow2
-    size: int  # virtual size in bytes
-    readonly: bool = False
-    sha256: str = ""  # read-only disks only: the content the layer expects
-
-    @classmethod
-    def of(cls, disk_id: str, path: str | Path, *, readonly: bool = False) -> DiskSpec:
-        """Describe an existing image; its format and size come from ``qemu-img info``."""
-        resolved = Path(path).expanduser().resolve()
-        if not resolved.is_file():
-            raise UsageError(f"disk {path} does not exist")
-        if not _ID_RE.match(disk_id):
-            raise UsageError(f"{disk_id!r} is not a usable disk id")
-        info = json.loads(qemu_img("info", "--output=json", "-U", str(resolved)))
-        image_format = str(info.get("format"))
-        if image_format not in FORMATS:
-            raise UsageError(f"disk {path} is {image_format}; vmckpt handles {', '.join(FORMATS)}")
-        if info.get("backing-filename"):
-            raise UsageError(f"disk {path} has a backing file; vmckpt handles standalone images")
-        return cls(
-            id=disk_id,
-            path=str(resolved),
-            format=image_format,
-            size=int(info["virtual-size"]),
-            readonly=readonly,
-            sha256=_sha256(resolved) if readonly else "",
-        )
-
-    @classmethod
-    def parse(cls, index: int, text: str) -> DiskSpec:
-        """``PATH`` or ``PATH:ro`` from the command line, as disk<index>."""
-        readonly = text.endswith(":ro")
-        return cls.of(f"disk{index}", text[:-3] if readonly else text, readonly=readonly)
-
-    @property
-    def node(self) -> str:
-        """The QEMU block node the guest's device uses."""
-        return f"vmckpt-{self.id}"
-
-    def qemu_args(self) -> list[str]:
-        ro = "on" if self.readonly else "off"
-        return [
-            "-blockdev",
-            f"driver=file,filename={_escape(self.path)},node-name={self.node}-file,read-only={ro}",
-            "-blockdev",
-            f"driver={self.format},file={self.node}-file,node-name={self.node},read-only={ro}",
-            "-device",
-            f"virtio-blk-pci,drive={self.node},id=vmckpt-dev-{self.id}",
-        ]
-
-    def check(self, vm: str | None = None) -> None:
-        """Refuse a missing image, or a read-only one whose content changed."""
-        path = Path(self.path)
-        if not path.is_file():
-            raise MachineError(
-                f"disk {self.id} ({self.path}) is missing", vm=vm, step="check-media"
-            )
-        if self.readonly and _sha256(path) != self.sha256:
-            raise MachineError(
-                f"read-only disk {self.id} ({self.path}) changed since the checkpoint",
-                vm=vm,
-                step="check-media",
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DiskSpec:
-        return cls(
-            id=str(data["id"]),
-            path=str(data["path"]),
-            format=str(data["format"]),
-            size=int(data["size"]),
-            readonly=bool(data.get("readonly", False)),
-            sha256=str(data.get("sha256", "")),
-        )
+JOB_POLL_S = 0.05
+JOB_CANCEL_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -307,7 +193,7 @@ class DiskTracker:
                         "disk-collect",
                     )
                 if pending:
-                    time.sleep(0.05)
+                    time.sleep(JOB_POLL_S)
             for capture in self._captures:
                 capture.started = False
                 mon.blockdev_del(capture.target_node)
@@ -378,12 +264,12 @@ class DiskTracker:
                 if capture.job in jobs:
                     if jobs[capture.job].status not in {"concluded", "null"}:
                         mon.job_cancel(capture.job)
-                        deadline = time.monotonic() + 10
+                        deadline = time.monotonic() + JOB_CANCEL_TIMEOUT_S
                         while time.monotonic() < deadline:
                             info = mon.jobs().get(capture.job)
                             if info is None or info.status == "concluded":
                                 break
-                            time.sleep(0.05)
+                            time.sleep(JOB_POLL_S)
                     mon.job_dismiss(capture.job)
             if capture.attached:
                 with contextlib.suppress(QMPError):
@@ -408,81 +294,3 @@ def _append(extents: list[tuple[int, int]], start: int, length: int) -> None:
         extents[-1] = (extents[-1][0], extents[-1][1] + length)
     else:
         extents.append((start, length))
-
-
-# -- restore ---------------------------------------------------------------------
-
-
-def materialize(
-    store: Store,
-    manifest: LayerManifest,
-    disks: Sequence[DiskSpec],
-    directory: Path,
-    *,
-    vm: str,
-) -> tuple[DiskSpec, ...]:
-    """Build each writable disk as it was at ``manifest``'s layer, as a new image in
-    ``directory``; check read-only ones. Returns the disks the restored QEMU uses."""
-    result: list[DiskSpec] = []
-    made: list[Path] = []
-    try:
-        for disk in disks:
-            if disk.readonly:
-                disk.check(vm)
-                result.append(disk)
-                continue
-            if manifest.disk(disk.id) is None:
-                raise RestoreError(
-                    f"holds no contents for writable disk {disk.id}",
-                    vm=vm,
-                    layer=manifest.id,
-                    step="compose-disk",
-                )
-            stem = directory / f"disk-{disk.id}-{manifest.id}-{secrets.token_hex(2)}"
-            raw = stem.with_suffix(".raw")
-            made.append(raw)
-            store.compose_disk(manifest.id, disk.id, raw)
-            raw.chmod(0o600)
-            path = raw
-            if disk.format == "qcow2":
-                path = stem.with_suffix(".qcow2")
-                made.append(path)
-                qemu_img(
-                    "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path),
-                    vm=vm, step="compose-disk",
-                )  # fmt: skip
-                path.chmod(0o600)
-                raw.unlink()
-            result.append(replace(disk, path=str(path)))
-    except BaseException:
-        for path in made:
-            path.unlink(missing_ok=True)
-        raise
-    return tuple(result)
-
-
-def track_restored(mon: Monitor, disks: Sequence[DiskSpec], manifest: LayerManifest) -> None:
-    """In a restored QEMU, before the guest runs: recreate each disk's dirty bitmap under
-    the name the layer recorded, so the next checkpoint of it is incremental."""
-    writable = [d for d in disks if not d.readonly]
-    if not writable:
-        return
-    with contextlib.suppress(QMPError):
-        mon.blockdev_set_active(True)
-    for disk in writable:
-        record = manifest.disk(disk.id)
-        if record is not None and record.bitmap:
-            mon.bitmap_add(disk.node, record.bitmap)
-
-
-def disks_of(spec_dict: dict[str, Any]) -> tuple[DiskSpec, ...]:
-    """The disks of a stored guest spec (none in specs written before disks existed)."""
-    return tuple(DiskSpec.from_dict(d) for d in spec_dict.get("disks", ()))
-
-
-def discard_restored(disks: Sequence[DiskSpec], directory: Path) -> None:
-    """Remove the images :func:`materialize` made in ``directory`` (a restore failed)."""
-    for disk in disks:
-        path = Path(disk.path)
-        if not disk.readonly and path.parent == directory and path.name.startswith("disk-"):
-            path.unlink(missing_ok=True)

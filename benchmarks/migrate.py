@@ -1,6 +1,6 @@
 """Run the migration benchmark against a throw-away "other host" (a network namespace).
 
-    sudo python3 scripts/bench_migrate.py [--memory 256 1024] [--pages 0 100] [--json FILE]
+    sudo python3 -m benchmarks.migrate [--memory 256 1024] [--pages 0 100] [--json FILE]
 
 Needs root (network namespace, sshd) and the test guest (make -C guest, or
 --kernel/--initrd). Prints a table; with --json writes the rows too.
@@ -13,12 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from tests.framework.netns import other_host
 
-from tests.netns import other_host  # noqa: E402
-from vmckpt.bench_migrate import format_rows, run_migration_bench  # noqa: E402
-from vmckpt.remote import HostAddress, RemoteTarget, SshOptions  # noqa: E402
+from benchmarks.migrate_lib import format_rows, run_migration_bench
+from vmckpt.remote import HostAddress, RemoteTarget, SshOptions
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:

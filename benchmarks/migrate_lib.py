@@ -25,17 +25,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmckpt.guests import load_guest, start_guest, stop_guest
+from vmckpt.backends import LocalGuest
+from vmckpt.errors import CheckpointError
 from vmckpt.images import Store
-from vmckpt.machine import BootMedium, GuestSpec, qemu_binary
-from vmckpt.remote.migrate import MigrateSettings, migrate_by_layers, migrate_guest
-from vmckpt.remote.ops import RemoteTarget
+from vmckpt.qemu import Launch, command_line, qemu_binary, qemu_version, version_tuple
+from vmckpt.remote import MigrateSettings, RemoteTarget, migrate_by_layers, migrate_guest
+from vmckpt.session import MigrationSession
+from vmckpt.spec import BootMedium, GuestSpec
 
 BOOT_WAIT_S = 120.0
 
 
 def _wait_booted(store: Store, name: str, states: int = 3) -> None:
-    _, runtime = load_guest(store, name)
+    runtime = store.runtime_dir(name)
     deadline = time.monotonic() + BOOT_WAIT_S
     while time.monotonic() < deadline:
         text = (runtime / "serial.log").read_text(errors="replace")
@@ -53,21 +55,20 @@ def _raw_qemu_migration(
     store: Store, name: str, target: RemoteTarget, listen: str, port: int
 ) -> dict[str, Any]:
     """QEMU's own migrate tcp: into a QEMU started there by hand; the source resumes after."""
-    record, _ = load_guest(store, name)
-    process = record.running_process()
+    guest = LocalGuest(store, name)
+    process = guest.process()
     ssh, _ = target.connect()
     remote_dir = f"/tmp/vmckpt-bench-{int(time.time() * 1000)}"
     with ssh, process.monitor() as mon:
-        machine = str(mon.execute("qom-get", {"path": "/machine", "property": "type"}))
-        spec = record.spec
-        command = spec.command_line(
-            "qemu-system-x86_64",
-            name=f"{name}-raw",
-            accel="tcg",
-            qmp_socket=Path(f"{remote_dir}/qmp.sock"),
-            serial_log=Path(f"{remote_dir}/serial.log"),
-            machine_type=machine.removesuffix("-machine"),
-        )
+        binary = qemu_binary()
+        launch = Launch(
+            name=f"{name}-raw", accel="tcg", serial_log=Path(f"{remote_dir}/serial.log"),
+            machine_type=mon.machine_type(),
+        )  # fmt: skip
+        command = command_line(
+            guest.spec(), launch, binary="qemu-system-x86_64",
+            qemu_major=version_tuple(qemu_version(binary))[0], qmp_fd=None,
+        )  # fmt: skip
         command += ["-incoming", f"tcp:{listen}:{port}", "-daemonize"]
         command += ["-pidfile", f"{remote_dir}/qemu.pid"]
         start = f"mkdir -p {remote_dir} && {' '.join(shlex.quote(c) for c in command)}"
@@ -75,21 +76,16 @@ def _raw_qemu_migration(
         if code != 0:
             raise RuntimeError(f"raw QEMU did not start there: {err.strip()}")
         try:
-            mon.set_migrate_capabilities({"events": True})
-            mon.set_migrate_parameters({"downtime-limit": 50})
-            mark = mon.mark()
-            started = time.monotonic()
-            mon.migrate(f"tcp:{listen}:{port}")
-            event = mon.wait_event(
-                {"MIGRATION"},
-                600,
-                lambda e: str(e.data.get("status")) in {"completed", "failed", "cancelled"},
-                since=mark,
-            )
-            elapsed = time.monotonic() - started
-            info = mon.query_migrate()
-            if event.data["status"] != "completed":
-                raise RuntimeError(f"raw migration {event.data['status']}: {info.error}")
+            session = MigrationSession(
+                mon, vm=name, error=CheckpointError, capabilities={"events": True},
+                parameters={"downtime-limit": 50}, timeout_s=600,
+            )  # fmt: skip
+            with session:
+                started = time.monotonic()
+                session.start(f"tcp:{listen}:{port}")
+                session.wait()
+                elapsed = time.monotonic() - started
+                info = mon.query_migrate()
             return {
                 "downtime_ms": info.downtime_ms,
                 "qemu_downtime_ms": info.downtime_ms,
@@ -97,13 +93,11 @@ def _raw_qemu_migration(
                 "bytes_sent": info.transferred,
             }
         finally:
+            # The QEMU there is the benchmark's own, started above; its PID is in its pidfile.
             ssh.run(
                 ["sh", "-c", f"kill $(cat {remote_dir}/qemu.pid); sleep 0.5; rm -rf {remote_dir}"],
                 timeout=30,
             )
-            mon.set_migrate_capabilities({"events": False})
-            if not mon.is_running():
-                mon.cont()
 
 
 def run_migration_bench(
@@ -134,7 +128,7 @@ def run_migration_bench(
                 media=media,
                 append=f"console=ttyS0 quiet panic=-1 vmckpt.buf_mb=64 vmckpt.pages={pages}",
             )
-            start_guest(store, name, spec)
+            guest = LocalGuest.start(store, name, spec)
             try:
                 _wait_booted(store, name)
                 ssh, _ = target.connect()
@@ -158,9 +152,10 @@ def run_migration_bench(
                 rows.append(_row(memory, pages, "vmckpt-layers-warm", **_values(warm.to_dict())))
                 migrate_guest(store, name, None, settings)
             finally:
-                record, _ = load_guest(store, name)
-                if record.process is not None and record.process.alive():
-                    stop_guest(store, name)
+                guest = LocalGuest(store, name)
+                process = guest.record.process
+                if process is not None and process.alive():
+                    guest.stop()
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Checkpoint benchmark (issue 5): vmckpt against QEMU's own ways to save a running guest.
+"""Checkpoint benchmark: vmckpt against QEMU's own ways to save a running guest.
 
 For each guest RAM size and dirty rate one test guest is booted (TCG or KVM,
 as ``--accel`` says) and checkpointed ``count`` times, one checkpoint a
@@ -46,13 +46,16 @@ from typing import Any
 
 import numpy as np
 
-from vmckpt.checkpoint import ACTIVE_MIGRATION, FINISHED, CheckpointSettings, take_checkpoint
-from vmckpt.errors import QMPError, UsageError, VmckptError
-from vmckpt.guests import load_guest, start_guest, stop_guest
+from vmckpt.backends import LocalGuest
+from vmckpt.checkpoint import CheckpointSettings, take_checkpoint
+from vmckpt.errors import CheckpointError, UsageError, VmckptError
+from vmckpt.guard import Guard
 from vmckpt.images import Store
-from vmckpt.machine import BootMedium, GuestSpec, parse_memory, qemu_binary, qemu_version
-from vmckpt.qmp import Event, Monitor
+from vmckpt.qemu import parse_memory, qemu_binary, qemu_version
+from vmckpt.qmp import CONT_RETRY_S, Event, Monitor
 from vmckpt.ram import PAGE_SIZE, RamImage
+from vmckpt.session import MigrationSession, leave_as_found
+from vmckpt.spec import BootMedium, GuestSpec
 
 METHODS = ("vmckpt", "stop-migrate-cont", "live-migrate", "savevm", "background-snapshot")
 IDLE = "idle"
@@ -189,7 +192,7 @@ def pause_from_events(events: Sequence[Event]) -> tuple[float, int]:
 def _wait_resumed(mon: Monitor, mark: int, timeout: float = 30.0) -> list[Event]:
     """Events since ``mark`` once the guest runs again (its RESUME after the last STOP)."""
     if not mon.is_running():
-        mon.cont(retry_s=5.0)
+        mon.cont(retry_s=CONT_RETRY_S)
     events = mon.events_since(mark)
     stops = [e.timestamp for e in events if e.name == "STOP"]
     if stops:
@@ -198,6 +201,33 @@ def _wait_resumed(mon: Monitor, mark: int, timeout: float = 30.0) -> list[Event]
 
 
 # -- one guest -----------------------------------------------------------------------
+
+
+class _Into:
+    """A guest checkpointed into another store than its own (a fresh one per run)."""
+
+    kind = "guest"
+
+    def __init__(self, store: Store, guest: LocalGuest) -> None:
+        self.store = store
+        self.guest = guest
+        self.name = guest.name
+
+    @property
+    def accel(self) -> str:
+        return self.guest.accel
+
+    def spec(self) -> GuestSpec:
+        return self.guest.spec()
+
+    def monitor(self) -> Monitor:
+        return self.guest.monitor()
+
+    def guard(self) -> Guard:
+        return Guard.for_qmp(
+            store=self.store.path, name=self.name, kind=self.kind,
+            qmp_socket=self.guest.process().qmp_socket,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -224,6 +254,7 @@ class GuestBench:
         self.store = Store.create(work / "run")
         self.qcow2 = work / "snap.qcow2"
         self.ckpt = CheckpointSettings()
+        self.guest = LocalGuest(self.store, GUEST)
 
     def boot(self) -> None:
         subprocess.run(
@@ -239,12 +270,12 @@ class GuestBench:
                 BootMedium.of("initrd", self.settings.initrd),
             ),
             append=f"console=ttyS0 quiet panic=-1 vmckpt.buf_mb={BUF_MB} vmckpt.pages={self.rate}",
-            qemu_args=(
-                "-blockdev",
-                f"driver=qcow2,node-name={SNAP_NODE},file.driver=file,file.filename={self.qcow2}",
-            ),
         )
-        start_guest(self.store, GUEST, spec)
+        snapshot_node = (
+            "-blockdev",
+            f"driver=qcow2,node-name={SNAP_NODE},file.driver=file,file.filename={self.qcow2}",
+        )
+        self.guest = LocalGuest.start(self.store, GUEST, spec, extra_args=snapshot_node)
         serial = self.runtime / "serial.log"
         deadline = time.monotonic() + BOOT_WAIT_S
         while time.monotonic() < deadline:
@@ -257,24 +288,23 @@ class GuestBench:
 
     @property
     def runtime(self) -> Path:
-        return self.store.guest_dir(GUEST)
+        return self.store.runtime_dir(GUEST)
 
     def _process_alive(self) -> bool:
-        record, _ = load_guest(self.store, GUEST)
-        return record.process is not None and record.process.alive()
+        process = self.guest.record.process
+        return process is not None and process.alive()
 
     def _log_tail(self) -> str:
-        record, _ = load_guest(self.store, GUEST)
-        return record.process.log_tail() if record.process else "(no process)"
+        process = self.guest.record.process
+        return process.log_tail() if process else "(no process)"
 
     def monitor(self) -> Monitor:
-        record, _ = load_guest(self.store, GUEST)
-        return record.running_process().monitor(timeout=60.0)
+        return self.guest.process().monitor(timeout=60.0)
 
     def stop(self) -> None:
         with contextlib.suppress(VmckptError):
             if self._process_alive():
-                stop_guest(self.store, GUEST)
+                self.guest.stop()
 
     # -- running a method -------------------------------------------------------
 
@@ -330,33 +360,25 @@ class GuestBench:
         if not self._process_alive():
             return
         with contextlib.suppress(VmckptError), self.monitor() as mon:
-            if mon.query_migrate().status in ACTIVE_MIGRATION:
-                mon.migrate_cancel()
-                deadline = time.monotonic() + 30
-                while (
-                    mon.query_migrate().status in ACTIVE_MIGRATION and time.monotonic() < deadline
-                ):
-                    time.sleep(0.05)
-            with contextlib.suppress(VmckptError):
-                mon.set_migrate_capabilities({"background-snapshot": False, "events": False})
+            leave_as_found(
+                mon, vm=GUEST, capabilities={"background-snapshot": False, "events": False},
+                parameters={}, resume=True, fd_name=None,
+            )  # fmt: skip
             for job in mon.jobs().values():
                 with contextlib.suppress(VmckptError):
                     mon.job_dismiss(job.id)
-            if not mon.is_running():
-                mon.cont(retry_s=5.0)
 
     # -- the methods ---------------------------------------------------------------
 
     def _vmckpt(self, run: MethodRun, scratch: Path, started: float) -> None:
         store = Store.create(scratch / "store")
-        record, runtime = load_guest(self.store, GUEST)
-        record.head = None
+        target = _Into(store, self.guest)
         base: RamImage | None = None
         try:
             for index in range(self.settings.count + 1):  # the base layer, then `count`
                 self._wait_slot(started, index)
                 began = time.monotonic()
-                result = take_checkpoint(store, record, runtime, self.ckpt, base=base)
+                result = take_checkpoint(target, self.ckpt, base=base)
                 base = result.image
                 run.samples.append(
                     Sample(
@@ -374,53 +396,38 @@ class GuestBench:
                     )
                 )
         finally:
-            record.head = None
-            record.save(runtime)
             shutil.rmtree(store.path, ignore_errors=True)
 
     def _migrate(
         self, mon: Monitor, path: Path, *, stop: bool = False, background: bool = False
     ) -> Sample:
-        old_caps = mon.migrate_capabilities()
-        old_params = mon.migrate_parameters()
         caps = {"events": True, **({"background-snapshot": True} if background else {})}
+        session = MigrationSession(
+            mon,
+            vm=GUEST,
+            error=CheckpointError,
+            capabilities=caps,
+            parameters={
+                "downtime-limit": self.ckpt.downtime_limit_ms,
+                "max-bandwidth": self.ckpt.max_bandwidth,
+            },
+            timeout_s=self.ckpt.timeout_s,
+        )
         try:
-            mon.set_migrate_capabilities(caps)
-            mon.set_migrate_parameters(
-                {
-                    "downtime-limit": self.ckpt.downtime_limit_ms,
-                    "max-bandwidth": self.ckpt.max_bandwidth,
-                }
-            )
-            mark = mon.mark()
-            began = time.monotonic()
-            if stop:
-                mon.stop()
-            mon.migrate(f"file:{path}")
-            finished = mon.wait_event(
-                {"MIGRATION"},
-                self.ckpt.timeout_s,
-                lambda e: str(e.data.get("status")) in FINISHED,
-                since=mark,
-            )
-            if finished.data["status"] != "completed":
+            with session:
+                mark = mon.mark()
+                began = time.monotonic()
+                if stop:
+                    mon.stop()
+                session.start(f"file:{path}")
+                session.wait()
+                session.resume()
+                events = _wait_resumed(mon, mark)
+                total = time.monotonic() - began
                 info = mon.query_migrate()
-                raise RuntimeError(
-                    f"migration {finished.data['status']}: {info.error or 'no reason given'}"
-                )
-            events = _wait_resumed(mon, mark)
-            total = time.monotonic() - began
-            info = mon.query_migrate()
             pause, pairs = pause_from_events(events)
             size = path.stat().st_size
         finally:
-            restore = {k: old_caps.get(k, False) for k in caps}
-            with contextlib.suppress(QMPError):
-                mon.set_migrate_capabilities(restore)
-            with contextlib.suppress(QMPError):
-                mon.set_migrate_parameters(
-                    {k: old_params[k] for k in ("downtime-limit", "max-bandwidth")}
-                )
             with contextlib.suppress(OSError):
                 path.unlink()
         return Sample(
@@ -696,10 +703,11 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``vmckpt bench`` on the CLI's subparsers."""
-    p: argparse.ArgumentParser = sub.add_parser(
-        "bench", help="benchmark checkpoints against QEMU's own baselines (issue 5)"
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vmckpt bench",
+        description="benchmark checkpoints against QEMU's own baselines",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--sizes", default="256M,1G", help="guest RAM sizes, e.g. 256M,1G")
     p.add_argument("--rates", default="0,100,2000", help="pages written per 100 ms step")
@@ -711,7 +719,16 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG (needs matplotlib)")
     p.add_argument("--json", type=Path, metavar="FILE", help="dump every raw measurement")
     p.add_argument("--out", type=Path, metavar="DIR", help="scratch directory (default: /tmp)")
-    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return cmd_bench(args)
+    except VmckptError as exc:
+        print(f"vmckpt bench: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -774,3 +791,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_plot(runs, args.plot)
         print(f"plot: {args.plot}")
     return 0 if not any(r.method == "boot" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

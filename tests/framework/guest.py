@@ -1,0 +1,273 @@
+"""The test harness for real guests: run the vmckpt CLI as a user does, read the guest's
+console, and check that a restored guest continues exactly where it was.
+
+zdtm-style: the test guest's workload checks itself (its STATE lines say ``ok``
+only while its buffer matches its checksum) and is deterministic, so a restored
+guest must print, for every step, the very checksum the original printed.
+
+Every QEMU a runner starts lives in the runner's store; :meth:`Vmckpt.kill_all`
+ends each by the PID and start time the store recorded, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmckpt.backends import GuestRecord, LocalGuest, local_guest_names
+from vmckpt.images import Store
+from vmckpt.qmp import Monitor
+
+REPO = Path(__file__).resolve().parent.parent.parent
+GUEST_BUILD = REPO / "guest" / "build"
+STATE_LINE = re.compile(r"^STATE seq=(\d+) sum=([0-9a-f]{16}) ok$")
+BOOT_TIMEOUT = 120.0
+POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class State:
+    seq: int
+    sum: str
+
+
+def parse_states(text: str) -> list[State]:
+    """Every complete STATE line; a line torn by a checkpoint at the log's start is skipped."""
+    return [
+        State(int(m.group(1)), m.group(2))
+        for line in text.splitlines()
+        if (m := STATE_LINE.match(line.strip()))
+    ]
+
+
+def guest_append(*, pages: int, buf_mb: int) -> str:
+    return f"console=ttyS0 quiet panic=-1 vmckpt.buf_mb={buf_mb} vmckpt.pages={pages}"
+
+
+def wait_for(
+    condition: Callable[[], object], what: str, timeout: float, *, poll: float = POLL_S
+) -> None:
+    """Wait until ``condition()`` is true; AssertionError naming ``what`` if it is not in time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(poll)
+
+
+@dataclass
+class Vmckpt:
+    """Runs the vmckpt CLI the way a user does and keeps track of what it started."""
+
+    store: Path
+    media: Path = GUEST_BUILD
+    started: set[str] = field(default_factory=set)
+
+    def __call__(
+        self,
+        *args: str,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[str]:
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        result = subprocess.run(
+            [sys.executable, "-m", "vmckpt", *args],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+            cwd=REPO,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"vmckpt {' '.join(args)} exited {result.returncode}:\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    def run_guest(
+        self,
+        name: str,
+        *,
+        memory: str = "256M",
+        pages: int = 4,
+        buf_mb: int = 64,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.started.add(name)
+        self(
+            "run", name, "--store", str(self.store), "--create",
+            "--kernel", str(self.media / "vmlinuz"), "--initrd", str(self.media / "initrd.img"),
+            "--append", guest_append(pages=pages, buf_mb=buf_mb),
+            "--memory", memory, "--accel", "tcg", "--detach", *extra, env=env,
+        )  # fmt: skip
+
+    def restore(
+        self, *extra: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        result = self("restore", "--store", str(self.store), "--detach", "--json", *extra, env=env)
+        name = extra[extra.index("--name") + 1] if "--name" in extra else None
+        if name:
+            self.started.add(name)
+        return result
+
+    def checkpoint(self, name: str, *extra: str) -> dict[str, object]:
+        out = self("checkpoint", name, "--store", str(self.store), "--json", *extra).stdout
+        row = json.loads(out)
+        assert isinstance(row, dict)
+        return row
+
+    def listing(self) -> dict[str, list[dict[str, object]]]:
+        data = json.loads(self("list", "--store", str(self.store), "--json").stdout)
+        assert isinstance(data, dict)
+        return data
+
+    def guest(self, name: str) -> LocalGuest:
+        return LocalGuest(Store(self.store), name)
+
+    def monitor(self, name: str) -> Monitor:
+        """A QMP connection to a running guest of this store (its socket from the record)."""
+        return self.guest(name).monitor()
+
+    def serial(self, name: str) -> str:
+        return (self.store / "guests" / name / "serial.log").read_text(errors="replace")
+
+    def states(self, name: str) -> list[State]:
+        return parse_states(self.serial(name))
+
+    def wait_states(self, name: str, count: int, timeout: float = BOOT_TIMEOUT) -> list[State]:
+        """Wait until the guest has printed ``count`` STATE lines in its current log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = self.states(name)
+            if len(states) >= count:
+                return states
+            time.sleep(POLL_S)
+        raise AssertionError(
+            f"guest {name} printed fewer than {count} STATE lines in {timeout:.0f} s:\n"
+            + self.serial(name)[-2000:]
+        )
+
+    def last_seq(self, name: str) -> int:
+        states = self.states(name)
+        return states[-1].seq if states else -1
+
+    def records(self) -> list[GuestRecord]:
+        if not (self.store / "vmckpt-store.json").exists():
+            return []
+        store = Store(self.store)
+        records = []
+        for name in local_guest_names(store):
+            with contextlib.suppress(Exception):
+                records.append(LocalGuest(store, name).record)
+        return records
+
+    def kill_all(self) -> None:
+        for record in self.records():
+            if record.process is not None:
+                record.process.kill()
+
+
+@dataclass(frozen=True)
+class Taken:
+    layer: str
+    before: int  # last seq the guest printed before the checkpoint started
+    after: int  # last seq printed once the checkpoint command returned
+    pages: int
+    bytes: int
+    pause_ms: float
+    mechanism: str = ""
+
+
+def take(vmckpt: Vmckpt, name: str) -> Taken:
+    before = vmckpt.last_seq(name)
+    out = vmckpt.checkpoint(name)
+    after = vmckpt.last_seq(name)
+    return Taken(
+        str(out["layer"]), before, after, int(str(out["pages_stored"])), int(str(out["bytes"])),
+        float(str(out["pause_ms"])), str(out["mechanism"]),
+    )  # fmt: skip
+
+
+def assert_continues(restored: list[State], original: list[State], taken: Taken) -> None:
+    """The restored guest starts where the checkpoint was taken and, step for step, prints
+    the checksums the original printed."""
+    assert restored, "the restored guest printed no STATE line"
+    first = restored[0].seq
+    assert taken.before <= first <= taken.after + 1, (
+        f"restored guest starts at seq {first}, checkpoint was taken between "
+        f"seq {taken.before} and {taken.after}"
+    )
+    seqs = [s.seq for s in restored]
+    assert seqs == list(range(first, first + len(seqs))), f"seq does not increase by one: {seqs}"
+    by_seq = {s.seq: s.sum for s in original}
+    overlap = [s for s in restored if s.seq in by_seq]
+    assert overlap, "no step of the restored run overlaps the original run"
+    for state in overlap:
+        assert state.sum == by_seq[state.seq], f"seq {state.seq}: checksum differs from original"
+
+
+def assert_guest_untouched(vmckpt: Vmckpt, name: str) -> None:
+    """Running, no migration, migration settings at QEMU's defaults, and still counting."""
+    with vmckpt.monitor(name) as mon:
+        assert mon.status() == "running"
+        assert mon.query_migrate().status not in {"setup", "active", "device", "cancelling", "colo"}
+        caps = mon.migrate_capabilities()
+        assert caps["events"] is False, "migration events left on"
+        assert caps.get("x-colo", False) is False, "x-colo left on"
+        assert caps.get("return-path", False) is False, "return-path left on"
+        assert mon.migrate_parameters()["downtime-limit"] == 300, "downtime-limit left changed"
+    seq = vmckpt.last_seq(name)
+    vmckpt.wait_states(name, len(vmckpt.states(name)) + 3, timeout=30)
+    assert vmckpt.last_seq(name) > seq
+    assert "BAD" not in vmckpt.serial(name)
+
+
+def one_line_error(
+    result: subprocess.CompletedProcess[str], *needles: str, code: int | None = None
+) -> str:
+    """The command failed (with ``code``), saying so in one line that holds every needle."""
+    assert result.returncode != 0, result.stdout
+    if code is not None:
+        assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got: {result.stderr!r}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def snapshot(store: Path) -> dict[str, str]:
+    """Path -> sha256 of every file under the store's layers (what must not change)."""
+    layers = store / "layers"
+    return {
+        str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(layers.rglob("*"))
+        if p.is_file()
+    }
+
+
+def qemu_pids_of(store: Path) -> list[int]:
+    """PIDs of live QEMU processes whose command line names this store (ours only)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            stat = (proc / "stat").read_text()
+            if str(store).encode() in cmdline and b"qemu-system" in cmdline and ") Z" not in stat:
+                pids.append(int(proc.name))
+    return pids

@@ -1,0 +1,376 @@
+"""Guests as the commands see them: one interface, one implementation per kind of guest.
+
+- :class:`LocalGuest`: a QEMU that vmckpt started on this host (``vmckpt run``,
+  ``vmckpt restore``), with its record, sockets and console in the store;
+- :class:`vmckpt.libvirt.LibvirtGuest`: a running libvirt domain, reached through
+  libvirt's monitor passthrough;
+- :class:`vmckpt.remote.RemoteGuest`: a guest vmckpt runs on another host, whose
+  commands run there over SSH.
+
+:func:`open_guest` picks the implementation; the CLI only dispatches to the
+methods of :class:`Guest`. A method a kind of guest cannot offer raises a
+UsageError saying so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmckpt import log
+from vmckpt.checkpoint import CheckpointResult, CheckpointSettings, take_checkpoint
+from vmckpt.errors import MachineError, QMPError, StoreError, UsageError
+from vmckpt.guard import Guard
+from vmckpt.images import Store
+from vmckpt.mechanisms import Choice, choose_mechanism
+from vmckpt.progress import NO_PROGRESS, Progress
+from vmckpt.qemu import (
+    SERIAL_LOG,
+    Launch,
+    QemuProcess,
+    qemu_binary,
+    qemu_version,
+    resolve_accel,
+    rotate_serial_log,
+)
+from vmckpt.qmp import CONT_RETRY_S, Monitor
+from vmckpt.session import JOURNAL, recover
+from vmckpt.spec import GuestSpec, check_name
+from vmckpt.watch import WatchSettings, watch
+
+RECORD = "guest.json"
+STATUS_TIMEOUT_S = 3.0
+CONSOLE_POLL_S = 0.1
+_log = log.get(__name__)
+
+
+@dataclass(frozen=True)
+class GuestStatus:
+    """One guest's row in ``vmckpt list`` (the JSON vocabulary of the README)."""
+
+    name: str
+    kind: str  # guest (vmckpt runs it here), libvirt, remote
+    state: str  # QEMU's run state, "stopped", "unknown", "unreachable"
+    pid: int | None
+    head: str | None
+    host: str = "local"
+    mechanism: str = ""  # what its next checkpoint uses
+    mechanism_reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "state": self.state,
+            "pid": self.pid,
+            "head": self.head,
+            "host": self.host,
+            "mechanism": self.mechanism,
+            "mechanism_reason": self.mechanism_reason,
+        }
+
+
+class Guest:
+    """A guest the commands act on (see the module doc)."""
+
+    kind = "guest"  # the store's name space for its head and runtime files
+
+    def __init__(self, store: Store, name: str) -> None:
+        self.store = store
+        self.name = name
+
+    # What a checkpoint needs (vmckpt.checkpoint.CheckpointTarget).
+
+    def spec(self) -> GuestSpec:
+        raise self._unsupported("has no spec")
+
+    def monitor(self) -> Monitor:
+        raise self._unsupported("has no monitor here")
+
+    def guard(self) -> Guard:
+        raise self._unsupported("cannot be guarded from here")
+
+    @property
+    def accel(self) -> str:
+        return ""
+
+    def head(self) -> str | None:
+        return self.store.head(self.name, self.kind)
+
+    def mechanism(self) -> Choice:
+        """The checkpoint mechanism this guest gets, and why."""
+        with self.monitor() as mon:
+            version = mon.version
+        return choose_mechanism(version, self.accel, self.spec(), local=False)
+
+    # The commands.
+
+    def checkpoint(
+        self, settings: CheckpointSettings | None = None, *, progress: Progress = NO_PROGRESS
+    ) -> CheckpointResult:
+        return take_checkpoint(self, settings, progress=progress)
+
+    def checkpoint_row(
+        self, settings: CheckpointSettings | None = None, *, progress: Progress = NO_PROGRESS
+    ) -> dict[str, Any]:
+        """One checkpoint, as the row ``checkpoint --json`` prints."""
+        return {**self.checkpoint(settings, progress=progress).to_dict(), "host": "local"}
+
+    def watch_rows(
+        self,
+        settings: WatchSettings,
+        report: Callable[[dict[str, Any]], None],
+        *,
+        progress: Progress = NO_PROGRESS,
+    ) -> int:
+        """Periodic checkpoints; ``report`` gets each one's row (with a ``note``)."""
+
+        def row(result: CheckpointResult, note: str) -> None:
+            report({**result.to_dict(), "host": "local", "note": note})
+
+        return watch(self, settings, row, progress=progress)
+
+    def status(self) -> GuestStatus:
+        raise self._unsupported("has no status here")
+
+    def console(self, follow: bool) -> Iterator[str]:
+        raise self._unsupported("has no console here")
+
+    def stop(self) -> str:
+        raise self._unsupported("is not stopped by vmckpt")
+
+    def pause(self) -> None:
+        with self.monitor() as mon:
+            mon.stop()
+
+    def resume(self) -> bool:
+        """Run the guest (after a pause, or a checkpoint a dead vmckpt left half done).
+        Returns whether a left-over migration session was recovered."""
+        lock = self.store.guest_lock(self.name, what="resume", wait_s=30, kind=self.kind)
+        with lock, self.monitor() as mon:
+            recovered = recover(
+                mon, self.store.journal_path(self.name, JOURNAL, self.kind), vm=self.name
+            )
+            if not mon.is_running():
+                mon.cont(retry_s=CONT_RETRY_S)
+        return recovered
+
+    def _unsupported(self, what: str) -> UsageError:
+        return UsageError(f"guest {self.name} ({self.kind}) {what}")
+
+
+# -- guests vmckpt runs here -------------------------------------------------------------
+
+
+@dataclass
+class GuestRecord:
+    """What the store remembers about a guest vmckpt runs here: its spec and its QEMU."""
+
+    name: str
+    spec: GuestSpec
+    process: QemuProcess | None
+    accel: str = ""  # the accelerator QEMU runs it with (the spec may say "auto")
+    trusted_args: tuple[str, ...] = ()  # free-form QEMU arguments its QEMU was started with
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "spec": self.spec.to_dict(),
+            "process": self.process.to_dict() if self.process else None,
+            "accel": self.accel,
+            "trusted_args": list(self.trusted_args),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], name: str) -> GuestRecord:
+        try:
+            process = data.get("process")
+            return cls(
+                name=str(data["name"]),
+                spec=GuestSpec.from_dict(data["spec"]),
+                process=QemuProcess.from_dict(process) if process else None,
+                accel=str(data.get("accel", "")),
+                trusted_args=tuple(str(a) for a in data.get("trusted_args", [])),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MachineError(f"its record is damaged ({exc})", vm=name) from exc
+
+
+class LocalGuest(Guest):
+    """A QEMU vmckpt started on this host."""
+
+    def __init__(self, store: Store, name: str, record: GuestRecord | None = None) -> None:
+        super().__init__(store, name)
+        self._record = record
+
+    @property
+    def record(self) -> GuestRecord:
+        if self._record is None:
+            data = self.store.read_record(self.name, RECORD)
+            if data is None:
+                raise MachineError(
+                    "no such guest in this store (start one with `vmckpt run`)", vm=self.name
+                )
+            self._record = GuestRecord.from_dict(data, self.name)
+        return self._record
+
+    def save(self) -> None:
+        self.store.write_record(self.name, RECORD, self.record.to_dict())
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.store.runtime_dir(self.name)
+
+    def process(self) -> QemuProcess:
+        """The guest's QEMU, if it runs; MachineError otherwise."""
+        process = self.record.process
+        if process is None or not process.alive():
+            raise MachineError("is not running", vm=self.name)
+        return process
+
+    def spec(self) -> GuestSpec:
+        return self.record.spec
+
+    @property
+    def accel(self) -> str:
+        return self.record.accel
+
+    def monitor(self) -> Monitor:
+        return self.process().monitor()
+
+    def guard(self) -> Guard:
+        return Guard.for_qmp(
+            store=self.store.path, name=self.name, kind=self.kind,
+            qmp_socket=self.process().qmp_socket,
+        )  # fmt: skip
+
+    def mechanism(self) -> Choice:
+        process = self.process()
+        version = qemu_version(process.command[0]) if process.command else ""
+        return choose_mechanism(version, self.accel, self.spec(), local=True)
+
+    # -- life cycle --------------------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        store: Store,
+        name: str,
+        spec: GuestSpec,
+        *,
+        extra_args: tuple[str, ...] = (),
+        machine_type: str | None = None,
+        incoming: bool = False,
+    ) -> LocalGuest:
+        """Start QEMU for ``spec``; the record is written before QEMU starts, so an
+        interrupted start leaves a guest that ``stop`` and ``list`` know."""
+        check_name(name)
+        guest = cls(store, name)
+        guest.refuse_if_running()
+        qemu_binary()  # a missing QEMU is said before anything is written
+        accel = resolve_accel(spec.accel)
+        runtime = store.runtime_dir(name)
+        guest._record = GuestRecord(name, spec, None, accel, extra_args)
+        guest.save()
+        serial = rotate_serial_log(runtime)
+        launch = Launch(
+            name=name, accel=accel, serial_log=serial, machine_type=machine_type,
+            incoming=incoming, extra_args=extra_args,
+        )  # fmt: skip
+
+        def remember(process: QemuProcess) -> None:
+            guest.record.process = process
+            guest.save()
+
+        process = QemuProcess.launch(spec, launch, runtime_dir=runtime, on_spawn=remember)
+        try:
+            guest.save()
+            if not incoming:
+                with process.monitor() as mon:
+                    if not mon.is_running():
+                        mon.cont()
+        except BaseException:
+            process.kill()
+            raise
+        return guest
+
+    def refuse_if_running(self) -> None:
+        with contextlib.suppress(MachineError, StoreError):
+            process = self.record.process
+            if process is not None and process.alive():
+                raise UsageError(
+                    f"guest {self.name} is running (PID {process.pid}); stop it first, "
+                    "or use another name"
+                )
+
+    def status(self) -> GuestStatus:
+        head = self.head()
+        process = self.record.process
+        if process is None or not process.alive():
+            return GuestStatus(self.name, self.kind, "stopped", None, head)
+        state = "unknown"
+        mechanism = Choice("", "")
+        if self.store.guest_locked(self.name):
+            state = "checkpointing"  # its monitor is busy; not waited for
+        else:
+            with contextlib.suppress(QMPError), process.monitor(timeout=STATUS_TIMEOUT_S) as mon:
+                state = mon.status()
+        with contextlib.suppress(MachineError, OSError):
+            mechanism = self.mechanism()
+        return GuestStatus(
+            self.name, self.kind, state, process.pid, head,
+            mechanism=mechanism.mechanism, mechanism_reason=mechanism.reason,
+        )  # fmt: skip
+
+    def console(self, follow: bool) -> Iterator[str]:
+        """The serial output of the guest's current life; with ``follow``, until it ends."""
+        log_path = self.store.runtime_dir(self.name) / SERIAL_LOG
+        if not log_path.exists():
+            raise MachineError("has no console output yet", vm=self.name)
+        process = self.record.process
+        alive = process if process is not None and process.alive() else None
+        with log_path.open("r", errors="replace") as handle:
+            while True:
+                chunk = handle.read()
+                if chunk:
+                    yield chunk
+                    continue
+                if not follow or alive is None or not alive.alive():
+                    return
+                time.sleep(CONSOLE_POLL_S)
+
+    def stop(self) -> str:
+        process = self.process()
+        started = time.monotonic()
+        process.shutdown()
+        self.record.process = None
+        self.save()
+        return f"guest {self.name} stopped (PID {process.pid}, {time.monotonic() - started:.1f} s)"
+
+
+def local_guest_names(store: Store) -> list[str]:
+    return store.names_with(RECORD)
+
+
+def open_guest(
+    store: Store, name: str | None = None, *, libvirt: str | None = None, uri: str | None = None
+) -> Guest:
+    """The guest a command names: a libvirt domain (``libvirt``), a guest recorded as
+    running on another host, or one vmckpt runs here."""
+    if libvirt is not None:
+        from vmckpt.libvirt import LibvirtGuest
+
+        return LibvirtGuest(store, libvirt, uri)
+    if name is None:
+        raise UsageError("name a guest (or --libvirt DOMAIN)")
+    check_name(name)
+    from vmckpt.remote import RemoteGuest
+
+    remote = RemoteGuest.load(store, name)
+    if remote is not None:
+        return remote
+    return LocalGuest(store, name)

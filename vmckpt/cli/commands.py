@@ -1,0 +1,466 @@
+"""The ``vmckpt`` commands: each parses nothing and decides nothing, it calls the module
+that owns the work (vmckpt/backends.py and friends) and prints the result."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from vmckpt.backends import LocalGuest, local_guest_names, open_guest
+from vmckpt.bootmedia import kernel_media
+from vmckpt.check import probe_capabilities
+from vmckpt.checkpoint import CheckpointSettings
+from vmckpt.cli.output import (
+    checkpoint_line,
+    human_bytes,
+    human_ms,
+    layer_row,
+    layer_tree,
+    print_json,
+    print_json_line,
+    progress_for,
+    table,
+)
+from vmckpt.errors import UsageError, VmckptError
+from vmckpt.images import Store
+from vmckpt.qemu import parse_memory
+from vmckpt.spec import BootMedium, DiskSpec, GuestSpec, check_cpu, check_machine, check_name
+from vmckpt.watch import WatchSettings, stop_on_signals
+
+STORE_ENV = "VMCKPT_STORE"
+CHECKPOINT_WAIT_S = 60.0  # another checkpoint of the guest under way: wait this long
+
+
+def store_path(args: argparse.Namespace) -> Path:
+    """The store a command works on: --store, else $VMCKPT_STORE; always absolute."""
+    given = args.store or os.environ.get(STORE_ENV)
+    if not given:
+        raise UsageError(f"no store given: pass --store DIR or set {STORE_ENV}")
+    return Path(given).expanduser().absolute()
+
+
+def open_store(args: argparse.Namespace) -> Store:
+    if getattr(args, "create", False):
+        return Store.create(store_path(args))
+    return Store(store_path(args))
+
+
+def follow(chunks: Any) -> None:
+    try:
+        for chunk in chunks:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+# -- the store ---------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    target = args.path or args.store or os.environ.get(STORE_ENV)
+    if not target:
+        raise UsageError(f"name the store to create: vmckpt init DIR (or set {STORE_ENV})")
+    path = Path(target).expanduser().absolute()
+    existed = (path / "vmckpt-store.json").exists()
+    store = Store.create(path)
+    print(f"store {store.path} {'exists already' if existed else 'created'}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    caps = probe_capabilities()
+    if args.json:
+        print_json(caps.to_dict())
+    else:
+        print(f"QEMU        {caps.binary} {caps.version}")
+        for accel, state in caps.accelerators.items():
+            print(f"accel {accel:<6}{state}")
+        print(f"accel auto  picks {caps.default_accel}")
+        for mechanism, state in caps.mechanisms.items():
+            print(f"mechanism   {mechanism}: {state}")
+    return 0 if caps.usable else 1
+
+
+# -- guests vmckpt runs --------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    name = check_name(args.name)
+    if bool(args.kernel) == bool(args.iso):
+        raise UsageError("give either --kernel (with --initrd/--append) or --iso")
+    if args.initrd and not args.kernel:
+        raise UsageError("--initrd needs --kernel")
+    media: list[BootMedium] = []
+    if args.kernel:
+        media += kernel_media(args.kernel, args.initrd or [])
+    if args.iso:
+        media.append(BootMedium.of("iso", args.iso))
+    qemu_args = tuple(args.qemu_arg or ())
+    spec = GuestSpec(
+        memory_mib=parse_memory(args.memory),
+        cpus=args.cpus,
+        accel=args.accel,
+        machine=check_machine(args.machine),
+        cpu=check_cpu(args.cpu or ""),
+        media=tuple(media),
+        append=args.append or "",
+        qemu_args=qemu_args,
+        disks=tuple(DiskSpec.parse(i, text) for i, text in enumerate(args.disk or ())),
+    )
+    store = open_store(args)
+    guest = LocalGuest.start(store, name, spec, extra_args=qemu_args)
+    process = guest.process()
+    print(
+        f"guest {name} running, PID {process.pid}, accel {process.accel}, "
+        f"console {process.serial_log}"
+    )
+    if args.detach:
+        return 0
+    try:
+        follow(guest.console(True))
+    finally:
+        if guest.process().alive():
+            print(f"\nstopping guest {name}")
+            print(guest.stop())
+    return 0
+
+
+def _guest(args: argparse.Namespace, store: Store) -> Any:
+    libvirt = getattr(args, "libvirt", None)
+    if bool(args.name) == bool(libvirt):
+        raise UsageError("give either a guest NAME or --libvirt DOMAIN")
+    if getattr(args, "connect", None) and not libvirt:
+        raise UsageError("--connect goes with --libvirt")
+    return open_guest(store, args.name, libvirt=libvirt, uri=getattr(args, "connect", None))
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    follow(_guest(args, open_store(args)).console(args.follow))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    print(_guest(args, open_store(args)).stop())
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    _guest(args, open_store(args)).pause()
+    print(f"guest {args.name} paused (vmckpt resume {args.name} runs it again)")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    recovered = _guest(args, open_store(args)).resume()
+    extra = " (a checkpoint interrupted earlier was cleaned up)" if recovered else ""
+    print(f"guest {args.name} running{extra}")
+    return 0
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    guest = _guest(args, store)
+    settings = CheckpointSettings(lock_wait_s=args.wait)
+    # A Ctrl-C lets the checkpoint finish (a second one aborts it, still cleanly).
+    with stop_on_signals():
+        row = guest.checkpoint_row(settings, progress=progress_for(args.json))
+    print_json(row) if args.json else print(checkpoint_line(row))
+    return 0
+
+
+def parse_duration(text: str) -> float:
+    """'1s', '500ms', '2m', '0.5' (seconds) -> seconds; finite and positive."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
+    if not match:
+        raise UsageError(f"cannot read duration {text!r} (use e.g. 1s, 500ms, 2m)")
+    factor = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
+    seconds = float(match.group(1)) * factor
+    if seconds <= 0:
+        raise UsageError(f"duration {text!r} must be positive")
+    return seconds
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    guest = _guest(args, store)
+    settings = WatchSettings(
+        interval_s=parse_duration(args.interval),
+        count=args.count,
+        pause_budget_ms=args.pause_budget,
+        use_colo=args.colo,
+    )
+
+    def report(row: dict[str, Any]) -> None:
+        print_json_line(row) if args.json else print(checkpoint_line(row), flush=True)
+
+    taken = guest.watch_rows(settings, report, progress=progress_for(args.json))
+    if not args.json:
+        print(f"watch ended after {taken} checkpoint(s); guest {guest.name} runs on")
+    return 0
+
+
+# -- layers --------------------------------------------------------------------------------
+
+
+def _layers(store: Store) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every readable layer's row, and a line per damaged one (which does not hide the rest)."""
+    rows, damaged = [], []
+    for layer_id in store.layer_ids():
+        try:
+            rows.append(layer_row(store.manifest(layer_id)))
+        except VmckptError as exc:
+            damaged.append(exc.one_line())
+    return rows, damaged
+
+
+def _guest_rows(store: Store) -> list[dict[str, Any]]:
+    from vmckpt.remote import RemoteGuest, remote_names
+
+    rows = []
+    for name in sorted(set(local_guest_names(store)) | set(remote_names(store))):
+        try:
+            guest = RemoteGuest.load(store, name) or LocalGuest(store, name)
+            rows.append(guest.status().to_dict())
+        except VmckptError as exc:
+            rows.append({"name": name, "kind": "guest", "state": f"unreadable: {exc.message}"})
+    return rows
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    rows, damaged = _layers(store)
+    guests = _guest_rows(store)
+    if args.json:
+        print_json({"layers": rows, "guests": guests, "damaged": damaged})
+        return 0
+    lines = []
+    for prefix, row in layer_tree(rows):
+        lines.append(
+            [
+                prefix + row["layer"], row["guest"], row["mechanism"], human_ms(row["pause_ms"]),
+                str(row["pages_stored"]), human_bytes(row["bytes"]), row["created"][:19],
+            ]
+        )  # fmt: skip
+    headers = ["LAYER", "GUEST", "MECHANISM", "PAUSE", "PAGES", "SIZE", "CREATED"]
+    print("\n".join(table(headers, lines, right={3, 4, 5})))
+    print(f"{len(rows)} layer(s), {human_bytes(sum(r['bytes'] for r in rows))} in all")
+    for line in damaged:
+        print(f"damaged: {line}")
+    if guests:
+        print()
+        glines = [
+            [
+                g["name"], g.get("kind", ""), g.get("state", ""), str(g.get("pid") or "-"),
+                g.get("head") or "-", g.get("mechanism") or "-", g.get("host") or "local",
+            ]
+            for g in guests
+        ]  # fmt: skip
+        headers = ["GUEST", "KIND", "STATE", "PID", "HEAD", "MECHANISM", "HOST"]
+        print("\n".join(table(headers, glines, right={3})))
+    return 1 if damaged else 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    manifest = store.manifest(store.resolve(args.layer))
+    spec = manifest.spec
+    data = {
+        **layer_row(manifest),
+        "format_version": ".".join(map(str, manifest.format_version)),
+        "qemu_version": manifest.qemu_version,
+        "machine_type": manifest.machine_type,
+        "accel": manifest.stats.get("accel") or spec.get("accel"),
+        "stats": manifest.stats,
+        "spec": spec,
+        "ram_blocks": [b.__dict__ for b in manifest.blocks],
+        "files": {name: entry.__dict__ for name, entry in manifest.files.items()},
+        "disks": [d.__dict__ for d in manifest.disks],
+    }
+    if args.json:
+        print_json(data)
+        return 0
+    print(f"layer          {manifest.id} (format {data['format_version']})")
+    print(f"parent         {manifest.parent or '- (base layer)'}")
+    print(f"guest          {manifest.guest}, created {manifest.created}")
+    print(f"QEMU           {manifest.qemu_version}, machine {manifest.machine_type}")
+    print(f"mechanism      {manifest.mechanism}, pause {human_ms(data['pause_ms'])}")
+    print(
+        f"spec           {spec.get('memory_mib')} MiB, {spec.get('cpus')} CPU(s), "
+        f"accel {data['accel']}, cpu {spec.get('cpu') or 'default'}"
+    )
+    for medium in spec.get("media", []):
+        print(f"  {medium['role']:<12} {medium['path']} (sha256 {medium['sha256'][:16]}…)")
+    if spec.get("append"):
+        print(f"  append       {spec['append']}")
+    for arg in spec.get("qemu_args", []):
+        print(f"  qemu-arg     {arg}")
+    print("RAM blocks")
+    for block in manifest.blocks:
+        print(
+            f"  {block.idstr:<28} {human_bytes(block.length):>10}  "
+            f"stored {block.pages_stored:>7} pages, zeroed {block.pages_zeroed}"
+        )
+    for disk in manifest.disks:
+        print(
+            f"disk {disk.id:<9} {human_bytes(disk.size):>10}  {disk.format}, "
+            f"{'full' if disk.full else 'delta'}: {disk.extents_stored} extents "
+            f"{human_bytes(disk.bytes_stored)} stored, {disk.extents_zeroed} extents "
+            f"{human_bytes(disk.bytes_zeroed)} zeroed"
+        )
+    print("files")
+    for name, entry in sorted(manifest.files.items()):
+        print(f"  {name:<14} {human_bytes(entry.size):>10}  sha256 {entry.sha256[:16]}…")
+    print(f"total          {human_bytes(manifest.bytes_total)}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    layer = store.resolve(args.layer) if args.layer else None
+    verified = store.verify(layer)
+    shown = " ".join(verified) if len(verified) <= 8 else f"{verified[0]} … {verified[-1]}"
+    print(f"ok: {len(verified)} layer(s) verified: {shown}")
+    return 0
+
+
+# -- restore and migration -------------------------------------------------------------------
+
+
+def _target(args: argparse.Namespace, host: str) -> Any:
+    from vmckpt.remote import HostAddress, RemoteTarget, SshOptions
+
+    return RemoteTarget(
+        address=HostAddress.parse(host),
+        store=args.remote_store,
+        python=args.remote_python,
+        ssh=SshOptions(
+            identity=args.identity,
+            known_hosts=args.known_hosts,
+            accept_new_host_key=args.accept_new_host_key,
+        ),
+    )
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from vmckpt.restore import restore_guest
+
+    store = open_store(args)
+    progress = progress_for(args.json)
+    if args.libvirt_define:
+        from vmckpt.libvirt import DEFAULT_URI, restore_domain
+
+        if args.host or args.name:
+            raise UsageError("--libvirt-define names the domain; it goes without --host/--name")
+        restored = restore_domain(
+            store, args.layer, check_name(args.libvirt_define, "domain name"),
+            uri=args.connect or DEFAULT_URI, progress=progress,
+        )  # fmt: skip
+        if args.json:
+            print_json(restored.to_dict())
+        else:
+            print(
+                f"libvirt domain {restored.name} (UUID {restored.uuid}) defined and running "
+                f"from layer {restored.layer} on {restored.uri}  (total {restored.total_s:.2f} s)"
+            )
+        return 0
+    if args.connect:
+        raise UsageError("--connect goes with --libvirt-define")
+    if args.host:
+        from vmckpt.remote import RemoteGuest, restore_remote
+
+        remote = restore_remote(
+            store, args.layer, args.name, _target(args, args.host), progress=progress
+        )
+        if args.json:
+            print_json(remote.to_dict())
+        else:
+            print(
+                f"guest {remote.name} restored from layer {remote.layer} on {remote.host} "
+                f"(store {remote.remote_store}), PID {remote.pid} there  (copied "
+                f"{len(remote.copied)} layer(s), {human_bytes(remote.bytes_sent)}, reused "
+                f"{len(remote.reused)}; total {remote.total_s:.2f} s)"
+            )
+        there = RemoteGuest.load(store, remote.name)
+        if not args.detach and there is not None:
+            follow(there.console(True))
+        return 0
+    extra = tuple(args.qemu_arg) if args.qemu_arg else None
+    result = restore_guest(store, args.layer, args.name, extra_args=extra, progress=progress)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(
+            f"guest {result.name} restored from layer {result.layer}, PID {result.pid}  "
+            f"(compose {result.compose_s:.2f} s, load {result.load_s:.2f} s, "
+            f"total {result.total_s:.2f} s)"
+        )
+    if args.detach:
+        return 0
+    guest = LocalGuest(store, result.name)
+    try:
+        follow(guest.console(True))
+    finally:
+        if guest.process().alive():
+            print(f"\nstopping guest {result.name}")
+            print(guest.stop())
+    return 0
+
+
+def parse_rate(text: str) -> int:
+    """'20M', '512K', '1G', '1000000' -> bytes per second."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KkMmGg]?)(i?[Bb](/s)?)?\s*", text)
+    if not match or int(match.group(1)) == 0:
+        raise UsageError(f"cannot read rate {text!r} (use e.g. 20M for 20 MiB/s)")
+    shift = {"": 0, "k": 10, "m": 20, "g": 30}[match.group(2).lower()]
+    return int(match.group(1)) << shift
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from vmckpt.remote import MigrateSettings, RemoteGuest, migrate_by_layers, migrate_guest
+
+    store = open_store(args)
+    check_name(args.name)
+    to = None if args.to == "local" else _target(args, args.to)
+    settings = MigrateSettings(
+        bandwidth=parse_rate(args.bandwidth) if args.bandwidth else 0,
+        downtime_limit_ms=args.downtime_limit,
+        heartbeat_s=args.heartbeat,
+        stall_s=args.heartbeat,
+        listen=args.listen,
+    )
+    if args.mechanism == "layers":
+        if to is None or RemoteGuest.load(store, args.name) is not None:
+            raise UsageError("--mechanism layers moves a guest from this host to another only")
+        result = migrate_by_layers(store, args.name, to, settings)
+    else:
+        result = migrate_guest(store, args.name, to, settings)
+    if args.json:
+        print_json(result.to_dict())
+        return 0
+    downtime = human_ms(result.downtime_ms)
+    print(
+        f"guest {result.name} migrated {result.source} -> {result.destination}, "
+        f"PID {result.dest_pid} there: downtime {downtime} (QEMU: {result.qemu_downtime_ms} ms), "
+        f"total {result.total_s:.2f} s (memory transfer {result.migrate_s:.2f} s, "
+        f"{human_bytes(result.bytes_sent)}) [{result.mechanism}]"
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks.checkpoint import main as bench_main
+    except ImportError as exc:
+        raise UsageError(
+            "vmckpt bench runs from a source checkout (it needs benchmarks/): run it from there, "
+            "or use `make bench`"
+        ) from exc
+    return bench_main(args.bench_args)

@@ -1,0 +1,69 @@
+"""Which checkpoint mechanism a guest gets, and why (DESIGN.md, "Checkpoint mechanisms").
+
+- ``colo``: QEMU's COLO checkpointing with vmckpt as the receiver; each
+  checkpoint moves only the pages written since the previous one. Only where
+  it is known to be safe: QEMU >= 11 under TCG; QEMU >= 10.0.7 under KVM
+  (untested here). Under TCG, QEMU 10.x deadlocks (10.0.7-10.0.13) or aborts
+  (10.2) after the first incremental checkpoint, and 7.2 deadlocks: COLO
+  saves RAM without the big QEMU lock, while TCG's dirty-log sync waits on a
+  condition variable that needs it. QEMU 10.0.0-10.0.6 complete the migration
+  instead of entering COLO. Never for a guest with a writable disk (its disk
+  cannot be captured at the COLO instant), nor for a guest vmckpt did not
+  start (the session needs a QEMU it owns).
+- ``precopy-diff``: a live migration into vmckpt and a diff; works on every
+  QEMU >= 7.2 and everywhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmckpt.spec import GuestSpec
+
+COLO = "colo"
+PRECOPY = "precopy-diff"
+COLO_TCG_MIN = (11, 0, 0)
+COLO_KVM_MIN = (10, 0, 7)
+
+
+@dataclass(frozen=True)
+class Choice:
+    mechanism: str
+    reason: str
+
+
+def _version(text: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in text.split(".")[:3] if p.isdigit()]
+    parts += [0] * (3 - len(parts))
+    return (parts[0], parts[1], parts[2])
+
+
+def colo_refusal(qemu_version: str, accel: str) -> str | None:
+    """Why COLO must not run with this QEMU and accelerator, or None if it may."""
+    version = _version(qemu_version)
+    shown = qemu_version or "of unknown version"
+    if accel == "kvm":
+        if version < COLO_KVM_MIN:
+            return (
+                f"QEMU {shown} under KVM: COLO needs 10.0.7 or later (earlier ones complete "
+                "the migration instead of entering COLO)"
+            )
+        return None
+    if version < COLO_TCG_MIN:
+        return (
+            f"QEMU {shown} under TCG: COLO deadlocks or aborts the guest before QEMU 11 "
+            "(its RAM save and TCG's dirty-log sync wait on each other)"
+        )
+    return None
+
+
+def choose_mechanism(qemu_version: str, accel: str, spec: GuestSpec, *, local: bool) -> Choice:
+    """The mechanism a guest's checkpoints use, with the reason in words."""
+    if not local:
+        return Choice(PRECOPY, "COLO needs a guest vmckpt started")
+    if spec.writable_disks:
+        return Choice(PRECOPY, "it has a writable disk (captured only with precopy-diff)")
+    refusal = colo_refusal(qemu_version, accel)
+    if refusal:
+        return Choice(PRECOPY, refusal)
+    return Choice(COLO, f"QEMU {qemu_version} under {accel.upper()}: incremental transfer")

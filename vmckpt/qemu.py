@@ -1,0 +1,464 @@
+"""The QEMU binary and the QEMU processes vmckpt starts.
+
+One :class:`QemuProcess` owns one QEMU: it builds the command line from a
+validated :class:`~vmckpt.spec.GuestSpec`, launches QEMU detached (its own
+session, so a Ctrl-C on vmckpt never reaches the guest), hands it its QMP
+socket already listening, captures the serial console and QEMU's own output,
+and shuts it down in order (QMP ``quit``, then SIGTERM, then SIGKILL), always
+by the PID it started and that PID's start time, never by name.
+
+QMP in server/accept mode: vmckpt binds and listens on the QMP socket itself
+and passes the listening descriptor to QEMU (``-chardev socket,fd=N,
+server=on``), so the socket accepts connections before QEMU has even started
+(no polling for a file to appear), and each QEMU gets its own socket path
+(an old QEMU that exits removes only its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmckpt import log
+from vmckpt.errors import MachineError, QMPError, UsageError
+from vmckpt.fsutil import FILE_MODE, open_nofollow
+from vmckpt.qmp import Monitor
+from vmckpt.spec import DiskSpec, GuestSpec
+
+DEFAULT_QEMU = "qemu-system-x86_64"
+SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep a margin
+SERIAL_LOG = "serial.log"
+QEMU_LOG = "qemu.log"
+KEEP_SERIAL_LOGS = 50  # console logs of earlier lives kept as serial.<n>.log
+MONITOR_TIMEOUT_S = 30.0  # QEMU must greet on QMP within this after exec (TCG is slow)
+MONITOR_RETRY_S = 0.05
+
+_log = log.get(__name__)
+
+
+# -- the binary --------------------------------------------------------------------------
+
+
+def qemu_binary() -> str:
+    """The QEMU binary to use: $VMCKPT_QEMU, else qemu-system-x86_64 on PATH."""
+    chosen = os.environ.get("VMCKPT_QEMU", DEFAULT_QEMU)
+    found = shutil.which(chosen)
+    if not found:
+        raise MachineError(
+            f"QEMU binary {chosen!r} not found (install qemu-system-x86, or set VMCKPT_QEMU)",
+            step="find-qemu",
+        )
+    return found
+
+
+@functools.cache
+def _version_of(binary: str, mtime_ns: int) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    match = re.search(r"version (\d+\.\d+\.\d+)", out.stdout)
+    if not match:
+        lines = (out.stdout or out.stderr).strip().splitlines()
+        said = repr(lines[0]) if lines else "nothing"
+        raise MachineError(
+            f"QEMU binary {binary}: `--version` printed no QEMU version ({said})",
+            step="find-qemu",
+        )
+    return match.group(1)
+
+
+def qemu_version(binary: str) -> str:
+    """``major.minor.micro`` of a QEMU binary (asked once per binary and modification time)."""
+    return _version_of(binary, os.stat(binary).st_mtime_ns)
+
+
+def version_tuple(version: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in re.findall(r"\d+", version)[:3]]
+    parts += [0] * (3 - len(parts))
+    return (parts[0], parts[1], parts[2])
+
+
+def kvm_usable() -> tuple[bool, str]:
+    """Whether KVM can really run guests here, and why not.
+
+    A /dev/kvm that opens is not enough: paravirtual hosts expose one whose
+    guests never boot. The CPU must also advertise hardware virtualisation.
+    """
+    if not os.path.exists("/dev/kvm"):
+        return False, "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is not accessible to this user"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False, "cannot read /proc/cpuinfo"
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    if not flags & {"vmx", "svm"}:
+        return False, "the CPU shows no vmx/svm flag (a paravirtual /dev/kvm cannot run guests)"
+    return True, "ok"
+
+
+def resolve_accel(requested: str) -> str:
+    """The accelerator QEMU will use for ``requested`` (auto: KVM only where it really works)."""
+    if requested == "auto":
+        return "kvm" if kvm_usable()[0] else "tcg"
+    if requested == "kvm":
+        usable, why = kvm_usable()
+        if not usable:
+            raise UsageError(f"--accel kvm is not usable here: {why}")
+    elif requested != "tcg":
+        raise UsageError(f"unknown accelerator {requested!r} (auto, kvm or tcg)")
+    return requested
+
+
+def qemu_img(*args: str, vm: str | None = None, step: str = "qemu-img") -> str:
+    """Run qemu-img (the one beside the QEMU in use, else PATH's); failure is a MachineError."""
+    beside = Path(qemu_binary()).with_name("qemu-img")
+    binary = str(beside) if beside.is_file() else shutil.which("qemu-img")
+    if binary is None:
+        raise MachineError("qemu-img not found (install qemu-utils)", vm=vm, step=step)
+    result = subprocess.run([binary, *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise MachineError(
+            f"qemu-img {args[0]} failed: {result.stderr.strip() or result.stdout.strip()}",
+            vm=vm,
+            step=step,
+        )
+    return result.stdout
+
+
+def parse_memory(text: str) -> int:
+    """'512M', '1G', '1024' (MiB) -> MiB."""
+    match = re.fullmatch(r"\s*(\d+)\s*([MmGg]?)(i?[Bb])?\s*", text)
+    if not match:
+        raise UsageError(f"cannot read memory size {text!r} (use e.g. 512M or 1G)")
+    value = int(match.group(1))
+    mib = value * 1024 if match.group(2).lower() == "g" else value
+    if mib < 16:
+        raise UsageError(f"memory size {text!r} is too small (at least 16M)")
+    return mib
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def _escape(value: str) -> str:
+    """A value inside a QEMU option string: commas doubled."""
+    return value.replace(",", ",,")
+
+
+def disk_args(disk: DiskSpec) -> list[str]:
+    ro = "on" if disk.readonly else "off"
+    return [
+        "-blockdev",
+        f"driver=file,filename={_escape(disk.path)},node-name={disk.node}-file,read-only={ro}",
+        "-blockdev",
+        f"driver={disk.format},file={disk.node}-file,node-name={disk.node},read-only={ro}",
+        "-device",
+        f"virtio-blk-pci,drive={disk.node},id=vmckpt-dev-{disk.id}",
+    ]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one QEMU is to be started, besides the spec."""
+
+    name: str
+    accel: str  # resolved: kvm or tcg
+    serial_log: Path
+    machine_type: str | None = None  # a layer's exact type (e.g. pc-i440fx-10.0) on restore
+    incoming: bool = False  # -S -incoming defer: waits for migrate-incoming
+    extra_args: tuple[str, ...] = ()  # free-form arguments the caller decided to trust
+
+
+def command_line(
+    spec: GuestSpec, launch: Launch, *, binary: str, qemu_major: int, qmp_fd: int | None
+) -> list[str]:
+    """QEMU's argv for ``spec``: only validated fields, plus the caller's trusted extras.
+
+    ``qmp_fd`` is the listening QMP socket QEMU inherits (None: no monitor at all).
+    """
+    monitor: list[str] = []
+    if qmp_fd is not None:
+        monitor = [
+            "-chardev", f"socket,id=vmckpt-qmp,fd={qmp_fd},server=on,wait=off",
+            *(
+                ["-object", "monitor-qmp,id=vmckpt-qmp-monitor,chardev=vmckpt-qmp"]
+                if qemu_major >= 11  # -mon is deprecated from QEMU 11
+                else ["-mon", "chardev=vmckpt-qmp,mode=control"]
+            ),
+        ]  # fmt: skip
+    args = [
+        binary,
+        "-name", launch.name,
+        "-machine", launch.machine_type or spec.machine,
+        "-accel", launch.accel,
+        "-m", f"{spec.memory_mib}M",
+        "-smp", str(spec.cpus),
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-chardev", f"file,id=vmckpt-serial,path={_escape(str(launch.serial_log))},append=on",
+        "-serial", "chardev:vmckpt-serial",
+        *monitor,
+    ]  # fmt: skip
+    if spec.cpu:
+        args += ["-cpu", spec.cpu]
+    kernel, initrd, iso = spec.medium("kernel"), spec.medium("initrd"), spec.medium("iso")
+    if kernel:
+        args += ["-kernel", kernel.path]
+        modules = [m.qemu_module() for m in spec.media if m.role == "module"]
+        if modules:
+            args += ["-initrd", ",".join(modules)]
+        elif initrd:
+            args += ["-initrd", initrd.path]
+        if spec.append:
+            args += ["-append", spec.append]
+    if iso:
+        args += ["-cdrom", iso.path, "-boot", "d"]
+    for disk in spec.disks:
+        args += disk_args(disk)
+    args += list(launch.extra_args)
+    if launch.incoming:
+        args += ["-S", "-incoming", "defer"]
+    return args
+
+
+# -- the process ---------------------------------------------------------------------------
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of a PID, to tell our QEMU from a later process with its PID."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def socket_listens(path: Path) -> bool:
+    """Whether something accepts connections on a Unix socket path."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def rotate_serial_log(runtime_dir: Path) -> Path:
+    """Keep the console log of the guest's previous life as serial.<n>.log; a new, empty log."""
+    current = runtime_dir / SERIAL_LOG
+    if current.exists():
+        numbers = [
+            int(m.group(1))
+            for p in runtime_dir.iterdir()
+            if (m := re.fullmatch(r"serial\.(\d+)\.log", p.name))
+        ]
+        current.replace(runtime_dir / f"serial.{max(numbers, default=0) + 1}.log")
+        for old in sorted(numbers)[: max(0, len(numbers) + 1 - KEEP_SERIAL_LOGS)]:
+            (runtime_dir / f"serial.{old}.log").unlink(missing_ok=True)
+    os.close(open_nofollow(current, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    os.chmod(current, FILE_MODE)
+    return current
+
+
+@dataclass
+class QemuProcess:
+    """One QEMU process that vmckpt started, known by PID and start time."""
+
+    name: str
+    pid: int
+    start_time: int
+    qmp_socket: Path
+    serial_log: Path
+    log: Path
+    accel: str = "tcg"
+    command: list[str] = field(default_factory=list)
+    _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @classmethod
+    def launch(
+        cls,
+        spec: GuestSpec,
+        launch: Launch,
+        *,
+        runtime_dir: Path,
+        on_spawn: Callable[[QemuProcess], None] | None = None,
+    ) -> QemuProcess:
+        """Start QEMU detached with a listening QMP socket; return once QMP answers.
+
+        ``on_spawn`` is called as soon as QEMU's PID is known (to record it before
+        anything can go wrong). A QEMU that exits or does not greet in time is ended
+        and reported with its own last lines of output.
+        """
+        binary = qemu_binary()
+        qmp_socket = runtime_dir / f"qmp-{secrets.token_hex(3)}.sock"
+        if len(str(qmp_socket)) > SOCKET_PATH_MAX:
+            raise MachineError(
+                f"the QMP socket path {qmp_socket} is longer than a Unix socket allows; "
+                "use a store with a shorter path",
+                vm=launch.name,
+                step="launch",
+            )
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(qmp_socket))
+            os.chmod(qmp_socket, FILE_MODE)
+            listener.listen(8)
+            major = version_tuple(qemu_version(binary))[0]
+            command = command_line(
+                spec, launch, binary=binary, qemu_major=major, qmp_fd=listener.fileno()
+            )
+            log_path = runtime_dir / QEMU_LOG
+            fd = open_nofollow(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            with os.fdopen(fd, "ab") as log_handle:
+                os.fchmod(log_handle.fileno(), FILE_MODE)
+                log_handle.write(("+ " + " ".join(command) + "\n").encode())
+                log_handle.flush()
+                _log.info("launching QEMU for %s: %s", launch.name, " ".join(command))
+                popen = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_handle,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(listener.fileno(),),
+                    start_new_session=True,  # a Ctrl-C on vmckpt must not reach the guest
+                )
+        except BaseException:
+            qmp_socket.unlink(missing_ok=True)
+            raise
+        finally:
+            listener.close()  # QEMU holds its own copy
+        process = cls(
+            name=launch.name,
+            pid=popen.pid,
+            start_time=process_start_time(popen.pid) or 0,
+            qmp_socket=qmp_socket,
+            serial_log=launch.serial_log,
+            log=log_path,
+            accel=launch.accel,
+            command=command,
+            _popen=popen,
+        )
+        try:
+            if on_spawn is not None:
+                on_spawn(process)
+            process._await_monitor()
+        except BaseException as exc:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(1.0)  # a QEMU that failed to start is exiting: let it finish
+            exited = popen.returncode
+            process.kill()
+            qmp_socket.unlink(missing_ok=True)
+            if exited is not None:
+                raise MachineError(
+                    f"QEMU exited (code {exited}) while starting: {process.log_tail()}",
+                    vm=launch.name,
+                    step="launch",
+                ) from exc
+            raise
+        _log.info("QEMU for %s runs as PID %d", launch.name, process.pid)
+        return process
+
+    def _await_monitor(self) -> None:
+        """Wait until QMP answers. A connection made while QEMU is still setting up its
+        monitor can be dropped before the greeting; it is made again until QEMU answers."""
+        deadline = time.monotonic() + MONITOR_TIMEOUT_S
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                with self.monitor(timeout=max(1.0, remaining)):
+                    return
+            except QMPError:
+                if remaining <= 0 or not self.alive():
+                    raise
+                _log.debug("%s: QMP not ready yet, connecting again", self.name)
+                time.sleep(MONITOR_RETRY_S)
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            text = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        tail = [line for line in text if not line.startswith("+ ")][-lines:]
+        return " | ".join(tail) or "(QEMU printed nothing)"
+
+    def alive(self) -> bool:
+        if self._popen is not None and self._popen.poll() is not None:
+            return False
+        return process_start_time(self.pid) == self.start_time
+
+    def monitor(self, timeout: float = 10.0) -> Monitor:
+        return Monitor.unix(self.qmp_socket, vm=self.name, timeout=timeout)
+
+    def wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                if self._popen is not None:
+                    self._popen.wait()
+                return True
+            time.sleep(0.02)
+        return False
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop QEMU in order: QMP quit, then SIGTERM, then SIGKILL; only our own PID."""
+        if not self.alive():
+            return
+        with contextlib.suppress(Exception), self.monitor(timeout=2.0) as mon:
+            mon.quit()
+        if self.wait_exit(timeout):
+            return
+        self.kill()
+
+    def kill(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not self.alive():
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+            if self.wait_exit(3.0):
+                return
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "start_time": self.start_time,
+            "qmp_socket": str(self.qmp_socket),
+            "serial_log": str(self.serial_log),
+            "log": str(self.log),
+            "accel": self.accel,
+            "command": self.command,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QemuProcess:
+        return cls(
+            name=str(data["name"]),
+            pid=int(data["pid"]),
+            start_time=int(data["start_time"]),
+            qmp_socket=Path(data["qmp_socket"]),
+            serial_log=Path(data["serial_log"]),
+            log=Path(data["log"]),
+            accel=str(data.get("accel", "tcg")),
+            command=[str(a) for a in data.get("command", [])],
+        )

@@ -1,0 +1,346 @@
+"""The QMP commands and events vmckpt uses, typed, over any transport.
+
+A :class:`Monitor` is one connection to one QEMU. Every call has a timeout,
+every failure is a :class:`~vmckpt.errors.QMPError` naming the guest and the
+command, and events are kept in arrival order with QEMU's own timestamps
+(which is how vmckpt measures a guest's pause). Every command, reply and
+event is logged at DEBUG on ``vmckpt.qmp``. Not thread safe: one thread
+drives a monitor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from vmckpt import log
+from vmckpt.errors import QMPError
+from vmckpt.qmp.transport import CommandRefused, RawEvent, SocketTransport, Transport
+
+DEFAULT_TIMEOUT = 10.0
+# Right after a MIGRATION "completed" event QEMU may still be tidying up its migration
+# thread and refuse `cont` with "Migration is not finalized yet"; retried for this long.
+CONT_RETRY_S = 5.0
+_CONT_RETRY_STEP_S = 0.0005
+
+_log = log.get("vmckpt.qmp")
+
+Event = RawEvent  # an event as vmckpt keeps it: name, data, QEMU's timestamp
+
+
+@dataclass(frozen=True)
+class MigrationInfo:
+    """The parts of ``query-migrate`` vmckpt uses."""
+
+    status: str
+    downtime_ms: int | None
+    total_time_ms: int | None
+    transferred: int | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class BlockNode:
+    """The parts of one ``query-named-block-nodes`` entry vmckpt uses."""
+
+    node_name: str
+    driver: str
+    file: str
+    read_only: bool
+    size: int  # virtual size in bytes
+    bitmaps: tuple[str, ...]  # names of its dirty bitmaps
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One ``query-jobs`` entry: id, status (e.g. running, concluded) and error, if any."""
+
+    id: str
+    status: str
+    error: str | None
+
+
+def _brief(value: Any, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class Monitor:
+    """One QMP connection to one QEMU, over a :class:`Transport`."""
+
+    def __init__(
+        self, transport: Transport, *, vm: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.transport = transport
+        self.vm = vm
+        self.timeout = timeout
+        self.version = ""  # QEMU's major.minor.micro, known once connected
+        self._events: list[Event] = []
+        self._connected = False
+        self._closed = False
+
+    @classmethod
+    def unix(
+        cls,
+        address: str | Path | socket.socket,
+        *,
+        vm: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Monitor:
+        """A connected monitor on QEMU's QMP socket (a path, or a connected socket)."""
+        return cls(SocketTransport(address, vm=vm), vm=vm, timeout=timeout).connect()
+
+    # -- connection ---------------------------------------------------------
+
+    def connect(self) -> Self:
+        """Connect and negotiate; QMPError if the other end is not QEMU's QMP."""
+        self.version = self.transport.connect(self.timeout)
+        self._connected = True
+        _log.debug(
+            "%s: connected to QEMU %s at %s", self.vm, self.version, self.transport.description
+        )
+        return self
+
+    def close(self) -> None:
+        """Disconnect; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.transport.close()
+        self._connected = False
+
+    def __enter__(self) -> Self:
+        if not self._connected:
+            self.connect()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- commands -----------------------------------------------------------
+
+    def execute(
+        self,
+        command: str,
+        arguments: Mapping[str, object] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run one QMP command; its error becomes a QMPError naming the command."""
+        _log.debug("%s -> %s %s", self.vm, command, _brief(arguments or {}))
+        try:
+            result = self.transport.execute(
+                command, arguments, self.timeout if timeout is None else timeout
+            )
+        except QMPError as exc:
+            _log.debug("%s <- %s failed: %s", self.vm, command, exc.message)
+            raise
+        _log.debug("%s <- %s", self.vm, _brief(result))
+        return result
+
+    def send_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU a file descriptor under ``name`` (QMP ``getfd``)."""
+        _log.debug("%s -> getfd %s (fd %d)", self.vm, name, fd)
+        self.transport.execute_with_fd("getfd", {"fdname": name}, fd, self.timeout)
+
+    def close_fd(self, name: str) -> None:
+        """``closefd``; quiet if QEMU has no such descriptor (any more)."""
+        with contextlib.suppress(CommandRefused):
+            self.execute("closefd", {"fdname": name})
+
+    # -- events ---------------------------------------------------------------
+
+    def mark(self) -> int:
+        """A position in the event history, for :meth:`wait_event` and :meth:`events_since`."""
+        self._drain()
+        return len(self._events)
+
+    def wait_event(
+        self,
+        names: set[str],
+        timeout: float,
+        predicate: Callable[[Event], bool] = lambda _event: True,
+        *,
+        since: int = 0,
+    ) -> Event:
+        """The first event at or after position ``since`` with a name in ``names``."""
+        deadline = time.monotonic() + timeout
+        scanned = since
+        while True:
+            for event in self._events[scanned:]:
+                if event.name in names and predicate(event):
+                    return event
+            scanned = max(scanned, len(self._events))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise QMPError(
+                    f"no {'/'.join(sorted(names))} event within {timeout:.0f} s",
+                    vm=self.vm,
+                    step="wait-event",
+                )
+            self._pull(remaining)
+
+    def events_since(self, since: int) -> list[Event]:
+        """Every event received after position ``since``, pulling what already arrived."""
+        self._drain()
+        return self._events[since:]
+
+    def _pull(self, timeout: float) -> bool:
+        event = self.transport.next_event(timeout)
+        if event is None:
+            return False
+        _log.debug("%s event %s %s", self.vm, event.name, _brief(dict(event.data)))
+        self._events.append(event)
+        return True
+
+    def _drain(self) -> None:
+        while self._pull(0.0):
+            pass
+
+    # -- run state -------------------------------------------------------------
+
+    def status(self) -> str:
+        """The VM's run state, e.g. ``running``, ``paused``, ``postmigrate``."""
+        return str(self.execute("query-status")["status"])
+
+    def is_running(self) -> bool:
+        return bool(self.execute("query-status")["running"])
+
+    def stop(self) -> None:
+        self.execute("stop")
+
+    def cont(self, *, retry_s: float = 0.0) -> None:
+        """Resume the guest, retrying for ``retry_s`` while QEMU finalizes a migration.
+
+        QEMU gives no error class for that refusal other than GenericError,
+        hence the text match.
+        """
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                self.execute("cont")
+                return
+            except CommandRefused as exc:
+                if "not finalized" not in exc.message or time.monotonic() > deadline:
+                    raise
+            time.sleep(_CONT_RETRY_STEP_S)
+
+    def quit(self) -> None:
+        with contextlib.suppress(QMPError):  # QEMU may close the connection before it answers
+            self.execute("quit", timeout=5.0)
+
+    def commands(self) -> set[str]:
+        return {c["name"] for c in self.execute("query-commands")}
+
+    def machine_type(self) -> str:
+        """The running machine's versioned type, e.g. ``pc-i440fx-10.0``."""
+        name = str(self.execute("qom-get", {"path": "/machine", "property": "type"}))
+        return name.removesuffix("-machine")
+
+    # -- migration -------------------------------------------------------------
+
+    def migrate_capabilities(self) -> dict[str, bool]:
+        return {
+            c["capability"]: bool(c["state"]) for c in self.execute("query-migrate-capabilities")
+        }
+
+    def set_migrate_capabilities(self, capabilities: Mapping[str, bool]) -> None:
+        self.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": k, "state": v} for k, v in capabilities.items()]},
+        )
+
+    def migrate_parameters(self) -> dict[str, Any]:
+        return dict(self.execute("query-migrate-parameters"))
+
+    def set_migrate_parameters(self, parameters: Mapping[str, object]) -> None:
+        self.execute("migrate-set-parameters", dict(parameters))
+
+    def migrate(self, uri: str) -> None:
+        self.execute("migrate", {"uri": uri})
+
+    def migrate_incoming(self, uri: str) -> None:
+        self.execute("migrate-incoming", {"uri": uri})
+
+    def migrate_cancel(self) -> None:
+        self.execute("migrate_cancel")
+
+    def query_migrate(self) -> MigrationInfo:
+        info = self.execute("query-migrate")
+        ram = info.get("ram", {})
+        return MigrationInfo(
+            status=str(info.get("status", "none")),
+            downtime_ms=info.get("downtime"),
+            total_time_ms=info.get("total-time"),
+            transferred=ram.get("transferred"),
+            error=info.get("error-desc"),
+        )
+
+    def incoming_port(self) -> int:
+        """The TCP port of a ``migrate-incoming tcp:HOST:0`` (from ``query-migrate``)."""
+        info = self.execute("query-migrate")
+        return int(info["socket-address"][0]["port"])
+
+    # -- block layer: nodes, dirty bitmaps, backup jobs ---------------------------
+
+    def block_nodes(self) -> list[BlockNode]:
+        """Every named block node (``query-named-block-nodes``, flat), with its dirty bitmaps."""
+        return [
+            BlockNode(
+                node_name=str(node.get("node-name", "")),
+                driver=str(node.get("drv", "")),
+                file=str(node.get("file", "")),
+                read_only=bool(node.get("ro", False)),
+                size=int(node.get("image", {}).get("virtual-size", 0)),
+                bitmaps=tuple(str(b["name"]) for b in node.get("dirty-bitmaps", [])),
+            )
+            for node in self.execute("query-named-block-nodes", {"flat": True})
+        ]
+
+    def blockdev_add(self, options: Mapping[str, object]) -> None:
+        self.execute("blockdev-add", dict(options))
+
+    def blockdev_del(self, node_name: str) -> None:
+        self.execute("blockdev-del", {"node-name": node_name})
+
+    def blockdev_set_active(self, active: bool = True) -> None:
+        """Activate (or inactivate) every block node (QEMU 10+); a completed migration
+        leaves the source's nodes inactive until ``cont``."""
+        self.execute("blockdev-set-active", {"active": active})
+
+    def bitmap_remove(self, node: str, name: str) -> None:
+        self.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
+
+    def bitmap_add(self, node: str, name: str) -> None:
+        self.execute("block-dirty-bitmap-add", {"node": node, "name": name})
+
+    def transaction(self, actions: Sequence[tuple[str, Mapping[str, object]]]) -> None:
+        """Run QMP ``transaction``: every action takes effect at the same instant, or none."""
+        self.execute(
+            "transaction",
+            {"actions": [{"type": kind, "data": dict(data)} for kind, data in actions]},
+        )
+
+    def jobs(self) -> dict[str, JobInfo]:
+        """The block jobs QEMU knows (``query-jobs``), by id."""
+        return {
+            str(job["id"]): JobInfo(str(job["id"]), str(job["status"]), job.get("error"))
+            for job in self.execute("query-jobs")
+        }
+
+    def job_cancel(self, job_id: str) -> None:
+        self.execute("job-cancel", {"id": job_id})
+
+    def job_dismiss(self, job_id: str) -> None:
+        self.execute("job-dismiss", {"id": job_id})

@@ -1,0 +1,310 @@
+"""How QMP messages reach a QEMU: a transport moves them, the Monitor gives them meaning.
+
+Two transports exist: :class:`SocketTransport` speaks to QEMU's QMP socket
+through qemu.qmp's ``QMPClient``; :class:`PassthroughTransport` sends the same
+QMP JSON through a passthrough channel that someone else owns (libvirt's
+monitor passthrough, see vmckpt/libvirt). Both hand back replies and events
+as plain JSON values; errors become :class:`~vmckpt.errors.QMPError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
+from qemu.qmp import QMPError as LibQMPError
+from qemu.qmp.qmp_client import NegotiationError
+
+from vmckpt.errors import QMPError
+
+NEGOTIATION_ATTEMPTS = 3
+NEGOTIATION_RETRY_S = 0.05
+
+
+@dataclass(frozen=True)
+class RawEvent:
+    """A QMP event as QEMU sent it: name, data, QEMU's timestamp (seconds since the epoch)."""
+
+    name: str
+    data: Mapping[str, Any]
+    timestamp: float
+
+
+class Transport(Protocol):
+    """Moves QMP commands, replies and events; no knowledge of what they mean."""
+
+    description: str  # for messages: a socket path, "libvirt domain X", ...
+
+    def connect(self, timeout: float) -> str:
+        """Connect and negotiate; return QEMU's version ``major.minor.micro``."""
+        ...
+
+    def execute(self, command: str, arguments: Mapping[str, object] | None, timeout: float) -> Any:
+        """One command's return value; QMPError (``error_class`` set) if QEMU refused it."""
+        ...
+
+    def execute_with_fd(
+        self, command: str, arguments: Mapping[str, object], fd: int, timeout: float
+    ) -> Any:
+        """One command with a file descriptor attached (``getfd``, ``add-fd``)."""
+        ...
+
+    def next_event(self, timeout: float) -> RawEvent | None:
+        """The next event QEMU sent, waiting up to ``timeout``; None if none came."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class CommandRefused(QMPError):
+    """QEMU answered a command with an error."""
+
+    def __init__(self, message: str, error_class: str, **where: Any) -> None:
+        self.error_class = error_class
+        super().__init__(message, **where)
+
+
+def _event(raw: Mapping[str, Any]) -> RawEvent:
+    stamp = raw.get("timestamp", {})
+    when = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+    data = raw.get("data", {})
+    return RawEvent(str(raw["event"]), dict(data) if isinstance(data, dict) else {}, when)
+
+
+def _version(qemu: Any) -> str:
+    """``major.minor.micro`` of the ``qemu`` part of QMP's version object."""
+    return f"{int(qemu['major'])}.{int(qemu['minor'])}.{int(qemu['micro'])}"
+
+
+class SocketTransport:
+    """QMP over a Unix socket (a path or a connected socket), with qemu.qmp.
+
+    qemu.qmp is asyncio; this transport owns a private event loop and runs
+    each call to completion on it, so callers stay synchronous. One thread
+    drives it.
+    """
+
+    def __init__(self, address: str | Path | socket.socket, *, vm: str | None) -> None:
+        self.address = address
+        self.vm = vm
+        self.description = (
+            "a connected socket" if isinstance(address, socket.socket) else str(address)
+        )
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient(vm)
+
+    def connect(self, timeout: float) -> str:
+        where = self.description
+        if isinstance(self.address, str | Path) and not Path(self.address).exists():
+            raise QMPError(f"no QMP socket at {where}", vm=self.vm, step="connect")
+        target = self.address if isinstance(self.address, socket.socket) else str(self.address)
+        deadline = time.monotonic() + timeout
+        try:
+            for attempt in range(NEGOTIATION_ATTEMPTS):
+                try:
+                    self._run(self._client.connect(target), max(0.1, deadline - time.monotonic()))
+                    break
+                except ConnectError as exc:
+                    # QEMU greeted as QMP but dropped the connection while negotiating (seen
+                    # when a client connects while QEMU is still setting its monitor up):
+                    # a new connection is answered.
+                    last = attempt == NEGOTIATION_ATTEMPTS - 1
+                    if (
+                        not isinstance(exc.exc, NegotiationError)
+                        or last
+                        or isinstance(target, socket.socket)
+                    ):
+                        raise
+                    self._run(self._client.disconnect(), 5.0)
+                    self._client = QMPClient(self.vm)
+                    time.sleep(NEGOTIATION_RETRY_S)
+        except TimeoutError as exc:
+            raise QMPError(
+                f"{where} did not answer as a QMP monitor within {timeout:.0f} s "
+                "(is it QEMU's QMP socket, and is no other client connected to it?)",
+                vm=self.vm,
+                step="connect",
+            ) from exc
+        except ConnectError as exc:
+            cause = exc.exc if isinstance(exc.exc, Exception) else exc
+            if isinstance(cause, ConnectionRefusedError | FileNotFoundError):
+                detail = "nobody listens there (is the guest running?)"
+            elif isinstance(cause, LibQMPError | ValueError | KeyError):
+                detail = f"it is not QEMU's QMP ({exc})"
+            else:
+                detail = str(exc)
+            raise QMPError(
+                f"cannot connect to {where}: {detail}", vm=self.vm, step="connect"
+            ) from exc
+        except (OSError, LibQMPError, EOFError) as exc:
+            raise QMPError(f"cannot connect to {where}: {exc}", vm=self.vm, step="connect") from exc
+        try:
+            greeting: Any = self._client.greeting
+            return _version(greeting.QMP.version["qemu"])
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            self.close()
+            raise QMPError(
+                f"{where} greeted without a QEMU version: not a QEMU monitor",
+                vm=self.vm,
+                step="connect",
+            ) from exc
+
+    def execute(self, command: str, arguments: Mapping[str, object] | None, timeout: float) -> Any:
+        try:
+            return self._run(
+                self._client.execute(command, dict(arguments) if arguments else None), timeout
+            )
+        except ExecuteError as exc:
+            raise CommandRefused(
+                f"QEMU refused {command}: {exc} ({exc.error_class})",
+                exc.error_class,
+                vm=self.vm,
+                step=command,
+            ) from exc
+        except TimeoutError as exc:
+            raise QMPError(
+                f"QEMU did not answer {command} within {timeout:.0f} s", vm=self.vm, step=command
+            ) from exc
+        except (LibQMPError, OSError, EOFError) as exc:
+            raise QMPError(
+                f"lost the monitor connection during {command}: {exc}", vm=self.vm, step=command
+            ) from exc
+
+    def execute_with_fd(
+        self, command: str, arguments: Mapping[str, object], fd: int, timeout: float
+    ) -> Any:
+        try:
+            self._client.send_fd_scm(fd)
+        except (LibQMPError, OSError) as exc:
+            raise QMPError(
+                f"cannot pass a file descriptor: {exc}", vm=self.vm, step=command
+            ) from exc
+        return self.execute(command, arguments, timeout)
+
+    def next_event(self, timeout: float) -> RawEvent | None:
+        events = self._client.events
+        if timeout <= 0:
+            # Let the reader task take in what the socket already holds, then look.
+            with contextlib.suppress(TimeoutError):
+                self._run(asyncio.sleep(0), 1.0)
+            if events.empty():
+                return None
+        try:
+            raw = self._run(events.get(), max(timeout, 1.0 if timeout <= 0 else timeout))
+        except TimeoutError:
+            return None
+        return _event(raw)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(Exception):
+            self._run(self._client.disconnect(), 5.0)
+        self._loop.close()
+
+    def _run(self, awaitable: Any, timeout: float | None) -> Any:
+        return self._loop.run_until_complete(asyncio.wait_for(awaitable, timeout))
+
+
+class Passthrough(Protocol):
+    """A channel to a QEMU's monitor that another program owns (e.g. libvirt).
+
+    It takes a QMP command as JSON text and returns QEMU's reply as JSON text,
+    and queues QEMU's events as (name, seconds, microseconds, data JSON text).
+    """
+
+    description: str
+
+    def open(self) -> None: ...
+
+    def command(self, text: str) -> str: ...
+
+    def command_with_fd(self, text: str, fd: int) -> str: ...
+
+    @property
+    def events(self) -> queue.SimpleQueue[tuple[str, int, int, str | None]]: ...
+
+    def close(self) -> None: ...
+
+
+class PassthroughTransport:
+    """QMP JSON through a :class:`Passthrough`: vmckpt builds and parses every message."""
+
+    def __init__(self, channel: Passthrough, *, vm: str | None) -> None:
+        self.channel = channel
+        self.vm = vm
+        self.description = channel.description
+
+    def connect(self, timeout: float) -> str:
+        self.channel.open()
+        info = self.execute("query-version", None, timeout)
+        try:
+            return _version(info["qemu"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QMPError(
+                f"{self.description} answered query-version without a QEMU version",
+                vm=self.vm,
+                step="connect",
+            ) from exc
+
+    @staticmethod
+    def _request(command: str, arguments: Mapping[str, object] | None) -> str:
+        request: dict[str, object] = {"execute": command}
+        if arguments:
+            request["arguments"] = dict(arguments)
+        return json.dumps(request)
+
+    def _reply(self, command: str, text: str) -> Any:
+        try:
+            reply = json.loads(text)
+        except ValueError as exc:
+            raise QMPError(
+                f"{self.description} returned no JSON for {command}: {text[:80]!r}",
+                vm=self.vm,
+                step=command,
+            ) from exc
+        if not isinstance(reply, dict):
+            raise QMPError(f"reply to {command} is not an object", vm=self.vm, step=command)
+        if "error" in reply:
+            error = reply["error"] if isinstance(reply["error"], dict) else {}
+            raise CommandRefused(
+                f"QEMU refused {command}: {error.get('desc')} ({error.get('class')})",
+                str(error.get("class")),
+                vm=self.vm,
+                step=command,
+            )
+        return reply.get("return")
+
+    def execute(self, command: str, arguments: Mapping[str, object] | None, timeout: float) -> Any:
+        del timeout  # the channel's owner applies its own
+        return self._reply(command, self.channel.command(self._request(command, arguments)))
+
+    def execute_with_fd(
+        self, command: str, arguments: Mapping[str, object], fd: int, timeout: float
+    ) -> Any:
+        del timeout
+        text = self.channel.command_with_fd(self._request(command, arguments), fd)
+        return self._reply(command, text)
+
+    def next_event(self, timeout: float) -> RawEvent | None:
+        try:
+            name, seconds, micros, details = self.channel.events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+        try:
+            data = json.loads(details) if details else {}
+        except ValueError:
+            data = {}
+        return RawEvent(name, data if isinstance(data, dict) else {}, seconds + micros / 1e6)
+
+    def close(self) -> None:
+        self.channel.close()
