@@ -46,8 +46,10 @@ lint:
 typecheck:
 	$(PYTHON) -m mypy
 
-## The checkpoint benchmark: vmckpt against QEMU's baselines; tables, raw JSON, a plot.
-BENCH_ARGS ?= --sizes 256M,1G --rates 0,100,2000 --count 10
+## The checkpoint benchmark: colo and precopy-diff against QEMU's baselines, and a RAM sweep;
+## tables, raw JSON, plots. On QEMU 11 (the one that runs colo).
+QEMU11 ?= /var/cache/vmckpt/qemu-11/bin/qemu-system-x86_64
+BENCH_ARGS ?= --sizes 256M,1G,4G --rates 100 --count 10 --qemu $(QEMU11)
 BENCH_OUT ?= /tmp/vmckpt-bench
 
 bench: deps-test guest

@@ -4,8 +4,11 @@ For each guest RAM size and dirty rate one test guest is booted (TCG or KVM,
 as ``--accel`` says) and checkpointed ``count`` times, one checkpoint a
 second while its workload runs, by each method in turn:
 
-- ``vmckpt``: :func:`~vmckpt.checkpoint.take_checkpoint` (precopy-diff) into a
-  fresh store; the first layer is the base and is reported apart.
+- ``colo``: vmckpt's COLO checkpoint session (vmckpt/colo.py; QEMU 11 under
+  TCG): the session's first checkpoint is the full opening migration and is
+  reported apart; every later one moves only the pages written since.
+- ``precopy-diff``: :func:`~vmckpt.checkpoint.take_checkpoint` into a fresh
+  store; the first layer is the base and is reported apart.
 - ``stop-migrate-cont``: QMP ``stop``, ``migrate`` to ``file:``, ``cont``.
 - ``live-migrate``: live ``migrate`` to ``file:`` of the running guest, then
   ``cont`` (the source is left in ``postmigrate``).
@@ -48,16 +51,24 @@ import numpy as np
 
 from vmckpt.backends import LocalGuest
 from vmckpt.checkpoint import CheckpointSettings, take_checkpoint
+from vmckpt.colo import SessionClient, end_session, session_pid
 from vmckpt.errors import CheckpointError, UsageError, VmckptError
 from vmckpt.guard import Guard
 from vmckpt.images import Store
+from vmckpt.mechanisms import COLO
 from vmckpt.qemu import parse_memory, qemu_binary, qemu_version
 from vmckpt.qmp import CONT_RETRY_S, Event, Monitor
 from vmckpt.ram import PAGE_SIZE, RamImage
 from vmckpt.session import MigrationSession, leave_as_found
 from vmckpt.spec import BootMedium, GuestSpec
 
-METHODS = ("vmckpt", "stop-migrate-cont", "live-migrate", "savevm", "background-snapshot")
+COLO_METHOD = "colo"
+PRECOPY_METHOD = "precopy-diff"
+VMCKPT_METHODS = (COLO_METHOD, PRECOPY_METHOD)  # vmckpt's own: a base layer, then deltas
+METHODS = (
+    COLO_METHOD, PRECOPY_METHOD, "stop-migrate-cont", "live-migrate", "savevm",
+    "background-snapshot",
+)  # fmt: skip
 IDLE = "idle"
 GUEST = "bench"
 SNAP_NODE = "vmckpt-bench-snap"
@@ -82,9 +93,11 @@ class Sample:
     bytes: int
     started_s: float  # since the method's first checkpoint began
     stops: int = 1  # STOP/RESUME pairs seen
-    pages_stored: int | None = None  # vmckpt
-    pages_zeroed: int | None = None  # vmckpt
+    pages_stored: int | None = None  # vmckpt's methods
+    pages_zeroed: int | None = None  # vmckpt's methods
     base: bool = False  # vmckpt's first (full) layer
+    cpu_s: float | None = None  # CPU time vmckpt spent on it (its process, or the session's)
+    rss_mib: float | None = None  # vmckpt's resident memory after it (the session's for colo)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -200,6 +213,19 @@ def _wait_resumed(mon: Monitor, mark: int, timeout: float = 30.0) -> list[Event]
     return mon.events_since(mark)
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU time of a process so far, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return math.nan
+
+
 # -- one guest -----------------------------------------------------------------------
 
 
@@ -251,7 +277,7 @@ class GuestBench:
         self.memory_mib = memory_mib
         self.rate = rate
         self.work = work
-        self.store = Store.create(work / "run")
+        self.store = Store.create(work / "run", parents=True)
         self.qcow2 = work / "snap.qcow2"
         self.ckpt = CheckpointSettings()
         self.guest = LocalGuest(self.store, GUEST)
@@ -320,8 +346,10 @@ class GuestBench:
             try:
                 if method == IDLE:
                     time.sleep(self.settings.count * self.settings.interval_s)
-                elif method == "vmckpt":
+                elif method == PRECOPY_METHOD:
                     self._vmckpt(run, scratch, started)
+                elif method == COLO_METHOD:
+                    self._colo(run, started)
                 else:
                     take = self._take_function(method)
                     for index in range(self.settings.count):
@@ -339,6 +367,14 @@ class GuestBench:
         run.state_times = list(tail.times)
         shutil.rmtree(scratch, ignore_errors=True)
         return run
+
+    def _wait_until(self, when: float) -> float:
+        """Wait until ``when``; return when the next checkpoint is due: one interval after
+        this one starts, or at once if this one took longer (the base layer often does)."""
+        delay = when - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        return max(when, time.monotonic()) + self.settings.interval_s
 
     def _wait_slot(self, started: float, index: int) -> None:
         delay = started + index * self.settings.interval_s - time.monotonic()
@@ -375,10 +411,15 @@ class GuestBench:
         target = _Into(store, self.guest)
         base: RamImage | None = None
         try:
+            next_at = started
             for index in range(self.settings.count + 1):  # the base layer, then `count`
-                self._wait_slot(started, index)
+                next_at = self._wait_until(next_at)
                 began = time.monotonic()
+                cpu = time.process_time()  # this process: the receiver thread included
                 result = take_checkpoint(target, self.ckpt, base=base)
+                cpu = time.process_time() - cpu
+                if index == 0:  # the layers after the base are an interval apart
+                    next_at = time.monotonic() + self.settings.interval_s
                 base = result.image
                 run.samples.append(
                     Sample(
@@ -389,6 +430,8 @@ class GuestBench:
                         pages_stored=result.pages_stored,
                         pages_zeroed=result.pages_zeroed,
                         base=index == 0,
+                        cpu_s=round(cpu, 4),
+                        rss_mib=_rss_mib(os.getpid()),
                         extra={
                             "qemu_downtime_ms": result.layer.stats.get("qemu_downtime_ms"),
                             "layer": result.layer.id,
@@ -397,6 +440,43 @@ class GuestBench:
                 )
         finally:
             shutil.rmtree(store.path, ignore_errors=True)
+
+    def _colo(self, run: MethodRun, started: float) -> None:
+        choice = self.guest.mechanism()
+        if choice.mechanism != COLO:
+            run.error = f"refused: {choice.reason}"
+            return
+        client = SessionClient.ensure(self.guest)
+        try:
+            pid = session_pid(self.store, GUEST)
+            assert pid is not None
+            next_at = started
+            for index in range(self.settings.count + 1):  # the opening, then `count`
+                next_at = self._wait_until(next_at)
+                began = time.monotonic()
+                cpu = _cpu_s(pid)
+                row = client.request("checkpoint")["row"]
+                wall = time.monotonic() - began
+                if index == 0:  # the layers after the opening are an interval apart
+                    next_at = time.monotonic() + self.settings.interval_s
+                pause = row.get("pause_ms")
+                run.samples.append(
+                    Sample(
+                        pause_ms=float(pause) if pause is not None else math.nan,
+                        total_s=wall,
+                        bytes=int(row["bytes"]),
+                        started_s=round(began - started, 3),
+                        pages_stored=int(row["pages_stored"]),
+                        pages_zeroed=int(row["pages_zeroed"]),
+                        base=index == 0,
+                        cpu_s=round(_cpu_s(pid) - cpu, 4),
+                        rss_mib=_rss_mib(pid),
+                        extra={"layer": row["layer"]},
+                    )
+                )
+        finally:
+            client.close()
+            end_session(self.store, GUEST)
 
     def _migrate(
         self, mon: Monitor, path: Path, *, stop: bool = False, background: bool = False
@@ -589,7 +669,7 @@ def format_table(runs: Sequence[MethodRun]) -> str:
         if run.error:
             lines.append(f"{'':<20}     stopped early: {run.error}")
     for run in runs:
-        if run.method == "vmckpt":
+        if run.method in VMCKPT_METHODS:
             lines.extend(_vmckpt_notes(run))
     return "\n".join(lines)
 
@@ -600,7 +680,7 @@ def _vmckpt_notes(run: MethodRun) -> list[str]:
     if base:
         b = base[0]
         notes.append(
-            f"  vmckpt base layer: {b.pages_stored} pages, {_mib(b.bytes)}, "
+            f"  {run.method} base layer: {b.pages_stored} pages, {_mib(b.bytes)}, "
             f"pause {b.pause_ms:.1f} ms, total {b.total_s:.2f} s"
         )
     layers = run.measured()
@@ -611,7 +691,7 @@ def _vmckpt_notes(run: MethodRun) -> list[str]:
         writes = steps_med * run.pages_per_step
         distinct = expected_distinct_pages(writes)
         notes.append(
-            f"  vmckpt layers: pages stored median {np.median(stored):.0f} "
+            f"  {run.method} layers: pages stored median {np.median(stored):.0f} "
             f"(min {stored.min()}, max {stored.max()}); workload steps between checkpoints "
             f"median {steps_med:.0f} = {writes:.0f} page writes, "
             f"~{distinct:.0f} distinct buffer pages expected (random pages in a "
@@ -628,7 +708,7 @@ def format_vmckpt_summary(runs: Sequence[MethodRun]) -> str:
         f"{'MiB/layer':>9} {'writes/layer':>12} {'~distinct':>9}",
     ]
     for run in runs:
-        if run.method != "vmckpt" or not run.measured():
+        if run.method not in VMCKPT_METHODS or not run.measured():
             continue
         base = next((s for s in run.samples if s.base), None)
         layers = run.measured()
@@ -644,6 +724,102 @@ def format_vmckpt_summary(runs: Sequence[MethodRun]) -> str:
             f"{writes:>12.0f} {expected_distinct_pages(writes):>9.0f}"
         )
     return "\n".join(lines)
+
+
+def _median(values: Sequence[float | None]) -> float:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.median(present)) if present else math.nan
+
+
+def format_sweep(runs: Sequence[MethodRun]) -> str:
+    """vmckpt's own methods against guest RAM: what a checkpoint costs as RAM grows.
+
+    Per method and size: median pause, p95, wall time per checkpoint (request to
+    layer written), vmckpt's CPU time per checkpoint, bytes per layer, and vmckpt's
+    resident memory (the session's for colo) once the base layer is written; then
+    the ratio of the largest size's figures to the smallest's.
+    """
+    lines = [
+        "== vmckpt per checkpoint against guest RAM (layers after the base; medians) ==",
+        f"{'method':<13} {'pages/step':>10} {'MiB':>5} {'pause ms':>8} {'p95':>6} "
+        f"{'wall ms':>8} {'CPU ms':>7} {'pages':>6} {'KiB/layer':>9} {'RSS MiB':>8}",
+    ]
+    table: dict[tuple[str, int], dict[int, list[float]]] = {}
+    for run in runs:
+        if run.method not in VMCKPT_METHODS or not run.measured():
+            continue
+        layers = run.measured()
+        pause = [s.pause_ms for s in layers]
+        figures = [
+            _median(pause),
+            float(np.percentile([p for p in pause if not math.isnan(p)] or [math.nan], 95)),
+            _median([s.total_s * 1000 for s in layers]),
+            _median([(s.cpu_s * 1000) if s.cpu_s is not None else None for s in layers]),
+            _median([float(s.pages_stored or 0) for s in layers]),
+            _median([s.bytes / 1024 for s in layers]),
+            max((s.rss_mib or 0.0) for s in layers),
+        ]
+        table.setdefault((run.method, run.pages_per_step), {})[run.memory_mib] = figures
+        lines.append(
+            f"{run.method:<13} {run.pages_per_step:>10} {run.memory_mib:>5} {figures[0]:>8.1f} "
+            f"{figures[1]:>6.1f} {figures[2]:>8.0f} {figures[3]:>7.0f} {figures[4]:>6.0f} "
+            f"{figures[5]:>9.0f} {figures[6]:>8.0f}"
+        )
+    for (method, rate), sizes in table.items():
+        if len(sizes) < 2:
+            continue
+        small, large = min(sizes), max(sizes)
+        ratios = [
+            f"{name} {sizes[large][i] / sizes[small][i]:.2f}x"
+            for i, name in ((0, "pause"), (2, "wall"), (3, "CPU"), (5, "bytes"), (6, "RSS"))
+            if sizes[small][i] and not math.isnan(sizes[small][i])
+        ]
+        lines.append(
+            f"  {method}, {rate} pages/step, {large} MiB against {small} MiB: " + ", ".join(ratios)
+        )
+    return "\n".join(lines)
+
+
+def write_sweep_plot(runs: Sequence[MethodRun], path: Path) -> None:
+    """vmckpt's per-checkpoint wall time, CPU time and pause against guest RAM."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels: tuple[tuple[str, Callable[[Sample], float]], ...] = (
+        ("wall time per checkpoint (ms)", lambda s: s.total_s * 1000),
+        ("vmckpt CPU per checkpoint (ms)", lambda s: (s.cpu_s or 0.0) * 1000),
+        ("guest pause (ms)", lambda s: s.pause_ms),
+    )
+    for method in VMCKPT_METHODS:
+        for rate in sorted({r.pages_per_step for r in runs if r.method == method}):
+            points = sorted(
+                (r.memory_mib, r.measured())
+                for r in runs
+                if r.method == method and r.pages_per_step == rate and r.measured()
+            )
+            if len(points) < 2:
+                continue
+            for ax, (title, value) in zip(axes, panels, strict=True):
+                ax.plot(
+                    [size for size, _ in points],
+                    [_median([value(s) for s in layers]) for _, layers in points],
+                    marker="o",
+                    label=f"{method}, {rate} pages/step",
+                )
+                ax.set_title(title)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("guest RAM (MiB)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle("vmckpt: cost of a checkpoint as guest RAM grows (medians, layers after the base)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_plot(runs: Sequence[MethodRun], path: Path) -> None:
@@ -714,6 +890,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=10, help="checkpoints per method (one a second)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--accel", default="tcg", choices=["auto", "kvm", "tcg"])
+    p.add_argument(
+        "--qemu",
+        metavar="BINARY",
+        help="the QEMU to run (default: $VMCKPT_QEMU, else qemu-system-x86_64); colo needs 11",
+    )
     p.add_argument("--kernel", type=Path, default=REPO_GUEST / "vmlinuz")
     p.add_argument("--initrd", type=Path, default=REPO_GUEST / "initrd.img")
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG (needs matplotlib)")
@@ -759,9 +940,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         initrd=args.initrd,
         out=args.out,
     )
+    if args.qemu:
+        os.environ["VMCKPT_QEMU"] = args.qemu  # read by vmckpt wherever it starts QEMU
     binary = qemu_binary()
     print(
-        f"vmckpt bench: QEMU {qemu_version(binary)}, accel {settings.accel}, "
+        f"vmckpt bench: QEMU {qemu_version(binary)} ({binary}), accel {settings.accel}, "
         f"{os.cpu_count()} host CPUs, {settings.count} checkpoints per method, "
         f"one per {settings.interval_s:.0f} s",
         flush=True,
@@ -771,8 +954,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_table(these), end="\n\n", flush=True)
 
     runs, out = run_bench(settings, report)
-    if any(r.method == "vmckpt" and r.measured() for r in runs):
+    if any(r.method in VMCKPT_METHODS and r.measured() for r in runs):
         print(format_vmckpt_summary(runs), end="\n\n")
+        print(format_sweep(runs), end="\n\n")
     print(f"scratch directory: {out}")
     if args.json is not None:
         data = {
@@ -790,6 +974,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot is not None:
         write_plot(runs, args.plot)
         print(f"plot: {args.plot}")
+        if len(settings.sizes_mib) > 1:
+            sweep = args.plot.with_name(args.plot.stem + "-ram" + args.plot.suffix)
+            write_sweep_plot(runs, sweep)
+            print(f"plot: {sweep}")
     return 0 if not any(r.method == "boot" for r in runs) else 1
 
 

@@ -67,7 +67,7 @@ def _raw_qemu_migration(
         )  # fmt: skip
         command = command_line(
             guest.spec(), launch, binary="qemu-system-x86_64",
-            qemu_major=version_tuple(qemu_version(binary))[0], qmp_fd=None,
+            qemu_major=version_tuple(qemu_version(binary))[0],
         )  # fmt: skip
         command += ["-incoming", f"tcp:{listen}:{port}", "-daemonize"]
         command += ["-pidfile", f"{remote_dir}/qemu.pid"]
@@ -120,7 +120,7 @@ def run_migration_bench(
     for memory in memories_mib:
         for pages in pages_per_step:
             tag = f"m{memory}p{pages}"
-            store = Store.create(base / tag / "local")
+            store = Store.create(base / tag / "local", parents=True)
             name = "bench"
             spec = GuestSpec(
                 memory_mib=memory,

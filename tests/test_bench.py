@@ -6,6 +6,7 @@ from benchmarks.checkpoint import (
     MethodRun,
     Sample,
     expected_distinct_pages,
+    format_sweep,
     format_table,
     pause_from_events,
 )
@@ -34,7 +35,7 @@ def test_unmatched_stop_counts_nothing() -> None:
 
 
 def test_table_reports_base_apart_and_errors() -> None:
-    vmckpt = MethodRun(256, 100, "vmckpt", t0=0.0, state_times=[0.1, 0.2, 0.5, 0.6])
+    vmckpt = MethodRun(256, 100, "precopy-diff", t0=0.0, state_times=[0.1, 0.2, 0.5, 0.6])
     vmckpt.samples = [
         Sample(10.0, 1.0, 100 << 20, 0.0, pages_stored=25000, base=True),
         Sample(20.0, 0.5, 4 << 20, 1.0, pages_stored=1000),
@@ -42,10 +43,10 @@ def test_table_reports_base_apart_and_errors() -> None:
     ]
     failed = MethodRun(256, 100, "background-snapshot", error="QEMU refused it")
     table = format_table([vmckpt, failed])
-    assert "vmckpt base layer: 25000 pages" in table
+    assert "precopy-diff base layer: 25000 pages" in table
     assert "error: QEMU refused it" in table
     assert abs((vmckpt.max_gap_ms() or 0) - 300.0) < 1e-6
-    row = next(line for line in table.splitlines() if line.startswith("vmckpt "))
+    row = next(line for line in table.splitlines() if line.startswith("precopy-diff "))
     assert row.split()[1] == "2"  # the base layer is not among the measured samples
 
 
@@ -53,3 +54,21 @@ def test_expected_distinct_pages() -> None:
     assert expected_distinct_pages(0) == 0.0
     assert 960 < expected_distinct_pages(1000, 16384) < 980
     assert expected_distinct_pages(10**7, 16384) <= 16384
+
+
+def test_sweep_compares_the_largest_guest_with_the_smallest() -> None:
+    runs = []
+    for memory, wall in ((256, 0.02), (4096, 0.025)):
+        run = MethodRun(memory, 100, "colo", t0=0.0)
+        run.samples = [
+            Sample(900.0, 5.0, 500 << 20, 0.0, pages_stored=40000, base=True, cpu_s=2.0),
+            Sample(2.0, wall, 600 << 10, 1.0, pages_stored=150, cpu_s=0.01, rss_mib=80.0),
+            Sample(2.2, wall, 620 << 10, 2.0, pages_stored=160, cpu_s=0.01, rss_mib=81.0),
+        ]
+        runs.append(run)
+    table = format_sweep(runs)
+    assert "4096 MiB against 256 MiB" in table
+    assert "wall 1.25x" in table  # 25 ms against 20 ms
+    assert "pause 1.00x" in table  # 2.1 ms both
+    row = next(line for line in table.splitlines() if line.startswith("colo ") and " 4096 " in line)
+    assert row.split()[5] == "25"  # wall ms, the base layer left out

@@ -1,8 +1,8 @@
 """The COLO receiver against a scripted primary: message order, RAM, device state, errors.
 
-QEMU's own COLO cannot run on the QEMU versions here (see README), so the
-protocol side is checked byte for byte against what QEMU's migration/colo.c
-sends; the initial migration part is a real QEMU stream in test_stream.py.
+The bytes are those QEMU 11.1 sends (migration/colo.c), scripted so that every message
+order and error can be checked; tests/test_colo.py runs the real thing on QEMU 11, and
+the initial migration part is a real QEMU stream in test_stream.py.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import pytest
 
 from vmckpt.errors import StreamError
 from vmckpt.mechanisms import colo_refusal
-from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
+from vmckpt.ram import PAGE_SIZE, RamBlock
 from vmckpt.stream import StreamEnvelope
 from vmckpt.stream import format as fmt
 from vmckpt.stream.colo import ColoReceiver
-from vmckpt.stream.reader import _Block
+from vmckpt.stream.reader import SparseBlock
 
 SECTION_ID = 2
 
@@ -50,21 +50,17 @@ def checkpoint_bytes(pages: dict[int, bytes], zero: list[int], device: bytes) ->
     return bytes(out)
 
 
-def receiver_with_image() -> tuple[ColoReceiver, socket.socket]:
+def receiver_after_opening() -> tuple[ColoReceiver, socket.socket]:
+    """A receiver as it is after the opening migration: block layout known, pages sparse."""
     ours, primary = socket.socketpair()
     receiver = ColoReceiver(ours)
-    receiver.ram = RamImage.zeroed([RamBlock("pc.ram", 64 * PAGE_SIZE)])
+    receiver.blocks = [RamBlock("pc.ram", 64 * PAGE_SIZE)]
     receiver.envelope = StreamEnvelope(b"", "pc", SECTION_ID, 0, 4, b"")
-    # The reader learns the blocks from MEM_SIZE; give it the image directly.
-    receiver.reader.image = receiver.ram
-    receiver.reader.blocks["pc.ram"] = _Block("pc.ram", receiver.ram.data["pc.ram"], 64 * PAGE_SIZE)
     return receiver, primary
 
 
-def test_checkpoint_applies_dirty_pages_and_keeps_device_state() -> None:
-    receiver, primary = receiver_with_image()
-    assert receiver.ram is not None
-    receiver.ram.pages_of("pc.ram")[9] = 7  # a page that the checkpoint zeroes
+def test_checkpoint_keeps_only_the_pages_sent_and_the_device_state() -> None:
+    receiver, primary = receiver_after_opening()
     page3 = bytes(range(256)) * 16
     page5 = b"\xab" * PAGE_SIZE
     device = b"\x04device-sections\x00"
@@ -83,25 +79,51 @@ def test_checkpoint_applies_dirty_pages_and_keeps_device_state() -> None:
 
     thread = threading.Thread(target=primary_side)
     thread.start()
-    receiver.expect(fmt.COLO_CHECKPOINT_REQUEST)
+    receiver.wait_request()
     taken = receiver.receive_checkpoint()
     receiver.acknowledge()
     thread.join(5)
     assert replies[0] == be32(fmt.COLO_CHECKPOINT_REPLY)
     assert replies[1] == be32(fmt.COLO_VMSTATE_RECEIVED) + be32(fmt.COLO_VMSTATE_LOADED)
     assert taken.device_state == device
-    assert list(taken.touched["pc.ram"]) == [3, 5, 9]
-    pages = receiver.ram.pages_of("pc.ram")
-    assert pages[3].tobytes() == page3
-    assert pages[5].tobytes() == page5
-    assert not pages[9].any()
-    assert not np.delete(pages, [3, 5], axis=0).any()
+    pages = taken.pages
+    assert list(pages.stored["pc.ram"]) == [3, 5]
+    assert list(pages.zeroed["pc.ram"]) == [9]
+    assert pages.rows["pc.ram"][0].tobytes() == page3
+    assert pages.rows["pc.ram"][1].tobytes() == page5
+    out = np.empty((1, PAGE_SIZE), dtype=np.uint8)
+    pages.take("pc.ram", np.array([5], dtype=np.uint32), out)
+    assert out.tobytes() == page5
+    with pytest.raises(KeyError):
+        pages.take("pc.ram", np.array([4], dtype=np.uint32), out)
+    receiver.close()
+    primary.close()
+
+
+def test_a_page_sent_twice_keeps_its_last_copy() -> None:
+    block = SparseBlock("pc.ram", 16 * PAGE_SIZE)
+    block.page(2 * PAGE_SIZE)[:] = b"\x01" * PAGE_SIZE
+    block.zero(7 * PAGE_SIZE)
+    block.page(7 * PAGE_SIZE)[:] = b"\x07" * PAGE_SIZE
+    block.page(2 * PAGE_SIZE)[:] = b"\x02" * PAGE_SIZE
+    block.zero(4 * PAGE_SIZE)
+    stored, rows, zeroed = block.result()
+    assert list(stored) == [2, 7] and list(zeroed) == [4]
+    assert rows[0].tobytes() == b"\x02" * PAGE_SIZE and rows[1].tobytes() == b"\x07" * PAGE_SIZE
+
+
+def test_return_path_is_ended_with_pongs_and_shut() -> None:
+    receiver, primary = receiver_after_opening()
+    receiver.reader.pings = [1]
+    receiver.end_return_path()
+    data = primary.recv(64)
+    assert data == bytes.fromhex("0002 0004 00000001 0001 0004 00000000".replace(" ", ""))
     receiver.close()
     primary.close()
 
 
 def test_unexpected_message_is_an_error() -> None:
-    receiver, primary = receiver_with_image()
+    receiver, primary = receiver_after_opening()
     primary.sendall(be32(fmt.COLO_VMSTATE_SIZE))
     with pytest.raises(
         StreamError, match=r"expected COLO message CHECKPOINT_REQUEST.*VMSTATE_SIZE"
@@ -112,7 +134,7 @@ def test_unexpected_message_is_an_error() -> None:
 
 
 def test_primary_that_hangs_up_midway_is_an_error() -> None:
-    receiver, primary = receiver_with_image()
+    receiver, primary = receiver_after_opening()
     whole = checkpoint_bytes({0: b"\x01" * PAGE_SIZE}, [], b"state\x00")
     primary.sendall(whole[: len(whole) // 2])
     primary.shutdown(socket.SHUT_WR)

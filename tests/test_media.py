@@ -124,7 +124,7 @@ def test_multiboot_modules_become_media_and_qemu_arguments(tmp_path: Path) -> No
         Launch(name="mb", accel="tcg", serial_log=tmp_path / "s"),
         binary="qemu",
         qemu_major=10,
-        qmp_fd=3,
+        qmp_fds=(3,),
     )
     initrd = line[line.index("-initrd") + 1]
     assert initrd == f"{str(first).replace(',', ',,')} x=1 y,{second}"
@@ -150,7 +150,7 @@ def test_linux_kernel_takes_one_initrd_literally(tmp_path: Path) -> None:
         Launch(name="l", accel="tcg", serial_log=tmp_path / "s"),
         binary="qemu",
         qemu_major=10,
-        qmp_fd=3,
+        qmp_fds=(3,),
     )
     assert line[line.index("-initrd") + 1] == str(initrd)  # no ',,' for a Linux kernel
     with pytest.raises(UsageError, match="not a multiboot kernel"):

@@ -23,10 +23,11 @@ from typing import Any
 
 from vmckpt import log
 from vmckpt.checkpoint import CheckpointResult, CheckpointSettings, take_checkpoint
+from vmckpt.colo import SessionClient, end_session, session_pid
 from vmckpt.errors import MachineError, QMPError, StoreError, UsageError
 from vmckpt.guard import Guard
 from vmckpt.images import Store
-from vmckpt.mechanisms import Choice, choose_mechanism
+from vmckpt.mechanisms import COLO, PRECOPY, Choice, choose_mechanism
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.qemu import (
     SERIAL_LOG,
@@ -40,7 +41,7 @@ from vmckpt.qemu import (
 from vmckpt.qmp import CONT_RETRY_S, Monitor
 from vmckpt.session import JOURNAL, recover
 from vmckpt.spec import GuestSpec, check_name
-from vmckpt.watch import WatchSettings, watch
+from vmckpt.watch import WatchSettings, stop_on_signals, watch
 
 RECORD = "guest.json"
 STATUS_TIMEOUT_S = 3.0
@@ -60,6 +61,7 @@ class GuestStatus:
     host: str = "local"
     mechanism: str = ""  # what its next checkpoint uses
     mechanism_reason: str = ""
+    session: str = ""  # its COLO checkpoint session, if one is open
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +73,7 @@ class GuestStatus:
             "host": self.host,
             "mechanism": self.mechanism,
             "mechanism_reason": self.mechanism_reason,
+            "session": self.session,
         }
 
 
@@ -115,9 +118,14 @@ class Guest:
         return take_checkpoint(self, settings, progress=progress)
 
     def checkpoint_row(
-        self, settings: CheckpointSettings | None = None, *, progress: Progress = NO_PROGRESS
+        self,
+        settings: CheckpointSettings | None = None,
+        *,
+        progress: Progress = NO_PROGRESS,
+        mechanism: str = "auto",
     ) -> dict[str, Any]:
         """One checkpoint, as the row ``checkpoint --json`` prints."""
+        self._choose(mechanism)
         return {**self.checkpoint(settings, progress=progress).to_dict(), "host": "local"}
 
     def watch_rows(
@@ -126,13 +134,26 @@ class Guest:
         report: Callable[[dict[str, Any]], None],
         *,
         progress: Progress = NO_PROGRESS,
+        mechanism: str = "auto",
     ) -> int:
         """Periodic checkpoints; ``report`` gets each one's row (with a ``note``)."""
+        self._choose(mechanism)
 
         def row(result: CheckpointResult, note: str) -> None:
             report({**result.to_dict(), "host": "local", "note": note})
 
         return watch(self, settings, row, progress=progress)
+
+    def _choose(self, requested: str) -> Choice:
+        """The mechanism to use: the guest's own (auto), or the one asked for if allowed."""
+        choice = self.mechanism()
+        if requested in ("auto", choice.mechanism):
+            return choice
+        if requested == COLO:
+            raise UsageError(f"guest {self.name}: COLO is refused here: {choice.reason}")
+        if requested != PRECOPY:
+            raise UsageError(f"unknown mechanism {requested!r} (auto, {COLO} or {PRECOPY})")
+        return Choice(PRECOPY, "asked for")
 
     def status(self) -> GuestStatus:
         raise self._unsupported("has no status here")
@@ -253,6 +274,57 @@ class LocalGuest(Guest):
         version = qemu_version(process.command[0]) if process.command else ""
         return choose_mechanism(version, self.accel, self.spec(), local=True)
 
+    # -- checkpoints: a COLO session where the mechanism is colo -----------------------
+
+    def checkpoint_row(
+        self,
+        settings: CheckpointSettings | None = None,
+        *,
+        progress: Progress = NO_PROGRESS,
+        mechanism: str = "auto",
+    ) -> dict[str, Any]:
+        if self._choose(mechanism).mechanism == COLO:
+            client = SessionClient.ensure(self)
+            try:
+                row: dict[str, Any] = client.request("checkpoint")["row"]
+            finally:
+                client.close()
+            return row
+        self.end_session()
+        return {**self.checkpoint(settings, progress=progress).to_dict(), "host": "local"}
+
+    def watch_rows(
+        self,
+        settings: WatchSettings,
+        report: Callable[[dict[str, Any]], None],
+        *,
+        progress: Progress = NO_PROGRESS,
+        mechanism: str = "auto",
+    ) -> int:
+        if self._choose(mechanism).mechanism != COLO:
+            self.end_session()
+            return super().watch_rows(settings, report, progress=progress, mechanism=PRECOPY)
+        client = SessionClient.ensure(self)
+        taken = 0
+        try:
+            with stop_on_signals() as stop:
+                for row in client.watch(
+                    stop,
+                    interval_s=settings.interval_s,
+                    count=settings.count,
+                    pause_budget_ms=settings.pause_budget_ms,
+                ):
+                    report(row)
+                    taken += 1
+        finally:
+            client.close()
+        return taken
+
+    def end_session(self) -> bool:
+        """End the guest's COLO checkpoint session, if one runs (before anything that needs
+        the guest to itself: a precopy-diff checkpoint, a migration, a pause, a stop)."""
+        return end_session(self.store, self.name)
+
     # -- life cycle --------------------------------------------------------------------
 
     @classmethod
@@ -314,7 +386,8 @@ class LocalGuest(Guest):
             return GuestStatus(self.name, self.kind, "stopped", None, head)
         state = "unknown"
         mechanism = Choice("", "")
-        if self.store.guest_locked(self.name):
+        session = session_pid(self.store, self.name)
+        if session is None and self.store.guest_locked(self.name):
             state = "checkpointing"  # its monitor is busy; not waited for
         else:
             with contextlib.suppress(QMPError), process.monitor(timeout=STATUS_TIMEOUT_S) as mon:
@@ -324,6 +397,7 @@ class LocalGuest(Guest):
         return GuestStatus(
             self.name, self.kind, state, process.pid, head,
             mechanism=mechanism.mechanism, mechanism_reason=mechanism.reason,
+            session=f"open, PID {session}" if session else "",
         )  # fmt: skip
 
     def console(self, follow: bool) -> Iterator[str]:
@@ -343,8 +417,13 @@ class LocalGuest(Guest):
                     return
                 time.sleep(CONSOLE_POLL_S)
 
+    def pause(self) -> None:
+        self.end_session()  # a COLO checkpoint would run the guest again
+        super().pause()
+
     def stop(self) -> str:
         process = self.process()
+        self.end_session()
         started = time.monotonic()
         process.shutdown()
         self.record.process = None

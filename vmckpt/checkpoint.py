@@ -33,7 +33,7 @@ from vmckpt.guard import Guard
 from vmckpt.images import DiskDelta, LayerContent, LayerManifest, Store
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.qmp import Monitor
-from vmckpt.ram import RamImage
+from vmckpt.ram import PageSet, RamImage
 from vmckpt.session import JOURNAL, MigrationSession, recover
 from vmckpt.spec import GuestSpec
 from vmckpt.stream import StreamEnvelope, read_stream
@@ -308,7 +308,7 @@ class LayerParts:
     """What a mechanism hands over to become a layer."""
 
     envelope: StreamEnvelope
-    ram: RamImage
+    ram: RamImage | PageSet  # the whole RAM (precopy-diff) or the pages sent (COLO)
     pages: dict[str, np.ndarray]
     zeroed: dict[str, np.ndarray]
     qemu_version: str
@@ -392,7 +392,7 @@ def write_checkpoint_layer(
         bytes_written=manifest.bytes_total,
         total_s=time.monotonic() - started,
         mechanism=mechanism,
-        image=parts.ram,
+        image=parts.ram if isinstance(parts.ram, RamImage) else None,
     )
 
 

@@ -48,6 +48,8 @@ from vmckpt.spec import DiskSpec
 
 JOB_POLL_S = 0.05
 JOB_CANCEL_TIMEOUT_S = 10.0
+BACKUP_PREFIX = "vmckpt-backup-"  # the backup jobs and target nodes of a checkpoint
+BITMAP_PREFIX = "vmckpt-"  # the dirty bitmaps vmckpt adds
 
 
 @dataclass
@@ -87,6 +89,7 @@ class DiskTracker:
         writable = [d for d in self.disks if not d.readonly]
         if not writable:
             return
+        self._clear_leftovers(mon, writable)
         nodes = {node.node_name: node for node in mon.block_nodes()}
         self.scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
         token = secrets.token_hex(4)
@@ -100,10 +103,10 @@ class DiskTracker:
                 capture = _Capture(
                     disk=disk,
                     target=self.scratch / f"backup-{disk.id}-{token}.qcow2",
-                    target_node=f"vmckpt-backup-{disk.id}",
-                    job=f"vmckpt-backup-{disk.id}",
+                    target_node=f"{BACKUP_PREFIX}{disk.id}",
+                    job=f"{BACKUP_PREFIX}{disk.id}",
                     old_bitmap=old,
-                    new_bitmap=f"vmckpt-{token}",
+                    new_bitmap=f"{BITMAP_PREFIX}{token}",
                 )
                 self._captures.append(capture)
                 # A backing node makes QEMU record zeroed clusters in the target (instead
@@ -133,6 +136,45 @@ class DiskTracker:
         except BaseException:
             self.abort(mon)
             raise
+
+    def _clear_leftovers(self, mon: Monitor, writable: Sequence[DiskSpec]) -> None:
+        """Remove what a checkpoint that died left in QEMU: its backup jobs and targets, and
+        every vmckpt bitmap but the parent's (which still tracks every write since then).
+
+        The guest's checkpoint lock is held, so no other checkpoint can own them.
+        """
+        try:
+            for job_id, job in mon.jobs().items():
+                if job_id.startswith(BACKUP_PREFIX):
+                    if job.status not in {"concluded", "null"}:
+                        mon.job_cancel(job_id)
+                        self._wait_job_gone(mon, job_id)
+                    with contextlib.suppress(QMPError):
+                        mon.job_dismiss(job_id)
+            nodes = mon.block_nodes()
+            for node in nodes:
+                if node.node_name.startswith(BACKUP_PREFIX):
+                    mon.blockdev_del(node.node_name)
+            keep = {d.bitmap for d in self.parent.disks} if self.parent else set()
+            by_name = {node.node_name: node for node in nodes}
+            for disk in writable:
+                owner = by_name.get(disk.node)
+                for bitmap in owner.bitmaps if owner else ():
+                    if bitmap.startswith(BITMAP_PREFIX) and bitmap not in keep:
+                        mon.bitmap_remove(disk.node, bitmap)
+        except QMPError as exc:
+            raise self._fail(f"cannot clear a dead checkpoint's leftovers: {exc.message}",
+                             "disk-prepare") from exc  # fmt: skip
+        for stale in self.scratch.glob("backup-*") if self.scratch.is_dir() else ():
+            stale.unlink(missing_ok=True)
+
+    def _wait_job_gone(self, mon: Monitor, job_id: str) -> None:
+        deadline = time.monotonic() + JOB_CANCEL_TIMEOUT_S
+        while time.monotonic() < deadline:
+            info = mon.jobs().get(job_id)
+            if info is None or info.status in {"concluded", "null"}:
+                return
+            time.sleep(JOB_POLL_S)
 
     def mark_instant(self, mon: Monitor) -> None:
         """The disk point, while the guest is stopped: new bitmaps and backup jobs, atomically."""

@@ -301,6 +301,7 @@ def spec_from_xml(text: str, *, domain: str) -> LibvirtSpec:
         machine=(os_type.get("machine") if os_type is not None else None) or "pc",
         media=tuple(media),
         append=(root.findtext("os/cmdline") or "").strip(),
+        panic_device=False,  # the domain's devices are libvirt's, as its XML says
         libvirt_xml=text,
     )
 

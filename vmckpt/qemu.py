@@ -26,7 +26,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from vmckpt import log
 from vmckpt.errors import MachineError, QMPError, UsageError
 from vmckpt.fsutil import FILE_MODE, open_nofollow
 from vmckpt.qmp import Monitor
-from vmckpt.spec import DiskSpec, GuestSpec
+from vmckpt.spec import DiskSpec, GuestSpec, check_machine, check_name
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep a margin
@@ -161,6 +161,11 @@ def _escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def _has_isa_bus(machine: str) -> bool:
+    """The PC machines (i440fx, q35, their versioned types) have the ISA bus pvpanic sits on."""
+    return machine in ("pc", "q35") or machine.startswith(("pc-i440fx-", "pc-q35-"))
+
+
 def disk_args(disk: DiskSpec) -> list[str]:
     ro = "on" if disk.readonly else "off"
     return [
@@ -186,26 +191,33 @@ class Launch:
 
 
 def command_line(
-    spec: GuestSpec, launch: Launch, *, binary: str, qemu_major: int, qmp_fd: int | None
+    spec: GuestSpec,
+    launch: Launch,
+    *,
+    binary: str,
+    qemu_major: int,
+    qmp_fds: Sequence[int] = (),
 ) -> list[str]:
     """QEMU's argv for ``spec``: only validated fields, plus the caller's trusted extras.
 
-    ``qmp_fd`` is the listening QMP socket QEMU inherits (None: no monitor at all).
+    ``qmp_fds`` are the listening QMP sockets QEMU inherits, one monitor each. Every
+    value that lands in an option string is checked here, whatever its source (a
+    layer's machine type comes from a store, which may be hostile).
     """
+    check_name(launch.name)
+    machine = check_machine(launch.machine_type or spec.machine)
     monitor: list[str] = []
-    if qmp_fd is not None:
-        monitor = [
-            "-chardev", f"socket,id=vmckpt-qmp,fd={qmp_fd},server=on,wait=off",
-            *(
-                ["-object", "monitor-qmp,id=vmckpt-qmp-monitor,chardev=vmckpt-qmp"]
-                if qemu_major >= 11  # -mon is deprecated from QEMU 11
-                else ["-mon", "chardev=vmckpt-qmp,mode=control"]
-            ),
-        ]  # fmt: skip
+    for index, fd in enumerate(qmp_fds):
+        chardev = f"vmckpt-qmp{index}"
+        monitor += ["-chardev", f"socket,id={chardev},fd={fd},server=on,wait=off"]
+        if qemu_major >= 11:  # -mon is deprecated from QEMU 11
+            monitor += ["-object", f"monitor-qmp,id={chardev}-monitor,chardev={chardev}"]
+        else:
+            monitor += ["-mon", f"chardev={chardev},mode=control"]
     args = [
         binary,
         "-name", launch.name,
-        "-machine", launch.machine_type or spec.machine,
+        "-machine", machine,
         "-accel", launch.accel,
         "-m", f"{spec.memory_mib}M",
         "-smp", str(spec.cpus),
@@ -216,6 +228,8 @@ def command_line(
     ]  # fmt: skip
     if spec.cpu:
         args += ["-cpu", spec.cpu]
+    if spec.panic_device and _has_isa_bus(machine):
+        args += ["-device", "pvpanic"]
     kernel, initrd, iso = spec.medium("kernel"), spec.medium("initrd"), spec.medium("iso")
     if kernel:
         args += ["-kernel", kernel.path]
@@ -292,6 +306,9 @@ class QemuProcess:
     log: Path
     accel: str = "tcg"
     command: list[str] = field(default_factory=list)
+    # A second QMP monitor, reserved for the guest's checkpoint session (vmckpt/colo.py),
+    # so that the session's long-lived connection never blocks other commands.
+    session_socket: Path | None = None
     _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @classmethod
@@ -310,23 +327,27 @@ class QemuProcess:
         and reported with its own last lines of output.
         """
         binary = qemu_binary()
-        qmp_socket = runtime_dir / f"qmp-{secrets.token_hex(3)}.sock"
-        if len(str(qmp_socket)) > SOCKET_PATH_MAX:
+        token = secrets.token_hex(3)
+        qmp_socket = runtime_dir / f"qmp-{token}.sock"
+        session_socket = runtime_dir / f"session-{token}.sock"
+        if len(str(session_socket)) > SOCKET_PATH_MAX:
             raise MachineError(
-                f"the QMP socket path {qmp_socket} is longer than a Unix socket allows; "
+                f"the QMP socket path {session_socket} is longer than a Unix socket allows; "
                 "use a store with a shorter path",
                 vm=launch.name,
                 step="launch",
             )
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listeners: list[socket.socket] = []
         try:
-            listener.bind(str(qmp_socket))
-            os.chmod(qmp_socket, FILE_MODE)
-            listener.listen(8)
+            for path in (qmp_socket, session_socket):
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listeners.append(listener)
+                listener.bind(str(path))
+                os.chmod(path, FILE_MODE)
+                listener.listen(8)
+            fds = [listener.fileno() for listener in listeners]
             major = version_tuple(qemu_version(binary))[0]
-            command = command_line(
-                spec, launch, binary=binary, qemu_major=major, qmp_fd=listener.fileno()
-            )
+            command = command_line(spec, launch, binary=binary, qemu_major=major, qmp_fds=fds)
             log_path = runtime_dir / QEMU_LOG
             fd = open_nofollow(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             with os.fdopen(fd, "ab") as log_handle:
@@ -339,14 +360,16 @@ class QemuProcess:
                     stdin=subprocess.DEVNULL,
                     stdout=log_handle,
                     stderr=subprocess.STDOUT,
-                    pass_fds=(listener.fileno(),),
+                    pass_fds=fds,
                     start_new_session=True,  # a Ctrl-C on vmckpt must not reach the guest
                 )
         except BaseException:
             qmp_socket.unlink(missing_ok=True)
+            session_socket.unlink(missing_ok=True)
             raise
         finally:
-            listener.close()  # QEMU holds its own copy
+            for listener in listeners:
+                listener.close()  # QEMU holds its own copies
         process = cls(
             name=launch.name,
             pid=popen.pid,
@@ -356,6 +379,7 @@ class QemuProcess:
             log=log_path,
             accel=launch.accel,
             command=command,
+            session_socket=session_socket,
             _popen=popen,
         )
         try:
@@ -368,6 +392,7 @@ class QemuProcess:
             exited = popen.returncode
             process.kill()
             qmp_socket.unlink(missing_ok=True)
+            session_socket.unlink(missing_ok=True)
             if exited is not None:
                 raise MachineError(
                     f"QEMU exited (code {exited}) while starting: {process.log_tail()}",
@@ -409,6 +434,10 @@ class QemuProcess:
     def monitor(self, timeout: float = 10.0) -> Monitor:
         return Monitor.unix(self.qmp_socket, vm=self.name, timeout=timeout)
 
+    def session_monitor(self, timeout: float = 10.0) -> Monitor:
+        """The monitor reserved for the checkpoint session (the general one if there is none)."""
+        return Monitor.unix(self.session_socket or self.qmp_socket, vm=self.name, timeout=timeout)
+
     def wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -448,6 +477,7 @@ class QemuProcess:
             "log": str(self.log),
             "accel": self.accel,
             "command": self.command,
+            "session_socket": str(self.session_socket) if self.session_socket else None,
         }
 
     @classmethod
@@ -461,4 +491,5 @@ class QemuProcess:
             log=Path(data["log"]),
             accel=str(data.get("accel", "tcg")),
             command=[str(a) for a in data.get("command", [])],
+            session_socket=Path(data["session_socket"]) if data.get("session_socket") else None,
         )

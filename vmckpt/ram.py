@@ -84,3 +84,36 @@ class RamImage:
 
     def same_layout(self, other: RamImage) -> bool:
         return self.blocks == other.blocks
+
+    def take(self, idstr: str, numbers: PageNumbers, out: npt.NDArray[np.uint8]) -> None:
+        """Copy pages ``numbers`` of a block into ``out`` (len(numbers), PAGE_SIZE)."""
+        np.take(self.pages_of(idstr), numbers, axis=0, out=out)
+
+
+@dataclass
+class PageSet:
+    """Some pages of a guest's RAM blocks, held sparsely: what one incremental (COLO)
+    checkpoint delivered. Memory is O(pages), never O(RAM).
+
+    ``stored[idstr]`` are sorted, unique page numbers whose data is the same row of
+    ``rows[idstr]`` (a (n, PAGE_SIZE) uint8 array); ``zeroed[idstr]`` pages became zero.
+    """
+
+    blocks: list[RamBlock]
+    stored: dict[str, PageNumbers] = field(default_factory=dict)
+    rows: dict[str, npt.NDArray[np.uint8]] = field(default_factory=dict)
+    zeroed: dict[str, PageNumbers] = field(default_factory=dict)
+
+    @property
+    def pages(self) -> int:
+        return sum(numbers.size for numbers in self.stored.values())
+
+    def take(self, idstr: str, numbers: PageNumbers, out: npt.NDArray[np.uint8]) -> None:
+        """Copy the data of ``numbers`` (all held here) into ``out`` (len(numbers), PAGE_SIZE)."""
+        held = self.stored.get(idstr, np.zeros(0, dtype=np.uint32))
+        where = np.searchsorted(held, numbers)
+        if numbers.size and (
+            int(where.max()) >= held.size or not bool(np.all(held[where] == numbers))
+        ):
+            raise KeyError(f"pages of RAM block {idstr!r} that this page set does not hold")
+        np.take(self.rows[idstr], where, axis=0, out=out)

@@ -249,6 +249,9 @@ class GuestSpec:
     append: str = ""
     qemu_args: tuple[str, ...] = ()  # free-form; used on restore only from trusted layers
     disks: tuple[DiskSpec, ...] = ()  # virtio-blk disks
+    # A pvpanic device, so a guest panic is a QMP event (GUEST_PANICKED); False in specs
+    # written before vmckpt added it (a restore must give QEMU the same devices).
+    panic_device: bool = True
 
     def __post_init__(self) -> None:
         if not 16 <= self.memory_mib <= MAX_MEMORY_MIB:
@@ -291,6 +294,7 @@ class GuestSpec:
                 append=check_text(data.get("append", ""), "kernel command line"),
                 qemu_args=tuple(check_text(a, "QEMU argument") for a in qemu_args),
                 disks=tuple(DiskSpec.from_dict(d) for d in data.get("disks", [])),
+                panic_device=data.get("panic_device", False) is True,
                 **extra,
             )
         except KeyError as exc:
@@ -318,5 +322,8 @@ class GuestSpec:
 
 
 _BASE_FIELDS = frozenset(
-    {"memory_mib", "cpus", "accel", "machine", "cpu", "media", "append", "qemu_args", "disks"}
-)
+    {
+        "memory_mib", "cpus", "accel", "machine", "cpu", "media", "append", "qemu_args",
+        "disks", "panic_device",
+    }
+)  # fmt: skip

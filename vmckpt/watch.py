@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 from vmckpt.checkpoint import CheckpointResult, CheckpointSettings, take_checkpoint
 from vmckpt.errors import UsageError
-from vmckpt.mechanisms import colo_refusal
 from vmckpt.progress import NO_PROGRESS, Progress
 
 if TYPE_CHECKING:
@@ -42,7 +41,6 @@ class WatchSettings:
     interval_s: float = 1.0
     count: int | None = None
     pause_budget_ms: float | None = None
-    use_colo: bool = False
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.interval_s) or self.interval_s < MIN_INTERVAL_S:
@@ -91,10 +89,6 @@ def watch(
 ) -> int:
     """Checkpoint every interval until count or a signal; returns the layers taken."""
     note = ""
-    if settings.use_colo:
-        with target.monitor() as mon:
-            refusal = colo_refusal(mon.version, target.accel)
-        note = f"COLO unavailable: {refusal or 'not built yet'}; using precopy-diff"
     # A checkpoint someone else started (vmckpt checkpoint) is waited for, not an error.
     checkpoint = CheckpointSettings(lock_wait_s=LOCK_WAIT_S)
     if settings.pause_budget_ms is not None:

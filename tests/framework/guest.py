@@ -70,6 +70,7 @@ class Vmckpt:
 
     store: Path
     media: Path = GUEST_BUILD
+    env: dict[str, str] = field(default_factory=dict)  # e.g. VMCKPT_QEMU for every command
     started: set[str] = field(default_factory=set)
 
     def __call__(
@@ -80,6 +81,7 @@ class Vmckpt:
         timeout: float = 300,
     ) -> subprocess.CompletedProcess[str]:
         full_env = dict(os.environ)
+        full_env.update(self.env)
         full_env.update(env or {})
         result = subprocess.run(
             [sys.executable, "-m", "vmckpt", *args],
@@ -228,7 +230,10 @@ def assert_guest_untouched(vmckpt: Vmckpt, name: str) -> None:
         assert caps["events"] is False, "migration events left on"
         assert caps.get("x-colo", False) is False, "x-colo left on"
         assert caps.get("return-path", False) is False, "return-path left on"
-        assert mon.migrate_parameters()["downtime-limit"] == 300, "downtime-limit left changed"
+        parameters = mon.migrate_parameters()
+        assert parameters["downtime-limit"] == 300, "downtime-limit left changed"
+        assert parameters["max-bandwidth"] == 134217728, "max-bandwidth left changed"
+        assert parameters.get("x-checkpoint-delay", 20000) == 20000, "x-checkpoint-delay changed"
     seq = vmckpt.last_seq(name)
     vmckpt.wait_states(name, len(vmckpt.states(name)) + 3, timeout=30)
     assert vmckpt.last_seq(name) > seq

@@ -32,8 +32,19 @@ def _epilog() -> str:
     return f"{EXAMPLES}\nexit codes:\n{codes}\n"
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown in every option's help, epilogs kept as written."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (where it has one worth saying), epilogs as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            default not in (None, False, argparse.SUPPRESS)
+            and "default" not in text
+            and (action.option_strings or action.nargs in ("?", "*"))
+        ):
+            text += " (default: %(default)s)"
+        return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,6 +70,16 @@ def _libvirt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--libvirt", metavar="DOMAIN", help="a running libvirt domain instead of NAME")
     p.add_argument(
         "--connect", metavar="URI", help="libvirt URI (default qemu:///system) for --libvirt"
+    )
+
+
+def _mechanism(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mechanism",
+        choices=["auto", "colo", "precopy-diff"],
+        default="auto",
+        help="auto: colo where QEMU runs it safely (vmckpt check says), else precopy-diff; "
+        "colo is refused where it is not safe",
     )
 
 
@@ -172,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to wait for a checkpoint of the guest already under way",
     )
+    _mechanism(p)
     _json(p, "print the layer as JSON (README: Output)")
 
     p = command("watch", commands.cmd_watch, "checkpoint a running guest periodically")
@@ -187,11 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="set QEMU's downtime limit for the final stop to this; layers whose pause "
         "exceeded it are reported",
     )
-    p.add_argument(
-        "--colo",
-        action="store_true",
-        help="incremental transfer through QEMU's COLO where it is safe (see vmckpt check)",
-    )
+    _mechanism(p)
+    p.add_argument("--colo", action="store_true", help="the same as --mechanism colo")
     _json(p, "one JSON object per checkpoint (README: Output)")
 
     p = command("list", commands.cmd_list, "the layers (as a tree) and the guests of a store")

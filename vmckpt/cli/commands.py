@@ -171,7 +171,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     settings = CheckpointSettings(lock_wait_s=args.wait)
     # A Ctrl-C lets the checkpoint finish (a second one aborts it, still cleanly).
     with stop_on_signals():
-        row = guest.checkpoint_row(settings, progress=progress_for(args.json))
+        row = guest.checkpoint_row(
+            settings, progress=progress_for(args.json), mechanism=args.mechanism
+        )
     print_json(row) if args.json else print(checkpoint_line(row))
     return 0
 
@@ -195,13 +197,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
         interval_s=parse_duration(args.interval),
         count=args.count,
         pause_budget_ms=args.pause_budget,
-        use_colo=args.colo,
     )
+    mechanism = "colo" if args.colo else args.mechanism
 
     def report(row: dict[str, Any]) -> None:
         print_json_line(row) if args.json else print(checkpoint_line(row), flush=True)
 
-    taken = guest.watch_rows(settings, report, progress=progress_for(args.json))
+    taken = guest.watch_rows(
+        settings, report, progress=progress_for(args.json), mechanism=mechanism
+    )
     if not args.json:
         print(f"watch ended after {taken} checkpoint(s); guest {guest.name} runs on")
     return 0

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmckpt.errors import CorruptLayerError, FormatVersionError
-from vmckpt.ram import PAGE_SIZE, PageNumbers, RamImage
+from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamImage
 
 # The version this vmckpt writes. Readers accept the same major and a lower or
 # equal minor (see `check_version`); the version is the format's own, not vmckpt's.
@@ -175,7 +175,9 @@ class LayerContent:
     mechanism: str
     ram_section: tuple[int, int, int]
     stats: dict[str, Any]
-    ram: RamImage  # the full image the guest had at this checkpoint
+    # The guest's RAM at this checkpoint: the full image (precopy-diff), or only the pages
+    # the checkpoint delivered (COLO), which must then hold every page of ``pages``.
+    ram: RamImage | PageSet
     pages: dict[str, npt.NDArray[Any]]  # per block: page numbers whose data this layer stores
     zeroed: dict[str, npt.NDArray[Any]]  # per block: pages that became all-zero since the parent
     prelude: bytes  # QEMU stream header and configuration section, opaque

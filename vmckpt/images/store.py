@@ -25,6 +25,7 @@ another host or user (docs/SECURITY.md).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -67,7 +68,7 @@ from vmckpt.images.format import (
     LayerContent,
     LayerManifest,
 )
-from vmckpt.ram import PAGE_SIZE, PageNumbers, RamBlock, RamImage
+from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamBlock, RamImage
 
 STORE_MARKER = "vmckpt-store.json"
 LAYERS_DIR = "layers"
@@ -178,6 +179,7 @@ class Store:
             obj.get("format_version"), what=str(marker), layer=None, step="open"
         )
         fmt.check_version(version, what=str(marker), layer=None, step="open")
+        self._temporaries: dict[Path, int] = {}  # temporary layers this process writes
 
     @classmethod
     def create(cls, path: Path | str, *, parents: bool = False) -> Store:
@@ -833,8 +835,10 @@ class Store:
             manifest = fmt.parse_manifest(data, layer_id, "write")
             _write_new(tmp / MANIFEST, [data])  # the commit point
             fsync_dir(tmp)
+            faults.point(faults.MID_WRITE)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            self._release_temporary(tmp)
             if isinstance(exc, OSError):
                 raise _write_error(exc, layer_id) from exc
             raise
@@ -842,17 +846,56 @@ class Store:
         return manifest
 
     def _reserve(self) -> tuple[Path, str]:
-        """A new layer id and the temporary directory that reserves it."""
+        """A new layer id and the temporary directory that reserves it (locked: see
+        :meth:`remove_stale_temporaries`). Stale temporaries are removed first."""
         try:
             with self.lock("allocate a layer id"):
+                self.remove_stale_temporaries()
                 layer_id = self._new_layer_id()
-                tmp = self.layers_path / f"{TMP_PREFIX}{layer_id}-{secrets.token_hex(4)}"
-                _mkdir_private(tmp)
+                tmp = self._new_temporary(layer_id)
         except OSError as exc:
             raise StoreError(
                 f"cannot write into {self.layers_path}: {exc.strerror or exc}", step="write"
             ) from exc
         return tmp, layer_id
+
+    def _new_temporary(self, layer_id: str) -> Path:
+        """layers/.tmp-<id>-<random>/, locked (flock on its directory) until released: a
+        writer that dies releases it, which is how a stale one is told from a live one."""
+        tmp = self.layers_path / f"{TMP_PREFIX}{layer_id}-{secrets.token_hex(4)}"
+        _mkdir_private(tmp)
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._temporaries[tmp] = fd
+        return tmp
+
+    def _release_temporary(self, tmp: Path) -> None:
+        fd = self._temporaries.pop(tmp, None)
+        if fd is not None:
+            os.close(fd)
+
+    def remove_stale_temporaries(self) -> list[str]:
+        """Remove the temporary layer directories whose writer died (their lock is free);
+        returns their names. Call under the store lock."""
+        removed: list[str] = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.layers_path):
+                rest = entry.name.removeprefix(TMP_PREFIX)
+                if rest == entry.name or not LAYER_ID_RE.match(rest[: rest.rfind("-")]):
+                    continue
+                try:
+                    fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                except OSError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer holds it
+                finally:
+                    os.close(fd)
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.name)
+        return removed
 
     def _publish(self, tmp: Path, layer_id: str, head_of: tuple[str, str] | None) -> None:
         """Rename a complete temporary layer into place and move the head, under the lock."""
@@ -877,6 +920,8 @@ class Store:
             if isinstance(exc, OSError):
                 raise _write_error(exc, layer_id) from exc
             raise
+        finally:
+            self._release_temporary(tmp)
 
     def receive_layer(
         self,
@@ -904,9 +949,12 @@ class Store:
                 for _chunk in chunks:
                     pass  # consume what the sender sends anyway
             return False
-        tmp = self.layers_path / f"{TMP_PREFIX}{layer_id}-{secrets.token_hex(4)}"
         try:
-            _mkdir_private(tmp)
+            with self.lock("receive a layer"):
+                tmp = self._new_temporary(layer_id)
+        except OSError as exc:
+            raise _write_error(exc, layer_id) from exc
+        try:
             written: dict[str, FileEntry] = {}
             for name, chunks in files:
                 if not fmt.is_layer_file_name(name) or name in written:
@@ -918,6 +966,7 @@ class Store:
             fsync_dir(tmp)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            self._release_temporary(tmp)
             if isinstance(exc, OSError):
                 raise _write_error(exc, layer_id) from exc
             raise
@@ -1016,16 +1065,17 @@ def _write_disks(
     return tuple(records)
 
 
-def _page_chunks(ram: RamImage, parts: list[BlockIndex]) -> Iterable[npt.NDArray[np.uint8]]:
+def _page_chunks(
+    ram: RamImage | PageSet, parts: list[BlockIndex]
+) -> Iterable[npt.NDArray[np.uint8]]:
     """The stored pages in index order, copied out CHUNK_PAGES at a time into one buffer."""
     largest = max((part.stored.size for part in parts), default=0)
     scratch = np.empty((min(largest, CHUNK_PAGES), PAGE_SIZE), dtype=np.uint8)
     for block, part in zip(ram.blocks, parts, strict=True):
-        view = ram.pages_of(block.idstr)
         for start in range(0, part.stored.size, CHUNK_PAGES):
             numbers = part.stored[start : start + CHUNK_PAGES]
             buf = scratch[: numbers.size]
-            np.take(view, numbers, axis=0, out=buf)
+            ram.take(block.idstr, numbers, buf)
             yield buf
 
 
@@ -1070,6 +1120,21 @@ def _check_content(content: LayerContent) -> list[BlockIndex]:
             raise StoreError(f"{what} cannot be stored as JSON: {exc}", step="write") from exc
     parts: list[BlockIndex] = []
     for block in ram.blocks:
+        if isinstance(ram, PageSet):
+            stored = _page_numbers(content.pages.get(block.idstr), block, "pages")
+            zeroed = _page_numbers(content.zeroed.get(block.idstr), block, "zeroed")
+            held = ram.stored.get(block.idstr, np.zeros(0, dtype=np.uint32))
+            if np.setdiff1d(stored, held, assume_unique=True).size:
+                raise StoreError(
+                    f"pages of RAM block {block.idstr!r} are to be stored without their data",
+                    step="write",
+                )
+            if np.intersect1d(stored, zeroed, assume_unique=True).size:
+                raise StoreError(
+                    f"a page of RAM block {block.idstr!r} is both stored and zeroed", step="write"
+                )
+            parts.append(BlockIndex(stored=stored, zeroed=zeroed))
+            continue
         data = ram.data.get(block.idstr)
         if (
             data is None

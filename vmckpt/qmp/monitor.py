@@ -82,6 +82,7 @@ class Monitor:
         self.timeout = timeout
         self.version = ""  # QEMU's major.minor.micro, known once connected
         self._events: list[Event] = []
+        self._forgotten = 0  # events dropped from the front of the history (forget_before)
         self._connected = False
         self._closed = False
 
@@ -164,7 +165,13 @@ class Monitor:
     def mark(self) -> int:
         """A position in the event history, for :meth:`wait_event` and :meth:`events_since`."""
         self._drain()
-        return len(self._events)
+        return self._forgotten + len(self._events)
+
+    def forget_before(self, mark: int) -> None:
+        """Drop the events before ``mark`` (a long-lived monitor keeps its history small)."""
+        drop = min(len(self._events), max(0, mark - self._forgotten))
+        del self._events[:drop]
+        self._forgotten += drop
 
     def wait_event(
         self,
@@ -176,12 +183,12 @@ class Monitor:
     ) -> Event:
         """The first event at or after position ``since`` with a name in ``names``."""
         deadline = time.monotonic() + timeout
-        scanned = since
+        scanned = max(since, self._forgotten)
         while True:
-            for event in self._events[scanned:]:
+            for event in self._events[scanned - self._forgotten :]:
                 if event.name in names and predicate(event):
                     return event
-            scanned = max(scanned, len(self._events))
+            scanned = max(scanned, self._forgotten + len(self._events))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise QMPError(
@@ -194,7 +201,7 @@ class Monitor:
     def events_since(self, since: int) -> list[Event]:
         """Every event received after position ``since``, pulling what already arrived."""
         self._drain()
-        return self._events[since:]
+        return self._events[max(0, since - self._forgotten) :]
 
     def _pull(self, timeout: float) -> bool:
         event = self.transport.next_event(timeout)

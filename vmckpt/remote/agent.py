@@ -273,6 +273,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     store = Store(Path(args.store))
     guest = LocalGuest(store, name)
     process = guest.process()
+    guest.end_session()  # a COLO checkpoint session must let go of the guest first
     control = _Control(args.heartbeat, "send", name)
     parameters: dict[str, object] = {"downtime-limit": args.downtime_limit}
     if args.bandwidth:

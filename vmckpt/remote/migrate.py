@@ -354,6 +354,7 @@ def migrate_by_layers(
     started = time.monotonic()
     guest = LocalGuest(store, name)
     process = guest.process()
+    guest.end_session()  # the layers are precopy-diff ones
     ssh, dest = to.connect()
     with ssh:
         first = take_checkpoint(guest)

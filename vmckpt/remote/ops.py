@@ -354,9 +354,13 @@ class RemoteGuest(Guest):
                 yield {**row, "host": str(self.target.address)}
 
     def checkpoint_row(
-        self, settings: CheckpointSettings | None = None, *, progress: Progress = NO_PROGRESS
+        self,
+        settings: CheckpointSettings | None = None,
+        *,
+        progress: Progress = NO_PROGRESS,
+        mechanism: str = "auto",
     ) -> dict[str, Any]:
-        text = "\n".join(self.relay("checkpoint", "--json"))
+        text = "\n".join(self.relay("checkpoint", "--json", "--mechanism", mechanism))
         try:
             row = json.loads(text)
         except ValueError as exc:
@@ -371,8 +375,9 @@ class RemoteGuest(Guest):
         report: Callable[[dict[str, Any]], None],
         *,
         progress: Progress = NO_PROGRESS,
+        mechanism: str = "auto",
     ) -> int:
-        args = ["--interval", f"{settings.interval_s}s"]
+        args = ["--interval", f"{settings.interval_s}s", "--mechanism", mechanism]
         if settings.count is not None:
             args += ["--count", str(settings.count)]
         if settings.pause_budget_ms is not None:

@@ -1,19 +1,31 @@
-"""vmckpt as the receiving side of QEMU's COLO checkpointing.
+"""vmckpt as the receiving side of QEMU's COLO checkpointing (the protocol, on one socket).
 
 After an ordinary live migration with the ``x-colo`` capability, QEMU keeps
 dirty logging running and, at each checkpoint, stops the guest, sends the
 RAM pages written since the previous checkpoint and the device state, waits
-for two acknowledgements and resumes the guest. This module speaks that
-protocol on the migration socket (main stream one way, return path the other
-way on the same socket) and keeps the guest's RAM image current, so each
-checkpoint costs O(pages written) instead of O(RAM).
+for two acknowledgements and resumes the guest. The main stream goes from
+QEMU to vmckpt, the return path back on the same socket. As seen with QEMU
+11.1 (x-colo needs ``return-path`` there):
 
-Message order per checkpoint, as the primary sends and expects them::
+Opening (the initial full migration)::
 
-    primary -> CHECKPOINT_REQUEST          vmckpt -> CHECKPOINT_REPLY
-    primary -> VMSTATE_SEND, ram END section (dirty pages), EOF,
-               VMSTATE_SIZE be64 n, n bytes of device state
-    vmckpt  -> VMSTATE_RECEIVED, VMSTATE_LOADED       (the guest resumes)
+    QEMU    header, configuration, OPEN_RETURN_PATH, PING, ram START/PART/END,
+            device sections, EOF, device description (JSON); then waits, guest stopped
+    vmckpt  MIG_RP_MSG_SHUT (return path)     QEMU's return-path thread ends,
+                                              migration state "colo"
+    vmckpt  CHECKPOINT_READY                  QEMU resumes the guest
+
+Each checkpoint (triggered by setting ``x-checkpoint-delay`` over QMP)::
+
+    QEMU    CHECKPOINT_REQUEST                 vmckpt  CHECKPOINT_REPLY (guest stops)
+    QEMU    VMSTATE_SEND, one ram END section (the dirty pages, EOS, footer), EOF,
+            VMSTATE_SIZE be64 n, n bytes of device state (FULL sections, EOF)
+    vmckpt  VMSTATE_RECEIVED, VMSTATE_LOADED  (QEMU resumes the guest)
+
+Pages of a checkpoint are kept sparsely (:class:`~vmckpt.ram.PageSet`): the
+receiver's memory is O(pages written), not O(RAM). The first page of a
+checkpoint may carry CONTINUE: the current RAM block carries over from the
+previous part of the stream, so one reader serves the whole session.
 """
 
 from __future__ import annotations
@@ -23,14 +35,12 @@ import socket
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
-import numpy as np
-import numpy.typing as npt
-
+from vmckpt import faults
 from vmckpt.errors import StreamError
-from vmckpt.ram import PAGE_SIZE, RamImage
+from vmckpt.ram import PageSet, RamBlock, RamImage
 from vmckpt.stream import format as fmt
 from vmckpt.stream.envelope import StreamEnvelope
-from vmckpt.stream.reader import _Reader
+from vmckpt.stream.reader import SparseBlock, _Reader
 
 STEP = "COLO checkpoint"
 MAX_DEVICE_STATE = 256 << 20  # a sanity cap on VMSTATE_SIZE
@@ -38,19 +48,20 @@ MAX_DEVICE_STATE = 256 << 20  # a sanity cap on VMSTATE_SIZE
 
 @dataclass(frozen=True)
 class ColoCheckpoint:
-    """What one COLO checkpoint delivered: the pages it touched and the device state."""
+    """What one COLO checkpoint delivered: the pages written since the last one and the
+    device state (a stream epilogue as it stands: FULL sections and EOF)."""
 
-    touched: dict[str, npt.NDArray[np.uint32]]  # page numbers per RAM block, sorted, unique
-    device_state: bytes  # FULL sections + EOF: a stream epilogue as it stands
+    pages: PageSet
+    device_state: bytes
     stream_bytes: int
 
-    @property
-    def pages(self) -> int:
-        return sum(len(p) for p in self.touched.values())
+
+def _rp_message(kind: int, value: int) -> bytes:
+    return fmt.BE16.pack(kind) + fmt.BE16.pack(4) + fmt.BE32.pack(value)
 
 
 class ColoReceiver:
-    """The secondary's end of one COLO session, on one connected socket."""
+    """The receiving end of one COLO session, on one connected socket."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -58,22 +69,42 @@ class ColoReceiver:
         self.reader = _Reader(self.source, None)
         self.reader.colo = True
         self.envelope: StreamEnvelope | None = None
-        self.ram: RamImage | None = None
+        self.blocks: list[RamBlock] = []
 
     def read_initial(self) -> tuple[StreamEnvelope, RamImage]:
-        """The first, ordinary migration: the whole RAM and the device state."""
-        self.envelope, self.ram = self.reader.run()
-        return self.envelope, self.ram
+        """The first, ordinary migration: the whole RAM and the device state. The RAM
+        image is the caller's; the receiver keeps only the block layout."""
+        self.envelope, image = self.reader.run()
+        self.blocks = list(image.blocks)
+        # From here on pages are kept sparsely: drop the reader's hold on the image.
+        self.reader.image = None
+        self._sparse_blocks()
+        return self.envelope, image
+
+    def _sparse_blocks(self) -> dict[str, SparseBlock]:
+        sparse = {b.idstr: SparseBlock(b.idstr, b.length) for b in self.blocks}
+        last = self.reader.last_block
+        self.reader.blocks = dict(sparse)
+        if last is not None:
+            self.reader.last_block = sparse[last.idstr]
+        return sparse
 
     # -- messages ----------------------------------------------------------------
 
-    def send(self, message: int) -> None:
+    def _send(self, data: bytes, what: str) -> None:
         try:
-            self.sock.sendall(fmt.BE32.pack(message))
+            self.sock.sendall(data)
         except OSError as exc:
-            raise StreamError(
-                f"cannot send {fmt.COLO_MESSAGE_NAMES[message]} to QEMU: {exc}", step=STEP
-            ) from exc
+            raise StreamError(f"cannot send {what} to QEMU: {exc}", step=STEP) from exc
+
+    def send(self, message: int) -> None:
+        self._send(fmt.BE32.pack(message), fmt.COLO_MESSAGE_NAMES[message])
+
+    def end_return_path(self) -> None:
+        """Answer the initial stream's PINGs and end QEMU's return-path thread (SHUT):
+        QEMU then enters state ``colo`` and waits for CHECKPOINT_READY."""
+        pongs = b"".join(_rp_message(fmt.MIG_RP_MSG_PONG, v) for v in self.reader.pings)
+        self._send(pongs + _rp_message(fmt.MIG_RP_MSG_SHUT, 0), "MIG_RP_MSG_SHUT")
 
     def expect(self, message: int) -> None:
         at = self.reader.pos
@@ -87,64 +118,71 @@ class ColoReceiver:
 
     # -- one checkpoint ----------------------------------------------------------------
 
+    def wait_request(self) -> None:
+        """Block until QEMU asks for a checkpoint (CHECKPOINT_REQUEST)."""
+        self.expect(fmt.COLO_CHECKPOINT_REQUEST)
+
     def receive_checkpoint(self) -> ColoCheckpoint:
         """Answer a CHECKPOINT_REQUEST (already read) and take in the checkpoint.
 
-        Updates the RAM image in place. The caller acknowledges with
-        :meth:`acknowledge` as soon as it returns: the guest is stopped until then.
+        The caller acknowledges with :meth:`acknowledge` as soon as it returns:
+        the guest is stopped until then.
         """
-        if self.ram is None or self.envelope is None:
+        if self.envelope is None:
             raise StreamError("no initial migration was received", step=STEP)
         start = self.reader.pos
-        self.send(fmt.COLO_CHECKPOINT_REPLY)
+        sparse = self._sparse_blocks()
+        self.send(fmt.COLO_CHECKPOINT_REPLY)  # QEMU stops the guest and sends
+        faults.point("colo-mid-checkpoint")
         self.expect(fmt.COLO_VMSTATE_SEND)
         reader = self.reader
-        reader.touched = {}
         section_id = self.envelope.ram_section_id
-        try:
-            while True:
-                at = reader.pos
-                section_type = reader.u8("section type")
-                if section_type == fmt.SECTION_EOF:
-                    break
-                if section_type == fmt.COMMAND:
-                    reader.command()
-                    continue
-                if section_type not in (fmt.SECTION_PART, fmt.SECTION_END):
-                    raise reader.unexpected(section_type, at, "in a COLO checkpoint's RAM part")
-                sid = reader.be32("section id")
-                if sid != section_id:
-                    raise StreamError(
-                        f"section id {sid} at byte offset {at}: only the 'ram' section "
-                        f"(id {section_id}) is handled",
-                        step=STEP,
-                    )
-                reader.ram_chunk(sid, "END", at)
-            touched_offsets = reader.touched
-        finally:
-            reader.touched = None
+        while True:
+            at = reader.pos
+            section_type = reader.u8("section type")
+            if section_type == fmt.SECTION_EOF:
+                break
+            if section_type == fmt.COMMAND:
+                reader.command()
+                continue
+            if section_type not in (fmt.SECTION_PART, fmt.SECTION_END):
+                raise reader.unexpected(section_type, at, "in a COLO checkpoint's RAM part")
+            sid = reader.be32("section id")
+            if sid != section_id:
+                raise StreamError(
+                    f"section id {sid} at byte offset {at}: only the 'ram' section "
+                    f"(id {section_id}) is handled",
+                    step=STEP,
+                )
+            reader.ram_chunk(sid, "END", at)
         self.expect(fmt.COLO_VMSTATE_SIZE)
         size = reader.be64("VMSTATE_SIZE value")
         if size > MAX_DEVICE_STATE:
             raise StreamError(f"device state of {size} bytes is implausibly large", step=STEP)
         device_state = reader.read(size, "COLO device state")
-        touched = {
-            idstr: np.unique(np.asarray(offsets, dtype=np.uint64) // PAGE_SIZE).astype(np.uint32)
-            for idstr, offsets in touched_offsets.items()
-        }
-        return ColoCheckpoint(touched, device_state, reader.pos - start)
+        pages = PageSet(list(self.blocks))
+        for idstr, block in sparse.items():
+            stored, rows, zeroed = block.result()
+            if stored.size or zeroed.size:
+                pages.stored[idstr], pages.rows[idstr], pages.zeroed[idstr] = stored, rows, zeroed
+        return ColoCheckpoint(pages, device_state, reader.pos - start)
 
     def acknowledge(self) -> None:
         """Tell QEMU the checkpoint is received and loaded: it resumes the guest."""
-        try:  # one write: the guest waits for the second message
-            self.sock.sendall(
-                fmt.BE32.pack(fmt.COLO_VMSTATE_RECEIVED) + fmt.BE32.pack(fmt.COLO_VMSTATE_LOADED)
-            )
-        except OSError as exc:
-            raise StreamError(f"cannot acknowledge the checkpoint: {exc}", step=STEP) from exc
+        # One write: the guest waits for the second message.
+        self._send(
+            fmt.BE32.pack(fmt.COLO_VMSTATE_RECEIVED) + fmt.BE32.pack(fmt.COLO_VMSTATE_LOADED),
+            "VMSTATE_RECEIVED/LOADED",
+        )
+
+    def cut(self) -> None:
+        """Shut the socket down: QEMU, blocked writing to us, gets an error and unblocks
+        its monitors (a stalled receiver freezes every QMP monitor of that QEMU)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        for closer in (self.source.close, lambda: self.sock.shutdown(socket.SHUT_RDWR)):
-            with contextlib.suppress(OSError):
-                closer()
+        self.cut()
+        with contextlib.suppress(OSError):
+            self.source.close()
         self.sock.close()

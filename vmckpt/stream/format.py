@@ -38,6 +38,8 @@ SECTION_NAMES: Final = {
 }
 
 # Commands (enum MigrationCommand in savevm.c).
+MIG_CMD_OPEN_RETURN_PATH: Final = 1
+MIG_CMD_PING: Final = 2
 MIG_CMD_ENABLE_COLO: Final = 8
 MIG_CMD_SWITCHOVER_START: Final = 11
 COMMAND_NAMES: Final = {
@@ -55,6 +57,16 @@ COMMAND_NAMES: Final = {
 }
 # Commands that carry no state and need no return path: kept as opaque bytes.
 ACCEPTED_COMMANDS: Final = frozenset({MIG_CMD_SWITCHOVER_START})
+# Commands of a COLO session's stream (QEMU 11 sends OPEN_RETURN_PATH and PING, since
+# x-colo needs the return path; older QEMUs ENABLE_COLO): accepted, never stored.
+COLO_SESSION_COMMANDS: Final = frozenset(
+    {MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, MIG_CMD_ENABLE_COLO}
+)
+
+# Return-path messages (enum mig_rp_message_type in migration.c): be16 type, be16 length,
+# then the data.
+MIG_RP_MSG_SHUT: Final = 1  # data: be32 0 (no error); ends QEMU's return-path thread
+MIG_RP_MSG_PONG: Final = 2  # data: be32, the PING's value
 
 # The "ram" section: a sequence of be64 words, page offset | flags.
 RAM_IDSTR: Final = "ram"

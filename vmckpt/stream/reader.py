@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmckpt.errors import StreamError
-from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
+from vmckpt.ram import PAGE_SIZE, PageNumbers, RamBlock, RamImage
 from vmckpt.stream import format as fmt
 from vmckpt.stream.envelope import StreamEnvelope
 
@@ -40,7 +40,7 @@ class _Source(Protocol):
 
 
 class _Block:
-    """Where the pages of one RAM block go: its array, a writable view, its size."""
+    """Where the pages of one RAM block go: its array (the whole block), and its size."""
 
     __slots__ = ("array", "idstr", "limit", "view")
 
@@ -49,6 +49,60 @@ class _Block:
         self.array = array
         self.view = array.data
         self.limit = limit  # the block's used length: pages must start below it
+
+    def page(self, offset: int) -> memoryview:
+        """The 4 KiB to fill with the page at ``offset``."""
+        page: memoryview = self.view[offset : offset + PAGE_SIZE]
+        return page
+
+    def zero(self, offset: int) -> None:
+        self.view[offset : offset + PAGE_SIZE] = _ZERO_PAGE
+
+
+class SparseBlock:
+    """Where the pages of one RAM block go when only the pages sent are kept (a COLO
+    checkpoint): rows appended in arrival order, memory O(pages sent)."""
+
+    __slots__ = ("_count", "_rows", "idstr", "kinds", "limit", "offsets")
+
+    def __init__(self, idstr: str, limit: int) -> None:
+        self.idstr = idstr
+        self.limit = limit
+        self.offsets: list[int] = []
+        self.kinds: list[bool] = []  # True: data in the next row; False: a ZERO page
+        self._rows = np.empty((64, PAGE_SIZE), dtype=np.uint8)
+        self._count = 0
+
+    def page(self, offset: int) -> memoryview:
+        if self._count == self._rows.shape[0]:
+            grown = np.empty((self._rows.shape[0] * 2, PAGE_SIZE), dtype=np.uint8)
+            grown[: self._count] = self._rows[: self._count]
+            self._rows = grown
+        self.offsets.append(offset)
+        self.kinds.append(True)
+        row: memoryview = self._rows[self._count].data
+        self._count += 1
+        return row
+
+    def zero(self, offset: int) -> None:
+        self.offsets.append(offset)
+        self.kinds.append(False)
+
+    def result(self) -> tuple[PageNumbers, npt.NDArray[np.uint8], PageNumbers]:
+        """Pages with data (sorted), their rows, and pages that are zero; for a page sent
+        more than once, the last copy wins."""
+        if not self.offsets:
+            empty = np.zeros(0, dtype=np.uint32)
+            return empty, np.empty((0, PAGE_SIZE), dtype=np.uint8), empty
+        numbers = (np.asarray(self.offsets, dtype=np.uint64) // PAGE_SIZE).astype(np.uint32)
+        kinds = np.asarray(self.kinds, dtype=bool)
+        row_of = np.cumsum(kinds) - 1  # the row of each data record
+        # The last record of each page: unique over the reversed sequence.
+        _, first_reversed = np.unique(numbers[::-1], return_index=True)
+        last = numbers.size - 1 - first_reversed
+        pages, is_data = numbers[last], kinds[last]
+        rows = self._rows[row_of[last[is_data]]]
+        return pages[is_data], rows, pages[~is_data]
 
 
 def _error(message: str) -> StreamError:
@@ -68,10 +122,10 @@ class _Reader:
         self.on_blocks = on_blocks or RamImage.zeroed
         self.record: bytearray | None = None  # raw bytes kept for the envelope
         self.image: RamImage | None = None
-        self.blocks: dict[str, _Block] = {}
-        self.last_block: _Block | None = None
-        self.colo = False  # accept ENABLE_COLO; the initial stream ends at its vmdesc
-        self.touched: dict[str, list[int]] | None = None  # page offsets seen, per block
+        self.blocks: dict[str, _Block | SparseBlock] = {}
+        self.last_block: _Block | SparseBlock | None = None
+        self.colo = False  # a COLO session: return-path commands; ends at the vmdesc
+        self.pings: list[int] = []  # PING values seen (a COLO receiver may answer them)
 
     # -- primitive reads -------------------------------------------------------
 
@@ -277,11 +331,14 @@ class _Reader:
         at = self.pos - 1
         cmd = self.be16("command")
         length = self.be16("command length")
-        if cmd == fmt.MIG_CMD_ENABLE_COLO and self.colo and self.record is not None:
-            # Checkpointing is vmckpt's business: a restored guest must not
-            # wait for COLO messages, so the command stays out of the prelude.
-            self.read(length, "data of command ENABLE_COLO")
-            del self.record[-(5 + length) :]
+        if cmd in fmt.COLO_SESSION_COMMANDS and self.colo:
+            # Checkpointing and its return path are vmckpt's business: a restored
+            # guest must not wait for them, so these stay out of the prelude.
+            data = self.read(length, f"data of command {fmt.COMMAND_NAMES[cmd]}")
+            if cmd == fmt.MIG_CMD_PING and length == 4:
+                self.pings.append(int(fmt.BE32.unpack(data)[0]))
+            if self.record is not None:
+                del self.record[-(5 + length) :]
             return
         if cmd not in fmt.ACCEPTED_COMMANDS:
             name = fmt.COMMAND_NAMES.get(cmd, "unknown")
@@ -352,7 +409,6 @@ class _Reader:
         """Records of one ram section up to EOS, then its footer."""
         read = self.src.read
         unpack = _UNPACK64
-        touched = self.touched
         block = self.last_block
         pos = self.pos
         try:
@@ -388,15 +444,13 @@ class _Reader:
                             )
                         block = found
                     offset = word - flags
-                    if touched is not None:
-                        touched.setdefault(block.idstr, []).append(offset)
                     if offset >= block.limit:
                         raise _error(
                             f"page offset {offset:#x} beyond RAM block {block.idstr!r} "
                             f"({block.limit:#x} bytes) at byte offset {at}"
                         )
                     if record == _PAGE:
-                        self.fill(block.view[offset : offset + PAGE_SIZE], pos)
+                        self.fill(block.page(offset), pos)
                         pos += PAGE_SIZE
                     else:
                         fill = read(1)
@@ -413,7 +467,7 @@ class _Reader:
                                 "only 0 is supported"
                             )
                         pos += 1
-                        block.view[offset : offset + PAGE_SIZE] = _ZERO_PAGE
+                        block.zero(offset)
                 elif record == _EOS:
                     break
                 elif record == fmt.RAM_FLAG_MEM_SIZE:

@@ -1,0 +1,134 @@
+"""The command as a new user meets it: stores given relative or by environment, help,
+one output vocabulary, console logs of earlier lives, pause and resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.framework.guest import REPO, Vmckpt, guest_append, one_line_error
+from vmckpt.cli import build_parser
+from vmckpt.errors import exit_codes
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def test_every_option_has_help_and_the_help_lists_exit_codes_and_examples() -> None:
+    parser = build_parser()
+    missing = []
+    for name, sub in _subparsers(parser).items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not action.help:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == [], f"options without help text: {missing}"
+    text = parser.format_help()
+    for code, _meaning in exit_codes():
+        assert f"  {code:>3}  " in text
+    assert "examples:" in text and "VMCKPT_STORE" in text
+    run_help = _subparsers(parser)["run"].format_help()
+    assert "(default: 512M)" in run_help  # defaults are shown
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    full = {**os.environ, **(env or {})}
+    done = subprocess.run(
+        [sys.executable, "-m", "vmckpt", *args], cwd=cwd, env=full, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, f"vmckpt {args}: {done.stderr}"
+    return done.stdout
+
+
+def test_a_relative_store_works_from_any_directory(vmckpt: Vmckpt, tmp_path: Path) -> None:
+    home = vmckpt.store.parent
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    media = vmckpt.media
+    _run(["init", "st"], cwd=home)
+    vmckpt.store = home / "st"  # where kill_all looks
+    vmckpt.started.add("rel")
+    _run(
+        ["run", "rel", "--store", "st", "--kernel", str(media / "vmlinuz"),
+         "--initrd", str(media / "initrd.img"), "--append", guest_append(pages=4, buf_mb=16),
+         "--memory", "256M", "--accel", "tcg", "--detach"],
+        cwd=home,
+    )  # fmt: skip
+    record = json.loads((home / "st" / "guests" / "rel" / "guest.json").read_text())
+    assert Path(record["process"]["qmp_socket"]).is_absolute()
+    vmckpt.wait_states("rel", 2)
+    # From another directory, by the environment variable: everything still works.
+    env = {"VMCKPT_STORE": str(home / "st")}
+    listing = json.loads(_run(["list", "--json"], cwd=elsewhere, env=env))
+    assert [g["state"] for g in listing["guests"]] == ["running"]
+    row = json.loads(_run(["checkpoint", "rel", "--json"], cwd=elsewhere, env=env))
+    assert row["guest"] == "rel"
+    stopped = _run(["stop", "rel"], cwd=elsewhere, env=env)
+    assert "stopped" in stopped
+
+
+def test_one_vocabulary_across_checkpoint_watch_list_and_inspect(vmckpt: Vmckpt) -> None:
+    vmckpt.run_guest("voc")
+    vmckpt.wait_states("voc", 3)
+    store = str(vmckpt.store)
+    checkpoint = vmckpt.checkpoint("voc")
+    watch = json.loads(
+        vmckpt("watch", "voc", "--store", store, "--count", "1", "--json").stdout.splitlines()[0]
+    )
+    listing = vmckpt.listing()
+    layer_row = next(r for r in listing["layers"] if r["layer"] == checkpoint["layer"])
+    inspect = json.loads(
+        vmckpt("inspect", "--store", store, str(checkpoint["layer"]), "--json").stdout
+    )
+    shared = {
+        "layer", "parent", "guest", "created", "mechanism", "pause_ms", "pages_stored",
+        "pages_zeroed", "bytes",
+    }  # fmt: skip
+    for name, row in (("checkpoint", checkpoint), ("watch", watch), ("list", layer_row),
+                      ("inspect", inspect)):  # fmt: skip
+        assert shared <= set(row), f"{name} --json lacks {shared - set(row)}"
+    for key in shared - {"pause_ms"}:
+        assert checkpoint[key] == layer_row[key] == inspect[key], key
+    assert inspect["accel"] == "tcg"  # the accelerator used, not "auto"
+    human = vmckpt("list", "--store", store).stdout
+    assert "KiB" in human or "MiB" in human
+
+
+def test_console_logs_of_earlier_lives_are_kept_and_pause_resume(vmckpt: Vmckpt) -> None:
+    vmckpt.run_guest("lives")
+    vmckpt.wait_states("lives", 2)
+    store = str(vmckpt.store)
+    layer = vmckpt.checkpoint("lives")["layer"]
+    vmckpt("pause", "lives", "--store", store)
+    with vmckpt.monitor("lives") as mon:
+        assert mon.status() == "paused"
+    vmckpt("resume", "lives", "--store", store)
+    with vmckpt.monitor("lives") as mon:
+        assert mon.status() == "running"
+    for _ in range(2):
+        vmckpt("stop", "lives", "--store", store)
+        vmckpt.restore("--layer", str(layer), "--name", "lives")
+        vmckpt.wait_states("lives", 2)
+    runtime = vmckpt.store / "guests" / "lives"
+    assert (runtime / "serial.1.log").read_text().count("VMCKPT-GUEST up") == 1
+    assert (runtime / "serial.2.log").stat().st_size > 0
+    vmckpt("stop", "lives", "--store", store)
+    missing = vmckpt("resume", "nosuch", "--store", store, check=False)
+    one_line_error(missing, "nosuch")
+
+
+def test_help_runs_without_a_store() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vmckpt", "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    assert done.returncode == 0 and "exit codes:" in done.stdout
