@@ -1,0 +1,229 @@
+"""Restore time against chain length: compose layer 1, 100 and 1000 of one chain.
+
+The chain is built synthetically with the images API (no QEMU): a guest of
+``--memory`` RAM (one ``pc.ram`` block plus the small blocks a real pc guest
+has), whose base layer holds random data in ``--fill`` of its pages, then
+``--layers - 1`` deltas that each rewrite ``--dirty`` pages drawn from a hot
+region of ``--hot`` pages (a workload rewriting a buffer, as the test guest
+does: ~160 pages per layer were measured on a real guest, docs/DESIGN), a few
+of them cleared to zero. What is timed is what every restore does before it
+starts QEMU: :func:`vmckpt.restore.load_layer_image` (resolve, verify, compose
+the chain into the guest's RAM); starting QEMU and loading the stream do not
+depend on the chain. The store's files are in the page cache (just written),
+so the numbers are CPU time, not disk time. Each composed image is compared
+with the image the chain was built from (outside the timing).
+
+    python3 -m benchmarks.restore_chain --layers 1000 --at 1,100,1000
+    python3 -m vmckpt bench restore-chain ...        (the same)
+
+Benchmarks print numbers; nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vmckpt.images import LayerContent, Store
+from vmckpt.qemu import parse_memory
+from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
+from vmckpt.restore import load_layer_image
+
+SMALL_BLOCKS = (("vga.vram", 16 << 20), ("pc.bios", 256 << 10), ("pc.rom", 128 << 10))
+
+
+@dataclass
+class Row:
+    layer_number: int
+    layer: str
+    chain: int
+    nonzero_pages: int
+    median_s: float
+    min_s: float
+    runs: list[float]
+
+
+def image_digest(ram: RamImage) -> str:
+    digest = hashlib.sha256()
+    for block in ram.blocks:
+        digest.update(block.idstr.encode())
+        digest.update(ram.data[block.idstr].data)
+    return digest.hexdigest()
+
+
+def _content(
+    image: RamImage, parent: str | None, pages: dict[str, Any], zeroed: dict[str, Any]
+) -> LayerContent:
+    return LayerContent(
+        parent=parent,
+        guest="bench",
+        spec={"memory_mib": sum(b.length for b in image.blocks) >> 20},
+        qemu_version="10.0.2",
+        machine_type="pc-i440fx-10.0",
+        mechanism="precopy-diff",
+        ram_section=(2, 0, 4),
+        stats={"synthetic": True},
+        ram=image,
+        pages=pages,
+        zeroed=zeroed,
+        prelude=b"QEVM\x00\x00\x00\x03" + b"p" * 64,
+        epilogue=b"d" * (300 << 10),  # device state is ~0.3 MB on a real guest
+    )
+
+
+def build_chain(
+    store: Store, memory: int, layers: int, fill: float, dirty: int, hot: int, seed: int,
+    keep: set[int],
+) -> tuple[list[str], dict[int, str], dict[int, int]]:  # fmt: skip
+    """Write the chain; returns its ids and, for the layer numbers in ``keep``, the digest
+    and the number of non-zero pages of the image each was written from."""
+    rng = np.random.default_rng(seed)
+    blocks = [RamBlock("pc.ram", memory), *(RamBlock(n, size) for n, size in SMALL_BLOCKS)]
+    image = RamImage.zeroed(blocks)
+    pages = image.pages_of("pc.ram")
+    chosen = np.flatnonzero(rng.random(pages.shape[0]) < fill).astype(np.uint32)
+    pages[chosen] = np.frombuffer(rng.bytes(chosen.size * PAGE_SIZE), np.uint8).reshape(
+        -1, PAGE_SIZE
+    )
+    image.pages_of("pc.bios")[:] = 0x5A
+    stored = {b.idstr: image.nonzero_pages(b.idstr) for b in blocks}
+    ids: list[str] = []
+    digests: dict[int, str] = {}
+    nonzero: dict[int, int] = {}
+    hot = min(hot, pages.shape[0])
+    hot_start = pages.shape[0] // 4
+    parent = None
+    for number in range(1, layers + 1):
+        if number > 1:
+            rows = hot_start + rng.choice(hot, size=min(dirty, hot), replace=False)
+            rows.sort()
+            clear = rows[: max(1, rows.size // 50)]
+            write = rows[clear.size :]
+            pages[write] = np.frombuffer(rng.bytes(write.size * PAGE_SIZE), np.uint8).reshape(
+                -1, PAGE_SIZE
+            )
+            pages[write, 0] |= 1  # never all zero
+            was_nonzero = image.words_of("pc.ram")[clear].any(axis=1)
+            pages[clear] = 0
+            stored = {"pc.ram": write.astype(np.uint32)}
+            zeroed = {"pc.ram": clear[was_nonzero].astype(np.uint32)}
+        else:
+            zeroed = {}
+        manifest = store.write_layer(_content(image, parent, stored, zeroed))
+        parent = manifest.id
+        ids.append(manifest.id)
+        if number in keep:
+            digests[number] = image_digest(image)
+            nonzero[number] = sum(image.nonzero_pages(b.idstr).size for b in blocks)
+        if number % 100 == 0:
+            print(f"  {number} layers written", file=sys.stderr, flush=True)
+    return ids, digests, nonzero
+
+
+def measure(store: Store, layer: str, repeat: int) -> tuple[list[float], str]:
+    runs = []
+    digest = ""
+    for _ in range(repeat):
+        started = time.perf_counter()
+        loaded = load_layer_image(store, layer)
+        runs.append(time.perf_counter() - started)
+        digest = image_digest(loaded.ram)
+        del loaded
+    return runs, digest
+
+
+def format_table(rows: Sequence[Row], title: str) -> str:
+    base = rows[0].median_s if rows else 0.0
+    lines = [
+        title,
+        "",
+        "| layer | chain length | non-zero pages | load_layer_image median | min | vs first |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = row.median_s / base if base else float("nan")
+        lines.append(
+            f"| {row.layer_number} | {row.chain} | {row.nonzero_pages} | "
+            f"{row.median_s:.3f} s | {row.min_s:.3f} s | {ratio:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="restore_chain",
+        description="compose time of layers 1, 100, 1000 of one synthetic chain",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--memory", default="256M", help="guest RAM (the pc.ram block)")
+    p.add_argument("--layers", type=int, default=1000, help="length of the chain")
+    p.add_argument("--at", default="1,100,1000", help="layer numbers to restore (1 = base)")
+    p.add_argument("--fill", type=float, default=0.4, help="share of non-zero base pages")
+    p.add_argument("--dirty", type=int, default=160, help="pages each delta rewrites")
+    p.add_argument("--hot", type=int, default=16384, help="pages the deltas are drawn from")
+    p.add_argument("--repeat", type=int, default=5, help="compositions per layer")
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--dir", type=Path, help="where to build the store (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the store afterwards")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    at = sorted({int(x) for x in args.at.split(",") if x.strip()})
+    if not at or at[0] < 1 or at[-1] > args.layers:
+        print(f"--at must name layers between 1 and {args.layers}", file=sys.stderr)
+        return 2
+    memory = parse_memory(args.memory) << 20
+    scratch = Path(tempfile.mkdtemp(prefix="vmckpt-chain-", dir=args.dir))
+    try:
+        store = Store.create(scratch / "store")
+        started = time.monotonic()
+        ids, digests, nonzero = build_chain(
+            store, memory, args.layers, args.fill, args.dirty, args.hot, args.seed, set(at)
+        )
+        built_s = time.monotonic() - started
+        size = sum(p.stat().st_size for p in (scratch / "store").rglob("*") if p.is_file())
+        rows = []
+        for number in at:
+            runs, digest = measure(store, ids[number - 1], args.repeat)
+            if digest != digests[number]:
+                raise SystemExit(f"layer {number} composed to a different image")
+            rows.append(
+                Row(number, ids[number - 1], number, nonzero[number],
+                    statistics.median(runs), min(runs), [round(r, 4) for r in runs])
+            )  # fmt: skip
+        title = (
+            f"restore from layer N of one chain: {args.memory} guest (synthetic: random data in "
+            f"{args.fill:.0%} of its pages, deltas of {args.dirty} pages from a hot region of "
+            f"{args.hot}), {args.layers} layers ({size / 2**20:.0f} MiB, written in "
+            f"{built_s:.0f} s), {args.repeat} runs each, warm page cache"
+        )
+        print(format_table(rows, title))
+        if args.json:
+            args.json.write_text(
+                json.dumps({"title": title, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
+            )
+        if args.keep:
+            print(f"store kept at {scratch / 'store'}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
