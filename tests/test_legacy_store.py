@@ -1,6 +1,7 @@
 """A store written by the format 1.1 code (tests/fixtures/store-1.1, made by
 tests/fixtures/make_store_1_1.py) is read, verified and composed to the very
-contents that code composed (tests/fixtures/store-1.1.json)."""
+contents that code composed (tests/fixtures/store-1.1.json), and pruned,
+squashed and deleted from without any layer composing differently."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from vmckpt.images import Store
+from vmckpt.images import Store, maintenance
+from vmckpt.images.retention import KeepRules
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -65,3 +67,46 @@ def test_legacy_store_is_read_verified_and_composed(
     # The comparison can fail: two different layers compose differently.
     first, second = sorted(layers)[:2]
     assert composed(legacy, first, tmp_path)["ram"] != without_name(layers[second])["ram"]
+
+
+def names(expected: dict[str, Any]) -> dict[str, str]:
+    return {entry["name"]: layer_id for layer_id, entry in expected["layers"].items()}
+
+
+def assert_compose_as_recorded(store: Store, expected: dict[str, Any], tmp: Path) -> None:
+    assert store.verify() == store.layer_ids()
+    for layer_id in store.layer_ids():
+        entry = expected["layers"][layer_id]
+        assert composed(store, layer_id, tmp) == without_name(entry), entry["name"]
+
+
+def test_legacy_store_is_pruned_correctly(
+    legacy: Store, expected: dict[str, Any], tmp_path: Path
+) -> None:
+    ids = names(expected)
+    # Each guest keeps its two newest layers (and its head): A, B and G go. B has two
+    # children (C, and E of guest fork): both absorb it and A; H absorbs G's disk too.
+    result = maintenance.prune(legacy, KeepRules(last=2))
+    assert set(result.removed) == {ids["A"], ids["B"], ids["G"]}
+    assert set(result.rewritten) == {ids["C"], ids["E"], ids["H"]}
+    assert_compose_as_recorded(legacy, expected, tmp_path)
+    for name in "CEH":
+        manifest = legacy.manifest(ids[name])
+        assert manifest.format_version == (1, 2) and manifest.parent is None
+    assert legacy.manifest(ids["H"]).disks[0].full
+    # Layers nobody rewrote stay as written (1.0, 1.1).
+    assert legacy.manifest(ids["D"]).format_version == (1, 0)
+    assert legacy.manifest(ids["I"]).format_version == (1, 1)
+
+
+def test_legacy_store_squash_and_delete(
+    legacy: Store, expected: dict[str, Any], tmp_path: Path
+) -> None:
+    ids = names(expected)
+    maintenance.squash(legacy, None, ids["I"])  # I absorbs H and G, disk deltas merged
+    assert legacy.manifest(ids["I"]).parent is None
+    legacy.set_head("tiny", ids["C"])
+    maintenance.delete(legacy, ids["D"])  # a leaf once it is no head
+    maintenance.squash(legacy, ids["A"], ids["C"])  # A, B into C; E absorbs them too
+    assert sorted(legacy.layer_ids()) == sorted([ids[n] for n in "CEGHI"])
+    assert_compose_as_recorded(legacy, expected, tmp_path)

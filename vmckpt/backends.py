@@ -356,6 +356,26 @@ def local_guest_names(store: Store) -> list[str]:
     return store.names_with(RECORD)
 
 
+def gone_guests(store: Store, idle_s: float) -> list[str]:
+    """The guests of this host's name space that are gone: no QEMU of theirs runs, no
+    checkpoint of theirs is under way, they are not running on another host, and nothing in
+    their runtime directory changed for ``idle_s``. (``gc`` removes their files, and with them
+    their head: their layers are no longer kept for them.)"""
+    from vmckpt.remote import remote_names
+
+    away = set(remote_names(store))
+    gone = []
+    for name in store.runtime_names():
+        if name in away or store.guest_locked(name) or store.runtime_idle_s(name) < idle_s:
+            continue
+        with contextlib.suppress(MachineError, StoreError):
+            process = LocalGuest(store, name).record.process
+            if process is not None and process.alive():
+                continue
+        gone.append(name)
+    return gone
+
+
 def open_guest(
     store: Store, name: str | None = None, *, libvirt: str | None = None, uri: str | None = None
 ) -> Guest:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from vmckpt import __version__, log
-from vmckpt.cli import commands
+from vmckpt.cli import commands, maintenance
 from vmckpt.errors import VmckptError, exit_codes
 
 EXAMPLES = """\
@@ -269,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _json(p)
     _ssh(p)
+
+    maintenance.add_parsers(sub, command)  # prune, squash, delete, gc
 
     p = command("bench", commands.cmd_bench, "the checkpoint benchmark (from a source checkout)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="its options (see --help there)")

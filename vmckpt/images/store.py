@@ -32,6 +32,7 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -82,6 +83,7 @@ STORE_LOCK = "store.lock"
 CHAIN_LOCK = "chain.lock"
 MAINTENANCE_LOCK = "maintenance.lock"
 GUEST_LOCK = "checkpoint.lock"
+SCRATCH_DIR = "disk-scratch"  # a guest's checkpoint scratch files (vmckpt/disk_capture.py)
 HEAD_FILE = "head.json"
 # Name spaces of guest runtime directories: guests vmckpt runs (or runs elsewhere), and
 # libvirt domains (whose names may repeat those of vmckpt's guests).
@@ -611,6 +613,22 @@ class Store:
             raise StoreError(f"cannot create {directory}: {exc}", vm=name, step="open") from exc
         return directory
 
+    def scratch_dir(self, name: str, kind: str = "guest") -> Path:
+        """Where a checkpoint of guest ``name`` keeps its scratch files (``gc`` removes what an
+        interrupted checkpoint left there)."""
+        return self.runtime_dir(name, kind) / SCRATCH_DIR
+
+    def runtime_idle_s(self, name: str, kind: str = "guest") -> float:
+        """Seconds since anything in guest ``name``'s runtime directory last changed."""
+        directory = self._runtime_path(name, kind)
+        newest = 0.0
+        with contextlib.suppress(OSError):
+            newest = os.lstat(directory).st_mtime
+            for entry in os.scandir(directory):
+                with contextlib.suppress(OSError):
+                    newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+        return max(0.0, time.time() - newest)
+
     def has_runtime(self, name: str, kind: str = "guest") -> bool:
         return _is_real_dir(self._runtime_path(name, kind))
 
@@ -644,6 +662,17 @@ class Store:
     def remove_record(self, name: str, record: str, kind: str = "guest") -> None:
         if RECORD_NAME_RE.match(record) and self.has_runtime(name, kind):
             (self._runtime_path(name, kind) / record).unlink(missing_ok=True)
+
+    def runtime_names(self, kind: str = "guest") -> list[str]:
+        """Names of the guests of ``kind`` that have a runtime directory."""
+        root = self.path / KINDS[kind]
+        if not _is_real_dir(root):
+            return []
+        return sorted(
+            entry.name
+            for entry in os.scandir(root)
+            if RUNTIME_NAME_RE.match(entry.name) and entry.is_dir(follow_symlinks=False)
+        )
 
     def names_with(self, record: str, kind: str = "guest") -> list[str]:
         """Names of the guests of ``kind`` that have a ``record`` file."""
@@ -1374,6 +1403,15 @@ class Store:
         """The SHA-256 of a layer's manifest.json file as stored (its identity across stores)."""
         self.manifest(layer_id)
         return sha256_file(self._layer_dir(layer_id) / MANIFEST)
+
+    def bytes_on_disk(self) -> int:
+        """The size of every file in the store (layers, runtime files, media)."""
+        total = 0
+        for root, _dirs, files in os.walk(self.path):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(root, name)).st_size
+        return total
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.path).free
