@@ -22,10 +22,12 @@ import pytest
 
 from tests.test_images import content, mutate, random_image
 from vmckpt import faults
+from vmckpt.cli import build_parser
+from vmckpt.cli.maintenance import keep_rules
 from vmckpt.errors import StoreError, UsageError
 from vmckpt.images import LayerManifest, Store, maintenance
 from vmckpt.images import locks as locks_module
-from vmckpt.images.retention import KeepRules, select
+from vmckpt.images.retention import KeepRules, keep_arguments, select
 from vmckpt.ram import RamImage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -414,3 +416,46 @@ def test_gc_removes_leftovers_and_leaves_live_work(
     # Its writer gone, the directory is garbage too.
     assert [g.path for g in maintenance.gc(store, ())] == [f"layers/{live.name}"]
     assert store.verify() == store.layer_ids()
+
+
+# --- the commands ---------------------------------------------------------------------
+
+
+def test_keep_rules_round_trip_through_the_command_line() -> None:
+    rules = KeepRules(last=3, within_s=7200, daily=7, monthly=2)
+    args = build_parser().parse_args(["prune", *keep_arguments(rules)])
+    assert keep_rules(args) == rules
+    args = build_parser().parse_args(["watch", "x", *keep_arguments(rules), "--prune-every", "0"])
+    assert keep_rules(args) == rules and args.prune_every == "0"
+
+
+def cli(store: Store, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmckpt", *args, "--store", str(store.path)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+
+
+def test_the_commands_say_what_they_do(forked: tuple[Store, dict[str, str]]) -> None:
+    store, ids = forked
+    listing = json.loads(cli(store, "list", "--json").stdout)
+    only = {row["layer"]: row["exclusive_bytes"] for row in listing["layers"]}
+    assert only == maintenance.exclusive_bytes(store)
+    assert listing["store_bytes"] >= layer_bytes(store)
+    dry = cli(store, "prune", "--keep-last", "1", "--dry-run", "--list")
+    assert dry.returncode == 0, dry.stderr
+    assert f"keep     {ids['E']}  last 1, head of guest tiny" in dry.stdout
+    assert f"would remove {ids['A']}" in dry.stdout and "[dry run: nothing changed]" in dry.stdout
+    assert len(store.layer_ids()) == 7
+    refused = cli(store, "delete", ids["E"][:6])
+    assert refused.returncode == 3 and len(refused.stderr.strip().splitlines()) == 1
+    assert "head of guest tiny" in refused.stderr
+    bad = cli(store, "squash", f"{ids['B']}..")
+    assert bad.returncode == 2 and "FROM..TO with both ends" in bad.stderr
+    squashed = cli(store, "squash", f"{ids['B'][:4]}..{ids['D'][:4]}")
+    assert squashed.returncode == 0, squashed.stderr
+    assert "squash: 2 layer(s) removed, 2 rewritten" in squashed.stdout
+    no_rules = cli(store, "prune")
+    assert no_rules.returncode == 2 and "at least one --keep" in no_rules.stderr
+    swept = cli(store, "gc", "--json")
+    assert swept.returncode == 0 and json.loads(swept.stdout)["removed"] == []

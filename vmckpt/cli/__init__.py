@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _json(p)
     _ssh(p)
 
-    maintenance.add_parsers(sub, command)  # prune, squash, delete, gc
+    maintenance.add_parsers(sub, command)  # prune, squash, delete, gc; watch --keep-*
 
     p = command("bench", commands.cmd_bench, "the checkpoint benchmark (from a source checkout)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="its options (see --help there)")

@@ -177,8 +177,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_duration(text: str) -> float:
-    """'1s', '500ms', '2m', '12h', '7d', '2w', '0.5' (seconds) -> seconds; finite, positive."""
+def parse_duration(text: str, *, zero: bool = False) -> float:
+    """'1s', '500ms', '2m', '12h', '7d', '2w', '0.5' (seconds) -> seconds; finite, positive
+    (or zero, if ``zero``)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d|w)?\s*", text)
     if not match:
         raise UsageError(f"cannot read duration {text!r} (use e.g. 1s, 500ms, 2m, 7d)")
@@ -186,19 +187,24 @@ def parse_duration(text: str) -> float:
         match.group(2) or "s"
     ]
     seconds = float(match.group(1)) * factor
-    if seconds <= 0:
+    if seconds < 0 or (seconds == 0 and not zero):
         raise UsageError(f"duration {text!r} must be positive")
     return seconds
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    from vmckpt.cli.maintenance import keep_rules
+
     store = open_store(args)
     guest = _guest(args, store)
+    keep = keep_rules(args)
     settings = WatchSettings(
         interval_s=parse_duration(args.interval),
         count=args.count,
         pause_budget_ms=args.pause_budget,
         use_colo=args.colo,
+        keep=keep if keep.any() else None,
+        prune_every_s=parse_duration(args.prune_every, zero=True),
     )
 
     def report(row: dict[str, Any]) -> None:

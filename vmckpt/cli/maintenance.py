@@ -45,7 +45,7 @@ def keep_rules(args: argparse.Namespace) -> KeepRules:
 
 
 def add_parsers(sub: Any, command: Command) -> None:
-    """Add the maintenance commands."""
+    """Add the maintenance commands, and retention options to ``watch``."""
 
     def store_and_json(p: argparse.ArgumentParser) -> None:
         p.add_argument("--store", metavar="DIR", help=f"the store (default: ${STORE_ENV})")
@@ -99,6 +99,14 @@ def add_parsers(sub: Any, command: Command) -> None:
         "long is gone (its records, head, logs and restored disks are removed)",
     )  # fmt: skip
     p.add_argument("-n", "--dry-run", action="store_true", help="say what would go")
+
+    watch = sub.choices["watch"]
+    add_keep_options(watch)
+    watch.add_argument(
+        "--prune-every", default="1m", metavar="DURATION",
+        help="with --keep-*: prune the guest's layers at most this often, between checkpoints "
+        "(0: after every checkpoint)",
+    )  # fmt: skip
 
 
 def _summary(result: Result) -> str:

@@ -74,6 +74,17 @@ class KeepRules:
         return ", ".join(parts) or "nothing"
 
 
+def keep_arguments(rules: KeepRules) -> list[str]:
+    """The command-line options that give ``rules`` (to run a prune or watch elsewhere)."""
+    args = ["--keep-last", str(rules.last)] if rules.last else []
+    if rules.within_s:
+        args += ["--keep-within", f"{rules.within_s}s"]
+    for period in PERIODS:
+        if getattr(rules, period):
+            args += [f"--keep-{period}", str(getattr(rules, period))]
+    return args
+
+
 def format_duration(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
