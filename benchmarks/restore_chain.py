@@ -19,6 +19,15 @@ was built from (outside the timing).
     python3 -m benchmarks.restore_chain --layers 1000 --at 1,100,1000
     python3 -m vmckpt bench restore-chain ...        (the same)
 
+Then it prunes the chain to its ``--prune-keep`` newest layers and times that.
+With ``--real`` it measures whole restores instead: the test guest is booted
+and checkpointed once (a real base layer), ``--layers - 1`` deltas rewrite
+pages of it with the data they already hold (so every layer is the same guest
+state and restoring layer N costs against restoring layer 1 exactly what the
+chain's length adds), and each of the layers is restored into a new QEMU by
+:func:`vmckpt.restore.restore_guest` (the guest is checked to run on, then
+stopped).
+
 Benchmarks print numbers; nothing here asserts a timing.
 """
 
@@ -39,12 +48,19 @@ from typing import Any
 
 import numpy as np
 
+from vmckpt.backends import LocalGuest
+from vmckpt.checkpoint import take_checkpoint
 from vmckpt.images import LayerContent, Store
+from vmckpt.images.maintenance import prune
+from vmckpt.images.retention import KeepRules
 from vmckpt.qemu import parse_memory
 from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
-from vmckpt.restore import load_layer_image
+from vmckpt.restore import load_layer_image, restore_guest
+from vmckpt.spec import BootMedium, GuestSpec
 
 SMALL_BLOCKS = (("vga.vram", 16 << 20), ("pc.bios", 256 << 10), ("pc.rom", 128 << 10))
+REPO_GUEST = Path(__file__).resolve().parent.parent / "guest" / "build"
+GUEST = "chain"
 
 
 @dataclass
@@ -142,8 +158,9 @@ def build_chain(
 
 
 def measure(store: Store, layer: str, repeat: int) -> tuple[list[float], str]:
+    """Compose ``layer`` once untimed (caches, allocator), then ``repeat`` times timed."""
     runs = []
-    digest = ""
+    digest = image_digest(load_layer_image(store, layer).ram)
     for _ in range(repeat):
         started = time.perf_counter()
         loaded = load_layer_image(store, layer)
@@ -173,6 +190,128 @@ def format_table(rows: Sequence[Row], title: str) -> str:
     return "\n".join(lines)
 
 
+def measure_prune(store: Store, ids: list[str], keep: int, digest: str) -> dict[str, Any]:
+    """Prune the chain to its ``keep`` newest layers (the oldest kept one absorbs the rest
+    and becomes a base layer), then compose the newest layer again."""
+    started = time.perf_counter()
+    result = prune(store, KeepRules(last=keep))
+    prune_s = time.perf_counter() - started
+    runs, after = measure(store, ids[-1], 3)
+    if after != digest:
+        raise SystemExit("the newest layer composed to a different image after the prune")
+    return {
+        "keep": keep,
+        "removed": len(result.removed),
+        "rewritten": len(result.rewritten),
+        "bytes_freed": result.bytes_freed,
+        "prune_s": round(prune_s, 3),
+        "compose_newest_after_s": round(statistics.median(runs), 4),
+    }
+
+
+# -- a real guest -------------------------------------------------------------------------
+
+
+@dataclass
+class RealRow:
+    layer_number: int
+    layer: str
+    compose_s: float  # medians of restore_guest's phases
+    load_s: float
+    total_s: float
+    runs: list[dict[str, float]]
+
+
+def _wait_states(store: Store, count: int, timeout: float) -> str:
+    serial = store.runtime_dir(GUEST) / "serial.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = serial.read_text(errors="replace") if serial.exists() else ""
+        if text.count("STATE seq=") >= count:
+            return text
+        time.sleep(0.2)
+    raise SystemExit(f"the guest printed fewer than {count} STATE lines in {timeout:.0f} s")
+
+
+def real_chain(args: argparse.Namespace, at: list[int], scratch: Path) -> tuple[str, list[RealRow]]:
+    """A real base layer of the test guest, then deltas that rewrite pages with the data they
+    hold: every layer of the chain is the same guest state, so restoring layer N against
+    layer 1 shows exactly what the chain's length costs."""
+    store = Store.create(scratch / "real")
+    spec = GuestSpec(
+        memory_mib=parse_memory(args.memory),
+        accel="tcg",
+        media=(BootMedium.of("kernel", args.kernel), BootMedium.of("initrd", args.initrd)),
+        append="console=ttyS0 quiet panic=-1 vmckpt.buf_mb=64 vmckpt.pages=4",
+    )
+    guest = LocalGuest.start(store, GUEST, spec)
+    try:
+        _wait_states(store, 5, 240)
+        taken = take_checkpoint(guest)
+    finally:
+        guest.stop()
+    assert taken.image is not None
+    image, base = taken.image, taken.layer
+    _, prelude, device = store.compose(base.id)
+    rng = np.random.default_rng(args.seed)
+    nonzero = image.nonzero_pages("pc.ram")
+    hot = nonzero[nonzero.size // 4 :][: args.hot]
+    ids = [base.id]
+    started = time.monotonic()
+    for _ in range(2, args.layers + 1):
+        pages = np.sort(rng.choice(hot, size=min(args.dirty, hot.size), replace=False))
+        content = LayerContent(
+            parent=ids[-1], guest=GUEST, spec=base.spec, qemu_version=base.qemu_version,
+            machine_type=base.machine_type, mechanism=base.mechanism,
+            ram_section=base.ram_section, stats={"synthetic": "the base's own data"},
+            ram=image, pages={"pc.ram": pages}, zeroed={}, prelude=prelude, epilogue=device,
+        )  # fmt: skip
+        ids.append(store.write_layer(content).id)
+    built_s = time.monotonic() - started
+    rows = []
+    for number in at:
+        runs = []
+        for _ in range(args.repeat):
+            restored = restore_guest(store, ids[number - 1], GUEST)
+            try:
+                before = _wait_states(store, 0, 1).count("STATE seq=")
+                text = _wait_states(store, before + 3, 60)
+                if "BAD" in text:
+                    raise SystemExit(f"the guest restored from layer {number} reports BAD")
+            finally:
+                LocalGuest(store, GUEST).stop()
+            runs.append(
+                {"compose_s": restored.compose_s, "load_s": restored.load_s,
+                 "total_s": restored.total_s}
+            )  # fmt: skip
+        compose_s, load_s, total_s = (
+            statistics.median(r[k] for r in runs) for k in ("compose_s", "load_s", "total_s")
+        )
+        rows.append(RealRow(number, ids[number - 1], compose_s, load_s, total_s, runs))
+    title = (
+        f"vmckpt restore of layer N, real guest: the test guest ({args.memory}, TCG), one real "
+        f"checkpoint as the base, {args.layers - 1} deltas of {args.dirty} of its pages with "
+        f"the data they hold (every layer is the same state; chain written in {built_s:.0f} "
+        f"s), {args.repeat} restores each; total includes the 1 s restore watches the guest"
+    )
+    return title, rows
+
+
+def format_real(rows: Sequence[RealRow], title: str) -> str:
+    first = rows[0].total_s if rows else 0.0
+    lines = [
+        title, "",
+        "| layer | compose (resolve, verify, compose) | load into QEMU | total | vs layer 1 |",
+        "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for row in rows:
+        lines.append(
+            f"| {row.layer_number} | {row.compose_s:.3f} s | {row.load_s:.3f} s | "
+            f"{row.total_s:.3f} s | {row.total_s / first:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="restore_chain",
@@ -190,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, help="where to build the store (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the store afterwards")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON")
+    p.add_argument(
+        "--prune-keep", type=int, default=100, metavar="N",
+        help="then prune the chain to its N newest layers, and time it (0: no prune)",
+    )  # fmt: skip
+    p.add_argument(
+        "--real", action="store_true",
+        help="instead: a real base layer of the test guest and full restores into QEMU",
+    )  # fmt: skip
+    p.add_argument("--kernel", type=Path, default=REPO_GUEST / "vmlinuz")
+    p.add_argument("--initrd", type=Path, default=REPO_GUEST / "initrd.img")
     return p
 
 
@@ -202,12 +351,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     memory = parse_memory(args.memory) << 20
     scratch = Path(tempfile.mkdtemp(prefix="vmckpt-chain-", dir=args.dir))
     try:
+        if args.real:
+            title, real = real_chain(args, at, scratch)
+            print(format_real(real, title))
+            if args.json:
+                out = {"title": title, "rows": [asdict(r) for r in real]}
+                args.json.write_text(json.dumps(out, indent=2) + "\n")
+            return 0
         store = Store.create(scratch / "store")
         flat = Store.create(scratch / "one-layer")
         started = time.monotonic()
         ids, digests, nonzero, single = build_chain(
             store, flat, memory, args.layers, args.fill, args.dirty, args.hot, args.seed,
-            set(at),
+            {*at, args.layers},
         )  # fmt: skip
         built_s = time.monotonic() - started
         size = sum(p.stat().st_size for p in store.path.rglob("*") if p.is_file())
@@ -229,12 +385,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{built_s:.0f} s), {args.repeat} runs each, warm page cache"
         )
         print(format_table(rows, title))
-        if args.json:
-            args.json.write_text(
-                json.dumps({"title": title, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
+        pruned = None
+        if 0 < args.prune_keep < args.layers:
+            pruned = measure_prune(store, ids, args.prune_keep, digests[args.layers])
+            print(
+                f"\nprune --keep-last {pruned['keep']}: {pruned['removed']} layers removed, "
+                f"{pruned['rewritten']} rewritten (the oldest kept one absorbs the rest), "
+                f"{pruned['bytes_freed'] / 2**20:.0f} MiB freed in {pruned['prune_s']:.2f} s; "
+                f"layer {args.layers} then composes in {pruned['compose_newest_after_s']:.3f} s"
             )
+        if args.json:
+            data: dict[str, Any] = {
+                "title": title, "rows": [asdict(r) for r in rows], "prune": pruned,
+            }  # fmt: skip
+            args.json.write_text(json.dumps(data, indent=2) + "\n")
         if args.keep:
-            print(f"store kept at {scratch / 'store'}")
+            print(f"store kept at {scratch}")
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -479,6 +479,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
+        if args.bench_args[:1] == ["restore-chain"]:
+            from benchmarks.restore_chain import main as chain_main
+
+            return chain_main(args.bench_args[1:])
         from benchmarks.checkpoint import main as bench_main
     except ImportError as exc:
         raise UsageError(
