@@ -459,3 +459,13 @@ def test_the_commands_say_what_they_do(forked: tuple[Store, dict[str, str]]) -> 
     assert no_rules.returncode == 2 and "at least one --keep" in no_rules.stderr
     swept = cli(store, "gc", "--json")
     assert swept.returncode == 0 and json.loads(swept.stdout)["removed"] == []
+
+
+def test_a_store_with_a_damaged_layer_is_not_pruned(forked: tuple[Store, dict[str, str]]) -> None:
+    store, ids = forked
+    path = store.path / "layers" / ids["C"] / "manifest.json"
+    path.write_bytes(path.read_bytes().replace(b'"guest"', b'"gueSt"'))
+    files = sorted(p.name for p in (store.path / "layers").iterdir())
+    with pytest.raises(StoreError, match=rf"damaged layer \(layer {ids['C']}.*run vmckpt verify"):
+        maintenance.prune(store, KeepRules(last=1))
+    assert sorted(p.name for p in (store.path / "layers").iterdir()) == files

@@ -152,21 +152,25 @@ class _Snapshot:
 
     @classmethod
     def take(cls, store: Store, step: str) -> _Snapshot:
-        with store.lock(f"{step}: read the layers"):
+        """The layers and heads at one instant of the store lock; the layers' manifests are
+        read after it (only a maintenance, and this one holds the maintenance lock, changes
+        a layer once it exists; one published meanwhile is checked for at the switch)."""
+        with store.lock(f"{step}: list the layers"):
             names = store._layer_names()
             heads = store.heads()
-            manifests: dict[str, LayerManifest] = {}
-            digests: dict[str, str] = {}
-            for layer_id in names:
-                try:
-                    manifests[layer_id] = store._manifest(layer_id, step)
-                    digests[layer_id] = sha256_file(store._layer_dir(layer_id) / MANIFEST)
-                except VmckptError as exc:
-                    raise StoreError(
-                        f"the store has a damaged layer ({exc.one_line()}); {step} changes only "
-                        "stores whose layers all read (run vmckpt verify)",
-                        step=step,
-                    ) from exc
+        manifests: dict[str, LayerManifest] = {}
+        digests: dict[str, str] = {}
+        for layer_id in names:
+            try:
+                manifests[layer_id] = store._manifest(layer_id, step)
+                digests[layer_id] = sha256_file(store._layer_dir(layer_id) / MANIFEST)
+            except (VmckptError, OSError) as exc:
+                why = exc.one_line() if isinstance(exc, VmckptError) else str(exc)
+                raise StoreError(
+                    f"the store has a damaged layer ({why}); {step} changes only stores whose "
+                    "layers all read (run vmckpt verify)",
+                    step=step,
+                ) from exc
         for manifest in manifests.values():
             if manifest.parent is not None and manifest.parent not in manifests:
                 raise StoreError(
