@@ -149,6 +149,24 @@ class _Snapshot:
     manifests: dict[str, LayerManifest]
     heads: dict[str, list[str]]
     manifest_sha256: dict[str, str]
+    children: dict[str, list[str]] = field(default_factory=dict)
+    depth: dict[str, int] = field(default_factory=dict)  # layers from the base, base = 1
+
+    def __post_init__(self) -> None:
+        for layer_id, manifest in sorted(self.manifests.items()):
+            if manifest.parent is not None:
+                self.children.setdefault(manifest.parent, []).append(layer_id)
+        for layer_id in self.manifests:
+            path: list[str] = []
+            current: str | None = layer_id
+            while current is not None and current not in self.depth:
+                if current in path:
+                    raise CorruptLayerError("parent chain loops", layer=current, step="plan")
+                path.append(current)
+                current = self.manifests[current].parent
+            known = 0 if current is None else self.depth[current]
+            for number, each in enumerate(reversed(path), 1):
+                self.depth[each] = known + number
 
     @classmethod
     def take(cls, store: Store, step: str) -> _Snapshot:
@@ -185,8 +203,6 @@ class _Snapshot:
         ids: list[str] = []
         current: str | None = layer_id
         while current is not None:
-            if current in ids:
-                raise CorruptLayerError("parent chain loops", layer=layer_id, step="plan")
             ids.append(current)
             current = self.manifests[current].parent
         return ids
@@ -423,9 +439,12 @@ def plan_changes(
     manifests = snapshot.manifests
     remove = set(remove)
     rewrites: list[Rewrite] = []
-    for layer_id, manifest in sorted(manifests.items()):
-        if layer_id in remove:
-            continue
+    # Only a kept child of a removed layer, or a new base, changes.
+    targets = set(new_bases) - remove
+    for layer_id in remove:
+        targets.update(c for c in snapshot.children.get(layer_id, ()) if c not in remove)
+    for layer_id in sorted(targets):
+        manifest = manifests[layer_id]
         run: list[str] = []
         parent = manifest.parent
         if layer_id in new_bases:
@@ -447,7 +466,7 @@ def plan_changes(
                 bytes_after=_size_after(segment, parent is None, indexes),
             )
         )
-    depth = {layer_id: len(snapshot.chain_ids(layer_id)) for layer_id in remove}
+    depth = snapshot.depth  # removed children before their parents
     order = tuple(sorted(remove, key=lambda layer_id: (-depth[layer_id], layer_id)))
     removed_bytes = sum(manifests[i].bytes_total + _manifest_bytes(store, i) for i in order)
     return Plan(order, tuple(rewrites), removed_bytes)
