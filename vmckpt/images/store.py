@@ -903,8 +903,8 @@ class Store:
         _check_digest(manifest, name, hashlib.sha256(data).hexdigest(), step)
         return data
 
-    def _layer_index(self, manifest: LayerManifest, step: str) -> _LayerIndex:
-        """The layer's decoded page index and (1.2) page digests, both checked."""
+    def _layer_index(self, manifest: LayerManifest, step: str, sums: bool = True) -> _LayerIndex:
+        """The layer's decoded page index and (1.2, if ``sums``) page digests, both checked."""
         parts = fmt.decode_index(self._read_small(manifest, INDEX, step), manifest, step)
         stored = sum(part.stored.size for part in parts)
         if manifest.files[PAGES].size != stored * PAGE_SIZE:
@@ -914,10 +914,13 @@ class Store:
                 layer=manifest.id,
                 step=step,
             )
-        sums = None
-        if manifest.has_page_sums:
-            sums = fmt.decode_sums(self._read_small(manifest, SUMS, step), manifest, step)
-        return _LayerIndex(parts, sums)
+        digests = None
+        if sums and manifest.has_page_sums:
+            digests = self._page_sums(manifest, step)
+        return _LayerIndex(parts, digests)
+
+    def _page_sums(self, manifest: LayerManifest, step: str) -> npt.NDArray[np.uint8]:
+        return fmt.decode_sums(self._read_small(manifest, SUMS, step), manifest, step)
 
     def _check_layer(self, manifest: LayerManifest, step: str) -> _CheckedLayer:
         """Check every file of a layer against its manifest, all of it: sizes and sha256 of
@@ -1026,7 +1029,8 @@ class Store:
         for manifest in newest_first:
             if coverage.remaining == 0:
                 break
-            index = self._layer_index(manifest, step)
+            # pages.sum is read only if the layer has pages to give.
+            index = self._layer_index(manifest, step, sums=False)
             positions: list[npt.NDArray[np.int64]] = []
             blocks: list[npt.NDArray[np.int32]] = []
             pages: list[PageNumbers] = []
@@ -1046,10 +1050,10 @@ class Store:
                              np.concatenate(pages))  # fmt: skip
             fd = self._open_listed(manifest, PAGES, step)
             try:
-                if index.sums is None:
+                if not manifest.has_page_sums:
                     _read_whole(fd, manifest, wanted, image, step)
                 else:
-                    batch.add(fd, manifest, index.sums, wanted)
+                    batch.add(fd, manifest, self._page_sums(manifest, step), wanted)
             finally:
                 os.close(fd)
         batch.flush()
