@@ -822,12 +822,28 @@ class Store:
         return self._chain(layer_id, "read", {})
 
     def _chain(
-        self, layer_id: str, step: str, cache: dict[str, LayerManifest]
+        self,
+        layer_id: str,
+        step: str,
+        cache: dict[str, LayerManifest],
+        checked: set[str] | None = None,
     ) -> list[LayerManifest]:
+        """The chain of ``layer_id``, base first, each link checked (parent present, same
+        layout, no loop). With ``checked`` (ids whose chains passed already), the walk stops
+        below the first of them and returns only the layers above it."""
         chain: list[LayerManifest] = []
         seen: set[str] = set()
         current: str | None = layer_id
         while current is not None:
+            if checked is not None and chain and current in checked:
+                if cache[current].layout != chain[-1].layout:
+                    raise CorruptLayerError(
+                        f"{MANIFEST}: RAM block layout {chain[-1].layout} differs from that of "
+                        f"parent {current} {cache[current].layout}",
+                        layer=chain[-1].id,
+                        step=step,
+                    )
+                break
             if current in seen:
                 raise CorruptLayerError(
                     f"{MANIFEST}: parent chain loops back to {current}",
@@ -987,8 +1003,9 @@ class Store:
                     self._check_layer(manifest, "verify")
                 return [manifest.id for manifest in chain]
             ids = self.layer_ids()
+            checked: set[str] = set()
             for each in ids:
-                self._chain(each, "verify", cache)
+                checked.update(m.id for m in self._chain(each, "verify", cache, checked))
                 self._check_layer(cache[each], "verify")
             return ids
 
