@@ -469,3 +469,26 @@ def test_a_store_with_a_damaged_layer_is_not_pruned(forked: tuple[Store, dict[st
     with pytest.raises(StoreError, match=rf"damaged layer \(layer {ids['C']}.*run vmckpt verify"):
         maintenance.prune(store, KeepRules(last=1))
     assert sorted(p.name for p in (store.path / "layers").iterdir()) == files
+
+
+def test_which_guests_are_gone(tmp_path: Path) -> None:
+    from vmckpt.backends import RECORD, GuestRecord, gone_guests
+    from vmckpt.qemu import QemuProcess, process_start_time
+    from vmckpt.spec import GuestSpec
+
+    store = Store.create(tmp_path / "store")
+    me = os.getpid()
+    running = QemuProcess(
+        name="up", pid=me, start_time=process_start_time(me) or 0, qmp_socket=tmp_path / "q",
+        serial_log=tmp_path / "s", log=tmp_path / "l",
+    )  # fmt: skip
+    store.write_record("up", RECORD, GuestRecord("up", GuestSpec(), running).to_dict())
+    store.write_record("down", RECORD, GuestRecord("down", GuestSpec(), None).to_dict())
+    store.write_record("damaged", RECORD, {"name": "damaged"})
+    store.write_record("away", RECORD, GuestRecord("away", GuestSpec(), None).to_dict())
+    store.write_record("away", "remote.json", {"name": "away", "host": "elsewhere"})
+    store.set_head("headonly", None)
+    assert gone_guests(store, 0.0) == ["down", "headonly"]
+    assert gone_guests(store, 3600.0) == []  # all of them changed just now
+    with store.guest_lock("down", what="test", wait_s=0):
+        assert gone_guests(store, 0.0) == ["headonly"]  # a checkpoint of it is under way

@@ -368,11 +368,13 @@ def gone_guests(store: Store, idle_s: float) -> list[str]:
     for name in store.runtime_names():
         if name in away or store.guest_locked(name) or store.runtime_idle_s(name) < idle_s:
             continue
-        with contextlib.suppress(MachineError, StoreError):
-            process = LocalGuest(store, name).record.process
-            if process is not None and process.alive():
-                continue
-        gone.append(name)
+        try:
+            data = store.read_record(name, RECORD)
+            process = GuestRecord.from_dict(data, name).process if data is not None else None
+        except (MachineError, StoreError):
+            continue  # a damaged record: whether its QEMU runs cannot be told, leave it
+        if process is None or not process.alive():
+            gone.append(name)
     return gone
 
 
