@@ -492,3 +492,19 @@ def test_which_guests_are_gone(tmp_path: Path) -> None:
     assert gone_guests(store, 3600.0) == []  # all of them changed just now
     with store.guest_lock("down", what="test", wait_s=0):
         assert gone_guests(store, 0.0) == ["headonly"]  # a checkpoint of it is under way
+
+
+def test_a_reader_holds_off_the_switch(
+    forked: tuple[Store, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore or verify reading a chain: the prune waits for it, then gives up with
+    nothing changed (watch's prune waits briefly, so its checkpoints are not held up)."""
+    from vmckpt.errors import LockError
+
+    store, _ = forked
+    monkeypatch.setattr(maintenance, "SWITCH_WAIT_MIN_S", 0.2)
+    files = {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()}
+    with store.reading("a restore"), pytest.raises(LockError, match="being read"):
+        maintenance.prune(store, KeepRules(last=1), wait_s=0.0)
+    assert {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()} == files
+    assert maintenance.prune(store, KeepRules(last=1), wait_s=0.0).removed

@@ -86,6 +86,7 @@ from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
 
 STALE_TEMP_S = 3600.0  # a temporary file (not a layer) untouched this long is a leftover
+SWITCH_WAIT_MIN_S = 10.0  # a prune waits at least this long for readers before its switch
 _READ = 1 << 20
 
 
@@ -571,8 +572,9 @@ def _switch_error(exc: OSError, layer_id: str, switched: int, total: int) -> Sto
 
 
 def apply_plan(store: Store, plan: Plan, snapshot: _Snapshot, indexes: _Indexes,
-               progress: Progress = NO_PROGRESS) -> None:  # fmt: skip
-    """Carry out ``plan`` (see the module doc): build, switch, remove, clean up."""
+               progress: Progress = NO_PROGRESS, switch_wait_s: float = 60.0) -> None:  # fmt: skip
+    """Carry out ``plan`` (see the module doc): build, switch, remove, clean up. The switch
+    waits up to ``switch_wait_s`` for readers of chains (a restore, a verify) to finish."""
     built: list[tuple[Rewrite, Path, int]] = []
     removed: list[Path] = []
     layers = store.layers_path
@@ -584,7 +586,7 @@ def apply_plan(store: Store, plan: Plan, snapshot: _Snapshot, indexes: _Indexes,
                 task.advance(1)
                 faults.point(faults.MAINT_MID_BUILD)
         faults.point(faults.MAINT_BEFORE_SWITCH)
-        with store.switching("switch layers"), store.lock("switch layers"):
+        with store.switching("switch layers", wait_s=switch_wait_s), store.lock("switch layers"):
             _check_still_valid(store, plan, snapshot, "switch")
             for number, (rewrite, tmp, _) in enumerate(built):
                 try:
@@ -636,11 +638,12 @@ def _run(
     new_bases: Collection[str] = (),
     kept: dict[str, str] | None = None,
     progress: Progress = NO_PROGRESS,
+    switch_wait_s: float = 60.0,
 ) -> Result:
     indexes = _Indexes(store, action)
     plan = plan_changes(store, snapshot, remove, indexes, new_bases=new_bases)
     if not dry_run and not plan.empty():
-        apply_plan(store, plan, snapshot, indexes, progress)
+        apply_plan(store, plan, snapshot, indexes, progress, switch_wait_s)
     return Result(
         action=action,
         removed=plan.remove,
@@ -664,7 +667,9 @@ def prune(
 ) -> Result:
     """Remove the layers ``rules`` do not keep: of guest ``guest`` (by the name each layer
     records), or of every guest, each guest's layers ruled on their own. A guest's head is
-    always kept. Kept layers whose parent goes absorb it (they compose as before)."""
+    always kept. Kept layers whose parent goes absorb it (they compose as before).
+    ``wait_s``: how long to wait for another maintenance, and (at least 10 s) for readers
+    of chains before the switch; LockError after that, with nothing changed."""
     if not rules.any():
         raise UsageError(
             "give at least one --keep-* rule (a prune without one would remove every layer "
@@ -694,7 +699,10 @@ def prune(
                 why = f"head of {', '.join(holders)}"
                 kept[manifest.id] = f"{kept[manifest.id]}, {why}" if manifest.id in kept else why
         remove = {m.id for m in scope} - set(kept)
-        return _run(store, "prune", snapshot, remove, dry_run=dry_run, kept=kept, progress=progress)
+        return _run(
+            store, "prune", snapshot, remove, dry_run=dry_run, kept=kept, progress=progress,
+            switch_wait_s=max(wait_s, SWITCH_WAIT_MIN_S),
+        )  # fmt: skip
 
 
 def delete(store: Store, layer_ref: str, *, dry_run: bool = False) -> Result:
