@@ -508,3 +508,27 @@ def test_a_reader_holds_off_the_switch(
         maintenance.prune(store, KeepRules(last=1), wait_s=0.0)
     assert {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()} == files
     assert maintenance.prune(store, KeepRules(last=1), wait_s=0.0).removed
+
+
+def test_a_failed_write_of_a_new_version_changes_nothing(
+    forked: tuple[Store, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, ids = forked
+    files = {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()}
+    real = os.fsync
+    calls = 0
+
+    def full_disk(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # the first new version's third file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(StoreError, match=r"cannot write its new version \(No space left"):
+        maintenance.prune(store, KeepRules(last=1))
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()} == files
+    assert store.verify() == store.layer_ids()
+    assert ids["A"] in store.layer_ids()

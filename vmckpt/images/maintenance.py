@@ -581,7 +581,15 @@ def apply_plan(store: Store, plan: Plan, snapshot: _Snapshot, indexes: _Indexes,
     try:
         with progress.task("writing the layers that absorb others", len(plan.rewrites)) as task:
             for rewrite in plan.rewrites:
-                tmp, fd = _build(store, rewrite, snapshot, indexes)
+                try:
+                    tmp, fd = _build(store, rewrite, snapshot, indexes)
+                except OSError as exc:
+                    raise StoreError(
+                        f"cannot write its new version ({exc.strerror or exc}); nothing was "
+                        "changed",
+                        layer=rewrite.layer,
+                        step="rewrite",
+                    ) from exc
                 built.append((rewrite, tmp, fd))
                 task.advance(1)
                 faults.point(faults.MAINT_MID_BUILD)
