@@ -204,13 +204,15 @@ def test_manifest_round_trips(chain3: ChainT) -> None:
     for written in manifests:
         read = store.manifest(written.id)
         assert read == written
-        # A layer without disks is written as 1.0 (1.1 only adds disks).
-        assert read.format_version == (FORMAT_MAJOR, 0) and FORMAT_MINOR >= 1
+        # Every layer is written as 1.2: it has per-page digests (pages.sum).
+        assert read.format_version == (FORMAT_MAJOR, FORMAT_MINOR) == (1, 2)
+        assert read.has_page_sums
+        assert read.files["pages.sum"].size == 16 * read.pages_stored
         assert read.ram_section == (2, 0, 4)
         assert read.stats == {"pause_ms": 12.5, "tag": read.stats["tag"]}
         raw = json.loads(layer_path(store, written.id, "manifest.json").read_bytes())
         assert raw["format"] == "vmckpt-layer"
-        assert raw["format_version"] == [1, 0]
+        assert raw["format_version"] == [1, 2]
         assert raw["manifest_sha256"] == fmt.manifest_checksum(raw)
 
 
@@ -307,7 +309,9 @@ def test_files_and_dirs_are_private(chain3: ChainT) -> None:
         directory = layer_path(store, manifest.id)
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
         names = sorted(p.name for p in directory.iterdir())
-        assert names == ["device.bin", "manifest.json", "pages.bin", "pages.idx", "prelude.bin"]
+        assert names == [
+            "device.bin", "manifest.json", "pages.bin", "pages.idx", "pages.sum", "prelude.bin"
+        ]  # fmt: skip
         for path in directory.iterdir():
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
@@ -325,18 +329,141 @@ def test_files_are_private_under_a_permissive_umask(store: Store, rng: np.random
 # --- corruption caught by verify and compose ------------------------------
 
 
+def needed_position(store: Store, newest: str, layer_id: str) -> int:
+    """A position in ``layer_id``'s pages.bin whose page composing ``newest`` uses (no newer
+    layer of its chain stores or zeroes that page)."""
+    chain = store.chain(newest)
+    index = [m.id for m in chain].index(layer_id)
+    manifest = chain[index]
+    parts = fmt.decode_index(layer_path(store, layer_id, "pages.idx").read_bytes(), manifest, "t")
+    newer = [
+        fmt.decode_index(layer_path(store, m.id, "pages.idx").read_bytes(), m, "t")
+        for m in chain[index + 1 :]
+    ]
+    offset = 0
+    for number, part in enumerate(parts):
+        for position, page in enumerate(part.stored.tolist()):
+            if not any(page in p[number].stored or page in p[number].zeroed for p in newer):
+                return offset + position
+        offset += part.stored.size
+    raise AssertionError("no page of the layer is used")
+
+
+def unneeded_position(store: Store, newest: str, layer_id: str) -> int:
+    """A position in ``layer_id``'s pages.bin whose page a newer layer of the chain overrides."""
+    chain = store.chain(newest)
+    index = [m.id for m in chain].index(layer_id)
+    parts = fmt.decode_index(
+        layer_path(store, layer_id, "pages.idx").read_bytes(), chain[index], "t"
+    )
+    newer = [
+        fmt.decode_index(layer_path(store, m.id, "pages.idx").read_bytes(), m, "t")
+        for m in chain[index + 1 :]
+    ]
+    offset = 0
+    for number, part in enumerate(parts):
+        for position, page in enumerate(part.stored.tolist()):
+            if any(page in p[number].stored or page in p[number].zeroed for p in newer):
+                return offset + position
+        offset += part.stored.size
+    raise AssertionError("every page of the layer is used")
+
+
 def test_flipped_byte_in_pages(chain3: ChainT) -> None:
     store, manifests, _ = chain3
     middle = manifests[1].id
-    flip_byte(layer_path(store, middle, "pages.bin"), 5000)
+    position = needed_position(store, manifests[2].id, middle)
+    flip_byte(layer_path(store, middle, "pages.bin"), position * PAGE_SIZE + 1000)
     with pytest.raises(CorruptLayerError, match=rf"layer {middle}.*pages\.bin: sha256 mismatch"):
         store.verify(manifests[2].id)
-    with pytest.raises(CorruptLayerError, match=r"pages\.bin: sha256 mismatch"):
+    # compose reads that page (no newer layer overrides it) and checks it against its digest.
+    with pytest.raises(
+        CorruptLayerError,
+        match=rf"layer {middle}.*pages\.bin: page {position} .*does not match its digest",
+    ):
         store.compose(manifests[2].id)
     with pytest.raises(CorruptLayerError):
         store.verify()
     # The base is not part of the damage.
     assert store.verify(manifests[0].id) == [manifests[0].id]
+
+
+def test_damaged_page_that_compose_does_not_need(chain3: ChainT) -> None:
+    """compose reads only the pages it uses (and checks each); verify checks them all."""
+    store, manifests, images = chain3
+    base = manifests[0].id
+    position = unneeded_position(store, manifests[2].id, base)
+    flip_byte(layer_path(store, base, "pages.bin"), position * PAGE_SIZE + 7)
+    assert_same_image(store.compose(manifests[2].id)[0], images[2])
+    with pytest.raises(CorruptLayerError, match=rf"layer {base}.*pages\.bin: sha256 mismatch"):
+        store.verify(manifests[2].id)
+    # Composing the base itself reads every page of it: the damage is found there.
+    with pytest.raises(
+        CorruptLayerError, match=rf"pages\.bin: page {position} .*does not match its digest"
+    ):
+        store.compose(base)
+
+
+def test_wrong_digest_in_pages_sum(chain3: ChainT) -> None:
+    """A pages.sum that matches its manifest but not its pages: verify and compose say so."""
+    store, manifests, _ = chain3
+    middle = manifests[1].id
+    position = needed_position(store, manifests[2].id, middle)
+    path = layer_path(store, middle, "pages.sum")
+    os.chmod(path, 0o600)
+    flip_byte(path, position * 16 + 3)
+    entry = {"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    rewrite_manifest(store, middle, lambda obj: obj["files"].update({"pages.sum": entry}))
+    message = rf"layer {middle}.*pages\.bin: page {position} .*digest in pages\.sum"
+    with pytest.raises(CorruptLayerError, match=message):
+        store.verify(middle)
+    with pytest.raises(CorruptLayerError, match=message):
+        store.compose(manifests[2].id)
+
+
+def test_pages_sum_is_required_from_1_2(chain3: ChainT) -> None:
+    store, manifests, _ = chain3
+    layer_id = manifests[1].id
+    rewrite_manifest(store, layer_id, lambda obj: obj["files"].pop("pages.sum"))
+    with pytest.raises(CorruptLayerError, match=r"does not list pages\.sum"):
+        store.manifest(layer_id)
+
+
+def test_pages_sum_of_the_wrong_size_is_rejected(chain3: ChainT) -> None:
+    store, manifests, _ = chain3
+    layer_id = manifests[1].id
+    rewrite_manifest(store, layer_id, lambda obj: obj["files"]["pages.sum"].update(size=16))
+    with pytest.raises(CorruptLayerError, match=r"pages\.sum is listed with 16 bytes"):
+        store.manifest(layer_id)
+
+
+def as_1_1(store: Store, layer_id: str) -> None:
+    """Make a layer what a 1.1 writer wrote: version 1.1, no pages.sum."""
+
+    def change(obj: dict[str, Any]) -> None:
+        obj["format_version"] = [1, 1]
+        obj["files"].pop("pages.sum")
+        obj["disks"] = []
+
+    rewrite_manifest(store, layer_id, change)
+    layer_path(store, layer_id, "pages.sum").unlink()
+
+
+def test_layers_without_page_digests_compose_by_whole_file(chain3: ChainT) -> None:
+    """1.0/1.1 layers have no pages.sum: compose reads and hashes their whole pages.bin, and
+    a mix of both kinds in one chain composes as before."""
+    store, manifests, images = chain3
+    as_1_1(store, manifests[0].id)
+    assert not store.manifest(manifests[0].id).has_page_sums
+    assert store.verify(manifests[2].id) == [m.id for m in manifests]
+    for manifest, image in zip(manifests, images, strict=True):
+        assert_same_image(store.compose(manifest.id)[0], image)
+    # A damaged page of the old layer that the newest layer overrides is found all the same:
+    # the whole file is hashed.
+    position = unneeded_position(store, manifests[2].id, manifests[0].id)
+    flip_byte(layer_path(store, manifests[0].id, "pages.bin"), position * PAGE_SIZE)
+    with pytest.raises(CorruptLayerError, match=r"pages\.bin: sha256 mismatch"):
+        store.compose(manifests[2].id)
 
 
 def test_truncated_pages(chain3: ChainT) -> None:
@@ -351,14 +478,18 @@ def test_truncated_pages(chain3: ChainT) -> None:
         store.compose(manifests[1].id)
 
 
-@pytest.mark.parametrize("name", ["pages.bin", "pages.idx", "prelude.bin", "device.bin"])
+@pytest.mark.parametrize(
+    "name", ["pages.bin", "pages.idx", "pages.sum", "prelude.bin", "device.bin"]
+)
 def test_flipped_byte_in_each_file(chain3: ChainT, name: str) -> None:
     store, manifests, _ = chain3
     layer_id = manifests[2].id
     flip_byte(layer_path(store, layer_id, name), 0)
     with pytest.raises(CorruptLayerError, match=rf"layer {layer_id}.*{name}: sha256 mismatch"):
         store.verify(layer_id)
-    with pytest.raises(CorruptLayerError, match=rf"{name}: sha256 mismatch"):
+    # compose checks each page it reads against its digest (pages.sum), the rest by sha256.
+    found = "page 0 .*does not match its digest" if name == "pages.bin" else "sha256 mismatch"
+    with pytest.raises(CorruptLayerError, match=rf"{name}: {found}"):
         store.compose(layer_id)
 
 
@@ -446,11 +577,12 @@ def test_older_and_equal_minor_are_accepted(
     chain3: ChainT, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, manifests, images = chain3
-    # Pretend this reader is at minor 3: layers at 1.0 (as written) and 1.2 must still load.
+    # Pretend this reader is at minor 3: layers at 1.1, 1.2 (as written) and 1.3 must load.
+    # (tests/test_legacy_store.py reads real 1.0 and 1.1 layers.)
     monkeypatch.setattr(fmt, "FORMAT_MINOR", 3)
-    rewrite_manifest(store, manifests[1].id, lambda obj: obj.update(format_version=[1, 2]))
+    as_1_1(store, manifests[0].id)
+    assert store.manifest(manifests[0].id).format_version == (1, 1)
     assert store.manifest(manifests[1].id).format_version == (1, 2)
-    assert store.manifest(manifests[0].id).format_version == (1, 0)
     rewrite_manifest(store, manifests[2].id, lambda obj: obj.update(format_version=[1, 3]))
     assert store.verify(manifests[2].id) == [m.id for m in manifests]
     ram, _, _ = store.compose(manifests[2].id)

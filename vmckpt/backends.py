@@ -41,7 +41,7 @@ from vmckpt.qemu import (
 from vmckpt.qmp import CONT_RETRY_S, Monitor
 from vmckpt.session import JOURNAL, recover
 from vmckpt.spec import GuestSpec, check_name
-from vmckpt.watch import WatchSettings, stop_on_signals, watch
+from vmckpt.watch import WatchSettings, prune_note, stop_on_signals, watch
 
 RECORD = "guest.json"
 STATUS_TIMEOUT_S = 3.0
@@ -306,6 +306,7 @@ class LocalGuest(Guest):
             return super().watch_rows(settings, report, progress=progress, mechanism=PRECOPY)
         client = SessionClient.ensure(self)
         taken = 0
+        pruned_at: float | None = None
         try:
             with stop_on_signals() as stop:
                 for row in client.watch(
@@ -314,6 +315,14 @@ class LocalGuest(Guest):
                     count=settings.count,
                     pause_budget_ms=settings.pause_budget_ms,
                 ):
+                    keep = settings.keep
+                    if keep and (
+                        pruned_at is None or time.monotonic() - pruned_at >= settings.prune_every_s
+                    ):
+                        # The session writes on meanwhile: a prune keeps every head.
+                        pruned_at = time.monotonic()
+                        notes = [row.get("note", ""), prune_note(self, keep)]
+                        row = {**row, "note": "; ".join(filter(None, notes))}
                     report(row)
                     taken += 1
         finally:
@@ -433,6 +442,28 @@ class LocalGuest(Guest):
 
 def local_guest_names(store: Store) -> list[str]:
     return store.names_with(RECORD)
+
+
+def gone_guests(store: Store, idle_s: float) -> list[str]:
+    """The guests of this host's name space that are gone: no QEMU of theirs runs, no
+    checkpoint of theirs is under way, they are not running on another host, and nothing in
+    their runtime directory changed for ``idle_s``. (``gc`` removes their files, and with them
+    their head: their layers are no longer kept for them.)"""
+    from vmckpt.remote import remote_names
+
+    away = set(remote_names(store))
+    gone = []
+    for name in store.runtime_names():
+        if name in away or store.guest_locked(name) or store.runtime_idle_s(name) < idle_s:
+            continue
+        try:
+            data = store.read_record(name, RECORD)
+            process = GuestRecord.from_dict(data, name).process if data is not None else None
+        except (MachineError, StoreError):
+            continue  # a damaged record: whether its QEMU runs cannot be told, leave it
+        if process is None or not process.alive():
+            gone.append(name)
+    return gone
 
 
 def open_guest(

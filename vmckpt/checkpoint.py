@@ -264,7 +264,7 @@ def _take(
     parent = store.manifest(parent_id) if parent_id else None  # fails before touching the guest
     spec = target.spec()
     journal = store.journal_path(name, JOURNAL, kind)
-    tracker = DiskTracker(name, spec.disks, parent, store.runtime_dir(name, kind) / "disk-scratch")
+    tracker = DiskTracker(name, spec.disks, parent, store.scratch_dir(name, kind))
     committed = False
     try:
         with target.guard(), target.monitor() as mon:

@@ -22,6 +22,22 @@ MID_WRITE = "mid-write"  # the layer's files are being written
 BEFORE_HEAD = "before-head"  # the layer is renamed into place, the head not yet moved
 POINTS = (AFTER_SETTINGS, MID_MIGRATION, BEFORE_RESUME, MID_WRITE, BEFORE_HEAD)
 
+# The points a chain maintenance (prune, squash, delete) passes (vmckpt/images/maintenance.py).
+MAINT_MID_BUILD = "maint-mid-build"  # after each new version of a layer is built
+MAINT_BEFORE_SWITCH = "maint-before-switch"  # every new version built, nothing switched
+MAINT_MID_SWITCH = "maint-mid-switch"  # after each layer is switched to its new version
+MAINT_BEFORE_REMOVE = "maint-before-remove"  # every layer switched, nothing removed
+MAINT_MID_REMOVE = "maint-mid-remove"  # after each removed layer is renamed away
+MAINT_BEFORE_CLEANUP = "maint-before-cleanup"  # switched and removed, old files still there
+MAINTENANCE_POINTS = (
+    MAINT_MID_BUILD,
+    MAINT_BEFORE_SWITCH,
+    MAINT_MID_SWITCH,
+    MAINT_BEFORE_REMOVE,
+    MAINT_MID_REMOVE,
+    MAINT_BEFORE_CLEANUP,
+)
+
 
 def point(name: str) -> None:
     """Die here (SIGKILL, no clean-up at all) if the tests asked for it."""

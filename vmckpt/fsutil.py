@@ -7,6 +7,8 @@ be is reported, never read through.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -86,3 +88,32 @@ def read_json(path: Path) -> Any:
     """A JSON file read without following a symlink; OSError or ValueError if it cannot be."""
     with os.fdopen(open_nofollow(path), "rb") as handle:
         return json.loads(handle.read(_CHUNK * 16).decode("utf-8"))
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_renameat2: Any = None
+
+
+def exchange(directory: Path, first: str, second: str) -> None:
+    """Swap two entries of ``directory`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``):
+    afterwards each name holds what the other held, and no moment exists at which either
+    name is missing. Raises OSError (ENOSYS where the C library or the kernel lacks it,
+    EINVAL where the file system does)."""
+    global _renameat2
+    if _renameat2 is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = getattr(libc, "renameat2", None)
+        if function is None:
+            raise OSError(errno.ENOSYS, "the C library has no renameat2")
+        function.argtypes = [
+            ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint,
+        ]  # fmt: skip
+        function.restype = ctypes.c_int
+        _renameat2 = function
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _renameat2(fd, first.encode(), fd, second.encode(), _RENAME_EXCHANGE) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(directory / first))
+    finally:
+        os.close(fd)

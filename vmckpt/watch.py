@@ -5,7 +5,12 @@ arrives; each is a layer whose parent is the previous one. With precopy-diff
 the image the previous checkpoint received is kept as the next diff's base,
 so no checkpoint composes the chain. A pause budget maps onto QEMU's
 downtime limit (QEMU then runs more pre-copy rounds before it stops the
-guest); a layer whose pause still exceeded it is reported as such.
+guest); a layer whose pause still exceeded it is reported as such. With
+retention rules (``--keep-*``), the guest's layers the rules do not keep are
+pruned as it goes (vmckpt/images/maintenance.py), at most once per
+``prune_every_s``, between two checkpoints; what a prune did is reported with
+the checkpoint before it, and a prune that fails is reported and retried at
+the next occasion (the checkpoints go on).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from vmckpt.checkpoint import CheckpointResult, CheckpointSettings, take_checkpoint
-from vmckpt.errors import UsageError
+from vmckpt.errors import UsageError, VmckptError
+from vmckpt.images.maintenance import prune
+from vmckpt.images.retention import KeepRules
 from vmckpt.progress import NO_PROGRESS, Progress
 
 if TYPE_CHECKING:
@@ -41,6 +48,8 @@ class WatchSettings:
     interval_s: float = 1.0
     count: int | None = None
     pause_budget_ms: float | None = None
+    keep: KeepRules | None = None  # prune the guest's layers by these rules as it goes
+    prune_every_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.interval_s) or self.interval_s < MIN_INTERVAL_S:
@@ -50,6 +59,10 @@ class WatchSettings:
         budget = self.pause_budget_ms
         if budget is not None and (not math.isfinite(budget) or budget < 1):
             raise UsageError(f"pause budget {budget} ms is not a finite time of 1 ms or more")
+        if self.keep is not None and not self.keep.any():
+            raise UsageError("--keep-* rules for watch: give at least one")
+        if not math.isfinite(self.prune_every_s) or self.prune_every_s < 0:
+            raise UsageError("--prune-every must be a finite duration")
 
 
 @contextlib.contextmanager
@@ -96,6 +109,7 @@ def watch(
     taken = 0
     base = None
     budget = settings.pause_budget_ms
+    pruned_at: float | None = None
     with stop_on_signals() as stop:
         try:
             next_at = time.monotonic()
@@ -109,6 +123,12 @@ def watch(
                 taken += 1
                 if budget is not None and result.pause_ms > budget:
                     note = "pause over budget (QEMU's downtime limit is set to the budget)"
+                keep = settings.keep
+                if keep and (
+                    pruned_at is None or time.monotonic() - pruned_at >= settings.prune_every_s
+                ):
+                    pruned_at = time.monotonic()
+                    note = "; ".join(filter(None, [note, prune_note(target, keep)]))
                 report(result, note)
                 note = ""
                 if stop.is_set():
@@ -116,3 +136,18 @@ def watch(
         except Interrupted:
             pass
     return taken
+
+
+def prune_note(target: CheckpointTarget, keep: KeepRules) -> str:
+    """Prune the guest's layers; a note on what happened (a failure does not stop watch)."""
+    try:
+        # A prune of someone else under way: skip this one rather than hold up checkpoints.
+        done = prune(target.store, keep, guest=target.name, wait_s=0.0)
+    except VmckptError as exc:
+        return f"prune skipped: {exc.one_line()}"
+    if not done.removed:
+        return ""
+    return (
+        f"pruned {len(done.removed)} layer(s) ({done.bytes_freed} bytes freed, "
+        f"{len(done.rewritten)} rewritten)"
+    )

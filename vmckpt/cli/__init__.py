@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from vmckpt import __version__, log
-from vmckpt.cli import commands
+from vmckpt.cli import commands, maintenance
 from vmckpt.errors import VmckptError, exit_codes
 
 EXAMPLES = """\
@@ -289,7 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     _json(p)
     _ssh(p)
 
-    p = command("bench", commands.cmd_bench, "the checkpoint benchmark (from a source checkout)")
+    maintenance.add_parsers(sub, command)  # prune, squash, delete, gc; watch --keep-*
+
+    p = command(
+        "bench", commands.cmd_bench,
+        "the checkpoint benchmark (from a source checkout); `bench restore-chain ...`: restore "
+        "time against chain length",
+    )  # fmt: skip
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="its options (see --help there)")
     return parser
 

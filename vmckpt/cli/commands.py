@@ -4,6 +4,7 @@ that owns the work (vmckpt/backends.py and friends) and prints the result."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -178,25 +179,33 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_duration(text: str) -> float:
-    """'1s', '500ms', '2m', '0.5' (seconds) -> seconds; finite and positive."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
+def parse_duration(text: str, *, zero: bool = False) -> float:
+    """'1s', '500ms', '2m', '12h', '7d', '2w', '0.5' (seconds) -> seconds; finite, positive
+    (or zero, if ``zero``)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d|w)?\s*", text)
     if not match:
-        raise UsageError(f"cannot read duration {text!r} (use e.g. 1s, 500ms, 2m)")
-    factor = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
+        raise UsageError(f"cannot read duration {text!r} (use e.g. 1s, 500ms, 2m, 7d)")
+    factor = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}[
+        match.group(2) or "s"
+    ]
     seconds = float(match.group(1)) * factor
-    if seconds <= 0:
+    if seconds < 0 or (seconds == 0 and not zero):
         raise UsageError(f"duration {text!r} must be positive")
     return seconds
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    from vmckpt.cli.maintenance import keep_rules
+
     store = open_store(args)
     guest = _guest(args, store)
+    keep = keep_rules(args)
     settings = WatchSettings(
         interval_s=parse_duration(args.interval),
         count=args.count,
         pause_budget_ms=args.pause_budget,
+        keep=keep if keep.any() else None,
+        prune_every_s=parse_duration(args.prune_every, zero=True),
     )
     mechanism = "colo" if args.colo else args.mechanism
 
@@ -239,23 +248,36 @@ def _guest_rows(store: Store) -> list[dict[str, Any]]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from vmckpt.images.maintenance import exclusive_bytes
+
     store = open_store(args)
     rows, damaged = _layers(store)
     guests = _guest_rows(store)
+    only: dict[str, int] = {}
+    if not damaged:  # what deleting each would free (needs every chain whole)
+        with contextlib.suppress(VmckptError):
+            only = exclusive_bytes(store)
+    for row in rows:
+        row["exclusive_bytes"] = only.get(row["layer"])
+    total = store.bytes_on_disk()
     if args.json:
-        print_json({"layers": rows, "guests": guests, "damaged": damaged})
+        print_json({"layers": rows, "guests": guests, "damaged": damaged, "store_bytes": total})
         return 0
     lines = []
     for prefix, row in layer_tree(rows):
         lines.append(
             [
                 prefix + row["layer"], row["guest"], row["mechanism"], human_ms(row["pause_ms"]),
-                str(row["pages_stored"]), human_bytes(row["bytes"]), row["created"][:19],
+                str(row["pages_stored"]), human_bytes(row["bytes"]),
+                human_bytes(row["exclusive_bytes"]), row["created"][:19],
             ]
         )  # fmt: skip
-    headers = ["LAYER", "GUEST", "MECHANISM", "PAUSE", "PAGES", "SIZE", "CREATED"]
-    print("\n".join(table(headers, lines, right={3, 4, 5})))
-    print(f"{len(rows)} layer(s), {human_bytes(sum(r['bytes'] for r in rows))} in all")
+    headers = ["LAYER", "GUEST", "MECHANISM", "PAUSE", "PAGES", "SIZE", "ONLY HERE", "CREATED"]
+    print("\n".join(table(headers, lines, right={3, 4, 5, 6})))
+    print(
+        f"{len(rows)} layer(s), {human_bytes(sum(r['bytes'] for r in rows))} in all; the store "
+        f"holds {human_bytes(total)} (ONLY HERE: what deleting that layer alone would free)"
+    )
     for line in damaged:
         print(f"damaged: {line}")
     if guests:
@@ -461,6 +483,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
+        if args.bench_args[:1] == ["restore-chain"]:
+            from benchmarks.restore_chain import main as chain_main
+
+            return chain_main(args.bench_args[1:])
         from benchmarks.checkpoint import main as bench_main
     except ImportError as exc:
         raise UsageError(

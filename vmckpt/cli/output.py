@@ -30,6 +30,8 @@ def print_json_line(data: Any) -> None:
 def human_bytes(count: int | None) -> str:
     if count is None:
         return "-"
+    if count < 0:
+        return "-" + human_bytes(-count)
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,9 @@ from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamImage
 # The version this vmckpt writes. Readers accept the same major and a lower or
 # equal minor (see `check_version`); the version is the format's own, not vmckpt's.
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1  # 1.1 adds writable disks (`disks`, disk-<id>.idx/.bin)
-# A layer without disks is written as 1.0, so vmckpt versions that read 1.0 still read it.
-DISKS_MINOR = 1
+FORMAT_MINOR = 2  # 1.1 adds writable disks, 1.2 per-page digests (pages.sum)
+DISKS_MINOR = 1  # the optional manifest field `disks`, disk-<id>.idx/.bin
+SUMS_MINOR = 2  # pages.sum, required from 1.2 on
 
 LAYER_FORMAT = "vmckpt-layer"
 STORE_FORMAT = "vmckpt-store"
@@ -37,6 +39,10 @@ PRELUDE = "prelude.bin"
 DEVICE = "device.bin"
 # The files every 1.x layer has besides its manifest.
 LAYER_FILES = (PAGES, INDEX, PRELUDE, DEVICE)
+# 1.2: for each page of pages.bin, in the same order, the first PAGE_DIGEST_SIZE bytes of
+# its SHA-256, so a reader can check the pages it reads without hashing the whole file.
+SUMS = "pages.sum"
+PAGE_DIGEST_SIZE = 16
 # 1.1: per writable disk <id>, its delta's extent index and data.
 DISK_INDEX = "disk-{}.idx"
 DISK_DATA = "disk-{}.bin"
@@ -161,6 +167,15 @@ class LayerManifest:
     def layout(self) -> list[tuple[str, int]]:
         """The RAM block layout (idstr, length) in manifest order."""
         return [(block.idstr, block.length) for block in self.blocks]
+
+    @property
+    def pages_stored(self) -> int:
+        return sum(block.pages_stored for block in self.blocks)
+
+    @property
+    def has_page_sums(self) -> bool:
+        """Whether pages.sum holds a digest per stored page (format 1.2 on)."""
+        return self.format_version >= (1, SUMS_MINOR)
 
 
 @dataclass
@@ -434,6 +449,15 @@ def parse_manifest(data: bytes, layer_id: str, step: str) -> LayerManifest:
     for name in LAYER_FILES:
         if name not in files:
             raise corrupt(f"does not list {name}")
+    if version >= (1, SUMS_MINOR):
+        if SUMS not in files:
+            raise corrupt(f"does not list {SUMS}")
+        stored = sum(block.pages_stored for block in blocks)
+        if files[SUMS].size != PAGE_DIGEST_SIZE * stored:
+            raise corrupt(
+                f"{SUMS} is listed with {files[SUMS].size} bytes, the blocks store {stored} "
+                f"pages ({PAGE_DIGEST_SIZE * stored} bytes of digests)"
+            )
     disks = _parse_disks(obj, version, files, layer_id, step)
 
     return LayerManifest(
@@ -564,6 +588,57 @@ def decode_disk_index(data: bytes, record: DiskRecord, layer_id: str, step: str)
     return DiskIndex(stored, zeroed)
 
 
+# --- page digests (1.2) ------------------------------------------------------
+
+
+_DIGEST_THREADS = max(1, min(4, os.cpu_count() or 1))
+_DIGEST_SPLIT = 2048  # pages: below this, one thread is as fast
+_digest_pool: ThreadPoolExecutor | None = None
+
+
+def _digest_range(data: memoryview, start: int, end: int) -> bytes:
+    sha256 = hashlib.sha256
+    return b"".join(
+        [
+            sha256(data[offset : offset + PAGE_SIZE]).digest()[:PAGE_DIGEST_SIZE]
+            for offset in range(start * PAGE_SIZE, end * PAGE_SIZE, PAGE_SIZE)
+        ]
+    )
+
+
+def page_digests(pages: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """The pages.sum rows of ``pages`` (n, 4096): the first 16 bytes of each page's SHA-256.
+
+    hashlib releases the GIL while it hashes a page, so many pages are hashed by a few
+    threads at once.
+    """
+    global _digest_pool
+    count = pages.shape[0]
+    data = np.ascontiguousarray(pages).data.cast("B")
+    if count < _DIGEST_SPLIT or _DIGEST_THREADS == 1:
+        joined = _digest_range(data, 0, count)
+    else:
+        if _digest_pool is None:
+            _digest_pool = ThreadPoolExecutor(_DIGEST_THREADS, thread_name_prefix="vmckpt-sum")
+        bounds = [count * i // _DIGEST_THREADS for i in range(_DIGEST_THREADS + 1)]
+        parts = [
+            _digest_pool.submit(_digest_range, data, a, b) for a, b in itertools.pairwise(bounds)
+        ]
+        joined = b"".join(part.result() for part in parts)
+    return np.frombuffer(joined, dtype=np.uint8).reshape(-1, PAGE_DIGEST_SIZE)
+
+
+def decode_sums(data: bytes, manifest: LayerManifest, step: str) -> npt.NDArray[np.uint8]:
+    """pages.sum as (pages stored, 16) rows; its size was checked against the manifest."""
+    if len(data) != PAGE_DIGEST_SIZE * manifest.pages_stored:
+        raise CorruptLayerError(
+            f"{SUMS}: {len(data)} bytes, not {PAGE_DIGEST_SIZE} per stored page",
+            layer=manifest.id,
+            step=step,
+        )
+    return np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_DIGEST_SIZE)
+
+
 # --- page index -----------------------------------------------------------
 
 
@@ -629,7 +704,11 @@ def decode_index(data: bytes, manifest: LayerManifest, step: str) -> list[BlockI
         pos = end
         _check_pages(stored, block, "stored", layer_id, step)
         _check_pages(zeroed, block, "zeroed", layer_id, step)
-        both = np.intersect1d(stored, zeroed, assume_unique=True)
+        both = (
+            np.intersect1d(stored, zeroed, assume_unique=True)
+            if stored.size and zeroed.size
+            else stored[:0]
+        )
         if both.size:
             raise corrupt(
                 f"page {int(both[0])} of RAM block {block.idstr!r} is both stored and zeroed"

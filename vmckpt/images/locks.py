@@ -3,14 +3,26 @@
 ``flock`` locks on lock files inside the store: the kernel releases them
 when their holder dies (kill -9 included), so a crash never leaves a stale
 lock. A lock file records its holder (PID, command) for the message a
-waiting command prints. Two locks exist:
+waiting command prints. The locks:
 
 - the **store lock** (``store.lock``): held for the short steps that allocate
   a layer id and publish a layer (rename into place, move a guest's head),
-  and by chain maintenance (prune, squash, gc) while it changes the chain;
+  and by chain maintenance (prune, squash, delete) while it switches the chain;
+- the **maintenance lock** (``maintenance.lock``): one prune, squash, delete or
+  gc at a time, for the whole of it (building the new versions of layers
+  takes a while; the store lock is held only for the switch);
+- the **chain lock** (``chain.lock``): shared by every reader of a chain
+  (compose, verify, sending a layer to another host) and exclusive for the
+  switch of a chain maintenance, so a reader never sees a layer half
+  rewritten or a parent removed under it;
 - a **guest lock** (``guests/<name>/checkpoint.lock``): held for a whole
   checkpoint (or a whole checkpoint session) of one guest, so checkpoints
-  of a guest are serialised.
+  of a guest are serialised;
+- a **directory lock** on each temporary layer directory (``layers/.tmp-*``)
+  for as long as its writer works in it, so ``gc`` tells a crash's leftovers
+  (unlocked) from a layer being written (locked).
+
+Order, where one holder takes several: maintenance, chain, store.
 """
 
 from __future__ import annotations
@@ -38,37 +50,90 @@ def _holder(fd: int) -> str:
         return "another process"
 
 
+def _open_lock_file(path: Path, shared: bool) -> int | None:
+    """The lock file, created 0600 if needed. A shared holder (a reader) may find it
+    missing in a store it cannot write (read-only media, another user's store): None,
+    and it reads unlocked, as nothing can change such a store under it."""
+    try:
+        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
+    except OSError:
+        if not shared:
+            raise
+        try:
+            return open_nofollow(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, FILE_MODE)
+    return fd
+
+
 @contextlib.contextmanager
-def hold(path: Path, *, what: str, wait_s: float, busy: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created 0600), waiting up to ``wait_s`` for it.
+def hold(
+    path: Path, *, what: str, wait_s: float, busy: str, shared: bool = False
+) -> Iterator[None]:
+    """Hold a lock on ``path`` (created 0600), waiting up to ``wait_s`` for it: exclusive,
+    or ``shared`` with other shared holders (readers).
 
     ``busy`` is the message of the LockError raised when it stays taken; the
     holder is appended. The lock file itself is never removed (removing it
     would let two holders lock two different files).
     """
-    fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
+    fd = _open_lock_file(path, shared)
+    if fd is None:
+        yield
+        return
     try:
-        os.fchmod(fd, FILE_MODE)
         deadline = time.monotonic() + wait_s
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise LockError(f"{busy} (held by {_holder(fd)})", step="lock") from None
                 time.sleep(POLL_S)
-        note = json.dumps({"pid": os.getpid(), "what": what, "argv": sys.argv[1:4]}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, note, 0)
+        if not shared:
+            note = json.dumps({"pid": os.getpid(), "what": what, "argv": sys.argv[1:4]}).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, note, 0)
         try:
             yield
         finally:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
+            if not shared:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def lock_directory(path: Path) -> int:
+    """Lock a directory its creator works in (exclusive, at once); returns the fd that holds
+    the lock until it is closed (or its holder dies)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def directory_in_use(path: Path) -> bool:
+    """Whether a live process holds the lock of :func:`lock_directory` on ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def is_held(path: Path) -> bool:

@@ -25,13 +25,14 @@ another host or user (docs/SECURITY.md).
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import hashlib
 import os
 import re
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,7 +64,9 @@ from vmckpt.images.format import (
     PAGES,
     PRELUDE,
     STORE_FORMAT,
+    SUMS,
     BlockIndex,
+    DiskDelta,
     FileEntry,
     LayerContent,
     LayerManifest,
@@ -77,7 +80,10 @@ LIBVIRT_DIR = "libvirt"
 MEDIA_DIR = "media"
 TMP_PREFIX = ".tmp-"
 STORE_LOCK = "store.lock"
+CHAIN_LOCK = "chain.lock"
+MAINTENANCE_LOCK = "maintenance.lock"
 GUEST_LOCK = "checkpoint.lock"
+SCRATCH_DIR = "disk-scratch"  # a guest's checkpoint scratch files (vmckpt/disk_capture.py)
 HEAD_FILE = "head.json"
 # Name spaces of guest runtime directories: guests vmckpt runs (or runs elsewhere), and
 # libvirt domains (whose names may repeat those of vmckpt's guests).
@@ -142,6 +148,229 @@ def _readinto_full(src: Any, buf: npt.NDArray[np.uint8]) -> int:
     return done
 
 
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """Read from ``fd`` until its end or ``limit`` bytes."""
+    chunks = []
+    while limit > 0 and (chunk := os.read(fd, min(limit, 1 << 24))):
+        chunks.append(chunk)
+        limit -= len(chunk)
+    return b"".join(chunks)
+
+
+def _pread_full(
+    fd: int, buf: npt.NDArray[np.uint8], offset: int, manifest: LayerManifest, step: str
+) -> None:
+    """Fill ``buf`` from pages.bin at ``offset``; a short file is a truncated layer."""
+    view = buf.data.cast("B")
+    done = 0
+    while done < view.nbytes:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            raise CorruptLayerError(
+                f"{PAGES} ended early (truncated?)", layer=manifest.id, step=step
+            )
+        done += got
+
+
+def _check_digest(manifest: LayerManifest, name: str, found: str, step: str) -> None:
+    expected = manifest.files[name].sha256
+    if found != expected:
+        raise CorruptLayerError(
+            f"{name}: sha256 mismatch (expected {expected}, found {found})",
+            layer=manifest.id,
+            step=step,
+        )
+
+
+@dataclass(frozen=True)
+class _LayerIndex:
+    """A layer's decoded pages.idx and, from format 1.2, its pages.sum rows."""
+
+    parts: list[BlockIndex]
+    sums: npt.NDArray[np.uint8] | None
+
+
+def _check_page_sums(
+    manifest: LayerManifest,
+    index: _LayerIndex,
+    positions: npt.NDArray[Any],
+    pages: npt.NDArray[np.uint8],
+    step: str,
+) -> None:
+    """The pages read from pages.bin ``positions`` match their pages.sum digests."""
+    assert index.sums is not None
+    found = fmt.page_digests(pages)
+    bad = np.flatnonzero((found != index.sums[positions]).any(axis=1))
+    if bad.size:
+        position = int(positions[int(bad[0])])
+        raise CorruptLayerError(
+            f"{PAGES}: page {position} (of {manifest.pages_stored} stored) does not match its "
+            f"digest in {SUMS}",
+            layer=manifest.id,
+            step=step,
+        )
+
+
+@dataclass
+class _Coverage:
+    """Composing newest first: per RAM block, the pages a newer layer already decided
+    (``done``), and which of them its newest record stores (``stored``) or zeroes
+    (``zeroed``): what a layer that absorbs others must record."""
+
+    done: dict[str, npt.NDArray[np.bool_]]
+    stored: dict[str, npt.NDArray[np.bool_]]
+    zeroed: dict[str, npt.NDArray[np.bool_]]
+    remaining: int
+
+    @classmethod
+    def of(cls, blocks: Iterable[RamBlock]) -> _Coverage:
+        blocks = list(blocks)
+
+        def masks() -> dict[str, npt.NDArray[np.bool_]]:
+            return {b.idstr: np.zeros(b.pages, dtype=np.bool_) for b in blocks}
+
+        return cls(masks(), masks(), masks(), sum(b.pages for b in blocks))
+
+    def take(self, idstr: str, part: BlockIndex) -> npt.NDArray[np.bool_]:
+        """Record a layer's part of a block, older than every layer taken before; returns
+        which of its stored pages are the newest version (a mask over ``part.stored``)."""
+        done = self.done[idstr]
+        fresh = ~done[part.stored]
+        new_zero = part.zeroed[~done[part.zeroed]]
+        self.stored[idstr][part.stored[fresh]] = True
+        self.zeroed[idstr][new_zero] = True
+        done[part.stored] = True
+        done[new_zero] = True
+        self.remaining -= int(np.count_nonzero(fresh)) + new_zero.size
+        return fresh
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """Pages to read from one layer's pages.bin: their positions there (ascending), and
+    where each goes (the number of its RAM block in the image, its page number)."""
+
+    positions: npt.NDArray[np.int64]
+    blocks: npt.NDArray[np.int32]
+    pages: PageNumbers
+
+
+READ_GAP_PAGES = 8  # read across a gap this small rather than make one more read call
+READ_SPAN_PAGES = 1024  # at most this much per read call
+
+
+def _scatter(
+    image: RamImage, rows: npt.NDArray[np.uint8], blocks: npt.NDArray[Any], pages: PageNumbers
+) -> None:
+    """Copy ``rows`` to their pages: row i to page ``pages[i]`` of block ``blocks[i]``."""
+    for number in np.unique(blocks).tolist():
+        mine = blocks == number
+        image.pages_of(image.blocks[number].idstr)[pages[mine]] = rows[mine]
+
+
+def _read_whole(
+    fd: int, manifest: LayerManifest, wanted: _Wanted, image: RamImage, step: str
+) -> None:
+    """A layer without page digests (1.0, 1.1): read its whole pages.bin, check its sha256,
+    and copy the wanted pages into ``image`` (only once the whole file matched)."""
+    total = manifest.pages_stored
+    digest = hashlib.sha256()
+    rows = np.empty((wanted.positions.size, PAGE_SIZE), dtype=np.uint8)
+    whole = np.empty((min(total, CHUNK_PAGES), PAGE_SIZE), dtype=np.uint8)
+    for start in range(0, total, CHUNK_PAGES):
+        buf = whole[: min(CHUNK_PAGES, total - start)]
+        _pread_full(fd, buf, start * PAGE_SIZE, manifest, step)
+        digest.update(buf.data)
+        lo, hi = np.searchsorted(wanted.positions, [start, start + buf.shape[0]])
+        rows[lo:hi] = buf[wanted.positions[lo:hi] - start]
+    _check_digest(manifest, PAGES, digest.hexdigest(), step)
+    _scatter(image, rows, wanted.blocks, wanted.pages)
+
+
+class _PageBatch:
+    """Pages read for a compose from layers with page digests: collected a batch at a time,
+    checked against their digests together (hashed by several threads), and only then
+    copied into the image."""
+
+    def __init__(self, image: RamImage, step: str) -> None:
+        self.image = image
+        self.step = step
+        self.count = 0
+        self.rows = np.empty((0, PAGE_SIZE), dtype=np.uint8)
+        self.expected = np.empty((CHUNK_PAGES, fmt.PAGE_DIGEST_SIZE), dtype=np.uint8)
+        self.blocks = np.empty(CHUNK_PAGES, dtype=np.int32)
+        self.pages = np.empty(CHUNK_PAGES, dtype=np.uint32)
+        self.positions = np.empty(CHUNK_PAGES, dtype=np.int64)
+        self.layers: list[tuple[int, LayerManifest]] = []  # (first row, layer) in row order
+
+    def add(
+        self, fd: int, manifest: LayerManifest, sums: npt.NDArray[np.uint8], wanted: _Wanted
+    ) -> None:
+        """Read the wanted pages of one layer's pages.bin (open as ``fd``) into the batch."""
+        if self.rows.shape[0] == 0:
+            self.rows = np.empty((CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
+        done = 0
+        total = wanted.positions.size
+        while done < total:
+            if self.count == CHUNK_PAGES:
+                self.flush()
+            take = min(total - done, CHUNK_PAGES - self.count)
+            chosen = wanted.positions[done : done + take]
+            rows = slice(self.count, self.count + take)
+            self.layers.append((self.count, manifest))
+            self._read(fd, manifest, chosen, self.rows[rows])
+            self.expected[rows] = sums[chosen]
+            self.blocks[rows] = wanted.blocks[done : done + take]
+            self.pages[rows] = wanted.pages[done : done + take]
+            self.positions[rows] = chosen
+            self.count += take
+            done += take
+
+    def _read(
+        self,
+        fd: int,
+        manifest: LayerManifest,
+        positions: npt.NDArray[np.int64],
+        out: npt.NDArray[np.uint8],
+    ) -> None:
+        """Read pages ``positions`` into ``out``: one read per run of them, across small gaps."""
+        breaks = (np.flatnonzero(np.diff(positions) > READ_GAP_PAGES) + 1).tolist()
+        for a, end in zip([0, *breaks], [*breaks, positions.size], strict=True):
+            while a < end:
+                first = int(positions[a])
+                # At most READ_SPAN_PAGES per read, so the scratch span stays small.
+                b = a + int(np.searchsorted(positions[a:end], first + READ_SPAN_PAGES))
+                last = int(positions[b - 1])
+                if last - first + 1 == b - a:  # consecutive: straight into place
+                    _pread_full(fd, out[a:b], first * PAGE_SIZE, manifest, self.step)
+                else:
+                    span = np.empty((last - first + 1, PAGE_SIZE), dtype=np.uint8)
+                    _pread_full(fd, span, first * PAGE_SIZE, manifest, self.step)
+                    out[a:b] = span[positions[a:b] - first]
+                a = b
+
+    def flush(self) -> None:
+        """Check the batch's pages against their digests, then copy them into the image."""
+        count = self.count
+        if not count:
+            return
+        found = fmt.page_digests(self.rows[:count])
+        bad = np.flatnonzero((found != self.expected[:count]).any(axis=1))
+        if bad.size:
+            row = int(bad[0])
+            starts = [start for start, _ in self.layers]
+            manifest = self.layers[int(np.searchsorted(starts, row, side="right")) - 1][1]
+            raise CorruptLayerError(
+                f"{PAGES}: page {int(self.positions[row])} (of {manifest.pages_stored} stored) "
+                f"does not match its digest in {SUMS}",
+                layer=manifest.id,
+                step=self.step,
+            )
+        _scatter(self.image, self.rows[:count], self.blocks[:count], self.pages[:count])
+        self.count = 0
+        self.layers = []
+
+
 @dataclass(frozen=True)
 class _CheckedLayer:
     """A layer whose files matched its manifest, with its decoded index and small files."""
@@ -159,6 +388,7 @@ class Store:
     def __init__(self, path: Path | str) -> None:
         """Open an existing store; StoreError if ``path`` is missing or not a store."""
         self.path = Path(path).expanduser().absolute()
+        self._layers = str(self.path / LAYERS_DIR)  # for the paths built per layer and file
         if not self.path.exists():
             raise StoreError(
                 f"store {self.path} does not exist (create it with `vmckpt init {self.path}`)",
@@ -179,7 +409,6 @@ class Store:
             obj.get("format_version"), what=str(marker), layer=None, step="open"
         )
         fmt.check_version(version, what=str(marker), layer=None, step="open")
-        self._temporaries: dict[Path, int] = {}  # temporary layers this process writes
 
     @classmethod
     def create(cls, path: Path | str, *, parents: bool = False) -> Store:
@@ -313,6 +542,41 @@ class Store:
             busy=f"store {self.path} is busy",
         )
 
+    def reading(
+        self, what: str, wait_s: float = STORE_LOCK_WAIT_S
+    ) -> contextlib.AbstractContextManager[None]:
+        """The chain lock, shared: held while reading a chain, so that no chain maintenance
+        switches layers under the reader (it takes the lock exclusively to switch)."""
+        return locks.hold(
+            self.path / CHAIN_LOCK,
+            what=what,
+            wait_s=wait_s,
+            busy=f"store {self.path}: a chain maintenance is switching layers",
+            shared=True,
+        )
+
+    def switching(
+        self, what: str, wait_s: float = STORE_LOCK_WAIT_S
+    ) -> contextlib.AbstractContextManager[None]:
+        """The chain lock, exclusive: no reader reads a chain meanwhile (maintenance only)."""
+        return locks.hold(
+            self.path / CHAIN_LOCK,
+            what=what,
+            wait_s=wait_s,
+            busy=f"store {self.path}: layers are being read (restore, verify)",
+        )
+
+    def maintenance_lock(
+        self, what: str, wait_s: float = STORE_LOCK_WAIT_S
+    ) -> contextlib.AbstractContextManager[None]:
+        """One chain maintenance (prune, squash, delete, gc) at a time."""
+        return locks.hold(
+            self.path / MAINTENANCE_LOCK,
+            what=what,
+            wait_s=wait_s,
+            busy=f"store {self.path}: another prune, squash, delete or gc is under way",
+        )
+
     def guest_lock(
         self, name: str, *, what: str, wait_s: float, kind: str = "guest"
     ) -> contextlib.AbstractContextManager[None]:
@@ -349,6 +613,22 @@ class Store:
             raise StoreError(f"cannot create {directory}: {exc}", vm=name, step="open") from exc
         return directory
 
+    def scratch_dir(self, name: str, kind: str = "guest") -> Path:
+        """Where a checkpoint of guest ``name`` keeps its scratch files (``gc`` removes what an
+        interrupted checkpoint left there)."""
+        return self.runtime_dir(name, kind) / SCRATCH_DIR
+
+    def runtime_idle_s(self, name: str, kind: str = "guest") -> float:
+        """Seconds since anything in guest ``name``'s runtime directory last changed."""
+        directory = self._runtime_path(name, kind)
+        newest = 0.0
+        with contextlib.suppress(OSError):
+            newest = os.lstat(directory).st_mtime
+            for entry in os.scandir(directory):
+                with contextlib.suppress(OSError):
+                    newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+        return max(0.0, time.time() - newest)
+
     def has_runtime(self, name: str, kind: str = "guest") -> bool:
         return _is_real_dir(self._runtime_path(name, kind))
 
@@ -382,6 +662,17 @@ class Store:
     def remove_record(self, name: str, record: str, kind: str = "guest") -> None:
         if RECORD_NAME_RE.match(record) and self.has_runtime(name, kind):
             (self._runtime_path(name, kind) / record).unlink(missing_ok=True)
+
+    def runtime_names(self, kind: str = "guest") -> list[str]:
+        """Names of the guests of ``kind`` that have a runtime directory."""
+        root = self.path / KINDS[kind]
+        if not _is_real_dir(root):
+            return []
+        return sorted(
+            entry.name
+            for entry in os.scandir(root)
+            if RUNTIME_NAME_RE.match(entry.name) and entry.is_dir(follow_symlinks=False)
+        )
 
     def names_with(self, record: str, kind: str = "guest") -> list[str]:
         """Names of the guests of ``kind`` that have a ``record`` file."""
@@ -419,6 +710,17 @@ class Store:
         if isinstance(head, str) and self.has_layer(head):
             return head
         return None
+
+    def heads(self) -> dict[str, list[str]]:
+        """Every guest's head: layer id -> the guests (``guest NAME``, ``libvirt DOMAIN``)
+        whose next checkpoint builds on it. Such a layer must stay."""
+        heads: dict[str, list[str]] = {}
+        for kind in KINDS:
+            for name in self.names_with(HEAD_FILE, kind):
+                head = self.head(name, kind)
+                if head is not None:
+                    heads.setdefault(head, []).append(f"{kind} {name}")
+        return heads
 
     def set_head(self, name: str, layer_id: str | None, kind: str = "guest") -> None:
         """Move a guest's head (a restored guest starts from the layer it was restored from)."""
@@ -476,16 +778,26 @@ class Store:
     def _manifest(self, layer_id: str, step: str) -> LayerManifest:
         if not LAYER_ID_RE.match(layer_id):
             raise StoreError(f"{layer_id!r} is not a layer id", step=step)
-        directory = self._layer_dir(layer_id)
-        if not _is_real_dir(directory):
-            if directory.is_symlink():
+        directory = f"{self._layers}/{layer_id}"
+        try:
+            kind = os.lstat(directory).st_mode
+        except OSError:
+            kind = 0
+        if not stat.S_ISDIR(kind):
+            if stat.S_ISLNK(kind):
                 raise CorruptLayerError(
                     "the layer directory is a symbolic link (refused)", layer=layer_id, step=step
                 )
             raise StoreError(f"no such layer in {self.path}", layer=layer_id, step=step)
         try:
-            with os.fdopen(open_nofollow(directory / MANIFEST), "rb") as handle:
-                data = handle.read(MAX_MANIFEST_BYTES + 1)
+            fd = os.open(
+                f"{directory}/{MANIFEST}",
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+            )
+            try:
+                data = _read_at_most(fd, MAX_MANIFEST_BYTES + 1)
+            finally:
+                os.close(fd)
             if len(data) > MAX_MANIFEST_BYTES:
                 raise CorruptLayerError(
                     f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes",
@@ -510,24 +822,43 @@ class Store:
         return self._chain(layer_id, "read", {})
 
     def _chain(
-        self, layer_id: str, step: str, cache: dict[str, LayerManifest]
+        self,
+        layer_id: str,
+        step: str,
+        cache: dict[str, LayerManifest],
+        checked: set[str] | None = None,
     ) -> list[LayerManifest]:
+        """The chain of ``layer_id``, base first, each link checked (parent present, same
+        layout, no loop). With ``checked`` (ids whose chains passed already), the walk stops
+        below the first of them and returns only the layers above it."""
         chain: list[LayerManifest] = []
         seen: set[str] = set()
         current: str | None = layer_id
         while current is not None:
+            if checked is not None and chain and current in checked:
+                if cache[current].layout != chain[-1].layout:
+                    raise CorruptLayerError(
+                        f"{MANIFEST}: RAM block layout {chain[-1].layout} differs from that of "
+                        f"parent {current} {cache[current].layout}",
+                        layer=chain[-1].id,
+                        step=step,
+                    )
+                break
             if current in seen:
                 raise CorruptLayerError(
                     f"{MANIFEST}: parent chain loops back to {current}",
                     layer=chain[-1].id,
                     step=step,
                 )
-            if chain and not _is_real_dir(self._layer_dir(current)):
-                raise CorruptLayerError(
-                    f"{MANIFEST}: parent {current} is missing", layer=chain[-1].id, step=step
-                )
             if current not in cache:
-                cache[current] = self._manifest(current, step)
+                try:
+                    cache[current] = self._manifest(current, step)
+                except StoreError as exc:
+                    if not chain or isinstance(exc, CorruptLayerError):
+                        raise
+                    raise CorruptLayerError(
+                        f"{MANIFEST}: parent {current} is missing", layer=chain[-1].id, step=step
+                    ) from exc
             manifest = cache[current]
             if chain and manifest.layout != chain[-1].layout:
                 raise CorruptLayerError(
@@ -542,91 +873,207 @@ class Store:
         chain.reverse()
         return chain
 
-    def _check_layer(self, manifest: LayerManifest, step: str, hash_pages: bool) -> _CheckedLayer:
-        """Check every file of a layer against its manifest and decode its index.
-
-        With ``hash_pages`` false, pages.bin's size is checked but not its
-        sha256 (the caller hashes it while reading it anyway).
-        """
-        layer_id = manifest.id
-        directory = self._layer_dir(layer_id)
-
-        def corrupt(message: str) -> CorruptLayerError:
-            return CorruptLayerError(message, layer=layer_id, step=step)
-
-        small: dict[str, bytes] = {}
-        for name, entry in sorted(manifest.files.items()):
-            path = directory / name
-            try:
-                info = os.lstat(path)
-            except FileNotFoundError as exc:
-                raise corrupt(f"{name} is missing") from exc
+    def _open_listed(self, manifest: LayerManifest, name: str, step: str) -> int:
+        """Open a listed file of a layer, checked to be a regular file (never a link: it
+        could point anywhere outside the store) of the listed size; returns its fd."""
+        path = f"{self._layers}/{manifest.id}/{name}"
+        entry = manifest.files[name]
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError as exc:
+            raise CorruptLayerError(f"{name} is missing", layer=manifest.id, step=step) from exc
+        except OSError as exc:
+            reason = "is not a regular file" if exc.errno == errno.ELOOP else f"{exc.strerror}"
+            raise CorruptLayerError(f"{name} {reason}", layer=manifest.id, step=step) from exc
+        try:
+            info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                # Never read through a link: it could point anywhere outside the store.
-                raise corrupt(f"{name} is not a regular file")
+                raise CorruptLayerError(
+                    f"{name} is not a regular file", layer=manifest.id, step=step
+                )
             if info.st_size != entry.size:
                 hint = " (truncated?)" if info.st_size < entry.size else ""
-                raise corrupt(f"{name} is {info.st_size} bytes, manifest says {entry.size}{hint}")
-            if name == PAGES or (name.startswith("disk-") and name.endswith(".bin")):
-                if name == PAGES and not hash_pages:
-                    continue
-                found = sha256_file(path)
-            else:
-                with os.fdopen(open_nofollow(path), "rb") as handle:
-                    small[name] = handle.read()
-                found = hashlib.sha256(small[name]).hexdigest()
-            if found != entry.sha256:
-                raise corrupt(f"{name}: sha256 mismatch (expected {entry.sha256}, found {found})")
+                raise CorruptLayerError(
+                    f"{name} is {info.st_size} bytes, manifest says {entry.size}{hint}",
+                    layer=manifest.id,
+                    step=step,
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
-        parts = fmt.decode_index(small[INDEX], manifest, step)
+    def _file_info(self, manifest: LayerManifest, name: str, step: str) -> Path:
+        """A listed file of a layer: present, a regular file, of the listed size."""
+        os.close(self._open_listed(manifest, name, step))
+        return self._layer_dir(manifest.id) / name
+
+    def _read_small(self, manifest: LayerManifest, name: str, step: str) -> bytes:
+        """A small listed file (index, digests, prelude, device state), checked: size, sha256."""
+        fd = self._open_listed(manifest, name, step)
+        try:
+            # Up to one byte more than listed: a file that grew since fstat fails the sha256.
+            data = _read_at_most(fd, manifest.files[name].size + 1)
+        finally:
+            os.close(fd)
+        _check_digest(manifest, name, hashlib.sha256(data).hexdigest(), step)
+        return data
+
+    def _layer_index(self, manifest: LayerManifest, step: str, sums: bool = True) -> _LayerIndex:
+        """The layer's decoded page index and (1.2, if ``sums``) page digests, both checked."""
+        parts = fmt.decode_index(self._read_small(manifest, INDEX, step), manifest, step)
         stored = sum(part.stored.size for part in parts)
         if manifest.files[PAGES].size != stored * PAGE_SIZE:
-            raise corrupt(
+            raise CorruptLayerError(
                 f"{PAGES}: manifest says {manifest.files[PAGES].size} bytes, but the index "
-                f"stores {stored} pages ({stored * PAGE_SIZE} bytes)"
+                f"stores {stored} pages ({stored * PAGE_SIZE} bytes)",
+                layer=manifest.id,
+                step=step,
             )
+        digests = None
+        if sums and manifest.has_page_sums:
+            digests = self._page_sums(manifest, step)
+        return _LayerIndex(parts, digests)
+
+    def _page_sums(self, manifest: LayerManifest, step: str) -> npt.NDArray[np.uint8]:
+        return fmt.decode_sums(self._read_small(manifest, SUMS, step), manifest, step)
+
+    def _check_layer(self, manifest: LayerManifest, step: str) -> _CheckedLayer:
+        """Check every file of a layer against its manifest, all of it: sizes and sha256 of
+        every file, the index, and (1.2) every page against its digest."""
+        layer_id = manifest.id
+        for name in sorted(manifest.files):
+            self._file_info(manifest, name, step)
+        index = self._layer_index(manifest, step)
+        small = {name: self._read_small(manifest, name, step) for name in (PRELUDE, DEVICE)}
+        for name in sorted(manifest.files):
+            if name in (PAGES, INDEX, SUMS, PRELUDE, DEVICE):
+                continue
+            path = self._layer_dir(layer_id) / name
+            if name.startswith("disk-") and name.endswith(".bin"):
+                _check_digest(manifest, name, sha256_file(path), step)
+            else:
+                small[name] = self._read_small(manifest, name, step)
+        self._check_pages(manifest, index, step)
         for disk in manifest.disks:
             fmt.decode_disk_index(small[disk.index_file], disk, layer_id, step)
-        return _CheckedLayer(manifest, parts, small[PRELUDE], small[DEVICE])
+        return _CheckedLayer(manifest, index.parts, small[PRELUDE], small[DEVICE])
+
+    def _check_pages(self, manifest: LayerManifest, index: _LayerIndex, step: str) -> None:
+        """pages.bin read once: its sha256, and (1.2) each page against pages.sum."""
+        total = manifest.pages_stored
+        digest = hashlib.sha256()
+        path = self._file_info(manifest, PAGES, step)
+        scratch = np.empty((min(total, CHUNK_PAGES), PAGE_SIZE), dtype=np.uint8)
+        first_bad: CorruptLayerError | None = None
+        with os.fdopen(open_nofollow(path), "rb") as src:
+            for start in range(0, total, CHUNK_PAGES):
+                buf = scratch[: min(CHUNK_PAGES, total - start)]
+                if _readinto_full(src, buf) != buf.nbytes:
+                    raise CorruptLayerError(
+                        f"{PAGES} ended early (truncated?)", layer=manifest.id, step=step
+                    )
+                digest.update(buf.data)
+                if index.sums is not None and first_bad is None:
+                    positions = np.arange(start, start + buf.shape[0])
+                    try:
+                        _check_page_sums(manifest, index, positions, buf, step)
+                    except CorruptLayerError as exc:
+                        first_bad = exc
+        # The file's own checksum speaks first; a page that matches no digest in a file
+        # that matches its checksum means a wrong pages.sum.
+        _check_digest(manifest, PAGES, digest.hexdigest(), step)
+        if first_bad is not None:
+            raise first_bad
 
     def verify(self, layer_id: str | None = None) -> list[str]:
         """Verify the chain ending at ``layer_id``, or every layer of the store.
 
         Checks each manifest (checksum, format version, fields), each file's size
         and sha256, each index against its manifest (counts, page ranges, order),
-        that parents exist, have the same RAM block layout and form no loop.
-        Returns the ids verified (base first for a chain); raises
-        CorruptLayerError (FormatVersionError) on the first problem found.
+        each page against its digest (1.2), that parents exist, have the same RAM
+        block layout and form no loop. Returns the ids verified (base first for a
+        chain); raises CorruptLayerError (FormatVersionError) on the first problem.
         """
         cache: dict[str, LayerManifest] = {}
-        if layer_id is not None:
-            chain = self._chain(layer_id, "verify", cache)
-            for manifest in chain:
-                self._check_layer(manifest, "verify", hash_pages=True)
-            return [manifest.id for manifest in chain]
-        ids = self.layer_ids()
-        for each in ids:
-            self._chain(each, "verify", cache)
-            self._check_layer(cache[each], "verify", hash_pages=True)
-        return ids
+        with self.reading("verify"):
+            if layer_id is not None:
+                chain = self._chain(layer_id, "verify", cache)
+                for manifest in chain:
+                    self._check_layer(manifest, "verify")
+                return [manifest.id for manifest in chain]
+            ids = self.layer_ids()
+            checked: set[str] = set()
+            for each in ids:
+                checked.update(m.id for m in self._chain(each, "verify", cache, checked))
+                self._check_layer(cache[each], "verify")
+            return ids
 
     def compose(self, layer_id: str) -> tuple[RamImage, bytes, bytes]:
         """The guest's RAM at ``layer_id`` plus that layer's prelude and device state.
 
-        Verifies the chain first (manifests, sizes, checksums, indexes); the
-        sha256 of each pages.bin is computed while it is read, and a mismatch
-        raises before anything is returned. For each page, the newest layer
-        that stores or zeroes it wins.
+        Newest first: each layer of the chain contributes only the pages no newer
+        layer of the chain stores or zeroes (a page bitmap), and only those are
+        read, each checked against its digest (1.2 layers; an older layer's whole
+        pages.bin is read and hashed instead). Every manifest of the chain, every
+        index and digest file read, and the newest layer's prelude and device state
+        are checked; any mismatch raises before anything is returned. The cost is
+        that of the pages composed, plus a small constant per layer.
         """
-        chain = self._chain(layer_id, "compose", {})
-        checked = [self._check_layer(m, "compose", hash_pages=False) for m in chain]
-        newest = chain[-1]
-        self._check_ram_size(newest, "compose")
-        image = RamImage.zeroed([RamBlock(block.idstr, block.length) for block in newest.blocks])
-        scratch = np.empty((CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
-        for layer in checked:
-            self._apply_pages(layer, image, scratch)
-        return image, checked[-1].prelude, checked[-1].device
+        with self.reading("compose"):
+            chain = self._chain(layer_id, "compose", {})
+            newest = chain[-1]
+            self._check_ram_size(newest, "compose")
+            blocks = [RamBlock(block.idstr, block.length) for block in newest.blocks]
+            image = RamImage.zeroed(blocks)
+            self._gather(list(reversed(chain)), image, _Coverage.of(blocks), "compose")
+            prelude = self._read_small(newest, PRELUDE, "compose")
+            device = self._read_small(newest, DEVICE, "compose")
+        return image, prelude, device
+
+    def _gather(
+        self,
+        newest_first: list[LayerManifest],
+        image: RamImage,
+        coverage: _Coverage,
+        step: str,
+    ) -> None:
+        """Copy into ``image`` each page's newest version among ``newest_first``, skipping
+        pages ``coverage`` says a newer layer decided already; update ``coverage``. Every
+        page copied is checked first (its digest, or its file's sha256)."""
+        block_numbers = {block.idstr: number for number, block in enumerate(image.blocks)}
+        batch = _PageBatch(image, step)
+        for manifest in newest_first:
+            if coverage.remaining == 0:
+                break
+            # pages.sum is read only if the layer has pages to give.
+            index = self._layer_index(manifest, step, sums=False)
+            positions: list[npt.NDArray[np.int64]] = []
+            blocks: list[npt.NDArray[np.int32]] = []
+            pages: list[PageNumbers] = []
+            offset = 0
+            for block, part in zip(manifest.blocks, index.parts, strict=True):
+                if part.stored.size or part.zeroed.size:
+                    fresh = coverage.take(block.idstr, part)
+                    if fresh.any():
+                        chosen = np.flatnonzero(fresh)
+                        positions.append(chosen + offset)
+                        pages.append(part.stored[chosen])
+                        blocks.append(np.full(chosen.size, block_numbers[block.idstr], np.int32))
+                offset += part.stored.size
+            if not positions:
+                continue
+            wanted = _Wanted(np.concatenate(positions), np.concatenate(blocks),
+                             np.concatenate(pages))  # fmt: skip
+            fd = self._open_listed(manifest, PAGES, step)
+            try:
+                if not manifest.has_page_sums:
+                    _read_whole(fd, manifest, wanted, image, step)
+                else:
+                    batch.add(fd, manifest, self._page_sums(manifest, step), wanted)
+            finally:
+                os.close(fd)
+        batch.flush()
 
     def _check_ram_size(self, manifest: LayerManifest, step: str) -> None:
         """Refuse, before allocating it, RAM far beyond what the layer's guest has."""
@@ -639,38 +1086,6 @@ class Store:
                 f"({memory} MiB) by far",
                 layer=manifest.id,
                 step=step,
-            )
-
-    def _apply_pages(
-        self, layer: _CheckedLayer, image: RamImage, scratch: npt.NDArray[np.uint8]
-    ) -> None:
-        manifest = layer.manifest
-        expected = manifest.files[PAGES]
-        digest = hashlib.sha256()
-        with os.fdopen(open_nofollow(self._layer_dir(manifest.id) / PAGES), "rb") as src:
-            for block, part in zip(manifest.blocks, layer.parts, strict=True):
-                view = image.pages_of(block.idstr)
-                if part.zeroed.size:
-                    view[part.zeroed] = 0
-                for start in range(0, part.stored.size, CHUNK_PAGES):
-                    numbers = part.stored[start : start + CHUNK_PAGES]
-                    buf = scratch[: numbers.size]
-                    if _readinto_full(src, buf) != buf.nbytes:
-                        raise CorruptLayerError(
-                            f"{PAGES} ended early (truncated?)", layer=manifest.id, step="compose"
-                        )
-                    digest.update(buf.data)
-                    view[numbers] = buf
-            if src.read(1):
-                raise CorruptLayerError(
-                    f"{PAGES} is longer than its index says", layer=manifest.id, step="compose"
-                )
-        if digest.hexdigest() != expected.sha256:
-            raise CorruptLayerError(
-                f"{PAGES}: sha256 mismatch (expected {expected.sha256}, "
-                f"found {digest.hexdigest()})",
-                layer=manifest.id,
-                step="compose",
             )
 
     def disk_chain(self, layer_id: str, disk_id: str) -> list[LayerManifest]:
@@ -702,20 +1117,17 @@ class Store:
         Checks every layer used (manifest, files, index, sha256 of the data while
         reading it) and removes ``target`` on failure. Returns the disk size.
         """
-        used = self.disk_chain(layer_id, disk_id)
         size = 0
         try:
-            with open(target, "xb") as out:
+            with self.reading("compose a disk"), open(target, "xb") as out:
+                used = self.disk_chain(layer_id, disk_id)
                 for manifest in used:
                     record = manifest.disk(disk_id)
                     assert record is not None
                     size = record.size
                     out.truncate(size)
-                    checked = self._check_layer(manifest, "compose-disk", hash_pages=False)
-                    del checked
-                    index_path = self._layer_dir(manifest.id) / record.index_file
-                    with os.fdopen(open_nofollow(index_path), "rb") as handle:
-                        index_bytes = handle.read()
+                    index_bytes = self._read_small(manifest, record.index_file, "compose-disk")
+                    self._file_info(manifest, record.data_file, "compose-disk")
                     index = fmt.decode_disk_index(index_bytes, record, manifest.id, "compose-disk")
                     for offset, length in index.zeroed:
                         out.seek(offset)
@@ -783,13 +1195,15 @@ class Store:
         """Write ``content`` as a new layer and make it the head of ``head_of`` (kind, name).
 
         The id is allocated under the store lock (the temporary directory that
-        reserves it is made under the lock too, so ids never repeat); the layer is
-        built in layers/.tmp-<id>-<random>/, every file fsynced, manifest.json
-        written and fsynced last, the directory fsynced; then, under the store
-        lock, the head file notes the layer as pending, the directory is renamed
-        to layers/<id>, layers/ fsynced, and the head moved. On any failure the
-        temporary directory is removed and the store is as before; an OSError is
-        raised as StoreError, anything else as it is.
+        reserves it is made, and locked, under the lock too, so ids never repeat
+        and ``gc`` leaves it alone); the layer is built in
+        layers/.tmp-<id>-<random>/, every file fsynced, manifest.json written and
+        fsynced last, the directory fsynced; then, under the store lock, the
+        parent is checked to be still there, the head file notes the layer as
+        pending, the directory is renamed to layers/<id>, layers/ fsynced, and the
+        head moved. On any failure the temporary directory is removed and the
+        store is as before; an OSError is raised as StoreError, anything else as
+        it is.
         """
         parts = _check_content(content)
         if content.parent is not None:
@@ -801,107 +1215,124 @@ class Store:
                     f"{parent.id} {parent.layout}",
                     step="write",
                 )
-        tmp, layer_id = self._reserve()
+        disks = [_disk_write(delta) for delta in content.disks]
+        created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        tmp, layer_id, fd = self._make_temporary(None)
         try:
-            files = {
-                PAGES: _write_new(tmp / PAGES, _page_chunks(content.ram, parts)),
-                INDEX: _write_new(tmp / INDEX, [fmt.encode_index(parts)]),
-                PRELUDE: _write_new(tmp / PRELUDE, [content.prelude]),
-                DEVICE: _write_new(tmp / DEVICE, [content.epilogue]),
-            }
-            disks = _write_disks(tmp, content, files)
-            manifest = LayerManifest(
-                id=layer_id,
-                parent=content.parent,
-                created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                guest=content.guest,
-                spec=content.spec,
-                qemu_version=content.qemu_version,
-                machine_type=content.machine_type,
-                mechanism=content.mechanism,
-                ram_section=content.ram_section,
-                blocks=tuple(
-                    fmt.BlockSummary(block.idstr, block.length, part.stored.size, part.zeroed.size)
-                    for block, part in zip(content.ram.blocks, parts, strict=True)
-                ),
-                stats=content.stats,
-                files=files,
-                # A layer without disks stays 1.0, readable by every 1.x reader.
-                format_version=(fmt.FORMAT_MAJOR, fmt.DISKS_MINOR if disks else 0),
-                disks=disks,
+            manifest = self._write_layer_files(
+                tmp, layer_id, content, parts, disks, created=created
             )
-            data = fmt.manifest_bytes(fmt.manifest_to_json(manifest))
-            # Return what a reader will see (JSON turns tuples into lists, etc.).
-            manifest = fmt.parse_manifest(data, layer_id, "write")
-            _write_new(tmp / MANIFEST, [data])  # the commit point
-            fsync_dir(tmp)
             faults.point(faults.MID_WRITE)
+            self._publish(tmp, layer_id, content.parent, head_of)
         except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._release_temporary(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing, once renamed into place
             if isinstance(exc, OSError):
                 raise _write_error(exc, layer_id) from exc
             raise
-        self._publish(tmp, layer_id, head_of)
+        finally:
+            os.close(fd)
         return manifest
 
-    def _reserve(self) -> tuple[Path, str]:
-        """A new layer id and the temporary directory that reserves it (locked: see
-        :meth:`remove_stale_temporaries`). Stale temporaries are removed first."""
+    def _make_temporary(self, layer_id: str | None) -> tuple[Path, str, int]:
+        """A temporary layer directory layers/.tmp-<id>-<random>/ (for a new id if
+        ``layer_id`` is None), made and locked under the store lock; returns it, the id and
+        the fd that holds its lock (close it when done)."""
         try:
-            with self.lock("allocate a layer id"):
-                self.remove_stale_temporaries()
-                layer_id = self._new_layer_id()
-                tmp = self._new_temporary(layer_id)
+            with self.lock("allocate a layer id" if layer_id is None else f"write {layer_id}"):
+                if layer_id is None:
+                    self._remove_dead_temporaries()
+                    layer_id = self._new_layer_id()
+                tmp = self.layers_path / f"{TMP_PREFIX}{layer_id}-{secrets.token_hex(4)}"
+                _mkdir_private(tmp)
+                try:
+                    fd = locks.lock_directory(tmp)
+                except BaseException:
+                    tmp.rmdir()
+                    raise
         except OSError as exc:
             raise StoreError(
                 f"cannot write into {self.layers_path}: {exc.strerror or exc}", step="write"
             ) from exc
-        return tmp, layer_id
+        return tmp, layer_id, fd
 
-    def _new_temporary(self, layer_id: str) -> Path:
-        """layers/.tmp-<id>-<random>/, locked (flock on its directory) until released: a
-        writer that dies releases it, which is how a stale one is told from a live one."""
-        tmp = self.layers_path / f"{TMP_PREFIX}{layer_id}-{secrets.token_hex(4)}"
-        _mkdir_private(tmp)
-        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        self._temporaries[tmp] = fd
-        return tmp
-
-    def _release_temporary(self, tmp: Path) -> None:
-        fd = self._temporaries.pop(tmp, None)
-        if fd is not None:
-            os.close(fd)
-
-    def remove_stale_temporaries(self) -> list[str]:
-        """Remove the temporary layer directories whose writer died (their lock is free);
-        returns their names. Call under the store lock."""
-        removed: list[str] = []
+    def _remove_dead_temporaries(self) -> None:
+        """Temporary layer directories whose writer died (their lock is free) go at the next
+        commit (gc removes them too). Call under the store lock."""
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.layers_path):
-                rest = entry.name.removeprefix(TMP_PREFIX)
-                if rest == entry.name or not LAYER_ID_RE.match(rest[: rest.rfind("-")]):
-                    continue
-                try:
-                    fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-                except OSError:
-                    continue
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a live writer holds it
-                finally:
-                    os.close(fd)
-                shutil.rmtree(entry.path, ignore_errors=True)
-                removed.append(entry.name)
-        return removed
+                if entry.name.startswith(TMP_PREFIX) and not locks.directory_in_use(
+                    Path(entry.path)
+                ):
+                    shutil.rmtree(entry.path, ignore_errors=True)
 
-    def _publish(self, tmp: Path, layer_id: str, head_of: tuple[str, str] | None) -> None:
+    def _write_layer_files(
+        self,
+        tmp: Path,
+        layer_id: str,
+        content: LayerContent,
+        parts: list[BlockIndex],
+        disks: list[_DiskWrite],
+        *,
+        created: str,
+    ) -> LayerManifest:
+        """Write a complete layer into ``tmp``: its files, each fsynced, then manifest.json
+        (the commit point), then the directory's fsync. Returns the manifest as read back."""
+        sums: list[npt.NDArray[np.uint8]] = []
+
+        def pages() -> Iterable[npt.NDArray[np.uint8]]:
+            for chunk in _page_chunks(content.ram, parts):
+                sums.append(fmt.page_digests(chunk))
+                yield chunk
+
+        files = {PAGES: _write_new(tmp / PAGES, pages())}
+        files[SUMS] = _write_new(tmp / SUMS, sums)
+        files[INDEX] = _write_new(tmp / INDEX, [fmt.encode_index(parts)])
+        files[PRELUDE] = _write_new(tmp / PRELUDE, [content.prelude])
+        files[DEVICE] = _write_new(tmp / DEVICE, [content.epilogue])
+        records = _write_disks(tmp, disks, files)
+        manifest = LayerManifest(
+            id=layer_id,
+            parent=content.parent,
+            created=created,
+            guest=content.guest,
+            spec=content.spec,
+            qemu_version=content.qemu_version,
+            machine_type=content.machine_type,
+            mechanism=content.mechanism,
+            ram_section=content.ram_section,
+            blocks=tuple(
+                fmt.BlockSummary(block.idstr, block.length, part.stored.size, part.zeroed.size)
+                for block, part in zip(content.ram.blocks, parts, strict=True)
+            ),
+            stats=content.stats,
+            files=files,
+            format_version=(fmt.FORMAT_MAJOR, fmt.FORMAT_MINOR),
+            disks=records,
+        )
+        data = fmt.manifest_bytes(fmt.manifest_to_json(manifest))
+        # Return what a reader will see (JSON turns tuples into lists, etc.).
+        manifest = fmt.parse_manifest(data, layer_id, "write")
+        _write_new(tmp / MANIFEST, [data])  # the commit point
+        fsync_dir(tmp)
+        return manifest
+
+    def _publish(
+        self,
+        tmp: Path,
+        layer_id: str,
+        parent: str | None,
+        head_of: tuple[str, str] | None,
+    ) -> None:
         """Rename a complete temporary layer into place and move the head, under the lock."""
         final = self._layer_dir(layer_id)
         try:
             with self.lock(f"publish layer {layer_id}"):
+                if parent is not None and not _is_real_dir(self._layer_dir(parent)):
+                    # A prune or delete removed it while this layer was being written.
+                    raise StoreError(
+                        f"its parent layer {parent} was removed meanwhile", layer=layer_id,
+                        step="write",
+                    )  # fmt: skip
                 if head_of is not None:
                     kind, name = head_of
                     old = self.head(name, kind)
@@ -920,8 +1351,6 @@ class Store:
             if isinstance(exc, OSError):
                 raise _write_error(exc, layer_id) from exc
             raise
-        finally:
-            self._release_temporary(tmp)
 
     def receive_layer(
         self,
@@ -949,11 +1378,7 @@ class Store:
                 for _chunk in chunks:
                     pass  # consume what the sender sends anyway
             return False
-        try:
-            with self.lock("receive a layer"):
-                tmp = self._new_temporary(layer_id)
-        except OSError as exc:
-            raise _write_error(exc, layer_id) from exc
+        tmp, _, fd = self._make_temporary(layer_id)
         try:
             written: dict[str, FileEntry] = {}
             for name, chunks in files:
@@ -962,20 +1387,21 @@ class Store:
                         f"file name {name!r} is not allowed", layer=layer_id, step="receive-layer"
                     )
                 written[name] = _write_new(tmp / name, chunks)
-            self._check_copy(tmp, layer_id, manifest_sha256, written)
+            manifest = self._check_copy(tmp, layer_id, manifest_sha256, written)
             fsync_dir(tmp)
+            self._publish(tmp, layer_id, manifest.parent, None)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            self._release_temporary(tmp)
             if isinstance(exc, OSError):
                 raise _write_error(exc, layer_id) from exc
             raise
-        self._publish(tmp, layer_id, None)
+        finally:
+            os.close(fd)
         return True
 
     def _check_copy(
         self, tmp: Path, layer_id: str, manifest_sha256: str, written: dict[str, FileEntry]
-    ) -> None:
+    ) -> LayerManifest:
         def bad(message: str) -> StoreError:
             return StoreError(f"the copy is damaged: {message}", layer=layer_id, step="check-copy")
 
@@ -996,6 +1422,7 @@ class Store:
         extra = set(written) - set(manifest.files) - {MANIFEST}
         if extra:
             raise bad(f"unexpected files {sorted(extra)}")
+        return manifest
 
     def layer_files(self, layer_id: str) -> list[tuple[str, Path, int]]:
         """A committed layer's files to send to another store: name, path, size; the
@@ -1009,6 +1436,15 @@ class Store:
         """The SHA-256 of a layer's manifest.json file as stored (its identity across stores)."""
         self.manifest(layer_id)
         return sha256_file(self._layer_dir(layer_id) / MANIFEST)
+
+    def bytes_on_disk(self) -> int:
+        """The size of every file in the store (layers, runtime files, media)."""
+        total = 0
+        for root, _dirs, files in os.walk(self.path):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(root, name)).st_size
+        return total
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.path).free
@@ -1031,18 +1467,41 @@ def _file_chunks(path: Path, expected: int) -> Iterable[bytes]:
         raise StoreError(f"{path} holds {got} bytes, its extents need {expected}", step="write")
 
 
+@dataclass(frozen=True)
+class _DiskWrite:
+    """A disk delta to write into a layer: its record's fields, and its data as chunks (the
+    stored extents' bytes, concatenated in order)."""
+
+    id: str
+    format: str
+    size: int
+    path: str
+    full: bool
+    stored: fmt.Extents
+    zeroed: fmt.Extents
+    bitmap: str | None
+    chunks: Iterable[bytes]
+
+
+def _disk_write(delta: DiskDelta) -> _DiskWrite:
+    stored_bytes = sum(length for _, length in delta.stored)
+    return _DiskWrite(
+        delta.id, delta.format, delta.size, delta.path, delta.full, delta.stored, delta.zeroed,
+        delta.bitmap, _file_chunks(delta.data_path, stored_bytes),
+    )  # fmt: skip
+
+
 def _write_disks(
-    tmp: Path, content: LayerContent, files: dict[str, FileEntry]
+    tmp: Path, disks: list[_DiskWrite], files: dict[str, FileEntry]
 ) -> tuple[fmt.DiskRecord, ...]:
     """Write each disk delta's index and data into the layer being built."""
     records: list[fmt.DiskRecord] = []
-    for delta in content.disks:
+    for delta in disks:
         if not fmt.DISK_ID_RE.match(delta.id) or any(r.id == delta.id for r in records):
             raise StoreError(f"disk id {delta.id!r} is not allowed or repeats", step="write")
         problem = fmt.check_extents(delta.stored, delta.zeroed, delta.size)
         if problem:
             raise StoreError(f"disk {delta.id}: {problem}", step="write")
-        stored_bytes = sum(length for _, length in delta.stored)
         record = fmt.DiskRecord(
             id=delta.id,
             format=delta.format,
@@ -1051,16 +1510,20 @@ def _write_disks(
             full=delta.full,
             extents_stored=len(delta.stored),
             extents_zeroed=len(delta.zeroed),
-            bytes_stored=stored_bytes,
+            bytes_stored=sum(length for _, length in delta.stored),
             bytes_zeroed=sum(length for _, length in delta.zeroed),
             bitmap=delta.bitmap,
         )
         files[record.index_file] = _write_new(
             tmp / record.index_file, [fmt.encode_disk_index(delta.stored, delta.zeroed)]
         )
-        files[record.data_file] = _write_new(
-            tmp / record.data_file, _file_chunks(delta.data_path, stored_bytes)
-        )
+        files[record.data_file] = _write_new(tmp / record.data_file, delta.chunks)
+        if files[record.data_file].size != record.bytes_stored:
+            raise StoreError(
+                f"disk {delta.id}: {files[record.data_file].size} bytes of data, its extents "
+                f"need {record.bytes_stored}",
+                step="write",
+            )
         records.append(record)
     return tuple(records)
 

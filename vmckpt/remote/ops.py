@@ -24,6 +24,7 @@ from vmckpt.backends import Guest, GuestStatus
 from vmckpt.checkpoint import CheckpointSettings
 from vmckpt.errors import RemoteError, UsageError, VmckptError
 from vmckpt.images import LayerManifest, Store
+from vmckpt.images.retention import keep_arguments
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.remote.endpoint import (
     DEFAULT_REMOTE_PYTHON,
@@ -382,6 +383,9 @@ class RemoteGuest(Guest):
             args += ["--count", str(settings.count)]
         if settings.pause_budget_ms is not None:
             args += ["--pause-budget", str(settings.pause_budget_ms)]
+        if settings.keep is not None:  # the layers are there: pruned there, by its vmckpt
+            every = f"{settings.prune_every_s}s"
+            args += [*keep_arguments(settings.keep), "--prune-every", every]
         taken = 0
         for row in self._rows("watch", *args):
             report(row)
