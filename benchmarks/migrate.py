@@ -13,9 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from tests.framework.netns import other_host
-
 from benchmarks.migrate_lib import format_rows, run_migration_bench
+from tests.framework.netns import other_host
 from vmckpt.remote import HostAddress, RemoteTarget, SshOptions
 
 REPO = Path(__file__).resolve().parent.parent
