@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Markers follow the fixtures a test uses, so they are applied consistently."""
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
-        if names & {"guest_images", "vmckpt"}:
+        if names & {"guest_images", "vmckpt", "microkernel_runner"}:
             item.add_marker(pytest.mark.qemu)
         if "root" in names:
             item.add_marker(pytest.mark.root)

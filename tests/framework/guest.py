@@ -71,6 +71,7 @@ class Vmckpt:
     store: Path
     media: Path = GUEST_BUILD
     started: set[str] = field(default_factory=set)
+    env: dict[str, str] = field(default_factory=dict)  # for every command (e.g. VMCKPT_QEMU)
 
     def __call__(
         self,
@@ -80,6 +81,7 @@ class Vmckpt:
         timeout: float = 300,
     ) -> subprocess.CompletedProcess[str]:
         full_env = dict(os.environ)
+        full_env.update(self.env)
         full_env.update(env or {})
         result = subprocess.run(
             [sys.executable, "-m", "vmckpt", *args],

@@ -1,0 +1,60 @@
+"""The checkpoint mechanisms a test can run a guest through, each with the QEMU it needs.
+
+vmckpt has two mechanisms (vmckpt/mechanisms.py): ``precopy-diff``, which every
+QEMU >= 7.2 runs, and ``colo`` (incremental transfer through QEMU's COLO, with
+vmckpt as the receiver), which is safe only on QEMU >= 11 under TCG. A
+:class:`Mechanism` names one of them together with the QEMU binary it runs
+on and the options ``vmckpt checkpoint`` needs to use it; tests take
+:data:`MECHANISMS` as a pytest parameter list, so a new variant (COLO on QEMU
+11, once ``vmckpt checkpoint`` takes it) is one more entry here and every
+such test runs it.
+
+QEMU 11 is the one ``make test`` installs (scripts/install-deps.sh); another
+can be named with ``VMCKPT_QEMU11``. A variant whose QEMU is missing fails,
+saying where it was looked for.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import pytest
+
+SYSTEM_QEMU = "qemu-system-x86_64"  # on PATH: Debian's QEMU 10 (bookworm-backports)
+QEMU11_DEFAULT = "/var/cache/vmckpt/qemu-11/bin/qemu-system-x86_64"
+
+
+def qemu11() -> str:
+    return os.environ.get("VMCKPT_QEMU11", QEMU11_DEFAULT)
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One way of checkpointing a guest in a test."""
+
+    name: str  # what every layer it writes must record as its mechanism
+    qemu: str = SYSTEM_QEMU  # VMCKPT_QEMU for every vmckpt command
+    qemu_major: int = 10  # the major version the layers must record
+    checkpoint_args: tuple[str, ...] = ()  # extra `vmckpt checkpoint` options
+
+    def env(self) -> dict[str, str]:
+        """The environment for every vmckpt command of the test (fails if the QEMU is missing)."""
+        if shutil.which(self.qemu) is None:
+            pytest.fail(
+                f"no QEMU {self.qemu_major} at {self.qemu} (make deps-test installs it; "
+                "or set VMCKPT_QEMU11=PATH)",
+                pytrace=False,
+            )
+        return {"VMCKPT_QEMU": self.qemu}
+
+
+MECHANISMS = [
+    pytest.param(Mechanism("precopy-diff"), id="precopy-diff-qemu10"),
+    pytest.param(
+        Mechanism("precopy-diff", qemu=qemu11(), qemu_major=11),
+        id="precopy-diff-qemu11",
+        marks=pytest.mark.qemu11,
+    ),
+]
