@@ -26,6 +26,7 @@ from vmckpt.disk_restore import discard_restored, materialize, track_restored
 from vmckpt.errors import QMPError, RestoreError, VmckptError
 from vmckpt.images import LayerManifest, Store
 from vmckpt.progress import NO_PROGRESS, Progress
+from vmckpt.qemu import machine_types, qemu_binary, qemu_version
 from vmckpt.ram import RamImage
 from vmckpt.session import MigrationSession
 from vmckpt.spec import GuestSpec, check_name
@@ -103,6 +104,22 @@ def relocate_media(spec: GuestSpec, store: Store) -> GuestSpec:
     return replace(spec, media=tuple(media))
 
 
+def check_machine_type(manifest: LayerManifest, vm: str) -> None:
+    """Refuse, before anything starts, a layer whose exact machine type the QEMU in use lacks
+    (a layer of a newer QEMU: machine types are versioned, older ones stay in newer QEMUs)."""
+    binary = qemu_binary()
+    wanted = manifest.machine_type
+    if wanted and wanted not in machine_types(binary):
+        raise RestoreError(
+            f"it was taken by QEMU {manifest.qemu_version} on machine type {wanted}, which "
+            f"QEMU {qemu_version(binary)} ({binary}) does not have: restore it with QEMU "
+            f"{manifest.qemu_version} or later (VMCKPT_QEMU=PATH)",
+            vm=vm,
+            layer=manifest.id,
+            step="check-machine",
+        )
+
+
 def restore_guest(
     store: Store,
     layer_ref: str | None,
@@ -120,6 +137,7 @@ def restore_guest(
     name = check_name(name or manifest.guest)
     guest = LocalGuest(store, name)
     guest.refuse_if_running()
+    check_machine_type(manifest, name)
     spec = relocate_media(image.spec, store)
     spec.check_media(vm=name)
     args = spec.qemu_args if extra_args is None else extra_args
