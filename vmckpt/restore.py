@@ -6,9 +6,10 @@ vmckpt): the chain is verified and composed first, so nothing is started for
 a broken chain. :func:`restore_guest` then starts a QEMU from the stored spec
 with the layer's exact machine type, waiting for an incoming migration (a
 :class:`~vmckpt.session.MigrationSession`), writes the composed stream into
-it, resumes the guest, and watches it for a moment: a guest that panics,
-resets or whose QEMU exits right away is a failed restore. A restore that
-fails ends the QEMU it started; the store is only ever read.
+it, resumes the guest, and watches it for a moment (vmckpt/liveness.py): a
+guest that panics, resets or whose QEMU exits right away is a failed
+restore. A restore that fails ends the QEMU it started; the store is only
+ever read.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from vmckpt import log
 from vmckpt.backends import LocalGuest
 from vmckpt.disk_restore import discard_restored, materialize, track_restored
-from vmckpt.errors import QMPError, RestoreError, VmckptError
+from vmckpt.errors import RestoreError, VmckptError
 from vmckpt.images import LayerManifest, Store
+from vmckpt.liveness import FATAL_EVENTS, Observation, observe
 from vmckpt.progress import NO_PROGRESS, Progress
-from vmckpt.qemu import machine_types, qemu_binary, qemu_version
+from vmckpt.qemu import QemuProcess, machine_types, qemu_binary, qemu_version
 from vmckpt.ram import RamImage
 from vmckpt.session import MigrationSession
 from vmckpt.spec import GuestSpec, check_name
@@ -34,8 +38,6 @@ from vmckpt.stream import StreamEnvelope, write_stream
 
 LOAD_TIMEOUT_S = 120.0
 DEFAULT_CHECK_S = 1.0  # how long a restored guest is watched before the restore counts
-# Events that mean the restored guest died or restarted at once.
-FATAL_EVENTS = {"GUEST_PANICKED", "SHUTDOWN", "RESET", "GUEST_CRASHLOADED"}
 _log = log.get(__name__)
 
 
@@ -156,7 +158,10 @@ def restore_guest(
     process = guest.process()
     try:
         with progress.task("loading into QEMU", None):
-            written, loaded = _load_into(guest, image, spec, check_s)
+            written, loaded, observation = _load_into(
+                process, image, spec, name=name, watch_s=check_s, until=_fatal
+            )
+        _check_alive(process, observation)
         store.set_head(name, manifest.id)
     except BaseException as exc:
         process.kill()
@@ -164,6 +169,7 @@ def restore_guest(
         if isinstance(exc, VmckptError) and not isinstance(exc, RestoreError):
             raise RestoreError(exc.message, vm=name, layer=manifest.id, step=exc.step) from exc
         if isinstance(exc, RestoreError):
+            exc.vm = exc.vm or name
             exc.layer = exc.layer or manifest.id
             exc.args = (exc.one_line(),)
         raise
@@ -177,6 +183,10 @@ def restore_guest(
         total_s=time.monotonic() - started,
         stream_bytes=written,
     )
+
+
+def _fatal(observation: Observation) -> bool:
+    return observation.fatal
 
 
 class _StreamSender(threading.Thread):
@@ -200,12 +210,16 @@ class _StreamSender(threading.Thread):
 
 
 def _load_into(
-    guest: LocalGuest, image: LayerImage, spec: GuestSpec, check_s: float
-) -> tuple[int, float]:
-    """Load the composed stream, resume, watch the guest live; the bytes written and the
-    moment the guest ran."""
-    process = guest.process()
-    name = guest.name
+    process: QemuProcess,
+    image: LayerImage,
+    spec: GuestSpec,
+    *,
+    name: str,
+    watch_s: float,
+    until: Callable[[Observation], bool] | None,
+) -> tuple[int, float, Observation]:
+    """Load the composed stream, resume, and watch the guest from the moment it resumes
+    (vmckpt/liveness.py); the bytes written, the moment the guest ran, what was seen."""
     with process.monitor() as mon:
         session = MigrationSession(
             mon, vm=name, error=RestoreError, capabilities={"events": True}, incoming=True,
@@ -230,32 +244,38 @@ def _load_into(
                 raise RestoreError(f"writing the stream failed: {sender.error}", step="load")
             track_restored(mon, spec.disks, image.manifest)
             mark = mon.mark()
+            console_from = _size(process.serial_log)
             session.resume()
         running = time.monotonic()
-        if not mon.is_running():
-            raise RestoreError(f"the guest did not start: {mon.status()}", step="resume")
-        _watch_alive(guest, mon, mark, check_s)
-        return sender.written, running
+        observation = observe(
+            process, mon, since=mark, seconds=watch_s, console_from=console_from, until=until
+        )
+        return sender.written, running, observation
 
 
-def _watch_alive(guest: LocalGuest, mon: Any, mark: int, check_s: float) -> None:
-    """Fail the restore if the guest dies, panics or resets within ``check_s``."""
-    process = guest.process()
-    deadline = time.monotonic() + check_s
-    while time.monotonic() < deadline:
-        for event in mon.events_since(mark):
-            if event.name in FATAL_EVENTS:
-                detail = event.data.get("action") or event.data.get("reason") or ""
-                what = f"{event.name}: {detail}" if detail else event.name
-                raise RestoreError(
-                    f"the restored guest failed at once ({what}); QEMU says: {process.log_tail()}",
-                    step="check-alive",
-                )
-        if not process.alive():
-            raise RestoreError(
-                f"QEMU exited right after the restore: {process.log_tail()}", step="check-alive"
-            )
-        with contextlib.suppress(QMPError):
-            mon.wait_event(
-                FATAL_EVENTS, min(0.2, max(0.0, deadline - time.monotonic())), since=mark
-            )
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _check_alive(process: QemuProcess, observation: Observation) -> None:
+    """Fail the restore if the guest died, panicked, shut down or reset while watched."""
+    if observation.exited:
+        raise RestoreError(
+            f"QEMU exited right after the restore: {observation.qemu_said}", step="check-alive"
+        )
+    fatal = observation.first(FATAL_EVENTS)
+    if fatal is not None:
+        name, detail, _at = fatal
+        what = f"{name}: {detail}" if detail else name
+        raise RestoreError(
+            f"the restored guest failed at once ({what}); QEMU says: {process.log_tail()}",
+            step="check-alive",
+        )
+    if observation.status != "running":
+        raise RestoreError(
+            f"the guest did not start: {observation.status or 'QMP did not answer'}",
+            step="resume",
+        )
