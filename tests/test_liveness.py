@@ -16,13 +16,20 @@ def test_clean_console_keeps_complete_lines_without_ansi() -> None:
     assert clean_console(raw) == ["hello   | Hello World!", "Welcome"]
 
 
-ALIVE = Observation(seconds=5.0, status="running", console_bytes=120, console_lines=4)
+ALIVE = Observation(
+    seconds=5.0, status="running", console_bytes=120, console_lines=4, last_output_s=4.6
+)
+# One line at once (a boot loader's error, say), then nothing: not alive.
+BURST = Observation(
+    seconds=3.0, status="running", console_bytes=53, console_lines=1, last_output_s=0.2
+)
 
 
 @pytest.mark.parametrize(
     ("observation", "verdict"),
     [
         (ALIVE, "alive"),
+        (BURST, "silent"),
         (Observation(5.0, status="running"), "silent"),
         (
             Observation(5.0, (("RESET", "guest-reset", 0.6),), status="running", console_bytes=9),
@@ -70,6 +77,10 @@ def test_evidence_names_the_facts_in_one_line() -> None:
     assert "35 new line(s)" in text and "'Bender: Hello World.'" in text
     assert "console: no output" in Observation(5.0, status="running").evidence()
     assert "no panic, reset or shutdown event" in ALIVE.evidence()
+    assert "then nothing for 2.8 s" in BURST.evidence()
+    assert "then nothing" not in ALIVE.evidence()
     dead = Observation(1.0, exited=True, qemu_said="qemu: terminating on signal 15")
-    assert "QEMU exited (qemu: terminating on signal 15)" in dead.evidence()
+    assert "QEMU exited, saying 'qemu: terminating on signal 15'" in dead.evidence()
+    quiet = Observation(1.0, exited=True, qemu_said="(QEMU printed nothing)")
+    assert "QEMU exited;" in quiet.evidence()
     assert dead.to_dict()["verdict"] == "dead"

@@ -18,9 +18,7 @@ how to point elsewhere); a missing image fails the test, saying where to put it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -39,16 +37,6 @@ from tests.framework.microkernel import (
 )
 
 RESTORED_TICKS = 10  # ticks each restored run must print (2 s of guest time)
-
-
-@pytest.fixture
-def microkernel_runner(store_dir: Path, mechanism: Mechanism) -> Iterator[Vmckpt]:
-    """A CLI runner whose every command uses the mechanism's QEMU; ends what it started."""
-    runner = Vmckpt(store_dir, env=mechanism.env())
-    try:
-        yield runner
-    finally:
-        runner.kill_all()
 
 
 def system(name: str) -> System:

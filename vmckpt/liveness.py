@@ -35,11 +35,15 @@ from vmckpt.qmp import Monitor
 # The events that say the guest stopped being itself, and those worth reporting.
 PANIC_EVENTS = frozenset({"GUEST_PANICKED", "GUEST_CRASHLOADED"})
 FATAL_EVENTS = PANIC_EVENTS | {"SHUTDOWN", "RESET"}
-WATCHED_EVENTS = FATAL_EVENTS | {"STOP", "RESUME"}
+WATCHED_EVENTS = FATAL_EVENTS | {"STOP"}
 VERDICTS = ("alive", "dead", "panicked", "reset", "stopped", "silent")
+# Console output must go on: quiet for the second half of the watch (and at least this
+# long) is silent, even after a first burst (e.g. a boot loader's one error line).
+MIN_QUIET_S = 1.0
 POLL_S = 0.2
 CONSOLE_TAIL_BYTES = 16384  # enough for the last few lines of evidence
 EVIDENCE_LINES = 3
+MAX_EVENTS_SHOWN = 50  # a reboot loop resets twice a second: the first ones tell the story
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_]|c)")
 
 
@@ -60,6 +64,7 @@ class Observation:
     status: str = ""  # QEMU's run state at the end ("" once QEMU is gone or unreachable)
     console_bytes: int = 0  # written to the console during the watch
     console_lines: int = 0  # complete lines among them
+    last_output_s: float | None = None  # seconds into the watch of the last console output
     last_lines: tuple[str, ...] = ()  # the last few of them, cleaned
     qemu_said: str = ""  # QEMU's last output lines, if it exited
 
@@ -89,15 +94,23 @@ class Observation:
             return "reset"
         if self.status != "running":
             return "stopped"
-        if self.console_bytes == 0:
+        if self.quiet_s > max(MIN_QUIET_S, self.seconds / 2):
             return "silent"
         return "alive"
+
+    @property
+    def quiet_s(self) -> float:
+        """How long the console had been quiet when the watch ended (all of it: no output)."""
+        if self.last_output_s is None or self.console_bytes == 0:
+            return self.seconds
+        return max(0.0, self.seconds - self.last_output_s)
 
     def evidence(self) -> str:
         """The facts behind the verdict, in one line."""
         parts = []
         if self.exited:
-            parts.append(f"QEMU exited ({self.qemu_said})" if self.qemu_said else "QEMU exited")
+            said = self.qemu_said if not self.qemu_said.startswith("(") else ""
+            parts.append(f"QEMU exited, saying {said!r}" if said else "QEMU exited")
         else:
             parts.append(f"run state {self.status or 'unknown (QMP did not answer)'}")
         shown: dict[str, list[str]] = {}
@@ -116,8 +129,12 @@ class Observation:
             parts.append("no panic, reset or shutdown event")
         if self.console_bytes:
             last = f", last: {self.last_lines[-1]!r}" if self.last_lines else ""
+            quiet = (
+                f", then nothing for {self.quiet_s:.1f} s" if self.quiet_s >= MIN_QUIET_S else ""
+            )
             parts.append(
-                f"console: {self.console_lines} new line(s), {self.console_bytes} bytes{last}"
+                f"console: {self.console_lines} new line(s), {self.console_bytes} bytes"
+                f"{last}{quiet}"
             )
         else:
             parts.append("console: no output")
@@ -129,12 +146,13 @@ class Observation:
             "seconds": round(self.seconds, 3),
             "events": [
                 {"event": name, "detail": detail, "at_s": round(at, 3)}
-                for name, detail, at in self.events
+                for name, detail, at in self.events[:MAX_EVENTS_SHOWN]
             ],
             "exited": self.exited,
             "status": self.status,
             "console_bytes": self.console_bytes,
             "console_lines": self.console_lines,
+            "quiet_s": round(self.quiet_s, 3),
             "last_lines": list(self.last_lines),
             "qemu_said": self.qemu_said,
             "evidence": self.evidence(),
@@ -191,6 +209,7 @@ def observe(
     seen = since
     events: list[tuple[str, str, float]] = []
     exited = False
+    last_written, last_output_s = 0, None
     while True:
         arrived = mon.events_since(seen)
         seen += len(arrived)
@@ -200,9 +219,12 @@ def observe(
         exited = not process.alive()
         now = time.monotonic()
         written, lines, last = console.read()
+        if written > last_written:
+            last_written, last_output_s = written, now - started
         partial = Observation(
             seconds=now - started, events=tuple(events), exited=exited,
             console_bytes=written, console_lines=lines, last_lines=last,
+            last_output_s=last_output_s,
         )  # fmt: skip
         if exited or now >= deadline or (until is not None and until(partial)):
             break

@@ -15,12 +15,17 @@ ever read.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import signal
 import socket
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
 from typing import Any, BinaryIO, cast
 
 from vmckpt import log
@@ -30,7 +35,15 @@ from vmckpt.errors import RestoreError, VmckptError
 from vmckpt.images import LayerManifest, Store
 from vmckpt.liveness import FATAL_EVENTS, Observation, observe
 from vmckpt.progress import NO_PROGRESS, Progress
-from vmckpt.qemu import QemuProcess, machine_types, qemu_binary, qemu_version
+from vmckpt.qemu import (
+    Launch,
+    QemuProcess,
+    machine_types,
+    qemu_binary,
+    qemu_version,
+    resolve_accel,
+    rotate_serial_log,
+)
 from vmckpt.ram import RamImage
 from vmckpt.session import MigrationSession
 from vmckpt.spec import GuestSpec, check_name
@@ -279,3 +292,117 @@ def _check_alive(process: QemuProcess, observation: Observation) -> None:
             f"the guest did not start: {observation.status or 'QMP did not answer'}",
             step="resume",
         )
+
+
+# -- a liveness check: the layer restored in a throw-away QEMU ------------------------------
+
+DEFAULT_BOOT_CHECK_S = 5.0
+SCRATCH_PARENT = "/tmp"  # short: QEMU's QMP socket lives in the scratch directory
+
+
+@dataclass(frozen=True)
+class BootCheck:
+    """A layer restored in a throw-away QEMU and watched: the verdict and its evidence."""
+
+    layer: str
+    pid: int
+    qemu_version: str
+    load_s: float
+    observation: Observation
+
+    @property
+    def alive(self) -> bool:
+        return self.observation.verdict == "alive"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "pid": self.pid,
+            "qemu_version": self.qemu_version,
+            "load_s": round(self.load_s, 3),
+            **self.observation.to_dict(),
+        }
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """A SIGTERM ends the check through its clean-up (the throw-away QEMU is killed)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def boot_check(
+    store: Store,
+    layer_ref: str | None,
+    *,
+    seconds: float = DEFAULT_BOOT_CHECK_S,
+    extra_args: tuple[str, ...] | None = None,
+    progress: Progress = NO_PROGRESS,
+) -> BootCheck:
+    """Restore a layer (default: the newest) in a QEMU of its own, watch it for ``seconds``
+    from the moment it resumes, kill that QEMU by PID and remove its scratch directory.
+
+    The throw-away QEMU is no guest of the store: its record, sockets, console and any
+    rebuilt disks live in a temporary directory, so no guest's name, head or console is
+    touched. The store is only read. ``extra_args`` replace the layer's free-form QEMU
+    arguments, as for a restore.
+    """
+    image = load_layer_image(store, layer_ref, progress=progress)
+    manifest = image.manifest
+    label = f"verify-{manifest.id}"
+    check_machine_type(manifest, label)
+    spec = relocate_media(image.spec, store)
+    spec.check_media(vm=label)
+    args = spec.qemu_args if extra_args is None else extra_args
+    binary = qemu_binary()
+    parent = SCRATCH_PARENT if os.path.isdir(SCRATCH_PARENT) else None
+    scratch = Path(tempfile.mkdtemp(prefix="vmckpt-boot-", dir=parent))
+    try:
+        with _sigterm_unwinds():
+            spec = replace(spec, disks=materialize(store, manifest, spec.disks, scratch, vm=label))
+            launch = Launch(
+                name=label, accel=resolve_accel(spec.accel), serial_log=rotate_serial_log(scratch),
+                machine_type=manifest.machine_type or None, incoming=True, extra_args=args,
+            )  # fmt: skip
+            started = time.monotonic()
+            process = QemuProcess.launch(spec, launch, runtime_dir=scratch)
+            try:
+                with progress.task("loading into a throw-away QEMU", None):
+                    _written, loaded, observation = _load_into(
+                        process, image, spec, name=label, watch_s=seconds, until=_exited
+                    )
+            except VmckptError as exc:
+                if not isinstance(exc, RestoreError):
+                    raise RestoreError(
+                        exc.message, vm=label, layer=manifest.id, step=exc.step
+                    ) from exc
+                exc.vm, exc.layer = exc.vm or label, exc.layer or manifest.id
+                exc.args = (exc.one_line(),)
+                raise
+            finally:
+                process.kill()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _log.info("%s: %s %s", label, observation.verdict, observation.evidence())
+    return BootCheck(
+        layer=manifest.id,
+        pid=process.pid,
+        qemu_version=qemu_version(binary),
+        load_s=loaded - started,
+        observation=observation,
+    )
+
+
+def _exited(observation: Observation) -> bool:
+    return observation.exited

@@ -91,6 +91,13 @@ def fiasco_image() -> Path:
     return find_image("FIASCO_IMAGE", f"{FIASCO_DIR}/bootstrap_ticker.elf", "Fiasco.OC ticker")
 
 
+def fiasco_hello_image() -> Path:
+    """Fiasco.OC's hello-cfg image: "Hello World!" once a second, no checksums at all."""
+    return find_image(
+        "FIASCO_HELLO_IMAGE", f"{FIASCO_DIR}/bootstrap_hello-cfg.elf", "Fiasco.OC hello image"
+    )
+
+
 # -- consoles ---------------------------------------------------------------------------
 
 

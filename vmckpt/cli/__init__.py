@@ -205,9 +205,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("layer", help="layer id or unique prefix (e.g. 0002)")
     _json(p)
 
-    p = command("verify", commands.cmd_verify, "check a layer's chain (or every layer)")
+    p = command(
+        "verify",
+        commands.cmd_verify,
+        "check a layer's chain (or every layer); --boot: and whether it comes up alive",
+    )
     _store(p)
-    p.add_argument("layer", nargs="?", help="layer id or prefix (default: every layer)")
+    p.add_argument(
+        "layer", nargs="?", help="layer id or prefix (default: every layer; --boot: the newest)"
+    )
+    p.add_argument(
+        "--boot",
+        action="store_true",
+        help="also restore the layer in a throw-away QEMU, watch it and say whether it is "
+        "alive (QEMU running, console output going on, no panic, reset or shutdown); exit code "
+        "11 if not",
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="how long --boot watches the restored guest",
+    )
+    p.add_argument(
+        "--qemu-arg",
+        action="append",
+        metavar="ARG",
+        help="with --boot: extra QEMU arguments to use instead of the layer's own (repeatable)",
+    )
+    _json(p)
 
     p = command("restore", commands.cmd_restore, "bring a guest back from a layer")
     _store(p)

@@ -25,7 +25,7 @@ from vmckpt.cli.output import (
     progress_for,
     table,
 )
-from vmckpt.errors import UsageError, VmckptError
+from vmckpt.errors import NotAliveError, UsageError, VmckptError
 from vmckpt.images import Store
 from vmckpt.qemu import parse_memory
 from vmckpt.spec import BootMedium, DiskSpec, GuestSpec, check_cpu, check_machine, check_name
@@ -33,6 +33,7 @@ from vmckpt.watch import WatchSettings, stop_on_signals
 
 STORE_ENV = "VMCKPT_STORE"
 CHECKPOINT_WAIT_S = 60.0  # another checkpoint of the guest under way: wait this long
+MAX_BOOT_CHECK_S = 600.0
 
 
 def store_path(args: argparse.Namespace) -> Path:
@@ -325,9 +326,41 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     store = open_store(args)
     layer = store.resolve(args.layer) if args.layer else None
+    if args.qemu_arg and not args.boot:
+        raise UsageError("--qemu-arg goes with --boot")
+    if args.boot and not (0 < args.seconds <= MAX_BOOT_CHECK_S):
+        raise UsageError(f"--seconds must be above 0 and at most {MAX_BOOT_CHECK_S:.0f}")
     verified = store.verify(layer)
     shown = " ".join(verified) if len(verified) <= 8 else f"{verified[0]} … {verified[-1]}"
-    print(f"ok: {len(verified)} layer(s) verified: {shown}")
+    if not args.boot:
+        print_json({"verified": verified}) if args.json else print(
+            f"ok: {len(verified)} layer(s) verified: {shown}"
+        )
+        return 0
+    from vmckpt.restore import boot_check
+
+    extra = tuple(args.qemu_arg) if args.qemu_arg else None
+    check = boot_check(
+        store, layer, seconds=args.seconds, extra_args=extra, progress=progress_for(args.json)
+    )
+    observation = check.observation
+    if args.json:
+        print_json({"verified": verified, "boot": check.to_dict()})
+    else:
+        print(f"ok: {len(verified)} layer(s) verified: {shown}")
+        print(
+            f"boot: layer {check.layer} in a throw-away QEMU {check.qemu_version} "
+            f"(PID {check.pid}, ended): {observation.verdict}"
+        )
+        print(f"  {observation.evidence()}")
+        for line in observation.last_lines:
+            print(f"  | {line}")
+    if not check.alive:
+        raise NotAliveError(
+            f"the restored guest is not alive: {observation.verdict}, {observation.evidence()}",
+            layer=check.layer,
+            step="boot-check",
+        )
     return 0
 
 
