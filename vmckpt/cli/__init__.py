@@ -155,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
         "own layers",
     )
     p.add_argument("--detach", action="store_true", help="return once the guest runs")
+    p.add_argument(
+        "--hint-after",
+        metavar="TIME",
+        help="if the guest prints nothing on its console for this long after it starts, or "
+        "QEMU reports repeated resets, say so on stderr with the likely causes vmckpt can "
+        "check (machine type, CPU model, memory for the image kind); 0: never. Default: "
+        f"{commands.DEFAULT_HINT_AFTER_S:.0f}s in the foreground; with --detach only when given "
+        "(run then waits that long before it returns)",
+    )
 
     p = command("console", commands.cmd_console, "show a guest's serial console")
     p.add_argument("name", help="the guest")
