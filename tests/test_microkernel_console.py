@@ -112,6 +112,7 @@ def test_genode_and_fiasco_images_missing_say_where_to_put_them(
     with pytest.raises(MissingImage, match=r"no Fiasco.OC ticker at FIASCO_IMAGE=.*nope.elf"):
         find_image("FIASCO_IMAGE", "fiasco-l4re/bootstrap_ticker.elf", "Fiasco.OC ticker")
     monkeypatch.delenv("FIASCO_IMAGE")
+    monkeypatch.delenv("GENODE_ISO", raising=False)  # `make test` exports the shared one
     monkeypatch.setenv("SHARED_GUESTS", str(tmp_path))
     with pytest.raises(MissingImage) as missing:
         find_image("GENODE_ISO", "genode-hw-pc/nothing-here.iso", "Genode ISO")
