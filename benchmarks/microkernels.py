@@ -1,18 +1,19 @@
-"""The microkernel row of the benchmark: Genode and Fiasco.OC beside the Linux test guest.
+"""The microkernel rows of the benchmark: Genode, Fiasco.OC and GNU Mach beside the Linux
+test guest.
 
 Each system is booted under vmckpt (``vmckpt run``, TCG, 512 MiB, the machine
 and CPU it needs), checkpointed ``--count`` times one ``--interval`` apart
 while it runs, stopped, and its last layer restored; the restored system must
-print its next tick. Everything goes through
-the ``vmckpt`` command as a user runs it, and the figures are the ones vmckpt
-reports (``--json``): the pause from QEMU's STOP/RESUME timestamps, the layer's
-bytes, the checkpoint's total time; for the restore the time until the guest
-runs (compose + load) and the whole command's (with its one-second watch).
-The first layer (the base, a full copy of RAM) is reported apart.
+print its next tick (or STATE line). Everything goes through the ``vmckpt``
+command as a user runs it, and the figures are the ones vmckpt reports
+(``--json``): the pause from QEMU's STOP/RESUME timestamps, the layer's bytes,
+the checkpoint's total time; for the restore the time until the guest runs
+(compose + load) and the whole command's (with its one-second watch). The
+first layer (the base, a full copy of the RAM in use) is reported apart.
 
 Benchmarks print numbers; nothing here asserts a timing.
 
-    python -m benchmarks.microkernels [--systems genode-iso,genode-multiboot,fiasco,linux]
+    python -m benchmarks.microkernels [--systems genode-iso,genode-multiboot,fiasco,gnumach,linux]
         [--count 5] [--interval 1] [--qemu PATH] [--json FILE]
 """
 
@@ -71,10 +72,24 @@ def _linux_args() -> list[str]:
     ]  # fmt: skip
 
 
+def _mach_args() -> list[str]:
+    kernel, bootstrap = GUEST_BUILD / "gnumach", GUEST_BUILD / "mach-bootstrap"
+    if not kernel.is_file() or not bootstrap.is_file():
+        raise MissingImage("no GNU Mach guest in guest/build: run `make -C guest mach`")
+    module = f"{bootstrap} ${{device-port}} pages=4 hz=10 $(task-create) $(task-resume)"
+    return ["--kernel", str(kernel), "--append", "console=com0", "--initrd", module]
+
+
 SUBJECTS = {
     "genode-iso": _microkernel("genode-iso"),
     "genode-multiboot": _microkernel("genode-multiboot"),
     "fiasco": _microkernel("fiasco"),
+    "gnumach": Subject(
+        "gnumach",
+        "GNU Mach 1.8 (Debian i386) with vmckpt's bootstrap task, 4 pages/step",
+        _mach_args,
+        lambda raw: [s.seq for s in parse_states(raw.decode("latin-1"))],
+    ),
     "linux": Subject(
         "linux",
         "Linux test guest (Debian kernel, busybox, 4 pages/step)",
