@@ -58,9 +58,8 @@ class Layer:
 
 def checkpoint(runner: Vmckpt, sys_: System, name: str, mechanism: Mechanism) -> Layer:
     before = last_tick(runner, sys_, name)
-    row = runner.checkpoint(name, *mechanism.checkpoint_args)
+    row = mechanism.checkpoint(runner, name)
     after = last_tick(runner, sys_, name)
-    assert row["mechanism"] == mechanism.name, row
     return Layer(str(row["layer"]), before, after, row)
 
 

@@ -4,10 +4,9 @@ vmckpt has two mechanisms (vmckpt/mechanisms.py): ``precopy-diff``, which every
 QEMU >= 7.2 runs, and ``colo`` (incremental transfer through QEMU's COLO, with
 vmckpt as the receiver), which is safe only on QEMU >= 11 under TCG. A
 :class:`Mechanism` names one of them together with the QEMU binary it runs
-on and the options ``vmckpt checkpoint`` needs to use it; tests take
+on and the ``vmckpt`` command that takes one checkpoint with it; tests take
 :data:`MECHANISMS` as a pytest parameter list, so a new variant (COLO on QEMU
-11, once ``vmckpt checkpoint`` takes it) is one more entry here and every
-such test runs it.
+11) is one more entry here and every such test runs it.
 
 QEMU 11 is the one ``make test`` installs (scripts/install-deps.sh); another
 can be named with ``VMCKPT_QEMU11``. A variant whose QEMU is missing fails,
@@ -16,11 +15,14 @@ saying where it was looked for.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
 
 import pytest
+
+from tests.framework.guest import Vmckpt
 
 SYSTEM_QEMU = "qemu-system-x86_64"  # on PATH: Debian's QEMU 10 (bookworm-backports)
 QEMU11_DEFAULT = "/var/cache/vmckpt/qemu-11/bin/qemu-system-x86_64"
@@ -37,7 +39,23 @@ class Mechanism:
     name: str  # what every layer it writes must record as its mechanism
     qemu: str = SYSTEM_QEMU  # VMCKPT_QEMU for every vmckpt command
     qemu_major: int = 10  # the major version the layers must record
-    checkpoint_args: tuple[str, ...] = ()  # extra `vmckpt checkpoint` options
+    # The vmckpt command (and options) that takes one checkpoint of a guest; it gets the
+    # guest's name, --store and --json, and prints the layer's row (the README's vocabulary),
+    # e.g. ("watch", "--colo", "--count", "1") for a mechanism that watch drives.
+    command: tuple[str, ...] = ("checkpoint",)
+
+    def checkpoint(self, runner: Vmckpt, name: str) -> dict[str, object]:
+        """One checkpoint of ``name`` with this mechanism: the row of the layer it wrote."""
+        out = runner(
+            self.command[0], name, *self.command[1:], "--store", str(runner.store), "--json"
+        ).stdout
+        try:
+            row = json.loads(out)  # one object (checkpoint --json)
+        except json.JSONDecodeError:
+            row = json.loads(out.strip().splitlines()[-1])  # one line per layer (watch --json)
+        assert isinstance(row, dict), out
+        assert row.get("mechanism") == self.name, f"expected a {self.name} layer: {row}"
+        return row
 
     def env(self) -> dict[str, str]:
         """The environment for every vmckpt command of the test (fails if the QEMU is missing)."""
