@@ -22,6 +22,7 @@ import argparse
 import json
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -166,7 +167,13 @@ def main() -> None:
     if not args.demo:
         command = ["run", NAME, "--store", str(store), "--create", *run_args]
         print(f"$ vmckpt {shlex.join(command)}   (Ctrl-C stops it)", flush=True)
-        subprocess.run([sys.executable, "-m", "vmckpt", *command], cwd=REPO, check=False)
+        child = subprocess.Popen([sys.executable, "-m", "vmckpt", *command], cwd=REPO)
+        # A Ctrl-C reaches vmckpt too, which stops the guest: wait for it to finish that.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            child.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         return
     if store.exists() and any(store.iterdir()) and not (store / "vmckpt-store.json").exists():
         fail(system, f"{store} is not a vmckpt store: name another with --store (STORE=)")
