@@ -3,8 +3,9 @@ or not, for guests without a checksum protocol; and a restore refusing a guest t
 
 The guests are real systems in real states: Fiasco.OC's hello-cfg (a line a
 second, nothing to check but that it goes on), Genode on QEMU's default
-i440fx machine (it resets twice a second, for ever), and the Fiasco.OC
-ticker with 256 MiB (it never prints a thing). The throw-away QEMU must
+i440fx machine (it resets over and over), the Fiasco.OC ticker with 256 MiB
+(it never prints a thing), and the Linux test guest told to crash its kernel
+with a pvpanic device present (QEMU hears of the panic). The throw-away QEMU must
 leave no trace: no guest in the store, no head moved, its PID gone, its
 scratch directory removed.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.framework.guest import Vmckpt, one_line_error, qemu_pids_of
+from tests.framework.guest import Vmckpt, guest_append, one_line_error, qemu_pids_of
 from tests.framework.microkernel import SYSTEMS, MissingImage, fiasco_hello_image, fiasco_image
 from vmckpt.errors import NotAliveError, RestoreError
 from vmckpt.qemu import process_start_time
@@ -150,3 +151,29 @@ def test_verify_boot_options_are_checked(microkernel_runner: Vmckpt) -> None:
         result = runner("verify", "--store", str(runner.store), *args, check=False)
         assert result.returncode == 2, result.stderr
         assert needle in result.stderr
+
+
+def test_linux_guest_that_panics_after_restore_is_panicked(vmckpt: Vmckpt) -> None:
+    """The Linux test guest with a pvpanic device crashes its kernel on request
+    (vmckpt.panic_after, guest/panic.sh); a layer taken before that panics once restored,
+    and QEMU hears of it (GUEST_PANICKED)."""
+    vmckpt.started.add("doomed")
+    vmckpt(
+        "run", "doomed", "--store", str(vmckpt.store), "--create",
+        "--kernel", str(vmckpt.media / "vmlinuz"), "--initrd", str(vmckpt.media / "initrd.img"),
+        "--append", guest_append(pages=4, buf_mb=64) + " vmckpt.panic_after=15",
+        "--memory", "256M", "--accel", "tcg", "--detach",
+        "--qemu-arg=-device", "--qemu-arg=pvpanic",
+    )  # fmt: skip
+    vmckpt.wait_states("doomed", 3)
+    layer = str(vmckpt.checkpoint("doomed")["layer"])
+    assert "panicking" not in vmckpt.serial("doomed"), "the guest panicked before its checkpoint"
+    vmckpt("stop", "doomed", "--store", str(vmckpt.store))
+
+    code, report, stderr = verify_boot(vmckpt, layer, "--seconds", "40")
+    assert code == NotAliveError.exit_code, stderr
+    assert report["verdict"] == "panicked", report
+    events = report["events"]
+    assert isinstance(events, list)
+    assert events[0]["event"] == "GUEST_PANICKED", events
+    assert "not alive: panicked" in stderr
