@@ -6,9 +6,11 @@ shows each verdict on real guests.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from vmckpt.liveness import Observation, clean_console
+from vmckpt.liveness import ConsoleReader, Observation, clean_console
 
 
 def test_clean_console_keeps_complete_lines_without_ansi() -> None:
@@ -84,3 +86,21 @@ def test_evidence_names_the_facts_in_one_line() -> None:
     quiet = Observation(1.0, exited=True, qemu_said="(QEMU printed nothing)")
     assert "QEMU exited;" in quiet.evidence()
     assert dead.to_dict()["verdict"] == "dead"
+
+
+def test_console_is_read_as_it_grows_lines_split_across_reads(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    log.write_bytes(b"from an earlier moment\n")
+    console = ConsoleReader(log, position=log.stat().st_size)
+    console.read()
+    assert (console.written, console.lines) == (0, 0)
+    with log.open("ab") as handle:
+        handle.write(b"\x1b[37mTICK 1 ok\x1b[0m\r\nTICK 2 o")
+    console.read()
+    assert (console.lines, console.last) == (1, ("TICK 1 ok",))
+    with log.open("ab") as handle:
+        handle.write(b"k\r\n\r\nTICK 3 ok\r\nTICK 4 ok\r\n")
+    console.read()
+    assert console.lines == 4
+    assert console.last == ("TICK 2 ok", "TICK 3 ok", "TICK 4 ok")
+    assert console.written == log.stat().st_size - len(b"from an earlier moment\n")

@@ -41,9 +41,9 @@ VERDICTS = ("alive", "dead", "panicked", "reset", "stopped", "silent")
 # long) is silent, even after a first burst (e.g. a boot loader's one error line).
 MIN_QUIET_S = 1.0
 POLL_S = 0.2
-CONSOLE_TAIL_BYTES = 16384  # enough for the last few lines of evidence
+MAX_PARTIAL_BYTES = 4096  # of a console line without its end yet
 EVIDENCE_LINES = 3
-MAX_EVENTS_SHOWN = 50  # a reboot loop resets twice a second: the first ones tell the story
+MAX_EVENTS_SHOWN = 50  # of a reboot loop's many RESETs: the first ones tell the story
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_]|c)")
 
 
@@ -160,25 +160,35 @@ class Observation:
 
 
 @dataclass
-class _Console:
-    path: Path
-    start: int
-    tail: bytes = field(default=b"", repr=False)
+class ConsoleReader:
+    """The console log read as it grows: what was written since the watch began."""
 
-    def read(self) -> tuple[int, int, tuple[str, ...]]:
-        """Bytes written since ``start``, complete lines among them, the last few lines."""
+    path: Path
+    position: int  # where the next read starts
+    written: int = 0
+    lines: int = 0
+    last: tuple[str, ...] = ()
+    partial: bytes = field(default=b"", repr=False)  # a line not finished yet
+
+    def read(self) -> None:
         try:
             size = self.path.stat().st_size
         except OSError:
-            return 0, 0, ()
-        written = max(0, size - self.start)
-        if written == 0:
-            return 0, 0, ()
+            return
+        if size <= self.position:
+            return
         with self.path.open("rb") as handle:
-            handle.seek(self.start)
-            data = handle.read(written)
-        lines = clean_console(data)
-        return written, len(lines), tuple(lines[-EVIDENCE_LINES:])
+            handle.seek(self.position)
+            data = handle.read(size - self.position)
+        self.position += len(data)
+        self.written += len(data)
+        data = self.partial + data
+        cut = data.rfind(b"\n") + 1
+        self.partial = data[cut:][-MAX_PARTIAL_BYTES:]
+        new = clean_console(data[:cut])
+        self.lines += len(new)
+        if new:
+            self.last = (*self.last, *new)[-EVIDENCE_LINES:]
 
 
 def _detail(data: Any) -> str:
@@ -203,7 +213,7 @@ def observe(
     ``since`` is the event position (:meth:`Monitor.mark`) taken before the guest was
     started or resumed; ``console_from`` the console log's size at that moment.
     """
-    console = _Console(process.serial_log, console_from)
+    console = ConsoleReader(process.serial_log, console_from)
     started = time.monotonic()
     deadline = started + seconds
     seen = since
@@ -218,12 +228,12 @@ def observe(
                 events.append((event.name, _detail(event.data), time.monotonic() - started))
         exited = not process.alive()
         now = time.monotonic()
-        written, lines, last = console.read()
-        if written > last_written:
-            last_written, last_output_s = written, now - started
+        console.read()
+        if console.written > last_written:
+            last_written, last_output_s = console.written, now - started
         partial = Observation(
             seconds=now - started, events=tuple(events), exited=exited,
-            console_bytes=written, console_lines=lines, last_lines=last,
+            console_bytes=console.written, console_lines=console.lines, last_lines=console.last,
             last_output_s=last_output_s,
         )  # fmt: skip
         if exited or now >= deadline or (until is not None and until(partial)):
