@@ -94,7 +94,7 @@ class RestoreError(VmckptError):
 
 
 class NotAliveError(VmckptError):
-    """A layer restored for a check did not come up alive (dead, panicked, reset, silent)."""
+    """A layer restored for a check did not come up alive (dead, panicked, reset, silent...)."""
 
     exit_code = 11
 
