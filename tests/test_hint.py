@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.framework.guest import REPO, Vmckpt, qemu_pids_of
-from tests.framework.microkernel import SYSTEMS, MissingImage, fiasco_image
+from tests.framework.microkernel import SYSTEMS, fiasco_image, require
 from vmckpt.bootmedia import multiboot_load_end
 from vmckpt.diagnose import GuestFacts, hint_for
 from vmckpt.liveness import Observation
@@ -163,10 +163,7 @@ def _run(runner: Vmckpt, name: str, *args: str) -> tuple[str, float]:
 
 
 def _media(system: str) -> list[str]:
-    try:
-        return SYSTEMS[system].media_args()
-    except MissingImage as exc:
-        pytest.fail(str(exc), pytrace=False)
+    return require(SYSTEMS[system].media_args)
 
 
 def test_fiasco_with_256m_gets_the_memory_hint(microkernel_runner: Vmckpt) -> None:
@@ -208,9 +205,8 @@ def test_genode_on_default_machine_and_cpu_gets_both_hints_early(
 
 
 def test_genode_as_it_needs_to_run_gets_no_hint(microkernel_runner: Vmckpt) -> None:
-    stderr, _ = _run(
-        microkernel_runner, "genode", *SYSTEMS["genode-multiboot"].run_args(), "--hint-after", "3s"
-    )
+    args = require(SYSTEMS["genode-multiboot"].run_args)
+    stderr, _ = _run(microkernel_runner, "genode", *args, "--hint-after", "3s")
     assert stderr == "", stderr
     # --detach without --hint-after returns at once, without watching.
     stderr, took = _run(microkernel_runner, "quick", *_media("fiasco"), "--memory", "256M")

@@ -26,12 +26,12 @@ from tests.framework.guest import Vmckpt
 from tests.framework.mechanisms import MECHANISMS, Mechanism
 from tests.framework.microkernel import (
     SYSTEMS,
-    MissingImage,
     System,
     TickLedger,
     check_continuation,
     console,
     last_tick,
+    require,
     run_system,
     wait_ticks,
 )
@@ -41,10 +41,7 @@ RESTORED_TICKS = 10  # ticks each restored run must print (2 s of guest time)
 
 def system(name: str) -> System:
     found = SYSTEMS[name]
-    try:
-        found.media_args()
-    except MissingImage as exc:
-        pytest.fail(str(exc), pytrace=False)
+    require(found.media_args)
     return found
 
 

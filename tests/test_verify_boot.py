@@ -16,22 +16,10 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.framework.guest import Vmckpt, guest_append, one_line_error, qemu_pids_of
-from tests.framework.microkernel import SYSTEMS, MissingImage, fiasco_hello_image, fiasco_image
+from tests.framework.microkernel import SYSTEMS, fiasco_hello_image, fiasco_image, require
 from vmckpt.errors import NotAliveError, RestoreError
 from vmckpt.qemu import process_start_time
-
-
-def image(find: object) -> Path:
-    try:
-        assert callable(find)
-        found = find()
-    except MissingImage as exc:
-        pytest.fail(str(exc), pytrace=False)
-    assert isinstance(found, Path)
-    return found
 
 
 def scratch_dirs() -> set[Path]:
@@ -66,7 +54,7 @@ def verify_boot(runner: Vmckpt, layer: str, *extra: str) -> tuple[int, dict[str,
 
 def test_fiasco_hello_layer_boots_alive_in_a_throw_away_qemu(microkernel_runner: Vmckpt) -> None:
     runner = microkernel_runner
-    hello = image(fiasco_hello_image)
+    hello = require(fiasco_hello_image)
     layer = run_and_checkpoint(runner, "hello", 3, "--kernel", str(hello))
     heads_before = runner.listing()["guests"]
 
@@ -95,10 +83,7 @@ def test_genode_multiboot_on_i440fx_layer_resets_so_verify_says_reset_and_restor
     # QEMU's default machine: bootstrap's timer calibration fails and the system reboots.
     # (The multiboot pair, not the ISO: a checkpoint taken while GRUB reads the CD-ROM
     # restores into a GRUB error, with QEMU's own migration as much as with vmckpt.)
-    try:
-        media = SYSTEMS["genode-multiboot"].media_args()
-    except MissingImage as exc:
-        pytest.fail(str(exc), pytrace=False)
+    media = require(SYSTEMS["genode-multiboot"].media_args)
     layer = run_and_checkpoint(runner, "loop", 2, *media, "--cpu", "max")
     runner("stop", "loop", "--store", str(runner.store))
 
@@ -131,7 +116,7 @@ def test_genode_multiboot_on_i440fx_layer_resets_so_verify_says_reset_and_restor
 
 def test_fiasco_with_too_little_memory_is_silent(microkernel_runner: Vmckpt) -> None:
     runner = microkernel_runner
-    ticker = image(fiasco_image)
+    ticker = require(fiasco_image)
     layer = run_and_checkpoint(runner, "mute", 2, "--kernel", str(ticker), "--memory", "256M")
     runner("stop", "mute", "--store", str(runner.store))
     code, report, stderr = verify_boot(runner, layer, "--seconds", "3")

@@ -23,12 +23,14 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tests.framework.guest import POLL_S, REPO, Vmckpt
 
+T = TypeVar("T")
 GENODE_DIR = "genode-hw-pc"
 FIASCO_DIR = "fiasco-l4re"
 
@@ -96,6 +98,17 @@ def fiasco_hello_image() -> Path:
     return find_image(
         "FIASCO_HELLO_IMAGE", f"{FIASCO_DIR}/bootstrap_hello-cfg.elf", "Fiasco.OC hello image"
     )
+
+
+def require(find: Callable[[], T]) -> T:
+    """``find()``, or the calling test fails with MissingImage's one line (never skips)."""
+    try:
+        return find()
+    except MissingImage as exc:
+        message = str(exc)
+    import pytest  # only tests get here: the demos and benchmarks report it themselves
+
+    pytest.fail(message, pytrace=False)
 
 
 # -- consoles ---------------------------------------------------------------------------
