@@ -10,7 +10,7 @@ SHARED_GUESTS ?= $(firstword $(wildcard $(abspath ../shared/guests) /work/shared
 export SHARED_GUESTS
 
 .PHONY: all deps-demo deps-test guest demo test test-fast lint typecheck check-code \
-        bench bench-migrate clean genode genode-demo
+        bench bench-migrate bench-microkernels clean genode genode-demo fiasco-demo
 
 all: guest
 
@@ -59,16 +59,29 @@ bench: deps-test guest
 bench-migrate: deps-test guest
 	$(PYTHON) -m benchmarks.migrate --json $(BENCH_OUT)-migrate.json
 
-## Microkernel guests: Genode (an ISO; the shared image by default).
+## Microkernel guests (README: Microkernel guests): the shared images by default, or
+## GENODE_ISO=, GENODE_MULTIBOOT_DIR=, FIASCO_IMAGE=. `make genode` boots Genode and follows
+## its console; the demos checkpoint x3, restore the middle layer and check every tick.
 GENODE_ISO ?= $(firstword $(wildcard $(SHARED_GUESTS)/genode-hw-pc/genode-hw-pc-ckpt_counter.iso))
+GENODE_MULTIBOOT_DIR ?= $(firstword $(wildcard $(SHARED_GUESTS)/genode-hw-pc/multiboot))
+FIASCO_IMAGE ?= $(firstword $(wildcard $(SHARED_GUESTS)/fiasco-l4re/bootstrap_ticker.elf))
+export GENODE_ISO GENODE_MULTIBOOT_DIR FIASCO_IMAGE
 GENODE_STORE ?= genode-store
+FIASCO_STORE ?= fiasco-store
 
-genode genode-demo: deps-demo
-	@if [ -z "$(GENODE_ISO)" ] || [ ! -f "$(GENODE_ISO)" ]; then \
-	  echo "$@: no Genode image$(if $(GENODE_ISO), at $(GENODE_ISO),): put one at ../shared/guests/genode-hw-pc/ or pass GENODE_ISO=path/to/image.iso (see README)" >&2; exit 1; fi
-	$(PYTHON) scripts/genode_demo.py --iso "$(GENODE_ISO)" --store $(GENODE_STORE) --memory $(MEMORY) \
-	  $(if $(filter genode-demo,$@),--demo)
+genode: deps-demo
+	$(PYTHON) scripts/microkernel_demo.py genode-iso --store $(GENODE_STORE)
+
+genode-demo: deps-demo
+	$(PYTHON) scripts/microkernel_demo.py genode-iso --store $(GENODE_STORE) --demo
+
+fiasco-demo: deps-demo
+	$(PYTHON) scripts/microkernel_demo.py fiasco --store $(FIASCO_STORE) --demo
+
+## The microkernel benchmark row: Genode (ISO, multiboot), Fiasco.OC and the Linux test guest.
+bench-microkernels: deps-test guest
+	$(PYTHON) -m benchmarks.microkernels --json $(BENCH_OUT)-microkernels.json
 
 clean:
 	$(MAKE) -C guest clean
-	rm -rf $(STORE) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(STORE) $(GENODE_STORE) $(FIASCO_STORE) .mypy_cache .ruff_cache .pytest_cache

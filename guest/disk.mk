@@ -1,11 +1,9 @@
 # The disk workload's part of the initramfs (included by Makefile): /diskload,
 # /etc/vmckpt-disk.sh (sourced by /init) and the virtio block modules, taken
-# from the same Debian kernel package as vmlinuz; also the pvpanic driver, so a
-# kernel panic reaches QEMU (GUEST_PANICKED) through the device vmckpt adds.
+# from the same Debian kernel package as vmlinuz.
 DISK_MODULES := kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko \
 	kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio_pci_legacy_dev.ko \
-	kernel/drivers/virtio/virtio_pci.ko kernel/drivers/block/virtio_blk.ko \
-	kernel/drivers/misc/pvpanic/pvpanic.ko kernel/drivers/misc/pvpanic/pvpanic-mmio.ko
+	kernel/drivers/virtio/virtio_pci.ko kernel/drivers/block/virtio_blk.ko
 
 $(BUILD)/diskload: diskload.c
 	@mkdir -p $(BUILD)

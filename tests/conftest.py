@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 
 from tests.framework.guest import GUEST_BUILD, REPO, Vmckpt
+from tests.framework.mechanisms import Mechanism
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Markers follow the fixtures a test uses, so they are applied consistently."""
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
-        if names & {"guest_images", "vmckpt"}:
+        if names & {"guest_images", "vmckpt", "microkernel_runner"}:
             item.add_marker(pytest.mark.qemu)
         if "root" in names:
             item.add_marker(pytest.mark.root)
@@ -62,6 +63,23 @@ def store_dir() -> Iterator[Path]:
 @pytest.fixture
 def vmckpt(store_dir: Path, guest_images: Path) -> Iterator[Vmckpt]:
     runner = Vmckpt(store_dir, media=guest_images)
+    try:
+        yield runner
+    finally:
+        runner.kill_all()
+
+
+@pytest.fixture
+def microkernel_runner(store_dir: Path, request: pytest.FixtureRequest) -> Iterator[Vmckpt]:
+    """A CLI runner for the microkernel systems (it needs no Linux guest build). A test
+    parametrized with ``mechanism`` (tests/framework/mechanisms.py) runs every command on
+    that mechanism's QEMU; others on the system's. Ends every QEMU it started, by PID."""
+    mechanism = (
+        request.getfixturevalue("mechanism")
+        if "mechanism" in request.fixturenames
+        else Mechanism("precopy-diff")
+    )
+    runner = Vmckpt(store_dir, env=mechanism.env())
     try:
         yield runner
     finally:

@@ -72,3 +72,21 @@ def test_sweep_compares_the_largest_guest_with_the_smallest() -> None:
     assert "pause 1.00x" in table  # 2.1 ms both
     row = next(line for line in table.splitlines() if line.startswith("colo ") and " 4096 " in line)
     assert row.split()[5] == "25"  # wall ms, the base layer left out
+
+
+def test_microkernel_table_reports_genode_fiasco_and_linux_rows() -> None:
+    from benchmarks.microkernels import Result, format_table
+
+    def layer(pause: float, size: int) -> dict[str, object]:
+        return {"pause_ms": pause, "bytes": size, "total_s": 0.5}
+
+    genode = Result("genode-iso", "Genode", "10.0.2", boot_s=1.2)
+    genode.layers = [layer(2.5, 10_600_000), layer(2.0, 1_200_000), layer(4.0, 1_300_000)]
+    genode.restore = {"compose_s": 0.03, "load_s": 0.07, "total_s": 1.1}
+    fiasco = Result("fiasco", "Fiasco.OC", "", error="no Fiasco.OC ticker: put it there")
+    table = format_table([genode, fiasco])
+    row = next(line for line in table.splitlines() if line.startswith("genode-iso"))
+    cells = [cell.strip() for cell in row.split("  ") if cell.strip()]
+    # The base layer is apart; the medians are over the two later layers.
+    assert cells[3:10] == ["10.6 MB", "2", "3.0 ms", "4.0 ms", "1.25 MB", "0.50 s", "0.10 s"]
+    assert "note: fiasco: no Fiasco.OC ticker" in table

@@ -24,9 +24,11 @@ from typing import Any
 from vmckpt import log
 from vmckpt.checkpoint import CheckpointResult, CheckpointSettings, take_checkpoint
 from vmckpt.colo import SessionClient, end_session, session_pid
+from vmckpt.diagnose import GuestFacts, probe_facts
 from vmckpt.errors import MachineError, QMPError, StoreError, UsageError
 from vmckpt.guard import Guard
 from vmckpt.images import Store
+from vmckpt.liveness import Observation, observe
 from vmckpt.mechanisms import COLO, PRECOPY, Choice, choose_mechanism
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.qemu import (
@@ -378,6 +380,24 @@ class LocalGuest(Guest):
             process.kill()
             raise
         return guest
+
+    def observe(
+        self, seconds: float, *, until: Callable[[Observation], bool] | None = None
+    ) -> tuple[Observation, GuestFacts | None]:
+        """Watch the running guest for ``seconds`` (vmckpt/liveness.py: events from now on,
+        its console from the start of this life), then ask QEMU what it emulates for it
+        (vmckpt/diagnose.py; None if QEMU is gone). Holds the guest's QMP monitor meanwhile."""
+        process = self.process()
+        facts = None
+        with process.monitor() as mon:
+            mark = mon.mark()
+            observation = observe(
+                process, mon, since=mark, seconds=seconds, console_from=0, until=until
+            )
+            if not observation.exited:
+                with contextlib.suppress(QMPError):
+                    facts = probe_facts(mon)
+        return observation, facts
 
     def refuse_if_running(self) -> None:
         with contextlib.suppress(MachineError, StoreError):

@@ -24,6 +24,7 @@ MULTIBOOT_SEARCH = 8192  # the header lies in the first 8 KiB, 4-byte aligned
 MULTIBOOT_HEADER_HAS_ADDR = 0x00010000  # the a.out kludge: load addresses in the header
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS64 = 2
+PT_LOAD = 1
 
 
 def _header(path: Path) -> bytes:
@@ -116,3 +117,61 @@ def kernel_media(kernel: str, initrds: Sequence[str]) -> list[BootMedium]:
             f"not {len(initrds)}"
         )
     return [medium, *(BootMedium.of("initrd", path) for path in initrds)]
+
+
+def multiboot_load_end(path: str | Path) -> int | None:
+    """The highest physical address a multiboot kernel occupies once QEMU loaded it, or None
+    if that cannot be read from the file.
+
+    With the a.out kludge the multiboot header says it (``load_end_addr``,
+    ``bss_end_addr``); otherwise QEMU loads the ELF's PT_LOAD segments at their
+    physical addresses. A kernel linked above the guest's RAM loads into nothing
+    and never starts (Fiasco.OC's bootstrap is linked at 256 MiB).
+    """
+    header = _header(Path(path))
+    if is_linux(header):
+        return None
+    for offset in range(0, min(len(header), MULTIBOOT_SEARCH - 48) - 11, 4):
+        magic, flags, checksum = struct.unpack_from("<III", header, offset)
+        if magic != MULTIBOOT_MAGIC or (magic + flags + checksum) & 0xFFFFFFFF:
+            continue
+        if flags & MULTIBOOT_HEADER_HAS_ADDR and offset + 32 <= len(header):
+            _hdr, _load, load_end, bss_end, _entry = struct.unpack_from("<5I", header, offset + 12)
+            return max(load_end, bss_end) or None
+        return _elf_load_end(Path(path))
+    return None
+
+
+def _elf_load_end(path: Path) -> int | None:
+    """max(p_paddr + p_memsz) over an ELF's PT_LOAD segments (ELF32 or ELF64, little endian)."""
+    try:
+        with path.open("rb") as handle:
+            ident = handle.read(64)
+            if len(ident) < 52 or ident[:4] != ELF_MAGIC or ident[5] != 1:
+                return None
+            elf64 = ident[4] == ELFCLASS64
+            if elf64:
+                (phoff,) = struct.unpack_from("<Q", ident, 32)
+                phentsize, phnum = struct.unpack_from("<HH", ident, 54)
+            else:
+                (phoff,) = struct.unpack_from("<I", ident, 28)
+                phentsize, phnum = struct.unpack_from("<HH", ident, 42)
+            if phnum == 0 or phnum > 256 or phentsize < (56 if elf64 else 32):
+                return None
+            handle.seek(phoff)
+            table = handle.read(phentsize * phnum)
+    except OSError:
+        return None
+    end = 0
+    for index in range(phnum):
+        entry = table[index * phentsize : (index + 1) * phentsize]
+        if len(entry) < (56 if elf64 else 32):
+            return None
+        if elf64:
+            (kind,) = struct.unpack_from("<I", entry, 0)
+            paddr, _filesz, memsz = struct.unpack_from("<QQQ", entry, 24)
+        else:
+            kind, _off, _vaddr, paddr, _filesz, memsz = struct.unpack_from("<6I", entry, 0)
+        if kind == PT_LOAD and memsz:
+            end = max(end, paddr + memsz)
+    return end or None

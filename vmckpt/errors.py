@@ -93,6 +93,12 @@ class RestoreError(VmckptError):
     exit_code = 10
 
 
+class NotAliveError(VmckptError):
+    """A layer restored for a check did not come up alive (dead, panicked, reset, silent...)."""
+
+    exit_code = 11
+
+
 class RemoteError(VmckptError):
     """Another host could not be reached, refused us, or failed a step there.
 

@@ -82,6 +82,24 @@ def qemu_version(binary: str) -> str:
     return _version_of(binary, os.stat(binary).st_mtime_ns)
 
 
+@functools.cache
+def _machines_of(binary: str, mtime_ns: int) -> frozenset[str]:
+    out = subprocess.run(
+        [binary, "-machine", "help"], capture_output=True, text=True, check=False
+    ).stdout
+    lines = out.splitlines()
+    if not lines or not lines[0].startswith("Supported machines"):
+        raise MachineError(
+            f"QEMU binary {binary}: `-machine help` printed no machine list", step="find-qemu"
+        )
+    return frozenset(line.split()[0] for line in lines[1:] if line.strip())
+
+
+def machine_types(binary: str) -> frozenset[str]:
+    """The machine types (and aliases such as ``pc``, ``q35``) a QEMU binary offers."""
+    return _machines_of(binary, os.stat(binary).st_mtime_ns)
+
+
 def version_tuple(version: str) -> tuple[int, int, int]:
     parts = [int(p) for p in re.findall(r"\d+", version)[:3]]
     parts += [0] * (3 - len(parts))
@@ -419,11 +437,14 @@ class QemuProcess:
                 time.sleep(MONITOR_RETRY_S)
 
     def log_tail(self, lines: int = 3) -> str:
+        """QEMU's last lines of output in this life (the log also holds earlier lives, each
+        after the ``+ command`` line that started it)."""
         try:
             text = self.log.read_text(errors="replace").strip().splitlines()
         except OSError:
             return "(no log)"
-        tail = [line for line in text if not line.startswith("+ ")][-lines:]
+        starts = [i for i, line in enumerate(text) if line.startswith("+ ")]
+        tail = text[starts[-1] + 1 if starts else 0 :][-lines:]
         return " | ".join(tail) or "(QEMU printed nothing)"
 
     def alive(self) -> bool:

@@ -6,26 +6,44 @@ vmckpt): the chain is verified and composed first, so nothing is started for
 a broken chain. :func:`restore_guest` then starts a QEMU from the stored spec
 with the layer's exact machine type, waiting for an incoming migration (a
 :class:`~vmckpt.session.MigrationSession`), writes the composed stream into
-it, resumes the guest, and watches it for a moment: a guest that panics,
-resets or whose QEMU exits right away is a failed restore. A restore that
-fails ends the QEMU it started; the store is only ever read.
+it, resumes the guest, and watches it for a moment (vmckpt/liveness.py): a
+guest that panics, resets or whose QEMU exits right away is a failed
+restore. A restore that fails ends the QEMU it started; the store is only
+ever read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import signal
 import socket
+import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
+from types import FrameType
 from typing import Any, BinaryIO, cast
 
 from vmckpt import log
 from vmckpt.backends import LocalGuest
 from vmckpt.disk_restore import discard_restored, materialize, track_restored
-from vmckpt.errors import QMPError, RestoreError, VmckptError
+from vmckpt.errors import RestoreError, VmckptError
 from vmckpt.images import LayerManifest, Store
+from vmckpt.liveness import FATAL_EVENTS, Observation, observe
 from vmckpt.progress import NO_PROGRESS, Progress
+from vmckpt.qemu import (
+    Launch,
+    QemuProcess,
+    machine_types,
+    qemu_binary,
+    qemu_version,
+    resolve_accel,
+    rotate_serial_log,
+)
 from vmckpt.ram import RamImage
 from vmckpt.session import MigrationSession
 from vmckpt.spec import GuestSpec, check_name
@@ -33,8 +51,6 @@ from vmckpt.stream import StreamEnvelope, write_stream
 
 LOAD_TIMEOUT_S = 120.0
 DEFAULT_CHECK_S = 1.0  # how long a restored guest is watched before the restore counts
-# Events that mean the restored guest died or restarted at once.
-FATAL_EVENTS = {"GUEST_PANICKED", "SHUTDOWN", "RESET", "GUEST_CRASHLOADED"}
 _log = log.get(__name__)
 
 
@@ -103,6 +119,22 @@ def relocate_media(spec: GuestSpec, store: Store) -> GuestSpec:
     return replace(spec, media=tuple(media))
 
 
+def check_machine_type(manifest: LayerManifest, vm: str) -> None:
+    """Refuse, before anything starts, a layer whose exact machine type the QEMU in use lacks
+    (a layer of a newer QEMU: machine types are versioned, older ones stay in newer QEMUs)."""
+    binary = qemu_binary()
+    wanted = manifest.machine_type
+    if wanted and wanted not in machine_types(binary):
+        raise RestoreError(
+            f"it was taken by QEMU {manifest.qemu_version} on machine type {wanted}, which "
+            f"QEMU {qemu_version(binary)} ({binary}) does not have: restore it with QEMU "
+            f"{manifest.qemu_version} or later (VMCKPT_QEMU=PATH)",
+            vm=vm,
+            layer=manifest.id,
+            step="check-machine",
+        )
+
+
 def restore_guest(
     store: Store,
     layer_ref: str | None,
@@ -120,6 +152,7 @@ def restore_guest(
     name = check_name(name or manifest.guest)
     guest = LocalGuest(store, name)
     guest.refuse_if_running()
+    check_machine_type(manifest, name)
     spec = relocate_media(image.spec, store)
     spec.check_media(vm=name)
     args = spec.qemu_args if extra_args is None else extra_args
@@ -138,7 +171,10 @@ def restore_guest(
     process = guest.process()
     try:
         with progress.task("loading into QEMU", None):
-            written, loaded = _load_into(guest, image, spec, check_s)
+            written, loaded, observation = _load_into(
+                process, image, spec, name=name, watch_s=check_s, until=_fatal
+            )
+        _check_alive(process, observation)
         store.set_head(name, manifest.id)
     except BaseException as exc:
         process.kill()
@@ -146,6 +182,7 @@ def restore_guest(
         if isinstance(exc, VmckptError) and not isinstance(exc, RestoreError):
             raise RestoreError(exc.message, vm=name, layer=manifest.id, step=exc.step) from exc
         if isinstance(exc, RestoreError):
+            exc.vm = exc.vm or name
             exc.layer = exc.layer or manifest.id
             exc.args = (exc.one_line(),)
         raise
@@ -159,6 +196,10 @@ def restore_guest(
         total_s=time.monotonic() - started,
         stream_bytes=written,
     )
+
+
+def _fatal(observation: Observation) -> bool:
+    return observation.fatal
 
 
 class _StreamSender(threading.Thread):
@@ -182,12 +223,16 @@ class _StreamSender(threading.Thread):
 
 
 def _load_into(
-    guest: LocalGuest, image: LayerImage, spec: GuestSpec, check_s: float
-) -> tuple[int, float]:
-    """Load the composed stream, resume, watch the guest live; the bytes written and the
-    moment the guest ran."""
-    process = guest.process()
-    name = guest.name
+    process: QemuProcess,
+    image: LayerImage,
+    spec: GuestSpec,
+    *,
+    name: str,
+    watch_s: float,
+    until: Callable[[Observation], bool] | None,
+) -> tuple[int, float, Observation]:
+    """Load the composed stream, resume, and watch the guest from the moment it resumes
+    (vmckpt/liveness.py); the bytes written, the moment the guest ran, what was seen."""
     with process.monitor() as mon:
         session = MigrationSession(
             mon, vm=name, error=RestoreError, capabilities={"events": True}, incoming=True,
@@ -212,32 +257,152 @@ def _load_into(
                 raise RestoreError(f"writing the stream failed: {sender.error}", step="load")
             track_restored(mon, spec.disks, image.manifest)
             mark = mon.mark()
+            console_from = _size(process.serial_log)
             session.resume()
         running = time.monotonic()
-        if not mon.is_running():
-            raise RestoreError(f"the guest did not start: {mon.status()}", step="resume")
-        _watch_alive(guest, mon, mark, check_s)
-        return sender.written, running
+        observation = observe(
+            process, mon, since=mark, seconds=watch_s, console_from=console_from, until=until
+        )
+        return sender.written, running, observation
 
 
-def _watch_alive(guest: LocalGuest, mon: Any, mark: int, check_s: float) -> None:
-    """Fail the restore if the guest dies, panics or resets within ``check_s``."""
-    process = guest.process()
-    deadline = time.monotonic() + check_s
-    while time.monotonic() < deadline:
-        for event in mon.events_since(mark):
-            if event.name in FATAL_EVENTS:
-                detail = event.data.get("action") or event.data.get("reason") or ""
-                what = f"{event.name}: {detail}" if detail else event.name
-                raise RestoreError(
-                    f"the restored guest failed at once ({what}); QEMU says: {process.log_tail()}",
-                    step="check-alive",
-                )
-        if not process.alive():
-            raise RestoreError(
-                f"QEMU exited right after the restore: {process.log_tail()}", step="check-alive"
-            )
-        with contextlib.suppress(QMPError):
-            mon.wait_event(
-                FATAL_EVENTS, min(0.2, max(0.0, deadline - time.monotonic())), since=mark
-            )
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _check_alive(process: QemuProcess, observation: Observation) -> None:
+    """Fail the restore if the guest died, panicked, shut down or reset while watched."""
+    if observation.exited:
+        raise RestoreError(
+            f"QEMU exited right after the restore: {observation.qemu_said}", step="check-alive"
+        )
+    fatal = observation.first(FATAL_EVENTS)
+    if fatal is not None:
+        name, detail, _at = fatal
+        what = f"{name}: {detail}" if detail else name
+        raise RestoreError(
+            f"the restored guest failed at once ({what}); QEMU says: {process.log_tail()}",
+            step="check-alive",
+        )
+    if observation.status != "running":
+        raise RestoreError(
+            f"the guest did not start: {observation.status or 'QMP did not answer'}",
+            step="resume",
+        )
+
+
+# -- a liveness check: the layer restored in a throw-away QEMU ------------------------------
+
+DEFAULT_BOOT_CHECK_S = 5.0
+SCRATCH_PARENT = "/tmp"  # short: QEMU's QMP socket lives in the scratch directory
+
+
+@dataclass(frozen=True)
+class BootCheck:
+    """A layer restored in a throw-away QEMU and watched: the verdict and its evidence."""
+
+    layer: str
+    pid: int
+    qemu_version: str
+    load_s: float
+    observation: Observation
+
+    @property
+    def alive(self) -> bool:
+        return self.observation.verdict == "alive"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "pid": self.pid,
+            "qemu_version": self.qemu_version,
+            "load_s": round(self.load_s, 3),
+            **self.observation.to_dict(),
+        }
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """A SIGTERM ends the check through its clean-up (the throw-away QEMU is killed)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def boot_check(
+    store: Store,
+    layer_ref: str | None,
+    *,
+    seconds: float = DEFAULT_BOOT_CHECK_S,
+    extra_args: tuple[str, ...] | None = None,
+    progress: Progress = NO_PROGRESS,
+) -> BootCheck:
+    """Restore a layer (default: the newest) in a QEMU of its own, watch it for ``seconds``
+    from the moment it resumes, kill that QEMU by PID and remove its scratch directory.
+
+    The throw-away QEMU is no guest of the store: its record, sockets, console and any
+    rebuilt disks live in a temporary directory, so no guest's name, head or console is
+    touched. The store is only read. ``extra_args`` replace the layer's free-form QEMU
+    arguments, as for a restore.
+    """
+    image = load_layer_image(store, layer_ref, progress=progress)
+    manifest = image.manifest
+    label = f"verify-{manifest.id}"
+    check_machine_type(manifest, label)
+    spec = relocate_media(image.spec, store)
+    spec.check_media(vm=label)
+    args = spec.qemu_args if extra_args is None else extra_args
+    binary = qemu_binary()
+    parent = SCRATCH_PARENT if os.path.isdir(SCRATCH_PARENT) else None
+    scratch = Path(tempfile.mkdtemp(prefix="vmckpt-boot-", dir=parent))
+    try:
+        with _sigterm_unwinds():
+            spec = replace(spec, disks=materialize(store, manifest, spec.disks, scratch, vm=label))
+            launch = Launch(
+                name=label, accel=resolve_accel(spec.accel), serial_log=rotate_serial_log(scratch),
+                machine_type=manifest.machine_type or None, incoming=True, extra_args=args,
+            )  # fmt: skip
+            started = time.monotonic()
+            process = QemuProcess.launch(spec, launch, runtime_dir=scratch)
+            try:
+                with progress.task("loading into a throw-away QEMU", None):
+                    _written, loaded, observation = _load_into(
+                        process, image, spec, name=label, watch_s=seconds, until=_exited
+                    )
+            except VmckptError as exc:
+                if not isinstance(exc, RestoreError):
+                    raise RestoreError(
+                        exc.message, vm=label, layer=manifest.id, step=exc.step
+                    ) from exc
+                exc.vm, exc.layer = exc.vm or label, exc.layer or manifest.id
+                exc.args = (exc.one_line(),)
+                raise
+            finally:
+                process.kill()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _log.info("%s: %s %s", label, observation.verdict, observation.evidence())
+    return BootCheck(
+        layer=manifest.id,
+        pid=process.pid,
+        qemu_version=qemu_version(binary),
+        load_s=loaded - started,
+        observation=observation,
+    )
+
+
+def _exited(observation: Observation) -> bool:
+    return observation.exited

@@ -296,6 +296,15 @@ class MigrationSession:
         if self.state in (State.NEW, State.CLOSED):
             self.state = State.CLOSED
             return
+        if self.incoming:
+            # A QEMU vmckpt started to receive: nothing of it to put back (the caller runs
+            # it, or ends it on failure), and it may be gone already (a guest that died).
+            if self._our_socket is not None:
+                with contextlib.suppress(OSError):
+                    self._our_socket.close()
+            self.state = State.CLOSED
+            self._clear_journal()
+            return
         problems = leave_as_found(
             self.mon,
             vm=self.vm,

@@ -176,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
         "own layers",
     )
     p.add_argument("--detach", action="store_true", help="return once the guest runs")
+    p.add_argument(
+        "--hint-after",
+        metavar="TIME",
+        help="if the guest prints nothing on its console for this long after it starts, or "
+        "QEMU reports repeated resets, say so on stderr with the likely causes vmckpt can "
+        "check (machine type, CPU model, memory for the image kind); 0: never. Default: "
+        f"{commands.DEFAULT_HINT_AFTER_S:.0f}s in the foreground; with --detach only when given "
+        "(run then waits that long before it returns)",
+    )
 
     p = command("console", commands.cmd_console, "show a guest's serial console")
     p.add_argument("name", help="the guest")
@@ -224,9 +233,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("layer", help="layer id or unique prefix (e.g. 0002)")
     _json(p)
 
-    p = command("verify", commands.cmd_verify, "check a layer's chain (or every layer)")
+    p = command(
+        "verify",
+        commands.cmd_verify,
+        "check a layer's chain (or every layer); --boot: and whether it comes up alive",
+    )
     _store(p)
-    p.add_argument("layer", nargs="?", help="layer id or prefix (default: every layer)")
+    p.add_argument(
+        "layer", nargs="?", help="layer id or prefix (default: every layer; --boot: the newest)"
+    )
+    p.add_argument(
+        "--boot",
+        action="store_true",
+        help="also restore the layer in a throw-away QEMU, watch it and say whether it is "
+        "alive (QEMU running, console output going on, no panic, reset or shutdown); exit code "
+        "11 if not",
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="how long --boot watches the restored guest",
+    )
+    p.add_argument(
+        "--qemu-arg",
+        action="append",
+        metavar="ARG",
+        help="with --boot: extra QEMU arguments to use instead of the layer's own (repeatable)",
+    )
+    _json(p)
 
     p = command("restore", commands.cmd_restore, "bring a guest back from a layer")
     _store(p)

@@ -8,6 +8,7 @@ import contextlib
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,19 @@ from vmckpt.cli.output import (
     progress_for,
     table,
 )
-from vmckpt.errors import UsageError, VmckptError
+from vmckpt.diagnose import REPEATED_RESETS, hint_for
+from vmckpt.errors import NotAliveError, UsageError, VmckptError
 from vmckpt.images import Store
+from vmckpt.liveness import Observation
 from vmckpt.qemu import parse_memory
 from vmckpt.spec import BootMedium, DiskSpec, GuestSpec, check_cpu, check_machine, check_name
 from vmckpt.watch import WatchSettings, stop_on_signals
 
 STORE_ENV = "VMCKPT_STORE"
 CHECKPOINT_WAIT_S = 60.0  # another checkpoint of the guest under way: wait this long
+MAX_BOOT_CHECK_S = 600.0
+DEFAULT_HINT_AFTER_S = 5.0  # a guest run in the foreground silent this long gets a hint
+HINT_JOIN_S = 3.0
 
 
 def store_path(args: argparse.Namespace) -> Path:
@@ -113,22 +119,63 @@ def cmd_run(args: argparse.Namespace) -> int:
         qemu_args=qemu_args,
         disks=tuple(DiskSpec.parse(i, text) for i, text in enumerate(args.disk or ())),
     )
+    hint_s = hint_seconds(args.hint_after, detach=args.detach)
     store = open_store(args)
     guest = LocalGuest.start(store, name, spec, extra_args=qemu_args)
     process = guest.process()
     print(
         f"guest {name} running, PID {process.pid}, accel {process.accel}, "
-        f"console {process.serial_log}"
+        f"console {process.serial_log}",
+        flush=True,
     )
     if args.detach:
+        if hint_s:
+            report_hint(guest, hint_s)
         return 0
+    done = threading.Event()
+    hinter = threading.Thread(target=report_hint, args=(guest, hint_s, done), daemon=True)
+    if hint_s:
+        hinter.start()
     try:
         follow(guest.console(True))
     finally:
+        done.set()
+        if hinter.is_alive():
+            hinter.join(HINT_JOIN_S)
         if guest.process().alive():
             print(f"\nstopping guest {name}")
             print(guest.stop())
     return 0
+
+
+def hint_seconds(text: str | None, *, detach: bool) -> float:
+    """--hint-after: given, '0' turns it off; not given, on for a guest run in the foreground
+    (whose console the user watches), off with --detach (which returns at once)."""
+    if text is None:
+        return 0.0 if detach else DEFAULT_HINT_AFTER_S
+    if text.strip() in {"0", "0s", "0ms"}:
+        return 0.0
+    return parse_duration(text)
+
+
+def report_hint(guest: LocalGuest, seconds: float, done: threading.Event | None = None) -> None:
+    """Watch the new guest for ``seconds`` and, if it stays silent or keeps resetting, say on
+    stderr what vmckpt can check about why (vmckpt/diagnose.py). Never touches the guest."""
+
+    def enough(observation: Observation) -> bool:
+        stopped = done is not None and done.is_set()
+        return stopped or observation.count("RESET") >= REPEATED_RESETS
+
+    try:
+        observation, facts = guest.observe(seconds, until=enough)
+    except VmckptError:
+        return  # the guest went away meanwhile: its own messages say why
+    if done is not None and done.is_set():
+        return
+    hint = hint_for(guest.spec(), observation, facts)
+    if hint is not None:
+        text = "\n".join(f"vmckpt run: hint: {line}" for line in hint.lines())
+        print(f"\n{text}", file=sys.stderr, flush=True)
 
 
 def _guest(args: argparse.Namespace, store: Store) -> Any:
@@ -351,9 +398,41 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     store = open_store(args)
     layer = store.resolve(args.layer) if args.layer else None
+    if args.qemu_arg and not args.boot:
+        raise UsageError("--qemu-arg goes with --boot")
+    if args.boot and not (0 < args.seconds <= MAX_BOOT_CHECK_S):
+        raise UsageError(f"--seconds must be above 0 and at most {MAX_BOOT_CHECK_S:.0f}")
     verified = store.verify(layer)
     shown = " ".join(verified) if len(verified) <= 8 else f"{verified[0]} … {verified[-1]}"
-    print(f"ok: {len(verified)} layer(s) verified: {shown}")
+    if not args.boot:
+        print_json({"verified": verified}) if args.json else print(
+            f"ok: {len(verified)} layer(s) verified: {shown}"
+        )
+        return 0
+    from vmckpt.restore import boot_check
+
+    extra = tuple(args.qemu_arg) if args.qemu_arg else None
+    check = boot_check(
+        store, layer, seconds=args.seconds, extra_args=extra, progress=progress_for(args.json)
+    )
+    observation = check.observation
+    if args.json:
+        print_json({"verified": verified, "boot": check.to_dict()})
+    else:
+        print(f"ok: {len(verified)} layer(s) verified: {shown}")
+        print(
+            f"boot: layer {check.layer} in a throw-away QEMU {check.qemu_version} "
+            f"(PID {check.pid}, ended): {observation.verdict}"
+        )
+        print(f"  {observation.evidence()}")
+        for line in observation.last_lines:
+            print(f"  | {line}")
+    if not check.alive:
+        raise NotAliveError(
+            f"the restored guest is not alive: {observation.verdict}, {observation.evidence()}",
+            layer=check.layer,
+            step="boot-check",
+        )
     return 0
 
 

@@ -255,6 +255,25 @@ class Monitor:
         name = str(self.execute("qom-get", {"path": "/machine", "property": "type"}))
         return name.removesuffix("-machine")
 
+    def cpu_model(self) -> tuple[str, str]:
+        """The first vCPU's QOM path and model, e.g. ``("/machine/unattached/device[0]",
+        "qemu64")`` (the model from its QOM type, ``qemu64-x86_64-cpu``)."""
+        cpus = self.execute("query-cpus-fast")
+        if not cpus:
+            raise QMPError("QEMU reports no vCPU", vm=self.vm, step="query-cpus-fast")
+        path = str(cpus[0]["qom-path"])
+        kind = str(self.execute("qom-get", {"path": path, "property": "type"}))
+        return path, kind.removesuffix("-cpu").rsplit("-", 1)[0]
+
+    def cpu_flags(self, path: str, names: Sequence[str]) -> dict[str, bool]:
+        """Which of the CPU features ``names`` (QOM property names such as ``sse4.2``) the
+        vCPU at ``path`` has; a name this QEMU does not know is left out."""
+        flags = {}
+        for name in names:
+            with contextlib.suppress(CommandRefused):
+                flags[name] = bool(self.execute("qom-get", {"path": path, "property": name}))
+        return flags
+
     # -- migration -------------------------------------------------------------
 
     def migrate_capabilities(self) -> dict[str, bool]:

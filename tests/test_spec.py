@@ -1,0 +1,141 @@
+"""Machine type and CPU model as part of the guest spec: recorded, validated, used on restore.
+
+A layer's spec is an input from a store (vmckpt/spec.py): the machine and CPU
+fields reach QEMU's command line, so anything that is not a plain name (with
+CPU features) is refused before it is used. The QEMU tests show the fields in
+real layers (tests/test_microkernels.py: Genode's ``--machine q35 --cpu max``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.framework.guest import REPO, Vmckpt, one_line_error, qemu_pids_of
+from tests.framework.mechanisms import Mechanism, qemu11
+from vmckpt.cli import main
+from vmckpt.errors import MachineError, RestoreError, UsageError
+from vmckpt.qemu import Launch, QemuProcess, command_line
+from vmckpt.spec import GuestSpec
+
+
+def _line(spec: GuestSpec, tmp_path: Path, machine_type: str | None = None) -> list[str]:
+    launch = Launch(name="g", accel="tcg", serial_log=tmp_path / "s", machine_type=machine_type)
+    return command_line(spec, launch, binary="qemu", qemu_major=10, qmp_fds=(3,))
+
+
+def test_machine_and_cpu_round_trip_through_a_layer_spec(tmp_path: Path) -> None:
+    spec = GuestSpec(machine="q35", cpu="qemu64,+ssse3,+sse4.2,-x2apic,level=13")
+    again = GuestSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec
+    assert (again.machine, again.cpu) == ("q35", "qemu64,+ssse3,+sse4.2,-x2apic,level=13")
+
+
+def test_command_line_uses_the_layers_exact_machine_type_and_the_cpu(tmp_path: Path) -> None:
+    spec = GuestSpec(machine="q35", cpu="max")
+    line = _line(spec, tmp_path)
+    assert line[line.index("-machine") + 1] == "q35"
+    assert line[line.index("-cpu") + 1] == "max"
+    # On restore the layer's versioned type replaces the alias the guest was run with.
+    line = _line(spec, tmp_path, machine_type="pc-q35-10.0")
+    assert line[line.index("-machine") + 1] == "pc-q35-10.0"
+    assert line.count("-machine") == 1
+    assert "-cpu" not in _line(GuestSpec(), tmp_path), "QEMU's default CPU: no -cpu at all"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("machine", "q35,accel=kvm"),
+        ("machine", "q35 -bios x"),
+        ("machine", "-q35"),
+        ("machine", ""),
+        ("cpu", "max -device x"),
+        ("cpu", "max,,x"),
+        ("cpu", "max,+sse4.2;x"),
+        ("cpu", "-max"),
+        ("cpu", "max,file=/etc/passwd,x"),
+    ],
+)
+def test_stored_machine_or_cpu_with_option_syntax_is_refused(field: str, value: str) -> None:
+    data = GuestSpec().to_dict()
+    data[field] = value
+    with pytest.raises(MachineError, match="stored guest spec is not valid"):
+        GuestSpec.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [
+        ("--machine", "q35,accel=kvm", "machine type 'q35,accel=kvm'"),
+        ("--cpu", "max -bios x", "CPU model 'max -bios x'"),
+    ],
+)
+def test_run_refuses_machine_or_cpu_with_option_syntax(
+    option: str, value: str, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kernel = REPO / "guest" / "build" / "vmlinuz"
+    if not kernel.is_file():
+        pytest.fail("guest/build/vmlinuz missing: run `make -C guest`", pytrace=False)
+    code = main(["run", "g", "--store", "/nonexistent/st", "--kernel", str(kernel), option, value])
+    assert code == UsageError.exit_code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_qemu_log_tail_shows_only_the_last_life(tmp_path: Path) -> None:
+    log = tmp_path / "qemu.log"
+    log.write_text(
+        '+ qemu -machine nosuch\nqemu: unsupported machine type: "nosuch"\n'
+        "Use -machine help to list supported machines\n"
+        "+ qemu -cpu nosuch\nqemu: unable to find CPU model 'nosuch'\n"
+    )
+    process = QemuProcess("g", 1, 0, tmp_path / "q.sock", tmp_path / "s", log)
+    assert process.log_tail() == "qemu: unable to find CPU model 'nosuch'"
+    log.write_text(log.read_text() + "+ qemu\n")
+    assert process.log_tail() == "(QEMU printed nothing)"
+
+
+# -- with QEMU ----------------------------------------------------------------------------
+
+
+def test_machine_type_qemu_lacks_is_refused_in_one_line(vmckpt: Vmckpt) -> None:
+    result = vmckpt(
+        "run", "g", "--store", str(vmckpt.store), "--create",
+        "--kernel", str(vmckpt.media / "vmlinuz"), "--machine", "nosuch-1.0", "--detach",
+        check=False,
+    )  # fmt: skip
+    one_line_error(result, 'unsupported machine type: "nosuch-1.0"', code=MachineError.exit_code)
+    result = vmckpt(
+        "run", "g", "--store", str(vmckpt.store),
+        "--kernel", str(vmckpt.media / "vmlinuz"), "--cpu", "nosuch", "--detach",
+        check=False,
+    )  # fmt: skip
+    line = one_line_error(result, "unable to find CPU model 'nosuch'", code=MachineError.exit_code)
+    assert "nosuch-1.0" not in line, "the previous start's complaint leaked into this one"
+
+
+@pytest.mark.qemu11
+def test_layer_of_a_newer_qemu_is_refused_before_anything_starts(vmckpt: Vmckpt) -> None:
+    newer = Mechanism("precopy-diff", qemu=qemu11(), qemu_major=11).env()
+    vmckpt.run_guest("g", env=newer)
+    out = vmckpt("checkpoint", "g", "--store", str(vmckpt.store), "--json", env=newer).stdout
+    layer = str(json.loads(out)["layer"])
+    vmckpt("stop", "g", "--store", str(vmckpt.store))
+    machine_type = json.loads(
+        vmckpt("inspect", "--store", str(vmckpt.store), layer, "--json").stdout
+    )["machine_type"]
+    assert machine_type.startswith("pc-i440fx-11.")
+    result = vmckpt(
+        "restore", "--store", str(vmckpt.store), "--layer", layer, "--detach", check=False
+    )
+    one_line_error(
+        result, f"machine type {machine_type}", "QEMU 10.", "restore it with QEMU 11.",
+        code=RestoreError.exit_code,
+    )  # fmt: skip
+    assert not qemu_pids_of(vmckpt.store), "a QEMU was started for a layer it cannot load"
+    # The QEMU that took it restores it.
+    vmckpt.restore("--layer", layer, "--name", "g", env=newer)
+    assert vmckpt.guest("g").process().alive()
