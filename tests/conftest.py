@@ -20,6 +20,23 @@ from tests.framework.guest import GUEST_BUILD, REPO, Vmckpt
 from tests.framework.mechanisms import Mechanism
 
 
+@pytest.fixture(scope="session", autouse=True)
+def store_keys() -> Iterator[Path]:
+    """Store keys go to a directory of the test session (removed after it), not to the
+    user's ~/.config/vmckpt/keys; every vmckpt the tests start inherits the setting."""
+    directory = Path(tempfile.mkdtemp(prefix="vmckpt-keys-"))
+    old = os.environ.get("VMCKPT_KEYS_DIR")
+    os.environ["VMCKPT_KEYS_DIR"] = str(directory)
+    try:
+        yield directory
+    finally:
+        if old is None:
+            os.environ.pop("VMCKPT_KEYS_DIR", None)
+        else:
+            os.environ["VMCKPT_KEYS_DIR"] = old
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Markers follow the fixtures a test uses, so they are applied consistently."""
     for item in items:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vmckpt.errors import CorruptLayerError, FormatVersionError, StoreError
-from vmckpt.images import FORMAT_MAJOR, FORMAT_MINOR, LayerContent, LayerManifest, Store
+from vmckpt.images import FORMAT_MAJOR, FORMAT_MINOR, LayerContent, LayerManifest, Store, keys
 from vmckpt.images import format as fmt
 from vmckpt.images import store as store_module
 from vmckpt.ram import PAGE_SIZE, PageNumbers, RamBlock, RamImage
@@ -106,13 +106,20 @@ def images_equal(a: RamImage, b: RamImage) -> bool:
 
 
 def rewrite_manifest(store: Store, layer_id: str, change: Callable[[dict[str, Any]], None]) -> None:
-    """Edit a manifest and recompute its checksum, as a newer (or malicious) writer would."""
+    """Edit a manifest, recompute its checksum and seal it again with the store's key, as a
+    newer (or malicious) writer holding the key would: these tests reach the checks behind
+    the seal. (tests/test_security.py: without the key, such an edit is refused.)"""
     path = store.path / "layers" / layer_id / "manifest.json"
     obj = json.loads(path.read_bytes())
     change(obj)
     obj["manifest_sha256"] = fmt.manifest_checksum(obj)
     os.chmod(path, 0o600)
-    path.write_bytes(fmt.manifest_bytes(obj))
+    data = fmt.manifest_bytes(obj)
+    path.write_bytes(data)
+    seal = path.with_name(keys.SEAL)
+    origin = json.loads(seal.read_bytes())["origin"]
+    assert store.key is not None
+    seal.write_bytes(keys.seal_bytes(store.key, layer_id, origin, data))
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -204,15 +211,16 @@ def test_manifest_round_trips(chain3: ChainT) -> None:
     for written in manifests:
         read = store.manifest(written.id)
         assert read == written
-        # Every layer is written as 1.2: it has per-page digests (pages.sum).
-        assert read.format_version == (FORMAT_MAJOR, FORMAT_MINOR) == (1, 2)
+        # Every layer is written as 1.3: per-page digests (pages.sum) and a seal.
+        assert read.format_version == (FORMAT_MAJOR, FORMAT_MINOR) == (1, 3)
+        assert read.origin == "local"
         assert read.has_page_sums
         assert read.files["pages.sum"].size == 16 * read.pages_stored
         assert read.ram_section == (2, 0, 4)
         assert read.stats == {"pause_ms": 12.5, "tag": read.stats["tag"]}
         raw = json.loads(layer_path(store, written.id, "manifest.json").read_bytes())
         assert raw["format"] == "vmckpt-layer"
-        assert raw["format_version"] == [1, 2]
+        assert raw["format_version"] == [1, 3]
         assert raw["manifest_sha256"] == fmt.manifest_checksum(raw)
 
 
@@ -310,7 +318,8 @@ def test_files_and_dirs_are_private(chain3: ChainT) -> None:
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
         names = sorted(p.name for p in directory.iterdir())
         assert names == [
-            "device.bin", "manifest.json", "pages.bin", "pages.idx", "pages.sum", "prelude.bin"
+            "device.bin", "manifest.json", "manifest.mac", "pages.bin", "pages.idx", "pages.sum",
+            "prelude.bin",
         ]  # fmt: skip
         for path in directory.iterdir():
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
@@ -577,18 +586,18 @@ def test_older_and_equal_minor_are_accepted(
     chain3: ChainT, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, manifests, images = chain3
-    # Pretend this reader is at minor 3: layers at 1.1, 1.2 (as written) and 1.3 must load.
+    # Pretend this reader is at minor 4: layers at 1.1, 1.3 (as written) and 1.4 must load.
     # (tests/test_legacy_store.py reads real 1.0 and 1.1 layers.)
-    monkeypatch.setattr(fmt, "FORMAT_MINOR", 3)
+    monkeypatch.setattr(fmt, "FORMAT_MINOR", 4)
     as_1_1(store, manifests[0].id)
     assert store.manifest(manifests[0].id).format_version == (1, 1)
-    assert store.manifest(manifests[1].id).format_version == (1, 2)
-    rewrite_manifest(store, manifests[2].id, lambda obj: obj.update(format_version=[1, 3]))
+    assert store.manifest(manifests[1].id).format_version == (1, 3)
+    rewrite_manifest(store, manifests[2].id, lambda obj: obj.update(format_version=[1, 4]))
     assert store.verify(manifests[2].id) == [m.id for m in manifests]
     ram, _, _ = store.compose(manifests[2].id)
     assert_same_image(ram, images[2])
-    # ...and 1.4 is still too new for it.
-    rewrite_manifest(store, manifests[2].id, lambda obj: obj.update(format_version=[1, 4]))
+    # ...and 1.5 is still too new for it.
+    rewrite_manifest(store, manifests[2].id, lambda obj: obj.update(format_version=[1, 5]))
     with pytest.raises(FormatVersionError):
         store.manifest(manifests[2].id)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from vmckpt.errors import StoreError
 from vmckpt.images import Store, maintenance
 from vmckpt.images.retention import KeepRules
 
@@ -27,10 +28,44 @@ def expected() -> dict[str, Any]:
 
 
 @pytest.fixture
-def legacy(tmp_path: Path) -> Store:
-    """A copy of the fixture (tests may change it)."""
+def unadopted(tmp_path: Path) -> Store:
+    """A copy of the fixture as it is (tests may change it): its layers have no seals."""
     shutil.copytree(FIXTURES / "store-1.1", tmp_path / "store")
     return Store(tmp_path / "store")
+
+
+@pytest.fixture
+def legacy(unadopted: Store) -> Store:
+    """A copy of the fixture, adopted (`vmckpt init --adopt`): every layer sealed."""
+    result = unadopted.adopt()
+    assert result.new_key and not result.refused and not result.already
+    assert sorted(result.sealed) == unadopted.layer_ids() != []
+    return unadopted
+
+
+def test_legacy_store_is_listed_but_not_restored_until_adopted(
+    unadopted: Store, expected: dict[str, Any], tmp_path: Path
+) -> None:
+    """A store from before seals: its layers read as unsealed; their content is used only
+    once the user adopted the store; adopting makes a key and seals every layer."""
+    assert unadopted.store_id is None and unadopted.key is None
+    layer_id = sorted(expected["layers"])[0]
+    assert unadopted.manifest(layer_id).origin == "unsealed"
+    with pytest.raises(StoreError, match="init --adopt"):
+        unadopted.compose(layer_id)
+    with pytest.raises(StoreError, match="init --adopt"):
+        unadopted.verify(layer_id)
+    with pytest.raises(StoreError, match="init --adopt"):
+        unadopted.check_writable()  # no key to seal a new layer with
+    result = unadopted.adopt()
+    assert result.new_key and len(result.sealed) == len(expected["layers"])
+    reopened = Store(unadopted.path)
+    assert reopened.store_id == result.store_id and reopened.key is not None
+    assert {reopened.manifest(i).origin for i in reopened.layer_ids()} == {"adopted"}
+    assert composed(reopened, layer_id, tmp_path) == without_name(expected["layers"][layer_id])
+    # A second adopt has nothing to do.
+    again = reopened.adopt()
+    assert not again.new_key and not again.sealed and len(again.already) == len(result.sealed)
 
 
 def composed(store: Store, layer_id: str, tmp: Path) -> dict[str, Any]:
@@ -92,7 +127,8 @@ def test_legacy_store_is_pruned_correctly(
     assert_compose_as_recorded(legacy, expected, tmp_path)
     for name in "CEH":
         manifest = legacy.manifest(ids[name])
-        assert manifest.format_version == (1, 2) and manifest.parent is None
+        assert manifest.format_version == (1, 3) and manifest.parent is None
+        assert manifest.origin == "adopted"  # a rewrite keeps the least trusted origin
     assert legacy.manifest(ids["H"]).disks[0].full
     # Layers nobody rewrote stay as written (1.0, 1.1).
     assert legacy.manifest(ids["D"]).format_version == (1, 0)

@@ -42,7 +42,7 @@ from typing import Any, BinaryIO
 from vmckpt.backends import Guest, GuestStatus
 from vmckpt.errors import LibvirtError, MachineError, QMPError, RestoreError, VmckptError
 from vmckpt.guard import Guard
-from vmckpt.images import Store
+from vmckpt.images import Store, keys
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.qmp import Monitor, PassthroughTransport
 from vmckpt.ram import RamImage
@@ -430,6 +430,15 @@ def restore_domain(
         raise RestoreError(
             "the layer was not taken from a libvirt domain (its spec has no libvirt_xml); "
             "restore it without --libvirt-define",
+            vm=name,
+            layer=layer_id,
+            step="libvirt-define",
+        )
+    if manifest.origin != keys.LOCAL:
+        # Domain XML can name hooks, files and QEMU command lines: only this store's own.
+        raise RestoreError(
+            f"the layer's origin is {manifest.origin}: --libvirt-define uses domain XML only "
+            "from layers this store wrote (docs/SECURITY.md)",
             vm=name,
             layer=layer_id,
             step="libvirt-define",

@@ -32,17 +32,19 @@ from vmckpt import log
 from vmckpt.backends import LocalGuest
 from vmckpt.disk_restore import discard_restored, materialize, track_restored
 from vmckpt.errors import RestoreError, VmckptError
-from vmckpt.images import LayerManifest, Store
+from vmckpt.images import LayerManifest, Store, keys
 from vmckpt.liveness import FATAL_EVENTS, Observation, observe
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.qemu import (
     Launch,
     QemuProcess,
+    command_line,
     machine_types,
     qemu_binary,
     qemu_version,
     resolve_accel,
     rotate_serial_log,
+    version_tuple,
 )
 from vmckpt.ram import RamImage
 from vmckpt.session import MigrationSession
@@ -84,6 +86,60 @@ def load_layer_image(
         epilogue=epilogue,
     )
     return LayerImage(manifest, ram, envelope)
+
+
+def qemu_args_for(
+    manifest: LayerManifest,
+    spec: GuestSpec,
+    given: tuple[str, ...] | None,
+    vm: str,
+    *,
+    warn: bool = True,
+) -> tuple[str, ...]:
+    """The free-form QEMU arguments a restore passes: those given on its command line
+    (``given``, even empty), else the layer's own, but only from a layer this store wrote
+    (origin ``local``): a layer from another host, or adopted, cannot make vmckpt pass
+    options of its choosing to QEMU (docs/SECURITY.md)."""
+    if given is not None:
+        return given
+    if not spec.qemu_args or manifest.origin == keys.LOCAL:
+        return spec.qemu_args
+    if warn:
+        _log.warning(
+            "guest %s: layer %s has origin %s, so its QEMU arguments %s are not used; "
+            "repeat them with --qemu-arg to use them",
+            vm, manifest.id, manifest.origin, " ".join(spec.qemu_args),
+        )  # fmt: skip
+    return ()
+
+
+def restore_command(
+    store: Store, manifest: LayerManifest, extra_args: tuple[str, ...] | None = None
+) -> list[str]:
+    """The QEMU command line a restore of ``manifest`` on this host would run, for inspect:
+    built by the same code from the same validated fields (VmckptError where the restore
+    would refuse them). The monitor sockets and rebuilt disks are placeholders."""
+    name = check_name(manifest.guest)
+    spec = relocate_media(GuestSpec.from_dict(manifest.spec), store)
+    args = qemu_args_for(manifest, spec, extra_args, name, warn=False)
+    disks = tuple(
+        disk if disk.readonly
+        else replace(disk, path=f"REBUILT-{disk.id}.qcow2", format="qcow2", backing="")
+        for disk in spec.disks
+    )  # fmt: skip
+    try:
+        accel = resolve_accel(spec.accel)
+    except VmckptError:
+        accel = spec.accel
+    binary = qemu_binary()
+    launch = Launch(
+        name=name, accel=accel, serial_log=store.runtime_path(name) / "serial.log",
+        machine_type=manifest.machine_type or None, incoming=True, extra_args=args,
+    )  # fmt: skip
+    major = version_tuple(qemu_version(binary))[0]
+    return command_line(
+        replace(spec, disks=disks), launch, binary=binary, qemu_major=major, qmp_fds=(3, 4)
+    )
 
 
 @dataclass(frozen=True)
@@ -155,7 +211,7 @@ def restore_guest(
     check_machine_type(manifest, name)
     spec = relocate_media(image.spec, store)
     spec.check_media(vm=name)
-    args = spec.qemu_args if extra_args is None else extra_args
+    args = qemu_args_for(manifest, spec, extra_args, name)
     runtime = store.runtime_dir(name)
     # Writable disks are rebuilt as new images beside the guest's runtime files.
     spec = replace(spec, disks=materialize(store, manifest, spec.disks, runtime, vm=name))
@@ -364,7 +420,7 @@ def boot_check(
     check_machine_type(manifest, label)
     spec = relocate_media(image.spec, store)
     spec.check_media(vm=label)
-    args = spec.qemu_args if extra_args is None else extra_args
+    args = qemu_args_for(manifest, spec, extra_args, label)
     binary = qemu_binary()
     parent = SCRATCH_PARENT if os.path.isdir(SCRATCH_PARENT) else None
     scratch = Path(tempfile.mkdtemp(prefix="vmckpt-boot-", dir=parent))

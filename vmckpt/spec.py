@@ -23,17 +23,17 @@ from typing import Any
 from vmckpt.errors import MachineError, UsageError
 from vmckpt.fsutil import sha256_file
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-MACHINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-CPU_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-CPU_FEATURE_RE = re.compile(r"^[+-]?[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(=[A-Za-z0-9_.-]{1,64})?$")
-DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+MACHINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+CPU_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+CPU_FEATURE_RE = re.compile(r"^[+-]?[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(=[A-Za-z0-9_.-]{1,64})?\Z")
+DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
 ACCELERATORS = ("auto", "kvm", "tcg")
 MEDIA_ROLES = ("kernel", "initrd", "iso", "module")
 DISK_FORMATS = ("raw", "qcow2")
 MAX_MEMORY_MIB = 1 << 22  # 4 TiB
 MAX_CPUS = 288
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 # Control characters have no place in a path (a comma does: QEMU's option strings get it
 # doubled, vmckpt/qemu.py).
 _UNSAFE_IN_PATH = re.compile(r"[\x00-\x1f\x7f]")

@@ -130,9 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("init", commands.cmd_init, "create a store (a directory of layers)")
+    p = command("init", commands.cmd_init, "create a store (a directory of layers) and its key")
     p.add_argument("path", nargs="?", metavar="DIR", help="where (default: --store)")
     _store(p)
+    p.add_argument(
+        "--adopt",
+        action="store_true",
+        help="check an existing store's layers and seal those that do not authenticate with "
+        "this user's key (a store made before format 1.3, or whose key is elsewhere): "
+        "only for layers you trust",
+    )
+    _json(p)
 
     p = command("check", commands.cmd_check, "what this host's QEMU supports, and the mechanisms")
     _json(p)
@@ -272,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--qemu-arg",
         action="append",
         metavar="ARG",
-        help="extra QEMU arguments to use instead of the layer's own (repeatable)",
+        help="free-form QEMU arguments to use instead of the layer's own, which are used only "
+        "if this store wrote the layer (origin local in inspect); repeatable, as "
+        "--qemu-arg=-device --qemu-arg=virtio-rng-pci",
     )
     p.add_argument(
         "--libvirt-define",

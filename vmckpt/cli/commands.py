@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import re
+import shlex
 import sys
 import threading
 from pathlib import Path
@@ -29,7 +31,7 @@ from vmckpt.cli.output import (
 )
 from vmckpt.diagnose import REPEATED_RESETS, hint_for
 from vmckpt.errors import NotAliveError, UsageError, VmckptError
-from vmckpt.images import Store
+from vmckpt.images import Store, keys
 from vmckpt.liveness import Observation
 from vmckpt.qemu import parse_memory
 from vmckpt.spec import BootMedium, DiskSpec, GuestSpec, check_cpu, check_machine, check_name
@@ -73,9 +75,28 @@ def cmd_init(args: argparse.Namespace) -> int:
     if not target:
         raise UsageError(f"name the store to create: vmckpt init DIR (or set {STORE_ENV})")
     path = Path(target).expanduser().absolute()
+    if args.adopt:
+        result = Store(path).adopt()
+        if args.json:
+            print_json({"store": str(path), **dataclasses.asdict(result)})
+        else:
+            key = keys.key_path(result.store_id)
+            print(f"store {path}: key {key} ({'new' if result.new_key else 'kept'})")
+            print(
+                f"sealed {len(result.sealed)} layer(s), {len(result.already)} authenticated "
+                f"already, {len(result.refused)} refused"
+            )
+            for layer_id, why in result.refused:
+                print(f"  refused {layer_id}: {why}")
+        return 1 if result.refused else 0
     existed = (path / "vmckpt-store.json").exists()
     store = Store.create(path)
-    print(f"store {store.path} {'exists already' if existed else 'created'}")
+    if args.json:
+        print_json({"store": str(store.path), "created": not existed, "store_id": store.store_id})
+    else:
+        print(f"store {store.path} {'exists already' if existed else 'created'}")
+        if store.store_id is not None:
+            print(f"key   {keys.key_path(store.store_id)} (keep it: layers are sealed with it)")
     return 0
 
 
@@ -342,11 +363,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from vmckpt.restore import restore_command
+
     store = open_store(args)
     manifest = store.manifest(store.resolve(args.layer))
     spec = manifest.spec
+    try:
+        restore: list[str] | None = restore_command(store, manifest)
+        refused = None
+    except VmckptError as exc:
+        restore, refused = None, exc.one_line()
     data = {
         **layer_row(manifest),
+        "origin": manifest.origin,
         "format_version": ".".join(map(str, manifest.format_version)),
         "qemu_version": manifest.qemu_version,
         "machine_type": manifest.machine_type,
@@ -356,11 +385,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "ram_blocks": [b.__dict__ for b in manifest.blocks],
         "files": {name: entry.__dict__ for name, entry in manifest.files.items()},
         "disks": [d.__dict__ for d in manifest.disks],
+        "restore_command": restore,
+        "restore_refused": refused,
     }
     if args.json:
         print_json(data)
         return 0
     print(f"layer          {manifest.id} (format {data['format_version']})")
+    meaning = ORIGIN_MEANING.get(manifest.origin, "sent by that host; QEMU arguments not used")
+    print(f"origin         {manifest.origin} ({meaning})")
     print(f"parent         {manifest.parent or '- (base layer)'}")
     print(f"guest          {manifest.guest}, created {manifest.created}")
     print(f"QEMU           {manifest.qemu_version}, machine {manifest.machine_type}")
@@ -392,7 +425,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name, entry in sorted(manifest.files.items()):
         print(f"  {name:<14} {human_bytes(entry.size):>10}  sha256 {entry.sha256[:16]}…")
     print(f"total          {human_bytes(manifest.bytes_total)}")
+    if restore is not None:
+        print("restore runs   " + shlex.join(restore))
+    else:
+        print(f"restore        refused: {refused}")
     return 0
+
+
+ORIGIN_MEANING = {
+    keys.LOCAL: "written by this store; its QEMU arguments are used on restore",
+    keys.ADOPTED: "sealed by `init --adopt`; its QEMU arguments are not used on restore",
+    keys.UNSEALED: "no seal: not restored until `vmckpt init --adopt`",
+    keys.NO_KEY: "this user has no key for the store: not restored",
+}
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -482,7 +527,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
         from vmckpt.remote import RemoteGuest, restore_remote
 
         remote = restore_remote(
-            store, args.layer, args.name, _target(args, args.host), progress=progress
+            store,
+            args.layer,
+            args.name,
+            _target(args, args.host),
+            qemu_args=tuple(args.qemu_arg) if args.qemu_arg else None,
+            progress=progress,
         )
         if args.json:
             print_json(remote.to_dict())

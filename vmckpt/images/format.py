@@ -25,9 +25,10 @@ from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamImage
 # The version this vmckpt writes. Readers accept the same major and a lower or
 # equal minor (see `check_version`); the version is the format's own, not vmckpt's.
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2  # 1.1 adds writable disks, 1.2 per-page digests (pages.sum)
+FORMAT_MINOR = 3  # 1.1 adds writable disks, 1.2 per-page digests (pages.sum), 1.3 seals
 DISKS_MINOR = 1  # the optional manifest field `disks`, disk-<id>.idx/.bin
 SUMS_MINOR = 2  # pages.sum, required from 1.2 on
+SEAL_MINOR = 3  # manifest.mac and the marker's store_id, from 1.3 on
 
 LAYER_FORMAT = "vmckpt-layer"
 STORE_FORMAT = "vmckpt-store"
@@ -48,12 +49,12 @@ DISK_INDEX = "disk-{}.idx"
 DISK_DATA = "disk-{}.bin"
 DISK_DTYPE = np.dtype("<u8")
 DISK_ALIGN = 512  # extents start and end on sector boundaries
-DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
 
 INDEX_DTYPE = np.dtype("<u4")
-LAYER_ID_RE = re.compile(r"^(\d{4,})-([0-9a-f]{6})$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+LAYER_ID_RE = re.compile(r"^(\d{4,})-([0-9a-f]{6})\Z")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,9 @@ class LayerManifest:
     files: dict[str, FileEntry]
     format_version: tuple[int, int]
     disks: tuple[DiskRecord, ...] = ()  # format 1.1; none in 1.0
+    # Where the layer comes from, as its seal (manifest.mac) says; not part of manifest.json
+    # (see images/keys.py). Set by Store when it reads the layer.
+    origin: str = field(default="", compare=False)
 
     def disk(self, disk_id: str) -> DiskRecord | None:
         return next((d for d in self.disks if d.id == disk_id), None)

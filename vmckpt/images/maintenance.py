@@ -57,7 +57,7 @@ from vmckpt import faults
 from vmckpt.errors import CorruptLayerError, StoreError, UsageError, VmckptError
 from vmckpt.fsutil import exchange, fsync_dir, sha256_file
 from vmckpt.images import format as fmt
-from vmckpt.images import locks
+from vmckpt.images import keys, locks
 from vmckpt.images.format import (
     DEVICE,
     MANIFEST,
@@ -484,6 +484,10 @@ def _build(
     step = "rewrite"
     top = snapshot.manifests[rewrite.layer]
     segment = [top, *(snapshot.manifests[i] for i in rewrite.absorb)]
+    # Never launder: only authenticated layers are rewritten, and the new version keeps
+    # the least trusted origin of those it merges.
+    store.require_sealed(segment, step)
+    origin = next((m.origin for m in segment if m.origin != keys.LOCAL), keys.LOCAL)
     base = rewrite.parent is None
     store._check_ram_size(top, step)
     blocks = [RamBlock(block.idstr, block.length) for block in top.blocks]
@@ -517,7 +521,9 @@ def _build(
         )  # fmt: skip
     tmp, _, fd = store._make_temporary(top.id)
     try:
-        store._write_layer_files(tmp, top.id, content, parts, disks, created=top.created)
+        store._write_layer_files(
+            tmp, top.id, content, parts, disks, created=top.created, origin=origin
+        )
     except BaseException:
         os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,9 +4,10 @@ no other module builds a path inside a store.
 
 Layout (docs/FORMAT.md has the byte-level specification of the layers)::
 
-    store/vmckpt-store.json     marker: {"format": "vmckpt-store", "format_version": [1, 0]}
+    store/vmckpt-store.json     marker: {"format": "vmckpt-store", "format_version": [1, 3],
+                                         "store_id": "<32 hex digits>"}
     store/store.lock            the store lock (vmckpt/images/locks.py)
-    store/layers/<id>/          one committed layer (manifest.json + its files)
+    store/layers/<id>/          one committed layer (manifest.json, manifest.mac, its files)
     store/layers/.tmp-<id>-<r>/ a layer being written or imported; never read, never listed
     store/guests/<name>/        a guest's runtime files: record, head, sockets, logs, locks
     store/libvirt/<domain>/     a libvirt domain's head (its own name space)
@@ -18,8 +19,10 @@ leaves either the whole layer or none of it. A guest's head moves with the
 commit under the store lock; a crash between the two is repaired from the
 ``pending`` entry of the head file (see :meth:`Store.head`).
 
-Nothing in a store is followed as a symbolic link: a store can come from
-another host or user (docs/SECURITY.md).
+Every layer is sealed (manifest.mac, an HMAC under a key kept outside the
+store, vmckpt/images/keys.py) and read back only if the seal holds; nothing in a
+store is followed as a symbolic link: a store can come from another host or user
+(docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import shutil
 import stat
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,10 +55,11 @@ from vmckpt.fsutil import (
     open_nofollow,
     read_json,
     sha256_file,
+    write_atomic,
     write_json_atomic,
 )
 from vmckpt.images import format as fmt
-from vmckpt.images import locks
+from vmckpt.images import keys, locks
 from vmckpt.images.format import (
     DEVICE,
     INDEX,
@@ -88,8 +92,8 @@ HEAD_FILE = "head.json"
 # Name spaces of guest runtime directories: guests vmckpt runs (or runs elsewhere), and
 # libvirt domains (whose names may repeat those of vmckpt's guests).
 KINDS = {"guest": GUESTS_DIR, "libvirt": LIBVIRT_DIR}
-RUNTIME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-RECORD_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\.json$")
+RUNTIME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+RECORD_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\.json\Z")
 STORE_LOCK_WAIT_S = 60.0  # publishing a layer holds it for milliseconds; maintenance longer
 
 # Pages copied per step when writing or composing: caps the temporary copy at 64 MiB.
@@ -126,6 +130,23 @@ def _write_new(path: Path, chunks: Iterable[Any]) -> FileEntry:
         out.flush()
         os.fsync(out.fileno())
     return FileEntry(size=size, sha256=digest.hexdigest())
+
+
+def _write_marker(path: Path, store_id: str) -> None:
+    """Write (or replace) the store marker atomically, naming the store's id."""
+    marker = {
+        "format": STORE_FORMAT,
+        # 1.3: the marker names the store's id, the name of its key (images/keys.py).
+        "format_version": [fmt.FORMAT_MAJOR, fmt.SEAL_MINOR],
+        "store_id": store_id,
+    }
+    tmp = path / f"{TMP_PREFIX}{STORE_MARKER}-{secrets.token_hex(4)}"
+    try:
+        _write_new(tmp, [fmt.manifest_bytes(marker)])
+        os.replace(tmp, path / STORE_MARKER)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path)
 
 
 def _is_real_dir(path: Path) -> bool:
@@ -381,6 +402,18 @@ class _CheckedLayer:
     device: bytes
 
 
+@dataclass
+class AdoptResult:
+    """What `Store.adopt` did: the store's id, whether its key is new, the layers sealed,
+    those that authenticated already, and those refused with the reason."""
+
+    store_id: str
+    new_key: bool
+    sealed: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
 class Store:
     """A vmckpt store on disk: layers (list, resolve, verify, compose, write, import) and the
     runtime files of its guests (records, heads, locks, media)."""
@@ -409,6 +442,13 @@ class Store:
             obj.get("format_version"), what=str(marker), layer=None, step="open"
         )
         fmt.check_version(version, what=str(marker), layer=None, step="open")
+        store_id = obj.get("store_id")
+        if store_id is not None and (
+            not isinstance(store_id, str) or not keys.STORE_ID_RE.fullmatch(store_id)
+        ):
+            raise StoreError(f"{marker}: store_id is not 32 hex digits", step="open")
+        self.store_id: str | None = store_id
+        self._key: keys.StoreKey | None = None
 
     @classmethod
     def create(cls, path: Path | str, *, parents: bool = False) -> Store:
@@ -443,22 +483,141 @@ class Store:
             for sub in (LAYERS_DIR, GUESTS_DIR):
                 if not (path / sub).is_dir():
                     _mkdir_private(path / sub)
-            marker = {
-                "format": STORE_FORMAT,
-                # The store's layout is that of 1.0 (1.1 changed only layers).
-                "format_version": [fmt.FORMAT_MAJOR, 0],
-            }
-            tmp = path / f"{TMP_PREFIX}{STORE_MARKER}-{secrets.token_hex(4)}"
-            try:
-                _write_new(tmp, [fmt.manifest_bytes(marker)])
-                os.replace(tmp, path / STORE_MARKER)
-            finally:
-                tmp.unlink(missing_ok=True)
-            fsync_dir(path)
+            # The key first: a store with a marker always has one.
+            store_id = keys.new_store_id()
+            keys.create_key(store_id, path)
+            _write_marker(path, store_id)
             fsync_dir(path.parent)
         except OSError as exc:
             raise StoreError(f"cannot create store {path}: {exc}", step="create") from exc
         return cls(path)
+
+    # --- keys and seals ---------------------------------------------------
+
+    @property
+    def key(self) -> keys.StoreKey | None:
+        """This user's key for the store (None: the store has no id, or the user no key).
+        Looked up again while missing, so a key made by `init --adopt` is found."""
+        if self._key is None and self.store_id is not None:
+            self._key = keys.load_key(self.store_id)
+        return self._key
+
+    def _no_key(self, step: str) -> StoreError:
+        if self.store_id is None:
+            why = "it has no key (it was made before layers were sealed, format 1.3)"
+        else:
+            why = f"this user has no key for it ({keys.key_path(self.store_id)} is missing)"
+        return StoreError(
+            f"store {self.path}: {why}; copy the key from where the store was made, or run "
+            f"`vmckpt init --adopt {self.path}` to check its layers and seal them",
+            step=step,
+        )
+
+    def _sealing_key(self, step: str) -> keys.StoreKey:
+        key = self.key
+        if key is None:
+            raise self._no_key(step)
+        return key
+
+    def _origin(self, layer_id: str, manifest: bytes, step: str) -> str:
+        """The layer's origin from its seal, checked against the manifest's bytes."""
+        try:
+            fd = os.open(
+                f"{self._layers}/{layer_id}/{keys.SEAL}",
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+            )
+        except FileNotFoundError:
+            return keys.UNSEALED
+        except OSError as exc:
+            raise CorruptLayerError(
+                f"{keys.SEAL}: {exc.strerror}", layer=layer_id, step=step
+            ) from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CorruptLayerError(
+                    f"{keys.SEAL} is not a regular file", layer=layer_id, step=step
+                )
+            seal = _read_at_most(fd, keys.MAX_SEAL_BYTES + 1)
+        finally:
+            os.close(fd)
+        key = self.key
+        if key is None:
+            return keys.NO_KEY
+        return keys.check_seal(key, layer_id, manifest, seal, step)
+
+    def require_sealed(self, chain: Iterable[LayerManifest], step: str) -> None:
+        """Refuse any layer of ``chain`` that did not authenticate with the store's key:
+        its content is used only once it did (restore, compose, maintenance, copies)."""
+        for manifest in chain:
+            if keys.is_sealed(manifest.origin):
+                continue
+            if manifest.origin == keys.NO_KEY:
+                raise self._no_key(step)
+            raise CorruptLayerError(
+                f"{keys.SEAL} is missing: the layer is not authenticated (written by a vmckpt "
+                "before format 1.3, or by someone without the store's key); "
+                f"`vmckpt init --adopt {self.path}` checks the store's layers and seals them",
+                layer=manifest.id,
+                step=step,
+            )
+
+    def _seal(self, directory: Path, layer_id: str, origin: str, manifest: bytes) -> None:
+        """Write a layer's seal into its (temporary) directory."""
+        key = self._sealing_key("seal")
+        _write_new(directory / keys.SEAL, [keys.seal_bytes(key, layer_id, origin, manifest)])
+
+    def adopt(self) -> AdoptResult:
+        """Check the store's layers and seal those that do not authenticate yet (origin
+        ``adopted``), making the store's key first if this user has none.
+
+        For a store made before layers were sealed (no store id), or one whose key is not
+        here: a new store id and key, and every layer that passes its checks (manifest,
+        chain links, every file and page, as verify) is sealed anew. With a key: only the
+        unsealed layers are. A layer whose seal does not match the key, or whose content
+        fails a check, is left as it is and reported. The user vouches for what is sealed:
+        run it only on a store whose layers you trust (docs/SECURITY.md). Holds every lock
+        of the store: no checkpoint, maintenance or reader runs meanwhile.
+        """
+        step = "adopt"
+        with self.maintenance_lock(step), self.switching(step), self.lock(step):
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(self.layers_path):
+                    if entry.name.startswith(TMP_PREFIX) and locks.directory_in_use(
+                        Path(entry.path)
+                    ):
+                        raise StoreError(
+                            "a layer is being written (a checkpoint runs); try again when "
+                            "it is done",
+                            step=step,
+                        )
+            key = self.key
+            store_id = self.store_id
+            if key is None:
+                store_id = keys.new_store_id()
+                key = keys.create_key(store_id, self.path)
+            assert store_id is not None
+            result = AdoptResult(store_id, new_key=self.key is None)
+            cache: dict[str, LayerManifest] = {}
+            for layer_id in self.layer_ids():
+                try:
+                    if not result.new_key:
+                        manifest = self._manifest(layer_id, step)
+                        if keys.is_sealed(manifest.origin):
+                            result.already.append(layer_id)
+                            continue
+                    manifest, data = self._manifest_unsealed(layer_id, step)
+                    self._chain(layer_id, step, cache)
+                    self._check_layer(manifest, step)
+                except StoreError as exc:
+                    result.refused.append((layer_id, exc.one_line()))
+                    continue
+                seal = keys.seal_bytes(key, layer_id, keys.ADOPTED, data)
+                write_atomic(self._layer_dir(layer_id) / keys.SEAL, seal)
+                result.sealed.append(layer_id)
+            if result.new_key:
+                _write_marker(self.path, store_id)
+                self.store_id, self._key = store_id, key
+        return result
 
     # --- paths and names --------------------------------------------------
 
@@ -599,6 +758,10 @@ class Store:
         if not RUNTIME_NAME_RE.match(name):
             raise StoreError(f"{name!r} is not a usable guest name", vm=name, step="open")
         return self.path / KINDS[kind] / name
+
+    def runtime_path(self, name: str, kind: str = "guest") -> Path:
+        """Where a guest's runtime directory is (not created)."""
+        return self._runtime_path(name, kind)
 
     def runtime_dir(self, name: str, kind: str = "guest") -> Path:
         """The directory of a guest's runtime files (created 0700 if needed): QEMU's sockets
@@ -776,6 +939,11 @@ class Store:
         return self._manifest(layer_id, "read")
 
     def _manifest(self, layer_id: str, step: str) -> LayerManifest:
+        manifest, data = self._manifest_unsealed(layer_id, step)
+        return replace(manifest, origin=self._origin(layer_id, data, step))
+
+    def _manifest_unsealed(self, layer_id: str, step: str) -> tuple[LayerManifest, bytes]:
+        """The layer's manifest, checked but not authenticated, and its bytes."""
         if not LAYER_ID_RE.match(layer_id):
             raise StoreError(f"{layer_id!r} is not a layer id", step=step)
         directory = f"{self._layers}/{layer_id}"
@@ -815,7 +983,7 @@ class Store:
                 layer=layer_id,
                 step=step,
             )
-        return manifest
+        return manifest, data
 
     def chain(self, layer_id: str) -> list[LayerManifest]:
         """The manifests from the base layer to ``layer_id``, base first."""
@@ -999,6 +1167,7 @@ class Store:
         with self.reading("verify"):
             if layer_id is not None:
                 chain = self._chain(layer_id, "verify", cache)
+                self.require_sealed(chain, "verify")
                 for manifest in chain:
                     self._check_layer(manifest, "verify")
                 return [manifest.id for manifest in chain]
@@ -1006,6 +1175,7 @@ class Store:
             checked: set[str] = set()
             for each in ids:
                 checked.update(m.id for m in self._chain(each, "verify", cache, checked))
+                self.require_sealed([cache[each]], "verify")
                 self._check_layer(cache[each], "verify")
             return ids
 
@@ -1022,6 +1192,7 @@ class Store:
         """
         with self.reading("compose"):
             chain = self._chain(layer_id, "compose", {})
+            self.require_sealed(chain, "compose")
             newest = chain[-1]
             self._check_ram_size(newest, "compose")
             blocks = [RamBlock(block.idstr, block.length) for block in newest.blocks]
@@ -1092,6 +1263,7 @@ class Store:
         """The layers whose deltas make up disk ``disk_id`` at ``layer_id``: from the newest
         layer at or below it that holds the disk in full, up to ``layer_id``."""
         chain = self._chain(layer_id, "compose-disk", {})
+        self.require_sealed(chain, "compose-disk")
         newest = chain[-1].disk(disk_id)
         if newest is None:
             raise StoreError(f"has no disk {disk_id!r}", layer=layer_id, step="compose-disk")
@@ -1175,7 +1347,8 @@ class Store:
 
     def check_writable(self) -> None:
         """Refuse early (before a guest is paused for a checkpoint) a store that cannot take
-        a new layer: a read-only file system, missing permissions."""
+        a new layer: a read-only file system, missing permissions, no key to seal it."""
+        self._sealing_key("check-store")
         probe = self.layers_path / f"{TMP_PREFIX}probe-{secrets.token_hex(4)}"
         try:
             _mkdir_private(probe)
@@ -1190,7 +1363,11 @@ class Store:
         return self.commit_layer(content, head_of=None)
 
     def commit_layer(
-        self, content: LayerContent, *, head_of: tuple[str, str] | None
+        self,
+        content: LayerContent,
+        *,
+        head_of: tuple[str, str] | None,
+        origin: str = keys.LOCAL,
     ) -> LayerManifest:
         """Write ``content`` as a new layer and make it the head of ``head_of`` (kind, name).
 
@@ -1203,8 +1380,9 @@ class Store:
         pending, the directory is renamed to layers/<id>, layers/ fsynced, and the
         head moved. On any failure the temporary directory is removed and the
         store is as before; an OSError is raised as StoreError, anything else as
-        it is.
+        it is. The layer is sealed with ``origin`` (keys.py).
         """
+        self._sealing_key("write")
         parts = _check_content(content)
         if content.parent is not None:
             parent = self._manifest(content.parent, "write")
@@ -1220,7 +1398,7 @@ class Store:
         tmp, layer_id, fd = self._make_temporary(None)
         try:
             manifest = self._write_layer_files(
-                tmp, layer_id, content, parts, disks, created=created
+                tmp, layer_id, content, parts, disks, created=created, origin=origin
             )
             faults.point(faults.MID_WRITE)
             self._publish(tmp, layer_id, content.parent, head_of)
@@ -1274,9 +1452,11 @@ class Store:
         disks: list[_DiskWrite],
         *,
         created: str,
+        origin: str,
     ) -> LayerManifest:
-        """Write a complete layer into ``tmp``: its files, each fsynced, then manifest.json
-        (the commit point), then the directory's fsync. Returns the manifest as read back."""
+        """Write a complete layer into ``tmp``: its files, each fsynced, its seal, then
+        manifest.json (the commit point), then the directory's fsync. Returns the manifest
+        as read back."""
         sums: list[npt.NDArray[np.uint8]] = []
 
         def pages() -> Iterable[npt.NDArray[np.uint8]]:
@@ -1311,7 +1491,8 @@ class Store:
         )
         data = fmt.manifest_bytes(fmt.manifest_to_json(manifest))
         # Return what a reader will see (JSON turns tuples into lists, etc.).
-        manifest = fmt.parse_manifest(data, layer_id, "write")
+        manifest = replace(fmt.parse_manifest(data, layer_id, "write"), origin=origin)
+        self._seal(tmp, layer_id, origin, data)
         _write_new(tmp / MANIFEST, [data])  # the commit point
         fsync_dir(tmp)
         return manifest
@@ -1357,9 +1538,13 @@ class Store:
         layer_id: str,
         manifest_sha256: str,
         files: Iterable[tuple[str, Iterable[bytes]]],
+        *,
+        origin: str,
     ) -> bool:
         """Take in a layer copied from another store, file by file; publish it only once
-        every file matches its manifest and the manifest the sender's hash.
+        every file matches its manifest and the manifest the sender's hash, sealed with
+        this store's key and ``origin`` (``host:NAME``, the host that sent it: the layer's
+        free-form QEMU arguments are then not used on restore, docs/SECURITY.md).
 
         Returns False if the store has that layer already (with the same manifest);
         StoreError if it has a different one under that id, or the copy is damaged
@@ -1367,6 +1552,11 @@ class Store:
         """
         if not LAYER_ID_RE.match(layer_id):
             raise StoreError(f"{layer_id!r} is not a layer id", step="receive-layer")
+        if not origin.startswith(keys.HOST_PREFIX) or not keys.is_sealed(origin):
+            raise StoreError(
+                f"origin {origin!r} is not host:NAME", layer=layer_id, step="receive-layer"
+            )
+        self._sealing_key("receive-layer")
         if self.has_layer(layer_id):
             ours = sha256_file(self._layer_dir(layer_id) / MANIFEST)
             if ours != manifest_sha256:
@@ -1388,6 +1578,8 @@ class Store:
                     )
                 written[name] = _write_new(tmp / name, chunks)
             manifest = self._check_copy(tmp, layer_id, manifest_sha256, written)
+            with os.fdopen(open_nofollow(tmp / MANIFEST), "rb") as handle:
+                self._seal(tmp, layer_id, origin, handle.read())
             fsync_dir(tmp)
             self._publish(tmp, layer_id, manifest.parent, None)
         except BaseException as exc:

@@ -40,7 +40,7 @@ from typing import Any, BinaryIO
 from vmckpt import log
 from vmckpt.backends import LocalGuest
 from vmckpt.errors import RemoteError, StoreError, VmckptError
-from vmckpt.images import Store
+from vmckpt.images import Store, keys
 from vmckpt.restore import relocate_media
 from vmckpt.session import JOURNAL, MigrationSession
 from vmckpt.spec import BootMedium, GuestSpec
@@ -93,6 +93,8 @@ def _exactly(source: BinaryIO, size: int, what: str) -> Iterator[bytes]:
 
 def cmd_receive_layers(args: argparse.Namespace) -> int:
     store = Store(Path(args.store))
+    # Whatever the sender says, it is another host: never "local".
+    origin = keys.host_origin(args.sender)
     source = sys.stdin.buffer
     while (header := _header(source)) is not None:
         if header.get("end"):
@@ -104,7 +106,9 @@ def cmd_receive_layers(args: argparse.Namespace) -> int:
         parts = [
             (str(name), _exactly(source, int(size), f"{layer_id}/{name}")) for name, size in files
         ]
-        added = store.receive_layer(layer_id, str(header.get("manifest_sha256")), parts)
+        added = store.receive_layer(
+            layer_id, str(header.get("manifest_sha256")), parts, origin=origin
+        )
         emit(event="layer", layer=layer_id, added=added)
     emit(event="done")
     return 0
@@ -353,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("prepare", cmd_prepare)
-    command("receive-layers", cmd_receive_layers)
+    p = command("receive-layers", cmd_receive_layers)
+    p.add_argument(
+        "--sender", required=True, help="the host that sends the layers: they are sealed here "
+        "with origin host:SENDER, so their free-form QEMU arguments are not used on restore",
+    )  # fmt: skip
     command("receive-medium", cmd_receive_medium)
     p = command("media", cmd_media)
     p.add_argument("--media", required=True, help="JSON list of boot media")

@@ -368,9 +368,12 @@ def migrate_by_layers(
         try:
             final = take_checkpoint(guest)
             last = ship_layers(store, store.chain(final.layer.id), dest)
+            # The guest's own QEMU arguments, which this host trusts, said on the command
+            # line there: the layers' copies are not used by the other host.
+            own_args = [f"--qemu-arg={arg}" for arg in guest.record.trusted_args]
             code, out, err = dest.vmckpt(
                 "restore", "--store", to.store, "--layer", final.layer.id, "--name", name,
-                "--detach", "--json",
+                "--detach", "--json", *own_args,
             )  # fmt: skip
             if code != 0:
                 lines = err.strip().splitlines()

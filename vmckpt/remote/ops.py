@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -154,7 +155,7 @@ def ship_layers(
         )
     sent = 0
     if missing:
-        session = endpoint.open("receive-layers")
+        session = endpoint.open("receive-layers", "--sender", socket.gethostname())
         with progress.task(
             f"copying {len(missing)} layer(s) to {endpoint.host}", need, unit="B"
         ) as task:
@@ -248,9 +249,13 @@ def restore_remote(
     name: str | None,
     target: RemoteTarget,
     *,
+    qemu_args: tuple[str, ...] | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> RemoteRestoreResult:
-    """Restore a layer on another host: copy what it lacks, restore there, record it here."""
+    """Restore a layer on another host: copy what it lacks, restore there, record it here.
+
+    The other host seals the layers as come from this one, so it never uses their free-form
+    QEMU arguments; ``qemu_args`` (the user's own, on this command line) are passed on."""
     started = time.monotonic()
     layer_id = store.resolve(layer_ref) if layer_ref else store.newest()
     store.verify(layer_id)  # never ship a damaged chain
@@ -272,7 +277,7 @@ def restore_remote(
         copied = time.monotonic()
         code, out, err = endpoint.vmckpt(
             "restore", "--store", target.store, "--layer", layer_id, "--name", name,
-            "--detach", "--json",
+            "--detach", "--json", *[f"--qemu-arg={arg}" for arg in qemu_args or ()],
         )  # fmt: skip
         if code != 0:
             raise RemoteError(
