@@ -31,6 +31,7 @@ from tests.framework.guest import (
     take,
 )
 from tests.framework.netns import OtherHost, other_host
+from vmckpt.images import Store
 from vmckpt.qemu import process_start_time
 from vmckpt.remote.ssh import HostAddress, SshHost, SshOptions
 
@@ -205,7 +206,10 @@ def test_damaged_copy_is_never_committed(vmckpt: Vmckpt, remote_store: Path) -> 
     manifest_sha = hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()
 
     def send(flip: bool) -> subprocess.CompletedProcess[bytes]:
-        names = sorted(p.name for p in source.iterdir() if p.name != "manifest.json")
+        # The sender's seal stays with it (its key is not the receiver's).
+        names = sorted(
+            p.name for p in source.iterdir() if p.name not in ("manifest.json", "manifest.mac")
+        )
         names.append("manifest.json")
         files = {name: bytearray((source / name).read_bytes()) for name in names}
         if flip:
@@ -218,7 +222,7 @@ def test_damaged_copy_is_never_committed(vmckpt: Vmckpt, remote_store: Path) -> 
         stream = json.dumps(header).encode() + b"\n" + b"".join(files.values())
         stream += json.dumps({"end": True}).encode() + b"\n"
         return subprocess.run(
-            [*agent, "receive-layers", "--store", str(remote_store)],
+            [*agent, "receive-layers", "--store", str(remote_store), "--sender", "there"],
             input=stream, capture_output=True, cwd=REPO,
         )  # fmt: skip
 
@@ -230,6 +234,8 @@ def test_damaged_copy_is_never_committed(vmckpt: Vmckpt, remote_store: Path) -> 
     # The same copy, undamaged, is committed.
     assert send(flip=False).returncode == 0
     assert (remote_store / "layers" / layer / "manifest.json").is_file()
+    # Sealed by the receiver, as from the sending host.
+    assert Store(remote_store).manifest(layer).origin == "host:there"
 
 
 def test_migrate_there_and_back(vmckpt: Vmckpt, other: OtherHost, remote_store: Path) -> None:
