@@ -7,6 +7,8 @@ output reads like a terminal session a user could type.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import re
 import shlex
@@ -15,6 +17,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from vmckpt.errors import StoreError
+from vmckpt.images import keys
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "guest" / "build"
@@ -63,6 +68,10 @@ def main() -> None:
             capture_output=True,
             cwd=REPO,
         )
+    with contextlib.suppress(OSError, ValueError, KeyError, StoreError):
+        # The previous demo store's key goes with it (it seals nothing else).
+        store_id = json.loads((store / "vmckpt-store.json").read_text())["store_id"]
+        keys.key_path(store_id).unlink()
     shutil.rmtree(store, ignore_errors=True)
     os.environ["VMCKPT_STORE"] = str(store)
     print(f"$ export VMCKPT_STORE={store}")
