@@ -92,7 +92,7 @@ def test_one_vocabulary_across_checkpoint_watch_list_and_inspect(vmckpt: Vmckpt)
     )
     shared = {
         "layer", "parent", "guest", "created", "mechanism", "pause_ms", "pages_stored",
-        "pages_zeroed", "bytes",
+        "pages_zeroed", "bytes", "origin",
     }  # fmt: skip
     for name, row in (("checkpoint", checkpoint), ("watch", watch), ("list", layer_row),
                       ("inspect", inspect)):  # fmt: skip

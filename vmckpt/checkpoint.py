@@ -77,6 +77,7 @@ class CheckpointResult:
             "pages_zeroed": self.pages_zeroed,
             "bytes": self.bytes_written,
             "total_s": round(self.total_s, 3),
+            "origin": self.layer.origin,
         }
 
 

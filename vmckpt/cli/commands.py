@@ -95,8 +95,13 @@ def cmd_init(args: argparse.Namespace) -> int:
         print_json({"store": str(store.path), "created": not existed, "store_id": store.store_id})
     else:
         print(f"store {store.path} {'exists already' if existed else 'created'}")
-        if store.store_id is not None:
+        if store.key is not None and store.store_id is not None:
             print(f"key   {keys.key_path(store.store_id)} (keep it: layers are sealed with it)")
+        else:
+            print(
+                "key   none for this user: its layers cannot be restored or added to until "
+                f"`vmckpt init --adopt {store.path}`"
+            )
     return 0
 
 
@@ -346,6 +351,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         f"{len(rows)} layer(s), {human_bytes(sum(r['bytes'] for r in rows))} in all; the store "
         f"holds {human_bytes(total)} (ONLY HERE: what deleting that layer alone would free)"
     )
+    foreign = [r for r in rows if r.get("origin") != "local"]
+    if foreign:
+        origins = sorted({str(r.get("origin")) for r in foreign})
+        print(
+            f"{len(foreign)} layer(s) not written by this store (origin {', '.join(origins)}): "
+            "`vmckpt inspect LAYER` says what that means for a restore"
+        )
     for line in damaged:
         print(f"damaged: {line}")
     if guests:
@@ -375,7 +387,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         restore, refused = None, exc.one_line()
     data = {
         **layer_row(manifest),
-        "origin": manifest.origin,
         "format_version": ".".join(map(str, manifest.format_version)),
         "qemu_version": manifest.qemu_version,
         "machine_type": manifest.machine_type,

@@ -64,6 +64,7 @@ def layer_row(manifest: LayerManifest) -> dict[str, Any]:
         "pages_zeroed": sum(b.pages_zeroed for b in manifest.blocks),
         "bytes": manifest.bytes_total,
         "total_s": manifest.stats.get("total_s"),
+        "origin": manifest.origin,  # local, host:NAME, adopted, unsealed, no-key (keys.py)
     }
 
 
