@@ -205,7 +205,9 @@ def test_damaged_copy_is_never_committed(vmckpt: Vmckpt, remote_store: Path) -> 
     manifest_sha = hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()
 
     def send(flip: bool) -> subprocess.CompletedProcess[bytes]:
-        names = sorted(p.name for p in source.iterdir() if p.name != "manifest.json")
+        # What a sender sends: the listed files, then the manifest (never its seal).
+        skip = {"manifest.json", "manifest.mac"}
+        names = sorted(p.name for p in source.iterdir() if p.name not in skip)
         names.append("manifest.json")
         files = {name: bytearray((source / name).read_bytes()) for name in names}
         if flip:
@@ -218,7 +220,7 @@ def test_damaged_copy_is_never_committed(vmckpt: Vmckpt, remote_store: Path) -> 
         stream = json.dumps(header).encode() + b"\n" + b"".join(files.values())
         stream += json.dumps({"end": True}).encode() + b"\n"
         return subprocess.run(
-            [*agent, "receive-layers", "--store", str(remote_store)],
+            [*agent, "receive-layers", "--store", str(remote_store), "--sender", "source"],
             input=stream, capture_output=True, cwd=REPO,
         )  # fmt: skip
 
