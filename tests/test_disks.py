@@ -90,7 +90,7 @@ def test_disk_restored_from_middle_and_last_layer(
     records = []
     for layer in layers:
         shown = json.loads(vmckpt("inspect", "--store", str(vmckpt.store), layer, "--json").stdout)
-        assert shown["format_version"] == "1.2"  # disks since 1.1, page digests since 1.2
+        assert shown["format_version"] == "1.3"  # disks since 1.1, page digests 1.2, seals 1.3
         (disk,) = shown["disks"]
         assert disk["size"] == DISK_SIZE and disk["format"] == image_format
         records.append(disk)
