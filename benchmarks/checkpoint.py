@@ -16,6 +16,13 @@ second while its workload runs, by each method in turn:
   for it (``-blockdev``), then ``snapshot-delete`` so the image does not grow.
 - ``background-snapshot``: the capability on, ``migrate`` to ``file:``.
 
+With ``--encrypt``, vmckpt's own methods run once more into an encrypted store (``vmckpt init
+--encrypt``): ``precopy-diff+enc`` into a fresh encrypted store, ``colo+enc`` with the guest
+booted again in an encrypted store (the COLO session writes into the guest's own store),
+after every other method, the first guest stopped. For each vmckpt method the newest layer
+is also composed (what a restore does before it starts QEMU: read, check, decrypt), and a
+table sets encrypted against in the clear, measured in the same run.
+
 The migration baselines use vmckpt's own migration parameters (downtime
 limit, bandwidth), so they differ from vmckpt only in where the stream goes.
 Every pause is measured from QEMU's STOP/RESUME event timestamps (summed if
@@ -64,11 +71,18 @@ from vmckpt.spec import BootMedium, GuestSpec
 
 COLO_METHOD = "colo"
 PRECOPY_METHOD = "precopy-diff"
-VMCKPT_METHODS = (COLO_METHOD, PRECOPY_METHOD)  # vmckpt's own: a base layer, then deltas
+ENCRYPTED = "+enc"  # the same method into an encrypted store
+COLO_ENC = COLO_METHOD + ENCRYPTED
+PRECOPY_ENC = PRECOPY_METHOD + ENCRYPTED
+# vmckpt's own: a base layer, then deltas
+VMCKPT_METHODS = (COLO_METHOD, PRECOPY_METHOD, COLO_ENC, PRECOPY_ENC)
 METHODS = (
     COLO_METHOD, PRECOPY_METHOD, "stop-migrate-cont", "live-migrate", "savevm",
     "background-snapshot",
 )  # fmt: skip
+ENCRYPTED_METHODS = (COLO_ENC, PRECOPY_ENC)  # --encrypt adds those whose method runs
+ON_ENCRYPTED_GUEST = (COLO_ENC,)  # need the guest itself in an encrypted store
+COMPOSE_REPEAT = 5
 IDLE = "idle"
 GUEST = "bench"
 SNAP_NODE = "vmckpt-bench-snap"
@@ -113,6 +127,7 @@ class MethodRun:
     state_times: list[float] = field(default_factory=list)  # monotonic, per STATE line
     window_s: float = 0.0
     t0: float = 0.0  # monotonic time the method began; Sample.started_s counts from it
+    compose_s: list[float] = field(default_factory=list)  # vmckpt: composing the newest layer
 
     def measured(self) -> list[Sample]:
         """The samples the summary is over: vmckpt's base layer is reported apart."""
@@ -142,6 +157,7 @@ class MethodRun:
             "error": self.error,
             "samples": [asdict(s) for s in self.samples],
             "state_lines": len(self.state_times),
+            "compose_s": [round(c, 4) for c in self.compose_s],
             "window_s": round(self.window_s, 3),
             "max_state_gap_ms": self.max_gap_ms(),
             "state_gaps_ms": [round(float(g), 2) for g in gaps],
@@ -269,15 +285,36 @@ class BenchSettings:
     out: Path | None = None
 
 
+def _layer_disk_bytes(store: Store, layer_id: str) -> int:
+    """The bytes a layer's files take on disk (more than its manifest lists if encrypted)."""
+    directory = store.layers_path / layer_id
+    return sum(entry.stat().st_size for entry in directory.iterdir() if entry.is_file())
+
+
+def _time_compose(store: Store, layer_id: str, repeat: int = COMPOSE_REPEAT) -> list[float]:
+    """Compose ``layer_id`` once untimed (the allocator, caches), then ``repeat`` times (its
+    files in the page cache: just written)."""
+    store.compose(layer_id)
+    times = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        store.compose(layer_id)
+        times.append(time.perf_counter() - began)
+    return times
+
+
 class GuestBench:
     """One booted guest of one (size, rate) and the methods run against it."""
 
-    def __init__(self, settings: BenchSettings, memory_mib: int, rate: int, work: Path) -> None:
+    def __init__(
+        self, settings: BenchSettings, memory_mib: int, rate: int, work: Path,
+        *, encrypt: bool = False,
+    ) -> None:  # fmt: skip
         self.settings = settings
         self.memory_mib = memory_mib
         self.rate = rate
         self.work = work
-        self.store = Store.create(work / "run", parents=True)
+        self.store = Store.create(work / "run", parents=True, encrypt=encrypt)
         self.qcow2 = work / "snap.qcow2"
         self.ckpt = CheckpointSettings()
         self.guest = LocalGuest(self.store, GUEST)
@@ -346,9 +383,9 @@ class GuestBench:
             try:
                 if method == IDLE:
                     time.sleep(self.settings.count * self.settings.interval_s)
-                elif method == PRECOPY_METHOD:
-                    self._vmckpt(run, scratch, started)
-                elif method == COLO_METHOD:
+                elif method in (PRECOPY_METHOD, PRECOPY_ENC):
+                    self._vmckpt(run, scratch, started, encrypt=method == PRECOPY_ENC)
+                elif method in (COLO_METHOD, COLO_ENC):
                     self._colo(run, started)
                 else:
                     take = self._take_function(method)
@@ -406,8 +443,8 @@ class GuestBench:
 
     # -- the methods ---------------------------------------------------------------
 
-    def _vmckpt(self, run: MethodRun, scratch: Path, started: float) -> None:
-        store = Store.create(scratch / "store")
+    def _vmckpt(self, run: MethodRun, scratch: Path, started: float, *, encrypt: bool) -> None:
+        store = Store.create(scratch / "store", encrypt=encrypt)
         target = _Into(store, self.guest)
         base: RamImage | None = None
         try:
@@ -435,9 +472,11 @@ class GuestBench:
                         extra={
                             "qemu_downtime_ms": result.layer.stats.get("qemu_downtime_ms"),
                             "layer": result.layer.id,
+                            "disk_bytes": _layer_disk_bytes(store, result.layer.id),
                         },
                     )
                 )
+            run.compose_s = _time_compose(store, str(run.samples[-1].extra["layer"]))
         finally:
             shutil.rmtree(store.path, ignore_errors=True)
 
@@ -471,12 +510,17 @@ class GuestBench:
                         base=index == 0,
                         cpu_s=round(_cpu_s(pid) - cpu, 4),
                         rss_mib=_rss_mib(pid),
-                        extra={"layer": row["layer"]},
+                        extra={
+                            "layer": row["layer"],
+                            "disk_bytes": _layer_disk_bytes(self.store, str(row["layer"])),
+                        },
                     )
                 )
         finally:
             client.close()
             end_session(self.store, GUEST)
+        if run.samples:
+            run.compose_s = _time_compose(self.store, str(run.samples[-1].extra["layer"]))
 
     def _migrate(
         self, mon: Monitor, path: Path, *, stop: bool = False, background: bool = False
@@ -591,27 +635,40 @@ def run_bench(
             work = out / f"m{memory}p{rate}"
             if work.exists():
                 shutil.rmtree(work)
-            guest = GuestBench(settings, memory, rate, work)
-            these: list[MethodRun] = []
-            try:
-                guest.boot()
-                for method in (IDLE, *settings.methods):
-                    if not guest._process_alive():
-                        these.append(MethodRun(memory, rate, method, error="the guest ended"))
-                        continue
-                    print(f"  {memory} MiB, {rate} pages/step: {method} ...", flush=True)
-                    these.append(guest.run(method))
-            except (VmckptError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
-                error = exc.one_line() if isinstance(exc, VmckptError) else str(exc)
-                these.append(MethodRun(memory, rate, "boot", error=error))
-            finally:
-                guest.stop()
-                with contextlib.suppress(OSError):
-                    guest.qcow2.unlink()
+            plain = [m for m in settings.methods if m not in ON_ENCRYPTED_GUEST]
+            these = _run_guest(GuestBench(settings, memory, rate, work), (IDLE, *plain))
+            # Then (the first guest stopped) the methods that need the guest itself in an
+            # encrypted store: the same guest booted again.
+            encrypted = [m for m in settings.methods if m in ON_ENCRYPTED_GUEST]
+            if encrypted:
+                again = GuestBench(settings, memory, rate, work / "encrypted", encrypt=True)
+                these += _run_guest(again, encrypted)
             runs.extend(these)
             if report is not None:
                 report(these)
     return runs, out
+
+
+def _run_guest(guest: GuestBench, methods: Sequence[str]) -> list[MethodRun]:
+    """Boot ``guest``, run ``methods`` against it one after the other, stop it."""
+    memory, rate = guest.memory_mib, guest.rate
+    these: list[MethodRun] = []
+    try:
+        guest.boot()
+        for method in methods:
+            if not guest._process_alive():
+                these.append(MethodRun(memory, rate, method, error="the guest ended"))
+                continue
+            print(f"  {memory} MiB, {rate} pages/step: {method} ...", flush=True)
+            these.append(guest.run(method))
+    except (VmckptError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        error = exc.one_line() if isinstance(exc, VmckptError) else str(exc)
+        these.append(MethodRun(memory, rate, "boot", error=error))
+    finally:
+        guest.stop()
+        with contextlib.suppress(OSError):
+            guest.qcow2.unlink()
+    return these
 
 
 # -- output ------------------------------------------------------------------------------
@@ -741,7 +798,7 @@ def format_sweep(runs: Sequence[MethodRun]) -> str:
     """
     lines = [
         "== vmckpt per checkpoint against guest RAM (layers after the base; medians) ==",
-        f"{'method':<13} {'pages/step':>10} {'MiB':>5} {'pause ms':>8} {'p95':>6} "
+        f"{'method':<16} {'pages/step':>10} {'MiB':>5} {'pause ms':>8} {'p95':>6} "
         f"{'wall ms':>8} {'CPU ms':>7} {'pages':>6} {'KiB/layer':>9} {'RSS MiB':>8}",
     ]
     table: dict[tuple[str, int], dict[int, list[float]]] = {}
@@ -761,7 +818,7 @@ def format_sweep(runs: Sequence[MethodRun]) -> str:
         ]
         table.setdefault((run.method, run.pages_per_step), {})[run.memory_mib] = figures
         lines.append(
-            f"{run.method:<13} {run.pages_per_step:>10} {run.memory_mib:>5} {figures[0]:>8.1f} "
+            f"{run.method:<16} {run.pages_per_step:>10} {run.memory_mib:>5} {figures[0]:>8.1f} "
             f"{figures[1]:>6.1f} {figures[2]:>8.0f} {figures[3]:>7.0f} {figures[4]:>6.0f} "
             f"{figures[5]:>9.0f} {figures[6]:>8.0f}"
         )
@@ -778,6 +835,52 @@ def format_sweep(runs: Sequence[MethodRun]) -> str:
             f"  {method}, {rate} pages/step, {large} MiB against {small} MiB: " + ", ".join(ratios)
         )
     return "\n".join(lines)
+
+
+def format_encryption(runs: Sequence[MethodRun]) -> str:
+    """vmckpt's methods into an encrypted store against the same into one in the clear,
+    per (size, rate): per checkpoint (layers after the base, medians) wall and CPU time,
+    pause, the layer's bytes on disk; and composing the newest layer; then the ratios."""
+    lines = [
+        "== encryption at rest: an encrypted store against one in the clear, same run "
+        "(layers after the base; medians) ==",
+        f"{'method':<17} {'MiB':>5} {'pages/step':>10} {'wall ms':>8} {'CPU ms':>7} "
+        f"{'pause ms':>8} {'KiB on disk':>11} {'compose s':>9}",
+    ]
+    names = ("wall", "CPU", "pause", "on disk", "compose")
+    found: dict[tuple[str, int, int], list[float]] = {}
+    for run in runs:
+        if run.method not in VMCKPT_METHODS or not run.measured():
+            continue
+        layers = run.measured()
+        figures = [
+            _median([s.total_s * 1000 for s in layers]),
+            _median([(s.cpu_s * 1000) if s.cpu_s is not None else None for s in layers]),
+            _median([s.pause_ms for s in layers]),
+            _median([float(s.extra.get("disk_bytes") or s.bytes) / 1024 for s in layers]),
+            _median(list(run.compose_s)),
+        ]
+        found[(run.method, run.memory_mib, run.pages_per_step)] = figures
+    pairs = 0
+    for (method, memory, rate), clear in found.items():
+        if method.endswith(ENCRYPTED):
+            continue
+        sealed = found.get((method + ENCRYPTED, memory, rate))
+        if sealed is None:
+            continue
+        pairs += 1
+        for name, figures in ((method, clear), (method + ENCRYPTED, sealed)):
+            lines.append(
+                f"{name:<17} {memory:>5} {rate:>10} {figures[0]:>8.0f} {figures[1]:>7.0f} "
+                f"{figures[2]:>8.1f} {figures[3]:>11.0f} {figures[4]:>9.3f}"
+            )
+        ratios = [
+            f"{name} {sealed[i] / clear[i]:.2f}x"
+            for i, name in enumerate(names)
+            if clear[i] and not math.isnan(clear[i]) and not math.isnan(sealed[i])
+        ]
+        lines.append(f"  {method}{ENCRYPTED} / {method}: " + ", ".join(ratios))
+    return "\n".join(lines) if pairs else ""
 
 
 def write_sweep_plot(runs: Sequence[MethodRun], path: Path) -> None:
@@ -830,7 +933,7 @@ def write_plot(runs: Sequence[MethodRun], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = sorted({r.memory_mib for r in runs})
-    methods = [m for m in METHODS if any(r.method == m for r in runs)]
+    methods = [m for m in (*METHODS, *ENCRYPTED_METHODS) if any(r.method == m for r in runs)]
     fig, axes = plt.subplots(
         2, len(sizes), figsize=(5.5 * len(sizes), 8), squeeze=False, sharex=True
     )
@@ -889,6 +992,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", default="0,100,2000", help="pages written per 100 ms step")
     p.add_argument("--count", type=int, default=10, help="checkpoints per method (one a second)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    p.add_argument(
+        "--encrypt", action="store_true",
+        help=f"also run vmckpt's methods into an encrypted store ({', '.join(ENCRYPTED_METHODS)})"
+        " and compare them with the same in the clear",
+    )  # fmt: skip
     p.add_argument("--accel", default="tcg", choices=["auto", "kvm", "tcg"])
     p.add_argument(
         "--qemu",
@@ -914,9 +1022,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     methods = tuple(_split(args.methods))
-    unknown = [m for m in methods if m not in METHODS]
+    known = (*METHODS, *ENCRYPTED_METHODS)
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise UsageError(f"unknown method(s) {', '.join(unknown)} (use {', '.join(METHODS)})")
+        raise UsageError(f"unknown method(s) {', '.join(unknown)} (use {', '.join(known)})")
+    if args.encrypt:  # each of vmckpt's methods asked for, once more into an encrypted store
+        extra = [m + ENCRYPTED for m in methods if m + ENCRYPTED in ENCRYPTED_METHODS]
+        methods += tuple(m for m in extra if m not in methods)
     try:
         rates = tuple(int(r) for r in _split(args.rates))
     except ValueError:
@@ -957,6 +1069,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if any(r.method in VMCKPT_METHODS and r.measured() for r in runs):
         print(format_vmckpt_summary(runs), end="\n\n")
         print(format_sweep(runs), end="\n\n")
+        encryption = format_encryption(runs)
+        if encryption:
+            print(encryption, end="\n\n")
     print(f"scratch directory: {out}")
     if args.json is not None:
         data = {

@@ -19,6 +19,10 @@ was built from (outside the timing).
     python3 -m benchmarks.restore_chain --layers 1000 --at 1,100,1000
     python3 -m vmckpt bench restore-chain ...        (the same)
 
+With ``--encrypt`` the same chain (the same seed: the same layers) is also written into an
+encrypted store (``vmckpt init --encrypt``) and composed there, and the table sets the two
+side by side.
+
 Then it prunes the chain to its ``--prune-keep`` newest layers and times that.
 With ``--real`` it measures whole restores instead: the test guest is booted
 and checkpointed once (a real base layer), ``--layers - 1`` deltas rewrite
@@ -74,6 +78,8 @@ class Row:
     runs: list[float]
     one_layer_median_s: float  # the same state as a one-layer chain
     one_layer_runs: list[float]
+    encrypted_median_s: float | None = None  # --encrypt: the same chain, encrypted
+    encrypted_runs: list[float] | None = None
 
 
 def image_digest(ram: RamImage) -> str:
@@ -172,21 +178,28 @@ def measure(store: Store, layer: str, repeat: int) -> tuple[list[float], str]:
 
 def format_table(rows: Sequence[Row], title: str) -> str:
     base = rows[0].median_s if rows else 0.0
+    encrypted = any(row.encrypted_median_s is not None for row in rows)
     lines = [
         title,
         "",
         "| layer | chain length | non-zero pages | load_layer_image median (min) "
-        "| same state as a one-layer chain | ratio | vs layer 1 |",
-        "|---|---|---|---|---|---|---|",
+        "| same state as a one-layer chain | ratio | vs layer 1 |"
+        + (" encrypted store | encrypted / clear |" if encrypted else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if encrypted else ""),
     ]
     for row in rows:
         ratio = row.median_s / row.one_layer_median_s
         first = row.median_s / base if base else float("nan")
-        lines.append(
+        line = (
             f"| {row.layer_number} | {row.chain} | {row.nonzero_pages} | "
             f"{row.median_s:.3f} s ({row.min_s:.3f} s) | {row.one_layer_median_s:.3f} s | "
             f"{ratio:.2f}x | {first:.2f}x |"
         )
+        if row.encrypted_median_s is not None:
+            line += (
+                f" {row.encrypted_median_s:.3f} s | {row.encrypted_median_s / row.median_s:.2f}x |"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -330,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the store afterwards")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON")
     p.add_argument(
+        "--encrypt", action="store_true",
+        help="also write the chain into an encrypted store and compose it there",
+    )  # fmt: skip
+    p.add_argument(
         "--prune-keep", type=int, default=100, metavar="N",
         help="then prune the chain to its N newest layers, and time it (0: no prune)",
     )  # fmt: skip
@@ -367,22 +384,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
         built_s = time.monotonic() - started
         size = sum(p.stat().st_size for p in store.path.rglob("*") if p.is_file())
+        sealed: Store | None = None
+        sealed_ids: list[str] = []
+        if args.encrypt:  # the very same chain (same seed), encrypted
+            sealed = Store.create(scratch / "encrypted", encrypt=True)
+            sealed_ids, *_ = build_chain(
+                sealed, Store.create(scratch / "encrypted-one-layer", encrypt=True), memory,
+                args.layers, args.fill, args.dirty, args.hot, args.seed, set(),
+            )  # fmt: skip
         rows = []
         for number in at:
             runs, digest = measure(store, ids[number - 1], args.repeat)
             flat_runs, flat_digest = measure(flat, single[number], args.repeat)
             if digest != digests[number] or flat_digest != digests[number]:
                 raise SystemExit(f"layer {number} composed to a different image")
-            rows.append(
-                Row(number, ids[number - 1], number, nonzero[number],
-                    statistics.median(runs), min(runs), [round(r, 4) for r in runs],
-                    statistics.median(flat_runs), [round(r, 4) for r in flat_runs])
-            )  # fmt: skip
+            row = Row(number, ids[number - 1], number, nonzero[number],
+                      statistics.median(runs), min(runs), [round(r, 4) for r in runs],
+                      statistics.median(flat_runs), [round(r, 4) for r in flat_runs])  # fmt: skip
+            if sealed is not None:
+                sealed_runs, sealed_digest = measure(sealed, sealed_ids[number - 1], args.repeat)
+                if sealed_digest != digests[number]:
+                    raise SystemExit(f"layer {number} composed to a different image, encrypted")
+                row.encrypted_median_s = statistics.median(sealed_runs)
+                row.encrypted_runs = [round(r, 4) for r in sealed_runs]
+            rows.append(row)
         title = (
             f"restore from layer N of one chain: {args.memory} guest (synthetic: random data in "
             f"{args.fill:.0%} of its pages, deltas of {args.dirty} pages from a hot region of "
             f"{args.hot}), {args.layers} layers ({size / 2**20:.0f} MiB, written in "
             f"{built_s:.0f} s), {args.repeat} runs each, warm page cache"
+            + (", and the same chain in an encrypted store" if sealed is not None else "")
         )
         print(format_table(rows, title))
         pruned = None

@@ -6,6 +6,7 @@ from benchmarks.checkpoint import (
     MethodRun,
     Sample,
     expected_distinct_pages,
+    format_encryption,
     format_sweep,
     format_table,
     pause_from_events,
@@ -72,6 +73,31 @@ def test_sweep_compares_the_largest_guest_with_the_smallest() -> None:
     assert "pause 1.00x" in table  # 2.1 ms both
     row = next(line for line in table.splitlines() if line.startswith("colo ") and " 4096 " in line)
     assert row.split()[5] == "25"  # wall ms, the base layer left out
+
+
+def test_encryption_table_sets_each_method_against_itself_in_the_clear() -> None:
+    runs = []
+    for method, wall, on_disk, compose in (
+        ("precopy-diff", 0.20, 4 << 20, [0.10, 0.12, 0.11]),
+        ("precopy-diff+enc", 0.25, (4 << 20) + 300, [0.13, 0.14, 0.15]),
+        ("colo", 0.05, 1 << 20, [0.2]),  # without its +enc run: no pair, no row
+    ):
+        run = MethodRun(256, 100, method, t0=0.0, compose_s=compose)
+        run.samples = [
+            Sample(900.0, 9.0, 100 << 20, 0.0, pages_stored=25000, base=True, cpu_s=5.0),
+            Sample(4.0, wall, 4 << 20, 1.0, cpu_s=wall / 2, extra={"disk_bytes": on_disk}),
+            Sample(6.0, wall, 4 << 20, 2.0, cpu_s=wall / 2, extra={"disk_bytes": on_disk}),
+        ]
+        runs.append(run)
+    table = format_encryption(runs)
+    rows = [line.split() for line in table.splitlines()[2:]]
+    assert [row[0] for row in rows[:2]] == ["precopy-diff", "precopy-diff+enc"]
+    assert rows[0][3:] == ["200", "100", "5.0", "4096", "0.110"]  # the base layer left out
+    assert rows[1][3:] == ["250", "125", "5.0", "4096", "0.140"]
+    assert "precopy-diff+enc / precopy-diff: wall 1.25x, CPU 1.25x, pause 1.00x" in table
+    assert "compose 1.27x" in table
+    assert not any(row[0] == "colo" for row in rows)
+    assert format_encryption(runs[2:]) == ""
 
 
 def test_microkernel_table_reports_genode_fiasco_and_linux_rows() -> None:

@@ -212,7 +212,7 @@ def test_manifest_round_trips(chain3: ChainT) -> None:
         read = store.manifest(written.id)
         assert read == written
         # Every layer is written as 1.3: per-page digests (pages.sum) and a seal.
-        assert read.format_version == (FORMAT_MAJOR, FORMAT_MINOR) == (1, 3)
+        assert read.format_version == (FORMAT_MAJOR, fmt.LAYER_MINOR) == (1, 3)
         assert read.origin == "local"
         assert read.has_page_sums
         assert read.files["pages.sum"].size == 16 * read.pages_stored
@@ -586,18 +586,18 @@ def test_older_and_equal_minor_are_accepted(
     chain3: ChainT, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, manifests, images = chain3
-    # Pretend this reader is at minor 4: layers at 1.1, 1.3 (as written) and 1.4 must load.
+    # Pretend this reader is at minor 5: layers at 1.1, 1.3 (as written) and 1.5 must load.
     # (tests/test_legacy_store.py reads real 1.0 and 1.1 layers.)
-    monkeypatch.setattr(fmt, "FORMAT_MINOR", 4)
+    monkeypatch.setattr(fmt, "FORMAT_MINOR", 5)
     as_1_1(store, manifests[0].id)
     assert store.manifest(manifests[0].id).format_version == (1, 1)
     assert store.manifest(manifests[1].id).format_version == (1, 3)
-    rewrite_manifest(store, manifests[2].id, lambda obj: obj.update(format_version=[1, 4]))
+    rewrite_manifest(store, manifests[2].id, lambda obj: obj.update(format_version=[1, 5]))
     assert store.verify(manifests[2].id) == [m.id for m in manifests]
     ram, _, _ = store.compose(manifests[2].id)
     assert_same_image(ram, images[2])
-    # ...and 1.5 is still too new for it.
-    rewrite_manifest(store, manifests[2].id, lambda obj: obj.update(format_version=[1, 5]))
+    # ...and 1.6 is still too new for it.
+    rewrite_manifest(store, manifests[2].id, lambda obj: obj.update(format_version=[1, 6]))
     with pytest.raises(FormatVersionError):
         store.manifest(manifests[2].id)
 

@@ -49,7 +49,7 @@ def tamper(store: Store, layer_id: str, **changes: Any) -> None:
 
 def copy_to(store: Store, other: Store, layer_id: str, origin: str) -> None:
     """Copy a layer into another store the way the remote agent does."""
-    files = [(name, [path.read_bytes()]) for name, path, _ in store.layer_files(layer_id)]
+    files = [(name, content) for name, _, content in store.layer_files(layer_id)]
     assert other.receive_layer(layer_id, store.manifest_sha256(layer_id), files, origin=origin)
 
 

@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         "this user's key (a store made before format 1.3, or whose key is elsewhere): "
         "only for layers you trust",
     )
+    p.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt the store's layers at rest (ChaCha20-Poly1305, under a key derived from "
+        "the store's key): chosen when the store is made, never later",
+    )
     _json(p)
 
     p = command("check", commands.cmd_check, "what this host's QEMU supports, and the mechanisms")

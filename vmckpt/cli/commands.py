@@ -75,6 +75,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     if not target:
         raise UsageError(f"name the store to create: vmckpt init DIR (or set {STORE_ENV})")
     path = Path(target).expanduser().absolute()
+    if args.adopt and args.encrypt:
+        raise UsageError(
+            "--adopt keeps a store as it is: a store is encrypted only when it is made "
+            "(vmckpt init --encrypt NEW-DIR)"
+        )
     if args.adopt:
         result = Store(path).adopt()
         if args.json:
@@ -90,13 +95,23 @@ def cmd_init(args: argparse.Namespace) -> int:
                 print(f"  refused {layer_id}: {why}")
         return 1 if result.refused else 0
     existed = (path / "vmckpt-store.json").exists()
-    store = Store.create(path)
+    store = Store.create(path, encrypt=args.encrypt)
     if args.json:
-        print_json({"store": str(store.path), "created": not existed, "store_id": store.store_id})
+        print_json(
+            {
+                "store": str(store.path),
+                "created": not existed,
+                "store_id": store.store_id,
+                "encryption": store.encryption,
+            }
+        )
     else:
         print(f"store {store.path} {'exists already' if existed else 'created'}")
+        if store.encryption is not None:
+            print(f"encrypted with {store.encryption} (layer files; manifests are in the clear)")
         if store.key is not None and store.store_id is not None:
-            print(f"key   {keys.key_path(store.store_id)} (keep it: layers are sealed with it)")
+            usage = "sealed and encrypted" if store.encrypted else "sealed"
+            print(f"key   {keys.key_path(store.store_id)} (keep it: layers are {usage} with it)")
         else:
             print(
                 "key   none for this user: its layers cannot be restored or added to until "

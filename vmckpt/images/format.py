@@ -22,13 +22,20 @@ import numpy.typing as npt
 from vmckpt.errors import CorruptLayerError, FormatVersionError
 from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamImage
 
-# The version this vmckpt writes. Readers accept the same major and a lower or
-# equal minor (see `check_version`); the version is the format's own, not vmckpt's.
+# The newest version this vmckpt reads (and writes: see LAYER_MINOR). Readers accept the
+# same major and a lower or equal minor (see `check_version`); the version is the format's
+# own, not vmckpt's.
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 3  # 1.1 adds writable disks, 1.2 per-page digests (pages.sum), 1.3 seals
+FORMAT_MINOR = 4  # 1.1 writable disks, 1.2 page digests (pages.sum), 1.3 seals, 1.4 encryption
 DISKS_MINOR = 1  # the optional manifest field `disks`, disk-<id>.idx/.bin
 SUMS_MINOR = 2  # pages.sum, required from 1.2 on
 SEAL_MINOR = 3  # manifest.mac and the marker's store_id, from 1.3 on
+# 1.4: the marker's `encryption` (an encrypted store's marker is 1.4, so a reader of 1.3 or
+# older refuses the store rather than read its files as if they were in the clear). Layers
+# are the same in an encrypted store (their manifests list the content's sizes and digests),
+# so every layer is still written as 1.3 and reads the same anywhere.
+ENCRYPTION_MINOR = 4
+LAYER_MINOR = SEAL_MINOR  # what a layer's manifest is written as
 
 LAYER_FORMAT = "vmckpt-layer"
 STORE_FORMAT = "vmckpt-store"

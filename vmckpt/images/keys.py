@@ -17,6 +17,12 @@ QEMU arguments and libvirt domain XML are used on restore only from ``local``
 layers (docs/SECURITY.md). A layer with no seal reads as ``unsealed``, and every
 layer of a store this user has no key for as ``no-key``: both can be listed and
 inspected, neither restored.
+
+The key file also says whether the store is encrypted (``"encryption"``, absent for a store
+in the clear): the key file is trusted, the store's marker is not, so a marker that
+disagrees with it (an encrypted store's marker edited to say it is not, so that new layers
+would be written in the clear) is refused. An encrypted store's files are encrypted under a
+key derived from the store's key (vmckpt/images/crypt.py).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ MAX_SEAL_BYTES = 4096
 STORE_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 ORIGIN_RE = re.compile(r"^(local|adopted|host:[A-Za-z0-9@._:\[\]-]{1,255})\Z")
 _CONTEXT = b"vmckpt layer seal v1\0"
+ENCRYPTIONS = ("chacha20-poly1305",)  # what a store may be encrypted with (images/crypt.py)
 
 
 def is_sealed(origin: str) -> bool:
@@ -68,10 +75,11 @@ def new_store_id() -> str:
 
 @dataclass(frozen=True)
 class StoreKey:
-    """A store's key; repr hides it."""
+    """A store's key, and whether its store is encrypted; repr hides it."""
 
     store_id: str
     key: bytes
+    encryption: str | None = None
 
     def __repr__(self) -> str:
         return f"StoreKey({self.store_id})"
@@ -104,18 +112,24 @@ def load_key(store_id: str) -> StoreKey | None:
         key = bytes.fromhex(str(data["key"]))
         if data["store_id"] != store_id or len(key) != 32:
             raise ValueError("not this store's key")
-    except (KeyError, TypeError, ValueError) as exc:
+        encryption = data.get("encryption")
+        if encryption is not None and encryption not in ENCRYPTIONS:
+            raise ValueError(f"unknown encryption {encryption!r}")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise StoreError(f"the store key {path} is not valid: {exc}", step="key") from exc
-    return StoreKey(store_id, key)
+    return StoreKey(store_id, key, encryption)
 
 
-def create_key(store_id: str, store_path: Path) -> StoreKey:
-    """Make a new key for a store (never replacing one that exists)."""
+def create_key(store_id: str, store_path: Path, encryption: str | None = None) -> StoreKey:
+    """Make a new key for a store (never replacing one that exists); ``encryption``: the
+    store's (None: the store is not encrypted)."""
     directory = keys_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
     os.chmod(directory, DIR_MODE)
-    key = StoreKey(store_id, secrets.token_bytes(32))
+    key = StoreKey(store_id, secrets.token_bytes(32), encryption)
     data = {"store_id": store_id, "key": key.key.hex(), "store": str(store_path)}
+    if encryption is not None:
+        data["encryption"] = encryption
     path = key_path(store_id)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     with os.fdopen(os.open(path, flags, FILE_MODE), "w") as handle:

@@ -58,6 +58,7 @@ from vmckpt.errors import CorruptLayerError, StoreError, UsageError, VmckptError
 from vmckpt.fsutil import exchange, fsync_dir, sha256_file
 from vmckpt.images import format as fmt
 from vmckpt.images import keys, locks
+from vmckpt.images.crypt import LayerFile
 from vmckpt.images.format import (
     DEVICE,
     MANIFEST,
@@ -359,33 +360,22 @@ def _merge_disk(
 def _disk_chunks(store: Store, merged: _MergedDisk, step: str) -> Iterator[bytes]:
     """The merged delta's data: each source's data file checked (sha256) before any of it
     is used, then the pieces in disk order."""
-    fds: dict[str, int] = {}
+    sources: dict[str, LayerFile] = {}
     try:
         for source in merged.sources:
             record = source.disk(merged.record.id)
             assert record is not None
-            path = store._layer_dir(source.id) / record.data_file
-            fds[source.id] = store._open_listed(source, record.data_file, step)
-            _check_digest(source, record.data_file, sha256_file(path), step)
+            sources[source.id] = src = store._open_listed(source, record.data_file, step)
+            _check_digest(source, record.data_file, src.sha256(), step)
         for piece in merged.pieces:
             done = 0
             while done < piece.length:
-                chunk = os.pread(
-                    fds[piece.source.id],
-                    min(_READ, piece.length - done),
-                    piece.source_offset + done,
-                )
-                if not chunk:
-                    raise CorruptLayerError(
-                        f"disk-{merged.record.id}.bin ended early (truncated?)",
-                        layer=piece.source.id,
-                        step=step,
-                    )
-                done += len(chunk)
-                yield chunk
+                length = min(_READ, piece.length - done)
+                yield sources[piece.source.id].pread(piece.source_offset + done, length)
+                done += length
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        for src in sources.values():
+            src.close()
 
 
 # --- planning --------------------------------------------------------------------

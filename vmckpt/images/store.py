@@ -5,7 +5,8 @@ no other module builds a path inside a store.
 Layout (docs/FORMAT.md has the byte-level specification of the layers)::
 
     store/vmckpt-store.json     marker: {"format": "vmckpt-store", "format_version": [1, 3],
-                                         "store_id": "<32 hex digits>"}
+                                         "store_id": "<32 hex digits>"}; an encrypted
+                                         store's: [1, 4] and "encryption"
     store/store.lock            the store lock (vmckpt/images/locks.py)
     store/layers/<id>/          one committed layer (manifest.json, manifest.mac, its files)
     store/layers/.tmp-<id>-<r>/ a layer being written or imported; never read, never listed
@@ -23,6 +24,11 @@ Every layer is sealed (manifest.mac, an HMAC under a key kept outside the
 store, vmckpt/images/keys.py) and read back only if the seal holds; nothing in a
 store is followed as a symbolic link: a store can come from another host or user
 (docs/SECURITY.md).
+
+An encrypted store (``vmckpt init --encrypt``) holds every layer file but manifest.json and
+manifest.mac encrypted (vmckpt/images/crypt.py): every read and write of a layer file goes
+through the store's codec (``_open_listed``, ``_write_file``), which is a no-op for a store
+in the clear. Manifests list the content's sizes and digests either way.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,8 +64,8 @@ from vmckpt.fsutil import (
     write_atomic,
     write_json_atomic,
 )
+from vmckpt.images import crypt, keys, locks
 from vmckpt.images import format as fmt
-from vmckpt.images import keys, locks
 from vmckpt.images.format import (
     DEVICE,
     INDEX,
@@ -117,29 +123,39 @@ def _open_new(path: Path) -> int:
     return fd
 
 
-def _write_new(path: Path, chunks: Iterable[Any]) -> FileEntry:
-    """Write buffers to a new file, fsync it, and return its size and sha256."""
+def _write_new(
+    path: Path, chunks: Iterable[Any], codec: crypt.Codec = crypt.PLAIN, layer: str = ""
+) -> FileEntry:
+    """Write buffers to a new file as ``codec`` holds them (of layer ``layer``; by default
+    in the clear), fsync it, and return the size and sha256 of the content written."""
     digest = hashlib.sha256()
     size = 0
     with os.fdopen(_open_new(path), "wb") as out:
+        writer = codec.writer(out, layer, path.name)
         for chunk in chunks:
             view = memoryview(chunk).cast("B")
-            out.write(view)
+            writer.write(view)
             digest.update(view)
             size += view.nbytes
+        writer.finish()
         out.flush()
         os.fsync(out.fileno())
     return FileEntry(size=size, sha256=digest.hexdigest())
 
 
-def _write_marker(path: Path, store_id: str) -> None:
-    """Write (or replace) the store marker atomically, naming the store's id."""
-    marker = {
+def _write_marker(path: Path, store_id: str, encryption: str | None = None) -> None:
+    """Write (or replace) the store marker atomically, naming the store's id and (1.4) its
+    encryption."""
+    marker: dict[str, Any] = {
         "format": STORE_FORMAT,
         # 1.3: the marker names the store's id, the name of its key (images/keys.py).
         "format_version": [fmt.FORMAT_MAJOR, fmt.SEAL_MINOR],
         "store_id": store_id,
     }
+    if encryption is not None:
+        # 1.4: an older reader refuses the store rather than read encrypted files.
+        marker["format_version"] = [fmt.FORMAT_MAJOR, fmt.ENCRYPTION_MINOR]
+        marker["encryption"] = encryption
     tmp = path / f"{TMP_PREFIX}{STORE_MARKER}-{secrets.token_hex(4)}"
     try:
         _write_new(tmp, [fmt.manifest_bytes(marker)])
@@ -147,6 +163,10 @@ def _write_marker(path: Path, store_id: str) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path)
+
+
+def _encryption_text(encryption: str | None) -> str:
+    return f"encrypted ({encryption})" if encryption else "not encrypted"
 
 
 def _is_real_dir(path: Path) -> bool:
@@ -157,18 +177,6 @@ def _is_real_dir(path: Path) -> bool:
         return False
 
 
-def _readinto_full(src: Any, buf: npt.NDArray[np.uint8]) -> int:
-    """Fill ``buf`` from ``src``; returns the bytes read (short only at end of file)."""
-    view = buf.data.cast("B")
-    done = 0
-    while done < view.nbytes:
-        got = src.readinto(view[done:])
-        if not got:
-            break
-        done += got
-    return done
-
-
 def _read_at_most(fd: int, limit: int) -> bytes:
     """Read from ``fd`` until its end or ``limit`` bytes."""
     chunks = []
@@ -176,21 +184,6 @@ def _read_at_most(fd: int, limit: int) -> bytes:
         chunks.append(chunk)
         limit -= len(chunk)
     return b"".join(chunks)
-
-
-def _pread_full(
-    fd: int, buf: npt.NDArray[np.uint8], offset: int, manifest: LayerManifest, step: str
-) -> None:
-    """Fill ``buf`` from pages.bin at ``offset``; a short file is a truncated layer."""
-    view = buf.data.cast("B")
-    done = 0
-    while done < view.nbytes:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if not got:
-            raise CorruptLayerError(
-                f"{PAGES} ended early (truncated?)", layer=manifest.id, step=step
-            )
-        done += got
 
 
 def _check_digest(manifest: LayerManifest, name: str, found: str, step: str) -> None:
@@ -276,10 +269,6 @@ class _Wanted:
     pages: PageNumbers
 
 
-READ_GAP_PAGES = 8  # read across a gap this small rather than make one more read call
-READ_SPAN_PAGES = 1024  # at most this much per read call
-
-
 def _scatter(
     image: RamImage, rows: npt.NDArray[np.uint8], blocks: npt.NDArray[Any], pages: PageNumbers
 ) -> None:
@@ -290,7 +279,7 @@ def _scatter(
 
 
 def _read_whole(
-    fd: int, manifest: LayerManifest, wanted: _Wanted, image: RamImage, step: str
+    src: crypt.LayerFile, manifest: LayerManifest, wanted: _Wanted, image: RamImage, step: str
 ) -> None:
     """A layer without page digests (1.0, 1.1): read its whole pages.bin, check its sha256,
     and copy the wanted pages into ``image`` (only once the whole file matched)."""
@@ -300,7 +289,7 @@ def _read_whole(
     whole = np.empty((min(total, CHUNK_PAGES), PAGE_SIZE), dtype=np.uint8)
     for start in range(0, total, CHUNK_PAGES):
         buf = whole[: min(CHUNK_PAGES, total - start)]
-        _pread_full(fd, buf, start * PAGE_SIZE, manifest, step)
+        src.pread_into(buf, start * PAGE_SIZE)
         digest.update(buf.data)
         lo, hi = np.searchsorted(wanted.positions, [start, start + buf.shape[0]])
         rows[lo:hi] = buf[wanted.positions[lo:hi] - start]
@@ -325,9 +314,13 @@ class _PageBatch:
         self.layers: list[tuple[int, LayerManifest]] = []  # (first row, layer) in row order
 
     def add(
-        self, fd: int, manifest: LayerManifest, sums: npt.NDArray[np.uint8], wanted: _Wanted
+        self,
+        src: crypt.LayerFile,
+        manifest: LayerManifest,
+        sums: npt.NDArray[np.uint8],
+        wanted: _Wanted,
     ) -> None:
-        """Read the wanted pages of one layer's pages.bin (open as ``fd``) into the batch."""
+        """Read the wanted pages of one layer's pages.bin (open as ``src``) into the batch."""
         if self.rows.shape[0] == 0:
             self.rows = np.empty((CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
         done = 0
@@ -339,36 +332,13 @@ class _PageBatch:
             chosen = wanted.positions[done : done + take]
             rows = slice(self.count, self.count + take)
             self.layers.append((self.count, manifest))
-            self._read(fd, manifest, chosen, self.rows[rows])
+            src.read_pages(chosen, self.rows[rows])
             self.expected[rows] = sums[chosen]
             self.blocks[rows] = wanted.blocks[done : done + take]
             self.pages[rows] = wanted.pages[done : done + take]
             self.positions[rows] = chosen
             self.count += take
             done += take
-
-    def _read(
-        self,
-        fd: int,
-        manifest: LayerManifest,
-        positions: npt.NDArray[np.int64],
-        out: npt.NDArray[np.uint8],
-    ) -> None:
-        """Read pages ``positions`` into ``out``: one read per run of them, across small gaps."""
-        breaks = (np.flatnonzero(np.diff(positions) > READ_GAP_PAGES) + 1).tolist()
-        for a, end in zip([0, *breaks], [*breaks, positions.size], strict=True):
-            while a < end:
-                first = int(positions[a])
-                # At most READ_SPAN_PAGES per read, so the scratch span stays small.
-                b = a + int(np.searchsorted(positions[a:end], first + READ_SPAN_PAGES))
-                last = int(positions[b - 1])
-                if last - first + 1 == b - a:  # consecutive: straight into place
-                    _pread_full(fd, out[a:b], first * PAGE_SIZE, manifest, self.step)
-                else:
-                    span = np.empty((last - first + 1, PAGE_SIZE), dtype=np.uint8)
-                    _pread_full(fd, span, first * PAGE_SIZE, manifest, self.step)
-                    out[a:b] = span[positions[a:b] - first]
-                a = b
 
     def flush(self) -> None:
         """Check the batch's pages against their digests, then copy them into the image."""
@@ -447,18 +417,32 @@ class Store:
             not isinstance(store_id, str) or not keys.STORE_ID_RE.fullmatch(store_id)
         ):
             raise StoreError(f"{marker}: store_id is not 32 hex digits", step="open")
+        encryption = obj.get("encryption")
+        if encryption is not None and (
+            encryption not in keys.ENCRYPTIONS
+            or store_id is None
+            or version < (fmt.FORMAT_MAJOR, fmt.ENCRYPTION_MINOR)
+        ):
+            raise StoreError(
+                f"{marker}: encryption {encryption!r} is not one this vmckpt knows "
+                f"({', '.join(keys.ENCRYPTIONS)}, format 1.4, with a store id)",
+                step="open",
+            )
         self.store_id: str | None = store_id
+        self.encryption: str | None = encryption
         self._key: keys.StoreKey | None = None
+        self._sealed: crypt.SealedCodec | None = None
 
     @classmethod
-    def create(cls, path: Path | str, *, parents: bool = False) -> Store:
+    def create(cls, path: Path | str, *, parents: bool = False, encrypt: bool = False) -> Store:
         """Create a store at ``path``, or open it if it is one already.
 
         Only the last component is created unless ``parents``: a missing parent
         directory is refused (a typo in a store path must not create a store
         somewhere unexpected), as is a non-empty directory that is not a store.
         The marker file is written last, atomically, so a half-created store is
-        not a store.
+        not a store. ``encrypt``: its layer files are encrypted (crypt.py); an
+        existing store that is not is refused (a store is never converted in place).
         """
         path = Path(path).expanduser().absolute()
         if parents:
@@ -472,7 +456,15 @@ class Store:
             if not path.exists():
                 _mkdir_private(path)
             if (path / STORE_MARKER).exists():
-                return cls(path)
+                store = cls(path)
+                if encrypt and not store.encrypted:
+                    raise StoreError(
+                        f"store {path} exists and is not encrypted; a store is encrypted when "
+                        "it is made, never converted in place: make a new one with "
+                        "`vmckpt init --encrypt`",
+                        step="create",
+                    )
+                return store
             leftovers = sorted(entry.name for entry in path.iterdir())
             if set(leftovers) - {LAYERS_DIR, GUESTS_DIR}:
                 raise StoreError(
@@ -485,8 +477,9 @@ class Store:
                     _mkdir_private(path / sub)
             # The key first: a store with a marker always has one.
             store_id = keys.new_store_id()
-            keys.create_key(store_id, path)
-            _write_marker(path, store_id)
+            encryption = crypt.ALGORITHM if encrypt else None
+            keys.create_key(store_id, path, encryption)
+            _write_marker(path, store_id, encryption)
             fsync_dir(path.parent)
         except OSError as exc:
             raise StoreError(f"cannot create store {path}: {exc}", step="create") from exc
@@ -495,12 +488,44 @@ class Store:
     # --- keys and seals ---------------------------------------------------
 
     @property
+    def encrypted(self) -> bool:
+        """Whether the store's layer files are encrypted (chosen at `vmckpt init --encrypt`)."""
+        return self.encryption is not None
+
+    @property
     def key(self) -> keys.StoreKey | None:
         """This user's key for the store (None: the store has no id, or the user no key).
-        Looked up again while missing, so a key made by `init --adopt` is found."""
+        Looked up again while missing, so a key made by `init --adopt` is found. A key that
+        says the store is (not) encrypted when its marker says otherwise is refused: the key
+        file is trusted, the marker not (an edited marker must not make vmckpt write an
+        encrypted store's layers in the clear)."""
         if self._key is None and self.store_id is not None:
-            self._key = keys.load_key(self.store_id)
+            key = keys.load_key(self.store_id)
+            if key is not None and key.encryption != self.encryption:
+                raise StoreError(
+                    f"store {self.path}: its marker says {_encryption_text(self.encryption)}, "
+                    f"its key {keys.key_path(self.store_id)} says "
+                    f"{_encryption_text(key.encryption)}; refused (was the marker changed?)",
+                    step="key",
+                )
+            self._key = key
         return self._key
+
+    def _codec(self, step: str) -> crypt.Codec:
+        """How the store holds its layer files: in the clear, or encrypted under its key."""
+        if self.encryption is None:
+            return crypt.PLAIN
+        if self._sealed is None:
+            key = self._sealing_key(step)
+            self._sealed = crypt.SealedCodec(key.store_id, key.key)
+        return self._sealed
+
+    def _write_file(
+        self, directory: Path, layer_id: str, name: str, chunks: Iterable[Any]
+    ) -> FileEntry:
+        """Write a layer file (not its manifest or seal) into its (temporary) directory as
+        the store holds it; returns the size and sha256 of its content."""
+        return _write_new(directory / name, chunks, self._codec("write"), layer_id)
 
     def _no_key(self, step: str) -> StoreError:
         if self.store_id is None:
@@ -592,6 +617,13 @@ class Store:
                         )
             key = self.key
             store_id = self.store_id
+            if key is None and self.encrypted:
+                raise StoreError(
+                    f"store {self.path} is encrypted and this user has no key for it: its "
+                    "layers cannot be read without it, so they cannot be adopted (copy the key "
+                    "from where the store was made)",
+                    step=step,
+                )
             if key is None:
                 store_id = keys.new_store_id()
                 key = keys.create_key(store_id, self.path)
@@ -1041,11 +1073,13 @@ class Store:
         chain.reverse()
         return chain
 
-    def _open_listed(self, manifest: LayerManifest, name: str, step: str) -> int:
-        """Open a listed file of a layer, checked to be a regular file (never a link: it
-        could point anywhere outside the store) of the listed size; returns its fd."""
+    def _open_listed(self, manifest: LayerManifest, name: str, step: str) -> crypt.LayerFile:
+        """Open a listed file of a layer to read its content, checked to be a regular file
+        (never a link: it could point anywhere outside the store) of the listed size (in an
+        encrypted store: the size that holds the listed size encrypted)."""
         path = f"{self._layers}/{manifest.id}/{name}"
         entry = manifest.files[name]
+        codec = self._codec(step)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError as exc:
@@ -1059,31 +1093,33 @@ class Store:
                 raise CorruptLayerError(
                     f"{name} is not a regular file", layer=manifest.id, step=step
                 )
-            if info.st_size != entry.size:
-                hint = " (truncated?)" if info.st_size < entry.size else ""
+            expected = codec.disk_size(entry.size)
+            if info.st_size != expected:
+                hint = " (truncated?)" if info.st_size < expected else ""
+                listed = (
+                    f"manifest says {entry.size}"
+                    if codec.encryption is None
+                    else f"{expected} expected for the {entry.size} bytes the manifest lists, "
+                    "encrypted"
+                )
                 raise CorruptLayerError(
-                    f"{name} is {info.st_size} bytes, manifest says {entry.size}{hint}",
+                    f"{name} is {info.st_size} bytes, {listed}{hint}",
                     layer=manifest.id,
                     step=step,
                 )
+            return codec.reader(fd, entry.size, manifest.id, name, step)
         except BaseException:
             os.close(fd)
             raise
-        return fd
 
-    def _file_info(self, manifest: LayerManifest, name: str, step: str) -> Path:
+    def _file_info(self, manifest: LayerManifest, name: str, step: str) -> None:
         """A listed file of a layer: present, a regular file, of the listed size."""
-        os.close(self._open_listed(manifest, name, step))
-        return self._layer_dir(manifest.id) / name
+        self._open_listed(manifest, name, step).close()
 
     def _read_small(self, manifest: LayerManifest, name: str, step: str) -> bytes:
         """A small listed file (index, digests, prelude, device state), checked: size, sha256."""
-        fd = self._open_listed(manifest, name, step)
-        try:
-            # Up to one byte more than listed: a file that grew since fstat fails the sha256.
-            data = _read_at_most(fd, manifest.files[name].size + 1)
-        finally:
-            os.close(fd)
+        with self._open_listed(manifest, name, step) as src:
+            data = src.read_all()
         _check_digest(manifest, name, hashlib.sha256(data).hexdigest(), step)
         return data
 
@@ -1117,9 +1153,9 @@ class Store:
         for name in sorted(manifest.files):
             if name in (PAGES, INDEX, SUMS, PRELUDE, DEVICE):
                 continue
-            path = self._layer_dir(layer_id) / name
             if name.startswith("disk-") and name.endswith(".bin"):
-                _check_digest(manifest, name, sha256_file(path), step)
+                with self._open_listed(manifest, name, step) as src:
+                    _check_digest(manifest, name, src.sha256(), step)
             else:
                 small[name] = self._read_small(manifest, name, step)
         self._check_pages(manifest, index, step)
@@ -1131,16 +1167,12 @@ class Store:
         """pages.bin read once: its sha256, and (1.2) each page against pages.sum."""
         total = manifest.pages_stored
         digest = hashlib.sha256()
-        path = self._file_info(manifest, PAGES, step)
         scratch = np.empty((min(total, CHUNK_PAGES), PAGE_SIZE), dtype=np.uint8)
         first_bad: CorruptLayerError | None = None
-        with os.fdopen(open_nofollow(path), "rb") as src:
+        with self._open_listed(manifest, PAGES, step) as src:
             for start in range(0, total, CHUNK_PAGES):
                 buf = scratch[: min(CHUNK_PAGES, total - start)]
-                if _readinto_full(src, buf) != buf.nbytes:
-                    raise CorruptLayerError(
-                        f"{PAGES} ended early (truncated?)", layer=manifest.id, step=step
-                    )
+                src.pread_into(buf, start * PAGE_SIZE)
                 digest.update(buf.data)
                 if index.sums is not None and first_bad is None:
                     positions = np.arange(start, start + buf.shape[0])
@@ -1236,14 +1268,11 @@ class Store:
                 continue
             wanted = _Wanted(np.concatenate(positions), np.concatenate(blocks),
                              np.concatenate(pages))  # fmt: skip
-            fd = self._open_listed(manifest, PAGES, step)
-            try:
+            with self._open_listed(manifest, PAGES, step) as src:
                 if not manifest.has_page_sums:
-                    _read_whole(fd, manifest, wanted, image, step)
+                    _read_whole(src, manifest, wanted, image, step)
                 else:
-                    batch.add(fd, manifest, self._page_sums(manifest, step), wanted)
-            finally:
-                os.close(fd)
+                    batch.add(src, manifest, self._page_sums(manifest, step), wanted)
         batch.flush()
 
     def _check_ram_size(self, manifest: LayerManifest, step: str) -> None:
@@ -1306,22 +1335,23 @@ class Store:
                         for start in range(0, length, 1 << 20):
                             out.write(bytes(min(1 << 20, length - start)))
                     digest = hashlib.sha256()
-                    data_path = self._layer_dir(manifest.id) / record.data_file
-                    with os.fdopen(open_nofollow(data_path), "rb") as src:
+                    with self._open_listed(manifest, record.data_file, "compose-disk") as src:
+                        # The data file holds the stored extents one after the other.
+                        chunks = src.chunks()
+                        pending = memoryview(b"")
                         for offset, length in index.stored:
                             out.seek(offset)
                             remaining = length
                             while remaining:
-                                chunk = src.read(min(1 << 20, remaining))
-                                if not chunk:
-                                    raise CorruptLayerError(
-                                        f"{record.data_file} ended early (truncated?)",
-                                        layer=manifest.id,
-                                        step="compose-disk",
-                                    )
-                                digest.update(chunk)
-                                out.write(chunk)
-                                remaining -= len(chunk)
+                                if not pending:
+                                    pending = memoryview(next(chunks, b""))
+                                    if not pending:
+                                        raise src.truncated()
+                                piece = pending[:remaining]
+                                digest.update(piece)
+                                out.write(piece)
+                                remaining -= len(piece)
+                                pending = pending[len(piece) :]
                     expected = manifest.files[record.data_file].sha256
                     if digest.hexdigest() != expected:
                         raise CorruptLayerError(
@@ -1464,12 +1494,15 @@ class Store:
                 sums.append(fmt.page_digests(chunk))
                 yield chunk
 
-        files = {PAGES: _write_new(tmp / PAGES, pages())}
-        files[SUMS] = _write_new(tmp / SUMS, sums)
-        files[INDEX] = _write_new(tmp / INDEX, [fmt.encode_index(parts)])
-        files[PRELUDE] = _write_new(tmp / PRELUDE, [content.prelude])
-        files[DEVICE] = _write_new(tmp / DEVICE, [content.epilogue])
-        records = _write_disks(tmp, disks, files)
+        def write(name: str, chunks: Iterable[Any]) -> FileEntry:
+            return self._write_file(tmp, layer_id, name, chunks)
+
+        files = {PAGES: write(PAGES, pages())}
+        files[SUMS] = write(SUMS, sums)
+        files[INDEX] = write(INDEX, [fmt.encode_index(parts)])
+        files[PRELUDE] = write(PRELUDE, [content.prelude])
+        files[DEVICE] = write(DEVICE, [content.epilogue])
+        records = _write_disks(disks, files, write)
         manifest = LayerManifest(
             id=layer_id,
             parent=content.parent,
@@ -1486,7 +1519,7 @@ class Store:
             ),
             stats=content.stats,
             files=files,
-            format_version=(fmt.FORMAT_MAJOR, fmt.FORMAT_MINOR),
+            format_version=(fmt.FORMAT_MAJOR, fmt.LAYER_MINOR),
             disks=records,
         )
         data = fmt.manifest_bytes(fmt.manifest_to_json(manifest))
@@ -1576,7 +1609,10 @@ class Store:
                     raise StoreError(
                         f"file name {name!r} is not allowed", layer=layer_id, step="receive-layer"
                     )
-                written[name] = _write_new(tmp / name, chunks)
+                if name == MANIFEST:  # never encrypted
+                    written[name] = _write_new(tmp / name, chunks)
+                else:  # as this store holds its files, whatever the sender's did
+                    written[name] = self._write_file(tmp, layer_id, name, chunks)
             manifest = self._check_copy(tmp, layer_id, manifest_sha256, written)
             with os.fdopen(open_nofollow(tmp / MANIFEST), "rb") as handle:
                 self._seal(tmp, layer_id, origin, handle.read())
@@ -1616,13 +1652,28 @@ class Store:
             raise bad(f"unexpected files {sorted(extra)}")
         return manifest
 
-    def layer_files(self, layer_id: str) -> list[tuple[str, Path, int]]:
-        """A committed layer's files to send to another store: name, path, size; the
-        manifest last (the receiver commits on it)."""
+    def layer_files(self, layer_id: str) -> list[tuple[str, int, Iterator[bytes]]]:
+        """A committed layer's files to send to another store: name, size and content (the
+        plaintext in an encrypted store: the receiver holds them as its store does), the
+        manifest last (the receiver commits on it). Each file is opened when its content is
+        first asked for, checked to be of its listed size, and read in chunks; in an
+        encrypted store each record authenticates before it is sent."""
         manifest = self.manifest(layer_id)
-        directory = self._layer_dir(layer_id)
-        names = [*sorted(manifest.files), MANIFEST]
-        return [(name, directory / name, os.lstat(directory / name).st_size) for name in names]
+        step = "send"
+
+        def content(name: str) -> Iterator[bytes]:
+            with self._open_listed(manifest, name, step) as src:
+                yield from src.chunks()
+
+        fd = open_nofollow(self._layer_dir(layer_id) / MANIFEST)
+        try:
+            data = _read_at_most(fd, MAX_MANIFEST_BYTES + 1)
+        finally:
+            os.close(fd)
+        files = [
+            (name, manifest.files[name].size, content(name)) for name in sorted(manifest.files)
+        ]
+        return [*files, (MANIFEST, len(data), iter([data]))]
 
     def manifest_sha256(self, layer_id: str) -> str:
         """The SHA-256 of a layer's manifest.json file as stored (its identity across stores)."""
@@ -1684,9 +1735,11 @@ def _disk_write(delta: DiskDelta) -> _DiskWrite:
 
 
 def _write_disks(
-    tmp: Path, disks: list[_DiskWrite], files: dict[str, FileEntry]
+    disks: list[_DiskWrite],
+    files: dict[str, FileEntry],
+    write: Callable[[str, Iterable[Any]], FileEntry],
 ) -> tuple[fmt.DiskRecord, ...]:
-    """Write each disk delta's index and data into the layer being built."""
+    """Write each disk delta's index and data into the layer being built (with ``write``)."""
     records: list[fmt.DiskRecord] = []
     for delta in disks:
         if not fmt.DISK_ID_RE.match(delta.id) or any(r.id == delta.id for r in records):
@@ -1706,10 +1759,10 @@ def _write_disks(
             bytes_zeroed=sum(length for _, length in delta.zeroed),
             bitmap=delta.bitmap,
         )
-        files[record.index_file] = _write_new(
-            tmp / record.index_file, [fmt.encode_disk_index(delta.stored, delta.zeroed)]
+        files[record.index_file] = write(
+            record.index_file, [fmt.encode_disk_index(delta.stored, delta.zeroed)]
         )
-        files[record.data_file] = _write_new(tmp / record.data_file, delta.chunks)
+        files[record.data_file] = write(record.data_file, delta.chunks)
         if files[record.data_file].size != record.bytes_stored:
             raise StoreError(
                 f"disk {delta.id}: {files[record.data_file].size} bytes of data, its extents "

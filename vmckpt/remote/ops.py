@@ -164,12 +164,14 @@ def ship_layers(
                 header = {
                     "layer": manifest.id,
                     "manifest_sha256": ours[manifest.id],
-                    "files": [[name, size] for name, _path, size in files],
+                    "files": [[name, size] for name, size, _content in files],
                 }
                 if not session.send_line(json.dumps(header)):
                     break
-                for _name, path, _size in files:
-                    for chunk in _read_chunks(path):
+                # The content of each file (decrypted, if this store is encrypted: the other
+                # store holds it as it holds its own).
+                for _name, _size, content in files:
+                    for chunk in content:
                         if not session.send_bytes(chunk):
                             break
                         sent += len(chunk)
