@@ -17,7 +17,7 @@ import pytest
 
 from tests.framework.guest import Vmckpt
 from tests.test_images import content, random_image
-from vmckpt.errors import CorruptLayerError, StoreError, UsageError
+from vmckpt.errors import CorruptLayerError, RestoreError, StoreError, UsageError
 from vmckpt.images import LayerManifest, Store, keys
 from vmckpt.images import format as fmt
 from vmckpt.restore import qemu_args_for, restore_command
@@ -327,3 +327,18 @@ def test_restore_passes_qemu_arguments_only_from_this_stores_layers(vmckpt: Vmck
         elsewhere.kill_all()
     vmckpt.restore("--name", "again", "--layer", layer)
     assert pidfile.exists()
+
+
+def test_libvirt_define_uses_domain_xml_only_from_local_layers(
+    store: Store, tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """Domain XML can name hooks and QEMU command lines: `restore --libvirt-define` refuses
+    it from a layer another host sent, before libvirt is even asked."""
+    from vmckpt.libvirt import restore_domain
+
+    spec = {**guest_spec(), "libvirt_xml": "<domain type='qemu'><name>evil</name></domain>"}
+    manifest = store.write_layer(replace(content(random_image(rng), None, None), spec=spec))
+    other = Store.create(tmp_path / "other")
+    copy_to(store, other, manifest.id, origin=keys.host_origin("source"))
+    with pytest.raises(RestoreError, match="origin is host:source"):
+        restore_domain(other, manifest.id, "copy", uri="test:///nowhere")
