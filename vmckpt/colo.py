@@ -231,10 +231,11 @@ class ColoSession:
                     self.in_checkpoint = requested
                     self.cond.notify_all()
                 reply_wall = time.time()
-                taken = receiver.receive_checkpoint()
+                received = receiver.receive_checkpoint()
                 faults.point("colo-before-ack")
                 receiver.acknowledge()  # the pause ends here
                 ack_wall = time.time()
+                taken = received.checkpoint()  # copies the pages, the guest running
             except (StreamError, OSError) as exc:
                 if not self.closing:
                     self._fail(CheckpointError(f"the COLO stream broke: {exc}", vm=self.name))

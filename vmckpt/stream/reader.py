@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmckpt.errors import StreamError
-from vmckpt.ram import PAGE_SIZE, PageNumbers, RamBlock, RamImage
+from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
 from vmckpt.stream import format as fmt
 from vmckpt.stream.envelope import StreamEnvelope
 
@@ -59,52 +59,6 @@ class _Block:
         self.view[offset : offset + PAGE_SIZE] = _ZERO_PAGE
 
 
-class SparseBlock:
-    """Where the pages of one RAM block go when only the pages sent are kept (a COLO
-    checkpoint): rows appended in arrival order, memory O(pages sent)."""
-
-    __slots__ = ("_count", "_rows", "idstr", "kinds", "limit", "offsets")
-
-    def __init__(self, idstr: str, limit: int) -> None:
-        self.idstr = idstr
-        self.limit = limit
-        self.offsets: list[int] = []
-        self.kinds: list[bool] = []  # True: data in the next row; False: a ZERO page
-        self._rows = np.empty((64, PAGE_SIZE), dtype=np.uint8)
-        self._count = 0
-
-    def page(self, offset: int) -> memoryview:
-        if self._count == self._rows.shape[0]:
-            grown = np.empty((self._rows.shape[0] * 2, PAGE_SIZE), dtype=np.uint8)
-            grown[: self._count] = self._rows[: self._count]
-            self._rows = grown
-        self.offsets.append(offset)
-        self.kinds.append(True)
-        row: memoryview = self._rows[self._count].data
-        self._count += 1
-        return row
-
-    def zero(self, offset: int) -> None:
-        self.offsets.append(offset)
-        self.kinds.append(False)
-
-    def result(self) -> tuple[PageNumbers, npt.NDArray[np.uint8], PageNumbers]:
-        """Pages with data (sorted), their rows, and pages that are zero; for a page sent
-        more than once, the last copy wins."""
-        if not self.offsets:
-            empty = np.zeros(0, dtype=np.uint32)
-            return empty, np.empty((0, PAGE_SIZE), dtype=np.uint8), empty
-        numbers = (np.asarray(self.offsets, dtype=np.uint64) // PAGE_SIZE).astype(np.uint32)
-        kinds = np.asarray(self.kinds, dtype=bool)
-        row_of = np.cumsum(kinds) - 1  # the row of each data record
-        # The last record of each page: unique over the reversed sequence.
-        _, first_reversed = np.unique(numbers[::-1], return_index=True)
-        last = numbers.size - 1 - first_reversed
-        pages, is_data = numbers[last], kinds[last]
-        rows = self._rows[row_of[last[is_data]]]
-        return pages[is_data], rows, pages[~is_data]
-
-
 def _error(message: str) -> StreamError:
     return StreamError(message, step=STEP)
 
@@ -122,8 +76,8 @@ class _Reader:
         self.on_blocks = on_blocks or RamImage.zeroed
         self.record: bytearray | None = None  # raw bytes kept for the envelope
         self.image: RamImage | None = None
-        self.blocks: dict[str, _Block | SparseBlock] = {}
-        self.last_block: _Block | SparseBlock | None = None
+        self.blocks: dict[str, _Block] = {}
+        self.last_block: _Block | None = None
         self.colo = False  # a COLO session: return-path commands; ends at the vmdesc
         self.pings: list[int] = []  # PING values seen (a COLO receiver may answer them)
 
