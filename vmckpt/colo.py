@@ -81,6 +81,10 @@ CHECKPOINT_TIMEOUT_S = 60.0  # a checkpoint stalled this long: the watchdog cuts
 RESULT_TIMEOUT_S = 600.0
 PAUSE_EVENT_TIMEOUT_S = 5.0
 CLOCK_MARGIN_S = 0.05
+# After its acknowledgement the receiver gives QEMU this long to resume the guest before it
+# copies the pages out: copying at once kept a CPU from QEMU's migration thread and delayed
+# the RESUME by ~0.5 ms (median over 30 checkpoints on 2 cores: 0.53 ms, 0.02 ms so).
+RESUME_GRACE_S = 0.002
 WRITE_QUEUE = 8  # checkpoints received but not yet written; the receiver waits beyond
 CLIENT_POLL_S = 0.2
 _log = log.get(__name__)
@@ -235,6 +239,7 @@ class ColoSession:
                 faults.point("colo-before-ack")
                 receiver.acknowledge()  # the pause ends here
                 ack_wall = time.time()
+                time.sleep(RESUME_GRACE_S)
                 taken = received.checkpoint()  # copies the pages, the guest running
             except (StreamError, OSError) as exc:
                 if not self.closing:
