@@ -26,10 +26,11 @@ from tests.test_images import (
     flip_byte,
     mutate,
     random_image,
+    write_chain,
 )
 from tests.test_security import copy_to
 from vmckpt.errors import CorruptLayerError, FormatVersionError, StoreError
-from vmckpt.images import DiskDelta, LayerManifest, Store, crypt, keys, maintenance
+from vmckpt.images import DiskDelta, Store, crypt, keys, maintenance
 from vmckpt.images import format as fmt
 from vmckpt.images.retention import KeepRules
 from vmckpt.ram import PAGE_SIZE, RamImage
@@ -50,17 +51,6 @@ def encrypted(tmp_path: Path) -> Store:
 @pytest.fixture
 def plain(tmp_path: Path) -> Store:
     return Store.create(tmp_path / "plain")
-
-
-def write_chain(store: Store, images: list[RamImage]) -> list[LayerManifest]:
-    manifests: list[LayerManifest] = []
-    parent: str | None = None
-    older: RamImage | None = None
-    for number, image in enumerate(images):
-        manifest = store.write_layer(content(image, parent, older, tag=str(number)))
-        manifests.append(manifest)
-        parent, older = manifest.id, image
-    return manifests
 
 
 @pytest.fixture

@@ -147,6 +147,11 @@ def chain3(store: Store, rng: np.random.Generator) -> ChainT:
     images = [random_image(rng)]
     images.append(mutate(images[0], rng))
     images.append(mutate(images[1], rng))
+    return store, write_chain(store, images), images
+
+
+def write_chain(store: Store, images: list[RamImage]) -> list[LayerManifest]:
+    """A base layer of images[0], then a delta per later image against the one before."""
     manifests: list[LayerManifest] = []
     parent: str | None = None
     older: RamImage | None = None
@@ -154,7 +159,7 @@ def chain3(store: Store, rng: np.random.Generator) -> ChainT:
         manifest = store.write_layer(content(image, parent, older, tag=str(number)))
         manifests.append(manifest)
         parent, older = manifest.id, image
-    return store, manifests, images
+    return manifests
 
 
 def layer_path(store: Store, layer_id: str, name: str = "") -> Path:

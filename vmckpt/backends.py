@@ -293,7 +293,7 @@ class LocalGuest(Guest):
                 client.close()
             return row
         self.end_session()
-        return {**self.checkpoint(settings, progress=progress).to_dict(), "host": "local"}
+        return super().checkpoint_row(settings, progress=progress, mechanism=PRECOPY)
 
     def watch_rows(
         self,
