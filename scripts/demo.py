@@ -19,11 +19,20 @@ import time
 from pathlib import Path
 
 from vmckpt.errors import StoreError
-from vmckpt.images import keys
+from vmckpt.images import Store, keys
+from vmckpt.qemu import SERIAL_LOG
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "guest" / "build"
 STATE = re.compile(r"^STATE seq=(\d+) sum=([0-9a-f]{16}) ok$", re.M)
+
+
+def guest_file(store: Path, name: str, file: str) -> Path:
+    """A file of a guest's runtime directory on this host (the store knows where it is)."""
+    try:
+        return Store(store).runtime_path(name) / file
+    except StoreError:
+        return store / ".no-such-store" / file  # no store yet: a path that does not exist
 
 
 def vmckpt(*args: str, quiet: bool = False) -> str:
@@ -41,7 +50,7 @@ def vmckpt(*args: str, quiet: bool = False) -> str:
 
 
 def states(store: Path, name: str) -> list[tuple[int, str]]:
-    log = store / "guests" / name / "serial.log"
+    log = guest_file(store, name, SERIAL_LOG)
     text = log.read_text(errors="replace") if log.exists() else ""
     return [(int(m.group(1)), m.group(2)) for m in STATE.finditer(text)]
 
@@ -62,7 +71,7 @@ def main() -> None:
     store = Path(args.store).resolve()
     name = "demo"
 
-    if (store / "guests" / name / "guest.json").exists():
+    if guest_file(store, name, "guest.json").exists():
         subprocess.run(
             [sys.executable, "-m", "vmckpt", "stop", name, "--store", str(store)],
             capture_output=True,

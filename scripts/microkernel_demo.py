@@ -41,6 +41,8 @@ from tests.framework.microkernel import (  # noqa: E402  (after the path is set)
     check_continuation,
     console_lines,
 )
+from vmckpt.images import Store  # noqa: E402
+from vmckpt.qemu import SERIAL_LOG  # noqa: E402
 
 NAME = "demo"
 
@@ -64,7 +66,7 @@ def vmckpt(system: System, *args: str, show: bool = True) -> str:
 
 
 def ticks(system: System, store: Path, name: str) -> list[Tick]:
-    log = store / "guests" / name / "serial.log"
+    log = Store(store).runtime_path(name) / SERIAL_LOG
     return system.ticks(console_lines(log.read_bytes() if log.exists() else b""))
 
 
@@ -111,7 +113,7 @@ def demo(system: System, store: Path, boot_timeout: float) -> None:
     restore = json.loads(restored_json)
     try:
         wait_ticks(system, store, NAME, 15, 60)
-        log = store / "guests" / NAME / "serial.log"
+        log = Store(store).runtime_path(NAME) / SERIAL_LOG
         lines = console_lines(log.read_bytes())
     finally:
         stop_quietly(store, NAME)

@@ -19,22 +19,37 @@ import pytest
 from tests.framework.guest import GUEST_BUILD, REPO, Vmckpt
 from tests.framework.mechanisms import Mechanism
 
+HOST_DIRS = {
+    "VMCKPT_KEYS_DIR": "keys",
+    "VMCKPT_RUNTIME_DIR": "run",
+    "VMCKPT_DATA_DIR": "data",
+}
+
 
 @pytest.fixture(scope="session", autouse=True)
-def store_keys() -> Iterator[Path]:
-    """Store keys go to a directory of the test session (removed after it), not to the
-    user's ~/.config/vmckpt/keys; every vmckpt the tests start inherits the setting."""
-    directory = Path(tempfile.mkdtemp(prefix="vmckpt-keys-"))
-    old = os.environ.get("VMCKPT_KEYS_DIR")
-    os.environ["VMCKPT_KEYS_DIR"] = str(directory)
+def host_dirs() -> Iterator[Path]:
+    """Store keys, and the stores' runtime and data directories of this host, go to a
+    directory of the test session (removed after it), not to the user's ~/.config/vmckpt,
+    /run/vmckpt and /var/lib/vmckpt; every vmckpt the tests start inherits the settings. A
+    short path: QEMU's sockets live in the runtime directories (108-byte limit)."""
+    directory = Path(tempfile.mkdtemp(prefix="vk-host-", dir="/tmp"))
+    old = {name: os.environ.get(name) for name in HOST_DIRS}
+    for name, sub in HOST_DIRS.items():
+        os.environ[name] = str(directory / sub)
     try:
         yield directory
     finally:
-        if old is None:
-            os.environ.pop("VMCKPT_KEYS_DIR", None)
-        else:
-            os.environ["VMCKPT_KEYS_DIR"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def store_keys(host_dirs: Path) -> Path:
+    return host_dirs / HOST_DIRS["VMCKPT_KEYS_DIR"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

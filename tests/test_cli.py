@@ -13,6 +13,7 @@ from pathlib import Path
 from tests.framework.guest import REPO, Vmckpt, guest_append, one_line_error
 from vmckpt.cli import build_parser
 from vmckpt.errors import exit_codes
+from vmckpt.images import Store
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -64,7 +65,7 @@ def test_a_relative_store_works_from_any_directory(vmckpt: Vmckpt, tmp_path: Pat
          "--memory", "256M", "--accel", "tcg", "--detach"],
         cwd=home,
     )  # fmt: skip
-    record = json.loads((home / "st" / "guests" / "rel" / "guest.json").read_text())
+    record = json.loads((Store(home / "st").runtime_path("rel") / "guest.json").read_text())
     assert Path(record["process"]["qmp_socket"]).is_absolute()
     vmckpt.wait_states("rel", 2)
     # From another directory, by the environment variable: everything still works.
@@ -119,7 +120,7 @@ def test_console_logs_of_earlier_lives_are_kept_and_pause_resume(vmckpt: Vmckpt)
         vmckpt("stop", "lives", "--store", store)
         vmckpt.restore("--layer", str(layer), "--name", "lives")
         vmckpt.wait_states("lives", 2)
-    runtime = vmckpt.store / "guests" / "lives"
+    runtime = vmckpt.runtime("lives")
     assert (runtime / "serial.1.log").read_text().count("VMCKPT-GUEST up") == 1
     assert (runtime / "serial.2.log").stat().st_size > 0
     vmckpt("stop", "lives", "--store", store)

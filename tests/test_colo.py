@@ -24,6 +24,7 @@ from tests.framework.guest import (
 from vmckpt.colo import session_pid
 from vmckpt.images import Store
 from vmckpt.mechanisms import COLO, PRECOPY, choose_mechanism, colo_refusal
+from vmckpt.session import JOURNAL
 from vmckpt.spec import DiskSpec, GuestSpec
 
 QEMU11 = os.environ.get("VMCKPT_QEMU11", "/var/cache/vmckpt/qemu-11/bin/qemu-system-x86_64")
@@ -122,7 +123,7 @@ def test_colo_session_killed_leaves_the_guest_running_as_found(colo: Vmckpt, whe
     colo.run_guest("k", memory="512M")
     colo.wait_states("k", 3)
     store = str(colo.store)
-    journal = colo.store / "guests" / "k" / "migration.json"
+    journal = colo.runtime("k") / JOURNAL
     if where == "between-checkpoints":
         colo.checkpoint("k")
         colo.checkpoint("k")

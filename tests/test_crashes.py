@@ -29,6 +29,7 @@ from tests.framework.guest import (
 from vmckpt import faults
 from vmckpt.fsutil import write_json_atomic
 from vmckpt.images import Store
+from vmckpt.session import JOURNAL
 
 RECOVERY_S = 60.0
 
@@ -44,14 +45,17 @@ def test_checkpoint_killed_at_each_point_loses_nothing(vmckpt: Vmckpt, point: st
         check=False,
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
-    journal = vmckpt.store / "guests" / "kp" / "migration.json"
+    journal = vmckpt.runtime("kp") / JOURNAL
     wait_for(lambda: not journal.exists(), "the guard's recovery", RECOVERY_S)
     assert_guest_untouched(vmckpt, "kp")
-    layers = {row["layer"]: row for row in vmckpt.listing()["layers"]}
-    if point == faults.BEFORE_HEAD:
-        assert len(layers) == 2, layers  # the layer was published; its head move is repaired
-    else:
-        assert list(layers) == [first.layer], layers
+    listing = vmckpt.listing()
+    layers = {row["layer"]: row for row in listing["layers"]}
+    # The catalog's write is the commit point: before it the layer is not the store's.
+    assert list(layers) == [first.layer], layers
+    if point == faults.BEFORE_HEAD:  # renamed into place, never committed: gc removes it
+        assert len(listing["uncatalogued"]) == 1, listing
+        swept = json.loads(vmckpt("gc", "--json", "--store", store).stdout)
+        assert [g["path"] for g in swept["removed"]] == [f"layers/{listing['uncatalogued'][0]}"]
     after = take(vmckpt, "kp")  # works, and continues the chain: no fork
     parents = {row["layer"]: row["parent"] for row in vmckpt.listing()["layers"]}
     chain = [after.layer]
@@ -86,7 +90,7 @@ def test_two_checkpoints_of_one_guest_are_serialised(vmckpt: Vmckpt) -> None:
     assert b["parent"] == a["layer"] or a["parent"] == b["layer"], (a, b)
     # Not waiting: a second checkpoint says a checkpoint is under way, in one line.
     holder = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=REPO, text=True)
-    journal = vmckpt.store / "guests" / "two" / "migration.json"
+    journal = vmckpt.runtime("two") / JOURNAL
     wait_for(journal.exists, "the first checkpoint's session", 60, poll=0.005)
     busy = vmckpt("checkpoint", "two", "--store", store, "--wait", "0", check=False)
     holder.communicate(timeout=300)
@@ -174,7 +178,7 @@ def test_bad_command_line_values_are_refused_in_one_line(vmckpt: Vmckpt, tmp_pat
     for args in cases:
         result = vmckpt(*args, check=False)
         one_line_error(result, code=2)
-    assert sorted(p.name for p in (vmckpt.store / "guests").iterdir()) == []
+    assert Store(vmckpt.store).runtime_names() == []
 
 
 def test_symlinks_in_a_store_are_never_followed(vmckpt: Vmckpt, tmp_path: Path) -> None:

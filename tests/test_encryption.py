@@ -8,6 +8,7 @@ content's sizes and digests), so layers travel between the two and keep their id
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -32,6 +33,7 @@ from tests.test_security import copy_to
 from vmckpt.errors import CorruptLayerError, FormatVersionError, StoreError
 from vmckpt.images import DiskDelta, Store, crypt, keys, maintenance
 from vmckpt.images import format as fmt
+from vmckpt.images.catalog import Catalog
 from vmckpt.images.retention import KeepRules
 from vmckpt.ram import PAGE_SIZE, RamImage
 
@@ -82,8 +84,9 @@ def record_offset(number: int) -> int:
 def test_encrypted_store_marker_and_key(encrypted: Store, store_keys: Path) -> None:
     assert encrypted.encrypted and encrypted.encryption == "chacha20-poly1305"
     marker = json.loads((encrypted.path / "vmckpt-store.json").read_bytes())
-    # 1.4: a reader of 1.3 refuses the store instead of reading encrypted files as clear.
-    assert marker["format_version"] == [1, 4]
+    # 1.4: a reader of 1.3 refuses the store instead of reading encrypted files as clear;
+    # 1.5 (every new store): a reader of 1.4 refuses it instead of ignoring its catalog.
+    assert marker["format_version"] == [1, 5]
     assert marker["encryption"] == "chacha20-poly1305"
     assert encrypted.store_id is not None
     key = json.loads((store_keys / encrypted.store_id).read_bytes())
@@ -94,18 +97,18 @@ def test_encrypted_store_marker_and_key(encrypted: Store, store_keys: Path) -> N
 def test_plain_store_marker_and_key_are_as_before(plain: Store, store_keys: Path) -> None:
     assert not plain.encrypted
     marker = json.loads((plain.path / "vmckpt-store.json").read_bytes())
-    assert marker["format_version"] == [1, 3] and "encryption" not in marker
+    assert marker["format_version"] == [1, 5] and "encryption" not in marker
     assert plain.store_id is not None
     assert "encryption" not in json.loads((store_keys / plain.store_id).read_bytes())
 
 
-def test_an_older_reader_refuses_an_encrypted_store(
+def test_an_older_reader_refuses_a_store_with_a_catalog(
     encrypted: Store, plain: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fmt, "FORMAT_MINOR", 3)  # a vmckpt of format 1.3
-    with pytest.raises(FormatVersionError, match=r"1\.4 is newer than this vmckpt reads"):
-        Store(encrypted.path)
-    Store(plain.path)  # ...which still reads a store in the clear
+    monkeypatch.setattr(fmt, "FORMAT_MINOR", 4)  # a vmckpt of format 1.4 knows no catalog
+    for store in (encrypted, plain):
+        with pytest.raises(FormatVersionError, match=r"1\.5 is newer than this vmckpt reads"):
+            Store(store.path)
 
 
 def test_a_marker_that_disagrees_with_the_key_is_refused(
@@ -385,6 +388,9 @@ def test_wrong_key_is_refused(chain3: ChainT, store_keys: Path) -> None:
     derived from the store's key."""
     store, manifests, _ = chain3
     assert store.store_id is not None
+    digests = {
+        m.id: hashlib.sha256(path_of(store, m.id, "manifest.json").read_bytes()) for m in manifests
+    }
     key_file = store_keys / store.store_id
     saved = key_file.read_bytes()
     data = json.loads(saved)
@@ -395,11 +401,19 @@ def test_wrong_key_is_refused(chain3: ChainT, store_keys: Path) -> None:
         wrong = Store(store.path)
         with pytest.raises(CorruptLayerError, match="MAC does not match"):
             wrong.compose(manifests[0].id)
+        with pytest.raises(StoreError, match=r"catalog\.json: it does not authenticate"):
+            wrong.layer_ids()
         assert wrong.key is not None
         for manifest in manifests:
             seal = path_of(store, manifest.id, keys.SEAL)
             data_bytes = path_of(store, manifest.id, "manifest.json").read_bytes()
             seal.write_bytes(keys.seal_bytes(wrong.key, manifest.id, "local", data_bytes))
+        catalog = Catalog(
+            store.store_id,
+            generation=1000,
+            layers={i: (d.hexdigest(),) for i, d in digests.items()},
+        )
+        (store.path / "catalog.json").write_bytes(catalog.encode(wrong.key))
         with pytest.raises(CorruptLayerError, match="record 0 does not authenticate"):
             wrong.compose(manifests[0].id)
         result = cli(store.path, "verify", "--store", str(store.path))

@@ -120,6 +120,7 @@ def rewrite_manifest(store: Store, layer_id: str, change: Callable[[dict[str, An
     origin = json.loads(seal.read_bytes())["origin"]
     assert store.key is not None
     seal.write_bytes(keys.seal_bytes(store.key, layer_id, origin, data))
+    store.recatalog(layer_id)
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -291,8 +292,11 @@ def test_store_create_is_idempotent_and_private(tmp_path: Path) -> None:
     assert Store(path).path == first.path
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     guest = first.runtime_dir("tiny")
-    assert guest == path / "guests" / "tiny" and guest.is_dir()
-    assert stat.S_IMODE(guest.stat().st_mode) == 0o700
+    # A guest's runtime files are this host's, never the store's (docs/SECURITY.md).
+    assert guest.is_dir() and not guest.is_relative_to(path)
+    assert guest == first.host.runtime / "guests" / "tiny"
+    for directory in (guest, guest.parent, first.host.runtime, first.host.runtime.parent):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     for bad in ("", "..", "a/b", "a,b", "x\ny", ".hidden"):
         with pytest.raises(StoreError):
             first.runtime_dir(bad)

@@ -31,8 +31,9 @@ from tests.framework.guest import (
     take,
 )
 from tests.framework.netns import OtherHost, other_host
+from vmckpt.hostdirs import HostDirs
 from vmckpt.images import Store
-from vmckpt.qemu import process_start_time
+from vmckpt.qemu import SERIAL_LOG, process_start_time
 from vmckpt.remote.ssh import HostAddress, SshHost, SshOptions
 
 pytestmark = pytest.mark.qemu
@@ -90,21 +91,28 @@ def ssh_args(other: OtherHost, remote_store: Path, known_hosts: Path | None = No
     ]  # fmt: skip
 
 
-def remote_states(remote_store: Path, name: str) -> list[State]:
-    log = remote_store / "guests" / name / "serial.log"
+def remote_log(other: OtherHost, remote_store: Path, name: str) -> Path:
+    """A guest's console log on the other host (its runtime directory of the store there)."""
+    store_id = json.loads((remote_store / "vmckpt-store.json").read_text())["store_id"]
+    dirs = HostDirs.for_store(store_id, remote_store, runtime=other.scratch / "run")
+    return dirs.runtime_path("guest", name) / SERIAL_LOG
+
+
+def remote_states(other: OtherHost, remote_store: Path, name: str) -> list[State]:
+    log = remote_log(other, remote_store, name)
     return list(parse_states(log.read_text(errors="replace"))) if log.exists() else []
 
 
 def wait_remote_states(
-    remote_store: Path, name: str, count: int, timeout: float = 120
+    other: OtherHost, remote_store: Path, name: str, count: int, timeout: float = 120
 ) -> list[State]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        states = remote_states(remote_store, name)
+        states = remote_states(other, remote_store, name)
         if len(states) >= count:
             return states
         time.sleep(0.2)
-    log = remote_store / "guests" / name / "serial.log"
+    log = remote_log(other, remote_store, name)
     text = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
     raise AssertionError(f"remote guest {name} printed < {count} STATE lines:\n{text}")
 
@@ -165,10 +173,10 @@ def test_restore_on_other_host_from_middle_layer_and_continue(
     assert sorted(p.name for p in (remote_store / "layers").iterdir()) == sorted(
         result["layers_copied"]
     )
-    restored = wait_remote_states(remote_store, "rr", 10)
+    restored = wait_remote_states(other, remote_store, "rr", 10)
     assert_continues(restored, original, middle)
     assert other.qemu_pids(), "no QEMU runs on the other host"
-    assert "BAD" not in (remote_store / "guests/rr/serial.log").read_text(errors="replace")
+    assert "BAD" not in remote_log(other, remote_store, "rr").read_text(errors="replace")
 
     # The remote guest is first-class here: list, console, checkpoint.
     row = guest_row(vmckpt, "rr")
@@ -190,7 +198,7 @@ def test_restore_on_other_host_from_middle_layer_and_continue(
     again = json.loads(out.stdout)
     assert again["layers_copied"] == [taken[2].layer]
     assert again["layers_reused"] == [taken[0].layer, middle.layer]
-    assert_continues(wait_remote_states(remote_store, "rr2", 8), original, taken[2])
+    assert_continues(wait_remote_states(other, remote_store, "rr2", 8), original, taken[2])
     vmckpt("stop", "rr2", "--store", store)
 
 
@@ -253,7 +261,7 @@ def test_migrate_there_and_back(vmckpt: Vmckpt, other: OtherHost, remote_store: 
     assert there["total_s"] > 0 and there["bytes_sent"] > 0
     # The source QEMU ended only after the destination ran the guest.
     assert isinstance(local_pid, int) and process_start_time(local_pid) is None  # gone or zombie
-    states = wait_remote_states(remote_store, "mg", 8)
+    states = wait_remote_states(other, remote_store, "mg", 8)
     seqs = [s.seq for s in states]
     assert seqs[0] <= last_here + 1, (seqs[0], last_here)
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
@@ -266,7 +274,7 @@ def test_migrate_there_and_back(vmckpt: Vmckpt, other: OtherHost, remote_store: 
         "migrate", "mg", "--store", store, "--to", "local", "--json",
         *ssh_args(other, remote_store),
     )  # fmt: skip
-    last_there = [s.seq for s in remote_states(remote_store, "mg")][-1]
+    last_there = [s.seq for s in remote_states(other, remote_store, "mg")][-1]
     assert not other.qemu_pids(), "the QEMU there did not end after migrating back"
     back = vmckpt.wait_states("mg", len(vmckpt.states("mg")) + 5)
     new = [s.seq for s in back if s.seq > last_here]
@@ -346,7 +354,7 @@ def test_migrate_by_layers_sends_less_when_the_destination_has_earlier_layers(
     args = ["migrate", "ly", "--store", store, "--json", *ssh_args(other, remote_store)]
     cold = json.loads(vmckpt(*args, "--to", other.target, "--mechanism", "layers").stdout)
     assert cold["mechanism"] == "layers" and cold["layers_reused"] == []
-    states = wait_remote_states(remote_store, "ly", 5)
+    states = wait_remote_states(other, remote_store, "ly", 5)
     seqs = [s.seq for s in states]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     vmckpt(*args, "--to", "local")
@@ -355,8 +363,10 @@ def test_migrate_by_layers_sends_less_when_the_destination_has_earlier_layers(
     warm = json.loads(vmckpt(*args, "--to", other.target, "--mechanism", "layers").stdout)
     assert set(cold["layers_copied"]) <= set(warm["layers_reused"])
     assert warm["bytes_sent"] * 20 < cold["bytes_sent"], (warm["bytes_sent"], cold["bytes_sent"])
-    states = wait_remote_states(remote_store, "ly", len(remote_states(remote_store, "ly")) + 3)
-    assert "BAD" not in (remote_store / "guests/ly/serial.log").read_text(errors="replace")
+    states = wait_remote_states(
+        other, remote_store, "ly", len(remote_states(other, remote_store, "ly")) + 3
+    )
+    assert "BAD" not in remote_log(other, remote_store, "ly").read_text(errors="replace")
     assert len(other.qemu_pids()) == 1
     vmckpt("stop", "ly", "--store", store)
     assert not other.qemu_pids()

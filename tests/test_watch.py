@@ -18,6 +18,7 @@ from tests.framework.guest import (
     assert_guest_untouched,
     wait_for,
 )
+from vmckpt.session import JOURNAL
 
 pytestmark = pytest.mark.qemu
 
@@ -68,7 +69,7 @@ def test_stopping_watch_mid_checkpoint_leaves_the_guest_running(vmckpt: Vmckpt) 
     vmckpt.run_guest("ws", memory="512M")
     vmckpt.wait_states("ws", 3)
     store = str(vmckpt.store)
-    journal = vmckpt.store / "guests" / "ws" / "migration.json"
+    journal = vmckpt.runtime("ws") / JOURNAL
     for _ in range(2):
         watcher = subprocess.Popen(
             [sys.executable, "-m", "vmckpt", "watch", "ws", "--store", store,

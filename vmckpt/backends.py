@@ -18,6 +18,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ from vmckpt.colo import SessionClient, end_session, session_pid
 from vmckpt.diagnose import GuestFacts, probe_facts
 from vmckpt.errors import MachineError, QMPError, StoreError, UsageError
 from vmckpt.guard import Guard
+from vmckpt.hostdirs import host_id
 from vmckpt.images import Store
+from vmckpt.images.retention import parse_created
 from vmckpt.liveness import Observation, observe
 from vmckpt.mechanisms import COLO, PRECOPY, Choice, choose_mechanism
 from vmckpt.progress import NO_PROGRESS, Progress
@@ -464,17 +467,28 @@ def local_guest_names(store: Store) -> list[str]:
     return store.names_with(RECORD)
 
 
-def gone_guests(store: Store, idle_s: float) -> list[str]:
-    """The guests of this host's name space that are gone: no QEMU of theirs runs, no
+def gone_guests(store: Store, idle_s: float) -> list[tuple[str, str]]:
+    """The guests of this host that are gone, as (kind, name): no QEMU of theirs runs here, no
     checkpoint of theirs is under way, they are not running on another host, and nothing in
-    their runtime directory changed for ``idle_s``. (``gc`` removes their files, and with them
-    their head: their layers are no longer kept for them.)"""
+    their runtime directory changed for ``idle_s`` (or they have none left here, as after a
+    reboot, but this host still keeps their files, or owns their head and its layer is older
+    than ``idle_s``). ``gc`` removes their files on this host and their head: their layers
+    are no longer kept for them."""
     from vmckpt.remote import remote_names
 
     away = set(remote_names(store))
+    me = host_id()
+    heads = {name: head.layer for (kind, name), head in store.head_records().items()
+             if kind == "guest" and head.host == me}  # fmt: skip
+    names = set(store.runtime_names()) | set(store.host.names("guest", data=True)) | set(heads)
     gone = []
-    for name in store.runtime_names():
-        if name in away or store.guest_locked(name) or store.runtime_idle_s(name) < idle_s:
+    for name in sorted(names):
+        if name in away or store.guest_locked(name):
+            continue
+        if store.has_runtime(name):
+            if store.runtime_idle_s(name) < idle_s:
+                continue
+        elif name in heads and _layer_age_s(store, heads[name]) < idle_s:
             continue
         try:
             data = store.read_record(name, RECORD)
@@ -482,8 +496,16 @@ def gone_guests(store: Store, idle_s: float) -> list[str]:
         except (MachineError, StoreError):
             continue  # a damaged record: whether its QEMU runs cannot be told, leave it
         if process is None or not process.alive():
-            gone.append(name)
+            gone.append(("guest", name))
     return gone
+
+
+def _layer_age_s(store: Store, layer_id: str) -> float:
+    try:
+        created = parse_created(store.manifest(layer_id).created)
+    except (StoreError, ValueError):
+        return 0.0  # cannot tell: not gone
+    return (datetime.now(UTC) - created).total_seconds()
 
 
 def open_guest(

@@ -19,7 +19,7 @@ AFTER_SETTINGS = "after-settings"  # migration settings changed, nothing started
 MID_MIGRATION = "mid-migration"  # QEMU is sending the guest's RAM
 BEFORE_RESUME = "before-resume"  # the migration completed, the guest is stopped
 MID_WRITE = "mid-write"  # the layer's files are being written
-BEFORE_HEAD = "before-head"  # the layer is renamed into place, the head not yet moved
+BEFORE_HEAD = "before-head"  # the layer renamed into place, the catalog not yet written
 POINTS = (AFTER_SETTINGS, MID_MIGRATION, BEFORE_RESUME, MID_WRITE, BEFORE_HEAD)
 
 # The points a chain maintenance (prune, squash, delete) passes (vmckpt/images/maintenance.py).

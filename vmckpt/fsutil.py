@@ -7,12 +7,15 @@ be is reported, never read through.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
 import json
 import os
 import secrets
+import shutil
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -84,10 +87,52 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file read without following a symlink; OSError or ValueError if it cannot be."""
-    with os.fdopen(open_nofollow(path), "rb") as handle:
-        return json.loads(handle.read(_CHUNK * 16).decode("utf-8"))
+MAX_JSON_BYTES = 16 << 20  # records, markers, manifests: kilobytes in practice
+
+
+def read_regular(
+    path: Path | str, limit: int, *, dir_fd: int | None = None, single_link: bool = True
+) -> bytes:
+    """The content of a regular file of at most ``limit`` bytes, read without following a
+    symbolic link and without blocking on a FIFO (opened non-blocking, then checked to be a
+    regular file before a byte is read). ``single_link``: a file with other hard links is
+    refused too, since it may be a file outside the directory it was found in. OSError (with
+    a readable strerror) for anything else than such a file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if single_link and info.st_nlink != 1:
+            raise OSError(errno.EMLINK, "it has other hard links (refused)", str(path))
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        chunks = []
+        left = limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, _CHUNK * 16))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        return data
+    finally:
+        os.close(fd)
+
+
+def parse_json(data: bytes) -> Any:
+    """JSON from bytes; ValueError (never RecursionError) for anything that is not JSON a
+    vmckpt file could hold, deeply nested input included."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES, *, dir_fd: int | None = None) -> Any:
+    """A JSON file read as :func:`read_regular` reads files; OSError or ValueError if it
+    cannot be."""
+    return parse_json(read_regular(path, limit, dir_fd=dir_fd))
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -117,3 +162,83 @@ def exchange(directory: Path, first: str, second: str) -> None:
             raise OSError(code, os.strerror(code), str(directory / first))
     finally:
         os.close(fd)
+
+
+class Dir:
+    """An open directory, for working inside it without following symbolic links: entries
+    are opened, made, renamed and removed relative to its file descriptor, so no component
+    above it is looked up again (a directory renamed or replaced by a link meanwhile changes
+    nothing), and no entry that is a link is ever followed (a link is removed as a link).
+    The way to handle a directory someone else can write, as a store may be."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self.path = path  # for messages
+
+    @classmethod
+    def open(cls, path: Path, *, follow: bool = False) -> Dir:
+        """Open ``path`` (a link as its last component is refused unless ``follow``: a path
+        the user gave may be one)."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+        return cls(os.open(path, flags), path)
+
+    def sub(self, name: str) -> Dir:
+        """The entry ``name`` as a directory; OSError (ELOOP, ENOTDIR) if it is a link or
+        anything but a directory."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        return Dir(os.open(name, flags, dir_fd=self.fd), self.path / name)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Dir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def names(self) -> list[str]:
+        return sorted(os.listdir(self.fd))
+
+    def lstat(self, name: str) -> os.stat_result:
+        return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+
+    def is_dir(self, name: str) -> bool:
+        try:
+            return stat.S_ISDIR(self.lstat(name).st_mode)
+        except OSError:
+            return False
+
+    def tree_bytes(self, name: str) -> int:
+        """The size of an entry: a file's, or every file's under a directory (links not
+        followed)."""
+        try:
+            info = self.lstat(name)
+        except OSError:
+            return 0
+        if not stat.S_ISDIR(info.st_mode):
+            return info.st_size
+        total = 0
+        for _root, _dirs, files, root_fd in os.fwalk(name, dir_fd=self.fd, follow_symlinks=False):
+            for file in files:
+                try:
+                    total += os.stat(file, dir_fd=root_fd, follow_symlinks=False).st_size
+                except OSError:
+                    continue
+        return total
+
+    def remove(self, name: str) -> None:
+        """Remove an entry: a directory with everything under it (shutil.rmtree relative to
+        this directory, which never follows a link), anything else — a link included — as
+        itself. Missing is fine."""
+        try:
+            info = self.lstat(name)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(info.st_mode):
+            shutil.rmtree(name, dir_fd=self.fd)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self.fd)

@@ -15,11 +15,9 @@ ever read.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -212,9 +210,10 @@ def restore_guest(
     spec = relocate_media(image.spec, store)
     spec.check_media(vm=name)
     args = qemu_args_for(manifest, spec, extra_args, name)
-    runtime = store.runtime_dir(name)
-    # Writable disks are rebuilt as new images beside the guest's runtime files.
-    spec = replace(spec, disks=materialize(store, manifest, spec.disks, runtime, vm=name))
+    # Writable disks are rebuilt as new images in a fresh directory of this host's data
+    # directory of the store (never in the store, which others may write).
+    disk_dir = store.host.fresh(store.data_dir(name), f"disks-{manifest.id}-")
+    spec = replace(spec, disks=materialize(store, manifest, spec.disks, disk_dir, vm=name))
     composed = time.monotonic()
     try:
         guest = LocalGuest.start(
@@ -222,7 +221,7 @@ def restore_guest(
             incoming=True,
         )  # fmt: skip
     except BaseException:
-        discard_restored(spec.disks, runtime)
+        discard_restored(spec.disks, disk_dir)
         raise
     process = guest.process()
     try:
@@ -234,7 +233,7 @@ def restore_guest(
         store.set_head(name, manifest.id)
     except BaseException as exc:
         process.kill()
-        discard_restored(spec.disks, runtime)
+        discard_restored(spec.disks, disk_dir)
         if isinstance(exc, VmckptError) and not isinstance(exc, RestoreError):
             raise RestoreError(exc.message, vm=name, layer=manifest.id, step=exc.step) from exc
         if isinstance(exc, RestoreError):
@@ -353,7 +352,6 @@ def _check_alive(process: QemuProcess, observation: Observation) -> None:
 # -- a liveness check: the layer restored in a throw-away QEMU ------------------------------
 
 DEFAULT_BOOT_CHECK_S = 5.0
-SCRATCH_PARENT = "/tmp"  # short: QEMU's QMP socket lives in the scratch directory
 
 
 @dataclass(frozen=True)
@@ -422,11 +420,15 @@ def boot_check(
     spec.check_media(vm=label)
     args = qemu_args_for(manifest, spec, extra_args, label)
     binary = qemu_binary()
-    parent = SCRATCH_PARENT if os.path.isdir(SCRATCH_PARENT) else None
-    scratch = Path(tempfile.mkdtemp(prefix="vmckpt-boot-", dir=parent))
+    # This host's scratch of the store, private: the throw-away QEMU's sockets and console,
+    # and its rebuilt disks (guest data, so never under a shared /tmp).
+    scratch = store.host.scratch(f"boot-{manifest.id}-", data=False)
+    disk_scratch = store.host.scratch(f"boot-{manifest.id}-", data=True)
     try:
         with _sigterm_unwinds():
-            spec = replace(spec, disks=materialize(store, manifest, spec.disks, scratch, vm=label))
+            spec = replace(
+                spec, disks=materialize(store, manifest, spec.disks, disk_scratch, vm=label)
+            )
             launch = Launch(
                 name=label, accel=resolve_accel(spec.accel), serial_log=rotate_serial_log(scratch),
                 machine_type=manifest.machine_type or None, incoming=True, extra_args=args,
@@ -450,6 +452,7 @@ def boot_check(
                 process.kill()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(disk_scratch, ignore_errors=True)
     _log.info("%s: %s %s", label, observation.verdict, observation.evidence())
     return BootCheck(
         layer=manifest.id,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from vmckpt.backends import GuestRecord, LocalGuest, local_guest_names
 from vmckpt.images import Store
+from vmckpt.qemu import SERIAL_LOG
 from vmckpt.qmp import Monitor
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -143,8 +144,13 @@ class Vmckpt:
         """A QMP connection to a running guest of this store (its socket from the record)."""
         return self.guest(name).monitor()
 
+    def runtime(self, name: str) -> Path:
+        """A guest's runtime directory on this host (its record, console, journal)."""
+        return Store(self.store).runtime_path(name)
+
     def serial(self, name: str) -> str:
-        return (self.store / "guests" / name / "serial.log").read_text(errors="replace")
+        log = self.runtime(name) / SERIAL_LOG
+        return log.read_text(errors="replace") if log.exists() else ""
 
     def states(self, name: str) -> list[State]:
         return parse_states(self.serial(name))

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from tests.framework.guest import POLL_S, REPO, Vmckpt
+from vmckpt.qemu import SERIAL_LOG
 
 T = TypeVar("T")
 GENODE_DIR = "genode-hw-pc"
@@ -270,7 +271,7 @@ def check_continuation(
 
 def console(runner: Vmckpt, name: str) -> list[str]:
     """The complete, cleaned lines of a guest's console in its current life."""
-    log = runner.store / "guests" / name / "serial.log"
+    log = runner.runtime(name) / SERIAL_LOG
     return console_lines(log.read_bytes() if log.exists() else b"")
 
 

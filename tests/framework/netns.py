@@ -126,8 +126,10 @@ def other_host() -> Iterator[OtherHost]:
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PermitRootLogin prohibit-password\nPubkeyAuthentication yes\n"
             "MaxSessions 50\nMaxStartups 50\nSubsystem sftp internal-sftp\n"
-            # The other host's store keys live with the other host (its scratch directory).
-            f"SetEnv VMCKPT_KEYS_DIR={scratch}/keys\n"
+            # The other host's store keys, runtime and data directories live with the other
+            # host (its scratch directory).
+            f"SetEnv VMCKPT_KEYS_DIR={scratch}/keys VMCKPT_RUNTIME_DIR={scratch}/run "
+            f"VMCKPT_DATA_DIR={scratch}/data\n"
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         # `ip netns exec` execs sshd, so the PID is sshd's own.

@@ -141,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
         "only for layers you trust",
     )
     p.add_argument(
+        "--new-key",
+        action="store_true",
+        help="with --adopt: make a new key even though the layers authenticate with a key "
+        "this user has (its copies elsewhere then no longer open the store; the layers are "
+        "sealed anew as adopted, so their QEMU arguments are no longer used on restore)",
+    )
+    p.add_argument(
+        "--accept-rollback",
+        action="store_true",
+        help="with --adopt: accept the store as it is although this user saw a later state of "
+        "it (it was put back from a backup on purpose), or make its catalog anew if missing",
+    )
+    p.add_argument(
         "--encrypt",
         action="store_true",
         help="encrypt the store's layers at rest (ChaCha20-Poly1305, under a key derived from "

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from vmckpt.backends import LocalGuest, local_guest_names, open_guest
+from vmckpt.backends import GuestStatus, LocalGuest, local_guest_names, open_guest
 from vmckpt.bootmedia import kernel_media
 from vmckpt.check import probe_capabilities
 from vmckpt.checkpoint import CheckpointSettings
@@ -31,6 +31,7 @@ from vmckpt.cli.output import (
 )
 from vmckpt.diagnose import REPEATED_RESETS, hint_for
 from vmckpt.errors import NotAliveError, UsageError, VmckptError
+from vmckpt.hostdirs import host_id
 from vmckpt.images import Store, keys
 from vmckpt.liveness import Observation
 from vmckpt.qemu import parse_memory
@@ -80,8 +81,10 @@ def cmd_init(args: argparse.Namespace) -> int:
             "--adopt keeps a store as it is: a store is encrypted only when it is made "
             "(vmckpt init --encrypt NEW-DIR)"
         )
+    if (args.new_key or args.accept_rollback) and not args.adopt:
+        raise UsageError("--new-key and --accept-rollback go with --adopt")
     if args.adopt:
-        result = Store(path).adopt()
+        result = Store(path).adopt(new_key=args.new_key, accept_rollback=args.accept_rollback)
         if args.json:
             print_json({"store": str(path), **dataclasses.asdict(result)})
         else:
@@ -326,12 +329,19 @@ def _guest_rows(store: Store) -> list[dict[str, Any]]:
     from vmckpt.remote import RemoteGuest, remote_names
 
     rows = []
-    for name in sorted(set(local_guest_names(store)) | set(remote_names(store))):
+    known = set(local_guest_names(store)) | set(remote_names(store))
+    for name in sorted(known):
         try:
             guest = RemoteGuest.load(store, name) or LocalGuest(store, name)
             rows.append(guest.status().to_dict())
         except VmckptError as exc:
             rows.append({"name": name, "kind": "guest", "state": f"unreadable: {exc.message}"})
+    # Guests known only by their head (no files on this host: another host's, or gone with
+    # a reboot): their next checkpoint would build on it.
+    for (kind, name), head in sorted(store.head_records().items()):
+        if kind == "guest" and name not in known:
+            row = GuestStatus(name, kind, "stopped", None, head.layer).to_dict()
+            rows.append({**row, "host": "local" if head.host == host_id() else "another host"})
     return rows
 
 
@@ -348,8 +358,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     for row in rows:
         row["exclusive_bytes"] = only.get(row["layer"])
     total = store.bytes_on_disk()
+    strays = store.uncatalogued()
     if args.json:
-        print_json({"layers": rows, "guests": guests, "damaged": damaged, "store_bytes": total})
+        print_json(
+            {
+                "layers": rows, "guests": guests, "damaged": damaged, "store_bytes": total,
+                "uncatalogued": strays,
+            }
+        )  # fmt: skip
         return 0
     lines = []
     for prefix, row in layer_tree(rows):
@@ -375,6 +391,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
     for line in damaged:
         print(f"damaged: {line}")
+    if strays:
+        print(
+            f"{len(strays)} layer director{'y' if len(strays) == 1 else 'ies'} the store's "
+            f"catalog does not name ({', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''}"
+            "): not layers of the store (`vmckpt gc` removes those this store sealed, "
+            "`vmckpt init --adopt` checks and adopts the others)"
+        )
     if guests:
         print()
         glines = [

@@ -166,19 +166,24 @@ def cmd_gc(args: argparse.Namespace) -> int:
     store = open_store(args)
     gone = gone_guests(store, parse_duration(args.gone_after))
     found = gc(store, gone, dry_run=args.dry_run)
-    total = sum(item.bytes for item in found)
+    removed = [item for item in found if item.removed]
+    left = [item for item in found if not item.removed]
+    total = sum(item.bytes for item in removed)
     if args.json:
         print_json(
             {
-                "removed": [item.__dict__ for item in found],
+                "removed": [{"path": i.path, "bytes": i.bytes, "why": i.why} for i in removed],
+                "left": [{"path": i.path, "bytes": i.bytes, "why": i.why} for i in left],
                 "bytes_freed": total,
                 "dry_run": args.dry_run,
             }
         )
         return 0
-    for item in found:
+    for item in removed:
         verb = "would remove" if args.dry_run else "removed"
         print(f"{verb} {item.path} ({human_bytes(item.bytes)}): {item.why}")
+    for item in left:
+        print(f"left {item.path} ({human_bytes(item.bytes)}): {item.why}")
     verb = "would free" if args.dry_run else "freed"
-    print(f"gc: {len(found)} item(s), {verb} {human_bytes(total)}")
+    print(f"gc: {len(removed)} item(s), {verb} {human_bytes(total)}")
     return 0

@@ -26,7 +26,7 @@ from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamImage
 # same major and a lower or equal minor (see `check_version`); the version is the format's
 # own, not vmckpt's.
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 4  # 1.1 writable disks, 1.2 page digests (pages.sum), 1.3 seals, 1.4 encryption
+FORMAT_MINOR = 5  # 1.1 disks, 1.2 page digests, 1.3 seals, 1.4 encryption, 1.5 catalog
 DISKS_MINOR = 1  # the optional manifest field `disks`, disk-<id>.idx/.bin
 SUMS_MINOR = 2  # pages.sum, required from 1.2 on
 SEAL_MINOR = 3  # manifest.mac and the marker's store_id, from 1.3 on
@@ -35,6 +35,9 @@ SEAL_MINOR = 3  # manifest.mac and the marker's store_id, from 1.3 on
 # are the same in an encrypted store (their manifests list the content's sizes and digests),
 # so every layer is still written as 1.3 and reads the same anywhere.
 ENCRYPTION_MINOR = 4
+# 1.5: the store's sealed catalog (catalog.json: its layers and heads); a store with one has
+# a marker of 1.5, so a reader of 1.4 or older, which would ignore it, refuses the store.
+CATALOG_MINOR = 5
 LAYER_MINOR = SEAL_MINOR  # what a layer's manifest is written as
 
 LAYER_FORMAT = "vmckpt-layer"

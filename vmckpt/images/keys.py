@@ -27,6 +27,7 @@ key derived from the store's key (vmckpt/images/crypt.py).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmckpt.errors import CorruptLayerError, StoreError
-from vmckpt.fsutil import DIR_MODE, FILE_MODE, read_json
+from vmckpt.fsutil import DIR_MODE, FILE_MODE, read_json, write_json_atomic
 
 SEAL = "manifest.mac"
 KEYS_ENV = "VMCKPT_KEYS_DIR"
@@ -120,6 +121,24 @@ def load_key(store_id: str) -> StoreKey | None:
     return StoreKey(store_id, key, encryption)
 
 
+def all_keys() -> list[StoreKey]:
+    """Every key this user has (those that read)."""
+    try:
+        names = sorted(os.listdir(keys_dir()))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if STORE_ID_RE.fullmatch(name):
+            try:
+                key = load_key(name)
+            except StoreError:
+                continue
+            if key is not None:
+                found.append(key)
+    return found
+
+
 def create_key(store_id: str, store_path: Path, encryption: str | None = None) -> StoreKey:
     """Make a new key for a store (never replacing one that exists); ``encryption``: the
     store's (None: the store is not encrypted)."""
@@ -171,3 +190,44 @@ def check_seal(key: StoreKey, layer_id: str, manifest: bytes, seal: bytes, step:
     if not hmac.compare_digest(mac, key.mac(layer_id, origin, manifest)):
         raise refuse("the MAC does not match")
     return origin
+
+
+# --- the generations of catalogs this user has seen (images/catalog.py) -----------------
+
+
+def _seen_path(store_id: str) -> Path:
+    return key_path(store_id).with_name(f"{store_id}.seen")
+
+
+def seen_generation(store_id: str) -> int:
+    """The highest catalog generation of the store this user has seen (0: none), kept beside
+    its key: a catalog older than that is a store put back to an earlier state."""
+    try:
+        data = read_json(_seen_path(store_id))
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read {_seen_path(store_id)}: {exc}", step="catalog") from exc
+    value = data.get("generation") if isinstance(data, dict) else None
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def note_generation(store_id: str, generation: int) -> None:
+    """Remember that the store's catalog reached ``generation`` (never lowering what is
+    remembered: concurrent commands serialise on a lock of the file)."""
+    path = _seen_path(store_id)
+    lock_path = path.with_name(f".{store_id}.seen.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if seen_generation(store_id) >= generation:
+            return
+        write_json_atomic(path, {"store_id": store_id, "generation": generation})
+    finally:
+        os.close(fd)
+
+
+def forget_generation(store_id: str) -> None:
+    """Accept the store's catalog as it is now, whatever this user saw before (``vmckpt init
+    --adopt --accept-rollback``, after restoring a store from a backup on purpose)."""
+    _seen_path(store_id).unlink(missing_ok=True)

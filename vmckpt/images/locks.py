@@ -28,9 +28,11 @@ Order, where one holder takes several: maintenance, chain, store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -51,21 +53,41 @@ def _holder(fd: int) -> str:
 
 
 def _open_lock_file(path: Path, shared: bool) -> int | None:
-    """The lock file, created 0600 if needed. A shared holder (a reader) may find it
-    missing in a store it cannot write (read-only media, another user's store): None,
-    and it reads unlocked, as nothing can change such a store under it."""
+    """The lock file, created 0600 if needed, and checked to be a regular file with no other
+    hard link (a lock file is written to: a link planted in a store must not make vmckpt
+    write a file elsewhere). A shared holder (a reader) may find it missing in a store it
+    cannot write (read-only media, another user's store): None, and it reads unlocked, as
+    nothing can change such a store under it. LockError (one line) for anything else."""
     try:
-        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
-    except OSError:
+        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK)
+    except OSError as exc:
         if not shared:
-            raise
+            raise LockError(f"cannot lock {path}: {_why(exc)}", step="lock") from exc
         try:
-            return open_nofollow(path, os.O_RDONLY)
+            fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
+        except OSError as again:
+            raise LockError(f"cannot lock {path}: {_why(again)}", step="lock") from again
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise LockError(
+                f"cannot lock {path}: it is not a plain file of its own (a link?): refused",
+                step="lock",
+            )
+    except BaseException:
+        os.close(fd)
+        raise
     with contextlib.suppress(OSError):
         os.fchmod(fd, FILE_MODE)
     return fd
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.EROFS:
+        return "the file system is read-only"
+    return exc.strerror or str(exc)
 
 
 @contextlib.contextmanager
@@ -139,7 +161,7 @@ def directory_in_use(path: Path) -> bool:
 def is_held(path: Path) -> bool:
     """Whether someone holds the lock on ``path`` now (a probe, for status displays)."""
     try:
-        fd = open_nofollow(path, os.O_RDWR)
+        fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return False
     try:

@@ -55,7 +55,7 @@ import numpy as np
 
 from vmckpt import faults
 from vmckpt.errors import CorruptLayerError, StoreError, UsageError, VmckptError
-from vmckpt.fsutil import exchange, fsync_dir, sha256_file
+from vmckpt.fsutil import Dir, exchange, fsync_dir, sha256_file
 from vmckpt.images import format as fmt
 from vmckpt.images import keys, locks
 from vmckpt.images.crypt import LayerFile
@@ -71,8 +71,7 @@ from vmckpt.images.format import (
 )
 from vmckpt.images.retention import KeepRules, parse_created, select
 from vmckpt.images.store import (
-    GUEST_LOCK,
-    GUESTS_DIR,
+    LAYERS_DIR,
     MEDIA_DIR,
     SCRATCH_DIR,
     TMP_PREFIX,
@@ -176,14 +175,20 @@ class _Snapshot:
         read after it (only a maintenance, and this one holds the maintenance lock, changes
         a layer once it exists; one published meanwhile is checked for at the switch)."""
         with store.lock(f"{step}: list the layers"):
+            store.tidy_catalog(step)
             names = store._layer_names()
             heads = store.heads()
+            catalog = store.catalog(step)
+        if catalog is None:
+            raise store.no_key_error(step)
         manifests: dict[str, LayerManifest] = {}
         digests: dict[str, str] = {}
         for layer_id in names:
             try:
                 manifests[layer_id] = store._manifest(layer_id, step)
                 digests[layer_id] = sha256_file(store._layer_dir(layer_id) / MANIFEST)
+                if not catalog.accepts(layer_id, digests[layer_id]):
+                    raise StoreError("it changed while it was read", layer=layer_id, step=step)
             except (VmckptError, OSError) as exc:
                 why = exc.one_line() if isinstance(exc, VmckptError) else str(exc)
                 raise StoreError(
@@ -468,9 +473,9 @@ def plan_changes(
 
 def _build(
     store: Store, rewrite: Rewrite, snapshot: _Snapshot, indexes: _Indexes
-) -> tuple[Path, int]:
+) -> tuple[Path, int, str]:
     """The new version of ``rewrite.layer`` as a complete temporary layer directory; returns
-    it and the fd that holds its lock."""
+    it, the fd that holds its lock, and the digest of its manifest."""
     step = "rewrite"
     top = snapshot.manifests[rewrite.layer]
     segment = [top, *(snapshot.manifests[i] for i in rewrite.absorb)]
@@ -511,14 +516,14 @@ def _build(
         )  # fmt: skip
     tmp, _, fd = store._make_temporary(top.id)
     try:
-        store._write_layer_files(
+        _, digest = store._write_layer_files(
             tmp, top.id, content, parts, disks, created=top.created, origin=origin
         )
     except BaseException:
         os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return tmp, fd
+    return tmp, fd, digest
 
 
 def _check_still_valid(store: Store, plan: Plan, snapshot: _Snapshot, step: str) -> None:
@@ -530,13 +535,10 @@ def _check_still_valid(store: Store, plan: Plan, snapshot: _Snapshot, step: str)
         )
 
     going = set(plan.remove)
+    catalog = store.catalog(step)
+    assert catalog is not None
     for rewrite in plan.rewrites:
-        path = store._layer_dir(rewrite.layer) / MANIFEST
-        try:
-            same = sha256_file(path) == snapshot.manifest_sha256[rewrite.layer]
-        except OSError:
-            same = False
-        if not same:
+        if catalog.layers.get(rewrite.layer) != (snapshot.manifest_sha256[rewrite.layer],):
             raise changed(f"layer {rewrite.layer} is not the one planned for")
     for layer_id in going:
         if not store.has_layer(layer_id):
@@ -571,14 +573,14 @@ def apply_plan(store: Store, plan: Plan, snapshot: _Snapshot, indexes: _Indexes,
                progress: Progress = NO_PROGRESS, switch_wait_s: float = 60.0) -> None:  # fmt: skip
     """Carry out ``plan`` (see the module doc): build, switch, remove, clean up. The switch
     waits up to ``switch_wait_s`` for readers of chains (a restore, a verify) to finish."""
-    built: list[tuple[Rewrite, Path, int]] = []
+    built: list[tuple[Rewrite, Path, int, str]] = []
     removed: list[Path] = []
     layers = store.layers_path
     try:
         with progress.task("writing the layers that absorb others", len(plan.rewrites)) as task:
             for rewrite in plan.rewrites:
                 try:
-                    tmp, fd = _build(store, rewrite, snapshot, indexes)
+                    tmp, fd, digest = _build(store, rewrite, snapshot, indexes)
                 except OSError as exc:
                     raise StoreError(
                         f"cannot write its new version ({exc.strerror or exc}); nothing was "
@@ -586,13 +588,19 @@ def apply_plan(store: Store, plan: Plan, snapshot: _Snapshot, indexes: _Indexes,
                         layer=rewrite.layer,
                         step="rewrite",
                     ) from exc
-                built.append((rewrite, tmp, fd))
+                built.append((rewrite, tmp, fd, digest))
                 task.advance(1)
                 faults.point(faults.MAINT_MID_BUILD)
         faults.point(faults.MAINT_BEFORE_SWITCH)
         with store.switching("switch layers", wait_s=switch_wait_s), store.lock("switch layers"):
             _check_still_valid(store, plan, snapshot, "switch")
-            for number, (rewrite, tmp, _) in enumerate(built):
+            # The catalog accepts either version of each layer while they are switched (both
+            # compose to the same), then only the new ones, and no longer the removed layers.
+            old = snapshot.manifest_sha256
+            store._update_catalog(
+                "switch", add={r.layer: [old[r.layer], d] for r, _, _, d in built}
+            )
+            for number, (rewrite, tmp, _, _) in enumerate(built):
                 try:
                     exchange(layers, tmp.name, rewrite.layer)
                 except OSError as exc:
@@ -606,12 +614,15 @@ def apply_plan(store: Store, plan: Plan, snapshot: _Snapshot, indexes: _Indexes,
                 removed.append(grave)
                 faults.point(faults.MAINT_MID_REMOVE)
             fsync_dir(layers)
+            store._update_catalog(
+                "switch", add={r.layer: [d] for r, _, _, d in built}, drop=plan.remove
+            )
         faults.point(faults.MAINT_BEFORE_CLEANUP)
     except OSError as exc:
         raise StoreError(f"{exc.strerror or exc}", step="switch") from exc
     finally:
         # Old versions (switched) or unused new ones, and the removed layers: all garbage.
-        for _, tmp, fd in built:
+        for _, tmp, fd, _ in built:
             os.close(fd)
             shutil.rmtree(tmp, ignore_errors=True)
         for grave in removed:
@@ -759,78 +770,132 @@ def exclusive_bytes(store: Store) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Garbage:
-    path: str  # relative to the store
+    path: str  # relative to the store, or absolute for this host's files of the store
     bytes: int
     why: str
+    removed: bool = True  # False: reported, left as it is (not this store's to delete)
 
 
-def _tree_bytes(path: Path) -> int:
-    if path.is_symlink() or not path.is_dir():
-        with contextlib.suppress(OSError):
-            return os.lstat(path).st_size
-        return 0
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
+def _stale(directory: Dir, name: str, now: float) -> bool:
+    with contextlib.suppress(OSError):
+        return now - directory.lstat(name).st_mtime > STALE_TEMP_S
+    return False
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def gc(store: Store, gone_guests: Collection[str], *, dry_run: bool = False) -> list[Garbage]:
+def gc(
+    store: Store, gone_guests: Collection[tuple[str, str]], *, dry_run: bool = False
+) -> list[Garbage]:
     """Remove what no committed layer or live guest needs: temporary layer directories no
-    live writer holds (crashes, interrupted maintenance), the runtime directories of the
-    guests ``gone_guests`` (vmckpt/backends.py decides who is gone: its records, head,
-    logs and restored disks), checkpoint scratch files no checkpoint under way uses, and
-    stale temporary files. Returns what it removed (or would, with ``dry_run``)."""
+    live writer holds (crashes, interrupted maintenance), layer directories the catalog does
+    not name whose seal is this store's (a crash between a layer's rename and the catalog's
+    write; a version replaced or a layer deleted, put back), stale temporary files, and, on
+    this host, the files and heads of the guests ``gone_guests`` ((kind, name); the caller
+    decides who is gone) and checkpoint scratch no checkpoint under way uses.
+
+    Nothing is followed out of the store: every directory is opened without following a
+    link and everything is removed relative to it (a link is removed as a link). A layer
+    directory that does not authenticate is reported, not removed (`init --adopt` may want
+    it). Returns what it removed (or would, with ``dry_run``)."""
     found: list[Garbage] = []
     now = time.time()
 
-    def note(path: Path, why: str) -> None:
-        found.append(Garbage(str(path.relative_to(store.path)), _tree_bytes(path), why))
+    def note(directory: Dir, name: str, why: str, *, where: str = "", remove: bool = True) -> None:
+        shown = f"{where}{name}" if where else str(directory.path / name)
+        found.append(Garbage(shown, directory.tree_bytes(name), why, remove))
+        if remove and not dry_run:
+            directory.remove(name)
+
+    with store.maintenance_lock("gc"), store.lock("gc"), Dir.open(store.path, follow=True) as root:
         if not dry_run:
-            _remove(path)
-
-    def stale(path: Path) -> bool:
-        with contextlib.suppress(OSError):
-            return now - os.lstat(path).st_mtime > STALE_TEMP_S
-        return False
-
-    with store.maintenance_lock("gc"), store.lock("gc"):
-        with contextlib.suppress(FileNotFoundError):
-            for entry in sorted(store.layers_path.iterdir()):
-                if entry.name.startswith(TMP_PREFIX) and not locks.directory_in_use(entry):
-                    note(entry, "left by an interrupted write or maintenance")
-        for entry in sorted(store.path.iterdir()):
-            if entry.name.startswith(TMP_PREFIX) and stale(entry):
-                note(entry, "a stale temporary file")
-        guests = store.path / GUESTS_DIR
-        removed = set()
-        for name in sorted(gone_guests):
-            if store.has_runtime(name) and not store.guest_locked(name):
-                note(guests / name, "a guest that is gone (not running, idle)")
-                removed.add(name)
-        if guests.is_dir():
-            for directory in sorted(guests.iterdir()):
-                if directory.name in removed or directory.is_symlink() or not directory.is_dir():
-                    continue
-                scratch = directory / SCRATCH_DIR
-                if scratch.is_dir() and not locks.is_held(directory / GUEST_LOCK):
-                    for leftover in sorted(scratch.iterdir()):
-                        note(leftover, "scratch of an interrupted checkpoint")
-                for leftover in sorted(directory.glob(".*.tmp")):
-                    if stale(leftover):
-                        note(leftover, "a stale temporary file")
-        media = store.path / MEDIA_DIR
-        if media.is_dir():
-            for leftover in sorted(media.glob(f"*/{TMP_PREFIX}*")):
-                if stale(leftover):
-                    note(leftover, "a partial copy of a boot medium")
+            store.tidy_catalog("gc")
+        _gc_layers(store, root, note)
+        for name in root.names():
+            if name.startswith(TMP_PREFIX) and _stale(root, name, now):
+                note(root, name, "a stale temporary file", where="")
+        if root.is_dir(MEDIA_DIR):
+            with root.sub(MEDIA_DIR) as media:
+                for sha in media.names():
+                    if not media.is_dir(sha):
+                        continue
+                    with media.sub(sha) as copies:
+                        for name in copies.names():
+                            if name.startswith(TMP_PREFIX) and _stale(copies, name, now):
+                                where = f"{MEDIA_DIR}/{sha}/"
+                                note(copies, name, "a partial copy of a boot medium", where=where)
+        _gc_host(store, gone_guests, note, found, now, dry_run)
     return found
+
+
+def _gc_layers(store: Store, root: Dir, note: Any) -> None:
+    try:
+        layers = root.sub(LAYERS_DIR)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return
+        raise StoreError(
+            f"{store.path / LAYERS_DIR} is not a directory (a link?): refused", step="gc"
+        ) from exc
+    catalog = store.catalog("gc")
+    with layers:
+        for name in layers.names():
+            where = f"{LAYERS_DIR}/"
+            if name.startswith(TMP_PREFIX):
+                if not layers.is_dir(name) or not locks.directory_in_use(layers.path / name):
+                    note(layers, name, "left by an interrupted write or maintenance", where=where)
+            elif catalog is not None and fmt.LAYER_ID_RE.match(name):
+                if not layers.is_dir(name):
+                    note(layers, name, "not a layer directory (a link?)", where=where)
+                elif name not in catalog.layers:
+                    ours = store.authenticates(name)
+                    note(
+                        layers, name,
+                        "a layer the catalog does not name (a crash between its rename and the "
+                        "catalog's write, or a removed version put back)" if ours else
+                        "a layer directory the catalog does not name and that does not "
+                        "authenticate: left as it is (`vmckpt init --adopt` checks and adopts "
+                        "it; else remove it by hand)",
+                        where=where, remove=ours,
+                    )  # fmt: skip
+
+
+def _gc_host(
+    store: Store,
+    gone: Collection[tuple[str, str]],
+    note: Any,
+    found: list[Garbage],
+    now: float,
+    dry_run: bool,
+) -> None:
+    """This host's files of the store's guests: those of gone guests (and their heads), and
+    stale scratch."""
+    heads = store.head_records()
+    drop: list[tuple[str, str]] = []
+    for kind, name in sorted(gone):
+        if store.guest_locked(name, kind):
+            continue
+        for path in (store.runtime_path(name, kind), store.host.data_path(kind, name)):
+            if path.exists() or path.is_symlink():
+                with Dir.open(path.parent) as parent:
+                    note(parent, path.name, "a guest that is gone (not running, idle)")
+        if (kind, name) in heads:
+            why = "its head: its layers are no longer kept for it (a guest that is gone)"
+            found.append(Garbage(f"head of {kind} {name} ({heads[kind, name].layer})", 0, why))
+            drop.append((kind, name))
+    if drop and not dry_run:
+        store.forget_heads(drop)
+    for kind in ("guest", "libvirt"):
+        for name in store.host.names(kind, data=True):
+            if (kind, name) in gone or store.guest_locked(name, kind):
+                continue
+            scratch = store.host.data_path(kind, name) / SCRATCH_DIR
+            if scratch.is_dir() and not scratch.is_symlink():
+                with Dir.open(scratch) as directory:
+                    for leftover in directory.names():
+                        note(directory, leftover, "scratch of an interrupted checkpoint")
+            runtime = store.runtime_path(name, kind)
+            if runtime.is_dir() and not runtime.is_symlink():
+                with Dir.open(runtime) as directory:
+                    for leftover in directory.names():
+                        temporary = leftover.startswith(".") and leftover.endswith(".tmp")
+                        if temporary and _stale(directory, leftover, now):
+                            note(directory, leftover, "a stale temporary file")

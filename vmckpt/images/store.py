@@ -1,24 +1,25 @@
-"""A store: a directory of immutable, checksummed layers, written crash-safely, and the
-runtime files of the guests that write into it. This module owns the store directory:
-no other module builds a path inside a store.
+"""A store: a directory of immutable, checksummed layers, written crash-safely. This module
+owns the store directory: no other module builds a path inside a store. What belongs to
+this host while a guest runs (its record, sockets, logs, journals, locks) and this host's
+own data for the store (restored disks, scratch, how to reach remote guests) live in the
+store's directories on this host (vmckpt/hostdirs.py), reached through the accessors here.
 
-Layout (docs/FORMAT.md has the byte-level specification of the layers)::
+Layout (docs/FORMAT.md has the byte-level specification)::
 
-    store/vmckpt-store.json     marker: {"format": "vmckpt-store", "format_version": [1, 3],
-                                         "store_id": "<32 hex digits>"}; an encrypted
-                                         store's: [1, 4] and "encryption"
-    store/store.lock            the store lock (vmckpt/images/locks.py)
+    store/vmckpt-store.json     marker: {"format": "vmckpt-store", "format_version": [1, 5],
+                                         "store_id": "<32 hex digits>"} (an encrypted
+                                         store's also "encryption")
+    store/catalog.json          the sealed catalog: the store's layers (each with the digest
+                                of its manifest) and every guest's head (images/catalog.py)
+    store/*.lock                the store, chain and maintenance locks (images/locks.py)
     store/layers/<id>/          one committed layer (manifest.json, manifest.mac, its files)
     store/layers/.tmp-<id>-<r>/ a layer being written or imported; never read, never listed
-    store/guests/<name>/        a guest's runtime files: record, head, sockets, logs, locks
-    store/libvirt/<domain>/     a libvirt domain's head (its own name space)
     store/media/<sha256>/<file> boot media copied from another host, found by content
 
-A layer becomes visible only by the rename of its complete, fsynced directory,
-and its manifest (written and fsynced last) is the commit point, so a crash
-leaves either the whole layer or none of it. A guest's head moves with the
-commit under the store lock; a crash between the two is repaired from the
-``pending`` entry of the head file (see :meth:`Store.head`).
+A layer is the store's once its complete, fsynced directory is renamed into place *and*
+the catalog names it: the catalog's write, under the store lock, is the commit point (and
+moves the guest's head with it), so a crash leaves the layer either committed with its head
+or invisible (``gc`` removes it).
 
 Every layer is sealed (manifest.mac, an HMAC under a key kept outside the
 store, vmckpt/images/keys.py) and read back only if the seal holds; nothing in a
@@ -41,8 +42,9 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,7 +53,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vmckpt import faults
+from vmckpt import faults, log
 from vmckpt.errors import CorruptLayerError, StoreError
 from vmckpt.fsutil import (
     DIR_MODE,
@@ -60,12 +62,22 @@ from vmckpt.fsutil import (
     make_private_dir,
     open_nofollow,
     read_json,
+    read_regular,
     sha256_file,
     write_atomic,
     write_json_atomic,
 )
+from vmckpt.hostdirs import NAME_RE, HostDirs, host_id
 from vmckpt.images import crypt, keys, locks
 from vmckpt.images import format as fmt
+from vmckpt.images.catalog import (
+    CATALOG,
+    MAX_CATALOG_BYTES,
+    Catalog,
+    Head,
+    head_key,
+    manifest_digest,
+)
 from vmckpt.images.format import (
     DEVICE,
     INDEX,
@@ -85,8 +97,6 @@ from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamBlock, RamImage
 
 STORE_MARKER = "vmckpt-store.json"
 LAYERS_DIR = "layers"
-GUESTS_DIR = "guests"
-LIBVIRT_DIR = "libvirt"
 MEDIA_DIR = "media"
 TMP_PREFIX = ".tmp-"
 STORE_LOCK = "store.lock"
@@ -94,12 +104,13 @@ CHAIN_LOCK = "chain.lock"
 MAINTENANCE_LOCK = "maintenance.lock"
 GUEST_LOCK = "checkpoint.lock"
 SCRATCH_DIR = "disk-scratch"  # a guest's checkpoint scratch files (vmckpt/disk_capture.py)
-HEAD_FILE = "head.json"
-# Name spaces of guest runtime directories: guests vmckpt runs (or runs elsewhere), and
-# libvirt domains (whose names may repeat those of vmckpt's guests).
-KINDS = {"guest": GUESTS_DIR, "libvirt": LIBVIRT_DIR}
-RUNTIME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+# Where a store of format 1.4 or older kept guests' runtime files and heads (its heads are
+# taken into the catalog once, when such a store is first opened by this vmckpt).
+LEGACY_HEADS = {"guest": "guests", "libvirt": "libvirt"}
+LEGACY_HEAD_FILE = "head.json"
+RUNTIME_NAME_RE = NAME_RE
 RECORD_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\.json\Z")
+MAX_MARKER_BYTES = 1 << 16
 STORE_LOCK_WAIT_S = 60.0  # publishing a layer holds it for milliseconds; maintenance longer
 
 # Pages copied per step when writing or composing: caps the temporary copy at 64 MiB.
@@ -107,6 +118,8 @@ CHUNK_PAGES = 16384
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest (the guest spec included) is kilobytes
 # RAM a layer may describe beyond its guest's memory: video RAM, ROMs, ACPI tables.
 RAM_SLACK_BYTES = 1 << 30
+
+_log = log.get(__name__)
 
 # --- durable file primitives ----------------------------------------------
 
@@ -148,13 +161,12 @@ def _write_marker(path: Path, store_id: str, encryption: str | None = None) -> N
     encryption."""
     marker: dict[str, Any] = {
         "format": STORE_FORMAT,
-        # 1.3: the marker names the store's id, the name of its key (images/keys.py).
-        "format_version": [fmt.FORMAT_MAJOR, fmt.SEAL_MINOR],
+        # 1.3: the marker names the store's id, the name of its key (images/keys.py); 1.5:
+        # the store has a catalog, which an older reader would ignore (so it refuses it).
+        "format_version": [fmt.FORMAT_MAJOR, fmt.CATALOG_MINOR],
         "store_id": store_id,
     }
     if encryption is not None:
-        # 1.4: an older reader refuses the store rather than read encrypted files.
-        marker["format_version"] = [fmt.FORMAT_MAJOR, fmt.ENCRYPTION_MINOR]
         marker["encryption"] = encryption
     tmp = path / f"{TMP_PREFIX}{STORE_MARKER}-{secrets.token_hex(4)}"
     try:
@@ -167,6 +179,17 @@ def _write_marker(path: Path, store_id: str, encryption: str | None = None) -> N
 
 def _encryption_text(encryption: str | None) -> str:
     return f"encrypted ({encryption})" if encryption else "not encrypted"
+
+
+def _real_subdirs(path: Path) -> list[str]:
+    """The names (usable as guest names) of the real directories in ``path``."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return []
+    return sorted(
+        e.name for e in entries if NAME_RE.match(e.name) and e.is_dir(follow_symlinks=False)
+    )
 
 
 def _is_real_dir(path: Path) -> bool:
@@ -403,7 +426,7 @@ class Store:
                 f"{self.path} is not a vmckpt store (it has no {STORE_MARKER})", step="open"
             )
         try:
-            obj = read_json(marker)
+            obj = read_json(marker, MAX_MARKER_BYTES)
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise StoreError(f"{marker}: cannot be read ({exc})", step="open") from exc
         if not isinstance(obj, dict) or obj.get("format") != STORE_FORMAT:
@@ -430,8 +453,12 @@ class Store:
             )
         self.store_id: str | None = store_id
         self.encryption: str | None = encryption
+        self.marker_version = version
+        self.host = HostDirs.for_store(store_id, self.path)
         self._key: keys.StoreKey | None = None
         self._sealed: crypt.SealedCodec | None = None
+        self._catalog_cache: tuple[tuple[int, int, int], Catalog] | None = None
+        self._lock_owner: int | None = None
 
     @classmethod
     def create(cls, path: Path | str, *, parents: bool = False, encrypt: bool = False) -> Store:
@@ -466,19 +493,21 @@ class Store:
                     )
                 return store
             leftovers = sorted(entry.name for entry in path.iterdir())
-            if set(leftovers) - {LAYERS_DIR, GUESTS_DIR}:
+            if set(leftovers) - {LAYERS_DIR}:
                 raise StoreError(
                     f"{path} is not empty and not a vmckpt store ({', '.join(leftovers[:3])}...)",
                     step="create",
                 )
             os.chmod(path, DIR_MODE)
-            for sub in (LAYERS_DIR, GUESTS_DIR):
-                if not (path / sub).is_dir():
-                    _mkdir_private(path / sub)
-            # The key first: a store with a marker always has one.
+            if not (path / LAYERS_DIR).is_dir():
+                _mkdir_private(path / LAYERS_DIR)
+            # The key first: a store with a marker always has one; then its (empty) catalog.
             store_id = keys.new_store_id()
             encryption = crypt.ALGORITHM if encrypt else None
-            keys.create_key(store_id, path, encryption)
+            key = keys.create_key(store_id, path, encryption)
+            catalog = Catalog(store_id, generation=1)
+            write_atomic(path / CATALOG, catalog.encode(key))
+            keys.note_generation(store_id, catalog.generation)
             _write_marker(path, store_id, encryption)
             fsync_dir(path.parent)
         except OSError as exc:
@@ -527,7 +556,7 @@ class Store:
         the store holds it; returns the size and sha256 of its content."""
         return _write_new(directory / name, chunks, self._codec("write"), layer_id)
 
-    def _no_key(self, step: str) -> StoreError:
+    def no_key_error(self, step: str) -> StoreError:
         if self.store_id is None:
             why = "it has no key (it was made before layers were sealed, format 1.3)"
         else:
@@ -541,30 +570,18 @@ class Store:
     def _sealing_key(self, step: str) -> keys.StoreKey:
         key = self.key
         if key is None:
-            raise self._no_key(step)
+            raise self.no_key_error(step)
         return key
 
     def _origin(self, layer_id: str, manifest: bytes, step: str) -> str:
         """The layer's origin from its seal, checked against the manifest's bytes."""
         try:
-            fd = os.open(
-                f"{self._layers}/{layer_id}/{keys.SEAL}",
-                os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-            )
+            seal = read_regular(f"{self._layers}/{layer_id}/{keys.SEAL}", keys.MAX_SEAL_BYTES)
         except FileNotFoundError:
             return keys.UNSEALED
         except OSError as exc:
-            raise CorruptLayerError(
-                f"{keys.SEAL}: {exc.strerror}", layer=layer_id, step=step
-            ) from exc
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise CorruptLayerError(
-                    f"{keys.SEAL} is not a regular file", layer=layer_id, step=step
-                )
-            seal = _read_at_most(fd, keys.MAX_SEAL_BYTES + 1)
-        finally:
-            os.close(fd)
+            why = "is a symbolic link (refused)" if exc.errno == errno.ELOOP else exc.strerror
+            raise CorruptLayerError(f"{keys.SEAL}: {why}", layer=layer_id, step=step) from exc
         key = self.key
         if key is None:
             return keys.NO_KEY
@@ -577,7 +594,7 @@ class Store:
             if keys.is_sealed(manifest.origin):
                 continue
             if manifest.origin == keys.NO_KEY:
-                raise self._no_key(step)
+                raise self.no_key_error(step)
             raise CorruptLayerError(
                 f"{keys.SEAL} is missing: the layer is not authenticated (written by a vmckpt "
                 "before format 1.3, or by someone without the store's key); "
@@ -591,17 +608,25 @@ class Store:
         key = self._sealing_key("seal")
         _write_new(directory / keys.SEAL, [keys.seal_bytes(key, layer_id, origin, manifest)])
 
-    def adopt(self) -> AdoptResult:
+    def adopt(self, *, new_key: bool = False, accept_rollback: bool = False) -> AdoptResult:
         """Check the store's layers and seal those that do not authenticate yet (origin
-        ``adopted``), making the store's key first if this user has none.
+        ``adopted``), making the store's key first if this user has none, and name them in
+        the catalog.
 
         For a store made before layers were sealed (no store id), or one whose key is not
         here: a new store id and key, and every layer that passes its checks (manifest,
         chain links, every file and page, as verify) is sealed anew. With a key: only the
-        unsealed layers are. A layer whose seal does not match the key, or whose content
-        fails a check, is left as it is and reported. The user vouches for what is sealed:
-        run it only on a store whose layers you trust (docs/SECURITY.md). Holds every lock
-        of the store: no checkpoint, maintenance or reader runs meanwhile.
+        layers that do not authenticate are. A layer whose content fails a check is left as
+        it is and reported. The user vouches for what is sealed: run it only on a store whose
+        layers you trust (docs/SECURITY.md).
+
+        It never lowers a store's protection: a store whose layer files are encrypted is not
+        given a key that does not encrypt; a store whose layers authenticate with a key this
+        user has under another store id (its marker was changed) gets that id back instead
+        of a new key — unless ``new_key``, which re-keys it and says what is lost.
+        ``accept_rollback``: accept the catalog as it is (or rebuild it from the layers if it
+        is missing), after a store was put back from a backup on purpose. Holds every lock of
+        the store: no checkpoint, maintenance or reader runs meanwhile.
         """
         step = "adopt"
         with self.maintenance_lock(step), self.switching(step), self.lock(step):
@@ -616,40 +641,278 @@ class Store:
                             step=step,
                         )
             key = self.key
-            store_id = self.store_id
-            if key is None and self.encrypted:
-                raise StoreError(
-                    f"store {self.path} is encrypted and this user has no key for it: its "
-                    "layers cannot be read without it, so they cannot be adopted (copy the key "
-                    "from where the store was made)",
-                    step=step,
-                )
             if key is None:
-                store_id = keys.new_store_id()
-                key = keys.create_key(store_id, self.path)
-            assert store_id is not None
-            result = AdoptResult(store_id, new_key=self.key is None)
+                key = self._adopt_key(new_key, step)
+            assert self.store_id is not None
+            result = AdoptResult(self.store_id, new_key=self._new_key)
+            if accept_rollback:
+                keys.forget_generation(self.store_id)
+            try:
+                catalog = None if result.new_key else self._load_catalog(key, step)
+            except StoreError:
+                if not accept_rollback:
+                    raise
+                catalog = None
+            if catalog is None:
+                catalog = self._catalog_from_directory(key, legacy_heads=False)
             cache: dict[str, LayerManifest] = {}
-            for layer_id in self.layer_ids():
+            adopted: dict[str, list[str]] = {}
+            for layer_id in sorted(self._directory_layer_names()):
                 try:
-                    if not result.new_key:
-                        manifest = self._manifest(layer_id, step)
-                        if keys.is_sealed(manifest.origin):
-                            result.already.append(layer_id)
-                            continue
                     manifest, data = self._manifest_unsealed(layer_id, step)
-                    self._chain(layer_id, step, cache)
+                    digest = manifest_digest(data)
+                    origin = self._origin_or_unsealed(layer_id, data, step)
+                    if keys.is_sealed(origin) and catalog.accepts(layer_id, digest):
+                        result.already.append(layer_id)
+                        continue
+                    self._chain_unchecked(layer_id, step, cache)
                     self._check_layer(manifest, step)
                 except StoreError as exc:
                     result.refused.append((layer_id, exc.one_line()))
                     continue
                 seal = keys.seal_bytes(key, layer_id, keys.ADOPTED, data)
                 write_atomic(self._layer_dir(layer_id) / keys.SEAL, seal)
+                adopted[layer_id] = [digest]
                 result.sealed.append(layer_id)
-            if result.new_key:
-                _write_marker(self.path, store_id)
-                self.store_id, self._key = store_id, key
+            keep = [i for i in catalog.layers if i in adopted or i in result.already]
+            layers = {i: list(catalog.layers[i]) for i in keep if i not in adopted} | adopted
+            heads: dict[str, Head | None] = dict(catalog.heads)
+            if self.marker_version < (fmt.FORMAT_MAJOR, fmt.CATALOG_MINOR):
+                heads = self._legacy_heads(set(layers)) | heads
+            fresh = Catalog(self.store_id, catalog.generation).changed(add=layers, heads=heads)
+            write_atomic(self.path / CATALOG, fresh.encode(key))
+            keys.note_generation(self.store_id, fresh.generation)
+            _write_marker(self.path, self.store_id, self.encryption)
+            self.marker_version = (fmt.FORMAT_MAJOR, fmt.CATALOG_MINOR)
+            self._catalog_cache = None
         return result
+
+    _new_key = False
+
+    def _adopt_key(self, new_key: bool, step: str) -> keys.StoreKey:
+        """The key ``adopt`` seals with when this user has none for the store's id: the key
+        of this user's that the layers authenticate with (the marker was changed: its id is
+        put back), or a new one (a store made before seals, or whose key is lost)."""
+        encrypted_files = self._encrypted_layer_files()
+        found = None if new_key else self._key_of_layers()
+        if found is not None:
+            # The layers are this key's: the marker (untrusted) is put right, the key file
+            # (trusted) says whether the store is encrypted.
+            self.store_id, self.encryption, self._key = found.store_id, found.encryption, found
+            self.host = HostDirs.for_store(found.store_id, self.path)
+            return found
+        if self.encrypted or encrypted_files:
+            evidence = (
+                f"its layer files ({encrypted_files[0]}, ...) are"
+                if encrypted_files
+                else "its marker says so"
+            )
+            raise StoreError(
+                f"store {self.path} is encrypted and this user has no key for it ({evidence} "
+                "encrypted): its layers cannot be read without the key, so they cannot be "
+                "adopted, and a new key would not encrypt what comes next (copy the key from "
+                "where the store was made)",
+                step=step,
+            )
+        if new_key and self._key_of_layers() is not None:
+            _log.warning(
+                "store %s: re-keyed on request: its layers authenticated with an existing key; "
+                "they are sealed anew as `adopted`, so their free-form QEMU arguments and domain "
+                "XML are no longer used on restore, and copies of the old key no longer open it",
+                self.path,
+            )
+        store_id = keys.new_store_id()
+        key = keys.create_key(store_id, self.path)
+        self.store_id, self._key, self._new_key = store_id, key, True
+        self.host = HostDirs.for_store(store_id, self.path)
+        return key
+
+    def _encrypted_layer_files(self) -> list[str]:
+        """Layer files that start like an encrypted one (crypt.MAGIC), whatever the marker says."""
+        found = []
+        for layer_id in self._directory_layer_names():
+            path = self._layer_dir(layer_id) / PAGES
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+                try:
+                    if stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, 8) == crypt.MAGIC:
+                        found.append(f"{layer_id}/{PAGES}")
+                finally:
+                    os.close(fd)
+        return found
+
+    def _key_of_layers(self) -> keys.StoreKey | None:
+        """A key of this user's (any store id) that a sealed layer of this store authenticates
+        with, or None."""
+        for layer_id in self._directory_layer_names():
+            try:
+                _, data = self._manifest_unsealed(layer_id, "adopt")
+                seal = read_regular(self._layer_dir(layer_id) / keys.SEAL, keys.MAX_SEAL_BYTES)
+            except (StoreError, OSError):
+                continue
+            for candidate in keys.all_keys():
+                with contextlib.suppress(StoreError):
+                    keys.check_seal(candidate, layer_id, data, seal, "adopt")
+                    return candidate
+        return None
+
+    def authenticates(self, layer_id: str) -> bool:
+        """Whether a layer directory's seal authenticates its manifest with this store's key
+        (whether the catalog names it or not)."""
+        try:
+            _, data = self._manifest_unsealed(layer_id, "check")
+            return keys.is_sealed(self._origin(layer_id, data, "check"))
+        except StoreError:
+            return False
+
+    def _origin_or_unsealed(self, layer_id: str, data: bytes, step: str) -> str:
+        try:
+            return self._origin(layer_id, data, step)
+        except CorruptLayerError:
+            return keys.UNSEALED
+
+    # --- the catalog ----------------------------------------------------------
+
+    def catalog(self, step: str = "catalog") -> Catalog | None:
+        """The store's catalog, authenticated and checked against the generations this host
+        has seen; None when this user has no key for the store (its layers are then listed
+        from the directory, and none is used). A store of format 1.4 or older gets its
+        catalog here, once (:meth:`_first_catalog`)."""
+        key = self.key
+        if key is None or self.store_id is None:
+            return None
+        found = self._load_catalog(key, step)
+        return found if found is not None else self._first_catalog(key, step)
+
+    def _load_catalog(self, key: keys.StoreKey, step: str) -> Catalog | None:
+        """The catalog file, authenticated and its generation checked; None if missing."""
+        assert self.store_id is not None
+        path = self.path / CATALOG
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"{CATALOG}: {exc.strerror or exc}", step=step) from exc
+        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        if self._catalog_cache is not None and self._catalog_cache[0] == stamp:
+            return self._catalog_cache[1]
+        try:
+            data = read_regular(path, MAX_CATALOG_BYTES)
+        except OSError as exc:
+            raise StoreError(f"{CATALOG}: {exc.strerror or exc}", step=step) from exc
+        catalog = Catalog.decode(data, key, self.store_id)
+        self._check_generation(catalog, step)
+        self._catalog_cache = (stamp, catalog)
+        return catalog
+
+    def _check_generation(self, catalog: Catalog, step: str) -> None:
+        assert self.store_id is not None
+        seen = keys.seen_generation(self.store_id)
+        if catalog.generation < seen:
+            raise StoreError(
+                f"its {CATALOG} is generation {catalog.generation}, but this user has seen "
+                f"generation {seen}: the store was put back to an earlier state (layers deleted "
+                "or replaced since would come back); if you restored it from a backup on "
+                f"purpose, accept it with `vmckpt init --adopt --accept-rollback {self.path}`",
+                step=step,
+            )
+        if catalog.generation > seen:
+            keys.note_generation(self.store_id, catalog.generation)
+
+    def _first_catalog(self, key: keys.StoreKey, step: str) -> Catalog:
+        """The catalog of a store that has none yet: one made by vmckpt 1.4 or older. It
+        names the layers whose seals authenticate and the heads the store's guests had (the
+        state as it is found is trusted once, as a key is on first use). Written if the
+        store can be written (its marker then says 1.5); else used for this command only."""
+        assert self.store_id is not None
+        seen = keys.seen_generation(self.store_id)
+        if seen > 0 or self.marker_version >= (fmt.FORMAT_MAJOR, fmt.CATALOG_MINOR):
+            raise StoreError(
+                f"its {CATALOG} is missing (this user has seen generation {seen} of it; a "
+                "store of format 1.5 always has one): it was removed; `vmckpt init --adopt "
+                f"--accept-rollback {self.path}` checks the layers and makes a new one",
+                step=step,
+            )
+        catalog = self._catalog_from_directory(key, legacy_heads=True)
+        try:
+            with self.lock("make the store's catalog"):
+                if os.path.lexists(self.path / CATALOG):
+                    self._catalog_cache = None
+                    return self.catalog(step) or catalog
+                write_atomic(self.path / CATALOG, catalog.encode(key))
+                _write_marker(self.path, self.store_id, self.encryption)
+                self.marker_version = (fmt.FORMAT_MAJOR, fmt.CATALOG_MINOR)
+        except (OSError, StoreError) as exc:
+            _log.warning("store %s: its catalog cannot be written (%s); read as is", self.path, exc)
+            return replace(catalog, generation=0)
+        keys.note_generation(self.store_id, catalog.generation)
+        return catalog
+
+    def _catalog_from_directory(self, key: keys.StoreKey, *, legacy_heads: bool) -> Catalog:
+        """A first catalog: every layer directory whose seal authenticates (and, for a store
+        made before catalogs, the heads it kept in its guests' directories)."""
+        assert self.store_id is not None
+        layers: dict[str, list[str]] = {}
+        for layer_id in self._directory_layer_names():
+            try:
+                _, data = self._manifest_unsealed(layer_id, "catalog")
+                if keys.is_sealed(self._origin(layer_id, data, "catalog")):
+                    layers[layer_id] = [manifest_digest(data)]
+            except StoreError:
+                continue
+        heads = self._legacy_heads(set(layers)) if legacy_heads else {}
+        return Catalog(self.store_id).changed(add=layers, heads=heads)
+
+    def _legacy_heads(self, layers: Collection[str]) -> dict[str, Head | None]:
+        """The heads a store of format 1.4 or older kept in its guests' directories (those
+        on the ``layers`` given), owned by this host."""
+        heads: dict[str, Head | None] = {}
+        me = host_id()
+        for kind, sub in LEGACY_HEADS.items():
+            for name in _real_subdirs(self.path / sub):
+                with contextlib.suppress(OSError, ValueError):
+                    data = read_json(self.path / sub / name / LEGACY_HEAD_FILE)
+                    head = data.get("pending") or data.get("head")
+                    if isinstance(head, str) and head in layers:
+                        heads[head_key(kind, name)] = Head(head, me)
+        return heads
+
+    def _update_catalog(
+        self,
+        step: str,
+        *,
+        add: dict[str, list[str]] | None = None,
+        drop: Iterable[str] = (),
+        heads: dict[str, Head | None] | None = None,
+    ) -> Catalog:
+        """Write the catalog's next generation (call under the store lock)."""
+        key = self._sealing_key(step)
+        current = self.catalog(step)
+        assert current is not None and self.store_id is not None
+        catalog = current.changed(add=add, drop=drop, heads=heads)
+        write_atomic(self.path / CATALOG, catalog.encode(key))
+        keys.note_generation(self.store_id, catalog.generation)
+        self._catalog_cache = None
+        return catalog
+
+    def tidy_catalog(self, step: str) -> None:
+        """After a crash in a chain maintenance (call under the store lock): the catalog
+        names no layer whose directory is gone, and one version of each layer, the one
+        there."""
+        catalog = self.catalog(step)
+        if catalog is None:
+            return
+        missing = [i for i in catalog.layers if not _is_real_dir(self._layer_dir(i))]
+        settled: dict[str, list[str]] = {}
+        for layer_id, versions in catalog.layers.items():
+            if len(versions) > 1 and layer_id not in missing:
+                with contextlib.suppress(StoreError):
+                    _, data = self._manifest_unsealed(layer_id, step)
+                    if manifest_digest(data) in versions:
+                        settled[layer_id] = [manifest_digest(data)]
+        if missing or settled:
+            self._update_catalog(step, add=settled, drop=missing)
 
     # --- paths and names --------------------------------------------------
 
@@ -660,14 +923,47 @@ class Store:
     def _layer_dir(self, layer_id: str) -> Path:
         return self.layers_path / layer_id
 
-    def _layer_names(self) -> list[str]:
+    def layer_path(self, layer_id: str, file: str | None = None) -> Path:
+        """Where a layer's directory (or one of its files) is: for people and tests, which
+        must not spell out the store's layout (nothing read there is trusted: the store
+        reads it again, checked)."""
+        if not LAYER_ID_RE.match(layer_id) or (file is not None and "/" in file):
+            raise StoreError(f"{layer_id!r}/{file!r} is not a layer file", step="path")
+        return self._layer_dir(layer_id) if file is None else self._layer_dir(layer_id) / file
+
+    def recatalog(self, layer_id: str) -> None:
+        """Name the layer's current manifest in the catalog (as someone with the key who
+        rewrote the layer would: the tests of the checks behind the seal and the catalog)."""
+        with self.lock("recatalog"):
+            data = read_regular(self.layer_path(layer_id, MANIFEST), MAX_MANIFEST_BYTES)
+            self._update_catalog("recatalog", add={layer_id: [manifest_digest(data)]})
+
+    def _directory_layer_names(self) -> list[str]:
+        """The layer directories, whether the catalog names them or not."""
         try:
             entries = list(os.scandir(self.layers_path))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
         return [
             e.name for e in entries if LAYER_ID_RE.match(e.name) and e.is_dir(follow_symlinks=False)
         ]
+
+    def _layer_names(self) -> list[str]:
+        """The store's layers: those its catalog names whose directory is there (without a
+        key: every layer directory, none of them authenticated)."""
+        catalog = self.catalog("list")
+        if catalog is None:
+            return self._directory_layer_names()
+        return [i for i in catalog.layers if _is_real_dir(self._layer_dir(i))]
+
+    def uncatalogued(self) -> list[str]:
+        """Layer directories the catalog does not name: a layer a crash left between its
+        rename and the catalog's write, one deleted or replaced by maintenance and put back,
+        one copied in by hand, or one of a store made before seals (`init --adopt`)."""
+        catalog = self.catalog("list")
+        if catalog is None:
+            return []
+        return sorted(set(self._directory_layer_names()) - set(catalog.layers))
 
     def layer_ids(self) -> list[str]:
         """Ids of the layers in the store, oldest first (by created time, then id).
@@ -677,7 +973,7 @@ class Store:
 
         def created(layer_id: str) -> str:
             try:
-                obj = read_json(self._layer_dir(layer_id) / MANIFEST)
+                obj = read_json(self._layer_dir(layer_id) / MANIFEST, MAX_MANIFEST_BYTES)
             except (OSError, ValueError):
                 return ""
             value = obj.get("created") if isinstance(obj, dict) else None
@@ -686,7 +982,10 @@ class Store:
         return sorted(self._layer_names(), key=lambda layer_id: (created(layer_id), layer_id))
 
     def has_layer(self, layer_id: str) -> bool:
-        return bool(LAYER_ID_RE.match(layer_id)) and _is_real_dir(self._layer_dir(layer_id))
+        if not LAYER_ID_RE.match(layer_id) or not _is_real_dir(self._layer_dir(layer_id)):
+            return False
+        catalog = self.catalog("read")
+        return catalog is None or layer_id in catalog.layers
 
     def _new_layer_id(self) -> str:
         """A fresh id (call under the store lock): 1 + the highest sequence number of any
@@ -722,16 +1021,22 @@ class Store:
 
     # --- locks ---------------------------------------------------------------
 
-    def lock(
-        self, what: str, wait_s: float = STORE_LOCK_WAIT_S
-    ) -> contextlib.AbstractContextManager[None]:
-        """The store lock (see vmckpt/images/locks.py)."""
-        return locks.hold(
-            self.path / STORE_LOCK,
-            what=what,
-            wait_s=wait_s,
-            busy=f"store {self.path} is busy",
-        )
+    @contextlib.contextmanager
+    def lock(self, what: str, wait_s: float = STORE_LOCK_WAIT_S) -> Iterator[None]:
+        """The store lock (see vmckpt/images/locks.py); a thread that holds it already
+        through this Store takes it again at once (the catalog's write within a gc)."""
+        me = threading.get_ident()
+        if self._lock_owner == me:
+            yield
+            return
+        with locks.hold(
+            self.path / STORE_LOCK, what=what, wait_s=wait_s, busy=f"store {self.path} is busy"
+        ):
+            self._lock_owner = me
+            try:
+                yield
+            finally:
+                self._lock_owner = None
 
     def reading(
         self, what: str, wait_s: float = STORE_LOCK_WAIT_S
@@ -780,42 +1085,32 @@ class Store:
         )
 
     def guest_locked(self, name: str, kind: str = "guest") -> bool:
-        return locks.is_held(self._runtime_path(name, kind) / GUEST_LOCK)
+        return locks.is_held(self.runtime_path(name, kind) / GUEST_LOCK)
 
-    # --- guests' runtime files ---------------------------------------------
-
-    def _runtime_path(self, name: str, kind: str) -> Path:
-        if kind not in KINDS:
-            raise StoreError(f"unknown kind of guest {kind!r}", vm=name, step="open")
-        if not RUNTIME_NAME_RE.match(name):
-            raise StoreError(f"{name!r} is not a usable guest name", vm=name, step="open")
-        return self.path / KINDS[kind] / name
+    # --- what this host keeps for the store's guests (vmckpt/hostdirs.py) ----------------
 
     def runtime_path(self, name: str, kind: str = "guest") -> Path:
-        """Where a guest's runtime directory is (not created)."""
-        return self._runtime_path(name, kind)
+        """Where a guest's runtime directory on this host is (not created)."""
+        return self.host.runtime_path(kind, name)
 
     def runtime_dir(self, name: str, kind: str = "guest") -> Path:
-        """The directory of a guest's runtime files (created 0700 if needed): QEMU's sockets
-        and logs live there; records, heads and locks are reached through the store."""
-        directory = self._runtime_path(name, kind)
-        try:
-            if not _is_real_dir(directory.parent):
-                make_private_dir(directory.parent)
-            if not _is_real_dir(directory):
-                make_private_dir(directory)
-        except OSError as exc:
-            raise StoreError(f"cannot create {directory}: {exc}", vm=name, step="open") from exc
-        return directory
+        """A guest's runtime directory on this host (made 0700 if needed): its record, QEMU's
+        sockets and logs, journals, session records, its checkpoint lock."""
+        return self.host.guest_runtime(kind, name)
+
+    def data_dir(self, name: str, kind: str = "guest") -> Path:
+        """A guest's data directory on this host (made 0700 if needed): its restored disks,
+        how to reach it on another host, its checkpoints' scratch space."""
+        return self.host.guest_data(kind, name)
 
     def scratch_dir(self, name: str, kind: str = "guest") -> Path:
         """Where a checkpoint of guest ``name`` keeps its scratch files (``gc`` removes what an
         interrupted checkpoint left there)."""
-        return self.runtime_dir(name, kind) / SCRATCH_DIR
+        return self.data_dir(name, kind) / SCRATCH_DIR
 
     def runtime_idle_s(self, name: str, kind: str = "guest") -> float:
         """Seconds since anything in guest ``name``'s runtime directory last changed."""
-        directory = self._runtime_path(name, kind)
+        directory = self.runtime_path(name, kind)
         newest = 0.0
         with contextlib.suppress(OSError):
             newest = os.lstat(directory).st_mtime
@@ -825,13 +1120,20 @@ class Store:
         return max(0.0, time.time() - newest)
 
     def has_runtime(self, name: str, kind: str = "guest") -> bool:
-        return _is_real_dir(self._runtime_path(name, kind))
+        return _is_real_dir(self.runtime_path(name, kind))
 
-    def read_record(self, name: str, record: str, kind: str = "guest") -> dict[str, Any] | None:
-        """A guest's JSON record file (``guest.json``, ``remote.json``), or None if absent."""
+    def _record_path(self, name: str, record: str, kind: str, durable: bool, step: str) -> Path:
         if not RECORD_NAME_RE.match(record):
-            raise StoreError(f"{record!r} is not a record name", vm=name, step="read-record")
-        path = self._runtime_path(name, kind) / record
+            raise StoreError(f"{record!r} is not a record name", vm=name, step=step)
+        base = self.host.data_path(kind, name) if durable else self.runtime_path(name, kind)
+        return base / record
+
+    def read_record(
+        self, name: str, record: str, kind: str = "guest", *, durable: bool = False
+    ) -> dict[str, Any] | None:
+        """A guest's record on this host (``guest.json``; ``durable``: one kept in its data
+        directory, such as ``remote.json``), or None if absent."""
+        path = self._record_path(name, record, kind, durable, "read-record")
         try:
             data = read_json(path)
         except FileNotFoundError:
@@ -843,44 +1145,41 @@ class Store:
         return data
 
     def write_record(
-        self, name: str, record: str, data: dict[str, Any], kind: str = "guest"
+        self,
+        name: str,
+        record: str,
+        data: dict[str, Any],
+        kind: str = "guest",
+        *,
+        durable: bool = False,
     ) -> None:
         """Replace a guest's record atomically (unique temporary name, fsync, rename)."""
-        if not RECORD_NAME_RE.match(record):
-            raise StoreError(f"{record!r} is not a record name", vm=name, step="write-record")
-        path = self.runtime_dir(name, kind) / record
+        self._record_path(name, record, kind, durable, "write-record")
+        directory = self.data_dir(name, kind) if durable else self.runtime_dir(name, kind)
+        path = directory / record
         try:
             write_json_atomic(path, data)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc}", vm=name, step="write-record") from exc
 
-    def remove_record(self, name: str, record: str, kind: str = "guest") -> None:
-        if RECORD_NAME_RE.match(record) and self.has_runtime(name, kind):
-            (self._runtime_path(name, kind) / record).unlink(missing_ok=True)
+    def remove_record(
+        self, name: str, record: str, kind: str = "guest", *, durable: bool = False
+    ) -> None:
+        path = self._record_path(name, record, kind, durable, "remove-record")
+        if _is_real_dir(path.parent):
+            path.unlink(missing_ok=True)
 
     def runtime_names(self, kind: str = "guest") -> list[str]:
-        """Names of the guests of ``kind`` that have a runtime directory."""
-        root = self.path / KINDS[kind]
-        if not _is_real_dir(root):
-            return []
-        return sorted(
-            entry.name
-            for entry in os.scandir(root)
-            if RUNTIME_NAME_RE.match(entry.name) and entry.is_dir(follow_symlinks=False)
-        )
+        """Names of the guests of ``kind`` that have a runtime directory on this host."""
+        return self.host.names(kind)
 
-    def names_with(self, record: str, kind: str = "guest") -> list[str]:
-        """Names of the guests of ``kind`` that have a ``record`` file."""
-        root = self.path / KINDS[kind]
-        if not _is_real_dir(root):
-            return []
-        return sorted(
-            entry.name
-            for entry in os.scandir(root)
-            if RUNTIME_NAME_RE.match(entry.name)
-            and entry.is_dir(follow_symlinks=False)
-            and (Path(entry.path) / record).is_file()
-        )
+    def names_with(self, record: str, kind: str = "guest", *, durable: bool = False) -> list[str]:
+        """Names of the guests of ``kind`` that have a ``record`` file on this host."""
+        return [
+            name
+            for name in self.host.names(kind, data=durable)
+            if self._record_path(name, record, kind, durable, "list").is_file()
+        ]
 
     def journal_path(self, name: str, file: str, kind: str = "guest") -> Path:
         """Where a guest's journal ``file`` lives (vmckpt.session's migration journal)."""
@@ -888,39 +1187,49 @@ class Store:
             raise StoreError(f"{file!r} is not a journal name", vm=name, step="journal")
         return self.runtime_dir(name, kind) / file
 
-    # --- heads ---------------------------------------------------------------
+    # --- heads (in the catalog) ---------------------------------------------------
 
     def head(self, name: str, kind: str = "guest") -> str | None:
-        """The layer guest ``name``'s next checkpoint is a delta against, or None.
-
-        A ``pending`` head is one whose layer was being published when its writer
-        died: if that layer exists (the rename happened), it is the head.
-        """
-        if not self.has_runtime(name, kind):
+        """The layer guest ``name``'s next checkpoint is a delta against, or None."""
+        catalog = self.catalog("head")
+        if catalog is None:
             return None
-        data = self.read_record(name, HEAD_FILE, kind) or {}
-        head, pending = data.get("head"), data.get("pending")
-        if isinstance(pending, str) and self.has_layer(pending):
-            head = pending
-        if isinstance(head, str) and self.has_layer(head):
-            return head
+        head = catalog.heads.get(head_key(kind, name))
+        if head is not None and _is_real_dir(self._layer_dir(head.layer)):
+            return head.layer
         return None
 
     def heads(self) -> dict[str, list[str]]:
         """Every guest's head: layer id -> the guests (``guest NAME``, ``libvirt DOMAIN``)
         whose next checkpoint builds on it. Such a layer must stay."""
-        heads: dict[str, list[str]] = {}
-        for kind in KINDS:
-            for name in self.names_with(HEAD_FILE, kind):
-                head = self.head(name, kind)
-                if head is not None:
-                    heads.setdefault(head, []).append(f"{kind} {name}")
-        return heads
+        catalog = self.catalog("head")
+        return {} if catalog is None else catalog.heads_of()
+
+    def head_records(self) -> dict[tuple[str, str], Head]:
+        """Every head with its owner: (kind, name) -> head."""
+        catalog = self.catalog("head")
+        if catalog is None:
+            return {}
+        found = {}
+        for key, head in catalog.heads.items():
+            kind, name = key.split("/", 1)
+            found[(kind, name)] = head
+        return found
+
+    def forget_heads(self, guests: Iterable[tuple[str, str]]) -> None:
+        """Remove the heads of these (kind, name) guests from the catalog."""
+        with self.lock("forget heads"):
+            self._update_catalog("head", heads={head_key(k, n): None for k, n in guests})
 
     def set_head(self, name: str, layer_id: str | None, kind: str = "guest") -> None:
-        """Move a guest's head (a restored guest starts from the layer it was restored from)."""
+        """Move a guest's head (a restored guest starts from the layer it was restored from);
+        None forgets it (its layers are no longer kept for it)."""
+        self.runtime_path(name, kind)  # a name the catalog can hold
         with self.lock(f"set head of {name}"):
-            self.write_record(name, HEAD_FILE, {"head": layer_id, "pending": None}, kind)
+            if layer_id is not None and not self.has_layer(layer_id):
+                raise StoreError(f"no layer {layer_id} to be the head of {name}", step="head")
+            head = None if layer_id is None else Head(layer_id, host_id())
+            self._update_catalog("head", heads={head_key(kind, name): head})
 
     # --- media ----------------------------------------------------------------
 
@@ -972,7 +1281,24 @@ class Store:
 
     def _manifest(self, layer_id: str, step: str) -> LayerManifest:
         manifest, data = self._manifest_unsealed(layer_id, step)
-        return replace(manifest, origin=self._origin(layer_id, data, step))
+        origin = self._origin(layer_id, data, step)
+        catalog = self.catalog(step)
+        if catalog is not None:
+            if layer_id not in catalog.layers:
+                raise StoreError(
+                    f"no such layer in {self.path} (a directory of that name is there, but the "
+                    f"store's catalog does not name it: left by a crash, or put there by hand)",
+                    layer=layer_id,
+                    step=step,
+                )
+            if not catalog.accepts(layer_id, manifest_digest(data)):
+                raise CorruptLayerError(
+                    f"{MANIFEST} is not the version of the layer the store's catalog names "
+                    "(an earlier version put back?)",
+                    layer=layer_id,
+                    step=step,
+                )
+        return replace(manifest, origin=origin)
 
     def _manifest_unsealed(self, layer_id: str, step: str) -> tuple[LayerManifest, bytes]:
         """The layer's manifest, checked but not authenticated, and its bytes."""
@@ -990,24 +1316,12 @@ class Store:
                 )
             raise StoreError(f"no such layer in {self.path}", layer=layer_id, step=step)
         try:
-            fd = os.open(
-                f"{directory}/{MANIFEST}",
-                os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-            )
-            try:
-                data = _read_at_most(fd, MAX_MANIFEST_BYTES + 1)
-            finally:
-                os.close(fd)
-            if len(data) > MAX_MANIFEST_BYTES:
-                raise CorruptLayerError(
-                    f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes",
-                    layer=layer_id,
-                    step=step,
-                )
+            data = read_regular(f"{directory}/{MANIFEST}", MAX_MANIFEST_BYTES)
         except FileNotFoundError as exc:
             raise CorruptLayerError(f"{MANIFEST} is missing", layer=layer_id, step=step) from exc
         except OSError as exc:
-            raise CorruptLayerError(f"{MANIFEST}: {exc}", layer=layer_id, step=step) from exc
+            why = "is a symbolic link (refused)" if exc.errno == errno.ELOOP else exc.strerror
+            raise CorruptLayerError(f"{MANIFEST}: {why}", layer=layer_id, step=step) from exc
         manifest = fmt.parse_manifest(data, layer_id, step)
         if manifest.id != layer_id:
             raise CorruptLayerError(
@@ -1021,12 +1335,23 @@ class Store:
         """The manifests from the base layer to ``layer_id``, base first."""
         return self._chain(layer_id, "read", {})
 
+    def _chain_unchecked(
+        self, layer_id: str, step: str, cache: dict[str, LayerManifest]
+    ) -> list[LayerManifest]:
+        """The chain as :meth:`_chain` walks it, of layers not yet authenticated (adopt)."""
+
+        def read(layer: str, step: str) -> LayerManifest:
+            return self._manifest_unsealed(layer, step)[0]
+
+        return self._chain(layer_id, step, cache, reader=read)
+
     def _chain(
         self,
         layer_id: str,
         step: str,
         cache: dict[str, LayerManifest],
         checked: set[str] | None = None,
+        reader: Callable[[str, str], LayerManifest] | None = None,
     ) -> list[LayerManifest]:
         """The chain of ``layer_id``, base first, each link checked (parent present, same
         layout, no loop). With ``checked`` (ids whose chains passed already), the walk stops
@@ -1052,7 +1377,7 @@ class Store:
                 )
             if current not in cache:
                 try:
-                    cache[current] = self._manifest(current, step)
+                    cache[current] = (reader or self._manifest)(current, step)
                 except StoreError as exc:
                     if not chain or isinstance(exc, CorruptLayerError):
                         raise
@@ -1092,6 +1417,11 @@ class Store:
             if not stat.S_ISREG(info.st_mode):
                 raise CorruptLayerError(
                     f"{name} is not a regular file", layer=manifest.id, step=step
+                )
+            if info.st_nlink != 1:
+                # It may be a file outside the store: nothing of it is read or shown.
+                raise CorruptLayerError(
+                    f"{name} has other hard links (refused)", layer=manifest.id, step=step
                 )
             expected = codec.disk_size(entry.size)
             if info.st_size != expected:
@@ -1406,11 +1736,12 @@ class Store:
         and ``gc`` leaves it alone); the layer is built in
         layers/.tmp-<id>-<random>/, every file fsynced, manifest.json written and
         fsynced last, the directory fsynced; then, under the store lock, the
-        parent is checked to be still there, the head file notes the layer as
-        pending, the directory is renamed to layers/<id>, layers/ fsynced, and the
-        head moved. On any failure the temporary directory is removed and the
-        store is as before; an OSError is raised as StoreError, anything else as
-        it is. The layer is sealed with ``origin`` (keys.py).
+        parent is checked to be still there, the directory is renamed to
+        layers/<id>, layers/ fsynced, and the catalog's next generation names the
+        layer and moves the head (the commit point). On any failure the layer's
+        directory is removed and the store is as before; an OSError is raised as
+        StoreError, anything else as it is. The layer is sealed with ``origin``
+        (keys.py).
         """
         self._sealing_key("write")
         parts = _check_content(content)
@@ -1425,13 +1756,15 @@ class Store:
                 )
         disks = [_disk_write(delta) for delta in content.disks]
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if head_of is not None:
+            self.runtime_path(head_of[1], head_of[0])  # a name the catalog can hold
         tmp, layer_id, fd = self._make_temporary(None)
         try:
-            manifest = self._write_layer_files(
+            manifest, digest = self._write_layer_files(
                 tmp, layer_id, content, parts, disks, created=created, origin=origin
             )
             faults.point(faults.MID_WRITE)
-            self._publish(tmp, layer_id, content.parent, head_of)
+            self._publish(tmp, layer_id, digest, content.parent, head_of)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)  # nothing, once renamed into place
             if isinstance(exc, OSError):
@@ -1483,10 +1816,10 @@ class Store:
         *,
         created: str,
         origin: str,
-    ) -> LayerManifest:
+    ) -> tuple[LayerManifest, str]:
         """Write a complete layer into ``tmp``: its files, each fsynced, its seal, then
-        manifest.json (the commit point), then the directory's fsync. Returns the manifest
-        as read back."""
+        manifest.json, then the directory's fsync. Returns the manifest as read back and the
+        digest the catalog names it by."""
         sums: list[npt.NDArray[np.uint8]] = []
 
         def pages() -> Iterable[npt.NDArray[np.uint8]]:
@@ -1526,42 +1859,44 @@ class Store:
         # Return what a reader will see (JSON turns tuples into lists, etc.).
         manifest = replace(fmt.parse_manifest(data, layer_id, "write"), origin=origin)
         self._seal(tmp, layer_id, origin, data)
-        _write_new(tmp / MANIFEST, [data])  # the commit point
+        _write_new(tmp / MANIFEST, [data])
         fsync_dir(tmp)
-        return manifest
+        return manifest, manifest_digest(data)
 
     def _publish(
         self,
         tmp: Path,
         layer_id: str,
+        digest: str,
         parent: str | None,
         head_of: tuple[str, str] | None,
     ) -> None:
-        """Rename a complete temporary layer into place and move the head, under the lock."""
+        """Rename a complete temporary layer into place, then commit it (and move the head)
+        in the catalog, under the store lock. A failure before the catalog's write removes
+        the layer's directory."""
         final = self._layer_dir(layer_id)
+        renamed = False
         try:
             with self.lock(f"publish layer {layer_id}"):
-                if parent is not None and not _is_real_dir(self._layer_dir(parent)):
+                if parent is not None and not self.has_layer(parent):
                     # A prune or delete removed it while this layer was being written.
                     raise StoreError(
                         f"its parent layer {parent} was removed meanwhile", layer=layer_id,
                         step="write",
                     )  # fmt: skip
-                if head_of is not None:
-                    kind, name = head_of
-                    old = self.head(name, kind)
-                    self.write_record(name, HEAD_FILE, {"head": old, "pending": layer_id}, kind)
                 if os.path.lexists(final):
                     raise StoreError(f"{final} exists already", layer=layer_id, step="write")
                 os.rename(tmp, final)
+                renamed = True
                 fsync_dir(self.layers_path)
                 faults.point(faults.BEFORE_HEAD)
+                heads: dict[str, Head | None] = {}
                 if head_of is not None:
                     kind, name = head_of
-                    self.write_record(name, HEAD_FILE, {"head": layer_id, "pending": None}, kind)
+                    heads[head_key(kind, name)] = Head(layer_id, host_id())
+                self._update_catalog("write", add={layer_id: [digest]}, heads=heads)
         except BaseException as exc:
-            if not _is_real_dir(final):
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(final if renamed else tmp, ignore_errors=True)
             if isinstance(exc, OSError):
                 raise _write_error(exc, layer_id) from exc
             raise
@@ -1617,7 +1952,7 @@ class Store:
             with os.fdopen(open_nofollow(tmp / MANIFEST), "rb") as handle:
                 self._seal(tmp, layer_id, origin, handle.read())
             fsync_dir(tmp)
-            self._publish(tmp, layer_id, manifest.parent, None)
+            self._publish(tmp, layer_id, manifest_sha256, manifest.parent, None)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError):

@@ -1,8 +1,9 @@
 """Guests on other hosts: copy layers and media there, restore there, and keep a record here.
 
-A guest vmckpt runs on another host is recorded in the local store as the
-record ``remote.json`` of that guest (host, the store there, how to reach
-it), so ``list``, ``console``, ``checkpoint`` and ``stop`` run the same
+A guest vmckpt runs on another host is recorded on this host, in its data
+directory of the store (vmckpt/hostdirs.py; never in the store, which is
+untrusted input), as the record ``remote.json`` of that guest (host, the
+store there, how to reach it), so ``list``, ``console``, ``checkpoint`` and ``stop`` run the same
 command on that host and relay its output (:class:`RemoteGuest`).
 
 Layers and media travel through the agent there (vmckpt/remote/agent.py),
@@ -76,13 +77,13 @@ class RemoteTarget:
 
 
 def save_remote_record(store: Store, name: str, target: RemoteTarget) -> None:
-    store.write_record(name, REMOTE_RECORD, {"name": name, **target.to_dict()})
+    """Remember on this host (its data directory of the store, never the store: what it
+    says is run and connected to) that guest ``name`` runs on another host."""
+    store.write_record(name, REMOTE_RECORD, {"name": name, **target.to_dict()}, durable=True)
 
 
 def load_remote_target(store: Store, name: str) -> RemoteTarget | None:
-    if not store.has_runtime(name):
-        return None
-    data = store.read_record(name, REMOTE_RECORD)
+    data = store.read_record(name, REMOTE_RECORD, durable=True)
     if data is None:
         return None
     try:
@@ -92,11 +93,11 @@ def load_remote_target(store: Store, name: str) -> RemoteTarget | None:
 
 
 def forget_remote(store: Store, name: str) -> None:
-    store.remove_record(name, REMOTE_RECORD)
+    store.remove_record(name, REMOTE_RECORD, durable=True)
 
 
 def remote_names(store: Store) -> list[str]:
-    return store.names_with(REMOTE_RECORD)
+    return store.names_with(REMOTE_RECORD, durable=True)
 
 
 # -- layers and media -----------------------------------------------------------

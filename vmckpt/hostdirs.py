@@ -1,0 +1,199 @@
+"""What belongs to this host, kept apart from the store: a store may sit on a shared disk or
+come from another host, so it is untrusted input (docs/SECURITY.md), while what only makes
+sense here is this host's own and lives in directories only this user can write, as libvirt
+keeps ``/run/libvirt`` apart from ``/var/lib/libvirt``:
+
+- the **runtime directory** of a store (``/run/vmckpt/<store>/`` as root, else
+  ``$XDG_RUNTIME_DIR/vmckpt/<store>/``; ``$VMCKPT_RUNTIME_DIR`` moves it): what a running
+  guest is made of on this host — its record (PID and start time, QEMU's command line,
+  its spec), QMP and control sockets, console and QEMU logs, migration journals, session
+  records, checkpoint locks;
+- the **data directory** of a store (``/var/lib/vmckpt/<store>/`` as root, else
+  ``$XDG_DATA_HOME/vmckpt/<store>/``; ``$VMCKPT_DATA_DIR`` moves it): what this host keeps
+  for a store beyond a reboot and what is too large for a runtime directory — how to reach
+  guests that run on other hosts, restored disk images, scratch space of disk backups.
+
+``<store>`` is the store's id and a digest of its path, so two stores — or two copies of one
+store — never share a directory. Every directory here is made 0700 and checked to be this
+user's own, never a link: what is read from it is trusted as the user's own input is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmckpt.errors import StoreError
+from vmckpt.fsutil import DIR_MODE, read_json, write_json_atomic
+
+RUNTIME_ENV = "VMCKPT_RUNTIME_DIR"
+DATA_ENV = "VMCKPT_DATA_DIR"
+HOST_FILE = "host.json"
+HOST_ID_RE = re.compile(r"^[0-9a-f]{16}\Z")
+KIND_DIRS = {"guest": "guests", "libvirt": "libvirt"}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+
+def runtime_root() -> Path:
+    """Where this host's runtime directories of stores are."""
+    given = os.environ.get(RUNTIME_ENV)
+    if given:
+        return Path(given).absolute()
+    if os.geteuid() == 0:
+        return Path("/run/vmckpt")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "vmckpt"
+    return Path(tempfile.gettempdir()) / f"vmckpt-{os.geteuid()}"
+
+
+def data_root() -> Path:
+    """Where this host's data directories of stores are."""
+    given = os.environ.get(DATA_ENV)
+    if given:
+        return Path(given).absolute()
+    if os.geteuid() == 0:
+        return Path("/var/lib/vmckpt")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "vmckpt"
+
+
+def private_dir(path: Path, *, create: bool = True) -> Path:
+    """``path`` as a directory of this user's only (0700, owned by the effective user, not a
+    link), made with its missing parents if ``create``; StoreError (one line) otherwise."""
+    try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(path, DIR_MODE)
+            except FileExistsError:
+                pass
+            else:
+                os.chmod(path, DIR_MODE)  # whatever the umask
+        info = os.lstat(path)
+    except OSError as exc:
+        raise StoreError(f"{path}: {exc.strerror or exc}", step="host-dirs") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise StoreError(f"{path} is not a directory (a link?): refused", step="host-dirs")
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise StoreError(
+            f"{path} must be a directory of this user's only (owner uid {os.geteuid()}, "
+            f"mode 0700); it is uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}",
+            step="host-dirs",
+        )
+    return path
+
+
+def store_dir_name(store_id: str | None, store_path: Path) -> str:
+    """The name of a store's directories on this host: its id (or ``legacy`` for a store
+    made before stores had one) and a digest of its path."""
+    digest = hashlib.sha256(os.fsencode(store_path)).hexdigest()[:8]
+    return f"{(store_id or 'legacy')[:12]}-{digest}"
+
+
+def host_id() -> str:
+    """This host's id (16 hex digits, made once, kept in the data root): the owner of the
+    heads of the guests it runs, in a store that several hosts share."""
+    root = private_dir(data_root())
+    path = root / HOST_FILE
+    try:
+        data = read_json(path)
+        value = data.get("host_id") if isinstance(data, dict) else None
+        if isinstance(value, str) and HOST_ID_RE.fullmatch(value):
+            return value
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path}: cannot be read ({exc})", step="host-dirs") from exc
+    value = secrets.token_hex(8)
+    write_json_atomic(path, {"host_id": value, "hostname": os.uname().nodename})
+    return value
+
+
+@dataclass(frozen=True)
+class HostDirs:
+    """A store's directories on this host (nothing is created until asked for)."""
+
+    runtime: Path
+    data: Path
+    store: Path
+
+    @classmethod
+    def for_store(
+        cls,
+        store_id: str | None,
+        store_path: Path,
+        *,
+        runtime: Path | None = None,
+        data: Path | None = None,
+    ) -> HostDirs:
+        """A store's directories under this host's roots (or the ``runtime`` and ``data``
+        roots given: another host's, as tests see it)."""
+        name = store_dir_name(store_id, store_path)
+        return cls((runtime or runtime_root()) / name, (data or data_root()) / name, store_path)
+
+    def _check_name(self, kind: str, name: str) -> str:
+        if kind not in KIND_DIRS:
+            raise StoreError(f"unknown kind of guest {kind!r}", vm=name, step="open")
+        if not NAME_RE.match(name):
+            raise StoreError(f"{name!r} is not a usable guest name", vm=name, step="open")
+        return KIND_DIRS[kind]
+
+    def runtime_path(self, kind: str, name: str) -> Path:
+        """Where a guest's runtime directory is (not created)."""
+        return self.runtime / self._check_name(kind, name) / name
+
+    def data_path(self, kind: str, name: str) -> Path:
+        """Where a guest's data directory is (not created)."""
+        return self.data / self._check_name(kind, name) / name
+
+    def _make(self, root: Path, kind: str, name: str) -> Path:
+        self._check_name(kind, name)
+        top = root
+        fresh = not top.exists()
+        private_dir(top.parent)
+        private_dir(top)
+        if fresh:
+            # For people looking around: which store these files belong to.
+            write_json_atomic(top / "store.json", {"store": str(self.store)})
+        private_dir(top / KIND_DIRS[kind])
+        return private_dir(top / KIND_DIRS[kind] / name)
+
+    def guest_runtime(self, kind: str, name: str) -> Path:
+        """A guest's runtime directory, made (0700) if needed."""
+        return self._make(self.runtime, kind, name)
+
+    def guest_data(self, kind: str, name: str) -> Path:
+        """A guest's data directory, made (0700) if needed."""
+        return self._make(self.data, kind, name)
+
+    def fresh(self, parent: Path, prefix: str) -> Path:
+        """A new directory of this user's only in ``parent`` (a directory made by one of the
+        methods here): made by one mkdir under a random name, so nothing can be in it but
+        what this process puts there (files made in it cannot be links planted in advance)."""
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=private_dir(parent, create=False)))
+
+    def scratch(self, prefix: str, *, data: bool) -> Path:
+        """A fresh private directory for work that belongs to no guest (a boot check): in
+        the runtime directory (sockets, logs) or the data directory (disk images)."""
+        top = self.data if data else self.runtime
+        private_dir(top.parent)
+        private_dir(top)
+        return self.fresh(private_dir(top / "scratch"), prefix)
+
+    def names(self, kind: str, *, data: bool = False) -> list[str]:
+        """The guests of ``kind`` that have a runtime (or ``data``) directory here."""
+        root = (self.data if data else self.runtime) / KIND_DIRS[kind]
+        try:
+            entries = list(os.scandir(root))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(
+            e.name for e in entries if NAME_RE.match(e.name) and e.is_dir(follow_symlinks=False)
+        )
