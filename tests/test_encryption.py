@@ -34,6 +34,7 @@ from vmckpt.errors import CorruptLayerError, FormatVersionError, StoreError
 from vmckpt.images import DiskDelta, Store, crypt, keys, maintenance
 from vmckpt.images import format as fmt
 from vmckpt.images.catalog import Catalog
+from vmckpt.images.layerio import write_chunks
 from vmckpt.images.retention import KeepRules
 from vmckpt.ram import PAGE_SIZE, RamImage
 
@@ -374,7 +375,8 @@ def test_another_version_of_a_file_is_refused(chain3: ChainT, tmp_path: Path) ->
     size = layer.files["pages.bin"].size
     other = tmp_path / "other-version"
     other.mkdir()
-    store._write_file(other, layer.id, "pages.bin", [bytes(size - 1) + b"\1"])
+    fd = os.open(other / "pages.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    write_chunks(fd, [bytes(size - 1) + b"\1"], store._codec("write"), layer.id, "pages.bin")
     os.replace(other / "pages.bin", path_of(store, layer.id, "pages.bin"))
     with pytest.raises(CorruptLayerError, match=r"pages\.bin: page 0 .* does not match its digest"):
         store.compose(layer.id)

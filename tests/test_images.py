@@ -14,9 +14,16 @@ import numpy as np
 import pytest
 
 from vmckpt.errors import CorruptLayerError, FormatVersionError, StoreError
-from vmckpt.images import FORMAT_MAJOR, FORMAT_MINOR, LayerContent, LayerManifest, Store, keys
+from vmckpt.images import (
+    FORMAT_MAJOR,
+    FORMAT_MINOR,
+    LayerContent,
+    LayerManifest,
+    Store,
+    keys,
+    layerio,
+)
 from vmckpt.images import format as fmt
-from vmckpt.images import store as store_module
 from vmckpt.ram import PAGE_SIZE, PageNumbers, RamBlock, RamImage
 
 BLOCKS = [
@@ -701,7 +708,7 @@ def test_failed_rename_leaves_nothing(
     store, manifests, images = chain3
     before = leftovers(store)
 
-    def broken_rename(src: Any, dst: Any) -> None:
+    def broken_rename(src: Any, dst: Any, **kwargs: Any) -> None:
         raise RuntimeError("power cut")
 
     monkeypatch.setattr(os, "rename", broken_rename)
@@ -749,7 +756,7 @@ def test_exception_from_page_data_leaves_nothing(
         yield np.zeros((1, PAGE_SIZE), dtype=np.uint8)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store_module, "_page_chunks", exploding_chunks)
+    monkeypatch.setattr(layerio, "page_chunks", exploding_chunks)
     with pytest.raises(KeyboardInterrupt):
         store.write_layer(content(mutate(images[2], rng), manifests[2].id, images[2]))
     assert leftovers(store) == before

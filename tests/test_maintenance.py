@@ -25,7 +25,7 @@ from vmckpt import faults
 from vmckpt.cli import build_parser
 from vmckpt.cli.maintenance import keep_rules
 from vmckpt.errors import StoreError, UsageError
-from vmckpt.images import LayerManifest, Store, maintenance
+from vmckpt.images import LayerManifest, Store, layerio, maintenance
 from vmckpt.images import locks as locks_module
 from vmckpt.images.retention import KeepRules, keep_arguments, select
 from vmckpt.ram import RamImage
@@ -326,7 +326,7 @@ def test_without_atomic_exchange_nothing_changes(
     def no_exchange(*args: Any) -> None:
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr(maintenance, "exchange", no_exchange)
+    monkeypatch.setattr(layerio, "exchange_at", no_exchange)
     with pytest.raises(StoreError, match=r"RENAME_EXCHANGE\) is not available here.*nothing was"):
         maintenance.prune(store, KeepRules(last=1))
     assert {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()} == files

@@ -139,11 +139,11 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 _renameat2: Any = None
 
 
-def exchange(directory: Path, first: str, second: str) -> None:
-    """Swap two entries of ``directory`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``):
-    afterwards each name holds what the other held, and no moment exists at which either
-    name is missing. Raises OSError (ENOSYS where the C library or the kernel lacks it,
-    EINVAL where the file system does)."""
+def exchange_at(dir_fd: int, first: str, second: str, where: Path) -> None:
+    """Swap two entries of the directory ``dir_fd`` atomically (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``): afterwards each name holds what the other held, and no moment exists
+    at which either name is missing. Raises OSError (ENOSYS where the C library or the kernel
+    lacks it, EINVAL where the file system does); ``where`` names the directory in it."""
     global _renameat2
     if _renameat2 is None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -155,13 +155,9 @@ def exchange(directory: Path, first: str, second: str) -> None:
         ]  # fmt: skip
         function.restype = ctypes.c_int
         _renameat2 = function
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _renameat2(fd, first.encode(), fd, second.encode(), _RENAME_EXCHANGE) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code), str(directory / first))
-    finally:
-        os.close(fd)
+    if _renameat2(dir_fd, first.encode(), dir_fd, second.encode(), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(where / first))
 
 
 class Dir:

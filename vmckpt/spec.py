@@ -125,11 +125,12 @@ class BootMedium:
         path = Path(self.path)
         if not path.is_file() or (path.is_symlink() and not path.resolve().is_file()):
             raise MachineError(f"{self.role} {self.path} is missing", vm=vm, step="check-media")
-        actual = sha256_file(path.resolve())
-        if actual != self.sha256:
+        if sha256_file(path.resolve()) != self.sha256:
+            # Its digest is not shown: the path may come from a layer another host sent and
+            # name any file of this one.
             raise MachineError(
-                f"{self.role} {self.path} changed since the checkpoint "
-                f"(sha256 {actual[:12]}…, recorded {self.sha256[:12]}…)",
+                f"{self.role} {self.path} changed since the checkpoint (its content is not the "
+                f"one recorded, sha256 {self.sha256[:12]}…)",
                 vm=vm,
                 step="check-media",
             )

@@ -52,19 +52,20 @@ def _holder(fd: int) -> str:
         return "another process"
 
 
-def _open_lock_file(path: Path, shared: bool) -> int | None:
+def _open_lock_file(path: Path, shared: bool, dir_fd: int | None) -> int | None:
     """The lock file, created 0600 if needed, and checked to be a regular file with no other
     hard link (a lock file is written to: a link planted in a store must not make vmckpt
     write a file elsewhere). A shared holder (a reader) may find it missing in a store it
     cannot write (read-only media, another user's store): None, and it reads unlocked, as
     nothing can change such a store under it. LockError (one line) for anything else."""
+    where = path.name if dir_fd is not None else path
     try:
-        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK)
+        fd = _open(where, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, dir_fd)
     except OSError as exc:
         if not shared:
             raise LockError(f"cannot lock {path}: {_why(exc)}", step="lock") from exc
         try:
-            fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
+            fd = _open(where, os.O_RDONLY | os.O_NONBLOCK, dir_fd)
         except FileNotFoundError:
             return None
         except OSError as again:
@@ -84,6 +85,10 @@ def _open_lock_file(path: Path, shared: bool) -> int | None:
     return fd
 
 
+def _open(path: Path | str, flags: int, dir_fd: int | None) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE, dir_fd=dir_fd)
+
+
 def _why(exc: OSError) -> str:
     if exc.errno == errno.EROFS:
         return "the file system is read-only"
@@ -92,16 +97,23 @@ def _why(exc: OSError) -> str:
 
 @contextlib.contextmanager
 def hold(
-    path: Path, *, what: str, wait_s: float, busy: str, shared: bool = False
+    path: Path,
+    *,
+    what: str,
+    wait_s: float,
+    busy: str,
+    shared: bool = False,
+    dir_fd: int | None = None,
 ) -> Iterator[None]:
     """Hold a lock on ``path`` (created 0600), waiting up to ``wait_s`` for it: exclusive,
-    or ``shared`` with other shared holders (readers).
+    or ``shared`` with other shared holders (readers). With ``dir_fd``, the lock file is
+    ``path``'s name in that open directory (a store's root: nothing above it is looked up).
 
     ``busy`` is the message of the LockError raised when it stays taken; the
     holder is appended. The lock file itself is never removed (removing it
     would let two holders lock two different files).
     """
-    fd = _open_lock_file(path, shared)
+    fd = _open_lock_file(path, shared, dir_fd)
     if fd is None:
         yield
         return
@@ -129,6 +141,22 @@ def hold(
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def lock_fd(fd: int) -> None:
+    """Lock an open directory its creator works in (exclusive, at once), for as long as the
+    descriptor is open (or its holder lives)."""
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def fd_locked(fd: int) -> bool:
+    """Whether a live process holds the lock of :func:`lock_fd` on the open directory."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
 
 
 def lock_directory(path: Path) -> int:

@@ -42,22 +42,20 @@ import bisect
 import contextlib
 import errno
 import os
-import secrets
-import shutil
 import time
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vmckpt import faults
 from vmckpt.errors import CorruptLayerError, StoreError, UsageError, VmckptError
-from vmckpt.fsutil import Dir, exchange, fsync_dir, sha256_file
+from vmckpt.fsutil import Dir
 from vmckpt.images import format as fmt
 from vmckpt.images import keys, locks
+from vmckpt.images.compose import Coverage, gather
 from vmckpt.images.crypt import LayerFile
 from vmckpt.images.format import (
     DEVICE,
@@ -69,19 +67,17 @@ from vmckpt.images.format import (
     LayerContent,
     LayerManifest,
 )
-from vmckpt.images.retention import KeepRules, parse_created, select
-from vmckpt.images.store import (
+from vmckpt.images.layerio import (
     LAYERS_DIR,
-    MEDIA_DIR,
-    SCRATCH_DIR,
     TMP_PREFIX,
-    Store,
-    _check_content,
-    _check_digest,
-    _Coverage,
-    _DiskWrite,
-    _LayerIndex,
+    DiskWrite,
+    LayerIndex,
+    TempLayer,
+    check_content,
+    check_digest,
 )
+from vmckpt.images.retention import KeepRules, parse_created, select
+from vmckpt.images.store import MEDIA_DIR, SCRATCH_DIR, Store
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
 
@@ -176,7 +172,7 @@ class _Snapshot:
         a layer once it exists; one published meanwhile is checked for at the switch)."""
         with store.lock(f"{step}: list the layers"):
             store.tidy_catalog(step)
-            names = store._layer_names()
+            names = store.layer_names()
             heads = store.heads()
             catalog = store.catalog(step)
         if catalog is None:
@@ -185,8 +181,7 @@ class _Snapshot:
         digests: dict[str, str] = {}
         for layer_id in names:
             try:
-                manifests[layer_id] = store._manifest(layer_id, step)
-                digests[layer_id] = sha256_file(store._layer_dir(layer_id) / MANIFEST)
+                manifests[layer_id], digests[layer_id] = store.manifest_with_digest(layer_id, step)
                 if not catalog.accepts(layer_id, digests[layer_id]):
                     raise StoreError("it changed while it was read", layer=layer_id, step=step)
             except (VmckptError, OSError) as exc:
@@ -221,19 +216,18 @@ class _Indexes:
     def __init__(self, store: Store, step: str) -> None:
         self.store = store
         self.step = step
-        self.pages: dict[str, _LayerIndex] = {}
+        self.pages: dict[str, LayerIndex] = {}
         self.disks: dict[tuple[str, str], DiskIndex] = {}
 
-    def of(self, manifest: LayerManifest) -> _LayerIndex:
+    def of(self, manifest: LayerManifest) -> LayerIndex:
         if manifest.id not in self.pages:
-            self.pages[manifest.id] = self.store._layer_index(manifest, self.step)
+            self.pages[manifest.id] = self.store.reader.index(manifest, self.step)
         return self.pages[manifest.id]
 
     def disk(self, manifest: LayerManifest, record: DiskRecord) -> DiskIndex:
         key = (manifest.id, record.id)
         if key not in self.disks:
-            data = self.store._read_small(manifest, record.index_file, self.step)
-            self.disks[key] = fmt.decode_disk_index(data, record, manifest.id, self.step)
+            self.disks[key] = self.store.reader.disk_index(manifest, record, self.step)
         return self.disks[key]
 
 
@@ -370,8 +364,8 @@ def _disk_chunks(store: Store, merged: _MergedDisk, step: str) -> Iterator[bytes
         for source in merged.sources:
             record = source.disk(merged.record.id)
             assert record is not None
-            sources[source.id] = src = store._open_listed(source, record.data_file, step)
-            _check_digest(source, record.data_file, src.sha256(), step)
+            sources[source.id] = src = store.reader.open(source, record.data_file, step)
+            check_digest(source, record.data_file, src.sha256(), step)
         for piece in merged.pieces:
             done = 0
             while done < piece.length:
@@ -386,10 +380,10 @@ def _disk_chunks(store: Store, merged: _MergedDisk, step: str) -> Iterator[bytes
 # --- planning --------------------------------------------------------------------
 
 
-def _coverage(segment: list[LayerManifest], indexes: _Indexes) -> _Coverage:
+def _coverage(segment: list[LayerManifest], indexes: _Indexes) -> Coverage:
     """Which pages the newest layer of ``segment`` records once it absorbs the rest."""
     blocks = [RamBlock(block.idstr, block.length) for block in segment[0].blocks]
-    coverage = _Coverage.of(blocks)
+    coverage = Coverage.of(blocks)
     for manifest in segment:
         if manifest.layout != segment[0].layout:
             raise CorruptLayerError(
@@ -418,7 +412,7 @@ def _size_after(segment: list[LayerManifest], base: bool, indexes: _Indexes) -> 
 
 def _manifest_bytes(store: Store, layer_id: str) -> int:
     with contextlib.suppress(OSError):
-        return os.lstat(store._layer_dir(layer_id) / MANIFEST).st_size
+        return os.lstat(store.layer_path(layer_id, MANIFEST)).st_size
     return 0
 
 
@@ -473,9 +467,9 @@ def plan_changes(
 
 def _build(
     store: Store, rewrite: Rewrite, snapshot: _Snapshot, indexes: _Indexes
-) -> tuple[Path, int, str]:
-    """The new version of ``rewrite.layer`` as a complete temporary layer directory; returns
-    it, the fd that holds its lock, and the digest of its manifest."""
+) -> tuple[TempLayer, str]:
+    """The new version of ``rewrite.layer`` as a complete temporary layer directory (open,
+    and locked while it is); returns it and the digest of its manifest."""
     step = "rewrite"
     top = snapshot.manifests[rewrite.layer]
     segment = [top, *(snapshot.manifests[i] for i in rewrite.absorb)]
@@ -484,11 +478,11 @@ def _build(
     store.require_sealed(segment, step)
     origin = next((m.origin for m in segment if m.origin != keys.LOCAL), keys.LOCAL)
     base = rewrite.parent is None
-    store._check_ram_size(top, step)
+    store.check_ram_size(top, step)
     blocks = [RamBlock(block.idstr, block.length) for block in top.blocks]
     image = RamImage.zeroed(blocks)
-    coverage = _Coverage.of(blocks)
-    store._gather(segment, image, coverage, step)
+    coverage = Coverage.of(blocks)
+    gather(store.reader, segment, image, coverage, step)
     content = LayerContent(
         parent=rewrite.parent,
         guest=top.guest,
@@ -501,29 +495,29 @@ def _build(
         ram=image,
         pages={b.idstr: np.flatnonzero(coverage.stored[b.idstr]) for b in blocks},
         zeroed={} if base else {b.idstr: np.flatnonzero(coverage.zeroed[b.idstr]) for b in blocks},
-        prelude=store._read_small(top, PRELUDE, step),
-        epilogue=store._read_small(top, DEVICE, step),
+        prelude=store.reader.read_small(top, PRELUDE, step),
+        epilogue=store.reader.read_small(top, DEVICE, step),
     )
-    parts = _check_content(content)
+    parts = check_content(content)
     disks = []
     for record in top.disks:
         merged = _merge_disk(segment, record, indexes, base)
         disks.append(
-            _DiskWrite(
+            DiskWrite(
                 record.id, record.format, record.size, record.path, merged.full,
                 merged.stored, merged.zeroed, record.bitmap, _disk_chunks(store, merged, step),
             )
         )  # fmt: skip
-    tmp, _, fd = store._make_temporary(top.id)
+    temp = store.new_version(top.id)
     try:
-        _, digest = store._write_layer_files(
-            tmp, top.id, content, parts, disks, created=top.created, origin=origin
+        _, digest = store.write_version(
+            temp, content, parts, disks, created=top.created, origin=origin
         )
     except BaseException:
-        os.close(fd)
-        shutil.rmtree(tmp, ignore_errors=True)
+        store.files.remove(temp.name)
+        temp.close()
         raise
-    return tmp, fd, digest
+    return temp, digest
 
 
 def _check_still_valid(store: Store, plan: Plan, snapshot: _Snapshot, step: str) -> None:
@@ -546,10 +540,10 @@ def _check_still_valid(store: Store, plan: Plan, snapshot: _Snapshot, step: str)
     for layer_id, who in store.heads().items():
         if layer_id in going:
             raise changed(f"layer {layer_id} became the head of {', '.join(who)}")
-    for layer_id in store._layer_names():
+    for layer_id in store.layer_names():
         if layer_id in snapshot.manifests:
             continue
-        parent = store._manifest(layer_id, step).parent
+        parent = store.manifest(layer_id, step).parent
         if parent in going:
             raise changed(f"new layer {layer_id} builds on {parent}")
 
@@ -573,14 +567,14 @@ def apply_plan(store: Store, plan: Plan, snapshot: _Snapshot, indexes: _Indexes,
                progress: Progress = NO_PROGRESS, switch_wait_s: float = 60.0) -> None:  # fmt: skip
     """Carry out ``plan`` (see the module doc): build, switch, remove, clean up. The switch
     waits up to ``switch_wait_s`` for readers of chains (a restore, a verify) to finish."""
-    built: list[tuple[Rewrite, Path, int, str]] = []
-    removed: list[Path] = []
-    layers = store.layers_path
+    built: list[tuple[Rewrite, TempLayer, str]] = []
+    removed: list[str] = []
+    files = store.files
     try:
         with progress.task("writing the layers that absorb others", len(plan.rewrites)) as task:
             for rewrite in plan.rewrites:
                 try:
-                    tmp, fd, digest = _build(store, rewrite, snapshot, indexes)
+                    temp, digest = _build(store, rewrite, snapshot, indexes)
                 except OSError as exc:
                     raise StoreError(
                         f"cannot write its new version ({exc.strerror or exc}); nothing was "
@@ -588,7 +582,7 @@ def apply_plan(store: Store, plan: Plan, snapshot: _Snapshot, indexes: _Indexes,
                         layer=rewrite.layer,
                         step="rewrite",
                     ) from exc
-                built.append((rewrite, tmp, fd, digest))
+                built.append((rewrite, temp, digest))
                 task.advance(1)
                 faults.point(faults.MAINT_MID_BUILD)
         faults.point(faults.MAINT_BEFORE_SWITCH)
@@ -597,36 +591,36 @@ def apply_plan(store: Store, plan: Plan, snapshot: _Snapshot, indexes: _Indexes,
             # The catalog accepts either version of each layer while they are switched (both
             # compose to the same), then only the new ones, and no longer the removed layers.
             old = snapshot.manifest_sha256
-            store._update_catalog(
-                "switch", add={r.layer: [old[r.layer], d] for r, _, _, d in built}
-            )
-            for number, (rewrite, tmp, _, _) in enumerate(built):
+            store.update_catalog("switch", add={r.layer: [old[r.layer], d] for r, _, d in built})
+            for number, (rewrite, temp, _) in enumerate(built):
                 try:
-                    exchange(layers, tmp.name, rewrite.layer)
+                    files.exchange(temp.name, rewrite.layer)  # the temporary name: the old one
                 except OSError as exc:
+                    if number == 0:  # nothing switched: the catalog as it was
+                        store.update_catalog(
+                            "switch", add={r.layer: [old[r.layer]] for r, _, _ in built}
+                        )
                     raise _switch_error(exc, rewrite.layer, number, len(built)) from exc
                 faults.point(faults.MAINT_MID_SWITCH)
-            fsync_dir(layers)
+            files.sync_layers()
             faults.point(faults.MAINT_BEFORE_REMOVE)
             for layer_id in plan.remove:
-                grave = layers / f"{TMP_PREFIX}{layer_id}-removed-{secrets.token_hex(4)}"
-                os.rename(layers / layer_id, grave)
-                removed.append(grave)
+                removed.append(files.bury(layer_id))
                 faults.point(faults.MAINT_MID_REMOVE)
-            fsync_dir(layers)
-            store._update_catalog(
-                "switch", add={r.layer: [d] for r, _, _, d in built}, drop=plan.remove
+            files.sync_layers()
+            store.update_catalog(
+                "switch", add={r.layer: [d] for r, _, d in built}, drop=plan.remove
             )
         faults.point(faults.MAINT_BEFORE_CLEANUP)
     except OSError as exc:
         raise StoreError(f"{exc.strerror or exc}", step="switch") from exc
     finally:
         # Old versions (switched) or unused new ones, and the removed layers: all garbage.
-        for _, tmp, fd, _ in built:
-            os.close(fd)
-            shutil.rmtree(tmp, ignore_errors=True)
+        for _, temp, _ in built:
+            files.remove(temp.name)
+            temp.close()
         for grave in removed:
-            shutil.rmtree(grave, ignore_errors=True)
+            files.remove(grave)
 
 
 # --- the operations ------------------------------------------------------------------

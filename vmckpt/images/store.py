@@ -28,14 +28,13 @@ store is followed as a symbolic link: a store can come from another host or user
 
 An encrypted store (``vmckpt init --encrypt``) holds every layer file but manifest.json and
 manifest.mac encrypted (vmckpt/images/crypt.py): every read and write of a layer file goes
-through the store's codec (``_open_listed``, ``_write_file``), which is a no-op for a store
-in the clear. Manifests list the content's sizes and digests either way.
+through the store's codec (layerio.LayerReader, layerio.LayerWriter), which is a no-op for a
+store in the clear. Manifests list the content's sizes and digests either way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import re
@@ -50,21 +49,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
 from vmckpt import faults, log
 from vmckpt.errors import CorruptLayerError, StoreError
 from vmckpt.fsutil import (
     DIR_MODE,
     FILE_MODE,
     fsync_dir,
-    make_private_dir,
-    open_nofollow,
+    parse_json,
     read_json,
     read_regular,
     sha256_file,
-    write_atomic,
     write_json_atomic,
 )
 from vmckpt.hostdirs import NAME_RE, HostDirs, host_id
@@ -78,27 +72,35 @@ from vmckpt.images.catalog import (
     head_key,
     manifest_digest,
 )
+from vmckpt.images.compose import Coverage, gather
 from vmckpt.images.format import (
     DEVICE,
-    INDEX,
     LAYER_ID_RE,
     MANIFEST,
     PAGES,
     PRELUDE,
     STORE_FORMAT,
-    SUMS,
     BlockIndex,
-    DiskDelta,
     FileEntry,
     LayerContent,
     LayerManifest,
 )
-from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamBlock, RamImage
+from vmckpt.images.layerio import (
+    LAYERS_DIR,
+    MAX_MANIFEST_BYTES,
+    TMP_PREFIX,
+    DiskWrite,
+    LayerReader,
+    LayerWriter,
+    StoreFiles,
+    TempLayer,
+    check_content,
+    write_chunks,
+)
+from vmckpt.ram import RamBlock, RamImage
 
 STORE_MARKER = "vmckpt-store.json"
-LAYERS_DIR = "layers"
 MEDIA_DIR = "media"
-TMP_PREFIX = ".tmp-"
 STORE_LOCK = "store.lock"
 CHAIN_LOCK = "chain.lock"
 MAINTENANCE_LOCK = "maintenance.lock"
@@ -115,50 +117,14 @@ STORE_LOCK_WAIT_S = 60.0  # publishing a layer holds it for milliseconds; mainte
 
 # Pages copied per step when writing or composing: caps the temporary copy at 64 MiB.
 CHUNK_PAGES = 16384
-MAX_MANIFEST_BYTES = 16 << 20  # a manifest (the guest spec included) is kilobytes
 # RAM a layer may describe beyond its guest's memory: video RAM, ROMs, ACPI tables.
 RAM_SLACK_BYTES = 1 << 30
 
 _log = log.get(__name__)
 
-# --- durable file primitives ----------------------------------------------
 
-
-def _mkdir_private(path: Path) -> None:
-    os.mkdir(path, DIR_MODE)
-    os.chmod(path, DIR_MODE)  # whatever the umask
-
-
-def _open_new(path: Path) -> int:
-    """A new file, 0600, that must not exist yet (borg: open with "x")."""
-    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    os.fchmod(fd, FILE_MODE)
-    return fd
-
-
-def _write_new(
-    path: Path, chunks: Iterable[Any], codec: crypt.Codec = crypt.PLAIN, layer: str = ""
-) -> FileEntry:
-    """Write buffers to a new file as ``codec`` holds them (of layer ``layer``; by default
-    in the clear), fsync it, and return the size and sha256 of the content written."""
-    digest = hashlib.sha256()
-    size = 0
-    with os.fdopen(_open_new(path), "wb") as out:
-        writer = codec.writer(out, layer, path.name)
-        for chunk in chunks:
-            view = memoryview(chunk).cast("B")
-            writer.write(view)
-            digest.update(view)
-            size += view.nbytes
-        writer.finish()
-        out.flush()
-        os.fsync(out.fileno())
-    return FileEntry(size=size, sha256=digest.hexdigest())
-
-
-def _write_marker(path: Path, store_id: str, encryption: str | None = None) -> None:
-    """Write (or replace) the store marker atomically, naming the store's id and (1.4) its
-    encryption."""
+def _marker_bytes(store_id: str, encryption: str | None) -> bytes:
+    """The store marker, naming the store's id and (1.4) its encryption."""
     marker: dict[str, Any] = {
         "format": STORE_FORMAT,
         # 1.3: the marker names the store's id, the name of its key (images/keys.py); 1.5:
@@ -168,13 +134,7 @@ def _write_marker(path: Path, store_id: str, encryption: str | None = None) -> N
     }
     if encryption is not None:
         marker["encryption"] = encryption
-    tmp = path / f"{TMP_PREFIX}{STORE_MARKER}-{secrets.token_hex(4)}"
-    try:
-        _write_new(tmp, [fmt.manifest_bytes(marker)])
-        os.replace(tmp, path / STORE_MARKER)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path)
+    return fmt.manifest_bytes(marker)
 
 
 def _encryption_text(encryption: str | None) -> str:
@@ -200,201 +160,6 @@ def _is_real_dir(path: Path) -> bool:
         return False
 
 
-def _read_at_most(fd: int, limit: int) -> bytes:
-    """Read from ``fd`` until its end or ``limit`` bytes."""
-    chunks = []
-    while limit > 0 and (chunk := os.read(fd, min(limit, 1 << 24))):
-        chunks.append(chunk)
-        limit -= len(chunk)
-    return b"".join(chunks)
-
-
-def _check_digest(manifest: LayerManifest, name: str, found: str, step: str) -> None:
-    expected = manifest.files[name].sha256
-    if found != expected:
-        raise CorruptLayerError(
-            f"{name}: sha256 mismatch (expected {expected}, found {found})",
-            layer=manifest.id,
-            step=step,
-        )
-
-
-@dataclass(frozen=True)
-class _LayerIndex:
-    """A layer's decoded pages.idx and, from format 1.2, its pages.sum rows."""
-
-    parts: list[BlockIndex]
-    sums: npt.NDArray[np.uint8] | None
-
-
-def _check_page_sums(
-    manifest: LayerManifest,
-    index: _LayerIndex,
-    positions: npt.NDArray[Any],
-    pages: npt.NDArray[np.uint8],
-    step: str,
-) -> None:
-    """The pages read from pages.bin ``positions`` match their pages.sum digests."""
-    assert index.sums is not None
-    found = fmt.page_digests(pages)
-    bad = np.flatnonzero((found != index.sums[positions]).any(axis=1))
-    if bad.size:
-        position = int(positions[int(bad[0])])
-        raise CorruptLayerError(
-            f"{PAGES}: page {position} (of {manifest.pages_stored} stored) does not match its "
-            f"digest in {SUMS}",
-            layer=manifest.id,
-            step=step,
-        )
-
-
-@dataclass
-class _Coverage:
-    """Composing newest first: per RAM block, the pages a newer layer already decided
-    (``done``), and which of them its newest record stores (``stored``) or zeroes
-    (``zeroed``): what a layer that absorbs others must record."""
-
-    done: dict[str, npt.NDArray[np.bool_]]
-    stored: dict[str, npt.NDArray[np.bool_]]
-    zeroed: dict[str, npt.NDArray[np.bool_]]
-    remaining: int
-
-    @classmethod
-    def of(cls, blocks: Iterable[RamBlock]) -> _Coverage:
-        blocks = list(blocks)
-
-        def masks() -> dict[str, npt.NDArray[np.bool_]]:
-            return {b.idstr: np.zeros(b.pages, dtype=np.bool_) for b in blocks}
-
-        return cls(masks(), masks(), masks(), sum(b.pages for b in blocks))
-
-    def take(self, idstr: str, part: BlockIndex) -> npt.NDArray[np.bool_]:
-        """Record a layer's part of a block, older than every layer taken before; returns
-        which of its stored pages are the newest version (a mask over ``part.stored``)."""
-        done = self.done[idstr]
-        fresh = ~done[part.stored]
-        new_zero = part.zeroed[~done[part.zeroed]]
-        self.stored[idstr][part.stored[fresh]] = True
-        self.zeroed[idstr][new_zero] = True
-        done[part.stored] = True
-        done[new_zero] = True
-        self.remaining -= int(np.count_nonzero(fresh)) + new_zero.size
-        return fresh
-
-
-@dataclass(frozen=True)
-class _Wanted:
-    """Pages to read from one layer's pages.bin: their positions there (ascending), and
-    where each goes (the number of its RAM block in the image, its page number)."""
-
-    positions: npt.NDArray[np.int64]
-    blocks: npt.NDArray[np.int32]
-    pages: PageNumbers
-
-
-def _scatter(
-    image: RamImage, rows: npt.NDArray[np.uint8], blocks: npt.NDArray[Any], pages: PageNumbers
-) -> None:
-    """Copy ``rows`` to their pages: row i to page ``pages[i]`` of block ``blocks[i]``."""
-    for number in np.unique(blocks).tolist():
-        mine = blocks == number
-        image.pages_of(image.blocks[number].idstr)[pages[mine]] = rows[mine]
-
-
-def _read_whole(
-    src: crypt.LayerFile, manifest: LayerManifest, wanted: _Wanted, image: RamImage, step: str
-) -> None:
-    """A layer without page digests (1.0, 1.1): read its whole pages.bin, check its sha256,
-    and copy the wanted pages into ``image`` (only once the whole file matched)."""
-    total = manifest.pages_stored
-    digest = hashlib.sha256()
-    rows = np.empty((wanted.positions.size, PAGE_SIZE), dtype=np.uint8)
-    whole = np.empty((min(total, CHUNK_PAGES), PAGE_SIZE), dtype=np.uint8)
-    for start in range(0, total, CHUNK_PAGES):
-        buf = whole[: min(CHUNK_PAGES, total - start)]
-        src.pread_into(buf, start * PAGE_SIZE)
-        digest.update(buf.data)
-        lo, hi = np.searchsorted(wanted.positions, [start, start + buf.shape[0]])
-        rows[lo:hi] = buf[wanted.positions[lo:hi] - start]
-    _check_digest(manifest, PAGES, digest.hexdigest(), step)
-    _scatter(image, rows, wanted.blocks, wanted.pages)
-
-
-class _PageBatch:
-    """Pages read for a compose from layers with page digests: collected a batch at a time,
-    checked against their digests together (hashed by several threads), and only then
-    copied into the image."""
-
-    def __init__(self, image: RamImage, step: str) -> None:
-        self.image = image
-        self.step = step
-        self.count = 0
-        self.rows = np.empty((0, PAGE_SIZE), dtype=np.uint8)
-        self.expected = np.empty((CHUNK_PAGES, fmt.PAGE_DIGEST_SIZE), dtype=np.uint8)
-        self.blocks = np.empty(CHUNK_PAGES, dtype=np.int32)
-        self.pages = np.empty(CHUNK_PAGES, dtype=np.uint32)
-        self.positions = np.empty(CHUNK_PAGES, dtype=np.int64)
-        self.layers: list[tuple[int, LayerManifest]] = []  # (first row, layer) in row order
-
-    def add(
-        self,
-        src: crypt.LayerFile,
-        manifest: LayerManifest,
-        sums: npt.NDArray[np.uint8],
-        wanted: _Wanted,
-    ) -> None:
-        """Read the wanted pages of one layer's pages.bin (open as ``src``) into the batch."""
-        if self.rows.shape[0] == 0:
-            self.rows = np.empty((CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
-        done = 0
-        total = wanted.positions.size
-        while done < total:
-            if self.count == CHUNK_PAGES:
-                self.flush()
-            take = min(total - done, CHUNK_PAGES - self.count)
-            chosen = wanted.positions[done : done + take]
-            rows = slice(self.count, self.count + take)
-            self.layers.append((self.count, manifest))
-            src.read_pages(chosen, self.rows[rows])
-            self.expected[rows] = sums[chosen]
-            self.blocks[rows] = wanted.blocks[done : done + take]
-            self.pages[rows] = wanted.pages[done : done + take]
-            self.positions[rows] = chosen
-            self.count += take
-            done += take
-
-    def flush(self) -> None:
-        """Check the batch's pages against their digests, then copy them into the image."""
-        count = self.count
-        if not count:
-            return
-        found = fmt.page_digests(self.rows[:count])
-        bad = np.flatnonzero((found != self.expected[:count]).any(axis=1))
-        if bad.size:
-            row = int(bad[0])
-            starts = [start for start, _ in self.layers]
-            manifest = self.layers[int(np.searchsorted(starts, row, side="right")) - 1][1]
-            raise CorruptLayerError(
-                f"{PAGES}: page {int(self.positions[row])} (of {manifest.pages_stored} stored) "
-                f"does not match its digest in {SUMS}",
-                layer=manifest.id,
-                step=self.step,
-            )
-        _scatter(self.image, self.rows[:count], self.blocks[:count], self.pages[:count])
-        self.count = 0
-        self.layers = []
-
-
-@dataclass(frozen=True)
-class _CheckedLayer:
-    """A layer whose files matched its manifest, with its decoded index and small files."""
-
-    manifest: LayerManifest
-    parts: list[BlockIndex]
-    prelude: bytes
-    device: bytes
-
-
 @dataclass
 class AdoptResult:
     """What `Store.adopt` did: the store's id, whether its key is new, the layers sealed,
@@ -408,13 +173,13 @@ class AdoptResult:
 
 
 class Store:
-    """A vmckpt store on disk: layers (list, resolve, verify, compose, write, import) and the
-    runtime files of its guests (records, heads, locks, media)."""
+    """A vmckpt store on disk: its layers (list, resolve, verify, compose, write, import),
+    its catalog and heads, media copies, and (through vmckpt/hostdirs.py) what this host
+    keeps for its guests. Its files are reached through :class:`StoreFiles` (layerio.py)."""
 
     def __init__(self, path: Path | str) -> None:
         """Open an existing store; StoreError if ``path`` is missing or not a store."""
         self.path = Path(path).expanduser().absolute()
-        self._layers = str(self.path / LAYERS_DIR)  # for the paths built per layer and file
         if not self.path.exists():
             raise StoreError(
                 f"store {self.path} does not exist (create it with `vmckpt init {self.path}`)",
@@ -425,8 +190,15 @@ class Store:
             raise StoreError(
                 f"{self.path} is not a vmckpt store (it has no {STORE_MARKER})", step="open"
             )
+        for sub in (LAYERS_DIR, MEDIA_DIR):
+            if os.path.lexists(self.path / sub) and not _is_real_dir(self.path / sub):
+                raise StoreError(
+                    f"{self.path / sub} is not a directory of the store (a link?): refused",
+                    step="open",
+                )
+        self.files = StoreFiles(self.path)
         try:
-            obj = read_json(marker, MAX_MARKER_BYTES)
+            obj = parse_json(self.files.read_root_file(STORE_MARKER, MAX_MARKER_BYTES))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise StoreError(f"{marker}: cannot be read ({exc})", step="open") from exc
         if not isinstance(obj, dict) or obj.get("format") != STORE_FORMAT:
@@ -459,6 +231,7 @@ class Store:
         self._sealed: crypt.SealedCodec | None = None
         self._catalog_cache: tuple[tuple[int, int, int], Catalog] | None = None
         self._lock_owner: int | None = None
+        self.reader = LayerReader(self.files, self._codec)
 
     @classmethod
     def create(cls, path: Path | str, *, parents: bool = False, encrypt: bool = False) -> Store:
@@ -481,7 +254,7 @@ class Store:
             )
         try:
             if not path.exists():
-                _mkdir_private(path)
+                os.mkdir(path, DIR_MODE)
             if (path / STORE_MARKER).exists():
                 store = cls(path)
                 if encrypt and not store.encrypted:
@@ -498,17 +271,21 @@ class Store:
                     f"{path} is not empty and not a vmckpt store ({', '.join(leftovers[:3])}...)",
                     step="create",
                 )
-            os.chmod(path, DIR_MODE)
-            if not (path / LAYERS_DIR).is_dir():
-                _mkdir_private(path / LAYERS_DIR)
-            # The key first: a store with a marker always has one; then its (empty) catalog.
-            store_id = keys.new_store_id()
-            encryption = crypt.ALGORITHM if encrypt else None
-            key = keys.create_key(store_id, path, encryption)
-            catalog = Catalog(store_id, generation=1)
-            write_atomic(path / CATALOG, catalog.encode(key))
-            keys.note_generation(store_id, catalog.generation)
-            _write_marker(path, store_id, encryption)
+            os.chmod(path, DIR_MODE)  # whatever the umask
+            files = StoreFiles(path)
+            try:
+                files.mkdir_layers()
+                # The key first: a store with a marker always has one; then its (empty)
+                # catalog; the marker last.
+                store_id = keys.new_store_id()
+                encryption = crypt.ALGORITHM if encrypt else None
+                key = keys.create_key(store_id, path, encryption)
+                catalog = Catalog(store_id, generation=1)
+                files.replace_root_file(CATALOG, catalog.encode(key))
+                keys.note_generation(store_id, catalog.generation)
+                files.replace_root_file(STORE_MARKER, _marker_bytes(store_id, encryption))
+            finally:
+                files.close()
             fsync_dir(path.parent)
         except OSError as exc:
             raise StoreError(f"cannot create store {path}: {exc}", step="create") from exc
@@ -549,13 +326,6 @@ class Store:
             self._sealed = crypt.SealedCodec(key.store_id, key.key)
         return self._sealed
 
-    def _write_file(
-        self, directory: Path, layer_id: str, name: str, chunks: Iterable[Any]
-    ) -> FileEntry:
-        """Write a layer file (not its manifest or seal) into its (temporary) directory as
-        the store holds it; returns the size and sha256 of its content."""
-        return _write_new(directory / name, chunks, self._codec("write"), layer_id)
-
     def no_key_error(self, step: str) -> StoreError:
         if self.store_id is None:
             why = "it has no key (it was made before layers were sealed, format 1.3)"
@@ -576,12 +346,9 @@ class Store:
     def _origin(self, layer_id: str, manifest: bytes, step: str) -> str:
         """The layer's origin from its seal, checked against the manifest's bytes."""
         try:
-            seal = read_regular(f"{self._layers}/{layer_id}/{keys.SEAL}", keys.MAX_SEAL_BYTES)
+            seal = self.files.read_layer_file(layer_id, keys.SEAL, keys.MAX_SEAL_BYTES, step)
         except FileNotFoundError:
             return keys.UNSEALED
-        except OSError as exc:
-            why = "is a symbolic link (refused)" if exc.errno == errno.ELOOP else exc.strerror
-            raise CorruptLayerError(f"{keys.SEAL}: {why}", layer=layer_id, step=step) from exc
         key = self.key
         if key is None:
             return keys.NO_KEY
@@ -603,10 +370,9 @@ class Store:
                 step=step,
             )
 
-    def _seal(self, directory: Path, layer_id: str, origin: str, manifest: bytes) -> None:
-        """Write a layer's seal into its (temporary) directory."""
-        key = self._sealing_key("seal")
-        _write_new(directory / keys.SEAL, [keys.seal_bytes(key, layer_id, origin, manifest)])
+    def _seal_bytes(self, layer_id: str, origin: str, manifest: bytes) -> bytes:
+        """A layer's seal (manifest.mac) under the store's key."""
+        return keys.seal_bytes(self._sealing_key("seal"), layer_id, origin, manifest)
 
     def adopt(self, *, new_key: bool = False, accept_rollback: bool = False) -> AdoptResult:
         """Check the store's layers and seal those that do not authenticate yet (origin
@@ -630,16 +396,12 @@ class Store:
         """
         step = "adopt"
         with self.maintenance_lock(step), self.switching(step), self.lock(step):
-            with contextlib.suppress(FileNotFoundError):
-                for entry in os.scandir(self.layers_path):
-                    if entry.name.startswith(TMP_PREFIX) and locks.directory_in_use(
-                        Path(entry.path)
-                    ):
-                        raise StoreError(
-                            "a layer is being written (a checkpoint runs); try again when "
-                            "it is done",
-                            step=step,
-                        )
+            for name in self.files.entry_names():
+                if name.startswith(TMP_PREFIX) and self.files.temporary_in_use(name):
+                    raise StoreError(
+                        "a layer is being written (a checkpoint runs); try again when it is done",
+                        step=step,
+                    )
             key = self.key
             if key is None:
                 key = self._adopt_key(new_key, step)
@@ -666,12 +428,12 @@ class Store:
                         result.already.append(layer_id)
                         continue
                     self._chain_unchecked(layer_id, step, cache)
-                    self._check_layer(manifest, step)
+                    self.reader.check(manifest, step)
                 except StoreError as exc:
                     result.refused.append((layer_id, exc.one_line()))
                     continue
                 seal = keys.seal_bytes(key, layer_id, keys.ADOPTED, data)
-                write_atomic(self._layer_dir(layer_id) / keys.SEAL, seal)
+                self.files.replace_layer_file(layer_id, keys.SEAL, seal)
                 adopted[layer_id] = [digest]
                 result.sealed.append(layer_id)
             keep = [i for i in catalog.layers if i in adopted or i in result.already]
@@ -680,10 +442,9 @@ class Store:
             if self.marker_version < (fmt.FORMAT_MAJOR, fmt.CATALOG_MINOR):
                 heads = self._legacy_heads(set(layers)) | heads
             fresh = Catalog(self.store_id, catalog.generation).changed(add=layers, heads=heads)
-            write_atomic(self.path / CATALOG, fresh.encode(key))
+            self.files.replace_root_file(CATALOG, fresh.encode(key))
             keys.note_generation(self.store_id, fresh.generation)
-            _write_marker(self.path, self.store_id, self.encryption)
-            self.marker_version = (fmt.FORMAT_MAJOR, fmt.CATALOG_MINOR)
+            self._write_marker()
             self._catalog_cache = None
         return result
 
@@ -731,11 +492,10 @@ class Store:
         """Layer files that start like an encrypted one (crypt.MAGIC), whatever the marker says."""
         found = []
         for layer_id in self._directory_layer_names():
-            path = self._layer_dir(layer_id) / PAGES
-            with contextlib.suppress(OSError):
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            with contextlib.suppress(OSError, StoreError):
+                fd, _ = self.files.open_layer_file(layer_id, PAGES, "adopt")
                 try:
-                    if stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, 8) == crypt.MAGIC:
+                    if os.read(fd, len(crypt.MAGIC)) == crypt.MAGIC:
                         found.append(f"{layer_id}/{PAGES}")
                 finally:
                     os.close(fd)
@@ -747,7 +507,7 @@ class Store:
         for layer_id in self._directory_layer_names():
             try:
                 _, data = self._manifest_unsealed(layer_id, "adopt")
-                seal = read_regular(self._layer_dir(layer_id) / keys.SEAL, keys.MAX_SEAL_BYTES)
+                seal = self.files.read_layer_file(layer_id, keys.SEAL, keys.MAX_SEAL_BYTES, "adopt")
             except (StoreError, OSError):
                 continue
             for candidate in keys.all_keys():
@@ -787,18 +547,16 @@ class Store:
     def _load_catalog(self, key: keys.StoreKey, step: str) -> Catalog | None:
         """The catalog file, authenticated and its generation checked; None if missing."""
         assert self.store_id is not None
-        path = self.path / CATALOG
         try:
-            info = os.lstat(path)
+            stamp = self.files.root_stamp(CATALOG)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StoreError(f"{CATALOG}: {exc.strerror or exc}", step=step) from exc
-        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
         if self._catalog_cache is not None and self._catalog_cache[0] == stamp:
             return self._catalog_cache[1]
         try:
-            data = read_regular(path, MAX_CATALOG_BYTES)
+            data = self.files.read_root_file(CATALOG, MAX_CATALOG_BYTES)
         except OSError as exc:
             raise StoreError(f"{CATALOG}: {exc.strerror or exc}", step=step) from exc
         catalog = Catalog.decode(data, key, self.store_id)
@@ -837,12 +595,11 @@ class Store:
         catalog = self._catalog_from_directory(key, legacy_heads=True)
         try:
             with self.lock("make the store's catalog"):
-                if os.path.lexists(self.path / CATALOG):
-                    self._catalog_cache = None
-                    return self.catalog(step) or catalog
-                write_atomic(self.path / CATALOG, catalog.encode(key))
-                _write_marker(self.path, self.store_id, self.encryption)
-                self.marker_version = (fmt.FORMAT_MAJOR, fmt.CATALOG_MINOR)
+                found = self._load_catalog(key, step)
+                if found is not None:  # another command made it meanwhile
+                    return found
+                self.files.replace_root_file(CATALOG, catalog.encode(key))
+                self._write_marker()
         except (OSError, StoreError) as exc:
             _log.warning("store %s: its catalog cannot be written (%s); read as is", self.path, exc)
             return replace(catalog, generation=0)
@@ -891,7 +648,7 @@ class Store:
         current = self.catalog(step)
         assert current is not None and self.store_id is not None
         catalog = current.changed(add=add, drop=drop, heads=heads)
-        write_atomic(self.path / CATALOG, catalog.encode(key))
+        self.files.replace_root_file(CATALOG, catalog.encode(key))
         keys.note_generation(self.store_id, catalog.generation)
         self._catalog_cache = None
         return catalog
@@ -903,7 +660,7 @@ class Store:
         catalog = self.catalog(step)
         if catalog is None:
             return
-        missing = [i for i in catalog.layers if not _is_real_dir(self._layer_dir(i))]
+        missing = [i for i in catalog.layers if not self.files.is_layer_dir(i)]
         settled: dict[str, list[str]] = {}
         for layer_id, versions in catalog.layers.items():
             if len(versions) > 1 and layer_id not in missing:
@@ -913,6 +670,23 @@ class Store:
                         settled[layer_id] = [manifest_digest(data)]
         if missing or settled:
             self._update_catalog(step, add=settled, drop=missing)
+
+    def _write_marker(self) -> None:
+        """Replace the marker (1.5: the store has a catalog), naming the store's id."""
+        assert self.store_id is not None
+        self.files.replace_root_file(STORE_MARKER, _marker_bytes(self.store_id, self.encryption))
+        self.marker_version = (fmt.FORMAT_MAJOR, fmt.CATALOG_MINOR)
+
+    def update_catalog(
+        self,
+        step: str,
+        *,
+        add: dict[str, list[str]] | None = None,
+        drop: Iterable[str] = (),
+    ) -> None:
+        """Write the catalog's next generation (chain maintenance; call under the store
+        lock): layers added or their accepted versions replaced, layers dropped."""
+        self._update_catalog(step, add=add, drop=drop)
 
     # --- paths and names --------------------------------------------------
 
@@ -935,26 +709,20 @@ class Store:
         """Name the layer's current manifest in the catalog (as someone with the key who
         rewrote the layer would: the tests of the checks behind the seal and the catalog)."""
         with self.lock("recatalog"):
-            data = read_regular(self.layer_path(layer_id, MANIFEST), MAX_MANIFEST_BYTES)
+            data = self.files.read_layer_file(layer_id, MANIFEST, MAX_MANIFEST_BYTES, "recatalog")
             self._update_catalog("recatalog", add={layer_id: [manifest_digest(data)]})
 
     def _directory_layer_names(self) -> list[str]:
         """The layer directories, whether the catalog names them or not."""
-        try:
-            entries = list(os.scandir(self.layers_path))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return [
-            e.name for e in entries if LAYER_ID_RE.match(e.name) and e.is_dir(follow_symlinks=False)
-        ]
+        return self.files.layer_names()
 
-    def _layer_names(self) -> list[str]:
+    def layer_names(self) -> list[str]:
         """The store's layers: those its catalog names whose directory is there (without a
         key: every layer directory, none of them authenticated)."""
         catalog = self.catalog("list")
         if catalog is None:
             return self._directory_layer_names()
-        return [i for i in catalog.layers if _is_real_dir(self._layer_dir(i))]
+        return [i for i in catalog.layers if self.files.is_layer_dir(i)]
 
     def uncatalogued(self) -> list[str]:
         """Layer directories the catalog does not name: a layer a crash left between its
@@ -973,16 +741,17 @@ class Store:
 
         def created(layer_id: str) -> str:
             try:
-                obj = read_json(self._layer_dir(layer_id) / MANIFEST, MAX_MANIFEST_BYTES)
-            except (OSError, ValueError):
+                data = self.files.read_layer_file(layer_id, MANIFEST, MAX_MANIFEST_BYTES, "list")
+                obj = parse_json(data)
+            except (OSError, ValueError, StoreError):
                 return ""
             value = obj.get("created") if isinstance(obj, dict) else None
             return value if isinstance(value, str) else ""
 
-        return sorted(self._layer_names(), key=lambda layer_id: (created(layer_id), layer_id))
+        return sorted(self.layer_names(), key=lambda layer_id: (created(layer_id), layer_id))
 
     def has_layer(self, layer_id: str) -> bool:
-        if not LAYER_ID_RE.match(layer_id) or not _is_real_dir(self._layer_dir(layer_id)):
+        if not self.files.is_layer_dir(layer_id):
             return False
         catalog = self.catalog("read")
         return catalog is None or layer_id in catalog.layers
@@ -991,17 +760,15 @@ class Store:
         """A fresh id (call under the store lock): 1 + the highest sequence number of any
         layer or layer being written, and 6 random hex digits."""
         seqs: list[int] = []
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.layers_path):
-                name = entry.name.removeprefix(TMP_PREFIX)
-                head = name.split("-", 1)[0]
-                if head.isdigit():
-                    seqs.append(int(head))
+        for entry in self.files.entry_names():
+            head = entry.removeprefix(TMP_PREFIX).split("-", 1)[0]
+            if head.isdigit():
+                seqs.append(int(head))
         return f"{max(seqs, default=0) + 1:04d}-{secrets.token_hex(3)}"
 
     def resolve(self, ref: str) -> str:
         """The layer id that ``ref`` names exactly or as a unique prefix."""
-        names = sorted(self._layer_names())
+        names = sorted(self.layer_names())
         if ref in names:
             return ref
         matches = [name for name in names if ref and name.startswith(ref)]
@@ -1030,8 +797,9 @@ class Store:
             yield
             return
         with locks.hold(
-            self.path / STORE_LOCK, what=what, wait_s=wait_s, busy=f"store {self.path} is busy"
-        ):
+            self.path / STORE_LOCK, what=what, wait_s=wait_s, busy=f"store {self.path} is busy",
+            dir_fd=self.files.root.fd,
+        ):  # fmt: skip
             self._lock_owner = me
             try:
                 yield
@@ -1049,6 +817,7 @@ class Store:
             wait_s=wait_s,
             busy=f"store {self.path}: a chain maintenance is switching layers",
             shared=True,
+            dir_fd=self.files.root.fd,
         )
 
     def switching(
@@ -1060,6 +829,7 @@ class Store:
             what=what,
             wait_s=wait_s,
             busy=f"store {self.path}: layers are being read (restore, verify)",
+            dir_fd=self.files.root.fd,
         )
 
     def maintenance_lock(
@@ -1071,6 +841,7 @@ class Store:
             what=what,
             wait_s=wait_s,
             busy=f"store {self.path}: another prune, squash, delete or gc is under way",
+            dir_fd=self.files.root.fd,
         )
 
     def guest_lock(
@@ -1195,7 +966,7 @@ class Store:
         if catalog is None:
             return None
         head = catalog.heads.get(head_key(kind, name))
-        if head is not None and _is_real_dir(self._layer_dir(head.layer)):
+        if head is not None and self.files.is_layer_dir(head.layer):
             return head.layer
         return None
 
@@ -1241,45 +1012,74 @@ class Store:
 
     def find_medium(self, sha256: str, original: str) -> Path | None:
         """A file with this content: the original path if it still holds it, else the store's
-        copy. The content hash decides, never the path."""
-        candidates = [Path(original)]
-        with contextlib.suppress(StoreError):
-            candidates.append(self.media_path(sha256, Path(original).name))
-        for candidate in candidates:
-            with contextlib.suppress(OSError):
-                if candidate.is_file() and sha256_file(candidate.resolve()) == sha256:
-                    return candidate.resolve() if candidate == Path(original) else candidate
+        copy (a regular file of its own in real directories of the store, never a link). The
+        content hash decides, never the path."""
+        with contextlib.suppress(OSError):
+            path = Path(original)
+            if path.is_file() and sha256_file(path.resolve()) == sha256:
+                return path.resolve()
+        try:
+            copy = self.media_path(sha256, Path(original).name)
+        except StoreError:
+            return None
+        for directory in (copy.parent.parent, copy.parent):
+            if not _is_real_dir(directory):
+                return None
+        with contextlib.suppress(OSError):
+            info = os.lstat(copy)
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and sha256_file(copy) == sha256:
+                return copy
         return None
 
     def import_medium(self, sha256: str, file_name: str, chunks: Iterable[bytes]) -> Path:
-        """Store a copy of a boot medium received from another host, checked by its hash."""
+        """Store a copy of a boot medium received from another host, checked by its hash:
+        written as a new file in media/<sha256>/ (reached without following a link) and
+        renamed into place only once its content matched."""
         target = self.media_path(sha256, file_name)
         try:
-            for directory in (target.parent.parent, target.parent):
-                if not _is_real_dir(directory):
-                    make_private_dir(directory)
-            partial = target.with_name(f"{TMP_PREFIX}{file_name}-{secrets.token_hex(4)}")
-            try:
-                entry = _write_new(partial, chunks)
-                if entry.sha256 != sha256:
-                    raise StoreError(
-                        f"{file_name}: the copy's sha256 is not the one announced", step="media"
-                    )
-                os.replace(partial, target)
-            finally:
-                partial.unlink(missing_ok=True)
-            fsync_dir(target.parent)
+            root = self.files.root
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(MEDIA_DIR, DIR_MODE, dir_fd=root.fd)
+            with root.sub(MEDIA_DIR) as media:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(sha256, DIR_MODE, dir_fd=media.fd)
+                copies = media.sub(sha256)
+            with copies:
+                partial = f"{TMP_PREFIX}{file_name}-{secrets.token_hex(4)}"
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(partial, flags, FILE_MODE, dir_fd=copies.fd)
+                try:
+                    entry = write_chunks(fd, chunks, crypt.PLAIN, "", file_name)
+                    if entry.sha256 != sha256:
+                        raise StoreError(
+                            f"{file_name}: the copy's sha256 is not the one announced",
+                            step="media",
+                        )
+                    os.rename(partial, file_name, src_dir_fd=copies.fd, dst_dir_fd=copies.fd)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(partial, dir_fd=copies.fd)
+                os.fsync(copies.fd)
         except OSError as exc:
             raise StoreError(f"cannot store medium {file_name}: {exc}", step="media") from exc
         return target
 
     # --- reading ----------------------------------------------------------
 
-    def manifest(self, layer_id: str) -> LayerManifest:
-        """The layer's manifest, its checksum and format version checked."""
-        return self._manifest(layer_id, "read")
+    def manifest(self, layer_id: str, step: str = "read") -> LayerManifest:
+        """The layer's manifest, authenticated (its seal, the catalog), its checksum and
+        format version checked."""
+        return self._manifest(layer_id, step)
+
+    def manifest_with_digest(self, layer_id: str, step: str) -> tuple[LayerManifest, str]:
+        """The layer's manifest (as :meth:`manifest`) and the digest the catalog names it by."""
+        manifest, data = self._manifest_checked(layer_id, step)
+        return manifest, manifest_digest(data)
 
     def _manifest(self, layer_id: str, step: str) -> LayerManifest:
+        return self._manifest_checked(layer_id, step)[0]
+
+    def _manifest_checked(self, layer_id: str, step: str) -> tuple[LayerManifest, bytes]:
         manifest, data = self._manifest_unsealed(layer_id, step)
         origin = self._origin(layer_id, data, step)
         catalog = self.catalog(step)
@@ -1298,30 +1098,14 @@ class Store:
                     layer=layer_id,
                     step=step,
                 )
-        return replace(manifest, origin=origin)
+        return replace(manifest, origin=origin), data
 
     def _manifest_unsealed(self, layer_id: str, step: str) -> tuple[LayerManifest, bytes]:
         """The layer's manifest, checked but not authenticated, and its bytes."""
-        if not LAYER_ID_RE.match(layer_id):
-            raise StoreError(f"{layer_id!r} is not a layer id", step=step)
-        directory = f"{self._layers}/{layer_id}"
         try:
-            kind = os.lstat(directory).st_mode
-        except OSError:
-            kind = 0
-        if not stat.S_ISDIR(kind):
-            if stat.S_ISLNK(kind):
-                raise CorruptLayerError(
-                    "the layer directory is a symbolic link (refused)", layer=layer_id, step=step
-                )
-            raise StoreError(f"no such layer in {self.path}", layer=layer_id, step=step)
-        try:
-            data = read_regular(f"{directory}/{MANIFEST}", MAX_MANIFEST_BYTES)
+            data = self.files.read_layer_file(layer_id, MANIFEST, MAX_MANIFEST_BYTES, step)
         except FileNotFoundError as exc:
             raise CorruptLayerError(f"{MANIFEST} is missing", layer=layer_id, step=step) from exc
-        except OSError as exc:
-            why = "is a symbolic link (refused)" if exc.errno == errno.ELOOP else exc.strerror
-            raise CorruptLayerError(f"{MANIFEST}: {why}", layer=layer_id, step=step) from exc
         manifest = fmt.parse_manifest(data, layer_id, step)
         if manifest.id != layer_id:
             raise CorruptLayerError(
@@ -1398,124 +1182,6 @@ class Store:
         chain.reverse()
         return chain
 
-    def _open_listed(self, manifest: LayerManifest, name: str, step: str) -> crypt.LayerFile:
-        """Open a listed file of a layer to read its content, checked to be a regular file
-        (never a link: it could point anywhere outside the store) of the listed size (in an
-        encrypted store: the size that holds the listed size encrypted)."""
-        path = f"{self._layers}/{manifest.id}/{name}"
-        entry = manifest.files[name]
-        codec = self._codec(step)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError as exc:
-            raise CorruptLayerError(f"{name} is missing", layer=manifest.id, step=step) from exc
-        except OSError as exc:
-            reason = "is not a regular file" if exc.errno == errno.ELOOP else f"{exc.strerror}"
-            raise CorruptLayerError(f"{name} {reason}", layer=manifest.id, step=step) from exc
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise CorruptLayerError(
-                    f"{name} is not a regular file", layer=manifest.id, step=step
-                )
-            if info.st_nlink != 1:
-                # It may be a file outside the store: nothing of it is read or shown.
-                raise CorruptLayerError(
-                    f"{name} has other hard links (refused)", layer=manifest.id, step=step
-                )
-            expected = codec.disk_size(entry.size)
-            if info.st_size != expected:
-                hint = " (truncated?)" if info.st_size < expected else ""
-                listed = (
-                    f"manifest says {entry.size}"
-                    if codec.encryption is None
-                    else f"{expected} expected for the {entry.size} bytes the manifest lists, "
-                    "encrypted"
-                )
-                raise CorruptLayerError(
-                    f"{name} is {info.st_size} bytes, {listed}{hint}",
-                    layer=manifest.id,
-                    step=step,
-                )
-            return codec.reader(fd, entry.size, manifest.id, name, step)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def _file_info(self, manifest: LayerManifest, name: str, step: str) -> None:
-        """A listed file of a layer: present, a regular file, of the listed size."""
-        self._open_listed(manifest, name, step).close()
-
-    def _read_small(self, manifest: LayerManifest, name: str, step: str) -> bytes:
-        """A small listed file (index, digests, prelude, device state), checked: size, sha256."""
-        with self._open_listed(manifest, name, step) as src:
-            data = src.read_all()
-        _check_digest(manifest, name, hashlib.sha256(data).hexdigest(), step)
-        return data
-
-    def _layer_index(self, manifest: LayerManifest, step: str, sums: bool = True) -> _LayerIndex:
-        """The layer's decoded page index and (1.2, if ``sums``) page digests, both checked."""
-        parts = fmt.decode_index(self._read_small(manifest, INDEX, step), manifest, step)
-        stored = sum(part.stored.size for part in parts)
-        if manifest.files[PAGES].size != stored * PAGE_SIZE:
-            raise CorruptLayerError(
-                f"{PAGES}: manifest says {manifest.files[PAGES].size} bytes, but the index "
-                f"stores {stored} pages ({stored * PAGE_SIZE} bytes)",
-                layer=manifest.id,
-                step=step,
-            )
-        digests = None
-        if sums and manifest.has_page_sums:
-            digests = self._page_sums(manifest, step)
-        return _LayerIndex(parts, digests)
-
-    def _page_sums(self, manifest: LayerManifest, step: str) -> npt.NDArray[np.uint8]:
-        return fmt.decode_sums(self._read_small(manifest, SUMS, step), manifest, step)
-
-    def _check_layer(self, manifest: LayerManifest, step: str) -> _CheckedLayer:
-        """Check every file of a layer against its manifest, all of it: sizes and sha256 of
-        every file, the index, and (1.2) every page against its digest."""
-        layer_id = manifest.id
-        for name in sorted(manifest.files):
-            self._file_info(manifest, name, step)
-        index = self._layer_index(manifest, step)
-        small = {name: self._read_small(manifest, name, step) for name in (PRELUDE, DEVICE)}
-        for name in sorted(manifest.files):
-            if name in (PAGES, INDEX, SUMS, PRELUDE, DEVICE):
-                continue
-            if name.startswith("disk-") and name.endswith(".bin"):
-                with self._open_listed(manifest, name, step) as src:
-                    _check_digest(manifest, name, src.sha256(), step)
-            else:
-                small[name] = self._read_small(manifest, name, step)
-        self._check_pages(manifest, index, step)
-        for disk in manifest.disks:
-            fmt.decode_disk_index(small[disk.index_file], disk, layer_id, step)
-        return _CheckedLayer(manifest, index.parts, small[PRELUDE], small[DEVICE])
-
-    def _check_pages(self, manifest: LayerManifest, index: _LayerIndex, step: str) -> None:
-        """pages.bin read once: its sha256, and (1.2) each page against pages.sum."""
-        total = manifest.pages_stored
-        digest = hashlib.sha256()
-        scratch = np.empty((min(total, CHUNK_PAGES), PAGE_SIZE), dtype=np.uint8)
-        first_bad: CorruptLayerError | None = None
-        with self._open_listed(manifest, PAGES, step) as src:
-            for start in range(0, total, CHUNK_PAGES):
-                buf = scratch[: min(CHUNK_PAGES, total - start)]
-                src.pread_into(buf, start * PAGE_SIZE)
-                digest.update(buf.data)
-                if index.sums is not None and first_bad is None:
-                    positions = np.arange(start, start + buf.shape[0])
-                    try:
-                        _check_page_sums(manifest, index, positions, buf, step)
-                    except CorruptLayerError as exc:
-                        first_bad = exc
-        # The file's own checksum speaks first; a page that matches no digest in a file
-        # that matches its checksum means a wrong pages.sum.
-        _check_digest(manifest, PAGES, digest.hexdigest(), step)
-        if first_bad is not None:
-            raise first_bad
-
     def verify(self, layer_id: str | None = None) -> list[str]:
         """Verify the chain ending at ``layer_id``, or every layer of the store.
 
@@ -1531,14 +1197,14 @@ class Store:
                 chain = self._chain(layer_id, "verify", cache)
                 self.require_sealed(chain, "verify")
                 for manifest in chain:
-                    self._check_layer(manifest, "verify")
+                    self.reader.check(manifest, "verify")
                 return [manifest.id for manifest in chain]
             ids = self.layer_ids()
             checked: set[str] = set()
             for each in ids:
                 checked.update(m.id for m in self._chain(each, "verify", cache, checked))
                 self.require_sealed([cache[each]], "verify")
-                self._check_layer(cache[each], "verify")
+                self.reader.check(cache[each], "verify")
             return ids
 
     def compose(self, layer_id: str) -> tuple[RamImage, bytes, bytes]:
@@ -1556,56 +1222,15 @@ class Store:
             chain = self._chain(layer_id, "compose", {})
             self.require_sealed(chain, "compose")
             newest = chain[-1]
-            self._check_ram_size(newest, "compose")
+            self.check_ram_size(newest, "compose")
             blocks = [RamBlock(block.idstr, block.length) for block in newest.blocks]
             image = RamImage.zeroed(blocks)
-            self._gather(list(reversed(chain)), image, _Coverage.of(blocks), "compose")
-            prelude = self._read_small(newest, PRELUDE, "compose")
-            device = self._read_small(newest, DEVICE, "compose")
+            gather(self.reader, list(reversed(chain)), image, Coverage.of(blocks), "compose")
+            prelude = self.reader.read_small(newest, PRELUDE, "compose")
+            device = self.reader.read_small(newest, DEVICE, "compose")
         return image, prelude, device
 
-    def _gather(
-        self,
-        newest_first: list[LayerManifest],
-        image: RamImage,
-        coverage: _Coverage,
-        step: str,
-    ) -> None:
-        """Copy into ``image`` each page's newest version among ``newest_first``, skipping
-        pages ``coverage`` says a newer layer decided already; update ``coverage``. Every
-        page copied is checked first (its digest, or its file's sha256)."""
-        block_numbers = {block.idstr: number for number, block in enumerate(image.blocks)}
-        batch = _PageBatch(image, step)
-        for manifest in newest_first:
-            if coverage.remaining == 0:
-                break
-            # pages.sum is read only if the layer has pages to give.
-            index = self._layer_index(manifest, step, sums=False)
-            positions: list[npt.NDArray[np.int64]] = []
-            blocks: list[npt.NDArray[np.int32]] = []
-            pages: list[PageNumbers] = []
-            offset = 0
-            for block, part in zip(manifest.blocks, index.parts, strict=True):
-                if part.stored.size or part.zeroed.size:
-                    fresh = coverage.take(block.idstr, part)
-                    if fresh.any():
-                        chosen = np.flatnonzero(fresh)
-                        positions.append(chosen + offset)
-                        pages.append(part.stored[chosen])
-                        blocks.append(np.full(chosen.size, block_numbers[block.idstr], np.int32))
-                offset += part.stored.size
-            if not positions:
-                continue
-            wanted = _Wanted(np.concatenate(positions), np.concatenate(blocks),
-                             np.concatenate(pages))  # fmt: skip
-            with self._open_listed(manifest, PAGES, step) as src:
-                if not manifest.has_page_sums:
-                    _read_whole(src, manifest, wanted, image, step)
-                else:
-                    batch.add(src, manifest, self._page_sums(manifest, step), wanted)
-        batch.flush()
-
-    def _check_ram_size(self, manifest: LayerManifest, step: str) -> None:
+    def check_ram_size(self, manifest: LayerManifest, step: str) -> None:
         """Refuse, before allocating it, RAM far beyond what the layer's guest has."""
         memory = manifest.spec.get("memory_mib")
         limit = (memory << 20 if type(memory) is int and memory > 0 else 0) + RAM_SLACK_BYTES
@@ -1657,15 +1282,17 @@ class Store:
                     assert record is not None
                     size = record.size
                     out.truncate(size)
-                    index_bytes = self._read_small(manifest, record.index_file, "compose-disk")
-                    self._file_info(manifest, record.data_file, "compose-disk")
+                    index_bytes = self.reader.read_small(
+                        manifest, record.index_file, "compose-disk"
+                    )
+                    self.reader.check_present(manifest, record.data_file, "compose-disk")
                     index = fmt.decode_disk_index(index_bytes, record, manifest.id, "compose-disk")
                     for offset, length in index.zeroed:
                         out.seek(offset)
                         for start in range(0, length, 1 << 20):
                             out.write(bytes(min(1 << 20, length - start)))
                     digest = hashlib.sha256()
-                    with self._open_listed(manifest, record.data_file, "compose-disk") as src:
+                    with self.reader.open(manifest, record.data_file, "compose-disk") as src:
                         # The data file holds the stored extents one after the other.
                         chunks = src.chunks()
                         pending = memoryview(b"")
@@ -1709,10 +1336,11 @@ class Store:
         """Refuse early (before a guest is paused for a checkpoint) a store that cannot take
         a new layer: a read-only file system, missing permissions, no key to seal it."""
         self._sealing_key("check-store")
-        probe = self.layers_path / f"{TMP_PREFIX}probe-{secrets.token_hex(4)}"
+        probe = f"{TMP_PREFIX}probe-{secrets.token_hex(4)}"
         try:
-            _mkdir_private(probe)
-            probe.rmdir()
+            layers = self.files.layers
+            os.mkdir(probe, DIR_MODE, dir_fd=layers.fd)
+            os.rmdir(probe, dir_fd=layers.fd)
         except OSError as exc:
             raise StoreError(
                 f"cannot write into {self.layers_path}: {exc.strerror or exc}", step="check-store"
@@ -1744,7 +1372,7 @@ class Store:
         (keys.py).
         """
         self._sealing_key("write")
-        parts = _check_content(content)
+        parts = check_content(content)
         if content.parent is not None:
             parent = self._manifest(content.parent, "write")
             layout = [(block.idstr, block.length) for block in content.ram.blocks]
@@ -1754,119 +1382,74 @@ class Store:
                     f"{parent.id} {parent.layout}",
                     step="write",
                 )
-        disks = [_disk_write(delta) for delta in content.disks]
-        created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         if head_of is not None:
             self.runtime_path(head_of[1], head_of[0])  # a name the catalog can hold
-        tmp, layer_id, fd = self._make_temporary(None)
+        disks = [DiskWrite.of(delta) for delta in content.disks]
+        created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        temp = self._make_temporary(None)
         try:
-            manifest, digest = self._write_layer_files(
-                tmp, layer_id, content, parts, disks, created=created, origin=origin
+            manifest, digest = self.write_version(
+                temp, content, parts, disks, created=created, origin=origin
             )
             faults.point(faults.MID_WRITE)
-            self._publish(tmp, layer_id, digest, content.parent, head_of)
+            self._publish(temp, digest, content.parent, head_of)
         except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)  # nothing, once renamed into place
+            self.files.remove(temp.name)  # nothing, once renamed into place
             if isinstance(exc, OSError):
-                raise _write_error(exc, layer_id) from exc
+                raise _write_error(exc, temp.layer_id) from exc
             raise
         finally:
-            os.close(fd)
+            temp.close()
         return manifest
 
-    def _make_temporary(self, layer_id: str | None) -> tuple[Path, str, int]:
+    def _make_temporary(self, layer_id: str | None) -> TempLayer:
         """A temporary layer directory layers/.tmp-<id>-<random>/ (for a new id if
-        ``layer_id`` is None), made and locked under the store lock; returns it, the id and
-        the fd that holds its lock (close it when done)."""
+        ``layer_id`` is None), made and locked under the store lock (close it when done)."""
         try:
             with self.lock("allocate a layer id" if layer_id is None else f"write {layer_id}"):
                 if layer_id is None:
                     self._remove_dead_temporaries()
                     layer_id = self._new_layer_id()
-                tmp = self.layers_path / f"{TMP_PREFIX}{layer_id}-{secrets.token_hex(4)}"
-                _mkdir_private(tmp)
-                try:
-                    fd = locks.lock_directory(tmp)
-                except BaseException:
-                    tmp.rmdir()
-                    raise
+                return self.files.new_temporary(layer_id)
         except OSError as exc:
             raise StoreError(
                 f"cannot write into {self.layers_path}: {exc.strerror or exc}", step="write"
             ) from exc
-        return tmp, layer_id, fd
+
+    def new_version(self, layer_id: str) -> TempLayer:
+        """A temporary directory for a new version of layer ``layer_id`` (chain maintenance
+        writes it with :meth:`write_version`; close it when done)."""
+        return self._make_temporary(layer_id)
 
     def _remove_dead_temporaries(self) -> None:
         """Temporary layer directories whose writer died (their lock is free) go at the next
         commit (gc removes them too). Call under the store lock."""
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.layers_path):
-                if entry.name.startswith(TMP_PREFIX) and not locks.directory_in_use(
-                    Path(entry.path)
-                ):
-                    shutil.rmtree(entry.path, ignore_errors=True)
+        for name in self.files.entry_names():
+            if name.startswith(TMP_PREFIX) and not self.files.temporary_in_use(name):
+                self.files.remove(name)
 
-    def _write_layer_files(
+    def write_version(
         self,
-        tmp: Path,
-        layer_id: str,
+        temp: TempLayer,
         content: LayerContent,
         parts: list[BlockIndex],
-        disks: list[_DiskWrite],
+        disks: list[DiskWrite],
         *,
         created: str,
         origin: str,
     ) -> tuple[LayerManifest, str]:
-        """Write a complete layer into ``tmp``: its files, each fsynced, its seal, then
-        manifest.json, then the directory's fsync. Returns the manifest as read back and the
-        digest the catalog names it by."""
-        sums: list[npt.NDArray[np.uint8]] = []
-
-        def pages() -> Iterable[npt.NDArray[np.uint8]]:
-            for chunk in _page_chunks(content.ram, parts):
-                sums.append(fmt.page_digests(chunk))
-                yield chunk
-
-        def write(name: str, chunks: Iterable[Any]) -> FileEntry:
-            return self._write_file(tmp, layer_id, name, chunks)
-
-        files = {PAGES: write(PAGES, pages())}
-        files[SUMS] = write(SUMS, sums)
-        files[INDEX] = write(INDEX, [fmt.encode_index(parts)])
-        files[PRELUDE] = write(PRELUDE, [content.prelude])
-        files[DEVICE] = write(DEVICE, [content.epilogue])
-        records = _write_disks(disks, files, write)
-        manifest = LayerManifest(
-            id=layer_id,
-            parent=content.parent,
-            created=created,
-            guest=content.guest,
-            spec=content.spec,
-            qemu_version=content.qemu_version,
-            machine_type=content.machine_type,
-            mechanism=content.mechanism,
-            ram_section=content.ram_section,
-            blocks=tuple(
-                fmt.BlockSummary(block.idstr, block.length, part.stored.size, part.zeroed.size)
-                for block, part in zip(content.ram.blocks, parts, strict=True)
-            ),
-            stats=content.stats,
-            files=files,
-            format_version=(fmt.FORMAT_MAJOR, fmt.LAYER_MINOR),
-            disks=records,
+        """Write a complete layer into ``temp`` (layerio.LayerWriter): its files, its seal,
+        its manifest. Returns the manifest as read back and the digest the catalog names it
+        by."""
+        writer = LayerWriter(self._codec("write"))
+        manifest, data = writer.write(
+            temp, content, parts, disks, created=created, origin=origin, seal=self._seal_bytes
         )
-        data = fmt.manifest_bytes(fmt.manifest_to_json(manifest))
-        # Return what a reader will see (JSON turns tuples into lists, etc.).
-        manifest = replace(fmt.parse_manifest(data, layer_id, "write"), origin=origin)
-        self._seal(tmp, layer_id, origin, data)
-        _write_new(tmp / MANIFEST, [data])
-        fsync_dir(tmp)
         return manifest, manifest_digest(data)
 
     def _publish(
         self,
-        tmp: Path,
-        layer_id: str,
+        temp: TempLayer,
         digest: str,
         parent: str | None,
         head_of: tuple[str, str] | None,
@@ -1874,7 +1457,7 @@ class Store:
         """Rename a complete temporary layer into place, then commit it (and move the head)
         in the catalog, under the store lock. A failure before the catalog's write removes
         the layer's directory."""
-        final = self._layer_dir(layer_id)
+        layer_id = temp.layer_id
         renamed = False
         try:
             with self.lock(f"publish layer {layer_id}"):
@@ -1884,11 +1467,8 @@ class Store:
                         f"its parent layer {parent} was removed meanwhile", layer=layer_id,
                         step="write",
                     )  # fmt: skip
-                if os.path.lexists(final):
-                    raise StoreError(f"{final} exists already", layer=layer_id, step="write")
-                os.rename(tmp, final)
+                self.files.publish(temp, layer_id)
                 renamed = True
-                fsync_dir(self.layers_path)
                 faults.point(faults.BEFORE_HEAD)
                 heads: dict[str, Head | None] = {}
                 if head_of is not None:
@@ -1896,7 +1476,8 @@ class Store:
                     heads[head_key(kind, name)] = Head(layer_id, host_id())
                 self._update_catalog("write", add={layer_id: [digest]}, heads=heads)
         except BaseException as exc:
-            shutil.rmtree(final if renamed else tmp, ignore_errors=True)
+            if renamed:
+                self.files.unpublish(layer_id)
             if isinstance(exc, OSError):
                 raise _write_error(exc, layer_id) from exc
             raise
@@ -1926,8 +1507,7 @@ class Store:
             )
         self._sealing_key("receive-layer")
         if self.has_layer(layer_id):
-            ours = sha256_file(self._layer_dir(layer_id) / MANIFEST)
-            if ours != manifest_sha256:
+            if self.manifest_sha256(layer_id) != manifest_sha256:
                 raise StoreError(
                     "the store has a different layer under this id", layer=layer_id,
                     step="receive-layer",
@@ -1936,7 +1516,8 @@ class Store:
                 for _chunk in chunks:
                     pass  # consume what the sender sends anyway
             return False
-        tmp, _, fd = self._make_temporary(layer_id)
+        temp = self._make_temporary(layer_id)
+        codec = self._codec("receive-layer")
         try:
             written: dict[str, FileEntry] = {}
             for name, chunks in files:
@@ -1944,27 +1525,27 @@ class Store:
                     raise StoreError(
                         f"file name {name!r} is not allowed", layer=layer_id, step="receive-layer"
                     )
-                if name == MANIFEST:  # never encrypted
-                    written[name] = _write_new(tmp / name, chunks)
-                else:  # as this store holds its files, whatever the sender's did
-                    written[name] = self._write_file(tmp, layer_id, name, chunks)
-            manifest = self._check_copy(tmp, layer_id, manifest_sha256, written)
-            with os.fdopen(open_nofollow(tmp / MANIFEST), "rb") as handle:
-                self._seal(tmp, layer_id, origin, handle.read())
-            fsync_dir(tmp)
-            self._publish(tmp, layer_id, manifest_sha256, manifest.parent, None)
+                # As this store holds its files, whatever the sender's did; the manifest is
+                # never encrypted.
+                written[name] = temp.write(name, chunks, crypt.PLAIN if name == MANIFEST else codec)
+            manifest, data = self._check_copy(temp, manifest_sha256, written)
+            temp.write(keys.SEAL, [self._seal_bytes(layer_id, origin, data)])
+            temp.sync()
+            self._publish(temp, manifest_digest(data), manifest.parent, None)
         except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.files.remove(temp.name)
             if isinstance(exc, OSError):
                 raise _write_error(exc, layer_id) from exc
             raise
         finally:
-            os.close(fd)
+            temp.close()
         return True
 
     def _check_copy(
-        self, tmp: Path, layer_id: str, manifest_sha256: str, written: dict[str, FileEntry]
-    ) -> LayerManifest:
+        self, temp: TempLayer, manifest_sha256: str, written: dict[str, FileEntry]
+    ) -> tuple[LayerManifest, bytes]:
+        layer_id = temp.layer_id
+
         def bad(message: str) -> StoreError:
             return StoreError(f"the copy is damaged: {message}", layer=layer_id, step="check-copy")
 
@@ -1972,8 +1553,8 @@ class Store:
             raise bad(f"{MANIFEST} is missing")
         if written[MANIFEST].sha256 != manifest_sha256:
             raise bad(f"{MANIFEST} differs from the one the sender has")
-        with os.fdopen(open_nofollow(tmp / MANIFEST), "rb") as handle:
-            manifest = fmt.parse_manifest(handle.read(), layer_id, "check-copy")
+        data = read_regular(MANIFEST, MAX_MANIFEST_BYTES, dir_fd=temp.dir.fd)
+        manifest = fmt.parse_manifest(data, layer_id, "check-copy")
         if manifest.id != layer_id:
             raise bad(f"{MANIFEST} names layer {manifest.id}")
         for name, entry in manifest.files.items():
@@ -1985,7 +1566,7 @@ class Store:
         extra = set(written) - set(manifest.files) - {MANIFEST}
         if extra:
             raise bad(f"unexpected files {sorted(extra)}")
-        return manifest
+        return manifest, data
 
     def layer_files(self, layer_id: str) -> list[tuple[str, int, Iterator[bytes]]]:
         """A committed layer's files to send to another store: name, size and content (the
@@ -1997,14 +1578,10 @@ class Store:
         step = "send"
 
         def content(name: str) -> Iterator[bytes]:
-            with self._open_listed(manifest, name, step) as src:
+            with self.reader.open(manifest, name, step) as src:
                 yield from src.chunks()
 
-        fd = open_nofollow(self._layer_dir(layer_id) / MANIFEST)
-        try:
-            data = _read_at_most(fd, MAX_MANIFEST_BYTES + 1)
-        finally:
-            os.close(fd)
+        data = self.files.read_layer_file(layer_id, MANIFEST, MAX_MANIFEST_BYTES, step)
         files = [
             (name, manifest.files[name].size, content(name)) for name in sorted(manifest.files)
         ]
@@ -2012,8 +1589,11 @@ class Store:
 
     def manifest_sha256(self, layer_id: str) -> str:
         """The SHA-256 of a layer's manifest.json file as stored (its identity across stores)."""
-        self.manifest(layer_id)
-        return sha256_file(self._layer_dir(layer_id) / MANIFEST)
+        data = self.files.read_layer_file(layer_id, MANIFEST, MAX_MANIFEST_BYTES, "read")
+        catalog = self.catalog("read")
+        if catalog is not None and not catalog.accepts(layer_id, manifest_digest(data)):
+            self.manifest(layer_id)  # says what is wrong with it
+        return manifest_digest(data)
 
     def bytes_on_disk(self) -> int:
         """The size of every file in the store (layers, runtime files, media)."""
@@ -2032,182 +1612,3 @@ def _write_error(exc: OSError, layer_id: str) -> StoreError:
     """An OSError while writing a layer, as a StoreError naming the file."""
     where = Path(exc.filename).name if exc.filename else "layer directory"
     return StoreError(f"{where}: {exc.strerror or exc}", layer=layer_id, step="write")
-
-
-def _file_chunks(path: Path, expected: int) -> Iterable[bytes]:
-    """The bytes of a scratch file, exactly ``expected`` of them (else StoreError)."""
-    got = 0
-    with open(path, "rb") as src:
-        for chunk in iter(lambda: src.read(1 << 20), b""):
-            got += len(chunk)
-            yield chunk
-    if got != expected:
-        raise StoreError(f"{path} holds {got} bytes, its extents need {expected}", step="write")
-
-
-@dataclass(frozen=True)
-class _DiskWrite:
-    """A disk delta to write into a layer: its record's fields, and its data as chunks (the
-    stored extents' bytes, concatenated in order)."""
-
-    id: str
-    format: str
-    size: int
-    path: str
-    full: bool
-    stored: fmt.Extents
-    zeroed: fmt.Extents
-    bitmap: str | None
-    chunks: Iterable[bytes]
-
-
-def _disk_write(delta: DiskDelta) -> _DiskWrite:
-    stored_bytes = sum(length for _, length in delta.stored)
-    return _DiskWrite(
-        delta.id, delta.format, delta.size, delta.path, delta.full, delta.stored, delta.zeroed,
-        delta.bitmap, _file_chunks(delta.data_path, stored_bytes),
-    )  # fmt: skip
-
-
-def _write_disks(
-    disks: list[_DiskWrite],
-    files: dict[str, FileEntry],
-    write: Callable[[str, Iterable[Any]], FileEntry],
-) -> tuple[fmt.DiskRecord, ...]:
-    """Write each disk delta's index and data into the layer being built (with ``write``)."""
-    records: list[fmt.DiskRecord] = []
-    for delta in disks:
-        if not fmt.DISK_ID_RE.match(delta.id) or any(r.id == delta.id for r in records):
-            raise StoreError(f"disk id {delta.id!r} is not allowed or repeats", step="write")
-        problem = fmt.check_extents(delta.stored, delta.zeroed, delta.size)
-        if problem:
-            raise StoreError(f"disk {delta.id}: {problem}", step="write")
-        record = fmt.DiskRecord(
-            id=delta.id,
-            format=delta.format,
-            size=delta.size,
-            path=delta.path,
-            full=delta.full,
-            extents_stored=len(delta.stored),
-            extents_zeroed=len(delta.zeroed),
-            bytes_stored=sum(length for _, length in delta.stored),
-            bytes_zeroed=sum(length for _, length in delta.zeroed),
-            bitmap=delta.bitmap,
-        )
-        files[record.index_file] = write(
-            record.index_file, [fmt.encode_disk_index(delta.stored, delta.zeroed)]
-        )
-        files[record.data_file] = write(record.data_file, delta.chunks)
-        if files[record.data_file].size != record.bytes_stored:
-            raise StoreError(
-                f"disk {delta.id}: {files[record.data_file].size} bytes of data, its extents "
-                f"need {record.bytes_stored}",
-                step="write",
-            )
-        records.append(record)
-    return tuple(records)
-
-
-def _page_chunks(
-    ram: RamImage | PageSet, parts: list[BlockIndex]
-) -> Iterable[npt.NDArray[np.uint8]]:
-    """The stored pages in index order, copied out CHUNK_PAGES at a time into one buffer."""
-    largest = max((part.stored.size for part in parts), default=0)
-    scratch = np.empty((min(largest, CHUNK_PAGES), PAGE_SIZE), dtype=np.uint8)
-    for block, part in zip(ram.blocks, parts, strict=True):
-        for start in range(0, part.stored.size, CHUNK_PAGES):
-            numbers = part.stored[start : start + CHUNK_PAGES]
-            buf = scratch[: numbers.size]
-            ram.take(block.idstr, numbers, buf)
-            yield buf
-
-
-def _page_numbers(raw: Any, block: RamBlock, what: str) -> PageNumbers:
-    """Validate page numbers given for a block; return them sorted, unique, uint32."""
-    if raw is None:
-        return np.zeros(0, dtype=np.uint32)
-    numbers = np.asarray(raw)
-    if numbers.ndim != 1 or (numbers.size and numbers.dtype.kind not in "ui"):
-        raise StoreError(
-            f"{what} of RAM block {block.idstr!r} must be a 1-d array of page numbers",
-            step="write",
-        )
-    if numbers.size == 0:
-        return np.zeros(0, dtype=np.uint32)
-    low, high = int(numbers.min()), int(numbers.max())
-    if low < 0 or high >= block.pages:
-        raise StoreError(
-            f"{what} of RAM block {block.idstr!r}: page {low if low < 0 else high} is outside "
-            f"the block ({block.pages} pages)",
-            step="write",
-        )
-    result: PageNumbers = numbers.astype(np.uint32)
-    if result.size > 1 and not bool(np.all(result[1:] > result[:-1])):
-        result = np.unique(result)
-    return result
-
-
-def _check_content(content: LayerContent) -> list[BlockIndex]:
-    """Validate what is to be written; return each block's index, in block order."""
-    ram = content.ram
-    names = [block.idstr for block in ram.blocks]
-    if len(set(names)) != len(names):
-        raise StoreError(f"RAM block names repeat: {names}", step="write")
-    unknown = (set(content.pages) | set(content.zeroed)) - set(names)
-    if unknown:
-        raise StoreError(f"pages given for unknown RAM blocks {sorted(unknown)}", step="write")
-    for what, value in (("spec", content.spec), ("stats", content.stats)):
-        try:
-            fmt.canonical_json(value)
-        except (TypeError, ValueError) as exc:
-            raise StoreError(f"{what} cannot be stored as JSON: {exc}", step="write") from exc
-    parts: list[BlockIndex] = []
-    for block in ram.blocks:
-        if isinstance(ram, PageSet):
-            stored = _page_numbers(content.pages.get(block.idstr), block, "pages")
-            zeroed = _page_numbers(content.zeroed.get(block.idstr), block, "zeroed")
-            held = ram.stored.get(block.idstr, np.zeros(0, dtype=np.uint32))
-            if np.setdiff1d(stored, held, assume_unique=True).size:
-                raise StoreError(
-                    f"pages of RAM block {block.idstr!r} are to be stored without their data",
-                    step="write",
-                )
-            if np.intersect1d(stored, zeroed, assume_unique=True).size:
-                raise StoreError(
-                    f"a page of RAM block {block.idstr!r} is both stored and zeroed", step="write"
-                )
-            parts.append(BlockIndex(stored=stored, zeroed=zeroed))
-            continue
-        data = ram.data.get(block.idstr)
-        if (
-            data is None
-            or data.dtype != np.uint8
-            or data.shape != (block.pages * PAGE_SIZE,)
-            or not data.flags.c_contiguous
-        ):
-            raise StoreError(
-                f"RAM block {block.idstr!r}: data must be {block.pages * PAGE_SIZE} contiguous "
-                "uint8 bytes",
-                step="write",
-            )
-        stored = _page_numbers(content.pages.get(block.idstr), block, "pages")
-        zeroed = _page_numbers(content.zeroed.get(block.idstr), block, "zeroed")
-        both = np.intersect1d(stored, zeroed, assume_unique=True)
-        if both.size:
-            raise StoreError(
-                f"page {int(both[0])} of RAM block {block.idstr!r} is both stored and zeroed",
-                step="write",
-            )
-        words = ram.words_of(block.idstr)
-        for start in range(0, zeroed.size, CHUNK_PAGES):
-            numbers = zeroed[start : start + CHUNK_PAGES]
-            nonzero = words[numbers].any(axis=1)
-            if bool(nonzero.any()):
-                page = int(numbers[int(np.argmax(nonzero))])
-                raise StoreError(
-                    f"page {page} of RAM block {block.idstr!r} is listed as zeroed but is not "
-                    "all zero",
-                    step="write",
-                )
-        parts.append(BlockIndex(stored=stored, zeroed=zeroed))
-    return parts
