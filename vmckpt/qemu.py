@@ -351,7 +351,7 @@ class QemuProcess:
         if len(str(session_socket)) > SOCKET_PATH_MAX:
             raise MachineError(
                 f"the QMP socket path {session_socket} is longer than a Unix socket allows; "
-                "use a store with a shorter path",
+                "use a shorter guest name, or a shorter runtime directory (VMCKPT_RUNTIME_DIR)",
                 vm=launch.name,
                 step="launch",
             )

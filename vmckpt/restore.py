@@ -422,7 +422,7 @@ def boot_check(
     binary = qemu_binary()
     # This host's scratch of the store, private: the throw-away QEMU's sockets and console,
     # and its rebuilt disks (guest data, so never under a shared /tmp).
-    scratch = store.host.scratch(f"boot-{manifest.id}-", data=False)
+    scratch = store.host.scratch("b-", data=False)  # short: QEMU's sockets live in it
     disk_scratch = store.host.scratch(f"boot-{manifest.id}-", data=True)
     try:
         with _sigterm_unwinds():

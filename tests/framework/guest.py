@@ -271,7 +271,11 @@ def snapshot(store: Path) -> dict[str, str]:
 
 
 def qemu_pids_of(store: Path) -> list[int]:
-    """PIDs of live QEMU processes whose command line names this store (ours only)."""
+    """PIDs of live QEMU processes of this store (ours only): their command lines name the
+    store's runtime directory on this host (sockets, logs), or the store."""
+    marks = [str(store).encode()]
+    if (store / "vmckpt-store.json").exists():
+        marks.append(str(Store(store).host.runtime).encode())
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -279,6 +283,7 @@ def qemu_pids_of(store: Path) -> list[int]:
         with contextlib.suppress(OSError):
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
             stat = (proc / "stat").read_text()
-            if str(store).encode() in cmdline and b"qemu-system" in cmdline and ") Z" not in stat:
+            ours = any(mark in cmdline for mark in marks)
+            if ours and b"qemu-system" in cmdline and ") Z" not in stat:
                 pids.append(int(proc.name))
     return pids

@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmckpt.errors import CorruptLayerError, FormatVersionError
+from vmckpt.fsutil import parse_json
 from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamImage
 
 # The newest version this vmckpt reads (and writes: see LAYER_MINOR). Readers accept the
@@ -390,7 +391,7 @@ def parse_manifest(data: bytes, layer_id: str, step: str) -> LayerManifest:
         return CorruptLayerError(f"{MANIFEST}: {message}", layer=layer_id, step=step)
 
     try:
-        obj = json.loads(data.decode("utf-8"))
+        obj = parse_json(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise corrupt(f"not valid JSON ({exc})") from exc
     if not isinstance(obj, dict):

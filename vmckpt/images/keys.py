@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmckpt.errors import CorruptLayerError, StoreError
-from vmckpt.fsutil import DIR_MODE, FILE_MODE, read_json, write_json_atomic
+from vmckpt.fsutil import DIR_MODE, FILE_MODE, parse_json, read_json, write_json_atomic
 
 SEAL = "manifest.mac"
 KEYS_ENV = "VMCKPT_KEYS_DIR"
@@ -179,7 +179,7 @@ def check_seal(key: StoreKey, layer_id: str, manifest: bytes, seal: bytes, step:
         )
 
     try:
-        data = json.loads(seal)
+        data = parse_json(seal)
     except ValueError as exc:
         raise refuse("not valid JSON") from exc
     if not isinstance(data, dict) or data.get("alg") != ALGORITHM:

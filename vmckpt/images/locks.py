@@ -39,14 +39,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vmckpt.errors import LockError
-from vmckpt.fsutil import FILE_MODE, open_nofollow
+from vmckpt.fsutil import FILE_MODE, open_nofollow, parse_json
 
 POLL_S = 0.05
 
 
 def _holder(fd: int) -> str:
     try:
-        data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        data = parse_json(os.pread(fd, 4096, 0) or b"{}")
         return f"PID {data.get('pid')} ({data.get('what')})"
     except (OSError, ValueError):
         return "another process"

@@ -773,6 +773,14 @@ class Store:
             return ref
         matches = [name for name in names if ref and name.startswith(ref)]
         if not matches:
+            strays = [name for name in self.uncatalogued() if ref and name.startswith(ref)]
+            if strays:
+                raise StoreError(
+                    f"{strays[0]} is not a layer of {self.path}: its directory is there, but "
+                    "the store's catalog does not name it (left by a crash, removed by a prune "
+                    "or delete and put back, or copied in by hand)",
+                    step="resolve",
+                )
             raise StoreError(f"no layer matches {ref!r} in {self.path}", step="resolve")
         if len(matches) > 1:
             shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
