@@ -5,9 +5,9 @@ VENV    ?= .venv
 PYTHON  ?= $(VENV)/bin/python
 STORE   ?= demo-store
 MEMORY  ?= 512M
-# The microkernel test systems (../shared/guests/ beside this checkout).
-SHARED_GUESTS ?= $(firstword $(wildcard $(abspath ../shared/guests) /work/shared/guests))
-export SHARED_GUESTS
+# The microkernel test systems, in this repository (guest/genode-hw-pc, guest/fiasco-l4re).
+GUEST_IMAGES ?= $(abspath guest)
+export GUEST_IMAGES
 
 .PHONY: all deps-demo deps-test guest demo test test-fast lint typecheck check-code \
         bench bench-migrate bench-microkernels clean genode genode-demo fiasco-demo
@@ -59,12 +59,12 @@ bench: deps-test guest
 bench-migrate: deps-test guest
 	$(PYTHON) -m benchmarks.migrate --json $(BENCH_OUT)-migrate.json
 
-## Microkernel guests (README: Microkernel guests): the shared images by default, or
+## Microkernel guests (README: Microkernel guests): the images in guest/ by default, or
 ## GENODE_ISO=, GENODE_MULTIBOOT_DIR=, FIASCO_IMAGE=. `make genode` boots Genode and follows
 ## its console; the demos checkpoint x3, restore the middle layer and check every tick.
-GENODE_ISO ?= $(firstword $(wildcard $(SHARED_GUESTS)/genode-hw-pc/genode-hw-pc-ckpt_counter.iso))
-GENODE_MULTIBOOT_DIR ?= $(firstword $(wildcard $(SHARED_GUESTS)/genode-hw-pc/multiboot))
-FIASCO_IMAGE ?= $(firstword $(wildcard $(SHARED_GUESTS)/fiasco-l4re/bootstrap_ticker.elf))
+GENODE_ISO ?= $(GUEST_IMAGES)/genode-hw-pc/genode-hw-pc-ckpt_counter.iso
+GENODE_MULTIBOOT_DIR ?= $(GUEST_IMAGES)/genode-hw-pc/multiboot
+FIASCO_IMAGE ?= $(GUEST_IMAGES)/fiasco-l4re/bootstrap_ticker.elf
 export GENODE_ISO GENODE_MULTIBOOT_DIR FIASCO_IMAGE
 GENODE_STORE ?= genode-store
 FIASCO_STORE ?= fiasco-store

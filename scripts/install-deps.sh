@@ -161,8 +161,8 @@ install_python() {
     printf '%s\n' "$want" >"$stamp"
 }
 
-# GNU Mach for the Mach test guest: Debian's i386 package. The shared copy is used when it
-# is there (Debian 13 machines here get no i386 packages from apt); otherwise apt fetches
+# GNU Mach for the Mach test guest: Debian's i386 package. The copy in guest/gnumach/ is used
+# (Debian 13 machines here get no i386 packages from apt); without it apt fetches
 # it, which needs the i386 architecture.
 install_gnumach_source() {
     if make -s -C guest gnumach-deb-path >/dev/null 2>&1; then

@@ -12,7 +12,7 @@ Last, ``vmckpt verify --boot`` restores the last layer in a throw-away QEMU
 and says whether it comes up alive.
 
 Every step runs the real ``vmckpt`` command and prints it first. The images
-come from ../shared/guests unless GENODE_ISO, GENODE_MULTIBOOT_DIR or
+come from guest/ of this repository unless GENODE_ISO, GENODE_MULTIBOOT_DIR or
 FIASCO_IMAGE say otherwise (tests/framework/microkernel.py).
 """
 

@@ -113,7 +113,7 @@ def test_genode_and_fiasco_images_missing_say_where_to_put_them(
         find_image("FIASCO_IMAGE", "fiasco-l4re/bootstrap_ticker.elf", "Fiasco.OC ticker")
     monkeypatch.delenv("FIASCO_IMAGE")
     monkeypatch.delenv("GENODE_ISO", raising=False)  # `make test` exports the shared one
-    monkeypatch.setenv("SHARED_GUESTS", str(tmp_path))
+    monkeypatch.setenv("GUEST_IMAGES", str(tmp_path))
     with pytest.raises(MissingImage) as missing:
         find_image("GENODE_ISO", "genode-hw-pc/nothing-here.iso", "Genode ISO")
     message = str(missing.value)

@@ -11,7 +11,7 @@ restored side by side; the restored middle one checkpointed again, and that
 layer restored too. The layers record the machine type and CPU model the
 system needs (``--machine q35 --cpu max`` for Genode), and restore uses them.
 
-The images come from ../shared/guests (tests/framework/microkernel.py says
+The images come from guest/ (tests/framework/microkernel.py says
 how to point elsewhere); a missing image fails the test, saying where to put it.
 """
 

@@ -4,15 +4,15 @@
 # ELF that QEMU's -kernel loads as it is). The amd64 archive's package of the
 # same name is an x86_64 kernel for 32-bit user tasks whose system call entry
 # is still `ud2` in this snapshot, so no user task can run on it. The i386
-# package is taken from $(SHARED_GUESTS)/gnumach/ when it is there (Debian 13
-# machines get no i386 packages from apt), else downloaded with apt, which needs
+# package is taken from guest/gnumach/ of this repository (Debian 13 machines get
+# no i386 packages from apt), else downloaded with apt, which needs
 # `dpkg --add-architecture i386` (scripts/install-deps.sh adds it only then).
 # The bootstrap task (mach/bootstrap.c) is this project's: a static ELF32
 # program without libc that GNU Mach starts from a boot-script module string
 # and that prints its workload state on the console through Mach IPC.
 
 MACH_PKG       ?= gnumach-image-1.8-486:i386
-GNUMACH_DEB    ?= $(firstword $(wildcard $(SHARED_GUESTS)/gnumach/gnumach-image-*_i386.deb))
+GNUMACH_DEB    ?= $(firstword $(wildcard $(GUEST_IMAGES)/gnumach/gnumach-image-*_i386.deb))
 MACH_KERNEL    := $(BUILD)/gnumach
 MACH_BOOTSTRAP := $(BUILD)/mach-bootstrap
 MACH_MODULE     = $(MACH_BOOTSTRAP) $${device-port} pages=$(PAGES) hz=$(HZ) $$(task-create) $$(task-resume)

@@ -2,15 +2,15 @@
 are, how vmckpt runs them, and what their consoles say.
 
 Both systems print a deterministic tick line every 200 ms (the images'
-READMEs in ../shared/guests/): tick n has the same checksum on every boot and
+READMEs in guest/genode-hw-pc/ and guest/fiasco-l4re/): tick n has the same checksum on every boot and
 after every restore, so a restored system is checked line by line, the way
 the Linux test guest's STATE lines are (tests/framework/guest.py). Their
 consoles carry ANSI colour codes and CR LF line ends; :func:`console_lines`
 strips both, and keeps only complete lines (a line still being written, or
 the rest of a line a checkpoint cut, never counts as a tick).
 
-Images are found in ``$SHARED_GUESTS``, ``../shared/guests`` beside this
-checkout, then ``/work/shared/guests``, unless ``GENODE_ISO``,
+Images are found in ``$GUEST_IMAGES``, else ``guest/`` of this repository (where
+they are kept, with their sources and licences), unless ``GENODE_ISO``,
 ``GENODE_MULTIBOOT_DIR`` or ``FIASCO_IMAGE`` name them. A missing image is a
 :class:`MissingImage` whose message says in one line where to put it.
 
@@ -44,11 +44,10 @@ class MissingImage(Exception):
 
 
 def shared_guest_dirs() -> list[Path]:
-    """Where the shared guest images are looked for, in order."""
+    """Where the guest images are looked for, in order."""
     candidates = [
-        *([Path(os.environ["SHARED_GUESTS"])] if os.environ.get("SHARED_GUESTS") else []),
-        (REPO.parent / "shared" / "guests").resolve(),
-        Path("/work/shared/guests"),
+        *([Path(os.environ["GUEST_IMAGES"])] if os.environ.get("GUEST_IMAGES") else []),
+        REPO / "guest",
     ]
     unique: list[Path] = []
     for path in candidates:
