@@ -351,7 +351,7 @@ class GuestBench:
 
     @property
     def runtime(self) -> Path:
-        return self.store.runtime_dir(GUEST)
+        return self.store.host.runtime_dir(GUEST)
 
     def _process_alive(self) -> bool:
         process = self.guest.record.process

@@ -37,7 +37,7 @@ BOOT_WAIT_S = 120.0
 
 
 def _wait_booted(store: Store, name: str, states: int = 3) -> None:
-    runtime = store.runtime_dir(name)
+    runtime = store.host.runtime_dir(name)
     deadline = time.monotonic() + BOOT_WAIT_S
     while time.monotonic() < deadline:
         text = (runtime / "serial.log").read_text(errors="replace")

@@ -236,7 +236,7 @@ class RealRow:
 
 
 def _wait_states(store: Store, count: int, timeout: float) -> str:
-    serial = store.runtime_dir(GUEST) / "serial.log"
+    serial = store.host.runtime_dir(GUEST) / "serial.log"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = serial.read_text(errors="replace") if serial.exists() else ""

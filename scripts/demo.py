@@ -30,7 +30,7 @@ STATE = re.compile(r"^STATE seq=(\d+) sum=([0-9a-f]{16}) ok$", re.M)
 def guest_file(store: Path, name: str, file: str) -> Path:
     """A file of a guest's runtime directory on this host (the store knows where it is)."""
     try:
-        return Store(store).runtime_path(name) / file
+        return Store(store).host.runtime_path(name) / file
     except StoreError:
         return store / ".no-such-store" / file  # no store yet: a path that does not exist
 

@@ -66,7 +66,7 @@ def vmckpt(system: System, *args: str, show: bool = True) -> str:
 
 
 def ticks(system: System, store: Path, name: str) -> list[Tick]:
-    log = Store(store).runtime_path(name) / SERIAL_LOG
+    log = Store(store).host.runtime_path(name) / SERIAL_LOG
     return system.ticks(console_lines(log.read_bytes() if log.exists() else b""))
 
 
@@ -113,7 +113,7 @@ def demo(system: System, store: Path, boot_timeout: float) -> None:
     restore = json.loads(restored_json)
     try:
         wait_ticks(system, store, NAME, 15, 60)
-        log = Store(store).runtime_path(NAME) / SERIAL_LOG
+        log = Store(store).host.runtime_path(NAME) / SERIAL_LOG
         lines = console_lines(log.read_bytes())
     finally:
         stop_quietly(store, NAME)

@@ -65,7 +65,7 @@ def test_a_relative_store_works_from_any_directory(vmckpt: Vmckpt, tmp_path: Pat
          "--memory", "256M", "--accel", "tcg", "--detach"],
         cwd=home,
     )  # fmt: skip
-    record = json.loads((Store(home / "st").runtime_path("rel") / "guest.json").read_text())
+    record = json.loads((Store(home / "st").host.runtime_path("rel") / "guest.json").read_text())
     assert Path(record["process"]["qmp_socket"]).is_absolute()
     vmckpt.wait_states("rel", 2)
     # From another directory, by the environment variable: everything still works.

@@ -178,7 +178,7 @@ def test_bad_command_line_values_are_refused_in_one_line(vmckpt: Vmckpt, tmp_pat
     for args in cases:
         result = vmckpt(*args, check=False)
         one_line_error(result, code=2)
-    assert Store(vmckpt.store).runtime_names() == []
+    assert Store(vmckpt.store).host.names() == []
 
 
 def test_symlinks_in_a_store_are_never_followed(vmckpt: Vmckpt, tmp_path: Path) -> None:

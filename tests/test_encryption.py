@@ -34,8 +34,10 @@ from vmckpt.errors import CorruptLayerError, FormatVersionError, StoreError
 from vmckpt.images import DiskDelta, Store, crypt, keys, maintenance
 from vmckpt.images import format as fmt
 from vmckpt.images.catalog import Catalog
+from vmckpt.images.disks import compose_disk
 from vmckpt.images.layerio import write_chunks
 from vmckpt.images.retention import KeepRules
+from vmckpt.images.transfer import layer_files, receive_layer
 from vmckpt.ram import PAGE_SIZE, RamImage
 
 SECRET = b"vmckpt-secret-page-pattern!"  # what must not be found on disk
@@ -376,7 +378,7 @@ def test_another_version_of_a_file_is_refused(chain3: ChainT, tmp_path: Path) ->
     other = tmp_path / "other-version"
     other.mkdir()
     fd = os.open(other / "pages.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    write_chunks(fd, [bytes(size - 1) + b"\1"], store._codec("write"), layer.id, "pages.bin")
+    write_chunks(fd, [bytes(size - 1) + b"\1"], store.codec("write"), layer.id, "pages.bin")
     os.replace(other / "pages.bin", path_of(store, layer.id, "pages.bin"))
     with pytest.raises(CorruptLayerError, match=r"pages\.bin: page 0 .* does not match its digest"):
         store.compose(layer.id)
@@ -481,7 +483,7 @@ def test_maintenance_keeps_what_every_layer_composes_to(
         for layer_id in encrypted.layer_ids():
             target = tmp_path / f"composed-{layer_id}.raw"
             target.unlink(missing_ok=True)
-            encrypted.compose_disk(layer_id, "vda", target)
+            compose_disk(encrypted, layer_id, "vda", target)
             ram, prelude, device = encrypted.compose(layer_id)
             result[layer_id] = (ram, prelude, device, target.read_bytes())
         return result
@@ -542,14 +544,14 @@ def test_a_damaged_copy_into_an_encrypted_store_is_never_committed(
 ) -> None:
     manifest = plain.write_layer(content(random_image(rng), None, None))
     files = []
-    for name, _, chunks in plain.layer_files(manifest.id):
+    for name, _, chunks in layer_files(plain, manifest.id):
         data = b"".join(chunks)
         if name == "pages.bin":
             data = data[:100] + bytes([data[100] ^ 1]) + data[101:]
         files.append((name, [data]))
     with pytest.raises(StoreError, match=r"pages\.bin does not match its manifest"):
-        encrypted.receive_layer(
-            manifest.id, plain.manifest_sha256(manifest.id), files, origin="host:a"
+        receive_layer(
+            encrypted, manifest.id, plain.manifest_sha256(manifest.id), files, origin="host:a"
         )
     assert not encrypted.has_layer(manifest.id)
     assert not [p for p in (encrypted.path / "layers").iterdir()]

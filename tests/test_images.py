@@ -127,7 +127,8 @@ def rewrite_manifest(store: Store, layer_id: str, change: Callable[[dict[str, An
     origin = json.loads(seal.read_bytes())["origin"]
     assert store.key is not None
     seal.write_bytes(keys.seal_bytes(store.key, layer_id, origin, data))
-    store.recatalog(layer_id)
+    with store.lock("recatalog"):
+        store.update_catalog("recatalog", add={layer_id: [hashlib.sha256(data).hexdigest()]})
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -298,7 +299,7 @@ def test_store_create_is_idempotent_and_private(tmp_path: Path) -> None:
     Store.create(path)
     assert Store(path).path == first.path
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
-    guest = first.runtime_dir("tiny")
+    guest = first.host.runtime_dir("tiny")
     # A guest's runtime files are this host's, never the store's (docs/SECURITY.md).
     assert guest.is_dir() and not guest.is_relative_to(path)
     assert guest == first.host.runtime / "guests" / "tiny"
@@ -306,7 +307,7 @@ def test_store_create_is_idempotent_and_private(tmp_path: Path) -> None:
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     for bad in ("", "..", "a/b", "a,b", "x\ny", ".hidden"):
         with pytest.raises(StoreError):
-            first.runtime_dir(bad)
+            first.host.runtime_dir(bad)
 
 
 def test_relative_store_path_is_made_absolute(

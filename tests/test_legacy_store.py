@@ -15,6 +15,8 @@ import pytest
 
 from vmckpt.errors import StoreError
 from vmckpt.images import Store, maintenance
+from vmckpt.images.adopt import adopt
+from vmckpt.images.disks import compose_disk
 from vmckpt.images.retention import KeepRules
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -37,7 +39,7 @@ def unadopted(tmp_path: Path) -> Store:
 @pytest.fixture
 def legacy(unadopted: Store) -> Store:
     """A copy of the fixture, adopted (`vmckpt init --adopt`): every layer sealed."""
-    result = unadopted.adopt()
+    result = adopt(unadopted)
     assert result.new_key and not result.refused and not result.already
     assert sorted(result.sealed) == unadopted.layer_ids() != []
     return unadopted
@@ -57,14 +59,14 @@ def test_legacy_store_is_listed_but_not_restored_until_adopted(
         unadopted.verify(layer_id)
     with pytest.raises(StoreError, match="init --adopt"):
         unadopted.check_writable()  # no key to seal a new layer with
-    result = unadopted.adopt()
+    result = adopt(unadopted)
     assert result.new_key and len(result.sealed) == len(expected["layers"])
     reopened = Store(unadopted.path)
     assert reopened.store_id == result.store_id and reopened.key is not None
     assert {reopened.manifest(i).origin for i in reopened.layer_ids()} == {"adopted"}
     assert composed(reopened, layer_id, tmp_path) == without_name(expected["layers"][layer_id])
     # A second adopt has nothing to do.
-    again = reopened.adopt()
+    again = adopt(reopened)
     assert not again.new_key and not again.sealed and len(again.already) == len(result.sealed)
 
 
@@ -79,7 +81,7 @@ def composed(store: Store, layer_id: str, tmp: Path) -> dict[str, Any]:
     if store.manifest(layer_id).disk("vda") is not None:
         out = tmp / f"vda-{layer_id}.raw"
         out.unlink(missing_ok=True)
-        store.compose_disk(layer_id, "vda", out)
+        compose_disk(store, layer_id, "vda", out)
         entry["disk_vda"] = hashlib.sha256(out.read_bytes()).hexdigest()
     return entry
 

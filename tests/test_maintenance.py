@@ -22,11 +22,11 @@ import pytest
 
 from tests.test_images import content, mutate, random_image
 from vmckpt import faults
+from vmckpt import locks as locks_module
 from vmckpt.cli import build_parser
 from vmckpt.cli.maintenance import keep_rules
 from vmckpt.errors import StoreError, UsageError
 from vmckpt.images import LayerManifest, Store, layerio, maintenance
-from vmckpt.images import locks as locks_module
 from vmckpt.images.retention import KeepRules, keep_arguments, select
 from vmckpt.ram import RamImage
 
@@ -395,10 +395,10 @@ def test_gc_removes_leftovers_and_leaves_live_work(
     live = layers / ".tmp-0099-abcdef-live"
     live.mkdir()
     fd = locks_module.lock_directory(live)  # a writer at work
-    scratch = store.scratch_dir("tiny")
+    scratch = store.host.scratch_dir("tiny")
     scratch.mkdir()
     (scratch / "backup-vda-1.qcow2").write_bytes(b"y" * 100)
-    gone = store.runtime_dir("ghost")
+    gone = store.host.runtime_dir("ghost")
     (gone / "guest.json").write_text("{}")
     try:
         dry = maintenance.gc(store, [("guest", "ghost")], dry_run=True)
@@ -485,16 +485,18 @@ def test_which_guests_are_gone(tmp_path: Path) -> None:
         name="up", pid=me, start_time=process_start_time(me) or 0, qmp_socket=tmp_path / "q",
         serial_log=tmp_path / "s", log=tmp_path / "l",
     )  # fmt: skip
-    store.write_record("up", RECORD, GuestRecord("up", GuestSpec(), running).to_dict())
-    store.write_record("down", RECORD, GuestRecord("down", GuestSpec(), None).to_dict())
-    store.write_record("damaged", RECORD, {"name": "damaged"})
-    store.write_record("away", RECORD, GuestRecord("away", GuestSpec(), None).to_dict())
-    store.write_record("away", "remote.json", {"name": "away", "host": "elsewhere"}, durable=True)
+    store.host.write_record("up", RECORD, GuestRecord("up", GuestSpec(), running).to_dict())
+    store.host.write_record("down", RECORD, GuestRecord("down", GuestSpec(), None).to_dict())
+    store.host.write_record("damaged", RECORD, {"name": "damaged"})
+    store.host.write_record("away", RECORD, GuestRecord("away", GuestSpec(), None).to_dict())
+    store.host.write_record(
+        "away", "remote.json", {"name": "away", "host": "elsewhere"}, durable=True
+    )
     # A guest of this host known only by its head (its runtime files went with a reboot).
     store.set_head("headonly", layer.id)
     assert gone_guests(store, 0.0) == [("guest", "down"), ("guest", "headonly")]
     assert gone_guests(store, 3600.0) == []  # all of them changed just now
-    with store.guest_lock("down", what="test", wait_s=0):
+    with store.host.guest_lock("down", what="test", wait_s=0):
         assert gone_guests(store, 0.0) == [("guest", "headonly")]  # a checkpoint is under way
 
 

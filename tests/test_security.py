@@ -20,6 +20,7 @@ from tests.test_images import content, random_image
 from vmckpt.errors import CorruptLayerError, RestoreError, StoreError, UsageError
 from vmckpt.images import LayerManifest, Store, keys
 from vmckpt.images import format as fmt
+from vmckpt.images.transfer import layer_files, receive_layer
 from vmckpt.restore import qemu_args_for, restore_command
 from vmckpt.spec import GuestSpec, check_machine, check_name
 
@@ -49,8 +50,8 @@ def tamper(store: Store, layer_id: str, **changes: Any) -> None:
 
 def copy_to(store: Store, other: Store, layer_id: str, origin: str) -> None:
     """Copy a layer into another store the way the remote agent does."""
-    files = [(name, content) for name, _, content in store.layer_files(layer_id)]
-    assert other.receive_layer(layer_id, store.manifest_sha256(layer_id), files, origin=origin)
+    files = [(name, content) for name, _, content in layer_files(store, layer_id)]
+    assert receive_layer(other, layer_id, store.manifest_sha256(layer_id), files, origin=origin)
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def test_edited_manifest_is_refused_in_one_line(store: Store, rng: np.random.Gen
     # list still shows the store (the bad layer as damaged), and nothing started a QEMU.
     listing = cli(store.path, "list", "--json")
     assert manifest.id in listing.stdout
-    assert not store.has_runtime("tiny")
+    assert not store.host.has_runtime("tiny")
 
 
 def test_edited_machine_type_is_refused(store: Store, rng: np.random.Generator) -> None:

@@ -444,7 +444,7 @@ def test_a_running_guest_keeps_its_runtime_files_on_this_host(
     vmckpt.run_guest("rt")
     vmckpt.wait_states("rt", 2)
     store = Store(vmckpt.store)
-    runtime = store.runtime_path("rt")
+    runtime = store.host.runtime_path("rt")
     assert not runtime.is_relative_to(vmckpt.store)
     assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
     assert {p.name for p in runtime.iterdir()} >= {"guest.json", "serial.log"}
@@ -493,5 +493,5 @@ def test_disks_are_rebuilt_on_this_host_never_through_the_store(
     disks = [Path(d.path) for d in record.spec.disks] + [
         Path(d.backing) for d in record.spec.disks if d.backing
     ]
-    assert disks and all(p.is_relative_to(store.host.data_path("guest", "dk")) for p in disks)
+    assert disks and all(p.is_relative_to(store.host.data_path("dk")) for p in disks)
     assert tree(outside) == before

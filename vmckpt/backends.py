@@ -176,10 +176,10 @@ class Guest:
     def resume(self) -> bool:
         """Run the guest (after a pause, or a checkpoint a dead vmckpt left half done).
         Returns whether a left-over migration session was recovered."""
-        lock = self.store.guest_lock(self.name, what="resume", wait_s=30, kind=self.kind)
+        lock = self.store.host.guest_lock(self.name, what="resume", wait_s=30, kind=self.kind)
         with lock, self.monitor() as mon:
             recovered = recover(
-                mon, self.store.journal_path(self.name, JOURNAL, self.kind), vm=self.name
+                mon, self.store.host.journal_path(self.name, JOURNAL, self.kind), vm=self.name
             )
             if not mon.is_running():
                 mon.cont(retry_s=CONT_RETRY_S)
@@ -236,7 +236,7 @@ class LocalGuest(Guest):
     @property
     def record(self) -> GuestRecord:
         if self._record is None:
-            data = self.store.read_record(self.name, RECORD)
+            data = self.store.host.read_record(self.name, RECORD)
             if data is None:
                 raise MachineError(
                     "no such guest in this store (start one with `vmckpt run`)", vm=self.name
@@ -245,11 +245,11 @@ class LocalGuest(Guest):
         return self._record
 
     def save(self) -> None:
-        self.store.write_record(self.name, RECORD, self.record.to_dict())
+        self.store.host.write_record(self.name, RECORD, self.record.to_dict())
 
     @property
     def runtime_dir(self) -> Path:
-        return self.store.runtime_dir(self.name)
+        return self.store.host.runtime_dir(self.name)
 
     def process(self) -> QemuProcess:
         """The guest's QEMU, if it runs; MachineError otherwise."""
@@ -359,7 +359,7 @@ class LocalGuest(Guest):
         guest.refuse_if_running()
         qemu_binary()  # a missing QEMU is said before anything is written
         accel = resolve_accel(spec.accel)
-        runtime = store.runtime_dir(name)
+        runtime = store.host.runtime_dir(name)
         guest._record = GuestRecord(name, spec, None, accel, extra_args)
         guest.save()
         serial = rotate_serial_log(runtime)
@@ -419,7 +419,7 @@ class LocalGuest(Guest):
         state = "unknown"
         mechanism = Choice("", "")
         session = session_pid(self.store, self.name)
-        if session is None and self.store.guest_locked(self.name):
+        if session is None and self.store.host.guest_locked(self.name):
             state = "checkpointing"  # its monitor is busy; not waited for
         else:
             with contextlib.suppress(QMPError), process.monitor(timeout=STATUS_TIMEOUT_S) as mon:
@@ -434,7 +434,7 @@ class LocalGuest(Guest):
 
     def console(self, follow: bool) -> Iterator[str]:
         """The serial output of the guest's current life; with ``follow``, until it ends."""
-        log_path = self.store.runtime_dir(self.name) / SERIAL_LOG
+        log_path = self.store.host.runtime_dir(self.name) / SERIAL_LOG
         if not log_path.exists():
             raise MachineError("has no console output yet", vm=self.name)
         process = self.record.process
@@ -464,7 +464,7 @@ class LocalGuest(Guest):
 
 
 def local_guest_names(store: Store) -> list[str]:
-    return store.names_with(RECORD)
+    return store.host.names_with(RECORD)
 
 
 def gone_guests(store: Store, idle_s: float) -> list[tuple[str, str]]:
@@ -480,18 +480,18 @@ def gone_guests(store: Store, idle_s: float) -> list[tuple[str, str]]:
     me = host_id()
     heads = {name: head.layer for (kind, name), head in store.head_records().items()
              if kind == "guest" and head.host == me}  # fmt: skip
-    names = set(store.runtime_names()) | set(store.host.names("guest", data=True)) | set(heads)
+    names = set(store.host.names()) | set(store.host.names("guest", data=True)) | set(heads)
     gone = []
     for name in sorted(names):
-        if name in away or store.guest_locked(name):
+        if name in away or store.host.guest_locked(name):
             continue
-        if store.has_runtime(name):
-            if store.runtime_idle_s(name) < idle_s:
+        if store.host.has_runtime(name):
+            if store.host.runtime_idle_s(name) < idle_s:
                 continue
         elif name in heads and _layer_age_s(store, heads[name]) < idle_s:
             continue
         try:
-            data = store.read_record(name, RECORD)
+            data = store.host.read_record(name, RECORD)
             process = GuestRecord.from_dict(data, name).process if data is not None else None
         except (MachineError, StoreError):
             continue  # a damaged record: whether its QEMU runs cannot be told, leave it

@@ -247,7 +247,7 @@ def take_checkpoint(
     settings = settings or CheckpointSettings()
     store = target.store
     store.check_writable()  # before the guest is paused for anything
-    with store.guest_lock(
+    with store.host.guest_lock(
         target.name, what="checkpoint", wait_s=settings.lock_wait_s, kind=target.kind
     ):
         return _take(target, settings, base, progress)
@@ -264,8 +264,8 @@ def _take(
     parent_id = store.head(name, kind)
     parent = store.manifest(parent_id) if parent_id else None  # fails before touching the guest
     spec = target.spec()
-    journal = store.journal_path(name, JOURNAL, kind)
-    tracker = DiskTracker(name, spec.disks, parent, store.scratch_dir(name, kind))
+    journal = store.host.journal_path(name, JOURNAL, kind)
+    tracker = DiskTracker(name, spec.disks, parent, store.host.scratch_dir(name, kind))
     committed = False
     try:
         with target.guard(), target.monitor() as mon:

@@ -138,7 +138,7 @@ class ColoSession:
         started = time.monotonic()
         process = self.guest.process()
         self.mon = process.session_monitor(timeout=30.0)
-        journal = self.store.journal_path(self.name, JOURNAL)
+        journal = self.store.host.journal_path(self.name, JOURNAL)
         recover(self.mon, journal, vm=self.name)  # a session a dead vmckpt left open
         self.session = MigrationSession(
             self.mon,
@@ -550,7 +550,7 @@ def run_session(store_path: Path, name: str) -> int:
 
     store = Store(store_path)
     guest = LocalGuest(store, name)
-    runtime = store.runtime_dir(name)
+    runtime = store.host.runtime_dir(name)
     control = runtime / CONTROL
     daemon = _Daemon(guest)
 
@@ -560,7 +560,7 @@ def run_session(store_path: Path, name: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     with (
-        store.guest_lock(name, what="COLO checkpoint session", wait_s=60),
+        store.host.guest_lock(name, what="COLO checkpoint session", wait_s=60),
         guest.guard(),
     ):
         control.unlink(missing_ok=True)
@@ -612,7 +612,7 @@ class SessionClient:
     @classmethod
     def connect(cls, store: Store, name: str) -> SessionClient | None:
         """The guest's running session, or None if it has none."""
-        path = store.runtime_dir(name) / CONTROL
+        path = store.host.runtime_dir(name) / CONTROL
         if not path.exists():
             return None
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -629,7 +629,7 @@ class SessionClient:
         client = cls.connect(guest.store, guest.name)
         if client is not None:
             return client
-        runtime = guest.store.runtime_dir(guest.name)
+        runtime = guest.store.host.runtime_dir(guest.name)
         log_path = runtime / LOG
         with open(log_path, "ab") as log_handle:
             os.fchmod(log_handle.fileno(), FILE_MODE)
@@ -730,7 +730,7 @@ def session_pid(store: Store, name: str) -> int | None:
     from vmckpt.fsutil import read_json
 
     try:
-        data = read_json(store.runtime_dir(name) / RECORD)
+        data = read_json(store.host.runtime_dir(name) / RECORD)
     except (OSError, ValueError):
         return None
     pid, start = data.get("pid"), data.get("start_time")

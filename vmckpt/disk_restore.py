@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vmckpt.errors import QMPError, RestoreError
 from vmckpt.images import LayerManifest, Store
+from vmckpt.images.disks import compose_disk
 from vmckpt.qemu import qemu_img
 from vmckpt.qmp import Monitor
 from vmckpt.spec import DiskSpec
@@ -53,7 +54,7 @@ def materialize(
             stem = directory / f"{_PREFIX}{disk.id}-{manifest.id}-{secrets.token_hex(2)}"
             base = stem.with_suffix(".raw")
             made.append(base)
-            store.compose_disk(manifest.id, disk.id, base)
+            compose_disk(store, manifest.id, disk.id, base)
             base.chmod(0o400)  # the overlay writes, the base never changes
             overlay = stem.with_suffix(".qcow2")
             made.append(overlay)

@@ -120,10 +120,10 @@ def _recover(args: argparse.Namespace) -> int:
 
     logger = log.get("vmckpt.guard")
     store = Store(args.store)
-    journal = store.journal_path(args.name, JOURNAL, args.kind)
+    journal = store.host.journal_path(args.name, JOURNAL, args.kind)
     if read_journal(journal) is None:
         return 0
-    with store.guest_lock(args.name, what="recover after a crash", wait_s=600, kind=args.kind):
+    with store.host.guest_lock(args.name, what="recover after a crash", wait_s=600, kind=args.kind):
         deadline = time.monotonic() + CONNECT_RETRY_S
         while True:
             try:

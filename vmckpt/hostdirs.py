@@ -20,15 +20,19 @@ user's own, never a link: what is read from it is trusted as the user's own inpu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import secrets
 import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from vmckpt import locks
 from vmckpt.errors import StoreError
 from vmckpt.fsutil import DIR_MODE, read_json, write_json_atomic
 
@@ -38,6 +42,9 @@ HOST_FILE = "host.json"
 HOST_ID_RE = re.compile(r"^[0-9a-f]{16}\Z")
 KIND_DIRS = {"guest": "guests", "libvirt": "libvirt"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+RECORD_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\.json\Z")
+GUEST_LOCK = "checkpoint.lock"
+SCRATCH_DIR = "disk-scratch"  # a guest's checkpoint scratch files (vmckpt/disk_capture.py)
 
 
 def runtime_root() -> Path:
@@ -118,7 +125,9 @@ def host_id() -> str:
 
 @dataclass(frozen=True)
 class HostDirs:
-    """A store's directories on this host (nothing is created until asked for)."""
+    """A store's directories on this host, and the files of its guests there (nothing is
+    created until asked for). Guests are named by (name, kind): ``guest`` for those vmckpt
+    runs, ``libvirt`` for libvirt domains (a name space of their own)."""
 
     runtime: Path
     data: Path
@@ -138,40 +147,48 @@ class HostDirs:
         name = store_dir_name(store_id, store_path)
         return cls((runtime or runtime_root()) / name, (data or data_root()) / name, store_path)
 
-    def _check_name(self, kind: str, name: str) -> str:
+    # -- where ------------------------------------------------------------------------
+
+    def _kind_dir(self, name: str, kind: str) -> str:
         if kind not in KIND_DIRS:
             raise StoreError(f"unknown kind of guest {kind!r}", vm=name, step="open")
         if not NAME_RE.match(name):
             raise StoreError(f"{name!r} is not a usable guest name", vm=name, step="open")
         return KIND_DIRS[kind]
 
-    def runtime_path(self, kind: str, name: str) -> Path:
+    def runtime_path(self, name: str, kind: str = "guest") -> Path:
         """Where a guest's runtime directory is (not created)."""
-        return self.runtime / self._check_name(kind, name) / name
+        return self.runtime / self._kind_dir(name, kind) / name
 
-    def data_path(self, kind: str, name: str) -> Path:
+    def data_path(self, name: str, kind: str = "guest") -> Path:
         """Where a guest's data directory is (not created)."""
-        return self.data / self._check_name(kind, name) / name
+        return self.data / self._kind_dir(name, kind) / name
 
-    def _make(self, root: Path, kind: str, name: str) -> Path:
-        self._check_name(kind, name)
-        top = root
+    def _make(self, top: Path, name: str, kind: str) -> Path:
+        sub = self._kind_dir(name, kind)
         fresh = not top.exists()
         private_dir(top.parent)
         private_dir(top)
         if fresh:
             # For people looking around: which store these files belong to.
             write_json_atomic(top / "store.json", {"store": str(self.store)})
-        private_dir(top / KIND_DIRS[kind])
-        return private_dir(top / KIND_DIRS[kind] / name)
+        private_dir(top / sub)
+        return private_dir(top / sub / name)
 
-    def guest_runtime(self, kind: str, name: str) -> Path:
-        """A guest's runtime directory, made (0700) if needed."""
-        return self._make(self.runtime, kind, name)
+    def runtime_dir(self, name: str, kind: str = "guest") -> Path:
+        """A guest's runtime directory (made 0700 if needed): its record, QEMU's sockets and
+        logs, journals, session records, its checkpoint lock."""
+        return self._make(self.runtime, name, kind)
 
-    def guest_data(self, kind: str, name: str) -> Path:
-        """A guest's data directory, made (0700) if needed."""
-        return self._make(self.data, kind, name)
+    def data_dir(self, name: str, kind: str = "guest") -> Path:
+        """A guest's data directory (made 0700 if needed): its restored disks, how to reach
+        it on another host, its checkpoints' scratch space."""
+        return self._make(self.data, name, kind)
+
+    def scratch_dir(self, name: str, kind: str = "guest") -> Path:
+        """Where a checkpoint of the guest keeps its scratch files (``gc`` removes what an
+        interrupted checkpoint left there)."""
+        return self.data_dir(name, kind) / SCRATCH_DIR
 
     def fresh(self, parent: Path, prefix: str) -> Path:
         """A new directory of this user's only in ``parent`` (a directory made by one of the
@@ -187,7 +204,15 @@ class HostDirs:
         private_dir(top)
         return self.fresh(private_dir(top / "scratch"), prefix)
 
-    def names(self, kind: str, *, data: bool = False) -> list[str]:
+    def journal_path(self, name: str, file: str, kind: str = "guest") -> Path:
+        """Where a guest's journal ``file`` lives (vmckpt.session's migration journal)."""
+        if not RECORD_NAME_RE.match(file):
+            raise StoreError(f"{file!r} is not a journal name", vm=name, step="journal")
+        return self.runtime_dir(name, kind) / file
+
+    # -- which guests -----------------------------------------------------------------
+
+    def names(self, kind: str = "guest", *, data: bool = False) -> list[str]:
         """The guests of ``kind`` that have a runtime (or ``data``) directory here."""
         root = (self.data if data else self.runtime) / KIND_DIRS[kind]
         try:
@@ -197,3 +222,91 @@ class HostDirs:
         return sorted(
             e.name for e in entries if NAME_RE.match(e.name) and e.is_dir(follow_symlinks=False)
         )
+
+    def names_with(self, record: str, kind: str = "guest", *, durable: bool = False) -> list[str]:
+        """The guests of ``kind`` that have a ``record`` file here."""
+        return [
+            name
+            for name in self.names(kind, data=durable)
+            if self._record_path(name, record, kind, durable, "list").is_file()
+        ]
+
+    def has_runtime(self, name: str, kind: str = "guest") -> bool:
+        path = self.runtime_path(name, kind)
+        return path.is_dir() and not path.is_symlink()
+
+    def runtime_idle_s(self, name: str, kind: str = "guest") -> float:
+        """Seconds since anything in the guest's runtime directory last changed."""
+        directory = self.runtime_path(name, kind)
+        newest = 0.0
+        with contextlib.suppress(OSError):
+            newest = os.lstat(directory).st_mtime
+            for entry in os.scandir(directory):
+                with contextlib.suppress(OSError):
+                    newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+        return max(0.0, time.time() - newest)
+
+    # -- records ----------------------------------------------------------------------
+
+    def _record_path(self, name: str, record: str, kind: str, durable: bool, step: str) -> Path:
+        if not RECORD_NAME_RE.match(record):
+            raise StoreError(f"{record!r} is not a record name", vm=name, step=step)
+        base = self.data_path(name, kind) if durable else self.runtime_path(name, kind)
+        return base / record
+
+    def read_record(
+        self, name: str, record: str, kind: str = "guest", *, durable: bool = False
+    ) -> dict[str, Any] | None:
+        """A guest's record (``guest.json``; ``durable``: one kept in its data directory,
+        such as ``remote.json``), or None if absent."""
+        path = self._record_path(name, record, kind, durable, "read-record")
+        try:
+            data = read_json(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read {path}: {exc}", vm=name, step="read-record") from exc
+        if not isinstance(data, dict):
+            raise StoreError(f"{path} is not a JSON object", vm=name, step="read-record")
+        return data
+
+    def write_record(
+        self,
+        name: str,
+        record: str,
+        data: dict[str, Any],
+        kind: str = "guest",
+        *,
+        durable: bool = False,
+    ) -> None:
+        """Replace a guest's record atomically (unique temporary name, fsync, rename)."""
+        self._record_path(name, record, kind, durable, "write-record")
+        directory = self.data_dir(name, kind) if durable else self.runtime_dir(name, kind)
+        path = directory / record
+        try:
+            write_json_atomic(path, data)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc}", vm=name, step="write-record") from exc
+
+    def remove_record(
+        self, name: str, record: str, kind: str = "guest", *, durable: bool = False
+    ) -> None:
+        path = self._record_path(name, record, kind, durable, "remove-record")
+        if path.parent.is_dir() and not path.parent.is_symlink():
+            path.unlink(missing_ok=True)
+
+    # -- a guest's checkpoint lock ----------------------------------------------------
+
+    def guest_lock(
+        self, name: str, *, what: str, wait_s: float, kind: str = "guest"
+    ) -> contextlib.AbstractContextManager[None]:
+        """A guest's checkpoint lock: one checkpoint (or checkpoint session) at a time."""
+        return locks.hold(
+            self.runtime_dir(name, kind) / GUEST_LOCK,
+            what=what,
+            wait_s=wait_s,
+            busy=f"guest {name}: a checkpoint is under way",
+        )
+
+    def guest_locked(self, name: str, kind: str = "guest") -> bool:
+        return locks.is_held(self.runtime_path(name, kind) / GUEST_LOCK)

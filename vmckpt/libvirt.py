@@ -468,7 +468,7 @@ def restore_domain(
             str(text), name=name, new_uuid=new_uuid, machine_type=manifest.machine_type
         )
         composed = time.monotonic()
-        image = store.data_dir(name, KIND) / "restore.save"
+        image = store.host.data_dir(name, KIND) / "restore.save"
         defined: Any = None
         try:
             with contextlib.suppress(FileNotFoundError):

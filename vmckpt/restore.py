@@ -31,6 +31,7 @@ from vmckpt.backends import LocalGuest
 from vmckpt.disk_restore import discard_restored, materialize, track_restored
 from vmckpt.errors import RestoreError, VmckptError
 from vmckpt.images import LayerManifest, Store, keys
+from vmckpt.images.media import find_medium
 from vmckpt.liveness import FATAL_EVENTS, Observation, observe
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.qemu import (
@@ -131,7 +132,7 @@ def restore_command(
         accel = spec.accel
     binary = qemu_binary()
     launch = Launch(
-        name=name, accel=accel, serial_log=store.runtime_path(name) / "serial.log",
+        name=name, accel=accel, serial_log=store.host.runtime_path(name) / "serial.log",
         machine_type=manifest.machine_type or None, incoming=True, extra_args=args,
     )  # fmt: skip
     major = version_tuple(qemu_version(binary))[0]
@@ -168,7 +169,7 @@ def relocate_media(spec: GuestSpec, store: Store) -> GuestSpec:
     store's copy (restore on another host, see vmckpt/remote)."""
     media = []
     for medium in spec.media:
-        found = store.find_medium(medium.sha256, medium.path)
+        found = find_medium(store, medium.sha256, medium.path)
         media.append(replace(medium, path=str(found)) if found else medium)
     return replace(spec, media=tuple(media))
 
@@ -212,7 +213,7 @@ def restore_guest(
     args = qemu_args_for(manifest, spec, extra_args, name)
     # Writable disks are rebuilt as new images in a fresh directory of this host's data
     # directory of the store (never in the store, which others may write).
-    disk_dir = store.host.fresh(store.data_dir(name), f"disks-{manifest.id}-")
+    disk_dir = store.host.fresh(store.host.data_dir(name), f"disks-{manifest.id}-")
     spec = replace(spec, disks=materialize(store, manifest, spec.disks, disk_dir, vm=name))
     composed = time.monotonic()
     try:

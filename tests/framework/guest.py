@@ -146,7 +146,7 @@ class Vmckpt:
 
     def runtime(self, name: str) -> Path:
         """A guest's runtime directory on this host (its record, console, journal)."""
-        return Store(self.store).runtime_path(name)
+        return Store(self.store).host.runtime_path(name)
 
     def serial(self, name: str) -> str:
         log = self.runtime(name) / SERIAL_LOG

@@ -1,8 +1,8 @@
 """The microkernel test systems (Genode on base-hw, Fiasco.OC with L4Re): where their images
 are, how vmckpt runs them, and what their consoles say.
 
-Both systems print a deterministic tick line every 200 ms (the images'
-READMEs in guest/genode-hw-pc/ and guest/fiasco-l4re/): tick n has the same checksum on every boot and
+Both systems print a deterministic tick line every 200 ms (the images' READMEs in
+guest/genode-hw-pc/ and guest/fiasco-l4re/): tick n has the same checksum on every boot and
 after every restore, so a restored system is checked line by line, the way
 the Linux test guest's STATE lines are (tests/framework/guest.py). Their
 consoles carry ANSI colour codes and CR LF line ends; :func:`console_lines`

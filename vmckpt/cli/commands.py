@@ -33,6 +33,7 @@ from vmckpt.diagnose import REPEATED_RESETS, hint_for
 from vmckpt.errors import NotAliveError, UsageError, VmckptError
 from vmckpt.hostdirs import host_id
 from vmckpt.images import Store, keys
+from vmckpt.images.adopt import adopt
 from vmckpt.liveness import Observation
 from vmckpt.qemu import parse_memory
 from vmckpt.spec import BootMedium, DiskSpec, GuestSpec, check_cpu, check_machine, check_name
@@ -84,7 +85,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if (args.new_key or args.accept_rollback) and not args.adopt:
         raise UsageError("--new-key and --accept-rollback go with --adopt")
     if args.adopt:
-        result = Store(path).adopt(new_key=args.new_key, accept_rollback=args.accept_rollback)
+        result = adopt(Store(path), new_key=args.new_key, accept_rollback=args.accept_rollback)
         if args.json:
             print_json({"store": str(path), **dataclasses.asdict(result)})
         else:

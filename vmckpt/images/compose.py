@@ -8,17 +8,17 @@ compose and chain maintenance (a layer that absorbs others) both gather through 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from vmckpt.errors import CorruptLayerError
+from vmckpt.errors import CorruptLayerError, StoreError
 from vmckpt.images import crypt
 from vmckpt.images import format as fmt
-from vmckpt.images.format import PAGES, SUMS, BlockIndex, LayerManifest
+from vmckpt.images.format import MANIFEST, PAGES, SUMS, BlockIndex, LayerManifest
 from vmckpt.images.layerio import CHUNK_PAGES, LayerReader, check_digest
 from vmckpt.ram import PAGE_SIZE, PageNumbers, RamBlock, RamImage
 
@@ -200,3 +200,56 @@ def gather(
             else:
                 batch.add(src, manifest, reader.page_sums(manifest, step), wanted)
     batch.flush()
+
+
+def walk_chain(
+    read: Callable[[str, str], LayerManifest],
+    layer_id: str,
+    step: str,
+    cache: dict[str, LayerManifest],
+    checked: set[str] | None = None,
+) -> list[LayerManifest]:
+    """The chain of ``layer_id``, base first, each link checked (parent present, same
+    layout, no loop). With ``checked`` (ids whose chains passed already), the walk stops
+    below the first of them and returns only the layers above it."""
+    chain: list[LayerManifest] = []
+    seen: set[str] = set()
+    current: str | None = layer_id
+    while current is not None:
+        if checked is not None and chain and current in checked:
+            if cache[current].layout != chain[-1].layout:
+                raise CorruptLayerError(
+                    f"{MANIFEST}: RAM block layout {chain[-1].layout} differs from that of "
+                    f"parent {current} {cache[current].layout}",
+                    layer=chain[-1].id,
+                    step=step,
+                )
+            break
+        if current in seen:
+            raise CorruptLayerError(
+                f"{MANIFEST}: parent chain loops back to {current}",
+                layer=chain[-1].id,
+                step=step,
+            )
+        if current not in cache:
+            try:
+                cache[current] = read(current, step)
+            except StoreError as exc:
+                if not chain or isinstance(exc, CorruptLayerError):
+                    raise
+                raise CorruptLayerError(
+                    f"{MANIFEST}: parent {current} is missing", layer=chain[-1].id, step=step
+                ) from exc
+        manifest = cache[current]
+        if chain and manifest.layout != chain[-1].layout:
+            raise CorruptLayerError(
+                f"{MANIFEST}: RAM block layout {chain[-1].layout} differs from that of "
+                f"parent {current} {manifest.layout}",
+                layer=chain[-1].id,
+                step=step,
+            )
+        seen.add(current)
+        chain.append(manifest)
+        current = manifest.parent
+    chain.reverse()
+    return chain

@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from vmckpt import locks
 from vmckpt.errors import CorruptLayerError, StoreError
 from vmckpt.fsutil import DIR_MODE, FILE_MODE, Dir, exchange_at, read_regular
-from vmckpt.images import crypt, locks
+from vmckpt.images import crypt
 from vmckpt.images import format as fmt
 from vmckpt.images.format import (
     DEVICE,

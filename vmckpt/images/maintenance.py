@@ -50,11 +50,12 @@ from typing import Any
 
 import numpy as np
 
-from vmckpt import faults
+from vmckpt import faults, locks
 from vmckpt.errors import CorruptLayerError, StoreError, UsageError, VmckptError
 from vmckpt.fsutil import Dir
+from vmckpt.hostdirs import SCRATCH_DIR
 from vmckpt.images import format as fmt
-from vmckpt.images import keys, locks
+from vmckpt.images import keys
 from vmckpt.images.compose import Coverage, gather
 from vmckpt.images.crypt import LayerFile
 from vmckpt.images.format import (
@@ -77,7 +78,7 @@ from vmckpt.images.layerio import (
     check_digest,
 )
 from vmckpt.images.retention import KeepRules, parse_created, select
-from vmckpt.images.store import MEDIA_DIR, SCRATCH_DIR, Store
+from vmckpt.images.store import MEDIA_DIR, Store
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
 
@@ -865,9 +866,9 @@ def _gc_host(
     heads = store.head_records()
     drop: list[tuple[str, str]] = []
     for kind, name in sorted(gone):
-        if store.guest_locked(name, kind):
+        if store.host.guest_locked(name, kind):
             continue
-        for path in (store.runtime_path(name, kind), store.host.data_path(kind, name)):
+        for path in (store.host.runtime_path(name, kind), store.host.data_path(name, kind)):
             if path.exists() or path.is_symlink():
                 with Dir.open(path.parent) as parent:
                     note(parent, path.name, "a guest that is gone (not running, idle)")
@@ -879,14 +880,14 @@ def _gc_host(
         store.forget_heads(drop)
     for kind in ("guest", "libvirt"):
         for name in store.host.names(kind, data=True):
-            if (kind, name) in gone or store.guest_locked(name, kind):
+            if (kind, name) in gone or store.host.guest_locked(name, kind):
                 continue
-            scratch = store.host.data_path(kind, name) / SCRATCH_DIR
+            scratch = store.host.data_path(name, kind) / SCRATCH_DIR
             if scratch.is_dir() and not scratch.is_symlink():
                 with Dir.open(scratch) as directory:
                     for leftover in directory.names():
                         note(directory, leftover, "scratch of an interrupted checkpoint")
-            runtime = store.runtime_path(name, kind)
+            runtime = store.host.runtime_path(name, kind)
             if runtime.is_dir() and not runtime.is_symlink():
                 with Dir.open(runtime) as directory:
                     for leftover in directory.names():

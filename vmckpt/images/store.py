@@ -1,68 +1,52 @@
-"""A store: a directory of immutable, checksummed layers, written crash-safely. This module
-owns the store directory: no other module builds a path inside a store. What belongs to
-this host while a guest runs (its record, sockets, logs, journals, locks) and this host's
-own data for the store (restored disks, scratch, how to reach remote guests) live in the
-store's directories on this host (vmckpt/hostdirs.py), reached through the accessors here.
+"""A store: a directory of immutable, checksummed layers, written crash-safely; the only
+code that knows a store's layout (with its collaborators in this package: layerio.py its
+files, catalog.py its catalog, compose.py, disks.py, media.py, transfer.py, adopt.py,
+maintenance.py). What belongs to this host (guests' records, sockets, logs, restored
+disks) is not in the store: vmckpt/hostdirs.py, reached as ``store.host``.
 
 Layout (docs/FORMAT.md has the byte-level specification)::
 
-    store/vmckpt-store.json     marker: {"format": "vmckpt-store", "format_version": [1, 5],
-                                         "store_id": "<32 hex digits>"} (an encrypted
-                                         store's also "encryption")
+    store/vmckpt-store.json     marker: format [1, 5], the store id, its encryption
     store/catalog.json          the sealed catalog: the store's layers (each with the digest
-                                of its manifest) and every guest's head (images/catalog.py)
-    store/*.lock                the store, chain and maintenance locks (images/locks.py)
-    store/layers/<id>/          one committed layer (manifest.json, manifest.mac, its files)
+                                of its manifest) and every guest's head
+    store/*.lock                the store, chain and maintenance locks (vmckpt/locks.py)
+    store/layers/<id>/          one layer (manifest.json, manifest.mac, its files)
     store/layers/.tmp-<id>-<r>/ a layer being written or imported; never read, never listed
     store/media/<sha256>/<file> boot media copied from another host, found by content
 
 A layer is the store's once its complete, fsynced directory is renamed into place *and*
 the catalog names it: the catalog's write, under the store lock, is the commit point (and
 moves the guest's head with it), so a crash leaves the layer either committed with its head
-or invisible (``gc`` removes it).
-
-Every layer is sealed (manifest.mac, an HMAC under a key kept outside the
-store, vmckpt/images/keys.py) and read back only if the seal holds; nothing in a
-store is followed as a symbolic link: a store can come from another host or user
-(docs/SECURITY.md).
-
-An encrypted store (``vmckpt init --encrypt``) holds every layer file but manifest.json and
-manifest.mac encrypted (vmckpt/images/crypt.py): every read and write of a layer file goes
-through the store's codec (layerio.LayerReader, layerio.LayerWriter), which is a no-op for a
-store in the clear. Manifests list the content's sizes and digests either way.
+or invisible (``gc`` removes it). Every layer is sealed (manifest.mac, keys.py) and read
+only if its seal holds and the catalog names that version of it; nothing in a store is
+followed as a link (docs/SECURITY.md). An encrypted store holds its layer files encrypted
+(crypt.py) behind the same reader and writer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import re
 import secrets
 import shutil
 import stat
-import threading
-import time
-from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Collection, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmckpt import faults, log
+from vmckpt import faults, locks, log
 from vmckpt.errors import CorruptLayerError, StoreError
 from vmckpt.fsutil import (
     DIR_MODE,
-    FILE_MODE,
     fsync_dir,
     parse_json,
     read_json,
-    read_regular,
-    sha256_file,
-    write_json_atomic,
 )
 from vmckpt.hostdirs import NAME_RE, HostDirs, host_id
-from vmckpt.images import crypt, keys, locks
+from vmckpt.images import crypt, keys
 from vmckpt.images import format as fmt
 from vmckpt.images.catalog import (
     CATALOG,
@@ -72,16 +56,14 @@ from vmckpt.images.catalog import (
     head_key,
     manifest_digest,
 )
-from vmckpt.images.compose import Coverage, gather
+from vmckpt.images.compose import Coverage, gather, walk_chain
 from vmckpt.images.format import (
     DEVICE,
     LAYER_ID_RE,
     MANIFEST,
-    PAGES,
     PRELUDE,
     STORE_FORMAT,
     BlockIndex,
-    FileEntry,
     LayerContent,
     LayerManifest,
 )
@@ -95,23 +77,16 @@ from vmckpt.images.layerio import (
     StoreFiles,
     TempLayer,
     check_content,
-    write_chunks,
 )
 from vmckpt.ram import RamBlock, RamImage
 
 STORE_MARKER = "vmckpt-store.json"
 MEDIA_DIR = "media"
-STORE_LOCK = "store.lock"
-CHAIN_LOCK = "chain.lock"
-MAINTENANCE_LOCK = "maintenance.lock"
-GUEST_LOCK = "checkpoint.lock"
-SCRATCH_DIR = "disk-scratch"  # a guest's checkpoint scratch files (vmckpt/disk_capture.py)
 # Where a store of format 1.4 or older kept guests' runtime files and heads (its heads are
 # taken into the catalog once, when such a store is first opened by this vmckpt).
 LEGACY_HEADS = {"guest": "guests", "libvirt": "libvirt"}
 LEGACY_HEAD_FILE = "head.json"
 RUNTIME_NAME_RE = NAME_RE
-RECORD_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\.json\Z")
 MAX_MARKER_BYTES = 1 << 16
 STORE_LOCK_WAIT_S = 60.0  # publishing a layer holds it for milliseconds; maintenance longer
 
@@ -152,24 +127,12 @@ def _real_subdirs(path: Path) -> list[str]:
     )
 
 
-def _is_real_dir(path: Path) -> bool:
+def is_real_dir(path: Path) -> bool:
     """A directory, not a symbolic link to one."""
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return False
-
-
-@dataclass
-class AdoptResult:
-    """What `Store.adopt` did: the store's id, whether its key is new, the layers sealed,
-    those that authenticated already, and those refused with the reason."""
-
-    store_id: str
-    new_key: bool
-    sealed: list[str] = field(default_factory=list)
-    already: list[str] = field(default_factory=list)
-    refused: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Store:
@@ -186,12 +149,12 @@ class Store:
                 step="open",
             )
         marker = self.path / STORE_MARKER
-        if not _is_real_dir(self.path) or not marker.is_file() or marker.is_symlink():
+        if not is_real_dir(self.path) or not marker.is_file() or marker.is_symlink():
             raise StoreError(
                 f"{self.path} is not a vmckpt store (it has no {STORE_MARKER})", step="open"
             )
         for sub in (LAYERS_DIR, MEDIA_DIR):
-            if os.path.lexists(self.path / sub) and not _is_real_dir(self.path / sub):
+            if os.path.lexists(self.path / sub) and not is_real_dir(self.path / sub):
                 raise StoreError(
                     f"{self.path / sub} is not a directory of the store (a link?): refused",
                     step="open",
@@ -230,8 +193,8 @@ class Store:
         self._key: keys.StoreKey | None = None
         self._sealed: crypt.SealedCodec | None = None
         self._catalog_cache: tuple[tuple[int, int, int], Catalog] | None = None
-        self._lock_owner: int | None = None
-        self.reader = LayerReader(self.files, self._codec)
+        self.locks = locks.StoreLocks(self.path, lambda: self.files.root.fd)
+        self.reader = LayerReader(self.files, self.codec)
 
     @classmethod
     def create(cls, path: Path | str, *, parents: bool = False, encrypt: bool = False) -> Store:
@@ -317,12 +280,12 @@ class Store:
             self._key = key
         return self._key
 
-    def _codec(self, step: str) -> crypt.Codec:
+    def codec(self, step: str) -> crypt.Codec:
         """How the store holds its layer files: in the clear, or encrypted under its key."""
         if self.encryption is None:
             return crypt.PLAIN
         if self._sealed is None:
-            key = self._sealing_key(step)
+            key = self.sealing_key(step)
             self._sealed = crypt.SealedCodec(key.store_id, key.key)
         return self._sealed
 
@@ -337,13 +300,13 @@ class Store:
             step=step,
         )
 
-    def _sealing_key(self, step: str) -> keys.StoreKey:
+    def sealing_key(self, step: str) -> keys.StoreKey:
         key = self.key
         if key is None:
             raise self.no_key_error(step)
         return key
 
-    def _origin(self, layer_id: str, manifest: bytes, step: str) -> str:
+    def origin_of(self, layer_id: str, manifest: bytes, step: str) -> str:
         """The layer's origin from its seal, checked against the manifest's bytes."""
         try:
             seal = self.files.read_layer_file(layer_id, keys.SEAL, keys.MAX_SEAL_BYTES, step)
@@ -370,164 +333,38 @@ class Store:
                 step=step,
             )
 
-    def _seal_bytes(self, layer_id: str, origin: str, manifest: bytes) -> bytes:
+    def seal_bytes(self, layer_id: str, origin: str, manifest: bytes) -> bytes:
         """A layer's seal (manifest.mac) under the store's key."""
-        return keys.seal_bytes(self._sealing_key("seal"), layer_id, origin, manifest)
+        return keys.seal_bytes(self.sealing_key("seal"), layer_id, origin, manifest)
 
-    def adopt(self, *, new_key: bool = False, accept_rollback: bool = False) -> AdoptResult:
-        """Check the store's layers and seal those that do not authenticate yet (origin
-        ``adopted``), making the store's key first if this user has none, and name them in
-        the catalog.
+    def use_key(self, key: keys.StoreKey) -> None:
+        """Work with ``key`` from now on (images/adopt.py: the key the layers authenticate
+        with, or a new one): the store's id, encryption and host directories follow it."""
+        self.store_id, self.encryption, self._key = key.store_id, key.encryption, key
+        self.host = HostDirs.for_store(key.store_id, self.path)
+        self._sealed = None
+        self._catalog_cache = None
 
-        For a store made before layers were sealed (no store id), or one whose key is not
-        here: a new store id and key, and every layer that passes its checks (manifest,
-        chain links, every file and page, as verify) is sealed anew. With a key: only the
-        layers that do not authenticate are. A layer whose content fails a check is left as
-        it is and reported. The user vouches for what is sealed: run it only on a store whose
-        layers you trust (docs/SECURITY.md).
-
-        It never lowers a store's protection: a store whose layer files are encrypted is not
-        given a key that does not encrypt; a store whose layers authenticate with a key this
-        user has under another store id (its marker was changed) gets that id back instead
-        of a new key — unless ``new_key``, which re-keys it and says what is lost.
-        ``accept_rollback``: accept the catalog as it is (or rebuild it from the layers if it
-        is missing), after a store was put back from a backup on purpose. Holds every lock of
-        the store: no checkpoint, maintenance or reader runs meanwhile.
-        """
-        step = "adopt"
-        with self.maintenance_lock(step), self.switching(step), self.lock(step):
-            for name in self.files.entry_names():
-                if name.startswith(TMP_PREFIX) and self.files.temporary_in_use(name):
-                    raise StoreError(
-                        "a layer is being written (a checkpoint runs); try again when it is done",
-                        step=step,
-                    )
-            key = self.key
-            if key is None:
-                key = self._adopt_key(new_key, step)
-            assert self.store_id is not None
-            result = AdoptResult(self.store_id, new_key=self._new_key)
-            if accept_rollback:
-                keys.forget_generation(self.store_id)
-            try:
-                catalog = None if result.new_key else self._load_catalog(key, step)
-            except StoreError:
-                if not accept_rollback:
-                    raise
-                catalog = None
-            if catalog is None:
-                catalog = self._catalog_from_directory(key, legacy_heads=False)
-            cache: dict[str, LayerManifest] = {}
-            adopted: dict[str, list[str]] = {}
-            for layer_id in sorted(self._directory_layer_names()):
-                try:
-                    manifest, data = self._manifest_unsealed(layer_id, step)
-                    digest = manifest_digest(data)
-                    origin = self._origin_or_unsealed(layer_id, data, step)
-                    if keys.is_sealed(origin) and catalog.accepts(layer_id, digest):
-                        result.already.append(layer_id)
-                        continue
-                    self._chain_unchecked(layer_id, step, cache)
-                    self.reader.check(manifest, step)
-                except StoreError as exc:
-                    result.refused.append((layer_id, exc.one_line()))
-                    continue
-                seal = keys.seal_bytes(key, layer_id, keys.ADOPTED, data)
-                self.files.replace_layer_file(layer_id, keys.SEAL, seal)
-                adopted[layer_id] = [digest]
-                result.sealed.append(layer_id)
-            keep = [i for i in catalog.layers if i in adopted or i in result.already]
-            layers = {i: list(catalog.layers[i]) for i in keep if i not in adopted} | adopted
-            heads: dict[str, Head | None] = dict(catalog.heads)
-            if self.marker_version < (fmt.FORMAT_MAJOR, fmt.CATALOG_MINOR):
-                heads = self._legacy_heads(set(layers)) | heads
-            fresh = Catalog(self.store_id, catalog.generation).changed(add=layers, heads=heads)
-            self.files.replace_root_file(CATALOG, fresh.encode(key))
-            keys.note_generation(self.store_id, fresh.generation)
-            self._write_marker()
-            self._catalog_cache = None
-        return result
-
-    _new_key = False
-
-    def _adopt_key(self, new_key: bool, step: str) -> keys.StoreKey:
-        """The key ``adopt`` seals with when this user has none for the store's id: the key
-        of this user's that the layers authenticate with (the marker was changed: its id is
-        put back), or a new one (a store made before seals, or whose key is lost)."""
-        encrypted_files = self._encrypted_layer_files()
-        found = None if new_key else self._key_of_layers()
-        if found is not None:
-            # The layers are this key's: the marker (untrusted) is put right, the key file
-            # (trusted) says whether the store is encrypted.
-            self.store_id, self.encryption, self._key = found.store_id, found.encryption, found
-            self.host = HostDirs.for_store(found.store_id, self.path)
-            return found
-        if self.encrypted or encrypted_files:
-            evidence = (
-                f"its layer files ({encrypted_files[0]}, ...) are"
-                if encrypted_files
-                else "its marker says so"
-            )
-            raise StoreError(
-                f"store {self.path} is encrypted and this user has no key for it ({evidence} "
-                "encrypted): its layers cannot be read without the key, so they cannot be "
-                "adopted, and a new key would not encrypt what comes next (copy the key from "
-                "where the store was made)",
-                step=step,
-            )
-        if new_key and self._key_of_layers() is not None:
-            _log.warning(
-                "store %s: re-keyed on request: its layers authenticated with an existing key; "
-                "they are sealed anew as `adopted`, so their free-form QEMU arguments and domain "
-                "XML are no longer used on restore, and copies of the old key no longer open it",
-                self.path,
-            )
-        store_id = keys.new_store_id()
-        key = keys.create_key(store_id, self.path)
-        self.store_id, self._key, self._new_key = store_id, key, True
-        self.host = HostDirs.for_store(store_id, self.path)
-        return key
-
-    def _encrypted_layer_files(self) -> list[str]:
-        """Layer files that start like an encrypted one (crypt.MAGIC), whatever the marker says."""
-        found = []
-        for layer_id in self._directory_layer_names():
-            with contextlib.suppress(OSError, StoreError):
-                fd, _ = self.files.open_layer_file(layer_id, PAGES, "adopt")
-                try:
-                    if os.read(fd, len(crypt.MAGIC)) == crypt.MAGIC:
-                        found.append(f"{layer_id}/{PAGES}")
-                finally:
-                    os.close(fd)
-        return found
-
-    def _key_of_layers(self) -> keys.StoreKey | None:
-        """A key of this user's (any store id) that a sealed layer of this store authenticates
-        with, or None."""
-        for layer_id in self._directory_layer_names():
-            try:
-                _, data = self._manifest_unsealed(layer_id, "adopt")
-                seal = self.files.read_layer_file(layer_id, keys.SEAL, keys.MAX_SEAL_BYTES, "adopt")
-            except (StoreError, OSError):
-                continue
-            for candidate in keys.all_keys():
-                with contextlib.suppress(StoreError):
-                    keys.check_seal(candidate, layer_id, data, seal, "adopt")
-                    return candidate
-        return None
+    def write_catalog(self, catalog: Catalog) -> None:
+        """Replace the catalog with ``catalog`` (adopt; everything else goes through
+        :meth:`update_catalog`), sealed under the store's key, and note its generation."""
+        assert self.store_id is not None
+        self.files.replace_root_file(CATALOG, catalog.encode(self.sealing_key("catalog")))
+        keys.note_generation(self.store_id, catalog.generation)
+        self._catalog_cache = None
 
     def authenticates(self, layer_id: str) -> bool:
         """Whether a layer directory's seal authenticates its manifest with this store's key
         (whether the catalog names it or not)."""
         try:
-            _, data = self._manifest_unsealed(layer_id, "check")
-            return keys.is_sealed(self._origin(layer_id, data, "check"))
+            _, data = self.manifest_unchecked(layer_id, "check")
+            return keys.is_sealed(self.origin_of(layer_id, data, "check"))
         except StoreError:
             return False
 
-    def _origin_or_unsealed(self, layer_id: str, data: bytes, step: str) -> str:
+    def origin_or_unsealed(self, layer_id: str, data: bytes, step: str) -> str:
         try:
-            return self._origin(layer_id, data, step)
+            return self.origin_of(layer_id, data, step)
         except CorruptLayerError:
             return keys.UNSEALED
 
@@ -541,10 +378,10 @@ class Store:
         key = self.key
         if key is None or self.store_id is None:
             return None
-        found = self._load_catalog(key, step)
+        found = self.load_catalog(key, step)
         return found if found is not None else self._first_catalog(key, step)
 
-    def _load_catalog(self, key: keys.StoreKey, step: str) -> Catalog | None:
+    def load_catalog(self, key: keys.StoreKey, step: str) -> Catalog | None:
         """The catalog file, authenticated and its generation checked; None if missing."""
         assert self.store_id is not None
         try:
@@ -592,36 +429,36 @@ class Store:
                 f"--accept-rollback {self.path}` checks the layers and makes a new one",
                 step=step,
             )
-        catalog = self._catalog_from_directory(key, legacy_heads=True)
+        catalog = self.catalog_from_directory(key, legacy_heads=True)
         try:
             with self.lock("make the store's catalog"):
-                found = self._load_catalog(key, step)
+                found = self.load_catalog(key, step)
                 if found is not None:  # another command made it meanwhile
                     return found
                 self.files.replace_root_file(CATALOG, catalog.encode(key))
-                self._write_marker()
+                self.write_marker()
         except (OSError, StoreError) as exc:
             _log.warning("store %s: its catalog cannot be written (%s); read as is", self.path, exc)
             return replace(catalog, generation=0)
         keys.note_generation(self.store_id, catalog.generation)
         return catalog
 
-    def _catalog_from_directory(self, key: keys.StoreKey, *, legacy_heads: bool) -> Catalog:
+    def catalog_from_directory(self, key: keys.StoreKey, *, legacy_heads: bool) -> Catalog:
         """A first catalog: every layer directory whose seal authenticates (and, for a store
         made before catalogs, the heads it kept in its guests' directories)."""
         assert self.store_id is not None
         layers: dict[str, list[str]] = {}
-        for layer_id in self._directory_layer_names():
+        for layer_id in self.directory_layer_names():
             try:
-                _, data = self._manifest_unsealed(layer_id, "catalog")
-                if keys.is_sealed(self._origin(layer_id, data, "catalog")):
+                _, data = self.manifest_unchecked(layer_id, "catalog")
+                if keys.is_sealed(self.origin_of(layer_id, data, "catalog")):
                     layers[layer_id] = [manifest_digest(data)]
             except StoreError:
                 continue
-        heads = self._legacy_heads(set(layers)) if legacy_heads else {}
+        heads = self.legacy_heads(set(layers)) if legacy_heads else {}
         return Catalog(self.store_id).changed(add=layers, heads=heads)
 
-    def _legacy_heads(self, layers: Collection[str]) -> dict[str, Head | None]:
+    def legacy_heads(self, layers: Collection[str]) -> dict[str, Head | None]:
         """The heads a store of format 1.4 or older kept in its guests' directories (those
         on the ``layers`` given), owned by this host."""
         heads: dict[str, Head | None] = {}
@@ -635,7 +472,7 @@ class Store:
                         heads[head_key(kind, name)] = Head(head, me)
         return heads
 
-    def _update_catalog(
+    def update_catalog(
         self,
         step: str,
         *,
@@ -643,8 +480,9 @@ class Store:
         drop: Iterable[str] = (),
         heads: dict[str, Head | None] | None = None,
     ) -> Catalog:
-        """Write the catalog's next generation (call under the store lock)."""
-        key = self._sealing_key(step)
+        """Write the catalog's next generation (call under the store lock): layers added (or
+        their accepted versions replaced), layers dropped, heads set (None: removed)."""
+        key = self.sealing_key(step)
         current = self.catalog(step)
         assert current is not None and self.store_id is not None
         catalog = current.changed(add=add, drop=drop, heads=heads)
@@ -665,28 +503,17 @@ class Store:
         for layer_id, versions in catalog.layers.items():
             if len(versions) > 1 and layer_id not in missing:
                 with contextlib.suppress(StoreError):
-                    _, data = self._manifest_unsealed(layer_id, step)
+                    _, data = self.manifest_unchecked(layer_id, step)
                     if manifest_digest(data) in versions:
                         settled[layer_id] = [manifest_digest(data)]
         if missing or settled:
-            self._update_catalog(step, add=settled, drop=missing)
+            self.update_catalog(step, add=settled, drop=missing)
 
-    def _write_marker(self) -> None:
+    def write_marker(self) -> None:
         """Replace the marker (1.5: the store has a catalog), naming the store's id."""
         assert self.store_id is not None
         self.files.replace_root_file(STORE_MARKER, _marker_bytes(self.store_id, self.encryption))
         self.marker_version = (fmt.FORMAT_MAJOR, fmt.CATALOG_MINOR)
-
-    def update_catalog(
-        self,
-        step: str,
-        *,
-        add: dict[str, list[str]] | None = None,
-        drop: Iterable[str] = (),
-    ) -> None:
-        """Write the catalog's next generation (chain maintenance; call under the store
-        lock): layers added or their accepted versions replaced, layers dropped."""
-        self._update_catalog(step, add=add, drop=drop)
 
     # --- paths and names --------------------------------------------------
 
@@ -705,14 +532,7 @@ class Store:
             raise StoreError(f"{layer_id!r}/{file!r} is not a layer file", step="path")
         return self._layer_dir(layer_id) if file is None else self._layer_dir(layer_id) / file
 
-    def recatalog(self, layer_id: str) -> None:
-        """Name the layer's current manifest in the catalog (as someone with the key who
-        rewrote the layer would: the tests of the checks behind the seal and the catalog)."""
-        with self.lock("recatalog"):
-            data = self.files.read_layer_file(layer_id, MANIFEST, MAX_MANIFEST_BYTES, "recatalog")
-            self._update_catalog("recatalog", add={layer_id: [manifest_digest(data)]})
-
-    def _directory_layer_names(self) -> list[str]:
+    def directory_layer_names(self) -> list[str]:
         """The layer directories, whether the catalog names them or not."""
         return self.files.layer_names()
 
@@ -721,7 +541,7 @@ class Store:
         key: every layer directory, none of them authenticated)."""
         catalog = self.catalog("list")
         if catalog is None:
-            return self._directory_layer_names()
+            return self.directory_layer_names()
         return [i for i in catalog.layers if self.files.is_layer_dir(i)]
 
     def uncatalogued(self) -> list[str]:
@@ -731,7 +551,7 @@ class Store:
         catalog = self.catalog("list")
         if catalog is None:
             return []
-        return sorted(set(self._directory_layer_names()) - set(catalog.layers))
+        return sorted(set(self.directory_layer_names()) - set(catalog.layers))
 
     def layer_ids(self) -> list[str]:
         """Ids of the layers in the store, oldest first (by created time, then id).
@@ -794,177 +614,27 @@ class Store:
             raise StoreError(f"store {self.path} holds no layers", step="resolve")
         return ids[-1]
 
-    # --- locks ---------------------------------------------------------------
+    # --- locks (vmckpt/locks.py) -----------------------------------------------------
 
-    @contextlib.contextmanager
-    def lock(self, what: str, wait_s: float = STORE_LOCK_WAIT_S) -> Iterator[None]:
-        """The store lock (see vmckpt/images/locks.py); a thread that holds it already
-        through this Store takes it again at once (the catalog's write within a gc)."""
-        me = threading.get_ident()
-        if self._lock_owner == me:
-            yield
-            return
-        with locks.hold(
-            self.path / STORE_LOCK, what=what, wait_s=wait_s, busy=f"store {self.path} is busy",
-            dir_fd=self.files.root.fd,
-        ):  # fmt: skip
-            self._lock_owner = me
-            try:
-                yield
-            finally:
-                self._lock_owner = None
+    def lock(self, what: str, wait_s: float = STORE_LOCK_WAIT_S) -> AbstractContextManager[None]:
+        """The store lock (re-entrant within a thread that holds it through this Store)."""
+        return self.locks.store(what, wait_s)
 
-    def reading(
-        self, what: str, wait_s: float = STORE_LOCK_WAIT_S
-    ) -> contextlib.AbstractContextManager[None]:
-        """The chain lock, shared: held while reading a chain, so that no chain maintenance
-        switches layers under the reader (it takes the lock exclusively to switch)."""
-        return locks.hold(
-            self.path / CHAIN_LOCK,
-            what=what,
-            wait_s=wait_s,
-            busy=f"store {self.path}: a chain maintenance is switching layers",
-            shared=True,
-            dir_fd=self.files.root.fd,
-        )
+    def reading(self, what: str, wait_s: float = STORE_LOCK_WAIT_S) -> AbstractContextManager[None]:
+        """The chain lock, shared: held while a chain is read."""
+        return self.locks.chain(what, wait_s, shared=True)
 
     def switching(
         self, what: str, wait_s: float = STORE_LOCK_WAIT_S
-    ) -> contextlib.AbstractContextManager[None]:
-        """The chain lock, exclusive: no reader reads a chain meanwhile (maintenance only)."""
-        return locks.hold(
-            self.path / CHAIN_LOCK,
-            what=what,
-            wait_s=wait_s,
-            busy=f"store {self.path}: layers are being read (restore, verify)",
-            dir_fd=self.files.root.fd,
-        )
+    ) -> AbstractContextManager[None]:
+        """The chain lock, exclusive: chain maintenance switching layers."""
+        return self.locks.chain(what, wait_s, shared=False)
 
     def maintenance_lock(
         self, what: str, wait_s: float = STORE_LOCK_WAIT_S
-    ) -> contextlib.AbstractContextManager[None]:
+    ) -> AbstractContextManager[None]:
         """One chain maintenance (prune, squash, delete, gc) at a time."""
-        return locks.hold(
-            self.path / MAINTENANCE_LOCK,
-            what=what,
-            wait_s=wait_s,
-            busy=f"store {self.path}: another prune, squash, delete or gc is under way",
-            dir_fd=self.files.root.fd,
-        )
-
-    def guest_lock(
-        self, name: str, *, what: str, wait_s: float, kind: str = "guest"
-    ) -> contextlib.AbstractContextManager[None]:
-        """A guest's checkpoint lock: one checkpoint (or checkpoint session) at a time."""
-        return locks.hold(
-            self.runtime_dir(name, kind) / GUEST_LOCK,
-            what=what,
-            wait_s=wait_s,
-            busy=f"guest {name}: a checkpoint is under way",
-        )
-
-    def guest_locked(self, name: str, kind: str = "guest") -> bool:
-        return locks.is_held(self.runtime_path(name, kind) / GUEST_LOCK)
-
-    # --- what this host keeps for the store's guests (vmckpt/hostdirs.py) ----------------
-
-    def runtime_path(self, name: str, kind: str = "guest") -> Path:
-        """Where a guest's runtime directory on this host is (not created)."""
-        return self.host.runtime_path(kind, name)
-
-    def runtime_dir(self, name: str, kind: str = "guest") -> Path:
-        """A guest's runtime directory on this host (made 0700 if needed): its record, QEMU's
-        sockets and logs, journals, session records, its checkpoint lock."""
-        return self.host.guest_runtime(kind, name)
-
-    def data_dir(self, name: str, kind: str = "guest") -> Path:
-        """A guest's data directory on this host (made 0700 if needed): its restored disks,
-        how to reach it on another host, its checkpoints' scratch space."""
-        return self.host.guest_data(kind, name)
-
-    def scratch_dir(self, name: str, kind: str = "guest") -> Path:
-        """Where a checkpoint of guest ``name`` keeps its scratch files (``gc`` removes what an
-        interrupted checkpoint left there)."""
-        return self.data_dir(name, kind) / SCRATCH_DIR
-
-    def runtime_idle_s(self, name: str, kind: str = "guest") -> float:
-        """Seconds since anything in guest ``name``'s runtime directory last changed."""
-        directory = self.runtime_path(name, kind)
-        newest = 0.0
-        with contextlib.suppress(OSError):
-            newest = os.lstat(directory).st_mtime
-            for entry in os.scandir(directory):
-                with contextlib.suppress(OSError):
-                    newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
-        return max(0.0, time.time() - newest)
-
-    def has_runtime(self, name: str, kind: str = "guest") -> bool:
-        return _is_real_dir(self.runtime_path(name, kind))
-
-    def _record_path(self, name: str, record: str, kind: str, durable: bool, step: str) -> Path:
-        if not RECORD_NAME_RE.match(record):
-            raise StoreError(f"{record!r} is not a record name", vm=name, step=step)
-        base = self.host.data_path(kind, name) if durable else self.runtime_path(name, kind)
-        return base / record
-
-    def read_record(
-        self, name: str, record: str, kind: str = "guest", *, durable: bool = False
-    ) -> dict[str, Any] | None:
-        """A guest's record on this host (``guest.json``; ``durable``: one kept in its data
-        directory, such as ``remote.json``), or None if absent."""
-        path = self._record_path(name, record, kind, durable, "read-record")
-        try:
-            data = read_json(path)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"cannot read {path}: {exc}", vm=name, step="read-record") from exc
-        if not isinstance(data, dict):
-            raise StoreError(f"{path} is not a JSON object", vm=name, step="read-record")
-        return data
-
-    def write_record(
-        self,
-        name: str,
-        record: str,
-        data: dict[str, Any],
-        kind: str = "guest",
-        *,
-        durable: bool = False,
-    ) -> None:
-        """Replace a guest's record atomically (unique temporary name, fsync, rename)."""
-        self._record_path(name, record, kind, durable, "write-record")
-        directory = self.data_dir(name, kind) if durable else self.runtime_dir(name, kind)
-        path = directory / record
-        try:
-            write_json_atomic(path, data)
-        except OSError as exc:
-            raise StoreError(f"cannot write {path}: {exc}", vm=name, step="write-record") from exc
-
-    def remove_record(
-        self, name: str, record: str, kind: str = "guest", *, durable: bool = False
-    ) -> None:
-        path = self._record_path(name, record, kind, durable, "remove-record")
-        if _is_real_dir(path.parent):
-            path.unlink(missing_ok=True)
-
-    def runtime_names(self, kind: str = "guest") -> list[str]:
-        """Names of the guests of ``kind`` that have a runtime directory on this host."""
-        return self.host.names(kind)
-
-    def names_with(self, record: str, kind: str = "guest", *, durable: bool = False) -> list[str]:
-        """Names of the guests of ``kind`` that have a ``record`` file on this host."""
-        return [
-            name
-            for name in self.host.names(kind, data=durable)
-            if self._record_path(name, record, kind, durable, "list").is_file()
-        ]
-
-    def journal_path(self, name: str, file: str, kind: str = "guest") -> Path:
-        """Where a guest's journal ``file`` lives (vmckpt.session's migration journal)."""
-        if not RECORD_NAME_RE.match(file):
-            raise StoreError(f"{file!r} is not a journal name", vm=name, step="journal")
-        return self.runtime_dir(name, kind) / file
+        return self.locks.maintenance(what, wait_s)
 
     # --- heads (in the catalog) ---------------------------------------------------
 
@@ -998,79 +668,17 @@ class Store:
     def forget_heads(self, guests: Iterable[tuple[str, str]]) -> None:
         """Remove the heads of these (kind, name) guests from the catalog."""
         with self.lock("forget heads"):
-            self._update_catalog("head", heads={head_key(k, n): None for k, n in guests})
+            self.update_catalog("head", heads={head_key(k, n): None for k, n in guests})
 
     def set_head(self, name: str, layer_id: str | None, kind: str = "guest") -> None:
         """Move a guest's head (a restored guest starts from the layer it was restored from);
         None forgets it (its layers are no longer kept for it)."""
-        self.runtime_path(name, kind)  # a name the catalog can hold
+        self.host.runtime_path(name, kind)  # a name the catalog can hold
         with self.lock(f"set head of {name}"):
             if layer_id is not None and not self.has_layer(layer_id):
                 raise StoreError(f"no layer {layer_id} to be the head of {name}", step="head")
             head = None if layer_id is None else Head(layer_id, host_id())
-            self._update_catalog("head", heads={head_key(kind, name): head})
-
-    # --- media ----------------------------------------------------------------
-
-    def media_path(self, sha256: str, file_name: str) -> Path:
-        """Where the store keeps its own copy of a boot medium: media/<sha256>/<file name>."""
-        if not re.fullmatch(r"[0-9a-f]{64}", sha256) or not RUNTIME_NAME_RE.match(file_name):
-            raise StoreError(f"{file_name!r} ({sha256[:12]}) is not a medium name", step="media")
-        return self.path / MEDIA_DIR / sha256 / file_name
-
-    def find_medium(self, sha256: str, original: str) -> Path | None:
-        """A file with this content: the original path if it still holds it, else the store's
-        copy (a regular file of its own in real directories of the store, never a link). The
-        content hash decides, never the path."""
-        with contextlib.suppress(OSError):
-            path = Path(original)
-            if path.is_file() and sha256_file(path.resolve()) == sha256:
-                return path.resolve()
-        try:
-            copy = self.media_path(sha256, Path(original).name)
-        except StoreError:
-            return None
-        for directory in (copy.parent.parent, copy.parent):
-            if not _is_real_dir(directory):
-                return None
-        with contextlib.suppress(OSError):
-            info = os.lstat(copy)
-            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and sha256_file(copy) == sha256:
-                return copy
-        return None
-
-    def import_medium(self, sha256: str, file_name: str, chunks: Iterable[bytes]) -> Path:
-        """Store a copy of a boot medium received from another host, checked by its hash:
-        written as a new file in media/<sha256>/ (reached without following a link) and
-        renamed into place only once its content matched."""
-        target = self.media_path(sha256, file_name)
-        try:
-            root = self.files.root
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(MEDIA_DIR, DIR_MODE, dir_fd=root.fd)
-            with root.sub(MEDIA_DIR) as media:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(sha256, DIR_MODE, dir_fd=media.fd)
-                copies = media.sub(sha256)
-            with copies:
-                partial = f"{TMP_PREFIX}{file_name}-{secrets.token_hex(4)}"
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                fd = os.open(partial, flags, FILE_MODE, dir_fd=copies.fd)
-                try:
-                    entry = write_chunks(fd, chunks, crypt.PLAIN, "", file_name)
-                    if entry.sha256 != sha256:
-                        raise StoreError(
-                            f"{file_name}: the copy's sha256 is not the one announced",
-                            step="media",
-                        )
-                    os.rename(partial, file_name, src_dir_fd=copies.fd, dst_dir_fd=copies.fd)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(partial, dir_fd=copies.fd)
-                os.fsync(copies.fd)
-        except OSError as exc:
-            raise StoreError(f"cannot store medium {file_name}: {exc}", step="media") from exc
-        return target
+            self.update_catalog("head", heads={head_key(kind, name): head})
 
     # --- reading ----------------------------------------------------------
 
@@ -1088,8 +696,8 @@ class Store:
         return self._manifest_checked(layer_id, step)[0]
 
     def _manifest_checked(self, layer_id: str, step: str) -> tuple[LayerManifest, bytes]:
-        manifest, data = self._manifest_unsealed(layer_id, step)
-        origin = self._origin(layer_id, data, step)
+        manifest, data = self.manifest_unchecked(layer_id, step)
+        origin = self.origin_of(layer_id, data, step)
         catalog = self.catalog(step)
         if catalog is not None:
             if layer_id not in catalog.layers:
@@ -1108,7 +716,7 @@ class Store:
                 )
         return replace(manifest, origin=origin), data
 
-    def _manifest_unsealed(self, layer_id: str, step: str) -> tuple[LayerManifest, bytes]:
+    def manifest_unchecked(self, layer_id: str, step: str) -> tuple[LayerManifest, bytes]:
         """The layer's manifest, checked but not authenticated, and its bytes."""
         try:
             data = self.files.read_layer_file(layer_id, MANIFEST, MAX_MANIFEST_BYTES, step)
@@ -1123,17 +731,18 @@ class Store:
             )
         return manifest, data
 
-    def chain(self, layer_id: str) -> list[LayerManifest]:
-        """The manifests from the base layer to ``layer_id``, base first."""
-        return self._chain(layer_id, "read", {})
+    def chain(self, layer_id: str, step: str = "read") -> list[LayerManifest]:
+        """The manifests from the base layer to ``layer_id``, base first, each authenticated
+        and each link checked."""
+        return self._chain(layer_id, step, {})
 
-    def _chain_unchecked(
+    def chain_unchecked(
         self, layer_id: str, step: str, cache: dict[str, LayerManifest]
     ) -> list[LayerManifest]:
         """The chain as :meth:`_chain` walks it, of layers not yet authenticated (adopt)."""
 
         def read(layer: str, step: str) -> LayerManifest:
-            return self._manifest_unsealed(layer, step)[0]
+            return self.manifest_unchecked(layer, step)[0]
 
         return self._chain(layer_id, step, cache, reader=read)
 
@@ -1145,50 +754,8 @@ class Store:
         checked: set[str] | None = None,
         reader: Callable[[str, str], LayerManifest] | None = None,
     ) -> list[LayerManifest]:
-        """The chain of ``layer_id``, base first, each link checked (parent present, same
-        layout, no loop). With ``checked`` (ids whose chains passed already), the walk stops
-        below the first of them and returns only the layers above it."""
-        chain: list[LayerManifest] = []
-        seen: set[str] = set()
-        current: str | None = layer_id
-        while current is not None:
-            if checked is not None and chain and current in checked:
-                if cache[current].layout != chain[-1].layout:
-                    raise CorruptLayerError(
-                        f"{MANIFEST}: RAM block layout {chain[-1].layout} differs from that of "
-                        f"parent {current} {cache[current].layout}",
-                        layer=chain[-1].id,
-                        step=step,
-                    )
-                break
-            if current in seen:
-                raise CorruptLayerError(
-                    f"{MANIFEST}: parent chain loops back to {current}",
-                    layer=chain[-1].id,
-                    step=step,
-                )
-            if current not in cache:
-                try:
-                    cache[current] = (reader or self._manifest)(current, step)
-                except StoreError as exc:
-                    if not chain or isinstance(exc, CorruptLayerError):
-                        raise
-                    raise CorruptLayerError(
-                        f"{MANIFEST}: parent {current} is missing", layer=chain[-1].id, step=step
-                    ) from exc
-            manifest = cache[current]
-            if chain and manifest.layout != chain[-1].layout:
-                raise CorruptLayerError(
-                    f"{MANIFEST}: RAM block layout {chain[-1].layout} differs from that of "
-                    f"parent {current} {manifest.layout}",
-                    layer=chain[-1].id,
-                    step=step,
-                )
-            seen.add(current)
-            chain.append(manifest)
-            current = manifest.parent
-        chain.reverse()
-        return chain
+        """The chain of ``layer_id``, base first, each link checked (compose.walk_chain)."""
+        return walk_chain(reader or self._manifest, layer_id, step, cache, checked)
 
     def verify(self, layer_id: str | None = None) -> list[str]:
         """Verify the chain ending at ``layer_id``, or every layer of the store.
@@ -1251,99 +818,12 @@ class Store:
                 step=step,
             )
 
-    def disk_chain(self, layer_id: str, disk_id: str) -> list[LayerManifest]:
-        """The layers whose deltas make up disk ``disk_id`` at ``layer_id``: from the newest
-        layer at or below it that holds the disk in full, up to ``layer_id``."""
-        chain = self._chain(layer_id, "compose-disk", {})
-        self.require_sealed(chain, "compose-disk")
-        newest = chain[-1].disk(disk_id)
-        if newest is None:
-            raise StoreError(f"has no disk {disk_id!r}", layer=layer_id, step="compose-disk")
-        used: list[LayerManifest] = []
-        for manifest in reversed(chain):
-            record = manifest.disk(disk_id)
-            if record is None or record.size != newest.size:
-                raise CorruptLayerError(
-                    f"{MANIFEST}: disk {disk_id} needs layer {manifest.id}'s delta, which it "
-                    "lacks (or its size differs)",
-                    layer=layer_id,
-                    step="compose-disk",
-                )
-            used.append(manifest)
-            if record.full:
-                break
-        used.reverse()
-        return used
-
-    def compose_disk(self, layer_id: str, disk_id: str, target: Path) -> int:
-        """Write disk ``disk_id`` as it was at ``layer_id`` into a new raw file ``target``.
-
-        Checks every layer used (manifest, files, index, sha256 of the data while
-        reading it) and removes ``target`` on failure. Returns the disk size.
-        """
-        size = 0
-        try:
-            with self.reading("compose a disk"), open(target, "xb") as out:
-                used = self.disk_chain(layer_id, disk_id)
-                for manifest in used:
-                    record = manifest.disk(disk_id)
-                    assert record is not None
-                    size = record.size
-                    out.truncate(size)
-                    index_bytes = self.reader.read_small(
-                        manifest, record.index_file, "compose-disk"
-                    )
-                    self.reader.check_present(manifest, record.data_file, "compose-disk")
-                    index = fmt.decode_disk_index(index_bytes, record, manifest.id, "compose-disk")
-                    for offset, length in index.zeroed:
-                        out.seek(offset)
-                        for start in range(0, length, 1 << 20):
-                            out.write(bytes(min(1 << 20, length - start)))
-                    digest = hashlib.sha256()
-                    with self.reader.open(manifest, record.data_file, "compose-disk") as src:
-                        # The data file holds the stored extents one after the other.
-                        chunks = src.chunks()
-                        pending = memoryview(b"")
-                        for offset, length in index.stored:
-                            out.seek(offset)
-                            remaining = length
-                            while remaining:
-                                if not pending:
-                                    pending = memoryview(next(chunks, b""))
-                                    if not pending:
-                                        raise src.truncated()
-                                piece = pending[:remaining]
-                                digest.update(piece)
-                                out.write(piece)
-                                remaining -= len(piece)
-                                pending = pending[len(piece) :]
-                    expected = manifest.files[record.data_file].sha256
-                    if digest.hexdigest() != expected:
-                        raise CorruptLayerError(
-                            f"{record.data_file}: sha256 mismatch (expected {expected}, "
-                            f"found {digest.hexdigest()})",
-                            layer=manifest.id,
-                            step="compose-disk",
-                        )
-                out.flush()
-                os.fsync(out.fileno())
-        except BaseException as exc:
-            target.unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise StoreError(
-                    f"cannot write disk {disk_id} to {target}: {exc}",
-                    layer=layer_id,
-                    step="compose-disk",
-                ) from exc
-            raise
-        return size
-
     # --- writing ----------------------------------------------------------
 
     def check_writable(self) -> None:
         """Refuse early (before a guest is paused for a checkpoint) a store that cannot take
         a new layer: a read-only file system, missing permissions, no key to seal it."""
-        self._sealing_key("check-store")
+        self.sealing_key("check-store")
         probe = f"{TMP_PREFIX}probe-{secrets.token_hex(4)}"
         try:
             layers = self.files.layers
@@ -1379,7 +859,7 @@ class Store:
         StoreError, anything else as it is. The layer is sealed with ``origin``
         (keys.py).
         """
-        self._sealing_key("write")
+        self.sealing_key("write")
         parts = check_content(content)
         if content.parent is not None:
             parent = self._manifest(content.parent, "write")
@@ -1391,7 +871,7 @@ class Store:
                     step="write",
                 )
         if head_of is not None:
-            self.runtime_path(head_of[1], head_of[0])  # a name the catalog can hold
+            self.host.runtime_path(head_of[1], head_of[0])  # a name the catalog can hold
         disks = [DiskWrite.of(delta) for delta in content.disks]
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         temp = self._make_temporary(None)
@@ -1400,11 +880,11 @@ class Store:
                 temp, content, parts, disks, created=created, origin=origin
             )
             faults.point(faults.MID_WRITE)
-            self._publish(temp, digest, content.parent, head_of)
+            self.publish(temp, digest, content.parent, head_of)
         except BaseException as exc:
             self.files.remove(temp.name)  # nothing, once renamed into place
             if isinstance(exc, OSError):
-                raise _write_error(exc, temp.layer_id) from exc
+                raise write_error(exc, temp.layer_id) from exc
             raise
         finally:
             temp.close()
@@ -1449,13 +929,13 @@ class Store:
         """Write a complete layer into ``temp`` (layerio.LayerWriter): its files, its seal,
         its manifest. Returns the manifest as read back and the digest the catalog names it
         by."""
-        writer = LayerWriter(self._codec("write"))
+        writer = LayerWriter(self.codec("write"))
         manifest, data = writer.write(
-            temp, content, parts, disks, created=created, origin=origin, seal=self._seal_bytes
+            temp, content, parts, disks, created=created, origin=origin, seal=self.seal_bytes
         )
         return manifest, manifest_digest(data)
 
-    def _publish(
+    def publish(
         self,
         temp: TempLayer,
         digest: str,
@@ -1482,118 +962,13 @@ class Store:
                 if head_of is not None:
                     kind, name = head_of
                     heads[head_key(kind, name)] = Head(layer_id, host_id())
-                self._update_catalog("write", add={layer_id: [digest]}, heads=heads)
+                self.update_catalog("write", add={layer_id: [digest]}, heads=heads)
         except BaseException as exc:
             if renamed:
                 self.files.unpublish(layer_id)
             if isinstance(exc, OSError):
-                raise _write_error(exc, layer_id) from exc
+                raise write_error(exc, layer_id) from exc
             raise
-
-    def receive_layer(
-        self,
-        layer_id: str,
-        manifest_sha256: str,
-        files: Iterable[tuple[str, Iterable[bytes]]],
-        *,
-        origin: str,
-    ) -> bool:
-        """Take in a layer copied from another store, file by file; publish it only once
-        every file matches its manifest and the manifest the sender's hash, sealed with
-        this store's key and ``origin`` (``host:NAME``, the host that sent it: the layer's
-        free-form QEMU arguments are then not used on restore, docs/SECURITY.md).
-
-        Returns False if the store has that layer already (with the same manifest);
-        StoreError if it has a different one under that id, or the copy is damaged
-        (nothing is then added).
-        """
-        if not LAYER_ID_RE.match(layer_id):
-            raise StoreError(f"{layer_id!r} is not a layer id", step="receive-layer")
-        if not origin.startswith(keys.HOST_PREFIX) or not keys.is_sealed(origin):
-            raise StoreError(
-                f"origin {origin!r} is not host:NAME", layer=layer_id, step="receive-layer"
-            )
-        self._sealing_key("receive-layer")
-        if self.has_layer(layer_id):
-            if self.manifest_sha256(layer_id) != manifest_sha256:
-                raise StoreError(
-                    "the store has a different layer under this id", layer=layer_id,
-                    step="receive-layer",
-                )  # fmt: skip
-            for _name, chunks in files:
-                for _chunk in chunks:
-                    pass  # consume what the sender sends anyway
-            return False
-        temp = self._make_temporary(layer_id)
-        codec = self._codec("receive-layer")
-        try:
-            written: dict[str, FileEntry] = {}
-            for name, chunks in files:
-                if not fmt.is_layer_file_name(name) or name in written:
-                    raise StoreError(
-                        f"file name {name!r} is not allowed", layer=layer_id, step="receive-layer"
-                    )
-                # As this store holds its files, whatever the sender's did; the manifest is
-                # never encrypted.
-                written[name] = temp.write(name, chunks, crypt.PLAIN if name == MANIFEST else codec)
-            manifest, data = self._check_copy(temp, manifest_sha256, written)
-            temp.write(keys.SEAL, [self._seal_bytes(layer_id, origin, data)])
-            temp.sync()
-            self._publish(temp, manifest_digest(data), manifest.parent, None)
-        except BaseException as exc:
-            self.files.remove(temp.name)
-            if isinstance(exc, OSError):
-                raise _write_error(exc, layer_id) from exc
-            raise
-        finally:
-            temp.close()
-        return True
-
-    def _check_copy(
-        self, temp: TempLayer, manifest_sha256: str, written: dict[str, FileEntry]
-    ) -> tuple[LayerManifest, bytes]:
-        layer_id = temp.layer_id
-
-        def bad(message: str) -> StoreError:
-            return StoreError(f"the copy is damaged: {message}", layer=layer_id, step="check-copy")
-
-        if MANIFEST not in written:
-            raise bad(f"{MANIFEST} is missing")
-        if written[MANIFEST].sha256 != manifest_sha256:
-            raise bad(f"{MANIFEST} differs from the one the sender has")
-        data = read_regular(MANIFEST, MAX_MANIFEST_BYTES, dir_fd=temp.dir.fd)
-        manifest = fmt.parse_manifest(data, layer_id, "check-copy")
-        if manifest.id != layer_id:
-            raise bad(f"{MANIFEST} names layer {manifest.id}")
-        for name, entry in manifest.files.items():
-            got = written.get(name)
-            if got is None:
-                raise bad(f"{name} is missing")
-            if got != entry:
-                raise bad(f"{name} does not match its manifest (size or sha256)")
-        extra = set(written) - set(manifest.files) - {MANIFEST}
-        if extra:
-            raise bad(f"unexpected files {sorted(extra)}")
-        return manifest, data
-
-    def layer_files(self, layer_id: str) -> list[tuple[str, int, Iterator[bytes]]]:
-        """A committed layer's files to send to another store: name, size and content (the
-        plaintext in an encrypted store: the receiver holds them as its store does), the
-        manifest last (the receiver commits on it). Each file is opened when its content is
-        first asked for, checked to be of its listed size, and read in chunks; in an
-        encrypted store each record authenticates before it is sent."""
-        manifest = self.manifest(layer_id)
-        step = "send"
-
-        def content(name: str) -> Iterator[bytes]:
-            with self.reader.open(manifest, name, step) as src:
-                yield from src.chunks()
-
-        data = self.files.read_layer_file(layer_id, MANIFEST, MAX_MANIFEST_BYTES, step)
-        files = [
-            (name, manifest.files[name].size, content(name)) for name in sorted(manifest.files)
-        ]
-        return [*files, (MANIFEST, len(data), iter([data]))]
 
     def manifest_sha256(self, layer_id: str) -> str:
         """The SHA-256 of a layer's manifest.json file as stored (its identity across stores)."""
@@ -1616,7 +991,7 @@ class Store:
         return shutil.disk_usage(self.path).free
 
 
-def _write_error(exc: OSError, layer_id: str) -> StoreError:
+def write_error(exc: OSError, layer_id: str) -> StoreError:
     """An OSError while writing a layer, as a StoreError naming the file."""
     where = Path(exc.filename).name if exc.filename else "layer directory"
     return StoreError(f"{where}: {exc.strerror or exc}", layer=layer_id, step="write")

@@ -41,6 +41,8 @@ from vmckpt import log
 from vmckpt.backends import LocalGuest
 from vmckpt.errors import RemoteError, StoreError, VmckptError
 from vmckpt.images import Store, keys
+from vmckpt.images.media import find_medium, import_medium
+from vmckpt.images.transfer import receive_layer
 from vmckpt.restore import relocate_media
 from vmckpt.session import JOURNAL, MigrationSession
 from vmckpt.spec import BootMedium, GuestSpec
@@ -106,8 +108,8 @@ def cmd_receive_layers(args: argparse.Namespace) -> int:
         parts = [
             (str(name), _exactly(source, int(size), f"{layer_id}/{name}")) for name, size in files
         ]
-        added = store.receive_layer(
-            layer_id, str(header.get("manifest_sha256")), parts, origin=origin
+        added = receive_layer(
+            store, layer_id, str(header.get("manifest_sha256")), parts, origin=origin
         )
         emit(event="layer", layer=layer_id, added=added)
     emit(event="done")
@@ -120,7 +122,7 @@ def cmd_receive_medium(args: argparse.Namespace) -> int:
     if header is None:
         raise StoreError("no medium was sent", step="receive-medium")
     sha256, name, size = str(header["sha256"]), str(header["name"]), int(header["size"])
-    path = store.import_medium(sha256, name, _exactly(sys.stdin.buffer, size, name))
+    path = import_medium(store, sha256, name, _exactly(sys.stdin.buffer, size, name))
     emit(event="medium", sha256=sha256, path=str(path))
     return 0
 
@@ -130,7 +132,7 @@ def cmd_media(args: argparse.Namespace) -> int:
     result = []
     for medium in json.loads(args.media):
         wanted = BootMedium.from_dict(medium)
-        found = store.find_medium(wanted.sha256, wanted.path)
+        found = find_medium(store, wanted.sha256, wanted.path)
         result.append({"role": wanted.role, "sha256": wanted.sha256, "found": str(found or "")})
     emit(media=result)
     return 0
@@ -282,14 +284,18 @@ def cmd_send(args: argparse.Namespace) -> int:
     parameters: dict[str, object] = {"downtime-limit": args.downtime_limit}
     if args.bandwidth:
         parameters["max-bandwidth"] = args.bandwidth
-    with store.guest_lock(name, what="migrate", wait_s=60), guest.guard(), process.monitor() as mon:
+    with (
+        store.host.guest_lock(name, what="migrate", wait_s=60),
+        guest.guard(),
+        process.monitor() as mon,
+    ):
         if not mon.is_running():
             raise RemoteError(
                 f"the guest is not running here (state {mon.status()})", vm=name, step="send"
             )
         session = MigrationSession(
             mon, vm=name, error=RemoteError, capabilities={"events": True},
-            parameters=parameters, journal=store.journal_path(name, JOURNAL),
+            parameters=parameters, journal=store.host.journal_path(name, JOURNAL),
             timeout_s=24 * 3600.0,
         )  # fmt: skip
         try:

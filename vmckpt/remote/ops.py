@@ -27,6 +27,7 @@ from vmckpt.checkpoint import CheckpointSettings
 from vmckpt.errors import RemoteError, UsageError, VmckptError
 from vmckpt.images import LayerManifest, Store
 from vmckpt.images.retention import keep_arguments
+from vmckpt.images.transfer import layer_files
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.remote.endpoint import (
     DEFAULT_REMOTE_PYTHON,
@@ -79,11 +80,11 @@ class RemoteTarget:
 def save_remote_record(store: Store, name: str, target: RemoteTarget) -> None:
     """Remember on this host (its data directory of the store, never the store: what it
     says is run and connected to) that guest ``name`` runs on another host."""
-    store.write_record(name, REMOTE_RECORD, {"name": name, **target.to_dict()}, durable=True)
+    store.host.write_record(name, REMOTE_RECORD, {"name": name, **target.to_dict()}, durable=True)
 
 
 def load_remote_target(store: Store, name: str) -> RemoteTarget | None:
-    data = store.read_record(name, REMOTE_RECORD, durable=True)
+    data = store.host.read_record(name, REMOTE_RECORD, durable=True)
     if data is None:
         return None
     try:
@@ -93,11 +94,11 @@ def load_remote_target(store: Store, name: str) -> RemoteTarget | None:
 
 
 def forget_remote(store: Store, name: str) -> None:
-    store.remove_record(name, REMOTE_RECORD, durable=True)
+    store.host.remove_record(name, REMOTE_RECORD, durable=True)
 
 
 def remote_names(store: Store) -> list[str]:
-    return store.names_with(REMOTE_RECORD, durable=True)
+    return store.host.names_with(REMOTE_RECORD, durable=True)
 
 
 # -- layers and media -----------------------------------------------------------
@@ -161,7 +162,7 @@ def ship_layers(
             f"copying {len(missing)} layer(s) to {endpoint.host}", need, unit="B"
         ) as task:
             for manifest in missing:
-                files = store.layer_files(manifest.id)
+                files = layer_files(store, manifest.id)
                 header = {
                     "layer": manifest.id,
                     "manifest_sha256": ours[manifest.id],

@@ -1,6 +1,7 @@
-"""Locks on a store, for writers that must not interleave.
+"""Locks for writers that must not interleave: a store's, and a guest's on this host.
 
-``flock`` locks on lock files inside the store: the kernel releases them
+``flock`` locks on lock files (in the store, or in a guest's runtime directory on this
+host, vmckpt/hostdirs.py): the kernel releases them
 when their holder dies (kill -9 included), so a crash never leaves a stale
 lock. A lock file records its holder (PID, command) for the message a
 waiting command prints. The locks:
@@ -15,7 +16,7 @@ waiting command prints. The locks:
   (compose, verify, sending a layer to another host) and exclusive for the
   switch of a chain maintenance, so a reader never sees a layer half
   rewritten or a parent removed under it;
-- a **guest lock** (``guests/<name>/checkpoint.lock``): held for a whole
+- a **guest lock** (``checkpoint.lock`` in the guest's runtime directory): held for a whole
   checkpoint (or a whole checkpoint session) of one guest, so checkpoints
   of a guest are serialised;
 - a **directory lock** on each temporary layer directory (``layers/.tmp-*``)
@@ -34,9 +35,12 @@ import json
 import os
 import stat
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 from vmckpt.errors import LockError
 from vmckpt.fsutil import FILE_MODE, open_nofollow, parse_json
@@ -199,3 +203,54 @@ def is_held(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+STORE_LOCK = "store.lock"
+CHAIN_LOCK = "chain.lock"
+MAINTENANCE_LOCK = "maintenance.lock"
+
+
+class StoreLocks:
+    """A store's three locks (see the module doc), their files opened relative to the
+    store's root directory (``root_fd``: nothing above it is looked up again)."""
+
+    def __init__(self, path: Path, root_fd: Callable[[], int]) -> None:
+        self.path = path
+        self._root_fd = root_fd
+        self._owner: int | None = None  # the thread that holds the store lock, if any
+
+    def _hold(self, name: str, what: str, wait_s: float, busy: str, shared: bool = False) -> Any:
+        return hold(
+            self.path / name, what=what, wait_s=wait_s, busy=busy, shared=shared,
+            dir_fd=self._root_fd(),
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def store(self, what: str, wait_s: float) -> Iterator[None]:
+        """The store lock; a thread that holds it already takes it again at once (the
+        catalog's write within a gc, which holds it around more)."""
+        me = threading.get_ident()
+        if self._owner == me:
+            yield
+            return
+        with self._hold(STORE_LOCK, what, wait_s, f"store {self.path} is busy"):
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    def chain(self, what: str, wait_s: float, *, shared: bool) -> AbstractContextManager[None]:
+        """The chain lock: shared by readers of a chain, exclusive for a maintenance's switch."""
+        busy = (
+            f"store {self.path}: a chain maintenance is switching layers"
+            if shared
+            else f"store {self.path}: layers are being read (restore, verify)"
+        )
+        lock: AbstractContextManager[None] = self._hold(CHAIN_LOCK, what, wait_s, busy, shared)
+        return lock
+
+    def maintenance(self, what: str, wait_s: float) -> AbstractContextManager[None]:
+        busy = f"store {self.path}: another prune, squash, delete or gc is under way"
+        lock: AbstractContextManager[None] = self._hold(MAINTENANCE_LOCK, what, wait_s, busy)
+        return lock
