@@ -382,8 +382,7 @@ def write_checkpoint_layer(
     try:
         manifest = target.store.commit_layer(content, head_of=(target.kind, target.name))
     except VmckptError as exc:
-        exc.vm = exc.vm or target.name
-        raise
+        raise exc.in_context(vm=target.name) from exc
     _log.info("%s: layer %s written (%s)", target.name, manifest.id, mechanism)
     return CheckpointResult(
         layer=manifest,

@@ -58,7 +58,15 @@ from vmckpt.checkpoint import (
     diff_against_parent,
     write_checkpoint_layer,
 )
-from vmckpt.errors import CheckpointError, LockError, QMPError, StreamError, VmckptError
+from vmckpt.errors import (
+    CheckpointError,
+    LockError,
+    QMPError,
+    StreamError,
+    UsageError,
+    VmckptError,
+    from_wire,
+)
 from vmckpt.fsutil import FILE_MODE, write_json_atomic
 from vmckpt.images import Store
 from vmckpt.mechanisms import COLO
@@ -458,7 +466,7 @@ def _send(conn: socket.socket, data: dict[str, Any]) -> None:
 
 
 def _error_reply(exc: VmckptError) -> dict[str, Any]:
-    return {"error": exc.one_line(), "exit": exc.exit_code, "kind": type(exc).__name__}
+    return exc.to_wire()
 
 
 class _Daemon:
@@ -490,7 +498,7 @@ class _Daemon:
                     request = json.loads(line)
                     op = str(request.get("op"))
                 except (ValueError, AttributeError):
-                    _send(conn, {"error": "bad request", "exit": 2})
+                    _send(conn, UsageError("bad request").to_wire())
                     return
                 try:
                     if op == "status":
@@ -504,7 +512,7 @@ class _Daemon:
                     elif op == "watch":
                         self._watch(conn, request)
                     else:
-                        _send(conn, {"error": f"unknown op {op!r}", "exit": 2})
+                        _send(conn, UsageError(f"unknown op {op!r}").to_wire())
                 except VmckptError as exc:
                     _send(conn, _error_reply(exc))
                 except OSError:
@@ -716,13 +724,8 @@ class SessionClient:
 
 
 def _remote_error(reply: dict[str, Any], name: str) -> VmckptError:
-    kinds: dict[str, type[VmckptError]] = {
-        cls.__name__: cls for cls in (CheckpointError, LockError, QMPError, StreamError)
-    }
-    cls = kinds.get(str(reply.get("kind")), CheckpointError)
-    error = cls(str(reply.get("error")), step="colo-session")
-    error.exit_code = int(reply.get("exit", error.exit_code))
-    return error
+    """The session's error as it sent it (errors.to_wire), with the guest named."""
+    return from_wire(reply, default=CheckpointError).in_context(vm=name, step="colo-session")
 
 
 def session_pid(store: Store, name: str) -> int | None:

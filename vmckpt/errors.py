@@ -6,6 +6,9 @@ CLI can print it as a single line; each class has its own exit code.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class VmckptError(Exception):
     """Base of every error vmckpt raises on purpose."""
@@ -37,6 +40,76 @@ class VmckptError(Exception):
         prefix = ", ".join(where)
         text = f"{prefix}: {self.message}" if prefix else self.message
         return " ".join(text.split())  # one line, whatever the cause's message held
+
+    def in_context(
+        self, *, vm: str | None = None, layer: str | None = None, step: str | None = None
+    ) -> VmckptError:
+        """The same error (same class and message) with the context it lacks filled in:
+        ``raise exc.in_context(vm=name) from exc`` where the caller knows more (an error is
+        never edited after it was raised)."""
+        again = _make(
+            type(self), self.message, vm=self.vm or vm, layer=self.layer or layer,
+            step=self.step or step,
+        )  # fmt: skip
+        again.exit_code = self.exit_code
+        return again
+
+    def to_wire(self) -> dict[str, Any]:
+        """The one shape an error crosses a process boundary in (the COLO session's control
+        socket, the remote agent's output, a remote vmckpt's stderr with --json-errors):
+        ``{"error": {"kind", "message", "vm", "layer", "step", "exit"}}``."""
+        return {
+            "error": {
+                "kind": type(self).__name__,
+                "message": self.message,
+                "vm": self.vm,
+                "layer": self.layer,
+                "step": self.step,
+                "exit": self.exit_code,
+            }
+        }
+
+
+def _subclasses() -> dict[str, type[VmckptError]]:
+    found: dict[str, type[VmckptError]] = {}
+    pending: list[type[VmckptError]] = [VmckptError]
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def _make(cls: type[VmckptError], message: str, **context: str | None) -> VmckptError:
+    error = VmckptError.__new__(cls)
+    VmckptError.__init__(error, message, **context)
+    if isinstance(error, RemoteError):
+        error.host = None  # already in the message, if it was named
+    return error
+
+
+def from_wire(data: Mapping[str, Any], *, default: type[VmckptError] | None = None) -> VmckptError:
+    """The error :meth:`VmckptError.to_wire` sent (as the class it names, if vmckpt knows it;
+    else ``default``), or, for anything else that says ``error``, one of ``default`` saying
+    what came."""
+    body = data.get("error")
+    fallback = default or VmckptError
+    if not isinstance(body, Mapping):
+        return fallback(f"an error without details ({body!r})" if body else "an error")
+    cls = _subclasses().get(str(body.get("kind")), fallback)
+
+    def text(key: str) -> str | None:
+        value = body.get(key)
+        return str(value) if value else None
+
+    error = _make(
+        cls, str(body.get("message") or "an error"), vm=text("vm"), layer=text("layer"),
+        step=text("step"),
+    )  # fmt: skip
+    code = body.get("exit")
+    if isinstance(code, int) and 0 < code < 256:
+        error.exit_code = code
+    return error
 
 
 class UsageError(VmckptError):

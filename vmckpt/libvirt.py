@@ -495,8 +495,7 @@ def restore_domain(
             if defined is not None:
                 _remove_domain(lv, defined)
             if isinstance(exc, VmckptError):
-                exc.layer = exc.layer or layer_id
-                exc.args = (exc.one_line(),)
+                raise exc.in_context(layer=layer_id) from exc
             raise
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -235,12 +235,10 @@ def restore_guest(
     except BaseException as exc:
         process.kill()
         discard_restored(spec.disks, disk_dir)
-        if isinstance(exc, VmckptError) and not isinstance(exc, RestoreError):
-            raise RestoreError(exc.message, vm=name, layer=manifest.id, step=exc.step) from exc
         if isinstance(exc, RestoreError):
-            exc.vm = exc.vm or name
-            exc.layer = exc.layer or manifest.id
-            exc.args = (exc.one_line(),)
+            raise exc.in_context(vm=name, layer=manifest.id) from exc
+        if isinstance(exc, VmckptError):
+            raise RestoreError(exc.message, vm=name, layer=manifest.id, step=exc.step) from exc
         raise
     _log.info("%s: restored from layer %s", name, manifest.id)
     return RestoreResult(
@@ -441,14 +439,10 @@ def boot_check(
                     _written, loaded, observation = _load_into(
                         process, image, spec, name=label, watch_s=seconds, until=_exited
                     )
+            except RestoreError as exc:
+                raise exc.in_context(vm=label, layer=manifest.id) from exc
             except VmckptError as exc:
-                if not isinstance(exc, RestoreError):
-                    raise RestoreError(
-                        exc.message, vm=label, layer=manifest.id, step=exc.step
-                    ) from exc
-                exc.vm, exc.layer = exc.vm or label, exc.layer or manifest.id
-                exc.args = (exc.one_line(),)
-                raise
+                raise RestoreError(exc.message, vm=label, layer=manifest.id, step=exc.step) from exc
             finally:
                 process.kill()
     finally:

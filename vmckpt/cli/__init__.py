@@ -7,6 +7,7 @@ Every VmckptError becomes one line on stderr and the error's exit code
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0,
         help="say what vmckpt does (-vv: every QMP command and event)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--json-errors", action="store_true",
+        help="an error as one JSON object on stderr (for programs: another vmckpt relaying "
+        "this one's), instead of one line of text",
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -373,7 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except VmckptError as exc:
-        print(f"vmckpt {args.command}: error: {exc.one_line()}", file=sys.stderr)
+        if args.json_errors:
+            print(json.dumps(exc.to_wire(), sort_keys=True), file=sys.stderr)
+        else:
+            print(f"vmckpt {args.command}: error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"vmckpt {args.command}: interrupted", file=sys.stderr)

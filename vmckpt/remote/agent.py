@@ -3,8 +3,8 @@
 vmckpt runs this on whichever host holds the store and the QEMU concerned,
 over SSH on another host and as a child process on this one, so both ends
 run the same code. Every command prints JSON lines on stdout; a failure is a
-last line ``{"error": ..., "exit": ...}`` and that exit code. All store work
-goes through :class:`vmckpt.images.Store` (its commit path, its checks).
+last line ``{"error": {...}}`` (vmckpt.errors.VmckptError.to_wire) and that exit
+code. All store work goes through :class:`vmckpt.images.Store` (its commit path, its checks).
 
 Commands:
 
@@ -399,10 +399,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except VmckptError as exc:
-        emit(error=exc.one_line(), exit=exc.exit_code, kind=type(exc).__name__)
+        emit(**exc.to_wire())
         return exc.exit_code
     except KeyboardInterrupt:
-        emit(error="interrupted", exit=130, kind="KeyboardInterrupt")
+        interrupted = VmckptError("interrupted", step=args.command)
+        interrupted.exit_code = 130
+        emit(**interrupted.to_wire())
         return 130
 
 

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vmckpt.errors import RemoteError
+from vmckpt.errors import RemoteError, from_wire
 from vmckpt.remote.ssh import SshHost
 
 DEFAULT_REMOTE_PYTHON = "python3"
@@ -137,8 +137,9 @@ class Endpoint:
         return last
 
     def vmckpt(self, *args: str, timeout: float = 300.0) -> tuple[int, str, str]:
-        """Run the ``vmckpt`` command itself there; exit status, stdout, stderr."""
-        argv = self.argv("vmckpt", list(args))
+        """Run the ``vmckpt`` command itself there; exit status, stdout, stderr (its error, if
+        any, as errors.to_wire's JSON: :func:`failure_of` reads it)."""
+        argv = self.argv("vmckpt", ["--json-errors", *args])
         if self.ssh is None:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
             return done.returncode, done.stdout, done.stderr
@@ -169,8 +170,21 @@ def parse_line(line: str) -> dict[str, Any] | None:
     return None
 
 
+def remote_failure(data: dict[str, Any], host: str, step: str) -> RemoteError:
+    """A RemoteError naming the host, with what failed there (errors.to_wire's shape)."""
+    return RemoteError(from_wire(data, default=RemoteError).one_line(), host=host, step=step)
+
+
+def failure_of(stderr: str, host: str, step: str) -> RemoteError:
+    """The RemoteError for a vmckpt run there with --json-errors that failed: its error as it
+    sent it, or its last line of output if it could not say (it did not start, say)."""
+    lines = stderr.strip().splitlines()
+    last = lines[-1] if lines else "(no output)"
+    return remote_failure(parse_line(last) or {"error": {"message": last}}, host, step)
+
+
 def agent_error(last: dict[str, Any], session: Session, host: str, step: str) -> RemoteError:
     if "error" in last:
-        return RemoteError(str(last["error"]), host=host, step=step)
+        return remote_failure(last, host, step)
     tail = " | ".join(session.stderr().strip().splitlines()[-2:]) or "no output"
     return RemoteError(f"the vmckpt agent failed: {tail}", host=host, step=step)

@@ -34,7 +34,7 @@ from vmckpt.backends import LocalGuest
 from vmckpt.checkpoint import take_checkpoint
 from vmckpt.errors import RemoteError, UsageError, VmckptError
 from vmckpt.images import Store
-from vmckpt.remote.endpoint import Endpoint, Session, parse_line
+from vmckpt.remote.endpoint import Endpoint, Session, failure_of, parse_line, remote_failure
 from vmckpt.remote.ops import (
     RemoteTarget,
     forget_remote,
@@ -132,7 +132,7 @@ class _Side:
                 continue
             if "error" in data:
                 self.ended = True
-                raise RemoteError(str(data["error"]), host=self.host, step=self.role)
+                raise remote_failure(data, self.host, self.role)
             if "event" in data:
                 self.events[str(data["event"])] = data
 
@@ -376,14 +376,7 @@ def migrate_by_layers(
                 "--detach", "--json", *own_args,
             )  # fmt: skip
             if code != 0:
-                lines = err.strip().splitlines()
-                raise RemoteError(
-                    f"restore there failed: {lines[-1] if lines else 'no output'}",
-                    host=ssh.name,
-                    vm=name,
-                    layer=final.layer.id,
-                    step="restore",
-                )
+                raise failure_of(err, ssh.name, "restore")
             restored_there = True
             resumed = time.monotonic()
             pid = int(json.loads(out)["pid"])

@@ -34,6 +34,7 @@ from vmckpt.remote.endpoint import (
     Endpoint,
     Session,
     agent_error,
+    failure_of,
     read_until_end,
 )
 from vmckpt.remote.ssh import HostAddress, SshHost, SshOptions
@@ -284,10 +285,7 @@ def restore_remote(
             "--detach", "--json", *[f"--qemu-arg={arg}" for arg in qemu_args or ()],
         )  # fmt: skip
         if code != 0:
-            raise RemoteError(
-                f"restore there failed: {_last_line(err)}", host=ssh.name, vm=name, layer=layer_id,
-                step="restore",
-            )  # fmt: skip
+            raise failure_of(err, ssh.name, "restore")
         result = json.loads(out)
     save_remote_record(store, name, target)
     return RemoteRestoreResult(
@@ -302,11 +300,6 @@ def restore_remote(
         copy_s=copied - started,
         total_s=time.monotonic() - started,
     )
-
-
-def _last_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[-1] if lines else "(no output)"
 
 
 # -- guests that run there ---------------------------------------------------------------
@@ -331,10 +324,8 @@ class RemoteGuest(Guest):
         a failure there is a RemoteError with that vmckpt's one-line error."""
         ssh, endpoint = self.target.connect()
         with ssh:
-            channel = ssh.open(
-                endpoint.argv("vmckpt", [command, self.name, "--store", self.target.store, *args]),
-                step=command,
-            )
+            argv = ["--json-errors", command, self.name, "--store", self.target.store, *args]
+            channel = ssh.open(endpoint.argv("vmckpt", argv), step=command)
             try:
                 while True:
                     try:
@@ -349,10 +340,7 @@ class RemoteGuest(Guest):
                 code = channel.exit_status(10)
                 channel.close()
         if code != 0:
-            raise RemoteError(
-                _last_line(err).split("error: ", 1)[-1], host=str(self.target.address),
-                vm=self.name, step=command,
-            )  # fmt: skip
+            raise failure_of(err, str(self.target.address), command)
 
     def _rows(self, command: str, *args: str) -> Iterator[dict[str, Any]]:
         for line in self.relay(command, *args, "--json"):
