@@ -984,7 +984,7 @@ def _split(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="vmckpt bench",
+        prog="python3 -m benchmarks.checkpoint",
         description="benchmark checkpoints against QEMU's own baselines",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -1016,7 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return cmd_bench(args)
     except VmckptError as exc:
-        print(f"vmckpt bench: error: {exc.one_line()}", file=sys.stderr)
+        print(f"benchmarks.checkpoint: error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
 
 
@@ -1056,7 +1056,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         os.environ["VMCKPT_QEMU"] = args.qemu  # read by vmckpt wherever it starts QEMU
     binary = qemu_binary()
     print(
-        f"vmckpt bench: QEMU {qemu_version(binary)} ({binary}), accel {settings.accel}, "
+        f"benchmarks.checkpoint: QEMU {qemu_version(binary)} ({binary}), accel {settings.accel}, "
         f"{os.cpu_count()} host CPUs, {settings.count} checkpoints per method, "
         f"one per {settings.interval_s:.0f} s",
         flush=True,

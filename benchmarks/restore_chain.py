@@ -17,7 +17,6 @@ time, not disk time. Each composed image is compared with the image the chain
 was built from (outside the timing).
 
     python3 -m benchmarks.restore_chain --layers 1000 --at 1,100,1000
-    python3 -m vmckpt bench restore-chain ...        (the same)
 
 With ``--encrypt`` the same chain (the same seed: the same layers) is also written into an
 encrypted store (``vmckpt init --encrypt``) and composed there, and the table sets the two

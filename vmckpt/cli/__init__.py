@@ -362,12 +362,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     maintenance.add_parsers(sub, command)  # prune, squash, delete, gc; watch --keep-*
 
-    p = command(
-        "bench", commands.cmd_bench,
-        "the checkpoint benchmark (from a source checkout); `bench restore-chain ...`: restore "
-        "time against chain length",
-    )  # fmt: skip
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="its options (see --help there)")
     return parser
 
 

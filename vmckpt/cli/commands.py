@@ -658,18 +658,3 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         f"{human_bytes(result.bytes_sent)}) [{result.mechanism}]"
     )
     return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    try:
-        if args.bench_args[:1] == ["restore-chain"]:
-            from benchmarks.restore_chain import main as chain_main
-
-            return chain_main(args.bench_args[1:])
-        from benchmarks.checkpoint import main as bench_main
-    except ImportError as exc:
-        raise UsageError(
-            "vmckpt bench runs from a source checkout (it needs benchmarks/): run it from there, "
-            "or use `make bench`"
-        ) from exc
-    return bench_main(args.bench_args)
