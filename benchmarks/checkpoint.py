@@ -62,12 +62,12 @@ from vmckpt.colo import SessionClient, end_session, session_pid
 from vmckpt.errors import CheckpointError, UsageError, VmckptError
 from vmckpt.guard import Guard
 from vmckpt.images import Store
+from vmckpt.machine.binary import parse_memory, qemu_binary, qemu_version
+from vmckpt.machine.spec import BootMedium, GuestSpec
 from vmckpt.mechanisms import COLO
-from vmckpt.qemu import parse_memory, qemu_binary, qemu_version
 from vmckpt.qmp import CONT_RETRY_S, Event, Monitor
 from vmckpt.ram import PAGE_SIZE, RamImage
 from vmckpt.session import MigrationSession, leave_as_found
-from vmckpt.spec import BootMedium, GuestSpec
 
 COLO_METHOD = "colo"
 PRECOPY_METHOD = "precopy-diff"

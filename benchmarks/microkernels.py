@@ -33,7 +33,7 @@ from typing import Any
 
 from tests.framework.guest import GUEST_BUILD, Vmckpt, guest_append, parse_states
 from tests.framework.microkernel import SYSTEMS, MissingImage, console_lines
-from vmckpt.qemu import qemu_binary, qemu_version
+from vmckpt.machine.binary import qemu_binary, qemu_version
 
 MEMORY = "512M"
 BOOT_TIMEOUT_S = 180.0

@@ -28,10 +28,11 @@ from typing import Any
 from vmckpt.backends import LocalGuest
 from vmckpt.errors import CheckpointError
 from vmckpt.images import Store
-from vmckpt.qemu import Launch, command_line, qemu_binary, qemu_version, version_tuple
+from vmckpt.machine.binary import qemu_binary, qemu_version, version_tuple
+from vmckpt.machine.qemu import Launch, command_line
+from vmckpt.machine.spec import BootMedium, GuestSpec
 from vmckpt.remote import MigrateSettings, RemoteTarget, migrate_by_layers, migrate_guest
 from vmckpt.session import MigrationSession
-from vmckpt.spec import BootMedium, GuestSpec
 
 BOOT_WAIT_S = 120.0
 

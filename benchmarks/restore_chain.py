@@ -56,10 +56,10 @@ from vmckpt.checkpoint import take_checkpoint
 from vmckpt.images import LayerContent, Store
 from vmckpt.images.maintenance import prune
 from vmckpt.images.retention import KeepRules
-from vmckpt.qemu import parse_memory
+from vmckpt.machine.binary import parse_memory
+from vmckpt.machine.spec import BootMedium, GuestSpec
 from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
 from vmckpt.restore import load_layer_image, restore_guest
-from vmckpt.spec import BootMedium, GuestSpec
 
 SMALL_BLOCKS = (("vga.vram", 16 << 20), ("pc.bios", 256 << 10), ("pc.rom", 128 << 10))
 REPO_GUEST = Path(__file__).resolve().parent.parent / "guest" / "build"

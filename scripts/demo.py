@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vmckpt.errors import StoreError
 from vmckpt.images import Store, keys
-from vmckpt.qemu import SERIAL_LOG
+from vmckpt.machine.qemu import SERIAL_LOG
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "guest" / "build"

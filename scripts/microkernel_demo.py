@@ -42,7 +42,7 @@ from tests.framework.microkernel import (  # noqa: E402  (after the path is set)
     console_lines,
 )
 from vmckpt.images import Store  # noqa: E402
-from vmckpt.qemu import SERIAL_LOG  # noqa: E402
+from vmckpt.machine.qemu import SERIAL_LOG  # noqa: E402
 
 NAME = "demo"
 

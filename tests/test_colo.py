@@ -23,9 +23,9 @@ from tests.framework.guest import (
 )
 from vmckpt.colo import session_pid
 from vmckpt.images import Store
+from vmckpt.machine.spec import DiskSpec, GuestSpec
 from vmckpt.mechanisms import COLO, PRECOPY, choose_mechanism, colo_refusal
 from vmckpt.session import JOURNAL
-from vmckpt.spec import DiskSpec, GuestSpec
 
 QEMU11 = os.environ.get("VMCKPT_QEMU11", "/var/cache/vmckpt/qemu-11/bin/qemu-system-x86_64")
 RECOVERY_S = 60.0

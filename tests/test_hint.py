@@ -23,10 +23,10 @@ import pytest
 
 from tests.framework.guest import REPO, Vmckpt, qemu_pids_of
 from tests.framework.microkernel import SYSTEMS, fiasco_image, require
-from vmckpt.bootmedia import multiboot_load_end
-from vmckpt.diagnose import GuestFacts, hint_for
-from vmckpt.liveness import Observation
-from vmckpt.spec import BootMedium, GuestSpec
+from vmckpt.machine.bootmedia import multiboot_load_end
+from vmckpt.machine.diagnose import GuestFacts, hint_for
+from vmckpt.machine.liveness import Observation
+from vmckpt.machine.spec import BootMedium, GuestSpec
 
 MULTIBOOT_FLAGS = 0x00000003
 MIB = 1 << 20

@@ -31,7 +31,7 @@ from tests.framework.guest import (
     guest_append,
     parse_states,
 )
-from vmckpt.qemu import socket_listens
+from vmckpt.machine.qemu import socket_listens
 
 pytestmark = [pytest.mark.qemu, pytest.mark.libvirt]
 

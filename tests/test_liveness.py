@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmckpt.liveness import ConsoleReader, Observation, clean_console
+from vmckpt.machine.liveness import ConsoleReader, Observation, clean_console
 
 
 def test_clean_console_keeps_complete_lines_without_ansi() -> None:

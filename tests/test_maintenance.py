@@ -474,8 +474,8 @@ def test_a_store_with_a_damaged_layer_is_not_pruned(forked: tuple[Store, dict[st
 
 def test_which_guests_are_gone(tmp_path: Path) -> None:
     from vmckpt.backends import RECORD, GuestRecord, gone_guests
-    from vmckpt.qemu import QemuProcess, process_start_time
-    from vmckpt.spec import GuestSpec
+    from vmckpt.machine.qemu import QemuProcess, process_start_time
+    from vmckpt.machine.spec import GuestSpec
 
     store = Store.create(tmp_path / "store")
     image = random_image(np.random.default_rng(7))

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.framework.guest import GUEST_BUILD, REPO, Taken, Vmckpt, assert_continues, take
-from vmckpt.bootmedia import kernel_media, split_module_list
 from vmckpt.errors import MachineError, UsageError
-from vmckpt.qemu import Launch, command_line
-from vmckpt.spec import GuestSpec
+from vmckpt.machine.bootmedia import kernel_media, split_module_list
+from vmckpt.machine.qemu import Launch, command_line
+from vmckpt.machine.spec import GuestSpec
 
 ISO = GUEST_BUILD / "vmckpt-guest.iso"
 

@@ -33,7 +33,7 @@ from tests.framework.guest import (
 from tests.framework.netns import OtherHost, other_host
 from vmckpt.hostdirs import HostDirs
 from vmckpt.images import Store
-from vmckpt.qemu import SERIAL_LOG, process_start_time
+from vmckpt.machine.qemu import SERIAL_LOG, process_start_time
 from vmckpt.remote.ssh import HostAddress, SshHost, SshOptions
 
 pytestmark = pytest.mark.qemu

@@ -21,8 +21,8 @@ from vmckpt.errors import CorruptLayerError, RestoreError, StoreError, UsageErro
 from vmckpt.images import LayerManifest, Store, keys
 from vmckpt.images import format as fmt
 from vmckpt.images.transfer import layer_files, receive_layer
+from vmckpt.machine.spec import GuestSpec, check_machine, check_name
 from vmckpt.restore import qemu_args_for, restore_command
-from vmckpt.spec import GuestSpec, check_machine, check_name
 
 EVIL_ARGS = ["-netdev", "tap,id=n0,script=/tmp/evil.sh", "-pidfile", "/etc/evil"]
 

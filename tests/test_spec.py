@@ -17,8 +17,8 @@ from tests.framework.guest import REPO, Vmckpt, one_line_error, qemu_pids_of
 from tests.framework.mechanisms import Mechanism, qemu11
 from vmckpt.cli import main
 from vmckpt.errors import MachineError, RestoreError, UsageError
-from vmckpt.qemu import Launch, QemuProcess, command_line
-from vmckpt.spec import GuestSpec
+from vmckpt.machine.qemu import Launch, QemuProcess, command_line
+from vmckpt.machine.spec import GuestSpec
 
 
 def _line(spec: GuestSpec, tmp_path: Path, machine_type: str | None = None) -> list[str]:

@@ -30,7 +30,7 @@ from tests.test_images import content, mutate, random_image
 from tests.test_security import copy_to, guest_spec
 from vmckpt.errors import CorruptLayerError, StoreError
 from vmckpt.images import LayerManifest, Store, keys, maintenance
-from vmckpt.qemu import process_start_time
+from vmckpt.machine.qemu import process_start_time
 
 COMMAND_S = 60.0  # a command that hangs on a planted file fails the test instead of the suite
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from tests.framework.guest import Vmckpt, guest_append, one_line_error, qemu_pids_of
 from tests.framework.microkernel import SYSTEMS, fiasco_hello_image, fiasco_image, require
 from vmckpt.errors import NotAliveError, RestoreError
-from vmckpt.qemu import process_start_time
+from vmckpt.machine.qemu import process_start_time
 
 
 def scratch_dirs() -> set[Path]:

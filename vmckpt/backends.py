@@ -25,27 +25,20 @@ from typing import Any
 from vmckpt import log
 from vmckpt.checkpoint import CheckpointResult, CheckpointSettings, take_checkpoint
 from vmckpt.colo import SessionClient, end_session, session_pid
-from vmckpt.diagnose import GuestFacts, probe_facts
 from vmckpt.errors import MachineError, QMPError, StoreError, UsageError
 from vmckpt.guard import Guard
 from vmckpt.hostdirs import host_id
 from vmckpt.images import Store
 from vmckpt.images.retention import parse_created
-from vmckpt.liveness import Observation, observe
+from vmckpt.machine.binary import qemu_binary, qemu_version, resolve_accel
+from vmckpt.machine.diagnose import GuestFacts, probe_facts
+from vmckpt.machine.liveness import Observation, observe
+from vmckpt.machine.qemu import SERIAL_LOG, Launch, QemuProcess, rotate_serial_log
+from vmckpt.machine.spec import GuestSpec, check_name
 from vmckpt.mechanisms import COLO, PRECOPY, Choice, choose_mechanism
 from vmckpt.progress import NO_PROGRESS, Progress
-from vmckpt.qemu import (
-    SERIAL_LOG,
-    Launch,
-    QemuProcess,
-    qemu_binary,
-    qemu_version,
-    resolve_accel,
-    rotate_serial_log,
-)
 from vmckpt.qmp import CONT_RETRY_S, Monitor
 from vmckpt.session import JOURNAL, recover
-from vmckpt.spec import GuestSpec, check_name
 from vmckpt.watch import WatchSettings, prune_note, stop_on_signals, watch
 
 RECORD = "guest.json"

@@ -8,17 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmckpt.machine.binary import kvm_usable, qemu_binary, qemu_version, resolve_accel
+from vmckpt.machine.qemu import Launch, QemuProcess, rotate_serial_log
+from vmckpt.machine.spec import GuestSpec
 from vmckpt.mechanisms import COLO, PRECOPY, colo_refusal
-from vmckpt.qemu import (
-    Launch,
-    QemuProcess,
-    kvm_usable,
-    qemu_binary,
-    qemu_version,
-    resolve_accel,
-    rotate_serial_log,
-)
-from vmckpt.spec import GuestSpec
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,11 @@ from vmckpt.disk_capture import DiskTracker
 from vmckpt.errors import CheckpointError, VmckptError
 from vmckpt.guard import Guard
 from vmckpt.images import DiskDelta, LayerContent, LayerManifest, Store
+from vmckpt.machine.spec import GuestSpec
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.qmp import Monitor
 from vmckpt.ram import PageSet, RamImage
 from vmckpt.session import JOURNAL, MigrationSession, recover
-from vmckpt.spec import GuestSpec
 from vmckpt.stream import StreamEnvelope, read_stream
 
 MECHANISM_PRECOPY = "precopy-diff"

@@ -69,8 +69,8 @@ from vmckpt.errors import (
 )
 from vmckpt.fsutil import FILE_MODE, write_json_atomic
 from vmckpt.images import Store
+from vmckpt.machine.qemu import process_start_time
 from vmckpt.mechanisms import COLO
-from vmckpt.qemu import process_start_time
 from vmckpt.qmp import Monitor
 from vmckpt.ram import PageSet, RamImage
 from vmckpt.session import JOURNAL, MigrationSession, recover

@@ -42,9 +42,9 @@ from pathlib import Path
 
 from vmckpt.errors import CheckpointError, QMPError
 from vmckpt.images import DiskDelta, LayerManifest
-from vmckpt.qemu import qemu_img
+from vmckpt.machine.binary import qemu_img
+from vmckpt.machine.spec import DiskSpec
 from vmckpt.qmp import Monitor
-from vmckpt.spec import DiskSpec
 
 JOB_POLL_S = 0.05
 JOB_CANCEL_TIMEOUT_S = 10.0

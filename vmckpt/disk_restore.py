@@ -18,9 +18,9 @@ from pathlib import Path
 from vmckpt.errors import QMPError, RestoreError
 from vmckpt.images import LayerManifest, Store
 from vmckpt.images.disks import compose_disk
-from vmckpt.qemu import qemu_img
+from vmckpt.machine.binary import qemu_img
+from vmckpt.machine.spec import DiskSpec
 from vmckpt.qmp import Monitor
-from vmckpt.spec import DiskSpec
 
 _PREFIX = "disk-"
 

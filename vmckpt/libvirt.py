@@ -43,11 +43,11 @@ from vmckpt.backends import Guest, GuestStatus
 from vmckpt.errors import LibvirtError, MachineError, QMPError, RestoreError, VmckptError
 from vmckpt.guard import Guard
 from vmckpt.images import Store, keys
+from vmckpt.machine.spec import BootMedium, GuestSpec
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.qmp import Monitor, PassthroughTransport
 from vmckpt.ram import RamImage
 from vmckpt.restore import load_layer_image
-from vmckpt.spec import BootMedium, GuestSpec
 from vmckpt.stream import StreamEnvelope, write_stream
 
 DEFAULT_URI = "qemu:///system"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmckpt.spec import GuestSpec
+from vmckpt.machine.spec import GuestSpec
 
 COLO = "colo"
 PRECOPY = "precopy-diff"

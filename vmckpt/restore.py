@@ -32,22 +32,19 @@ from vmckpt.disk_restore import discard_restored, materialize, track_restored
 from vmckpt.errors import RestoreError, VmckptError
 from vmckpt.images import LayerManifest, Store, keys
 from vmckpt.images.media import find_medium
-from vmckpt.liveness import FATAL_EVENTS, Observation, observe
-from vmckpt.progress import NO_PROGRESS, Progress
-from vmckpt.qemu import (
-    Launch,
-    QemuProcess,
-    command_line,
+from vmckpt.machine.binary import (
     machine_types,
     qemu_binary,
     qemu_version,
     resolve_accel,
-    rotate_serial_log,
     version_tuple,
 )
+from vmckpt.machine.liveness import FATAL_EVENTS, Observation, observe
+from vmckpt.machine.qemu import Launch, QemuProcess, command_line, rotate_serial_log
+from vmckpt.machine.spec import GuestSpec, check_name
+from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.ram import RamImage
 from vmckpt.session import MigrationSession
-from vmckpt.spec import GuestSpec, check_name
 from vmckpt.stream import StreamEnvelope, write_stream
 
 LOAD_TIMEOUT_S = 120.0

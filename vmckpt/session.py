@@ -41,7 +41,7 @@ from typing import Any, Self
 from vmckpt import log
 from vmckpt.errors import QMPError, VmckptError
 from vmckpt.fsutil import read_json, write_json_atomic
-from vmckpt.qemu import process_start_time
+from vmckpt.machine.qemu import process_start_time
 from vmckpt.qmp import CONT_RETRY_S, Event, Monitor
 
 # Migration states in which a migration is under way (query-migrate "status").

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from vmckpt.backends import GuestRecord, LocalGuest, local_guest_names
 from vmckpt.images import Store
-from vmckpt.qemu import SERIAL_LOG
+from vmckpt.machine.qemu import SERIAL_LOG
 from vmckpt.qmp import Monitor
 
 REPO = Path(__file__).resolve().parent.parent.parent

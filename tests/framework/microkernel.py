@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from tests.framework.guest import POLL_S, REPO, Vmckpt
-from vmckpt.qemu import SERIAL_LOG
+from vmckpt.machine.qemu import SERIAL_LOG
 
 T = TypeVar("T")
 GENODE_DIR = "genode-hw-pc"

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from vmckpt.backends import GuestStatus, LocalGuest, local_guest_names, open_guest
-from vmckpt.bootmedia import kernel_media
 from vmckpt.check import probe_capabilities
 from vmckpt.checkpoint import CheckpointSettings
 from vmckpt.cli.output import (
@@ -29,14 +28,22 @@ from vmckpt.cli.output import (
     progress_for,
     table,
 )
-from vmckpt.diagnose import REPEATED_RESETS, hint_for
 from vmckpt.errors import NotAliveError, UsageError, VmckptError
 from vmckpt.hostdirs import host_id
 from vmckpt.images import Store, keys
 from vmckpt.images.adopt import adopt
-from vmckpt.liveness import Observation
-from vmckpt.qemu import parse_memory
-from vmckpt.spec import BootMedium, DiskSpec, GuestSpec, check_cpu, check_machine, check_name
+from vmckpt.machine.binary import parse_memory
+from vmckpt.machine.bootmedia import kernel_media
+from vmckpt.machine.diagnose import REPEATED_RESETS, hint_for
+from vmckpt.machine.liveness import Observation
+from vmckpt.machine.spec import (
+    BootMedium,
+    DiskSpec,
+    GuestSpec,
+    check_cpu,
+    check_machine,
+    check_name,
+)
 from vmckpt.watch import WatchSettings, stop_on_signals
 
 STORE_ENV = "VMCKPT_STORE"

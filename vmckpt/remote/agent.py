@@ -43,9 +43,9 @@ from vmckpt.errors import RemoteError, StoreError, VmckptError
 from vmckpt.images import Store, keys
 from vmckpt.images.media import find_medium, import_medium
 from vmckpt.images.transfer import receive_layer
+from vmckpt.machine.spec import BootMedium, GuestSpec
 from vmckpt.restore import relocate_media
 from vmckpt.session import JOURNAL, MigrationSession
-from vmckpt.spec import BootMedium, GuestSpec
 
 CHUNK = 1 << 20
 MAX_HEADER = 1 << 20

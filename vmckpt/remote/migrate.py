@@ -34,6 +34,7 @@ from vmckpt.backends import LocalGuest
 from vmckpt.checkpoint import take_checkpoint
 from vmckpt.errors import RemoteError, UsageError, VmckptError
 from vmckpt.images import Store
+from vmckpt.machine.spec import GuestSpec
 from vmckpt.remote.endpoint import Endpoint, Session, failure_of, parse_line, remote_failure
 from vmckpt.remote.ops import (
     RemoteTarget,
@@ -44,7 +45,6 @@ from vmckpt.remote.ops import (
     ship_media,
 )
 from vmckpt.remote.ssh import SshHost
-from vmckpt.spec import GuestSpec
 
 
 @dataclass(frozen=True)

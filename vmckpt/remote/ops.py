@@ -28,6 +28,7 @@ from vmckpt.errors import RemoteError, UsageError, VmckptError
 from vmckpt.images import LayerManifest, Store
 from vmckpt.images.retention import keep_arguments
 from vmckpt.images.transfer import layer_files
+from vmckpt.machine.spec import GuestSpec
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.remote.endpoint import (
     DEFAULT_REMOTE_PYTHON,
@@ -38,7 +39,6 @@ from vmckpt.remote.endpoint import (
     read_until_end,
 )
 from vmckpt.remote.ssh import HostAddress, SshHost, SshOptions
-from vmckpt.spec import GuestSpec
 from vmckpt.watch import WatchSettings
 
 REMOTE_RECORD = "remote.json"

@@ -22,6 +22,7 @@ from typing import Any
 
 from vmckpt.errors import MachineError, UsageError
 from vmckpt.fsutil import sha256_file
+from vmckpt.machine.binary import qemu_img
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 MACHINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -138,8 +139,6 @@ class BootMedium:
 
 def qemu_img_info(path: Path) -> dict[str, Any]:
     """``qemu-img info`` of an image, as JSON."""
-    from vmckpt.qemu import qemu_img
-
     info = json.loads(qemu_img("info", "--output=json", "-U", str(path)))
     if not isinstance(info, dict):
         raise UsageError(f"qemu-img info {path} printed no object")

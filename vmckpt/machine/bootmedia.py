@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vmckpt.errors import UsageError
-from vmckpt.spec import BootMedium
+from vmckpt.machine.spec import BootMedium
 
 LINUX_SETUP_MAGIC = 0x53726448  # "HdrS" at offset 0x202 of a bzImage
 MULTIBOOT_MAGIC = 0x1BADB002

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vmckpt.errors import QMPError
-from vmckpt.qemu import QemuProcess
+from vmckpt.machine.qemu import QemuProcess
 from vmckpt.qmp import Monitor
 
 # The events that say the guest stopped being itself, and those worth reporting.

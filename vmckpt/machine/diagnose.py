@@ -19,7 +19,7 @@ touching the guest:
 
 :func:`probe_facts` asks the running QEMU (through the typed Monitor);
 :func:`hint_for` is plain logic over the spec, the facts and an
-:class:`~vmckpt.liveness.Observation`.
+:class:`~vmckpt.machine.liveness.Observation`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmckpt.bootmedia import is_multiboot, multiboot_load_end
-from vmckpt.liveness import Observation
+from vmckpt.machine.bootmedia import is_multiboot, multiboot_load_end
+from vmckpt.machine.liveness import Observation
+from vmckpt.machine.spec import GuestSpec
 from vmckpt.qmp import Monitor
-from vmckpt.spec import GuestSpec
 
 # x86-64-v2, as QEMU names the features (QOM properties of an x86 vCPU).
 X86_64_V2 = ("cx16", "lahf-lm", "popcnt", "pni", "ssse3", "sse4.1", "sse4.2")

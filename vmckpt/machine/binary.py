@@ -1,0 +1,140 @@
+"""The QEMU binary this host uses (``$VMCKPT_QEMU``, else the newest installed), what it
+supports (its version, machine types, whether KVM is usable here), and qemu-img beside it.
+Knows no guest, process or store: the guest spec (spec.py) and the QEMU process (qemu.py)
+build on it."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from vmckpt.errors import MachineError, UsageError
+
+DEFAULT_QEMU = "qemu-system-x86_64"
+
+
+def qemu_binary() -> str:
+    """The QEMU binary to use: $VMCKPT_QEMU, else qemu-system-x86_64 on PATH."""
+    chosen = os.environ.get("VMCKPT_QEMU", DEFAULT_QEMU)
+    found = shutil.which(chosen)
+    if not found:
+        raise MachineError(
+            f"QEMU binary {chosen!r} not found (install qemu-system-x86, or set VMCKPT_QEMU)",
+            step="find-qemu",
+        )
+    return found
+
+
+@functools.cache
+def _version_of(binary: str, mtime_ns: int) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    match = re.search(r"version (\d+\.\d+\.\d+)", out.stdout)
+    if not match:
+        lines = (out.stdout or out.stderr).strip().splitlines()
+        said = repr(lines[0]) if lines else "nothing"
+        raise MachineError(
+            f"QEMU binary {binary}: `--version` printed no QEMU version ({said})",
+            step="find-qemu",
+        )
+    return match.group(1)
+
+
+def qemu_version(binary: str) -> str:
+    """``major.minor.micro`` of a QEMU binary (asked once per binary and modification time)."""
+    return _version_of(binary, os.stat(binary).st_mtime_ns)
+
+
+@functools.cache
+def _machines_of(binary: str, mtime_ns: int) -> frozenset[str]:
+    out = subprocess.run(
+        [binary, "-machine", "help"], capture_output=True, text=True, check=False
+    ).stdout
+    lines = out.splitlines()
+    if not lines or not lines[0].startswith("Supported machines"):
+        raise MachineError(
+            f"QEMU binary {binary}: `-machine help` printed no machine list", step="find-qemu"
+        )
+    return frozenset(line.split()[0] for line in lines[1:] if line.strip())
+
+
+def machine_types(binary: str) -> frozenset[str]:
+    """The machine types (and aliases such as ``pc``, ``q35``) a QEMU binary offers."""
+    return _machines_of(binary, os.stat(binary).st_mtime_ns)
+
+
+def version_tuple(version: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in re.findall(r"\d+", version)[:3]]
+    parts += [0] * (3 - len(parts))
+    return (parts[0], parts[1], parts[2])
+
+
+def kvm_usable() -> tuple[bool, str]:
+    """Whether KVM can really run guests here, and why not.
+
+    A /dev/kvm that opens is not enough: paravirtual hosts expose one whose
+    guests never boot. The CPU must also advertise hardware virtualisation.
+    """
+    if not os.path.exists("/dev/kvm"):
+        return False, "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is not accessible to this user"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False, "cannot read /proc/cpuinfo"
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    if not flags & {"vmx", "svm"}:
+        return False, "the CPU shows no vmx/svm flag (a paravirtual /dev/kvm cannot run guests)"
+    return True, "ok"
+
+
+def resolve_accel(requested: str) -> str:
+    """The accelerator QEMU will use for ``requested`` (auto: KVM only where it really works)."""
+    if requested == "auto":
+        return "kvm" if kvm_usable()[0] else "tcg"
+    if requested == "kvm":
+        usable, why = kvm_usable()
+        if not usable:
+            raise UsageError(f"--accel kvm is not usable here: {why}")
+    elif requested != "tcg":
+        raise UsageError(f"unknown accelerator {requested!r} (auto, kvm or tcg)")
+    return requested
+
+
+def qemu_img(*args: str, vm: str | None = None, step: str = "qemu-img") -> str:
+    """Run qemu-img (the one beside the QEMU in use, else PATH's); failure is a MachineError."""
+    beside = Path(qemu_binary()).with_name("qemu-img")
+    binary = str(beside) if beside.is_file() else shutil.which("qemu-img")
+    if binary is None:
+        raise MachineError("qemu-img not found (install qemu-utils)", vm=vm, step=step)
+    result = subprocess.run([binary, *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise MachineError(
+            f"qemu-img {args[0]} failed: {result.stderr.strip() or result.stdout.strip()}",
+            vm=vm,
+            step=step,
+        )
+    return result.stdout
+
+
+def parse_memory(text: str) -> int:
+    """'512M', '1G', '1024' (MiB) -> MiB."""
+    match = re.fullmatch(r"\s*(\d+)\s*([MmGg]?)(i?[Bb])?\s*", text)
+    if not match:
+        raise UsageError(f"cannot read memory size {text!r} (use e.g. 512M or 1G)")
+    value = int(match.group(1))
+    mib = value * 1024 if match.group(2).lower() == "g" else value
+    if mib < 16:
+        raise UsageError(f"memory size {text!r} is too small (at least 16M)")
+    return mib
+
+
+# -- the command line --------------------------------------------------------------------
