@@ -8,11 +8,13 @@ code is not zero, stderr is one line naming what and where, and the store
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import shutil
 import socket
 import subprocess
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from tests.framework.guest import (
     qemu_pids_of,
     snapshot,
 )
+from vmckpt.errors import QMPError
 from vmckpt.images.format import manifest_bytes, manifest_checksum
 from vmckpt.qmp import Monitor
 
@@ -172,6 +175,47 @@ def _serve_garbage(path: Path) -> socket.socket:
 
     threading.Thread(target=answer, daemon=True).start()
     return server
+
+
+@contextlib.contextmanager
+def _nothing_left_open() -> Iterator[None]:
+    """Fails if the block left an event loop, a socket or a file for the garbage collector
+    to close (each one's finalizer warns; an event loop's can print a traceback)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        yield
+        gc.collect()
+    leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaked, leaked
+
+
+def _listener(path: Path) -> socket.socket:
+    """A socket that accepts connections (the kernel's backlog) and never answers."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    return server
+
+
+def test_failed_qmp_connects_leave_nothing_open(tmp_path: Path) -> None:
+    dead = tmp_path / "dead.sock"
+    _listener(dead).close()  # the file stays, nobody listens
+    with _nothing_left_open(), pytest.raises(QMPError, match="nobody listens"):
+        Monitor.unix(dead, vm="ghost", timeout=3)
+    with _nothing_left_open(), pytest.raises(QMPError, match="no QMP socket"):
+        Monitor.unix(tmp_path / "nothing.sock", vm="ghost", timeout=3)
+    server = _serve_garbage(tmp_path / "other.sock")
+    try:
+        with _nothing_left_open(), pytest.raises(QMPError, match="not QEMU"):
+            Monitor.unix(tmp_path / "other.sock", vm="ghost", timeout=3)
+    finally:
+        server.close()
+    with (
+        _listener(tmp_path / "silent.sock"),
+        _nothing_left_open(),
+        pytest.raises(QMPError, match="did not answer"),
+    ):
+        Monitor.unix(tmp_path / "silent.sock", vm="ghost", timeout=1)
 
 
 def test_qmp_socket_nobody_listens_on_or_not_qemu(vmckpt: Vmckpt, tmp_path: Path) -> None:

@@ -32,6 +32,10 @@ GUEST_BUILD = REPO / "guest" / "build"
 STATE_LINE = re.compile(r"^STATE seq=(\d+) sum=([0-9a-f]{16}) ok$")
 BOOT_TIMEOUT = 120.0
 POLL_S = 0.1
+# For a command whose stderr a test checks: every object left for the garbage collector to
+# close (an event loop, a socket, a file) says so there, instead of only when the
+# collector happens to run in an order that makes its finalizer print a traceback.
+LEAKS_SHOWN = {"PYTHONWARNINGS": "always::ResourceWarning"}
 
 
 @dataclass(frozen=True)
