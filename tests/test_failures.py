@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -28,6 +31,7 @@ from tests.framework.guest import (
     guest_append,
     one_line_error,
     qemu_pids_of,
+    sigint_disposition,
     snapshot,
 )
 from vmckpt.errors import QMPError
@@ -177,16 +181,33 @@ def _serve_garbage(path: Path) -> socket.socket:
     return server
 
 
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @contextlib.contextmanager
 def _nothing_left_open() -> Iterator[None]:
     """Fails if the block left an event loop, a socket or a file for the garbage collector
-    to close (each one's finalizer warns; an event loop's can print a traceback)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ResourceWarning)
-        yield
-        gc.collect()
+    to close (each one's finalizer warns; an event loop's can print a traceback), or an
+    asyncio task that asyncio complains about when it is collected (destroyed pending, or
+    its exception never retrieved: a traceback on stderr)."""
+    complaints = _Kept()
+    logging.getLogger("asyncio").addHandler(complaints)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            yield
+            gc.collect()
+    finally:
+        logging.getLogger("asyncio").removeHandler(complaints)
     leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert not leaked, leaked
+    assert not complaints.messages, complaints.messages
 
 
 def _listener(path: Path) -> socket.socket:
@@ -216,6 +237,38 @@ def test_failed_qmp_connects_leave_nothing_open(tmp_path: Path) -> None:
         pytest.raises(QMPError, match="did not answer"),
     ):
         Monitor.unix(tmp_path / "silent.sock", vm="ghost", timeout=1)
+
+
+class _CtrlCWhileConnecting(logging.Handler):
+    """Sends this process SIGINT from inside qemu.qmp's connect (as it logs the attempt):
+    the KeyboardInterrupt is then raised in one of the loop's tasks, where a Ctrl-C at a
+    terminal lands now and then (most often it lands in the loop's wait for the socket)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Connecting to"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_while_qmp_connects_is_a_keyboard_interrupt(tmp_path: Path) -> None:
+    """A Ctrl-C during a QMP connect ends it at once (the monitor here never answers) as a
+    KeyboardInterrupt, once the connect has unwound: nothing is left open, and no task is
+    left holding the exception (asyncio would print it, with a traceback, when the task is
+    collected)."""
+    logger = logging.getLogger("qemu.qmp")
+    level, handler = logger.level, _CtrlCWhileConnecting()
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        with (
+            _listener(tmp_path / "silent.sock"),
+            sigint_disposition(ignored=False),
+            _nothing_left_open(),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            Monitor.unix(tmp_path / "silent.sock", vm="ghost", timeout=30)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_qmp_socket_nobody_listens_on_or_not_qemu(vmckpt: Vmckpt, tmp_path: Path) -> None:

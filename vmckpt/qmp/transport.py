@@ -13,11 +13,14 @@ import asyncio
 import contextlib
 import json
 import queue
+import signal
 import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, Protocol
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient
@@ -219,8 +222,8 @@ class SocketTransport:
         return _event(raw)
 
     def close(self) -> None:
-        """Disconnect and close the loop, whatever state a failure left them in; safe to
-        call twice."""
+        """Disconnect and close the loop, whatever state a failure (or a Ctrl-C) left them
+        in; safe to call twice."""
         loop, client = self._loop, self._client
         if loop is None or loop.is_closed():
             return
@@ -240,23 +243,78 @@ class SocketTransport:
 
     def _run(self, awaitable: Any, timeout: float | None) -> Any:
         assert self._loop is not None, "connect() makes the loop"
-        return self._loop.run_until_complete(asyncio.wait_for(awaitable, timeout))
+        return _run_interruptibly(self._loop, asyncio.wait_for(awaitable, timeout))
+
+
+# The signals whose Python handlers may raise (Ctrl-C's KeyboardInterrupt, watch's second
+# signal, restore's SIGTERM): held back from the coroutines while QMP waits (see below).
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _run_interruptibly(loop: asyncio.AbstractEventLoop, awaitable: Any) -> Any:
+    """Run ``awaitable`` to completion on ``loop``. A signal whose handler raises meanwhile
+    (a Ctrl-C's KeyboardInterrupt) cancels it, lets it unwind, then raises here.
+
+    Left alone, a handler's exception is raised in whatever code runs at that instant. In
+    one of the loop's tasks (qemu.qmp's connect, its reader), it ends the task's step and
+    leaves the loop at once: tasks are left half-run, one holds an exception nobody
+    retrieves (asyncio prints it with a traceback when the task is collected), and
+    qemu.qmp turns a handler's Exception into a connection error (a BaseException such as
+    KeyboardInterrupt it passes on). asyncio.Runner handles SIGINT in the same way. Each
+    handler still runs when its signal arrives (one that only sets a flag, such as watch's
+    first signal, changes nothing here); a second raising signal during the unwinding is
+    raised at once. Only in the main thread, where handlers run.
+    """
+    task = loop.create_task(awaitable)
+    raised: list[BaseException] = []
+
+    def deferring(handler: Callable[[int, FrameType | None], Any]) -> Any:
+        def run(signum: int, frame: FrameType | None) -> None:
+            if raised:  # the user insists: the unwinding is not waited for
+                handler(signum, frame)
+                return
+            try:
+                handler(signum, frame)
+            except BaseException as exc:
+                raised.append(exc)
+                loop.call_soon_threadsafe(task.cancel)
+
+        return run
+
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in _DEFERRED_SIGNALS:
+            current = signal.getsignal(sig)
+            if callable(current):  # not SIG_DFL or SIG_IGN: those raise nothing in Python
+                previous[sig] = signal.signal(sig, deferring(current))
+    try:
+        result = loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        if raised:
+            raise raised[0] from None
+        raise
+    finally:
+        for sig, kept in previous.items():
+            signal.signal(sig, kept)
+    if raised:
+        raise raised[0]
+    return result
 
 
 def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Close a transport's loop; tasks a failure left on it are cancelled and run to their
-    end first (closing a loop over pending tasks warns about each one)."""
+    """Close a transport's loop; tasks a failure or a Ctrl-C left on it are cancelled and
+    run to their end first (closing a loop over pending tasks warns about each one)."""
     try:
         pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
         for task in pending:
             task.cancel()
         if pending:
             with contextlib.suppress(Exception):
-                loop.run_until_complete(
-                    asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 5.0)
+                _run_interruptibly(
+                    loop, asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 5.0)
                 )
         with contextlib.suppress(Exception):
-            loop.run_until_complete(loop.shutdown_asyncgens())
+            _run_interruptibly(loop, loop.shutdown_asyncgens())
     finally:
         loop.close()
 
