@@ -12,10 +12,12 @@ import gc
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ import pytest
 from tests.conftest import short_tmp
 from tests.framework.guest import (
     GUEST_BUILD,
+    REPO,
     Vmckpt,
     assert_guest_untouched,
     guest_append,
@@ -34,9 +37,11 @@ from tests.framework.guest import (
     sigint_disposition,
     snapshot,
 )
+from vmckpt import faults
 from vmckpt.errors import QMPError
 from vmckpt.images.format import manifest_bytes, manifest_checksum
 from vmckpt.qmp import Monitor
+from vmckpt.watch import STOP_NOTICE
 
 pytestmark = pytest.mark.qemu
 
@@ -315,6 +320,51 @@ def test_qmp_socket_nobody_listens_on_or_not_qemu(vmckpt: Vmckpt, tmp_path: Path
 
 
 # -- checkpoints that fail midway leave the guest as it was --------------------------------
+
+
+def test_checkpoint_interrupted_twice_ends_in_one_line_with_the_guest_as_it_was(
+    vmckpt: Vmckpt,
+) -> None:
+    """A first Ctrl-C lets a checkpoint finish, a second aborts it (watch.stop_on_signals):
+    the abort is an interruption (exit 130, said in one line, not a traceback of an
+    uncaught exception), the guest runs on with its migration settings as they were, and
+    no layer is written. The checkpoint is held, by fault injection, right after vmckpt
+    changed the settings, so the second signal finds it under way."""
+    vmckpt.run_guest("twice")
+    vmckpt.wait_states("twice", 3)
+    command = [sys.executable, "-m", "vmckpt", "checkpoint", "twice", "--store", str(vmckpt.store)]
+    env = {**os.environ, **vmckpt.env, faults.ENV: f"hold-at:{faults.AFTER_SETTINGS}"}
+    with sigint_disposition(ignored=False):
+        checkpoint = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        assert checkpoint.stderr is not None
+        for line in checkpoint.stderr:
+            lines.put(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert lines.get(timeout=120) == f"vmckpt: fault: held at {faults.AFTER_SETTINGS}"
+        checkpoint.send_signal(signal.SIGINT)
+        assert lines.get(timeout=60) == STOP_NOTICE
+        checkpoint.send_signal(signal.SIGINT)
+        assert checkpoint.wait(timeout=60) == 130
+    finally:
+        if checkpoint.poll() is None:
+            checkpoint.kill()
+            checkpoint.wait()
+    reader.join(timeout=10)
+    assert checkpoint.stderr is not None
+    checkpoint.stderr.close()
+    rest = [lines.get_nowait() for _ in range(lines.qsize())]
+    assert rest == ["vmckpt checkpoint: interrupted"], rest
+    assert_guest_untouched(vmckpt, "twice")
+    assert snapshot(vmckpt.store) == {}
 
 
 def test_receiver_dies_midway(vmckpt: Vmckpt) -> None:

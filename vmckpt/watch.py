@@ -39,8 +39,13 @@ MIN_INTERVAL_S = 0.01
 LOCK_WAIT_S = 120.0
 
 
-class Interrupted(Exception):
-    """A second SIGINT or SIGTERM arrived: abort the checkpoint under way (cleanly)."""
+class Interrupted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM arrived: abort the checkpoint under way (cleanly).
+
+    An interrupt, not an error: like a Ctrl-C it passes every ``except Exception`` (a
+    ``contextlib.suppress(Exception)`` in a clean-up must not swallow it), clean-ups that
+    catch BaseException still run, and the CLI reports it as ``interrupted`` (exit 130).
+    """
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,9 @@ class WatchSettings:
             raise UsageError("--prune-every must be a finite duration")
 
 
+STOP_NOTICE = "vmckpt: stopping once the checkpoint under way is written (again to abort it)"
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
     """SIGINT/SIGTERM ask the work to stop once the checkpoint under way is done.
@@ -80,10 +88,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
         if stop.is_set():
             raise Interrupted(signal.Signals(signum).name)
         stop.set()
-        print(
-            "vmckpt: stopping once the checkpoint under way is written (again to abort it)",
-            file=sys.stderr,
-        )
+        print(STOP_NOTICE, file=sys.stderr)
 
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
