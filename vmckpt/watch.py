@@ -74,13 +74,15 @@ STOP_NOTICE = "vmckpt: stopping once the checkpoint under way is written (again 
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
+def stop_on_signals(notice: str | None = STOP_NOTICE) -> Iterator[threading.Event]:
     """SIGINT/SIGTERM ask the work to stop once the checkpoint under way is done.
 
     An exception raised from a signal handler could land inside the cleanup
     that resumes the guest and cut it short, so the first signal only sets a
-    flag; a second one (the user insists) raises Interrupted, and the cleanup
-    in ``finally`` still runs.
+    flag (and prints ``notice`` on stderr, if given); a second one (the user
+    insists) raises Interrupted, and the cleanup in ``finally`` still runs.
+    The handlers replace whatever was there, an inherited SIG_IGN included: a
+    command run from a script's background job stops on the signals as well.
     """
     stop = threading.Event()
 
@@ -88,7 +90,8 @@ def stop_on_signals() -> Iterator[threading.Event]:
         if stop.is_set():
             raise Interrupted(signal.Signals(signum).name)
         stop.set()
-        print(STOP_NOTICE, file=sys.stderr)
+        if notice:
+            print(notice, file=sys.stderr)
 
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
