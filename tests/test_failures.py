@@ -38,9 +38,12 @@ from tests.framework.guest import (
     snapshot,
 )
 from vmckpt import faults
+from vmckpt.checkpoint import _StreamReceiver
 from vmckpt.errors import QMPError
+from vmckpt.images import Store
 from vmckpt.images.format import manifest_bytes, manifest_checksum
 from vmckpt.qmp import Monitor
+from vmckpt.remote.endpoint import Endpoint
 from vmckpt.watch import STOP_NOTICE
 
 pytestmark = pytest.mark.qemu
@@ -274,6 +277,32 @@ def test_ctrl_c_while_qmp_connects_is_a_keyboard_interrupt(tmp_path: Path) -> No
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def test_a_failed_stream_receiver_closes_its_socket() -> None:
+    """The receiver of a checkpoint whose stream fails (here: not a migration stream)
+    closes its end for real: a file object left open on the socket keeps the descriptor
+    open after close(), for the garbage collector to close (and warn about), and the
+    error the receiver keeps holds that file object."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        receiver = _StreamReceiver(ours, lambda _count: None)
+        receiver.start()
+        theirs.sendall(b"this is no migration stream")
+        theirs.shutdown(socket.SHUT_WR)
+        receiver.finish()
+    assert receiver.error is not None
+    assert ours.fileno() == -1, "the receiver's socket is still open"
+
+
+def test_a_local_agent_session_closes_its_pipes(tmp_path: Path) -> None:
+    """An agent command on this host (a child process, as a migration runs it) leaves no
+    pipe of the child open once its session is closed."""
+    store = tmp_path / "st"
+    Store.create(store)
+    with _nothing_left_open():
+        prepared = Endpoint(str(store)).call("prepare", timeout=60)
+    assert prepared["store"] == str(store)
 
 
 def test_qmp_socket_nobody_listens_on_or_not_qemu(vmckpt: Vmckpt, tmp_path: Path) -> None:
