@@ -1,16 +1,28 @@
 """The command as a new user meets it: stores given relative or by environment, help,
-one output vocabulary, console logs of earlier lives, pause and resume."""
+one output vocabulary, console logs of earlier lives, pause and resume, a guest run in the
+foreground and ended by a signal."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.framework.guest import REPO, Vmckpt, guest_append, one_line_error
+import pytest
+
+from tests.framework.guest import (
+    REPO,
+    Vmckpt,
+    guest_append,
+    one_line_error,
+    qemu_pids_of,
+    sigint_disposition,
+    wait_for,
+)
 from vmckpt.cli import build_parser
 from vmckpt.errors import exit_codes
 from vmckpt.images import Store
@@ -133,3 +145,44 @@ def test_help_runs_without_a_store() -> None:
         [sys.executable, "-m", "vmckpt", "--help"], capture_output=True, text=True, cwd=REPO
     )
     assert done.returncode == 0 and "exit codes:" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("sig", "sigint_ignored"),
+    [(signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["sigterm", "sigint-inherited-ignored"],
+)
+def test_foreground_run_stops_its_guest_on_a_signal(
+    vmckpt: Vmckpt, sig: signal.Signals, sigint_ignored: bool
+) -> None:
+    """`vmckpt run` in the foreground owns its guest: SIGTERM (a service manager, `timeout`)
+    and SIGINT stop the guest in order and end the run, SIGINT even where it was inherited
+    ignored (a background job of a script: such a run could otherwise never be stopped but
+    by SIGKILL, which leaves the guest running); and a guest that keeps printing does not
+    keep the console following."""
+    vmckpt("init", str(vmckpt.store))
+    vmckpt.started.add("fg")
+    command = [
+        sys.executable, "-m", "vmckpt", "run", "fg", "--store", str(vmckpt.store),
+        "--kernel", str(vmckpt.media / "vmlinuz"), "--initrd", str(vmckpt.media / "initrd.img"),
+        "--append", guest_append(pages=4, buf_mb=16), "--memory", "256M", "--accel", "tcg",
+        "--hint-after", "0",
+    ]  # fmt: skip
+    with sigint_disposition(ignored=sigint_ignored):
+        run = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    try:
+        console = vmckpt.store / "guests" / "fg" / "serial.log"
+        wait_for(console.exists, "the guest's console log", 60)
+        vmckpt.wait_states("fg", 2)  # booted and talking on its console
+        run.send_signal(sig)
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, (run.returncode, err)
+    assert "STATE seq=" in out, "the console was not followed"
+    assert "guest fg stopped" in out, out[-2000:]
+    assert not qemu_pids_of(vmckpt.store), "the foreground run left its QEMU running"

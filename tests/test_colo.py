@@ -148,6 +148,23 @@ def test_colo_session_killed_leaves_the_guest_running_as_found(colo: Vmckpt, whe
     colo("verify", "--store", store)
 
 
+def test_a_failed_opening_lets_go_of_the_session_monitor(colo: Vmckpt) -> None:
+    """An opening that fails (the guest was left in postmigrate by a checkpoint taken while
+    it was paused) is said in one line, and so is the next request's: the failed opening
+    let go of the session monitor, which QEMU serves to one client at a time (the session
+    would otherwise wait out its 30 s connect timeout on it)."""
+    colo.run_guest("pm")
+    colo.wait_states("pm", 2)
+    store = str(colo.store)
+    colo("pause", "pm", "--store", store)
+    colo("checkpoint", "pm", "--store", store, "--mechanism", PRECOPY)
+    for _ in range(2):
+        refused = colo("checkpoint", "pm", "--store", store, check=False)
+        one_line_error(refused, "guest pm", "postmigrate")
+    colo("stop", "pm", "--store", store)
+    assert session_pid(Store(colo.store), "pm") is None, "stop left the session running"
+
+
 def test_colo_is_refused_where_unsafe_and_the_guest_is_untouched(vmckpt: Vmckpt) -> None:
     """QEMU 10 under TCG deadlocks or aborts in COLO: refused by construction, in one line."""
     vmckpt.run_guest("u")

@@ -8,11 +8,18 @@ code is not zero, stderr is one line naming what and where, and the store
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import logging
+import os
+import queue
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,15 +28,23 @@ import pytest
 from tests.conftest import short_tmp
 from tests.framework.guest import (
     GUEST_BUILD,
+    REPO,
     Vmckpt,
     assert_guest_untouched,
     guest_append,
     one_line_error,
     qemu_pids_of,
+    sigint_disposition,
     snapshot,
 )
+from vmckpt import faults
+from vmckpt.checkpoint import _StreamReceiver
+from vmckpt.errors import QMPError
+from vmckpt.images import Store
 from vmckpt.images.format import manifest_bytes, manifest_checksum
 from vmckpt.qmp import Monitor
+from vmckpt.remote.endpoint import Endpoint
+from vmckpt.watch import STOP_NOTICE
 
 pytestmark = pytest.mark.qemu
 
@@ -174,6 +189,122 @@ def _serve_garbage(path: Path) -> socket.socket:
     return server
 
 
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _nothing_left_open() -> Iterator[None]:
+    """Fails if the block left an event loop, a socket or a file for the garbage collector
+    to close (each one's finalizer warns; an event loop's can print a traceback), or an
+    asyncio task that asyncio complains about when it is collected (destroyed pending, or
+    its exception never retrieved: a traceback on stderr)."""
+    complaints = _Kept()
+    logging.getLogger("asyncio").addHandler(complaints)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            yield
+            gc.collect()
+    finally:
+        logging.getLogger("asyncio").removeHandler(complaints)
+    leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaked, leaked
+    assert not complaints.messages, complaints.messages
+
+
+def _listener(path: Path) -> socket.socket:
+    """A socket that accepts connections (the kernel's backlog) and never answers."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    return server
+
+
+def test_failed_qmp_connects_leave_nothing_open(tmp_path: Path) -> None:
+    dead = tmp_path / "dead.sock"
+    _listener(dead).close()  # the file stays, nobody listens
+    with _nothing_left_open(), pytest.raises(QMPError, match="nobody listens"):
+        Monitor.unix(dead, vm="ghost", timeout=3)
+    with _nothing_left_open(), pytest.raises(QMPError, match="no QMP socket"):
+        Monitor.unix(tmp_path / "nothing.sock", vm="ghost", timeout=3)
+    server = _serve_garbage(tmp_path / "other.sock")
+    try:
+        with _nothing_left_open(), pytest.raises(QMPError, match="not QEMU"):
+            Monitor.unix(tmp_path / "other.sock", vm="ghost", timeout=3)
+    finally:
+        server.close()
+    with (
+        _listener(tmp_path / "silent.sock"),
+        _nothing_left_open(),
+        pytest.raises(QMPError, match="did not answer"),
+    ):
+        Monitor.unix(tmp_path / "silent.sock", vm="ghost", timeout=1)
+
+
+class _CtrlCWhileConnecting(logging.Handler):
+    """Sends this process SIGINT from inside qemu.qmp's connect (as it logs the attempt):
+    the KeyboardInterrupt is then raised in one of the loop's tasks, where a Ctrl-C at a
+    terminal lands now and then (most often it lands in the loop's wait for the socket)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Connecting to"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_while_qmp_connects_is_a_keyboard_interrupt(tmp_path: Path) -> None:
+    """A Ctrl-C during a QMP connect ends it at once (the monitor here never answers) as a
+    KeyboardInterrupt, once the connect has unwound: nothing is left open, and no task is
+    left holding the exception (asyncio would print it, with a traceback, when the task is
+    collected)."""
+    logger = logging.getLogger("qemu.qmp")
+    level, handler = logger.level, _CtrlCWhileConnecting()
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        with (
+            _listener(tmp_path / "silent.sock"),
+            sigint_disposition(ignored=False),
+            _nothing_left_open(),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            Monitor.unix(tmp_path / "silent.sock", vm="ghost", timeout=30)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_a_failed_stream_receiver_closes_its_socket() -> None:
+    """The receiver of a checkpoint whose stream fails (here: not a migration stream)
+    closes its end for real: a file object left open on the socket keeps the descriptor
+    open after close(), for the garbage collector to close (and warn about), and the
+    error the receiver keeps holds that file object."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        receiver = _StreamReceiver(ours, lambda _count: None)
+        receiver.start()
+        theirs.sendall(b"this is no migration stream")
+        theirs.shutdown(socket.SHUT_WR)
+        receiver.finish()
+    assert receiver.error is not None
+    assert ours.fileno() == -1, "the receiver's socket is still open"
+
+
+def test_a_local_agent_session_closes_its_pipes(tmp_path: Path) -> None:
+    """An agent command on this host (a child process, as a migration runs it) leaves no
+    pipe of the child open once its session is closed."""
+    store = tmp_path / "st"
+    Store.create(store)
+    with _nothing_left_open():
+        prepared = Endpoint(str(store)).call("prepare", timeout=60)
+    assert prepared["store"] == str(store)
+
+
 def test_qmp_socket_nobody_listens_on_or_not_qemu(vmckpt: Vmckpt, tmp_path: Path) -> None:
     dead = tmp_path / "dead.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -218,6 +349,51 @@ def test_qmp_socket_nobody_listens_on_or_not_qemu(vmckpt: Vmckpt, tmp_path: Path
 
 
 # -- checkpoints that fail midway leave the guest as it was --------------------------------
+
+
+def test_checkpoint_interrupted_twice_ends_in_one_line_with_the_guest_as_it_was(
+    vmckpt: Vmckpt,
+) -> None:
+    """A first Ctrl-C lets a checkpoint finish, a second aborts it (watch.stop_on_signals):
+    the abort is an interruption (exit 130, said in one line, not a traceback of an
+    uncaught exception), the guest runs on with its migration settings as they were, and
+    no layer is written. The checkpoint is held, by fault injection, right after vmckpt
+    changed the settings, so the second signal finds it under way."""
+    vmckpt.run_guest("twice")
+    vmckpt.wait_states("twice", 3)
+    command = [sys.executable, "-m", "vmckpt", "checkpoint", "twice", "--store", str(vmckpt.store)]
+    env = {**os.environ, **vmckpt.env, faults.ENV: f"hold-at:{faults.AFTER_SETTINGS}"}
+    with sigint_disposition(ignored=False):
+        checkpoint = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        assert checkpoint.stderr is not None
+        for line in checkpoint.stderr:
+            lines.put(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert lines.get(timeout=120) == f"vmckpt: fault: held at {faults.AFTER_SETTINGS}"
+        checkpoint.send_signal(signal.SIGINT)
+        assert lines.get(timeout=60) == STOP_NOTICE
+        checkpoint.send_signal(signal.SIGINT)
+        assert checkpoint.wait(timeout=60) == 130
+    finally:
+        if checkpoint.poll() is None:
+            checkpoint.kill()
+            checkpoint.wait()
+    reader.join(timeout=10)
+    assert checkpoint.stderr is not None
+    checkpoint.stderr.close()
+    rest = [lines.get_nowait() for _ in range(lines.qsize())]
+    assert rest == ["vmckpt checkpoint: interrupted"], rest
+    assert_guest_untouched(vmckpt, "twice")
+    assert snapshot(vmckpt.store) == {}
 
 
 def test_receiver_dies_midway(vmckpt: Vmckpt) -> None:

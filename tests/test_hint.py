@@ -11,6 +11,7 @@ Genode on q35 with the default CPU; and a healthy system that gets no hint.
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import struct
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.framework.guest import REPO, Vmckpt, qemu_pids_of
+from tests.framework.guest import REPO, Vmckpt, qemu_pids_of, sigint_disposition
 from tests.framework.microkernel import SYSTEMS, fiasco_image, require
 from vmckpt.machine.bootmedia import multiboot_load_end
 from vmckpt.machine.diagnose import GuestFacts, hint_for
@@ -152,14 +153,14 @@ def test_linux_without_serial_console_and_guests_that_need_no_hint(tmp_path: Pat
 # -- with QEMU ----------------------------------------------------------------------------
 
 
-def _run(runner: Vmckpt, name: str, *args: str) -> tuple[str, float]:
+def _run(runner: Vmckpt, name: str, *args: str) -> str:
+    """What `run --detach` says on stderr (the guest is stopped afterwards)."""
     runner.started.add(name)
-    started = time.monotonic()
     result = runner(
         "run", name, "--store", str(runner.store), "--create", "--accel", "tcg", "--detach", *args
     )
     runner("stop", name, "--store", str(runner.store))
-    return result.stderr, time.monotonic() - started
+    return result.stderr
 
 
 def _media(system: str) -> list[str]:
@@ -167,7 +168,7 @@ def _media(system: str) -> list[str]:
 
 
 def test_fiasco_with_256m_gets_the_memory_hint(microkernel_runner: Vmckpt) -> None:
-    stderr, _ = _run(
+    stderr = _run(
         microkernel_runner, "mute", *_media("fiasco"), "--memory", "256M", "--hint-after", "3s"
     )
     lines = stderr.strip().splitlines()
@@ -185,16 +186,17 @@ def test_fiasco_with_256m_gets_the_memory_hint(microkernel_runner: Vmckpt) -> No
 def test_genode_on_default_machine_and_cpu_gets_both_hints_early(
     microkernel_runner: Vmckpt,
 ) -> None:
-    stderr, took = _run(
-        microkernel_runner, "loop", *_media("genode-multiboot"), "--hint-after", "20s"
-    )
+    stderr = _run(microkernel_runner, "loop", *_media("genode-multiboot"), "--hint-after", "20s")
     assert "guest resets (RESET events) in" in stderr, stderr
     assert "reboot over and over" in stderr
     assert "possible cause: machine type pc-i440fx-" in stderr
     assert "possible cause: CPU model qemu64 (QEMU's default) lacks x86-64-v2" in stderr
-    assert took < 15, f"the hint waited for the whole 20 s ({took:.1f} s) despite the resets"
+    # The watch ended at the resets, not at its 20 s: the hint says how long it watched
+    # (the command's own run time would also count Python's and QEMU's start on a busy host).
+    watched = re.search(r"guest resets \(RESET events\) in ([0-9.]+) s", stderr)
+    assert watched is not None and float(watched.group(1)) < 20, stderr
 
-    stderr, _ = _run(
+    stderr = _run(
         microkernel_runner, "loopq35", *_media("genode-multiboot"), "--machine", "q35",
         "--hint-after", "5s",
     )  # fmt: skip
@@ -206,16 +208,20 @@ def test_genode_on_default_machine_and_cpu_gets_both_hints_early(
 
 def test_genode_as_it_needs_to_run_gets_no_hint(microkernel_runner: Vmckpt) -> None:
     args = require(SYSTEMS["genode-multiboot"].run_args)
-    stderr, _ = _run(microkernel_runner, "genode", *args, "--hint-after", "3s")
+    stderr = _run(microkernel_runner, "genode", *args, "--hint-after", "3s")
     assert stderr == "", stderr
-    # --detach without --hint-after returns at once, without watching.
-    stderr, took = _run(microkernel_runner, "quick", *_media("fiasco"), "--memory", "256M")
-    assert stderr == "" and took < 10, (stderr, took)
+    # --detach without --hint-after returns without watching: this guest stays silent, so a
+    # watch would have ended in the memory hint (its run time is no measure on a busy host).
+    stderr = _run(microkernel_runner, "quick", *_media("fiasco"), "--memory", "256M")
+    assert stderr == "", stderr
 
 
 def test_fiasco_in_the_foreground_gets_the_hint_by_default(microkernel_runner: Vmckpt) -> None:
     """`vmckpt run` without --detach follows the console and hints after 5 s; a Ctrl-C (SIGINT
-    to the vmckpt we started) stops the guest."""
+    to the vmckpt we started) stops the guest. The run starts with SIGINT ignored, as it
+    does whenever the tests run in a script's background job (every process such a job
+    starts inherits that): the foreground run's own handlers take the signal anyway. Before
+    they did, this test timed out there, whatever the load."""
     runner = microkernel_runner
     runner("init", str(runner.store))
     runner.started.add("fg")
@@ -223,9 +229,10 @@ def test_fiasco_in_the_foreground_gets_the_hint_by_default(microkernel_runner: V
         sys.executable, "-m", "vmckpt", "run", "fg", "--store", str(runner.store),
         *_media("fiasco"), "--memory", "256M", "--accel", "tcg",
     ]  # fmt: skip
-    vmckpt = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ)
-    )
+    with sigint_disposition(ignored=True):
+        vmckpt = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ)
+        )
     try:
         assert vmckpt.stderr is not None
         stderr = b""

@@ -15,6 +15,7 @@ UsageError saying so.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -378,19 +379,25 @@ class LocalGuest(Guest):
         return guest
 
     def observe(
-        self, seconds: float, *, until: Callable[[Observation], bool] | None = None
+        self,
+        seconds: float,
+        *,
+        until: Callable[[Observation], bool] | None = None,
+        stop: threading.Event | None = None,
     ) -> tuple[Observation, GuestFacts | None]:
         """Watch the running guest for ``seconds`` (vmckpt/liveness.py: events from now on,
         its console from the start of this life), then ask QEMU what it emulates for it
-        (vmckpt/diagnose.py; None if QEMU is gone). Holds the guest's QMP monitor meanwhile."""
+        (vmckpt/diagnose.py; None if QEMU is gone). Holds the guest's QMP monitor meanwhile,
+        so ``stop`` (the guest is about to be stopped) ends the watch within one poll and
+        asks QEMU nothing more (facts None)."""
         process = self.process()
         facts = None
         with process.monitor() as mon:
             mark = mon.mark()
             observation = observe(
-                process, mon, since=mark, seconds=seconds, console_from=0, until=until
+                process, mon, since=mark, seconds=seconds, console_from=0, until=until, stop=stop
             )
-            if not observation.exited:
+            if not observation.exited and not (stop is not None and stop.is_set()):
                 with contextlib.suppress(QMPError):
                     facts = probe_facts(mon)
         return observation, facts
@@ -425,22 +432,27 @@ class LocalGuest(Guest):
             session=f"open, PID {session}" if session else "",
         )  # fmt: skip
 
-    def console(self, follow: bool) -> Iterator[str]:
-        """The serial output of the guest's current life; with ``follow``, until it ends."""
+    def console(self, follow: bool, *, stop: threading.Event | None = None) -> Iterator[str]:
+        """The serial output of the guest's current life; with ``follow``, until it ends or
+        ``stop`` is set (checked before every read, so a guest that never stops talking
+        does not keep it going)."""
         log_path = self.store.host.runtime_dir(self.name) / SERIAL_LOG
         if not log_path.exists():
             raise MachineError("has no console output yet", vm=self.name)
         process = self.record.process
         alive = process if process is not None and process.alive() else None
         with log_path.open("r", errors="replace") as handle:
-            while True:
+            while stop is None or not stop.is_set():
                 chunk = handle.read()
                 if chunk:
                     yield chunk
                     continue
                 if not follow or alive is None or not alive.alive():
                     return
-                time.sleep(CONSOLE_POLL_S)
+                if stop is None:
+                    time.sleep(CONSOLE_POLL_S)
+                else:
+                    stop.wait(CONSOLE_POLL_S)
 
     def pause(self) -> None:
         self.end_session()  # a COLO checkpoint would run the guest again

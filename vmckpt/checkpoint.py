@@ -144,9 +144,13 @@ class _StreamReceiver(threading.Thread):
 
     def run(self) -> None:
         try:
-            source = cast(BinaryIO, self.sock.makefile("rb", buffering=1 << 20))
-            counted = _CountingReader(source, self.on_bytes, faults.value("receiver-dies-after"))
-            self.envelope, self.ram = read_stream(cast(BinaryIO, counted))
+            # Closed here, not left to the collector: the error kept below holds this frame,
+            # and a socket with an open file object stays open after sock.close().
+            with cast(BinaryIO, self.sock.makefile("rb", buffering=1 << 20)) as source:
+                counted = _CountingReader(
+                    source, self.on_bytes, faults.value("receiver-dies-after")
+                )
+                self.envelope, self.ram = read_stream(cast(BinaryIO, counted))
         except BaseException as exc:  # reported to the main thread, never lost
             self.error = exc
         finally:

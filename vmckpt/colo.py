@@ -145,23 +145,30 @@ class ColoSession:
         """The full migration that starts COLO; returns its layer's row."""
         started = time.monotonic()
         process = self.guest.process()
-        self.mon = process.session_monitor(timeout=30.0)
+        mon = process.session_monitor(timeout=30.0)
         journal = self.store.host.journal_path(self.name, JOURNAL)
-        recover(self.mon, journal, vm=self.name)  # a session a dead vmckpt left open
-        self.session = MigrationSession(
-            self.mon,
-            vm=self.name,
-            error=CheckpointError,
-            capabilities={"x-colo": True, "return-path": True, "events": True},
-            parameters={
-                "x-checkpoint-delay": NEVER_MS,
-                "downtime-limit": self.settings.downtime_limit_ms,
-                "max-bandwidth": self.settings.max_bandwidth,
-            },
-            journal=journal,
-            timeout_s=self.settings.timeout_s,
-        )
-        self.session.open()
+        try:
+            recover(mon, journal, vm=self.name)  # a session a dead vmckpt left open
+            session = MigrationSession(
+                mon,
+                vm=self.name,
+                error=CheckpointError,
+                capabilities={"x-colo": True, "return-path": True, "events": True},
+                parameters={
+                    "x-checkpoint-delay": NEVER_MS,
+                    "downtime-limit": self.settings.downtime_limit_ms,
+                    "max-bandwidth": self.settings.max_bandwidth,
+                },
+                journal=journal,
+                timeout_s=self.settings.timeout_s,
+            )
+            session.open()  # a failed open has put the settings back itself
+        except BaseException:
+            # QEMU serves one client per monitor: the next request's opening connects
+            # again, and would wait for this connection until the garbage collector ran.
+            mon.close()
+            raise
+        self.mon, self.session = mon, session
         try:
             self.receiver = ColoReceiver(self.session.socket())
             initial: dict[str, Any] = {}

@@ -4,13 +4,17 @@
 POINT (a name :func:`point` is called with), so a test can prove that a
 crash at that exact step loses nothing and leaves no guest stopped.
 ``VMCKPT_FAULT=receiver-dies-after:BYTES`` makes the stream receiver fail
-after reading that many bytes. Unset (always, outside tests), both are inert.
+after reading that many bytes. ``VMCKPT_FAULT=hold-at:POINT`` holds vmckpt at
+POINT (saying so on stderr) until a signal handler raises there, so a test can
+interrupt that exact step. Unset (always, outside tests), all are inert.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 
 ENV = "VMCKPT_FAULT"
 
@@ -39,10 +43,19 @@ MAINTENANCE_POINTS = (
 )
 
 
+HOLD_POLL_S = 1.0  # a signal interrupts the sleep; this bounds one sent to another thread
+
+
 def point(name: str) -> None:
-    """Die here (SIGKILL, no clean-up at all) if the tests asked for it."""
-    if os.environ.get(ENV) == f"kill-at:{name}":
+    """Die here (SIGKILL, no clean-up at all), or stay here until a signal handler raises
+    (a KeyboardInterrupt, watch.Interrupted), if the tests asked for it."""
+    spec = os.environ.get(ENV)
+    if spec == f"kill-at:{name}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if spec == f"hold-at:{name}":
+        print(f"vmckpt: fault: held at {name}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(HOLD_POLL_S)
 
 
 def value(kind: str) -> int | None:

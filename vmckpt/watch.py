@@ -39,8 +39,13 @@ MIN_INTERVAL_S = 0.01
 LOCK_WAIT_S = 120.0
 
 
-class Interrupted(Exception):
-    """A second SIGINT or SIGTERM arrived: abort the checkpoint under way (cleanly)."""
+class Interrupted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM arrived: abort the checkpoint under way (cleanly).
+
+    An interrupt, not an error: like a Ctrl-C it passes every ``except Exception`` (a
+    ``contextlib.suppress(Exception)`` in a clean-up must not swallow it), clean-ups that
+    catch BaseException still run, and the CLI reports it as ``interrupted`` (exit 130).
+    """
 
 
 @dataclass(frozen=True)
@@ -65,14 +70,19 @@ class WatchSettings:
             raise UsageError("--prune-every must be a finite duration")
 
 
+STOP_NOTICE = "vmckpt: stopping once the checkpoint under way is written (again to abort it)"
+
+
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
+def stop_on_signals(notice: str | None = STOP_NOTICE) -> Iterator[threading.Event]:
     """SIGINT/SIGTERM ask the work to stop once the checkpoint under way is done.
 
     An exception raised from a signal handler could land inside the cleanup
     that resumes the guest and cut it short, so the first signal only sets a
-    flag; a second one (the user insists) raises Interrupted, and the cleanup
-    in ``finally`` still runs.
+    flag (and prints ``notice`` on stderr, if given); a second one (the user
+    insists) raises Interrupted, and the cleanup in ``finally`` still runs.
+    The handlers replace whatever was there, an inherited SIG_IGN included: a
+    command run from a script's background job stops on the signals as well.
     """
     stop = threading.Event()
 
@@ -80,10 +90,8 @@ def stop_on_signals() -> Iterator[threading.Event]:
         if stop.is_set():
             raise Interrupted(signal.Signals(signum).name)
         stop.set()
-        print(
-            "vmckpt: stopping once the checkpoint under way is written (again to abort it)",
-            file=sys.stderr,
-        )
+        if notice:
+            print(notice, file=sys.stderr)
 
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

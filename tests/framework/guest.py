@@ -16,10 +16,11 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,10 @@ GUEST_BUILD = REPO / "guest" / "build"
 STATE_LINE = re.compile(r"^STATE seq=(\d+) sum=([0-9a-f]{16}) ok$")
 BOOT_TIMEOUT = 120.0
 POLL_S = 0.1
+# For a command whose stderr a test checks: every object left for the garbage collector to
+# close (an event loop, a socket, a file) says so there, instead of only when the
+# collector happens to run in an order that makes its finalizer print a traceback.
+LEAKS_SHOWN = {"PYTHONWARNINGS": "always::ResourceWarning"}
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,20 @@ def assert_guest_untouched(vmckpt: Vmckpt, name: str) -> None:
     vmckpt.wait_states(name, len(vmckpt.states(name)) + 3, timeout=30)
     assert vmckpt.last_seq(name) > seq
     assert "BAD" not in vmckpt.serial(name)
+
+
+@contextlib.contextmanager
+def sigint_disposition(*, ignored: bool) -> Iterator[None]:
+    """Inside, SIGINT is ignored (as in a background job of a script, which every process
+    it starts inherits) or raises KeyboardInterrupt in this process, whose children start
+    with the default action (a Python handler is not inherited across exec); whatever this
+    test process was started with."""
+    handler = signal.SIG_IGN if ignored else signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def one_line_error(

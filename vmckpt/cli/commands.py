@@ -174,29 +174,60 @@ def cmd_run(args: argparse.Namespace) -> int:
     hint_s = hint_seconds(args.hint_after, detach=args.detach)
     store = open_store(args)
     guest = LocalGuest.start(store, name, spec, extra_args=qemu_args)
+    if not args.detach:
+        return run_in_foreground(guest, hint_s)
+    _say_running(guest)
+    if hint_s:
+        report_hint(guest, hint_s)
+    return 0
+
+
+def _say_running(guest: LocalGuest) -> None:
     process = guest.process()
     print(
-        f"guest {name} running, PID {process.pid}, accel {process.accel}, "
+        f"guest {guest.name} running, PID {process.pid}, accel {process.accel}, "
         f"console {process.serial_log}",
         flush=True,
     )
-    if args.detach:
-        if hint_s:
-            report_hint(guest, hint_s)
-        return 0
-    done = threading.Event()
-    hinter = threading.Thread(target=report_hint, args=(guest, hint_s, done), daemon=True)
-    if hint_s:
-        hinter.start()
+
+
+def run_in_foreground(guest: LocalGuest, hint_s: float) -> int:
+    """Follow the console of the guest ``run`` just started until the guest ends or SIGINT
+    or SIGTERM arrives, then stop the guest (with a hint after ``hint_s``, if not 0).
+
+    The signals only set a flag (watch.stop_on_signals) that the console loop checks: a
+    KeyboardInterrupt raised wherever the main thread is could cut the orderly stop short
+    and leave the guest running. The handlers also replace an inherited SIG_IGN (a script's
+    background job), which would otherwise make the run impossible to end but by SIGKILL,
+    with its guest left running. A second signal during the stop (QMP quit, then SIGTERM,
+    then SIGKILL: seconds at worst) ends QEMU by its PID at once.
+    """
+    process = guest.process()
+    done = threading.Event()  # the following ended: the hint's watch ends with it
+    hinter = threading.Thread(
+        target=report_hint, args=(guest, hint_s, done), name="vmckpt-hint", daemon=True
+    )
     try:
-        follow(guest.console(True))
-    finally:
-        done.set()
-        if hinter.is_alive():
-            hinter.join(HINT_JOIN_S)
-        if guest.process().alive():
-            print(f"\nstopping guest {name}")
-            print(guest.stop())
+        with stop_on_signals(notice=None) as stop:
+            try:
+                _say_running(guest)
+                if hint_s:
+                    hinter.start()
+                follow(guest.console(True, stop=stop))
+            finally:
+                done.set()
+                if hinter.is_alive():
+                    # Once done is set it lets go of the guest's monitor within one poll
+                    # (liveness.POLL_S) or one QMP command; the stop below needs it.
+                    hinter.join(HINT_JOIN_S)
+                if process.alive():
+                    print(f"\nstopping guest {guest.name}", flush=True)
+                    print(guest.stop(), flush=True)
+    except KeyboardInterrupt:
+        # A second signal cut the stop short (watch.Interrupted), or the first came before
+        # the handlers were in place: no more waiting for QEMU to quit.
+        process.kill()
+        raise
     return 0
 
 
@@ -212,14 +243,14 @@ def hint_seconds(text: str | None, *, detach: bool) -> float:
 
 def report_hint(guest: LocalGuest, seconds: float, done: threading.Event | None = None) -> None:
     """Watch the new guest for ``seconds`` and, if it stays silent or keeps resetting, say on
-    stderr what vmckpt can check about why (vmckpt/diagnose.py). Never touches the guest."""
+    stderr what vmckpt can check about why (vmckpt/diagnose.py). Never touches the guest.
+    ``done`` (the foreground run ended) ends the watch without a hint."""
 
     def enough(observation: Observation) -> bool:
-        stopped = done is not None and done.is_set()
-        return stopped or observation.count("RESET") >= REPEATED_RESETS
+        return observation.count("RESET") >= REPEATED_RESETS
 
     try:
-        observation, facts = guest.observe(seconds, until=enough)
+        observation, facts = guest.observe(seconds, until=enough, stop=done)
     except VmckptError:
         return  # the guest went away meanwhile: its own messages say why
     if done is not None and done.is_set():

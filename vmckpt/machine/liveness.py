@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -207,11 +208,14 @@ def observe(
     seconds: float,
     console_from: int = 0,
     until: Callable[[Observation], bool] | None = None,
+    stop: threading.Event | None = None,
 ) -> Observation:
     """Watch the guest for ``seconds`` (or until ``until`` says enough, or QEMU exits).
 
     ``since`` is the event position (:meth:`Monitor.mark`) taken before the guest was
-    started or resumed; ``console_from`` the console log's size at that moment.
+    started or resumed; ``console_from`` the console log's size at that moment. ``stop``
+    (set from another thread) ends the watch within one poll, and then QEMU is asked
+    nothing more: whoever set it is about to stop the guest, and waits for this monitor.
     """
     console = ConsoleReader(process.serial_log, console_from)
     started = time.monotonic()
@@ -236,12 +240,13 @@ def observe(
             console_bytes=console.written, console_lines=console.lines, last_lines=console.last,
             last_output_s=last_output_s,
         )  # fmt: skip
-        if exited or now >= deadline or (until is not None and until(partial)):
+        stopped = stop is not None and stop.is_set()
+        if exited or stopped or now >= deadline or (until is not None and until(partial)):
             break
         with contextlib.suppress(QMPError):
             mon.wait_event(set(WATCHED_EVENTS), min(POLL_S, deadline - now), since=seen)
     status = ""
-    if not exited:
+    if not exited and not stopped:
         with contextlib.suppress(QMPError):
             status = mon.status()
     return replace(

@@ -287,7 +287,8 @@ class QemuProcess:
             process.kill()
             qmp_socket.unlink(missing_ok=True)
             session_socket.unlink(missing_ok=True)
-            if exited is not None:
+            # A Ctrl-C stays a Ctrl-C, even when QEMU also exited meanwhile.
+            if exited is not None and isinstance(exc, Exception):
                 raise MachineError(
                     f"QEMU exited (code {exited}) while starting: {process.log_tail()}",
                     vm=launch.name,

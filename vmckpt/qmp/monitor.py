@@ -100,8 +100,14 @@ class Monitor:
     # -- connection ---------------------------------------------------------
 
     def connect(self) -> Self:
-        """Connect and negotiate; QMPError if the other end is not QEMU's QMP."""
-        self.version = self.transport.connect(self.timeout)
+        """Connect and negotiate; QMPError if the other end is not QEMU's QMP. A connect
+        that fails (or is interrupted) leaves nothing open: no caller holds the monitor yet
+        to close it."""
+        try:
+            self.version = self.transport.connect(self.timeout)
+        except BaseException:
+            self.transport.close()
+            raise
         self._connected = True
         _log.debug(
             "%s: connected to QEMU %s at %s", self.vm, self.version, self.transport.description

@@ -20,6 +20,7 @@ from vmckpt.errors import RemoteError, from_wire
 from vmckpt.remote.ssh import SshHost
 
 DEFAULT_REMOTE_PYTHON = "python3"
+READER_JOIN_S = 5.0  # a child that ended: its pipes reach their end at once
 
 
 class Session(Protocol):
@@ -49,8 +50,12 @@ class _LocalSession:
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self._err = b""
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_err, daemon=True).start()
+        self._readers = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._read_err, daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -97,6 +102,14 @@ class _LocalSession:
         except subprocess.TimeoutExpired:
             self.proc.kill()  # our own child, by its Popen handle
             self.proc.wait(5)
+        # Its pipes are ours to close (left to the collector, each one warns), each once its
+        # reader has met its end: the child is gone, so at once, unless something it started
+        # holds the pipe open; a reader still blocked in read() would block close() too.
+        for reader, pipe in zip(self._readers, (self.proc.stdout, self.proc.stderr), strict=True):
+            reader.join(READER_JOIN_S)
+            if pipe is not None and not reader.is_alive():
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 @dataclass
