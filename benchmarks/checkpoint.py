@@ -4,7 +4,7 @@ For each guest RAM size and dirty rate one test guest is booted (TCG or KVM,
 as ``--accel`` says) and checkpointed ``count`` times, one checkpoint a
 second while its workload runs, by each method in turn:
 
-- ``colo``: vmckpt's COLO checkpoint session (vmckpt/colo.py; QEMU 11 under
+- ``colo``: vmckpt's COLO checkpoint session (vmckpt/mechanisms/colo.py; QEMU 11 under
   TCG): the session's first checkpoint is the full opening migration and is
   reported apart; every later one moves only the pages written since.
 - ``precopy-diff``: :func:`~vmckpt.checkpoint.take_checkpoint` into a fresh
@@ -56,15 +56,16 @@ from typing import Any
 
 import numpy as np
 
-from vmckpt.backends import LocalGuest
-from vmckpt.checkpoint import CheckpointSettings, take_checkpoint
-from vmckpt.colo import SessionClient, end_session, session_pid
 from vmckpt.errors import CheckpointError, UsageError, VmckptError
-from vmckpt.guard import Guard
+from vmckpt.guests.local import LocalGuest
 from vmckpt.images import Store
 from vmckpt.machine.binary import parse_memory, qemu_binary, qemu_version
 from vmckpt.machine.spec import BootMedium, GuestSpec
-from vmckpt.mechanisms import COLO
+from vmckpt.mechanisms import api
+from vmckpt.mechanisms.choice import COLO
+from vmckpt.mechanisms.colo import SessionClient, end_session, session_pid
+from vmckpt.mechanisms.layers import CheckpointSettings
+from vmckpt.mechanisms.precopy import take_checkpoint
 from vmckpt.qmp import CONT_RETRY_S, Event, Monitor
 from vmckpt.ram import PAGE_SIZE, RamImage
 from vmckpt.session import MigrationSession, leave_as_found
@@ -245,33 +246,6 @@ def _rss_mib(pid: int) -> float:
 # -- one guest -----------------------------------------------------------------------
 
 
-class _Into:
-    """A guest checkpointed into another store than its own (a fresh one per run)."""
-
-    kind = "guest"
-
-    def __init__(self, store: Store, guest: LocalGuest) -> None:
-        self.store = store
-        self.guest = guest
-        self.name = guest.name
-
-    @property
-    def accel(self) -> str:
-        return self.guest.accel
-
-    def spec(self) -> GuestSpec:
-        return self.guest.spec()
-
-    def monitor(self) -> Monitor:
-        return self.guest.monitor()
-
-    def guard(self) -> Guard:
-        return Guard.for_qmp(
-            store=self.store.path, name=self.name, kind=self.kind,
-            qmp_socket=self.guest.process().qmp_socket,
-        )  # fmt: skip
-
-
 @dataclass(frozen=True)
 class BenchSettings:
     sizes_mib: tuple[int, ...] = (256, 1024)
@@ -445,7 +419,8 @@ class GuestBench:
 
     def _vmckpt(self, run: MethodRun, scratch: Path, started: float, *, encrypt: bool) -> None:
         store = Store.create(scratch / "store", encrypt=encrypt)
-        target = _Into(store, self.guest)
+        # The guest, checkpointed into another store than its own (a fresh one per run).
+        target = LocalGuest(store, self.guest.name, self.guest.record)
         base: RamImage | None = None
         try:
             next_at = started
@@ -481,7 +456,7 @@ class GuestBench:
             shutil.rmtree(store.path, ignore_errors=True)
 
     def _colo(self, run: MethodRun, started: float) -> None:
-        choice = self.guest.mechanism()
+        choice = api.mechanism_of(self.guest)
         if choice.mechanism != COLO:
             run.error = f"refused: {choice.reason}"
             return

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from benchmarks.migrate_lib import format_rows, run_migration_bench
 from tests.framework.netns import other_host
-from vmckpt.remote import HostAddress, RemoteTarget, SshOptions
+from vmckpt.guests.remote import RemoteTarget
+from vmckpt.remote.ssh import HostAddress, SshOptions
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -25,13 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmckpt.backends import LocalGuest
 from vmckpt.errors import CheckpointError
+from vmckpt.guests.local import LocalGuest
+from vmckpt.guests.remote import RemoteTarget
 from vmckpt.images import Store
 from vmckpt.machine.binary import qemu_binary, qemu_version, version_tuple
 from vmckpt.machine.qemu import Launch, command_line
 from vmckpt.machine.spec import BootMedium, GuestSpec
-from vmckpt.remote import MigrateSettings, RemoteTarget, migrate_by_layers, migrate_guest
+from vmckpt.mechanisms.migrate import MigrateSettings, migrate_by_layers, migrate_guest
 from vmckpt.session import MigrationSession
 
 BOOT_WAIT_S = 120.0

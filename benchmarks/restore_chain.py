@@ -51,15 +51,15 @@ from typing import Any
 
 import numpy as np
 
-from vmckpt.backends import LocalGuest
-from vmckpt.checkpoint import take_checkpoint
+from vmckpt.guests.local import LocalGuest
 from vmckpt.images import LayerContent, Store
 from vmckpt.images.maintenance import prune
 from vmckpt.images.retention import KeepRules
 from vmckpt.machine.binary import parse_memory
 from vmckpt.machine.spec import BootMedium, GuestSpec
+from vmckpt.mechanisms.precopy import take_checkpoint
+from vmckpt.mechanisms.restore import load_layer_image, restore_guest
 from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
-from vmckpt.restore import load_layer_image, restore_guest
 
 SMALL_BLOCKS = (("vga.vram", 16 << 20), ("pc.bios", 256 << 10), ("pc.rom", 128 << 10))
 REPO_GUEST = Path(__file__).resolve().parent.parent / "guest" / "build"

@@ -173,7 +173,7 @@ def test_foreground_run_stops_its_guest_on_a_signal(
             command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
     try:
-        console = vmckpt.store / "guests" / "fg" / "serial.log"
+        console = vmckpt.runtime("fg") / "serial.log"
         wait_for(console.exists, "the guest's console log", 60)
         vmckpt.wait_states("fg", 2)  # booted and talking on its console
         run.send_signal(sig)

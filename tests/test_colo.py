@@ -21,10 +21,10 @@ from tests.framework.guest import (
     take,
     wait_for,
 )
-from vmckpt.colo import session_pid
 from vmckpt.images import Store
 from vmckpt.machine.spec import DiskSpec, GuestSpec
-from vmckpt.mechanisms import COLO, PRECOPY, choose_mechanism, colo_refusal
+from vmckpt.mechanisms.choice import COLO, PRECOPY, choose_mechanism, colo_refusal
+from vmckpt.mechanisms.colo import session_pid
 from vmckpt.session import JOURNAL
 
 QEMU11 = os.environ.get("VMCKPT_QEMU11", "/var/cache/vmckpt/qemu-11/bin/qemu-system-x86_64")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from vmckpt.errors import StreamError
-from vmckpt.mechanisms import colo_refusal
+from vmckpt.mechanisms.choice import colo_refusal
 from vmckpt.ram import PAGE_SIZE, RamBlock
 from vmckpt.stream import StreamEnvelope
 from vmckpt.stream import colo as colo_stream

@@ -38,13 +38,13 @@ from tests.framework.guest import (
     snapshot,
 )
 from vmckpt import faults
-from vmckpt.checkpoint import _StreamReceiver
 from vmckpt.errors import QMPError
 from vmckpt.images import Store
 from vmckpt.images.format import manifest_bytes, manifest_checksum
+from vmckpt.mechanisms.precopy import _StreamReceiver
+from vmckpt.mechanisms.watch import STOP_NOTICE
 from vmckpt.qmp import Monitor
 from vmckpt.remote.endpoint import Endpoint
-from vmckpt.watch import STOP_NOTICE
 
 pytestmark = pytest.mark.qemu
 

@@ -1,4 +1,4 @@
-"""Is a guest alive: the verdicts of vmckpt/liveness.py on what QEMU and the console showed.
+"""Is a guest alive: the verdicts of vmckpt/machine/liveness.py on what QEMU and the console showed.
 
 These build observations by hand (no guest boots); tests/test_verify_boot.py
 shows each verdict on real guests.

@@ -473,7 +473,7 @@ def test_a_store_with_a_damaged_layer_is_not_pruned(forked: tuple[Store, dict[st
 
 
 def test_which_guests_are_gone(tmp_path: Path) -> None:
-    from vmckpt.backends import RECORD, GuestRecord, gone_guests
+    from vmckpt.guests.local import RECORD, GuestRecord, gone_guests
     from vmckpt.machine.qemu import QemuProcess, process_start_time
     from vmckpt.machine.spec import GuestSpec
 

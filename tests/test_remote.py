@@ -208,7 +208,7 @@ def test_damaged_copy_is_never_committed(vmckpt: Vmckpt, remote_store: Path) -> 
     vmckpt.wait_states("dc", 3)
     layer = take(vmckpt, "dc").layer
     vmckpt("stop", "dc", "--store", str(vmckpt.store))
-    agent = [sys.executable, "-m", "vmckpt.remote.agent"]
+    agent = [sys.executable, "-m", "vmckpt.agent"]
     subprocess.run([*agent, "prepare", "--store", str(remote_store)], check=True, cwd=REPO)
     source = vmckpt.store / "layers" / layer
     manifest_sha = hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()

@@ -22,7 +22,7 @@ from vmckpt.images import LayerManifest, Store, keys
 from vmckpt.images import format as fmt
 from vmckpt.images.transfer import layer_files, receive_layer
 from vmckpt.machine.spec import GuestSpec, check_machine, check_name
-from vmckpt.restore import qemu_args_for, restore_command
+from vmckpt.mechanisms.restore import qemu_args_for, restore_command
 
 EVIL_ARGS = ["-netdev", "tap,id=n0,script=/tmp/evil.sh", "-pidfile", "/etc/evil"]
 
@@ -339,7 +339,7 @@ def test_libvirt_define_uses_domain_xml_only_from_local_layers(
 ) -> None:
     """Domain XML can name hooks and QEMU command lines: `restore --libvirt-define` refuses
     it from a layer another host sent, before libvirt is even asked."""
-    from vmckpt.libvirt import restore_domain
+    from vmckpt.mechanisms.restore_libvirt import restore_domain
 
     spec = {**guest_spec(), "libvirt_xml": "<domain type='qemu'><name>evil</name></domain>"}
     manifest = store.write_layer(replace(content(random_image(rng), None, None), spec=spec))

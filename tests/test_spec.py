@@ -1,6 +1,6 @@
 """Machine type and CPU model as part of the guest spec: recorded, validated, used on restore.
 
-A layer's spec is an input from a store (vmckpt/spec.py): the machine and CPU
+A layer's spec is an input from a store (vmckpt/machine/spec.py): the machine and CPU
 fields reach QEMU's command line, so anything that is not a plain name (with
 CPU features) is refused before it is used. The QEMU tests show the fields in
 real layers (tests/test_microkernels.py: Genode's ``--machine q35 --cpu max``).

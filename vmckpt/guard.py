@@ -128,7 +128,7 @@ def _recover(args: argparse.Namespace) -> int:
         while True:
             try:
                 if args.libvirt_uri:
-                    from vmckpt.libvirt import domain_monitor
+                    from vmckpt.qmp.libvirt import domain_monitor
 
                     mon = domain_monitor(args.name, args.libvirt_uri)
                 else:

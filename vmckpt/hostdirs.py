@@ -44,7 +44,7 @@ KIND_DIRS = {"guest": "guests", "libvirt": "libvirt"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 RECORD_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\.json\Z")
 GUEST_LOCK = "checkpoint.lock"
-SCRATCH_DIR = "disk-scratch"  # a guest's checkpoint scratch files (vmckpt/disk_capture.py)
+SCRATCH_DIR = "disk-scratch"  # a checkpoint's scratch files (vmckpt/mechanisms/disk_capture.py)
 
 
 def runtime_root() -> Path:

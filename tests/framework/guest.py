@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmckpt.backends import GuestRecord, LocalGuest, local_guest_names
+from vmckpt.guests.local import GuestRecord, LocalGuest, local_guest_names
 from vmckpt.images import Store
 from vmckpt.machine.qemu import SERIAL_LOG
 from vmckpt.qmp import Monitor

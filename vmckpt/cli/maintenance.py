@@ -1,24 +1,20 @@
 """The commands that shorten chains and free space: ``prune``, ``squash``, ``delete``, ``gc``,
 and the retention options ``watch`` shares with ``prune``. They parse and print; the work is
-in vmckpt/images/maintenance.py (and vmckpt/backends.py says which guests are gone)."""
+in vmckpt/images/maintenance.py (and vmckpt/guests/local.py says which guests are gone)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from typing import Any
 
-from vmckpt.backends import gone_guests
-from vmckpt.cli.commands import STORE_ENV, open_store, parse_duration
+from vmckpt.cli._common import Command, json_option, open_store, parse_duration, store_option
 from vmckpt.cli.output import human_bytes, print_json, progress_for
 from vmckpt.errors import UsageError
+from vmckpt.guests.local import gone_guests
 from vmckpt.images.maintenance import Result, delete, gc, prune, squash
 from vmckpt.images.retention import PERIODS, KeepRules
 
 GONE_AFTER = "7d"
 UNITS = ("minutes", "hours", "days", "ISO weeks", "months")  # of PERIODS, in local time
-
-Command = Callable[[str, object, str], argparse.ArgumentParser]
 
 
 def add_keep_options(p: argparse.ArgumentParser) -> None:
@@ -44,12 +40,12 @@ def keep_rules(args: argparse.Namespace) -> KeepRules:
     )
 
 
-def add_parsers(sub: Any, command: Command) -> None:
-    """Add the maintenance commands, and retention options to ``watch``."""
+def add_parsers(command: Command) -> None:
+    """Add the maintenance commands."""
 
     def store_and_json(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--store", metavar="DIR", help=f"the store (default: ${STORE_ENV})")
-        p.add_argument("--json", action="store_true", help="print JSON instead of text")
+        store_option(p)
+        json_option(p)
 
     p = command(
         "prune",
@@ -99,14 +95,6 @@ def add_parsers(sub: Any, command: Command) -> None:
         "long is gone (its records, head, logs and restored disks are removed)",
     )  # fmt: skip
     p.add_argument("-n", "--dry-run", action="store_true", help="say what would go")
-
-    watch = sub.choices["watch"]
-    add_keep_options(watch)
-    watch.add_argument(
-        "--prune-every", default="1m", metavar="DURATION",
-        help="with --keep-*: prune the guest's layers at most this often, between checkpoints "
-        "(0: after every checkpoint)",
-    )  # fmt: skip
 
 
 def _summary(result: Result) -> str:

@@ -4,7 +4,7 @@ Three callers share it: a restore (the guest is watched for a second after it
 resumes; one that dies, panics or resets at once is a failed restore), ``vmckpt
 verify --boot`` (a layer restored in a throw-away QEMU, watched for seconds and
 judged), and ``vmckpt run``'s hint for a guest that stays silent or keeps
-resetting (vmckpt/diagnose.py). It looks only at what QEMU and the console
+resetting (vmckpt/machine/diagnose.py). It looks only at what QEMU and the console
 show, and never touches the guest:
 
 - the QEMU process (by the PID and start time vmckpt recorded);

@@ -200,7 +200,7 @@ class QemuProcess:
     log: Path
     accel: str = "tcg"
     command: list[str] = field(default_factory=list)
-    # A second QMP monitor, reserved for the guest's checkpoint session (vmckpt/colo.py),
+    # A second QMP monitor, reserved for the guest's checkpoint session (vmckpt/mechanisms/colo.py),
     # so that the session's long-lived connection never blocks other commands.
     session_socket: Path | None = None
     _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)

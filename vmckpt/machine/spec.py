@@ -36,7 +36,7 @@ MAX_MEMORY_MIB = 1 << 22  # 4 TiB
 MAX_CPUS = 288
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 # Control characters have no place in a path (a comma does: QEMU's option strings get it
-# doubled, vmckpt/qemu.py).
+# doubled, vmckpt/machine/qemu.py).
 _UNSAFE_IN_PATH = re.compile(r"[\x00-\x1f\x7f]")
 _UNSAFE_IN_TEXT = re.compile(r"[\x00\n\r]")
 

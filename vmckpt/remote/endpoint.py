@@ -132,7 +132,7 @@ class Endpoint:
 
     def open(self, command: str, *args: str) -> Session:
         """Start an agent command that the caller talks to line by line."""
-        argv = self.argv("vmckpt.remote.agent", [command, "--store", self.store, *args])
+        argv = self.argv("vmckpt.agent", [command, "--store", self.store, *args])
         if self.ssh is None:
             return _LocalSession(argv)
         return self.ssh.open(argv, step=command)

@@ -17,89 +17,29 @@ import dataclasses
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmckpt.backends import Guest, GuestStatus
-from vmckpt.checkpoint import CheckpointSettings
-from vmckpt.errors import RemoteError, UsageError, VmckptError
+from vmckpt.errors import RemoteError
+from vmckpt.guests.remote import RemoteTarget, load_remote_target, save_remote_record
 from vmckpt.images import LayerManifest, Store
-from vmckpt.images.retention import keep_arguments
 from vmckpt.images.transfer import layer_files
 from vmckpt.machine.spec import GuestSpec
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.remote.endpoint import (
-    DEFAULT_REMOTE_PYTHON,
     Endpoint,
     Session,
     agent_error,
     failure_of,
     read_until_end,
 )
-from vmckpt.remote.ssh import HostAddress, SshHost, SshOptions
-from vmckpt.watch import WatchSettings
 
 REMOTE_RECORD = "remote.json"
 DEFAULT_REMOTE_STORE = ".vmckpt/store"  # relative to the remote user's home
 CHUNK = 1 << 20
 TRANSFER_TIMEOUT_S = 3600.0
-
-
-@dataclass(frozen=True)
-class RemoteTarget:
-    """Where and how to reach another host's store."""
-
-    address: HostAddress
-    store: str = DEFAULT_REMOTE_STORE
-    python: str = DEFAULT_REMOTE_PYTHON
-    ssh: SshOptions = field(default_factory=SshOptions)
-
-    def connect(self) -> tuple[SshHost, Endpoint]:
-        host = SshHost(self.address, self.ssh).connect()
-        return host, Endpoint(self.store, host, self.python)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "host": str(self.address),
-            "store": self.store,
-            "python": self.python,
-            "ssh": self.ssh.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RemoteTarget:
-        return cls(
-            address=HostAddress.parse(str(data["host"])),
-            store=str(data["store"]),
-            python=str(data.get("python") or DEFAULT_REMOTE_PYTHON),
-            ssh=SshOptions.from_dict(dict(data.get("ssh") or {})),
-        )
-
-
-def save_remote_record(store: Store, name: str, target: RemoteTarget) -> None:
-    """Remember on this host (its data directory of the store, never the store: what it
-    says is run and connected to) that guest ``name`` runs on another host."""
-    store.host.write_record(name, REMOTE_RECORD, {"name": name, **target.to_dict()}, durable=True)
-
-
-def load_remote_target(store: Store, name: str) -> RemoteTarget | None:
-    data = store.host.read_record(name, REMOTE_RECORD, durable=True)
-    if data is None:
-        return None
-    try:
-        return RemoteTarget.from_dict(data)
-    except (ValueError, KeyError, TypeError, UsageError) as exc:
-        raise RemoteError(f"its record is damaged: {exc}", vm=name, step="load") from exc
-
-
-def forget_remote(store: Store, name: str) -> None:
-    store.host.remove_record(name, REMOTE_RECORD, durable=True)
-
-
-def remote_names(store: Store) -> list[str]:
-    return store.host.names_with(REMOTE_RECORD, durable=True)
 
 
 # -- layers and media -----------------------------------------------------------
@@ -233,6 +173,14 @@ class RemoteRestoreResult:
     copy_s: float
     total_s: float
 
+    def summary(self) -> str:
+        return (
+            f"guest {self.name} restored from layer {self.layer} on {self.host} "
+            f"(store {self.remote_store}), PID {self.pid} there  (copied {len(self.copied)} "
+            f"layer(s), {self.bytes_sent} bytes, reused {len(self.reused)}; "
+            f"total {self.total_s:.2f} s)"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -300,130 +248,3 @@ def restore_remote(
         copy_s=copied - started,
         total_s=time.monotonic() - started,
     )
-
-
-# -- guests that run there ---------------------------------------------------------------
-
-
-class RemoteGuest(Guest):
-    """A guest vmckpt runs on another host: every command runs there and is relayed here."""
-
-    kind = "guest"
-
-    def __init__(self, store: Store, name: str, target: RemoteTarget) -> None:
-        super().__init__(store, name)
-        self.target = target
-
-    @classmethod
-    def load(cls, store: Store, name: str) -> RemoteGuest | None:
-        target = load_remote_target(store, name)
-        return cls(store, name, target) if target is not None else None
-
-    def relay(self, command: str, *args: str) -> Iterator[str]:
-        """Run ``vmckpt COMMAND NAME --store REMOTE ARGS`` there, yielding its output lines;
-        a failure there is a RemoteError with that vmckpt's one-line error."""
-        ssh, endpoint = self.target.connect()
-        with ssh:
-            argv = ["--json-errors", command, self.name, "--store", self.target.store, *args]
-            channel = ssh.open(endpoint.argv("vmckpt", argv), step=command)
-            try:
-                while True:
-                    try:
-                        line = channel.read_line(3600)
-                    except TimeoutError:
-                        continue
-                    if line is None:
-                        break
-                    yield line
-            finally:
-                err = channel.stderr()
-                code = channel.exit_status(10)
-                channel.close()
-        if code != 0:
-            raise failure_of(err, str(self.target.address), command)
-
-    def _rows(self, command: str, *args: str) -> Iterator[dict[str, Any]]:
-        for line in self.relay(command, *args, "--json"):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                yield {**row, "host": str(self.target.address)}
-
-    def checkpoint_row(
-        self,
-        settings: CheckpointSettings | None = None,
-        *,
-        progress: Progress = NO_PROGRESS,
-        mechanism: str = "auto",
-    ) -> dict[str, Any]:
-        text = "\n".join(self.relay("checkpoint", "--json", "--mechanism", mechanism))
-        try:
-            row = json.loads(text)
-        except ValueError as exc:
-            raise RemoteError(
-                f"the checkpoint there printed no JSON: {text[:80]!r}", vm=self.name
-            ) from exc
-        return {**row, "host": str(self.target.address)}
-
-    def watch_rows(
-        self,
-        settings: WatchSettings,
-        report: Callable[[dict[str, Any]], None],
-        *,
-        progress: Progress = NO_PROGRESS,
-        mechanism: str = "auto",
-    ) -> int:
-        args = ["--interval", f"{settings.interval_s}s", "--mechanism", mechanism]
-        if settings.count is not None:
-            args += ["--count", str(settings.count)]
-        if settings.pause_budget_ms is not None:
-            args += ["--pause-budget", str(settings.pause_budget_ms)]
-        if settings.keep is not None:  # the layers are there: pruned there, by its vmckpt
-            every = f"{settings.prune_every_s}s"
-            args += [*keep_arguments(settings.keep), "--prune-every", every]
-        taken = 0
-        for row in self._rows("watch", *args):
-            report(row)
-            taken += 1
-        return taken
-
-    def console(self, follow: bool) -> Iterator[str]:
-        for line in self.relay("console", *(["--follow"] if follow else [])):
-            yield line + "\n"
-
-    def stop(self) -> str:
-        out = " ".join(self.relay("stop"))
-        forget_remote(self.store, self.name)
-        return f"{out} [on {self.target.address}]"
-
-    def pause(self) -> None:
-        for _ in self.relay("pause"):
-            pass
-
-    def resume(self) -> bool:
-        for _ in self.relay("resume"):
-            pass
-        return False
-
-    def status(self) -> GuestStatus:
-        """The guest's row from ``vmckpt list --json`` there; 'unreachable' if it cannot be had."""
-        host = str(self.target.address)
-        unreachable = GuestStatus(self.name, "remote", "unreachable", None, None, host=host)
-        try:
-            ssh, endpoint = self.target.connect()
-            with ssh:
-                code, out, _ = endpoint.vmckpt("list", "--store", self.target.store, "--json")
-        except VmckptError:
-            return unreachable
-        if code != 0:
-            return unreachable
-        for row in json.loads(out).get("guests", []):
-            if row.get("name") == self.name:
-                return GuestStatus(
-                    self.name, "remote", str(row.get("state")), row.get("pid"), row.get("head"),
-                    host=host, mechanism=str(row.get("mechanism", "")),
-                    mechanism_reason=str(row.get("mechanism_reason", "")),
-                )  # fmt: skip
-        return GuestStatus(self.name, "remote", "gone", None, None, host=host)

@@ -38,13 +38,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from vmckpt import log
-from vmckpt.backends import LocalGuest
 from vmckpt.errors import RemoteError, StoreError, VmckptError
+from vmckpt.guests.local import LocalGuest
 from vmckpt.images import Store, keys
 from vmckpt.images.media import find_medium, import_medium
 from vmckpt.images.transfer import receive_layer
 from vmckpt.machine.spec import BootMedium, GuestSpec
-from vmckpt.restore import relocate_media
+from vmckpt.mechanisms.colo import end_session
+from vmckpt.mechanisms.restore import relocate_media
 from vmckpt.session import JOURNAL, MigrationSession
 
 CHUNK = 1 << 20
@@ -279,7 +280,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     store = Store(Path(args.store))
     guest = LocalGuest(store, name)
     process = guest.process()
-    guest.end_session()  # a COLO checkpoint session must let go of the guest first
+    end_session(guest.store, guest.name)  # a COLO checkpoint session must let go of it first
     control = _Control(args.heartbeat, "send", name)
     parameters: dict[str, object] = {"downtime-limit": args.downtime_limit}
     if args.bandwidth:

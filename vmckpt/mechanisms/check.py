@@ -11,7 +11,7 @@ from typing import Any
 from vmckpt.machine.binary import kvm_usable, qemu_binary, qemu_version, resolve_accel
 from vmckpt.machine.qemu import Launch, QemuProcess, rotate_serial_log
 from vmckpt.machine.spec import GuestSpec
-from vmckpt.mechanisms import COLO, PRECOPY, colo_refusal
+from vmckpt.mechanisms.choice import COLO, PRECOPY, colo_refusal
 
 
 @dataclass(frozen=True)

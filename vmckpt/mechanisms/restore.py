@@ -6,7 +6,7 @@ vmckpt): the chain is verified and composed first, so nothing is started for
 a broken chain. :func:`restore_guest` then starts a QEMU from the stored spec
 with the layer's exact machine type, waiting for an incoming migration (a
 :class:`~vmckpt.session.MigrationSession`), writes the composed stream into
-it, resumes the guest, and watches it for a moment (vmckpt/liveness.py): a
+it, resumes the guest, and watches it for a moment (vmckpt/machine/liveness.py): a
 guest that panics, resets or whose QEMU exits right away is a failed
 restore. A restore that fails ends the QEMU it started; the store is only
 ever read.
@@ -27,9 +27,8 @@ from types import FrameType
 from typing import Any, BinaryIO, cast
 
 from vmckpt import log
-from vmckpt.backends import LocalGuest
-from vmckpt.disk_restore import discard_restored, materialize, track_restored
 from vmckpt.errors import RestoreError, VmckptError
+from vmckpt.guests.local import LocalGuest
 from vmckpt.images import LayerManifest, Store, keys
 from vmckpt.images.media import find_medium
 from vmckpt.machine.binary import (
@@ -42,6 +41,7 @@ from vmckpt.machine.binary import (
 from vmckpt.machine.liveness import FATAL_EVENTS, Observation, observe
 from vmckpt.machine.qemu import Launch, QemuProcess, command_line, rotate_serial_log
 from vmckpt.machine.spec import GuestSpec, check_name
+from vmckpt.mechanisms.disk_restore import discard_restored, materialize, track_restored
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.ram import RamImage
 from vmckpt.session import MigrationSession
@@ -147,6 +147,13 @@ class RestoreResult:
     load_s: float
     total_s: float
     stream_bytes: int
+
+    def summary(self) -> str:
+        return (
+            f"guest {self.name} restored from layer {self.layer}, PID {self.pid}  "
+            f"(compose {self.compose_s:.2f} s, load {self.load_s:.2f} s, "
+            f"total {self.total_s:.2f} s)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -283,7 +290,7 @@ def _load_into(
     until: Callable[[Observation], bool] | None,
 ) -> tuple[int, float, Observation]:
     """Load the composed stream, resume, and watch the guest from the moment it resumes
-    (vmckpt/liveness.py); the bytes written, the moment the guest ran, what was seen."""
+    (vmckpt/machine/liveness.py); the bytes written, the moment the guest ran, what was seen."""
     with process.monitor() as mon:
         session = MigrationSession(
             mon, vm=name, error=RestoreError, capabilities={"events": True}, incoming=True,

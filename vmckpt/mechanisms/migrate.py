@@ -30,20 +30,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmckpt.backends import LocalGuest
-from vmckpt.checkpoint import take_checkpoint
 from vmckpt.errors import RemoteError, UsageError, VmckptError
+from vmckpt.guests.local import LocalGuest
+from vmckpt.guests.remote import RemoteTarget, forget_remote, load_remote_target, save_remote_record
 from vmckpt.images import Store
 from vmckpt.machine.spec import GuestSpec
+from vmckpt.mechanisms.colo import end_session
+from vmckpt.mechanisms.precopy import take_checkpoint
+from vmckpt.mechanisms.remote import ship_layers, ship_media
 from vmckpt.remote.endpoint import Endpoint, Session, failure_of, parse_line, remote_failure
-from vmckpt.remote.ops import (
-    RemoteTarget,
-    forget_remote,
-    load_remote_target,
-    save_remote_record,
-    ship_layers,
-    ship_media,
-)
 from vmckpt.remote.ssh import SshHost
 
 
@@ -354,7 +349,7 @@ def migrate_by_layers(
     started = time.monotonic()
     guest = LocalGuest(store, name)
     process = guest.process()
-    guest.end_session()  # the layers are precopy-diff ones
+    end_session(guest.store, guest.name)  # the layers are precopy-diff ones
     ssh, dest = to.connect()
     with ssh:
         first = take_checkpoint(guest)

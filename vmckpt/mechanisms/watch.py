@@ -1,9 +1,10 @@
-"""Periodic checkpoints: ``vmckpt watch``.
+"""Periodic checkpoints: ``vmckpt watch``, one loop whatever the mechanism.
 
 One checkpoint per interval until a count is reached or SIGINT/SIGTERM
-arrives; each is a layer whose parent is the previous one. With precopy-diff
-the image the previous checkpoint received is kept as the next diff's base,
-so no checkpoint composes the chain. A pause budget maps onto QEMU's
+arrives; each is a layer whose parent is the previous one (vmckpt/mechanisms/api.py
+says how a checkpoint is taken: precopy-diff keeps the image the previous checkpoint
+received as the next diff's base, so no checkpoint composes the chain; COLO asks its
+session). A pause budget maps onto QEMU's
 downtime limit (QEMU then runs more pre-copy rounds before it stops the
 guest); a layer whose pause still exceeded it is reported as such. With
 retention rules (``--keep-*``), the guest's layers the rules do not keep are
@@ -24,16 +25,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import Any
 
-from vmckpt.checkpoint import CheckpointResult, CheckpointSettings, take_checkpoint
 from vmckpt.errors import UsageError, VmckptError
+from vmckpt.guests.base import Guest
 from vmckpt.images.maintenance import prune
 from vmckpt.images.retention import KeepRules
-from vmckpt.progress import NO_PROGRESS, Progress
-
-if TYPE_CHECKING:
-    from vmckpt.checkpoint import CheckpointTarget
+from vmckpt.mechanisms.layers import CheckpointSettings
 
 MIN_INTERVAL_S = 0.01
 LOCK_WAIT_S = 120.0
@@ -101,22 +99,19 @@ def stop_on_signals(notice: str | None = STOP_NOTICE) -> Iterator[threading.Even
             signal.signal(sig, previous)
 
 
-def watch(
-    target: CheckpointTarget,
+def watch_loop(
+    take: Callable[[], dict[str, Any]],
     settings: WatchSettings,
-    report: Callable[[CheckpointResult, str], None],
+    report: Callable[[dict[str, Any]], None],
     *,
-    progress: Progress = NO_PROGRESS,
+    prune_for: Guest | None = None,
 ) -> int:
-    """Checkpoint every interval until count or a signal; returns the layers taken."""
-    note = ""
-    # A checkpoint someone else started (vmckpt checkpoint) is waited for, not an error.
-    checkpoint = CheckpointSettings(lock_wait_s=LOCK_WAIT_S)
-    if settings.pause_budget_ms is not None:
-        checkpoint = replace(checkpoint, downtime_limit_ms=max(1, int(settings.pause_budget_ms)))
-    taken = 0
-    base = None
+    """The one watch loop every mechanism uses: ``take`` a checkpoint (its row) every
+    interval until the count or a signal, report each row with its ``note`` (the pause over
+    budget, what a prune after it did); returns the checkpoints taken. ``prune_for``: the
+    guest whose layers ``settings.keep`` prunes as it goes."""
     budget = settings.pause_budget_ms
+    taken = 0
     pruned_at: float | None = None
     with stop_on_signals() as stop:
         try:
@@ -125,20 +120,18 @@ def watch(
                 if taken and stop.wait(max(0.0, next_at - time.monotonic())):
                     break
                 next_at = time.monotonic() + settings.interval_s
-                result = take_checkpoint(target, checkpoint, base=base, progress=progress)
-                # The image just written is the next diff's base: no compose of the chain.
-                base = result.image
+                row = take()
                 taken += 1
-                if budget is not None and result.pause_ms > budget:
-                    note = "pause over budget (QEMU's downtime limit is set to the budget)"
+                notes = [str(row.get("note") or "")]
+                pause = row.get("pause_ms")
+                if budget is not None and isinstance(pause, int | float) and pause > budget:
+                    notes.append("pause over budget (QEMU's downtime limit is set to the budget)")
                 keep = settings.keep
-                if keep and (
-                    pruned_at is None or time.monotonic() - pruned_at >= settings.prune_every_s
-                ):
+                due = pruned_at is None or time.monotonic() - pruned_at >= settings.prune_every_s
+                if keep and prune_for is not None and due:
                     pruned_at = time.monotonic()
-                    note = "; ".join(filter(None, [note, prune_note(target, keep)]))
-                report(result, note)
-                note = ""
+                    notes.append(prune_note(prune_for, keep))
+                report({**row, "note": "; ".join(filter(None, notes))})
                 if stop.is_set():
                     break
         except Interrupted:
@@ -146,7 +139,16 @@ def watch(
     return taken
 
 
-def prune_note(target: CheckpointTarget, keep: KeepRules) -> str:
+def checkpoint_settings(settings: WatchSettings) -> CheckpointSettings:
+    """The checkpoint settings of a watch: a pause budget is QEMU's downtime limit, and a
+    checkpoint someone else started (vmckpt checkpoint) is waited for, not an error."""
+    checkpoint = CheckpointSettings(lock_wait_s=LOCK_WAIT_S)
+    if settings.pause_budget_ms is not None:
+        checkpoint = replace(checkpoint, downtime_limit_ms=max(1, int(settings.pause_budget_ms)))
+    return checkpoint
+
+
+def prune_note(target: Guest, keep: KeepRules) -> str:
     """Prune the guest's layers; a note on what happened (a failure does not stop watch)."""
     try:
         # A prune of someone else under way: skip this one rather than hold up checkpoints.

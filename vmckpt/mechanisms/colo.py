@@ -52,12 +52,6 @@ from types import FrameType
 from typing import Any
 
 from vmckpt import faults, log
-from vmckpt.checkpoint import (
-    CheckpointSettings,
-    LayerParts,
-    diff_against_parent,
-    write_checkpoint_layer,
-)
 from vmckpt.errors import (
     CheckpointError,
     LockError,
@@ -67,10 +61,17 @@ from vmckpt.errors import (
     VmckptError,
     from_wire,
 )
-from vmckpt.fsutil import FILE_MODE, write_json_atomic
+from vmckpt.fsutil import FILE_MODE, read_json, write_json_atomic
+from vmckpt.guests.local import LocalGuest
 from vmckpt.images import Store
 from vmckpt.machine.qemu import process_start_time
-from vmckpt.mechanisms import COLO
+from vmckpt.mechanisms.choice import COLO
+from vmckpt.mechanisms.layers import (
+    CheckpointSettings,
+    LayerParts,
+    diff_against_parent,
+    write_checkpoint_layer,
+)
 from vmckpt.qmp import Monitor
 from vmckpt.ram import PageSet, RamImage
 from vmckpt.session import JOURNAL, MigrationSession, recover
@@ -117,8 +118,8 @@ class _Taken:
 class ColoSession:
     """One guest's COLO stream, receiver, writer and watchdog, in this process."""
 
-    def __init__(self, guest: Any, settings: CheckpointSettings | None = None) -> None:
-        self.guest = guest  # a vmckpt.backends.LocalGuest
+    def __init__(self, guest: LocalGuest, settings: CheckpointSettings | None = None) -> None:
+        self.guest = guest
         self.name: str = guest.name
         self.store: Store = guest.store
         self.settings = settings or CheckpointSettings()
@@ -479,7 +480,7 @@ def _error_reply(exc: VmckptError) -> dict[str, Any]:
 class _Daemon:
     """The session process: a control socket in front of a ColoSession."""
 
-    def __init__(self, guest: Any) -> None:
+    def __init__(self, guest: LocalGuest) -> None:
         self.guest = guest
         self.session = ColoSession(guest)
         self.stop = threading.Event()
@@ -516,8 +517,6 @@ class _Daemon:
                     elif op == "checkpoint":
                         with self.busy:
                             _send(conn, {"row": self._checkpoint()})
-                    elif op == "watch":
-                        self._watch(conn, request)
                     else:
                         _send(conn, UsageError(f"unknown op {op!r}").to_wire())
                 except VmckptError as exc:
@@ -529,25 +528,6 @@ class _Daemon:
         if not self.session.opened:
             return self.session.open()
         return self.session.checkpoint()
-
-    def _watch(self, conn: socket.socket, request: dict[str, Any]) -> None:
-        interval = float(request.get("interval_s", 1.0))
-        count = request.get("count")
-        budget = request.get("pause_budget_ms")
-        taken = 0
-        next_at = time.monotonic()
-        with self.busy:
-            while (count is None or taken < int(count)) and not self.stop.is_set():
-                delay = next_at - time.monotonic()
-                if delay > 0 and self.stop.wait(delay):
-                    break
-                next_at = time.monotonic() + interval
-                row = self._checkpoint()
-                taken += 1
-                pause = row.get("pause_ms")
-                over = budget is not None and isinstance(pause, int | float) and pause > budget
-                _send(conn, {"row": {**row, "note": "pause over budget" if over else ""}})
-        _send(conn, {"done": True, "taken": taken})
 
     def _status(self) -> dict[str, Any]:
         session = self.session
@@ -561,8 +541,6 @@ class _Daemon:
 
 def run_session(store_path: Path, name: str) -> int:
     """The body of ``python -m vmckpt.colo``: serve one guest until told to stop."""
-    from vmckpt.backends import LocalGuest
-
     store = Store(store_path)
     guest = LocalGuest(store, name)
     runtime = store.host.runtime_dir(name)
@@ -601,7 +579,7 @@ def run_session(store_path: Path, name: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vmckpt.colo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vmckpt.mechanisms.colo", description=__doc__)
     parser.add_argument("--store", required=True, type=Path)
     parser.add_argument("--name", required=True)
     args = parser.parse_args(argv)
@@ -639,7 +617,7 @@ class SessionClient:
         return cls(conn, name)
 
     @classmethod
-    def ensure(cls, guest: Any) -> SessionClient:
+    def ensure(cls, guest: LocalGuest) -> SessionClient:
         """The guest's session, started now if it has none."""
         client = cls.connect(guest.store, guest.name)
         if client is not None:
@@ -649,7 +627,7 @@ class SessionClient:
         with open(log_path, "ab") as log_handle:
             os.fchmod(log_handle.fileno(), FILE_MODE)
             proc = subprocess.Popen(
-                [sys.executable, "-m", "vmckpt.colo", "--store", str(guest.store.path),
+                [sys.executable, "-m", "vmckpt.mechanisms.colo", "--store", str(guest.store.path),
                  "--name", guest.name],
                 stdin=subprocess.DEVNULL,
                 stdout=log_handle,
@@ -698,37 +676,6 @@ class SessionClient:
     def request(self, op: str, **args: Any) -> dict[str, Any]:
         return next(self._replies({"op": op, **args}))
 
-    def watch(self, stop: threading.Event, **args: Any) -> Iterator[dict[str, Any]]:
-        """Periodic checkpoints by the session; ends after ``count`` or once ``stop`` is set
-        (the checkpoint under way is finished and written first)."""
-        _send(self.conn, {"op": "watch", **args})
-        self.conn.settimeout(CLIENT_POLL_S)
-        pending = b""
-        while True:
-            try:
-                chunk = self.conn.recv(65536)
-            except TimeoutError:
-                if stop.is_set():
-                    return  # closing the connection ends the session's watch
-                continue
-            except OSError as exc:
-                raise CheckpointError(
-                    f"lost the checkpoint session: {exc}", vm=self.name, step="colo-session"
-                ) from exc
-            if not chunk:
-                raise CheckpointError(
-                    "the checkpoint session ended", vm=self.name, step="colo-session"
-                )
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                reply = json.loads(line)
-                if "error" in reply:
-                    raise _remote_error(reply, self.name)
-                if reply.get("done"):
-                    return
-                yield reply["row"]
-
 
 def _remote_error(reply: dict[str, Any], name: str) -> VmckptError:
     """The session's error as it sent it (errors.to_wire), with the guest named."""
@@ -737,8 +684,6 @@ def _remote_error(reply: dict[str, Any], name: str) -> VmckptError:
 
 def session_pid(store: Store, name: str) -> int | None:
     """The PID of a guest's running checkpoint session, if one runs."""
-    from vmckpt.fsutil import read_json
-
     try:
         data = read_json(store.host.runtime_dir(name) / RECORD)
     except (OSError, ValueError):

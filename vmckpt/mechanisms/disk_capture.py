@@ -3,7 +3,7 @@
 A writable disk (raw or qcow2, on virtio-blk) is captured with QEMU's block
 dirty bitmaps and an incremental backup job, so a layer holds only the disk
 clusters written since its parent. Read-only disks are referenced by path and
-sha256 in the spec (vmckpt/spec.py), never copied.
+sha256 in the spec (vmckpt/machine/spec.py), never copied.
 
 :class:`DiskTracker` is independent of how memory is captured; a checkpoint
 calls, in order:
@@ -27,7 +27,7 @@ calls, in order:
 
 The new bitmap's name is recorded in the layer (``bitmap`` of its disk
 record); the next checkpoint uses it if the guest still has it, else takes
-the disk in full. A restore recreates that bitmap (vmckpt/disk_restore.py).
+the disk in full. A restore recreates that bitmap (vmckpt/mechanisms/disk_restore.py).
 """
 
 from __future__ import annotations

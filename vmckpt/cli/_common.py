@@ -1,0 +1,148 @@
+"""What the command families share (borg's archiver/_common.py): the store a command works
+on, the guest it names, the options several commands take, durations, and argparse's help
+and error format."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from vmckpt.errors import UsageError
+from vmckpt.guests import Guest, open_guest
+from vmckpt.guests.remote import DEFAULT_REMOTE_STORE
+from vmckpt.images import Store
+from vmckpt.remote.ssh import DEFAULT_KNOWN_HOSTS
+
+STORE_ENV = "VMCKPT_STORE"
+
+# How a family module adds a command: command(name, func, help) -> its parser.
+Command = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
+
+
+def store_path(args: argparse.Namespace) -> Path:
+    """The store a command works on: --store, else $VMCKPT_STORE; always absolute."""
+    given = args.store or os.environ.get(STORE_ENV)
+    if not given:
+        raise UsageError(f"no store given: pass --store DIR or set {STORE_ENV}")
+    return Path(given).expanduser().absolute()
+
+
+def open_store(args: argparse.Namespace) -> Store:
+    if getattr(args, "create", False):
+        return Store.create(store_path(args))
+    return Store(store_path(args))
+
+
+def follow(chunks: Any) -> None:
+    try:
+        for chunk in chunks:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+def parse_duration(text: str, *, zero: bool = False) -> float:
+    """'1s', '500ms', '2m', '12h', '7d', '2w', '0.5' (seconds) -> seconds; finite, positive
+    (or zero, if ``zero``)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d|w)?\s*", text)
+    if not match:
+        raise UsageError(f"cannot read duration {text!r} (use e.g. 1s, 500ms, 2m, 7d)")
+    factor = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}[
+        match.group(2) or "s"
+    ]
+    seconds = float(match.group(1)) * factor
+    if seconds < 0 or (seconds == 0 and not zero):
+        raise UsageError(f"duration {text!r} must be positive")
+    return seconds
+
+
+def guest_of(args: argparse.Namespace, store: Store) -> Guest:
+    libvirt = getattr(args, "libvirt", None)
+    if bool(args.name) == bool(libvirt):
+        raise UsageError("give either a guest NAME or --libvirt DOMAIN")
+    if getattr(args, "connect", None) and not libvirt:
+        raise UsageError("--connect goes with --libvirt")
+    return open_guest(store, args.name, libvirt=libvirt, uri=getattr(args, "connect", None))
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (where it has one worth saying), epilogs as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            default not in (None, False, argparse.SUPPRESS)
+            and "default" not in text
+            and (action.option_strings or action.nargs in ("?", "*"))
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad value refused in one line (and exit code 2) like every error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def store_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        metavar="DIR",
+        help=f"the store (default: ${STORE_ENV})",
+    )
+
+
+def json_option(p: argparse.ArgumentParser, what: str = "print JSON instead of text") -> None:
+    p.add_argument("--json", action="store_true", help=what)
+
+
+def libvirt_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--libvirt", metavar="DOMAIN", help="a running libvirt domain instead of NAME")
+    p.add_argument(
+        "--connect", metavar="URI", help="libvirt URI (default qemu:///system) for --libvirt"
+    )
+
+
+def mechanism_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mechanism",
+        choices=["auto", "colo", "precopy-diff"],
+        default="auto",
+        help="auto: colo where QEMU runs it safely (vmckpt check says), else precopy-diff; "
+        "colo is refused where it is not safe",
+    )
+
+
+def ssh_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("other host (SSH)")
+    g.add_argument("--identity", metavar="KEY", help="SSH private key (default: agent, ~/.ssh)")
+    g.add_argument(
+        "--known-hosts", metavar="FILE", default=DEFAULT_KNOWN_HOSTS, help="host keys to trust"
+    )
+    g.add_argument(
+        "--accept-new-host-key",
+        action="store_true",
+        help="trust an unknown host key and add it to --known-hosts (a changed key is always "
+        "refused)",
+    )
+    g.add_argument(
+        "--remote-store",
+        metavar="DIR",
+        default=DEFAULT_REMOTE_STORE,
+        help="the store on the other host (relative: to the remote home)",
+    )
+    g.add_argument(
+        "--remote-python",
+        metavar="CMD",
+        default="python3",
+        help="how to run Python with vmckpt there, e.g. 'env PYTHONPATH=/opt/vmckpt python3'",
+    )
