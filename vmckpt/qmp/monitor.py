@@ -276,9 +276,11 @@ class Monitor:
         self.execute("stop")
 
     def cont(self, *, retry_s: float = 0.0) -> None:
-        """Resume the guest, retrying for ``retry_s`` while QEMU finalizes a migration.
+        """Resume the guest, retrying for ``retry_s`` while QEMU finalizes a migration (or
+        still stands in the COLO checkpoint a failover interrupted: its migration thread
+        resumes the guest a moment after the migration left state ``colo``).
 
-        QEMU gives no error class for that refusal other than GenericError,
+        QEMU gives no error class for those refusals other than GenericError,
         hence the text match.
         """
         deadline = time.monotonic() + retry_s
@@ -287,9 +289,12 @@ class Monitor:
                 self.execute("cont")
                 return
             except CommandRefused as exc:
-                if "not finalized" not in exc.message or time.monotonic() > deadline:
+                transient = "not finalized" in exc.message or "COLO checkpoint" in exc.message
+                if not transient or time.monotonic() > deadline:
                     raise
             time.sleep(_CONT_RETRY_STEP_S)
+            if self.is_running():  # QEMU resumed it itself meanwhile
+                return
 
     def quit(self) -> None:
         with contextlib.suppress(QMPError):  # QEMU may close the connection before it answers
