@@ -23,14 +23,15 @@ guest — the **checkpoint session** (``python -m vmckpt.colo``):
 - A receiver thread takes each checkpoint into memory (a sparse page set) and
   acknowledges it at once: the guest's pause ends there. A writer thread then
   commits the layer (same format and checks as every layer; mechanism ``colo``).
-- Writable disks are captured at the same instant, inside the pause: as soon as
-  QEMU has stopped the guest (VMSTATE_SEND), the receiver sends one QMP
-  ``transaction`` on the session's monitor (a new dirty bitmap, and a
-  point-in-time backup job of the clusters dirty since the previous checkpoint
-  into a scratch target prepared beforehand), reads the pages meanwhile, and
-  takes QEMU's answer before it acknowledges. The job copies after the guest
-  runs again; the writer collects it into the layer, drops the previous bitmap
-  once the layer is written, and prepares the next checkpoint's target
+- Writable disks are captured at the same instant, inside the pause: the new
+  dirty bitmaps are added just before the trigger; as soon as QEMU has stopped
+  the guest (VMSTATE_SEND), the receiver sends one ``blockdev-backup`` with
+  ``sync: none`` per disk on the session's monitor (a copy-before-write filter
+  into a fleece image prepared beforehand: the disk's instant), reads the pages
+  meanwhile, and takes QEMU's answer before it acknowledges. With the guest
+  running again, the writer copies the clusters dirty since the previous
+  checkpoint out of the instant's snapshot into the layer, drops the previous
+  bitmap once the layer is written, and prepares the next checkpoint's images
   (vmckpt/disk_capture.py). Such a guest's next checkpoint is triggered only
   once all of that is done.
   A watchdog cuts the socket if a checkpoint stalls, since a QEMU blocked on a
@@ -98,7 +99,7 @@ CLOCK_MARGIN_S = 0.05
 RESUME_GRACE_S = 0.002
 WRITE_QUEUE = 8  # checkpoints received but not yet written; the receiver waits beyond
 CLIENT_POLL_S = 0.2
-DISK_INSTANT_TIMEOUT_S = 10.0  # the disks' transaction answers within this, or the session ends
+DISK_INSTANT_TIMEOUT_S = 2.0  # the disks' instant answers within this, or the session ends
 _log = log.get(__name__)
 
 
@@ -183,7 +184,9 @@ class ColoSession:
                 # if the guest has none), leftovers of a dead checkpoint cleared first.
                 # The nodes are activated at its instant, should the migration have left
                 # them inactive (outside the pause that counts: the opening's).
-                opening = self._disk_tracker(parent=parent, since=None, activate=True)
+                opening = self._disk_tracker(
+                    parent=parent, since=None, activate=True, fleecing=False
+                )
                 opening.prepare(self.mon)
             self.receiver = ColoReceiver(self.session.socket())
             initial: dict[str, Any] = {}
@@ -351,6 +354,7 @@ class ColoSession:
         parent: LayerManifest | None,
         since: dict[str, str] | None,
         activate: bool = False,  # COLO keeps the block nodes active
+        fleecing: bool = True,  # the least work in the pause (vmckpt/disk_capture.py)
     ) -> DiskTracker:
         return DiskTracker(
             self.name,
@@ -359,7 +363,15 @@ class ColoSession:
             self.store.scratch_dir(self.name),
             since=since,
             activate=activate,
+            fleecing=fleecing,
         )
+
+    def _arm_disks(self) -> None:
+        """Just before the trigger: the next checkpoint's new bitmaps (outside the pause)."""
+        tracker = self._disk_next
+        if tracker is not None and self.mon is not None:
+            with self.mon_lock:
+                tracker.arm(self.mon)
 
     def _begin_disk_instant(self) -> None:
         """QEMU has stopped the guest: send the disks' transaction (the prepared tracker's)
@@ -403,7 +415,10 @@ class ColoSession:
         else:
             assert self.mon is not None
             try:
-                tracker.end_instant(self.mon, pending)
+                # Bounded: the guest stays stopped until then. (With a bitmap and a sync=bitmap
+                # backup in one transaction sent this early, QEMU 11 sometimes answered only
+                # after 30 s; never with the fleecing instant.) Late: the session ends.
+                tracker.end_instant(self.mon, pending, timeout=DISK_INSTANT_TIMEOUT_S)
             except VmckptError as exc:
                 problem = exc
             finally:
@@ -560,6 +575,7 @@ class ColoSession:
                 wanted = self.received + 1
                 # Never trigger while a checkpoint is in flight: QEMU would drop the trigger.
                 self._wait(lambda: self.settled >= self.received, "the previous checkpoint")
+            self._arm_disks()
             for _attempt in range(TRIGGER_ATTEMPTS):
                 self._raise_failure()
                 assert self.mon is not None

@@ -32,8 +32,29 @@ the disk in full. A restore recreates that bitmap (vmckpt/disk_restore.py).
 A COLO session (vmckpt/colo.py) makes one tracker per checkpoint: ``since``
 names the bitmaps the previous checkpoint of the session started (its layer
 may not be written yet), ``activate`` is off (COLO keeps the block nodes
-active, and the instant lies inside the guest's pause), and the instant is
-marked while QEMU sends the checkpoint, before vmckpt acknowledges it.
+active), and ``fleecing`` is on, since the instant lies inside the guest's
+pause and must cost it as little as possible:
+
+- :meth:`DiskTracker.prepare` also attaches a *fleece* image per disk;
+- :meth:`DiskTracker.arm`, just before the checkpoint is asked for (guest
+  running), adds the new dirty bitmap: it tracks writes from a few
+  milliseconds before the instant, so the next layer may hold a cluster twice,
+  never too few;
+- the instant (:meth:`DiskTracker.begin_instant`, sent as soon as QEMU has
+  stopped the guest, and :meth:`DiskTracker.end_instant`, before vmckpt
+  acknowledges) is one ``blockdev-backup`` with ``sync: none`` per disk into
+  its fleece image: it only inserts a copy-before-write filter (named), which
+  from then on copies a cluster's old content into the fleece image before
+  the guest overwrites it — no copying, no bitmap work in the pause;
+- :meth:`DiskTracker.collect` (guest running) opens a ``snapshot-access``
+  node on that filter (the disk as it was at the instant), copies the
+  clusters dirty since the parent from it into the scratch target with a
+  second backup job, then ends the fleecing job and detaches it all.
+
+Measured on QEMU 11.1 (TCG, 2 shared cores, ~170 pages per checkpoint, pause
+medians of 60): 2.9 ms without disk capture, 5.5 ms with the bitmap and a
+``sync: bitmap`` backup in one transaction in the pause, 4.5 ms with the
+bitmap added before the pause, 3.3 ms so (README, *Writable disks under COLO*).
 
 What a checkpoint that died left in QEMU (jobs, target nodes, bitmaps other
 than the head layer's) and in the scratch directory is removed by
@@ -81,6 +102,24 @@ class _Capture:
     new_bitmap: str
     attached: bool = False
     started: bool = False
+    fleece: Path | None = None  # fleecing: the copy-before-write target, attached if set
+    armed: bool = False  # fleecing: the new bitmap was added (before the pause)
+
+    @property
+    def fleece_node(self) -> str:
+        return f"{BACKUP_PREFIX}fleece-{self.disk.id}"
+
+    @property
+    def fleece_job(self) -> str:
+        return f"{BACKUP_PREFIX}fleece-{self.disk.id}"
+
+    @property
+    def filter_node(self) -> str:
+        return f"{BACKUP_PREFIX}cbw-{self.disk.id}"
+
+    @property
+    def access_node(self) -> str:
+        return f"{BACKUP_PREFIX}access-{self.disk.id}"
 
 
 @dataclass
@@ -98,6 +137,9 @@ class DiskTracker:
     # mark_instant activates the block nodes first (a completed migration inactivated them;
     # COLO leaves them active).
     activate: bool = True
+    # The instant as a sync=none backup into a fleece image (see the module doc): the least
+    # work inside the guest's pause; the new bitmaps are added before it (arm).
+    fleecing: bool = False
     _captures: list[_Capture] = field(default_factory=list)
     _started: dict[str, str] = field(default_factory=dict)
 
@@ -178,17 +220,61 @@ class DiskTracker:
                     {
                         "driver": "qcow2",
                         "node-name": capture.target_node,
-                        "file": {"driver": "file", "filename": str(capture.target)},
+                        "file": {
+                            "driver": "file",
+                            "filename": str(capture.target),
+                            "locking": "off",
+                        },
                         "backing": {"driver": "null-co", "size": disk.size, "read-zeroes": True},
+                        # A scratch file: vmckpt reads it after the job, QEMU never needs it
+                        # durable (no fsync when the job allocates clusters in the pause).
+                        "cache": {"no-flush": True},
                     }
                 )
                 capture.attached = True
+                if self.fleecing:
+                    self._attach_fleece(mon, capture, token, nodes)
         except QMPError as exc:
             self.abort(mon)
             raise self._fail(exc.message, "disk-prepare") from exc
         except BaseException:
             self.abort(mon)
             raise
+
+    def _attach_fleece(
+        self, mon: Monitor, capture: _Capture, token: str, nodes: Mapping[str, object]
+    ) -> None:
+        """The image the copy-before-write filter copies old clusters into (a scratch file,
+        never flushed), attached to QEMU."""
+        if capture.fleece_node in nodes:
+            raise self._fail(f"block node {capture.fleece_node} exists: another checkpoint is "
+                             "running?", "disk-prepare")  # fmt: skip
+        fleece = self.scratch / f"backup-{capture.disk.id}-{token}.fleece.qcow2"
+        os.close(os.open(fleece, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        capture.fleece = fleece
+        qemu_img("create", "-q", "-f", "qcow2", str(fleece), str(capture.disk.size),
+                 vm=self.vm, step="disk-prepare")  # fmt: skip
+        mon.blockdev_add(
+            {
+                "driver": "qcow2",
+                "node-name": capture.fleece_node,
+                "file": {"driver": "file", "filename": str(fleece), "locking": "off"},
+                "cache": {"no-flush": True},
+            }
+        )
+
+    def arm(self, mon: Monitor) -> None:
+        """Fleecing: add the new bitmaps now, just before the checkpoint is asked for (the
+        guest runs: a few writes before the instant are tracked twice, none lost)."""
+        if not self.fleecing:
+            return
+        try:
+            for capture in self._captures:
+                if not capture.armed:
+                    mon.bitmap_add(capture.disk.node, capture.new_bitmap)
+                    capture.armed = True
+        except QMPError as exc:
+            raise self._fail(exc.message, "disk-arm") from exc
 
     def mark_instant(self, mon: Monitor) -> None:
         """The disk point, while the guest is stopped: new bitmaps and backup jobs, atomically."""
@@ -200,6 +286,8 @@ class DiskTracker:
         use ``mon`` in between. None: no writable disk."""
         if not self._captures:
             return None
+        if self.fleecing:
+            return self._begin_fleecing(mon)
         try:
             if self.activate:
                 with contextlib.suppress(QMPError):  # QEMU < 10 lacks it; nodes are active there
@@ -230,12 +318,80 @@ class DiskTracker:
         except QMPError as exc:
             raise self._fail(exc.message, "disk-instant") from exc
 
-    def end_instant(self, mon: Monitor, pending: Pending | None) -> None:
-        """QEMU's answer to :meth:`begin_instant`'s transaction: the jobs run from here."""
+    def _begin_fleecing(self, mon: Monitor) -> Pending:
+        """One sync=none backup per disk into its fleece image, through a named filter."""
+        if not all(c.armed and c.fleece for c in self._captures):
+            raise self._fail("the disks were not armed before the instant", "disk-instant")
+        actions: list[tuple[str, dict[str, object]]] = [
+            (
+                "blockdev-backup",
+                {
+                    "device": c.disk.node,
+                    "target": c.fleece_node,
+                    "job-id": c.fleece_job,
+                    "sync": "none",
+                    "filter-node-name": c.filter_node,
+                    "auto-dismiss": False,
+                },
+            )
+            for c in self._captures
+        ]
+        try:
+            if len(actions) == 1:  # one command costs less than a transaction of one
+                return mon.submit(*actions[0])
+            return mon.submit_transaction(actions)
+        except QMPError as exc:
+            raise self._fail(exc.message, "disk-instant") from exc
+
+    def _copy_from_snapshots(self, mon: Monitor) -> None:
+        """Fleecing, the guest running: per disk, the disk as it was at the instant
+        (snapshot-access on the filter), and a backup job of its clusters dirty since the
+        parent (a copy of the parent's bitmap on that node) into the scratch target."""
+        for c in self._captures:
+            mon.blockdev_add(
+                {"driver": "snapshot-access", "node-name": c.access_node, "file": c.filter_node}
+            )
+            backup: dict[str, object] = {
+                "device": c.access_node,
+                "target": c.target_node,
+                "job-id": c.job,
+                "auto-finalize": True,
+                "auto-dismiss": False,
+            }
+            if c.old_bitmap is None:
+                backup["sync"] = "full"
+            else:
+                copy = f"{BITMAP_PREFIX}copy"
+                mon.bitmap_add(c.access_node, copy)
+                mon.execute(
+                    "block-dirty-bitmap-merge",
+                    {
+                        "node": c.access_node,
+                        "target": copy,
+                        "bitmaps": [{"node": c.disk.node, "name": c.old_bitmap}],
+                    },
+                )
+                backup.update(sync="bitmap", bitmap=copy, **{"bitmap-mode": "never"})
+            mon.execute("blockdev-backup", backup)
+
+    def _end_fleecing(self, mon: Monitor) -> None:
+        """Fleecing, once the copies are done: the snapshot nodes, jobs and images go."""
+        for c in self._captures:
+            mon.blockdev_del(c.access_node)
+            mon.job_cancel(c.fleece_job)
+            _wait_job_gone(mon, c.fleece_job)
+            mon.job_dismiss(c.fleece_job)
+            mon.blockdev_del(c.fleece_node)
+
+    def end_instant(
+        self, mon: Monitor, pending: Pending | None, *, timeout: float | None = None
+    ) -> None:
+        """QEMU's answer to :meth:`begin_instant`'s command: the jobs run from here.
+        ``timeout``: how long the guest may stay stopped for it (default: the monitor's)."""
         if pending is None:
             return
         try:
-            mon.reply(pending)
+            mon.reply(pending, timeout=timeout)
         except QMPError as exc:
             raise self._fail(exc.message, "disk-instant") from exc
         for capture in self._captures:
@@ -247,6 +403,8 @@ class DiskTracker:
         if not self._captures:
             return []
         try:
+            if self.fleecing:
+                self._copy_from_snapshots(mon)
             deadline = time.monotonic() + self.job_timeout_s
             pending = {c.job for c in self._captures}
             while pending:
@@ -275,9 +433,12 @@ class DiskTracker:
                             since=mark,
                         )
             for capture in self._captures:
-                capture.started = False
                 mon.blockdev_del(capture.target_node)
                 capture.attached = False
+            if self.fleecing:
+                self._end_fleecing(mon)
+            for capture in self._captures:
+                capture.started = False
         except QMPError as exc:
             raise self._fail(exc.message, "disk-collect") from exc
         return [self._read_target(capture) for capture in self._captures]
@@ -334,21 +495,23 @@ class DiskTracker:
         self._captures = []
 
     def abort(self, mon: Monitor) -> None:
-        """Undo everything this checkpoint added to QEMU: jobs, targets, new bitmaps.
+        """Undo everything this checkpoint added to QEMU: jobs, nodes, new bitmaps.
 
         Never raises; the guest's disk and the parent's bitmap are left as they were.
         """
         for capture in self._captures:
             with contextlib.suppress(QMPError):
                 jobs = mon.jobs()
-                if capture.job in jobs:
-                    if jobs[capture.job].status not in {"concluded", "null"}:
-                        mon.job_cancel(capture.job)
-                        _wait_job_gone(mon, capture.job)
-                    mon.job_dismiss(capture.job)
-            if capture.attached:
-                with contextlib.suppress(QMPError):
-                    mon.blockdev_del(capture.target_node)
+                for job in (capture.job, capture.fleece_job):
+                    if job in jobs:
+                        if jobs[job].status not in {"concluded", "null"}:
+                            mon.job_cancel(job)
+                            _wait_job_gone(mon, job)
+                        mon.job_dismiss(job)
+            with contextlib.suppress(QMPError):
+                present = {n.node_name for n in mon.block_nodes()}
+                ours = [capture.access_node, capture.target_node, capture.fleece_node]
+                _delete_nodes(mon, [n for n in ours if n in present])
             with contextlib.suppress(QMPError):
                 nodes = {n.node_name: n for n in mon.block_nodes()}
                 node = nodes.get(capture.disk.node)
@@ -361,6 +524,8 @@ class DiskTracker:
         for capture in self._captures:
             capture.target.unlink(missing_ok=True)
             capture.target.with_suffix(".bin").unlink(missing_ok=True)
+            if capture.fleece is not None:
+                capture.fleece.unlink(missing_ok=True)
 
 
 def clear_leftovers(mon: Monitor, *, vm: str, keep: Collection[str], scratch: Path) -> bool:
@@ -381,10 +546,9 @@ def clear_leftovers(mon: Monitor, *, vm: str, keep: Collection[str], scratch: Pa
             with contextlib.suppress(QMPError):
                 mon.job_dismiss(job_id)
     nodes = mon.block_nodes()
-    for node in nodes:
-        if node.node_name.startswith(BACKUP_PREFIX):
-            found = True
-            mon.blockdev_del(node.node_name)
+    ours = [node.node_name for node in nodes if node.node_name.startswith(BACKUP_PREFIX)]
+    found = found or bool(ours)
+    _delete_nodes(mon, ours)
     for node in nodes:
         if node.node_name.startswith(BACKUP_PREFIX):
             continue
@@ -399,6 +563,25 @@ def clear_leftovers(mon: Monitor, *, vm: str, keep: Collection[str], scratch: Pa
         _log.info("%s: removed what an earlier checkpoint left (kept bitmaps %s)", vm,
                   ", ".join(sorted(keep)) or "none")  # fmt: skip
     return found
+
+
+def _delete_nodes(mon: Monitor, names: Sequence[str]) -> None:
+    """blockdev-del each node; a node still used by another of them (a snapshot-access node
+    on a filter, a fleece image behind it) is retried once its user went. QMPError if some
+    cannot go at all."""
+    pending = sorted(names, key=lambda name: "-access-" not in name)  # the users first
+    while pending:
+        failed: list[str] = []
+        last: QMPError | None = None
+        for name in pending:
+            try:
+                mon.blockdev_del(name)
+            except QMPError as exc:
+                failed.append(name)
+                last = exc
+        if last is not None and len(failed) == len(pending):
+            raise last
+        pending = failed
 
 
 def _wait_job_gone(mon: Monitor, job_id: str) -> None:
