@@ -326,14 +326,14 @@ class ColoSession:
                     item.stats = {"pause_ms": self._pause_of(item), **item.disk_stats}
                 if not self.has_disks:
                     self._settle(item.seq)  # QEMU may take the next one while this is written
+                began = time.perf_counter()
                 disks = self._collect_disks(item)
+                if disks:
+                    item.stats["disk_collect_ms"] = round((time.perf_counter() - began) * 1000, 1)
                 row = self._write(item, disks)
                 if self.has_disks:
-                    # Only now the previous bitmap may go (the layer that needs it is written),
-                    # and the next checkpoint gets its target: then it may be taken.
+                    # Only now the previous bitmap may go (the layer that needs it is written).
                     self._commit_disks(item)
-                    self._prepare_next_disks(item)
-                    self._settle(item.seq)
             except VmckptError as exc:
                 self._abort_disks(item.disks)
                 self._fail(exc)
@@ -345,6 +345,19 @@ class ColoSession:
             with self.cond:
                 self.results[item.seq] = row
                 self.cond.notify_all()
+            if self.has_disks:
+                # The next checkpoint gets its images (the caller has its row already); then
+                # it may be taken.
+                try:
+                    self._prepare_next_disks(item)
+                except VmckptError as exc:
+                    self._fail(exc)
+                    return
+                except Exception as exc:  # a bug must still end the session cleanly
+                    self._fail(CheckpointError(f"preparing the disks failed: {exc!r}",
+                                               vm=self.name, step="disk-prepare"))  # fmt: skip
+                    return
+                self._settle(item.seq)
 
     # -- writable disks ---------------------------------------------------------------
 

@@ -237,6 +237,9 @@ class DiskTracker:
         except QMPError as exc:
             self.abort(mon)
             raise self._fail(exc.message, "disk-prepare") from exc
+        except OSError as exc:  # a scratch file that cannot be made (or exists already)
+            self.abort(mon)
+            raise self._fail(f"scratch file: {exc}", "disk-prepare") from exc
         except BaseException:
             self.abort(mon)
             raise
