@@ -15,6 +15,16 @@ second while its workload runs, by each method in turn:
 - ``savevm``: a ``snapshot-save`` job into a qcow2 node the guest was given
   for it (``-blockdev``), then ``snapshot-delete`` so the image does not grow.
 - ``background-snapshot``: the capability on, ``migrate`` to ``file:``.
+- ``backup-migrate`` (with ``--disk``): QEMU's own way to save a guest with a
+  writable disk: QMP ``stop``, one ``transaction`` (a new dirty bitmap and a
+  ``blockdev-backup`` of the clusters dirty since the previous one, in full the
+  first time, into a qcow2 file), ``migrate`` to ``file:``, ``cont``; then the
+  backup job is waited for.
+
+With ``--disk qcow2|raw`` the guest also has a 64 MiB writable disk and runs the
+disk workload (guest/diskload.c, 5 block writes a second, each checked); vmckpt's
+methods capture the disk at each checkpoint's instant (colo inside the pause).
+Bytes per checkpoint are then reported for memory and disk apart (``--disk`` table).
 
 With ``--encrypt``, vmckpt's own methods run once more into an encrypted store (``vmckpt init
 --encrypt``): ``precopy-diff+enc`` into a fresh encrypted store, ``colo+enc`` with the guest
@@ -60,7 +70,7 @@ from vmckpt.errors import CheckpointError, UsageError, VmckptError
 from vmckpt.guests.local import LocalGuest
 from vmckpt.images import Store
 from vmckpt.machine.binary import parse_memory, qemu_binary, qemu_version
-from vmckpt.machine.spec import BootMedium, GuestSpec
+from vmckpt.machine.spec import BootMedium, DiskSpec, GuestSpec
 from vmckpt.mechanisms import api
 from vmckpt.mechanisms.choice import COLO
 from vmckpt.mechanisms.colo import SessionClient, end_session, session_pid
@@ -81,6 +91,11 @@ METHODS = (
     COLO_METHOD, PRECOPY_METHOD, "stop-migrate-cont", "live-migrate", "savevm",
     "background-snapshot",
 )  # fmt: skip
+BACKUP_MIGRATE = "backup-migrate"  # QEMU's own, for a guest with a writable disk (--disk)
+DISK_METHODS = (COLO_METHOD, PRECOPY_METHOD, BACKUP_MIGRATE)
+DISK_BYTES = 64 << 20
+DISK_NODE = "vmckpt-disk0"
+BENCH_BITMAP = "bench-"
 ENCRYPTED_METHODS = (COLO_ENC, PRECOPY_ENC)  # --encrypt adds those whose method runs
 ON_ENCRYPTED_GUEST = (COLO_ENC,)  # need the guest itself in an encrypted store
 COMPOSE_REPEAT = 5
@@ -257,6 +272,13 @@ class BenchSettings:
     kernel: Path = REPO_GUEST / "vmlinuz"
     initrd: Path = REPO_GUEST / "initrd.img"
     out: Path | None = None
+    disk: str | None = None  # "qcow2" or "raw": a writable disk and the disk workload
+
+
+def _disk_delta_bytes(store: Store, layer_id: str) -> int:
+    """The bytes of a layer's disk deltas (data and index), what the disk adds to it."""
+    manifest = store.manifest(layer_id)
+    return sum(entry.size for name, entry in manifest.files.items() if name.startswith("disk-"))
 
 
 def _layer_disk_bytes(store: Store, layer_id: str) -> int:
@@ -292,6 +314,7 @@ class GuestBench:
         self.qcow2 = work / "snap.qcow2"
         self.ckpt = CheckpointSettings()
         self.guest = LocalGuest(self.store, GUEST)
+        self.backup_bitmap: str | None = None  # backup-migrate: tracks writes since its last
 
     def boot(self) -> None:
         subprocess.run(
@@ -299,6 +322,17 @@ class GuestBench:
             check=True,
             capture_output=True,
         )
+        append = f"console=ttyS0 quiet panic=-1 vmckpt.buf_mb={BUF_MB} vmckpt.pages={self.rate}"
+        disks: tuple[DiskSpec, ...] = ()
+        if self.settings.disk:
+            image = self.work / f"disk.{self.settings.disk}"
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", self.settings.disk, str(image),
+                 str(DISK_BYTES)],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            disks = (DiskSpec("disk0", str(image), self.settings.disk, DISK_BYTES),)
+            append += " vmckpt.disk=/dev/vda"
         spec = GuestSpec(
             memory_mib=self.memory_mib,
             accel=self.settings.accel,
@@ -306,7 +340,8 @@ class GuestBench:
                 BootMedium.of("kernel", self.settings.kernel),
                 BootMedium.of("initrd", self.settings.initrd),
             ),
-            append=f"console=ttyS0 quiet panic=-1 vmckpt.buf_mb={BUF_MB} vmckpt.pages={self.rate}",
+            append=append,
+            disks=disks,
         )
         snapshot_node = (
             "-blockdev",
@@ -400,6 +435,7 @@ class GuestBench:
                 m, d / f"{i}.mig", background=True
             ),
             "savevm": lambda m, _d, i: self._savevm(m, i),
+            BACKUP_MIGRATE: lambda m, d, i: self._backup_migrate(m, d, i),
         }[method]
 
     def _recover(self) -> None:
@@ -448,6 +484,7 @@ class GuestBench:
                             "qemu_downtime_ms": result.layer.stats.get("qemu_downtime_ms"),
                             "layer": result.layer.id,
                             "disk_bytes": _layer_disk_bytes(store, result.layer.id),
+                            "disk_delta_bytes": _disk_delta_bytes(store, result.layer.id),
                         },
                     )
                 )
@@ -488,6 +525,7 @@ class GuestBench:
                         extra={
                             "layer": row["layer"],
                             "disk_bytes": _layer_disk_bytes(self.store, str(row["layer"])),
+                            "disk_delta_bytes": _disk_delta_bytes(self.store, str(row["layer"])),
                         },
                     )
                 )
@@ -537,6 +575,67 @@ class GuestBench:
             stops=pairs,
             extra={"qemu_downtime_ms": info.downtime_ms, "transferred": info.transferred},
         )
+
+    def _backup_migrate(self, mon: Monitor, scratch: Path, index: int) -> Sample:
+        """QEMU's own: stop, bitmap + backup in one transaction, migrate to a file, cont;
+        then wait for the backup job (the guest runs meanwhile)."""
+        target = scratch / f"{index}.backup.qcow2"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(DISK_BYTES)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        node = f"bench-target-{index}"
+        mon.blockdev_add({"driver": "qcow2", "node-name": node,
+                          "file": {"driver": "file", "filename": str(target)}})  # fmt: skip
+        bitmap = f"{BENCH_BITMAP}{index}"
+        job = f"bench-backup-{index}"
+        backup: dict[str, object] = {"device": DISK_NODE, "target": node, "job-id": job,
+                                     "auto-dismiss": False}  # fmt: skip
+        if self.backup_bitmap is None:
+            backup["sync"] = "full"
+        else:
+            backup.update(sync="bitmap", bitmap=self.backup_bitmap, **{"bitmap-mode": "never"})
+        path = scratch / f"{index}.mig"
+        session = MigrationSession(
+            mon, vm=GUEST, error=CheckpointError, capabilities={"events": True},
+            parameters={"downtime-limit": self.ckpt.downtime_limit_ms,
+                        "max-bandwidth": self.ckpt.max_bandwidth},
+            timeout_s=self.ckpt.timeout_s,
+        )  # fmt: skip
+        try:
+            with session:
+                mark = mon.mark()
+                began = time.monotonic()
+                mon.stop()
+                mon.transaction(
+                    [("block-dirty-bitmap-add", {"node": DISK_NODE, "name": bitmap}),
+                     ("blockdev-backup", backup)]
+                )  # fmt: skip
+                session.start(f"file:{path}")
+                session.wait()
+                session.resume()
+                events = _wait_resumed(mon, mark)
+                mon.wait_event(
+                    {"JOB_STATUS_CHANGE"}, JOB_TIMEOUT_S,
+                    lambda e: e.data.get("id") == job and e.data.get("status") == "concluded",
+                    since=mark,
+                )  # fmt: skip
+                total = time.monotonic() - began
+            mon.job_dismiss(job)
+            mon.blockdev_del(node)
+            if self.backup_bitmap is not None:
+                mon.bitmap_remove(DISK_NODE, self.backup_bitmap)
+            self.backup_bitmap = bitmap
+            pause, pairs = pause_from_events(events)
+            memory, disk = path.stat().st_size, target.stat().st_size
+        finally:
+            for leftover in (path, target):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        return Sample(
+            pause_ms=pause, total_s=total, bytes=memory + disk, started_s=began, stops=pairs,
+            extra={"memory_bytes": memory, "disk_delta_bytes": disk},
+        )  # fmt: skip
 
     def _run_job(self, mon: Monitor, command: str, arguments: dict[str, object]) -> None:
         job = str(arguments["job-id"])
@@ -858,6 +957,93 @@ def format_encryption(runs: Sequence[MethodRun]) -> str:
     return "\n".join(lines) if pairs else ""
 
 
+def format_disk_table(runs: Sequence[MethodRun]) -> str:
+    """A guest with a writable disk (``--disk``): per method and guest RAM, the pause
+    (median, p95), wall and vmckpt CPU per checkpoint, the receiver's RSS, and the bytes
+    per checkpoint of memory and of disk apart (medians of the checkpoints after the first);
+    then each method's largest RAM against its smallest."""
+    lines = [
+        "== a guest with a writable disk, checkpointed while it writes memory and disk "
+        "(after the first checkpoint; medians) ==",
+        f"{'method':<16} {'MiB':>5} {'n':>3} {'pause ms':>8} {'p95':>6} {'wall ms':>8} "
+        f"{'CPU ms':>7} {'RSS MiB':>8} {'memory KiB':>10} {'disk KiB':>9}",
+    ]
+    table: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        if run.method not in DISK_METHODS or not run.measured():
+            if run.error and run.method in DISK_METHODS:
+                lines.append(f"{run.method:<16} {run.memory_mib:>5}   - error: {run.error}")
+            continue
+        layers = run.measured()
+        pause = [s.pause_ms for s in layers if not math.isnan(s.pause_ms)]
+        disk = [float(s.extra.get("disk_delta_bytes") or 0) for s in layers]
+        memory = [
+            float(s.extra.get("memory_bytes", s.bytes - (s.extra.get("disk_delta_bytes") or 0)))
+            for s in layers
+        ]
+        figures = [
+            _median(pause),
+            float(np.percentile(pause, 95)) if pause else math.nan,
+            _median([s.total_s * 1000 for s in layers]),
+            _median([(s.cpu_s * 1000) if s.cpu_s is not None else None for s in layers]),
+            max((s.rss_mib or 0.0) for s in layers),
+            _median(memory) / 1024,
+            _median(disk) / 1024,
+        ]
+        table.setdefault(run.method, {})[run.memory_mib] = figures
+        lines.append(
+            f"{run.method:<16} {run.memory_mib:>5} {len(layers):>3} {figures[0]:>8.1f} "
+            f"{figures[1]:>6.1f} {figures[2]:>8.0f} {_ms(figures[3]):>7} {figures[4]:>8.0f} "
+            f"{figures[5]:>10.0f} {figures[6]:>9.0f}"
+        )
+    for method, sizes in table.items():
+        if len(sizes) < 2:
+            continue
+        small, large = min(sizes), max(sizes)
+        ratios = [
+            f"{name} {sizes[large][i] / sizes[small][i]:.2f}x"
+            for i, name in ((0, "pause"), (2, "wall"), (3, "CPU"), (4, "RSS"), (5, "memory"))
+            if sizes[small][i] and not math.isnan(sizes[small][i])
+        ]
+        lines.append(f"  {method}, {large} MiB against {small} MiB: " + ", ".join(ratios))
+    return "\n".join(lines)
+
+
+def write_disk_plot(runs: Sequence[MethodRun], path: Path) -> None:
+    """With ``--disk``: median pause, wall time and bytes per checkpoint against guest RAM."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels: tuple[tuple[str, Callable[[Sample], float]], ...] = (
+        ("guest pause (ms)", lambda s: s.pause_ms),
+        ("wall time per checkpoint (ms)", lambda s: s.total_s * 1000),
+        ("bytes per checkpoint (KiB)", lambda s: s.bytes / 1024),
+    )
+    for method in DISK_METHODS:
+        points = sorted((r.memory_mib, r.measured()) for r in runs
+                        if r.method == method and r.measured())  # fmt: skip
+        if not points:
+            continue
+        for ax, (title, value) in zip(axes, panels, strict=True):
+            ax.plot([size for size, _ in points],
+                    [_median([value(s) for s in layers]) for _, layers in points],
+                    marker="o", label=method)  # fmt: skip
+            ax.set_title(title)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("guest RAM (MiB)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle("a guest writing memory and its disk: cost per checkpoint against guest RAM")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_sweep_plot(runs: Sequence[MethodRun], path: Path) -> None:
     """vmckpt's per-checkpoint wall time, CPU time and pause against guest RAM."""
     import matplotlib
@@ -965,8 +1151,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sizes", default="256M,1G", help="guest RAM sizes, e.g. 256M,1G")
     p.add_argument("--rates", default="0,100,2000", help="pages written per 100 ms step")
-    p.add_argument("--count", type=int, default=10, help="checkpoints per method (one a second)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    p.add_argument("--count", type=int, default=10, help="checkpoints per method")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between checkpoints")
+    p.add_argument(
+        "--methods", help="comma-separated subset (default: every method; with --disk: "
+        + ",".join(DISK_METHODS) + ")",
+    )  # fmt: skip
+    p.add_argument(
+        "--disk", choices=["qcow2", "raw"],
+        help="give the guest a writable disk of this format and run its disk workload",
+    )  # fmt: skip
     p.add_argument(
         "--encrypt", action="store_true",
         help=f"also run vmckpt's methods into an encrypted store ({', '.join(ENCRYPTED_METHODS)})"
@@ -996,8 +1190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    methods = tuple(_split(args.methods))
-    known = (*METHODS, *ENCRYPTED_METHODS)
+    default = DISK_METHODS if args.disk else METHODS
+    methods = tuple(_split(args.methods)) if args.methods else default
+    known = (*METHODS, *ENCRYPTED_METHODS, BACKUP_MIGRATE)
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise UsageError(f"unknown method(s) {', '.join(unknown)} (use {', '.join(known)})")
@@ -1008,6 +1203,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rates = tuple(int(r) for r in _split(args.rates))
     except ValueError:
         raise UsageError(f"cannot read --rates {args.rates!r} (use e.g. 0,100,2000)") from None
+    if BACKUP_MIGRATE in methods and not args.disk:
+        raise UsageError(f"{BACKUP_MIGRATE} needs --disk")
+    if args.interval <= 0:
+        raise UsageError("--interval must be positive")
     if any(r < 0 or r > BUF_MB * 256 for r in rates):
         raise UsageError(f"rates must be between 0 and {BUF_MB * 256} pages per step")
     if args.count < 1:
@@ -1026,6 +1225,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         kernel=args.kernel,
         initrd=args.initrd,
         out=args.out,
+        interval_s=args.interval,
+        disk=args.disk,
     )
     if args.qemu:
         os.environ["VMCKPT_QEMU"] = args.qemu  # read by vmckpt wherever it starts QEMU
@@ -1033,7 +1234,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(
         f"benchmarks.checkpoint: QEMU {qemu_version(binary)} ({binary}), accel {settings.accel}, "
         f"{os.cpu_count()} host CPUs, {settings.count} checkpoints per method, "
-        f"one per {settings.interval_s:.0f} s",
+        f"one per {settings.interval_s:g} s"
+        + (f", a {settings.disk} disk" if settings.disk else ""),
         flush=True,
     )
 
@@ -1047,6 +1249,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         encryption = format_encryption(runs)
         if encryption:
             print(encryption, end="\n\n")
+    if settings.disk:
+        print(format_disk_table(runs), end="\n\n")
     print(f"scratch directory: {out}")
     if args.json is not None:
         data = {
@@ -1068,6 +1272,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             sweep = args.plot.with_name(args.plot.stem + "-ram" + args.plot.suffix)
             write_sweep_plot(runs, sweep)
             print(f"plot: {sweep}")
+        if settings.disk:
+            disk_plot = args.plot.with_name(args.plot.stem + "-disk" + args.plot.suffix)
+            write_disk_plot(runs, disk_plot)
+            print(f"plot: {disk_plot}")
     return 0 if not any(r.method == "boot" for r in runs) else 1
 
 

@@ -9,7 +9,11 @@ pipe from its parent. When the parent releases it, it exits. When the pipe
 ends without a release (the parent died), it takes the guest's checkpoint
 lock, connects to the guest's monitor and recovers from the migration journal
 the session wrote before changing anything (:func:`vmckpt.session.recover`):
-COLO or migration ended, settings back, guest running if it ran before.
+COLO or migration ended, settings back, guest running if it ran before. Then
+it removes what the checkpoint had added for the guest's writable disks
+(backup jobs, their targets, dirty bitmaps other than the head layer's:
+:func:`vmckpt.disk_capture.clear_leftovers`); it acts when a journal or such
+scratch files are there.
 
 The guard is spawned, not forked: it inherits no locks, sockets or threads of
 its parent, and its start-up runs beside the parent's work (a parent that
@@ -113,15 +117,18 @@ def _wait_for_parent(fd: int) -> bool:
 
 def _recover(args: argparse.Namespace) -> int:
     from vmckpt import log
-    from vmckpt.errors import VmckptError
+    from vmckpt.errors import QMPError, VmckptError
     from vmckpt.images import Store
+    from vmckpt.mechanisms.disk_capture import clear_leftovers, has_scratch_leftovers, head_bitmaps
     from vmckpt.qmp import Monitor
     from vmckpt.session import JOURNAL, read_journal, recover
 
     logger = log.get("vmckpt.guard")
     store = Store(args.store)
     journal = store.host.journal_path(args.name, JOURNAL, args.kind)
-    if read_journal(journal) is None:
+    disks = args.kind == "guest"  # only vmckpt's own guests have their disks captured
+    scratch = store.host.scratch_dir(args.name, args.kind) if disks else None
+    if read_journal(journal) is None and not (scratch and has_scratch_leftovers(scratch)):
         return 0
     with store.host.guest_lock(args.name, what="recover after a crash", wait_s=600, kind=args.kind):
         deadline = time.monotonic() + CONNECT_RETRY_S
@@ -145,6 +152,14 @@ def _recover(args: argparse.Namespace) -> int:
             except VmckptError as exc:
                 logger.error("%s: recovery failed: %s", args.name, exc.one_line())
                 return 1
+            if scratch is not None:
+                try:
+                    keep = head_bitmaps(store, args.name, args.kind)
+                    clear_leftovers(mon, vm=args.name, keep=keep, scratch=scratch)
+                except QMPError as exc:
+                    logger.error("%s: removing the disks' leftovers failed: %s", args.name,
+                                 exc.one_line())  # fmt: skip
+                    return 1
     return 0
 
 

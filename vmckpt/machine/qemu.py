@@ -333,8 +333,10 @@ class QemuProcess:
         return Monitor.unix(self.qmp_socket, vm=self.name, timeout=timeout)
 
     def session_monitor(self, timeout: float = 10.0) -> Monitor:
-        """The monitor reserved for the checkpoint session (the general one if there is none)."""
-        return Monitor.unix(self.session_socket or self.qmp_socket, vm=self.name, timeout=timeout)
+        """The monitor reserved for the checkpoint session (the general one if there is none),
+        spoken directly (:meth:`Monitor.lines`): the session sends a command inside the
+        guest's pause."""
+        return Monitor.lines(self.session_socket or self.qmp_socket, vm=self.name, timeout=timeout)
 
     def wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -56,11 +56,14 @@ def probe_capabilities() -> Capabilities:
             process.shutdown()
     refusal = colo_refusal(version, accel)
     if "x-colo" not in caps:
-        colo = "no: this QEMU has no x-colo capability"
+        colo = (
+            "no: this QEMU has no x-colo capability; a QEMU 11 built with COLO (Debian's, "
+            "given as VMCKPT_QEMU) makes it possible"
+        )
     elif refusal:
         colo = f"no: {refusal}"
     else:
-        colo = f"yes (QEMU {version}, {accel}; the default for guests without writable disks)"
+        colo = f"yes (QEMU {version}, {accel}; the default for guests vmckpt runs here)"
     precopy_ok = {"migrate", "getfd"} <= commands and "events" in caps
     mechanisms = {
         COLO: colo,

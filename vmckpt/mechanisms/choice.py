@@ -7,9 +7,11 @@
   (10.2) after the first incremental checkpoint, and 7.2 deadlocks: COLO
   saves RAM without the big QEMU lock, while TCG's dirty-log sync waits on a
   condition variable that needs it. QEMU 10.0.0-10.0.6 complete the migration
-  instead of entering COLO. Never for a guest with a writable disk (its disk
-  cannot be captured at the COLO instant), nor for a guest vmckpt did not
-  start (the session needs a QEMU it owns).
+  instead of entering COLO. A guest's writable disks are captured inside each
+  checkpoint's pause (vmckpt/colo.py, vmckpt/disk_capture.py). Never for a
+  guest vmckpt did not start (the session needs a QEMU it owns).
+
+Every reason for refusing COLO names what would make it possible.
 - ``precopy-diff``: a live migration into vmckpt and a diff; works on every
   QEMU >= 7.2 and everywhere else.
 """
@@ -46,13 +48,15 @@ def colo_refusal(qemu_version: str, accel: str) -> str | None:
         if version < COLO_KVM_MIN:
             return (
                 f"QEMU {shown} under KVM: COLO needs 10.0.7 or later (earlier ones complete "
-                "the migration instead of entering COLO)"
+                "the migration instead of entering COLO); QEMU 10.0.7+ (VMCKPT_QEMU) makes "
+                "it possible"
             )
         return None
     if version < COLO_TCG_MIN:
         return (
             f"QEMU {shown} under TCG: COLO deadlocks or aborts the guest before QEMU 11 "
-            "(its RAM save and TCG's dirty-log sync wait on each other)"
+            "(its RAM save and TCG's dirty-log sync wait on each other); QEMU 11 or later "
+            "(VMCKPT_QEMU) makes it possible"
         )
     return None
 
@@ -60,10 +64,18 @@ def colo_refusal(qemu_version: str, accel: str) -> str | None:
 def choose_mechanism(qemu_version: str, accel: str, spec: GuestSpec, *, local: bool) -> Choice:
     """The mechanism a guest's checkpoints use, with the reason in words."""
     if not local:
-        return Choice(PRECOPY, "COLO needs a guest vmckpt started")
-    if spec.writable_disks:
-        return Choice(PRECOPY, "it has a writable disk (captured only with precopy-diff)")
+        return Choice(
+            PRECOPY,
+            "COLO needs a guest whose QEMU vmckpt started on this host; "
+            "one started with `vmckpt run` (or restored by vmckpt) gets it",
+        )
     refusal = colo_refusal(qemu_version, accel)
     if refusal:
         return Choice(PRECOPY, refusal)
-    return Choice(COLO, f"QEMU {qemu_version} under {accel.upper()}: incremental transfer")
+    disks = len(spec.writable_disks)
+    also = (
+        f"; {disks} writable disk{'s' if disks > 1 else ''} captured in each checkpoint's pause"
+        if disks
+        else ""
+    )
+    return Choice(COLO, f"QEMU {qemu_version} under {accel.upper()}: incremental transfer{also}")

@@ -23,6 +23,17 @@ guest — the **checkpoint session** (``python -m vmckpt.colo``):
 - A receiver thread takes each checkpoint into memory (a sparse page set) and
   acknowledges it at once: the guest's pause ends there. A writer thread then
   commits the layer (same format and checks as every layer; mechanism ``colo``).
+- Writable disks are captured at the same instant, inside the pause: the new
+  dirty bitmaps are added just before the trigger; as soon as QEMU has stopped
+  the guest (VMSTATE_SEND), the receiver sends one ``blockdev-backup`` with
+  ``sync: none`` per disk on the session's monitor (a copy-before-write filter
+  into a fleece image prepared beforehand: the disk's instant), reads the pages
+  meanwhile, and takes QEMU's answer before it acknowledges. With the guest
+  running again, the writer copies the clusters dirty since the previous
+  checkpoint out of the instant's snapshot into the layer, drops the previous
+  bitmap once the layer is written, and prepares the next checkpoint's images
+  (vmckpt/disk_capture.py). Such a guest's next checkpoint is triggered only
+  once all of that is done.
   A watchdog cuts the socket if a checkpoint stalls, since a QEMU blocked on a
   stalled receiver stops answering on all its monitors.
 - Leaving (stop, error, SIGTERM) ends COLO with ``x-colo-lost-heartbeat``
@@ -63,16 +74,17 @@ from vmckpt.errors import (
 )
 from vmckpt.fsutil import FILE_MODE, read_json, write_json_atomic
 from vmckpt.guests.local import LocalGuest
-from vmckpt.images import Store
+from vmckpt.images import DiskDelta, LayerManifest, Store
 from vmckpt.machine.qemu import process_start_time
 from vmckpt.mechanisms.choice import COLO
+from vmckpt.mechanisms.disk_capture import DiskTracker, clear_leftovers, head_bitmaps
 from vmckpt.mechanisms.layers import (
     CheckpointSettings,
     LayerParts,
     diff_against_parent,
     write_checkpoint_layer,
 )
-from vmckpt.qmp import Monitor
+from vmckpt.qmp import Monitor, Pending
 from vmckpt.ram import PageSet, RamImage
 from vmckpt.session import JOURNAL, MigrationSession, recover
 from vmckpt.stream import StreamEnvelope
@@ -96,6 +108,7 @@ CLOCK_MARGIN_S = 0.05
 RESUME_GRACE_S = 0.002
 WRITE_QUEUE = 8  # checkpoints received but not yet written; the receiver waits beyond
 CLIENT_POLL_S = 0.2
+DISK_INSTANT_TIMEOUT_S = 2.0  # the disks' instant answers within this, or the session ends
 _log = log.get(__name__)
 
 
@@ -113,6 +126,8 @@ class _Taken:
     reply_wall: float = 0.0  # wall clock when vmckpt let QEMU stop the guest
     ack_wall: float = 0.0  # wall clock of the acknowledgement (the guest runs on after it)
     stats: dict[str, Any] = field(default_factory=dict)
+    disks: DiskTracker | None = None  # the writable disks, marked at this checkpoint's instant
+    disk_stats: dict[str, Any] = field(default_factory=dict)
 
 
 class ColoSession:
@@ -139,6 +154,12 @@ class ColoSession:
         self._threads: list[threading.Thread] = []
         self._trigger = threading.Lock()
         self._events_mark = 0  # where the next checkpoint's events start
+        self.has_disks = bool(guest.spec().writable_disks)
+        self._disk_next: DiskTracker | None = None  # prepared for the next checkpoint
+        # The checkpoint in flight: its tracker, and its transaction awaiting QEMU's answer.
+        self._disk_now: DiskTracker | None = None
+        self._disk_pending: Pending | None = None
+        self._disk_began = 0.0
 
     # -- opening ------------------------------------------------------------------
 
@@ -146,8 +167,10 @@ class ColoSession:
         """The full migration that starts COLO; returns its layer's row."""
         started = time.monotonic()
         process = self.guest.process()
-        mon = process.session_monitor(timeout=30.0)
         journal = self.store.host.journal_path(self.name, JOURNAL)
+        parent_id = self.store.head(self.name)
+        parent = self.store.manifest(parent_id) if parent_id else None
+        mon = process.session_monitor(timeout=30.0)
         try:
             recover(mon, journal, vm=self.name)  # a session a dead vmckpt left open
             session = MigrationSession(
@@ -170,7 +193,17 @@ class ColoSession:
             mon.close()
             raise
         self.mon, self.session = mon, session
+        opening: DiskTracker | None = None
         try:
+            if self.has_disks:
+                # The opening's disks are taken against the head layer's bitmaps (in full
+                # if the guest has none), leftovers of a dead checkpoint cleared first.
+                # The nodes are activated at its instant, should the migration have left
+                # them inactive (outside the pause that counts: the opening's).
+                opening = self._disk_tracker(
+                    parent=parent, since=None, activate=True, fleecing=False
+                )
+                opening.prepare(self.mon)
             self.receiver = ColoReceiver(self.session.socket())
             initial: dict[str, Any] = {}
 
@@ -203,15 +236,21 @@ class ColoSession:
                     vm=self.name,
                     step="colo-open",
                 )
+            if opening is not None:
+                # The guest is stopped since the migration completed: the disks' instant.
+                opening.mark_instant(self.mon)
             self.receiver.send(fmt.COLO_CHECKPOINT_READY)  # QEMU resumes the guest
             stop, resume = self.session.pause_window()
         except BaseException:
+            if opening is not None:
+                opening.abort(self.mon)
             self._abandon()
             raise
         self.opened = True
-        self.settled = 0
+        if not self.has_disks:
+            self.settled = 0  # with disks: once the writer has the next target ready
         self._events_mark = self.mon.mark()
-        taken = _Taken(0, envelope, image=image, requested=started)
+        taken = _Taken(0, envelope, image=image, requested=started, disks=opening)
         taken.stats = {"pause_ms": round((resume - stop) * 1000, 3), "session": "open"}
         for target, name in (
             (self._receive_loop, "vmckpt-colo-receiver"),
@@ -251,10 +290,23 @@ class ColoSession:
                     self.in_checkpoint = requested
                     self.cond.notify_all()
                 reply_wall = time.time()
-                received = receiver.receive_checkpoint()
-                faults.point("colo-before-ack")
+                try:
+                    received = receiver.receive_checkpoint(
+                        on_stopped=self._begin_disk_instant if self.has_disks else None
+                    )
+                    faults.point("colo-before-ack")
+                finally:
+                    disks, disk_stats, problem = self._end_disk_instant()
+                if disks is not None:
+                    faults.point("colo-disk-instant")  # the disks' jobs run, not yet acked
                 receiver.acknowledge()  # the pause ends here
                 ack_wall = time.time()
+                if problem is not None:
+                    # The pages of this checkpoint are gone from QEMU's dirty log, and its
+                    # disk cannot be had: no layer can follow; the session ends.
+                    self._abort_disks(disks)
+                    self._fail(problem)
+                    return
                 time.sleep(RESUME_GRACE_S)
                 taken = received.checkpoint()  # copies the pages, the guest running
             except (StreamError, OSError) as exc:
@@ -278,6 +330,8 @@ class ColoSession:
                 stream_bytes=taken.stream_bytes,
                 reply_wall=reply_wall,
                 ack_wall=ack_wall,
+                disks=disks,
+                disk_stats=disk_stats,
             )
             self._queue.put(item)  # waits when the writer is behind: the guest runs meanwhile
 
@@ -285,17 +339,172 @@ class ColoSession:
         while (item := self._queue.get()) is not None:
             try:
                 if item.seq > 0:
-                    item.stats = {"pause_ms": self._pause_of(item)}
-                row = self._write(item)
+                    item.stats = {"pause_ms": self._pause_of(item), **item.disk_stats}
+                if not self.has_disks:
+                    self._settle(item.seq)  # QEMU may take the next one while this is written
+                began = time.perf_counter()
+                disks = self._collect_disks(item)
+                if disks:
+                    item.stats["disk_collect_ms"] = round((time.perf_counter() - began) * 1000, 1)
+                row = self._write(item, disks)
+                if self.has_disks:
+                    # Only now the previous bitmap may go (the layer that needs it is written).
+                    self._commit_disks(item)
             except VmckptError as exc:
+                self._abort_disks(item.disks)
                 self._fail(exc)
                 return
             except Exception as exc:  # a bug must still end the session cleanly
+                self._abort_disks(item.disks)
                 self._fail(CheckpointError(f"writing the layer failed: {exc!r}", vm=self.name))
                 return
             with self.cond:
                 self.results[item.seq] = row
                 self.cond.notify_all()
+            if self.has_disks:
+                # The next checkpoint gets its images (the caller has its row already); then
+                # it may be taken.
+                try:
+                    self._prepare_next_disks(item)
+                except VmckptError as exc:
+                    self._fail(exc)
+                    return
+                except Exception as exc:  # a bug must still end the session cleanly
+                    self._fail(CheckpointError(f"preparing the disks failed: {exc!r}",
+                                               vm=self.name, step="disk-prepare"))  # fmt: skip
+                    return
+                self._settle(item.seq)
+
+    # -- writable disks ---------------------------------------------------------------
+
+    def _disk_tracker(
+        self,
+        *,
+        parent: LayerManifest | None,
+        since: dict[str, str] | None,
+        activate: bool = False,  # COLO keeps the block nodes active
+        fleecing: bool = True,  # the least work in the pause (vmckpt/disk_capture.py)
+    ) -> DiskTracker:
+        return DiskTracker(
+            self.name,
+            self.guest.spec().disks,
+            parent,
+            self.store.host.scratch_dir(self.name),
+            since=since,
+            activate=activate,
+            fleecing=fleecing,
+        )
+
+    def _arm_disks(self) -> None:
+        """Just before the trigger: the next checkpoint's new bitmaps (outside the pause)."""
+        tracker = self._disk_next
+        if tracker is not None and self.mon is not None:
+            with self.mon_lock:
+                tracker.arm(self.mon)
+
+    def _begin_disk_instant(self) -> None:
+        """QEMU has stopped the guest: send the disks' transaction (the prepared tracker's)
+        and go on reading the checkpoint; :meth:`_end_disk_instant` takes the answer. The
+        monitor stays locked in between. (QEMU 11 runs the command once it has sent the
+        pages: it holds its big lock while it sends them.)"""
+        self._disk_now, self._disk_next = self._disk_next, None
+        self._disk_began = time.perf_counter()
+        if self._disk_now is None or self.mon is None:
+            return
+        self.mon_lock.acquire()
+        try:
+            self._disk_pending = self._disk_now.begin_instant(self.mon)
+        except BaseException:
+            self.mon_lock.release()
+            raise
+
+    def _end_disk_instant(
+        self,
+    ) -> tuple[DiskTracker | None, dict[str, Any], VmckptError | None]:
+        """Before the acknowledgement: QEMU's answer to the disks' transaction. Returns the
+        tracker, the instant's timings and what failed (None if the instant holds)."""
+        if not self.has_disks:
+            return None, {}, None
+        tracker, self._disk_now = self._disk_now, None
+        pending, self._disk_pending = self._disk_pending, None
+        waited = time.perf_counter()
+        problem: VmckptError | None = None
+        if tracker is None:
+            problem = CheckpointError(
+                "no backup target was prepared for the writable disks",
+                vm=self.name,
+                step="colo-disk-instant",
+            )
+        elif pending is None:
+            problem = CheckpointError(
+                "the disks' transaction was not sent (the stream broke first?)",
+                vm=self.name,
+                step="colo-disk-instant",
+            )
+        else:
+            assert self.mon is not None
+            try:
+                # Bounded: the guest stays stopped until then. (With a bitmap and a sync=bitmap
+                # backup in one transaction sent this early, QEMU 11 sometimes answered only
+                # after 30 s; never with the fleecing instant.) Late: the session ends.
+                tracker.end_instant(self.mon, pending, timeout=DISK_INSTANT_TIMEOUT_S)
+            except VmckptError as exc:
+                problem = exc
+            finally:
+                self.mon_lock.release()
+        now = time.perf_counter()
+        stats = {
+            "disk_instant_ms": round((now - self._disk_began) * 1000, 3),
+            "disk_wait_ms": round((now - waited) * 1000, 3),
+        }
+        return tracker, stats, problem
+
+    def _collect_disks(self, item: _Taken) -> list[DiskDelta]:
+        if item.disks is None:
+            return []
+        assert self.mon is not None
+        with self.mon_lock:
+            return item.disks.collect(self.mon)
+
+    def _commit_disks(self, item: _Taken) -> None:
+        if item.disks is not None and self.mon is not None:
+            with self.mon_lock:
+                item.disks.commit(self.mon)
+
+    def _prepare_next_disks(self, item: _Taken) -> None:
+        if item.disks is None or self.closing:
+            return
+        tracker = self._disk_tracker(parent=None, since=item.disks.new_bitmaps)
+        assert self.mon is not None
+        with self.mon_lock:
+            tracker.prepare(self.mon, clear=False)
+        self._disk_next = tracker
+
+    def _abort_disks(self, tracker: DiskTracker | None) -> None:
+        if tracker is not None and self.mon is not None:
+            with self.mon_lock:
+                tracker.abort(self.mon)
+
+    def _clear_disks(self) -> VmckptError | None:
+        """As the session ends: remove every vmckpt job, target and bitmap from QEMU but the
+        bitmaps the guest's head layer records (they track writes since it)."""
+        if not self.has_disks or self.mon is None:
+            return None
+        with self.mon_lock:
+            try:
+                clear_leftovers(
+                    self.mon,
+                    vm=self.name,
+                    keep=head_bitmaps(self.store, self.name),
+                    scratch=self.store.host.scratch_dir(self.name),
+                )
+            except QMPError as exc:
+                return CheckpointError(
+                    f"cannot remove the session's disk bitmaps and jobs: {exc.message}",
+                    vm=self.name,
+                    step="colo-close",
+                )
+        return None
 
     def _watchdog(self) -> None:
         while not self.closing and self.failure is None:
@@ -336,21 +545,24 @@ class ColoSession:
             # The next checkpoint's events come after these: keep the history small.
             self._events_mark = mon.mark()
             mon.forget_before(self._events_mark)
-        with self.cond:
-            self.settled = max(self.settled, item.seq)
-            self.cond.notify_all()
         if not stops or not resumes:
             return None
         return round((resumes[0] - stops[-1]) * 1000, 3)
 
-    def _write(self, item: _Taken) -> dict[str, Any]:
+    def _settle(self, seq: int) -> None:
+        """QEMU and the session are ready for the checkpoint after ``seq``."""
+        with self.cond:
+            self.settled = max(self.settled, seq)
+            self.cond.notify_all()
+
+    def _write(self, item: _Taken, disks: list[DiskDelta]) -> dict[str, Any]:
         faults.point("colo-mid-write")
         guest = self.guest
         parent = self.store.head(self.name)
         stats = {**item.stats, "accel": guest.accel}
         if item.image is not None:
             pages, zeroed = diff_against_parent(self.store, self.name, parent, item.image)
-            parts = LayerParts(item.envelope, item.image, pages, zeroed, self._version())
+            parts = LayerParts(item.envelope, item.image, pages, zeroed, self._version(), disks)
             item.image = None  # the whole RAM is needed no longer: O(dirty) from here
         else:
             assert item.pages is not None
@@ -366,6 +578,7 @@ class ColoSession:
                 dict(pages_set.stored),
                 dict(pages_set.zeroed),
                 self._version(),
+                disks,
             )
         result = write_checkpoint_layer(
             guest, parent, parts, mechanism=COLO, stats=stats, started=item.requested
@@ -391,6 +604,7 @@ class ColoSession:
                 wanted = self.received + 1
                 # Never trigger while a checkpoint is in flight: QEMU would drop the trigger.
                 self._wait(lambda: self.settled >= self.received, "the previous checkpoint")
+            self._arm_disks()
             for _attempt in range(TRIGGER_ATTEMPTS):
                 self._raise_failure()
                 assert self.mon is not None
@@ -457,6 +671,8 @@ class ColoSession:
             self._queue.put(None)  # after what the receiver took in: it is written first
         for thread in self._threads:
             thread.join(timeout=RESULT_TIMEOUT_S)
+        disk_problem = self._clear_disks()
+        problem = problem or disk_problem
         if self.receiver is not None:
             self.receiver.close()
         if self.mon is not None:

@@ -2,7 +2,8 @@
 
 :class:`Monitor` offers the commands and events vmckpt uses, typed, over a
 :class:`Transport`: QEMU's QMP socket (:class:`SocketTransport`, on qemu.qmp)
-or a passthrough channel someone else owns (:class:`PassthroughTransport`,
+QEMU's QMP socket spoken directly (:class:`LineTransport`, for a checkpoint
+session's monitor), or a passthrough channel someone else owns (:class:`PassthroughTransport`,
 used for libvirt domains). The migration choreography built on it lives in
 :mod:`vmckpt.session`.
 """
@@ -14,9 +15,11 @@ from vmckpt.qmp.monitor import (
     JobInfo,
     MigrationInfo,
     Monitor,
+    Pending,
 )
 from vmckpt.qmp.transport import (
     CommandRefused,
+    LineTransport,
     Passthrough,
     PassthroughTransport,
     RawEvent,
@@ -30,10 +33,12 @@ __all__ = [
     "CommandRefused",
     "Event",
     "JobInfo",
+    "LineTransport",
     "MigrationInfo",
     "Monitor",
     "Passthrough",
     "PassthroughTransport",
+    "Pending",
     "RawEvent",
     "SocketTransport",
     "Transport",

@@ -21,7 +21,13 @@ from typing import Any, Self
 
 from vmckpt import log
 from vmckpt.errors import QMPError
-from vmckpt.qmp.transport import CommandRefused, RawEvent, SocketTransport, Transport
+from vmckpt.qmp.transport import (
+    CommandRefused,
+    LineTransport,
+    RawEvent,
+    SocketTransport,
+    Transport,
+)
 
 DEFAULT_TIMEOUT = 10.0
 # Right after a MIGRATION "completed" event QEMU may still be tidying up its migration
@@ -66,6 +72,15 @@ class JobInfo:
     error: str | None
 
 
+@dataclass
+class Pending:
+    """A command sent with :meth:`Monitor.submit`, its reply still to be taken."""
+
+    command: str
+    token: int | None  # the transport's; None: already answered (``result``)
+    result: Any = None
+
+
 def _brief(value: Any, limit: int = 300) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "…"
@@ -96,6 +111,15 @@ class Monitor:
     ) -> Monitor:
         """A connected monitor on QEMU's QMP socket (a path, or a connected socket)."""
         return cls(SocketTransport(address, vm=vm), vm=vm, timeout=timeout).connect()
+
+    @classmethod
+    def lines(
+        cls, path: str | Path, *, vm: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> Monitor:
+        """A connected monitor on QEMU's QMP socket that speaks QMP directly
+        (:class:`~vmckpt.qmp.transport.LineTransport`: cheaper per command, and
+        :meth:`submit` sends a command whose reply is taken later)."""
+        return cls(LineTransport(path, vm=vm), vm=vm, timeout=timeout).connect()
 
     # -- connection ---------------------------------------------------------
 
@@ -152,6 +176,30 @@ class Monitor:
             )
         except QMPError as exc:
             _log.debug("%s <- %s failed: %s", self.vm, command, exc.message)
+            raise
+        _log.debug("%s <- %s", self.vm, _brief(result))
+        return result
+
+    def submit(self, command: str, arguments: Mapping[str, object] | None = None) -> Pending:
+        """Send a command now; :meth:`reply` takes its reply later (meanwhile the thread
+        may do other work: QEMU runs the command). A transport that cannot send ahead runs
+        the command here and keeps the reply. Nothing else may use the monitor between."""
+        _log.debug("%s -> %s %s (reply later)", self.vm, command, _brief(arguments or {}))
+        if isinstance(self.transport, LineTransport):
+            return Pending(command, self.transport.submit(command, arguments))
+        return Pending(command, None, self.execute(command, arguments))
+
+    def reply(self, pending: Pending, *, timeout: float | None = None) -> Any:
+        """The reply to a command :meth:`submit` sent; QMPError as :meth:`execute` raises."""
+        if pending.token is None:
+            return pending.result
+        assert isinstance(self.transport, LineTransport)
+        try:
+            result = self.transport.collect(
+                pending.token, self.timeout if timeout is None else timeout
+            )
+        except QMPError as exc:
+            _log.debug("%s <- %s failed: %s", self.vm, pending.command, exc.message)
             raise
         _log.debug("%s <- %s", self.vm, _brief(result))
         return result
@@ -234,9 +282,11 @@ class Monitor:
         self.execute("stop")
 
     def cont(self, *, retry_s: float = 0.0) -> None:
-        """Resume the guest, retrying for ``retry_s`` while QEMU finalizes a migration.
+        """Resume the guest, retrying for ``retry_s`` while QEMU finalizes a migration (or
+        still stands in the COLO checkpoint a failover interrupted: its migration thread
+        resumes the guest a moment after the migration left state ``colo``).
 
-        QEMU gives no error class for that refusal other than GenericError,
+        QEMU gives no error class for those refusals other than GenericError,
         hence the text match.
         """
         deadline = time.monotonic() + retry_s
@@ -245,9 +295,12 @@ class Monitor:
                 self.execute("cont")
                 return
             except CommandRefused as exc:
-                if "not finalized" not in exc.message or time.monotonic() > deadline:
+                transient = "not finalized" in exc.message or "COLO checkpoint" in exc.message
+                if not transient or time.monotonic() > deadline:
                     raise
             time.sleep(_CONT_RETRY_STEP_S)
+            if self.is_running():  # QEMU resumed it itself meanwhile
+                return
 
     def quit(self) -> None:
         with contextlib.suppress(QMPError):  # QEMU may close the connection before it answers
@@ -359,7 +412,11 @@ class Monitor:
 
     def transaction(self, actions: Sequence[tuple[str, Mapping[str, object]]]) -> None:
         """Run QMP ``transaction``: every action takes effect at the same instant, or none."""
-        self.execute(
+        self.reply(self.submit_transaction(actions))
+
+    def submit_transaction(self, actions: Sequence[tuple[str, Mapping[str, object]]]) -> Pending:
+        """Send a QMP ``transaction`` now, its reply taken later with :meth:`reply`."""
+        return self.submit(
             "transaction",
             {"actions": [{"type": kind, "data": dict(data)} for kind, data in actions]},
         )

@@ -1,18 +1,24 @@
 """How QMP messages reach a QEMU: a transport moves them, the Monitor gives them meaning.
 
-Two transports exist: :class:`SocketTransport` speaks to QEMU's QMP socket
-through qemu.qmp's ``QMPClient``; :class:`PassthroughTransport` sends the same
-QMP JSON through a passthrough channel that someone else owns (libvirt's
-monitor passthrough, see vmckpt/libvirt). Both hand back replies and events
-as plain JSON values; errors become :class:`~vmckpt.errors.QMPError`.
+Three transports exist: :class:`SocketTransport` speaks to QEMU's QMP socket
+through qemu.qmp's ``QMPClient``; :class:`LineTransport` speaks to it directly,
+one JSON document per line, without asyncio (for the monitor a COLO checkpoint
+session drives inside the guest's pause: cheaper per command, and a command
+can be sent now and its reply taken later); :class:`PassthroughTransport` sends
+the same QMP JSON through a passthrough channel that someone else owns
+(libvirt's monitor passthrough, see vmckpt/libvirt). All hand back replies and
+events as plain JSON values; errors become :class:`~vmckpt.errors.QMPError`.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import collections
 import contextlib
 import json
 import queue
+import select
 import signal
 import socket
 import threading
@@ -317,6 +323,171 @@ def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
             _run_interruptibly(loop, loop.shutdown_asyncgens())
     finally:
         loop.close()
+
+
+class LineTransport:
+    """QMP over a Unix socket, spoken directly: synchronous, one JSON document a line.
+
+    What a checkpoint session's monitor needs inside the guest's pause: a command
+    costs less than through asyncio (query-status 0.21 ms against 0.50 ms median, a
+    one-action transaction 0.81 against 1.14 ms, on a loaded 2-core host), and
+    :meth:`submit` sends a command whose reply :meth:`collect` takes later, so the
+    thread can read the checkpoint while QEMU runs it. Replies are matched by ``id``;
+    events that arrive meanwhile are queued. One thread drives it.
+    """
+
+    def __init__(self, path: str | Path, *, vm: str | None) -> None:
+        self.path = Path(path)
+        self.vm = vm
+        self.description = str(path)
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+        self._events: collections.deque[RawEvent] = collections.deque()
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._commands: dict[int, str] = {}
+        self._next_id = 0
+
+    def connect(self, timeout: float) -> str:
+        where = self.description
+        deadline = time.monotonic() + timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(self.path))
+        except OSError as exc:
+            sock.close()
+            detail = (
+                "nobody listens there (is the guest running?)"
+                if isinstance(exc, ConnectionRefusedError | FileNotFoundError)
+                else str(exc)
+            )
+            raise QMPError(f"cannot connect to {where}: {detail}", vm=self.vm,
+                           step="connect") from exc  # fmt: skip
+        self._sock = sock
+        try:
+            greeting = self._message(deadline, "the greeting")
+            version = _version(greeting["QMP"]["version"]["qemu"])
+        except (KeyError, TypeError, ValueError) as exc:
+            self.close()
+            raise QMPError(f"{where} greeted without a QEMU version: not a QEMU monitor",
+                           vm=self.vm, step="connect") from exc  # fmt: skip
+        except QMPError:
+            self.close()
+            raise
+        self.execute("qmp_capabilities", None, max(0.1, deadline - time.monotonic()))
+        return version
+
+    # -- commands ---------------------------------------------------------------
+
+    def submit(
+        self, command: str, arguments: Mapping[str, object] | None, fd: int | None = None
+    ) -> int:
+        """Send a command (with ``fd`` attached, if given); its token for :meth:`collect`."""
+        sock = self._connected(command)
+        self._next_id += 1
+        token = self._next_id
+        request: dict[str, object] = {"execute": command, "id": token}
+        if arguments:
+            request["arguments"] = dict(arguments)
+        data = json.dumps(request).encode() + b"\n"
+        try:
+            sock.settimeout(None)
+            if fd is None:
+                sock.sendall(data)
+            else:
+                fds = array.array("i", [fd])
+                sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                if sent < len(data):
+                    sock.sendall(data[sent:])
+        except OSError as exc:
+            raise QMPError(f"lost the monitor connection during {command}: {exc}", vm=self.vm,
+                           step=command) from exc  # fmt: skip
+        self._commands[token] = command
+        return token
+
+    def collect(self, token: int, timeout: float) -> Any:
+        """The reply to the command :meth:`submit` returned ``token`` for."""
+        command = self._commands.get(token, "a command")
+        deadline = time.monotonic() + timeout
+        self._pump(deadline, command, lambda: token in self._replies)
+        self._commands.pop(token, None)
+        reply = self._replies.pop(token)
+        if "error" in reply:
+            error = reply["error"] if isinstance(reply["error"], dict) else {}
+            raise CommandRefused(
+                f"QEMU refused {command}: {error.get('desc')} ({error.get('class')})",
+                str(error.get("class")),
+                vm=self.vm,
+                step=command,
+            )
+        return reply.get("return")
+
+    def execute(self, command: str, arguments: Mapping[str, object] | None, timeout: float) -> Any:
+        return self.collect(self.submit(command, arguments), timeout)
+
+    def execute_with_fd(
+        self, command: str, arguments: Mapping[str, object], fd: int, timeout: float
+    ) -> Any:
+        return self.collect(self.submit(command, arguments, fd), timeout)
+
+    def next_event(self, timeout: float) -> RawEvent | None:
+        if not self._events:
+            deadline = time.monotonic() + max(0.0, timeout)
+            with contextlib.suppress(TimeoutError):
+                self._pump(deadline, "events", lambda: bool(self._events))
+        return self._events.popleft() if self._events else None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+
+    # -- reading ----------------------------------------------------------------
+
+    def _connected(self, what: str) -> socket.socket:
+        if self._sock is None:
+            raise QMPError(f"the monitor is not connected ({what})", vm=self.vm, step=what)
+        return self._sock
+
+    def _pump(self, deadline: float, what: str, done: Callable[[], bool]) -> None:
+        """Read messages until ``done()``; events are queued, replies kept by id. Raises
+        TimeoutError (events) or QMPError (a command) at ``deadline``."""
+        while not done():
+            message = self._message(deadline, what)
+            if "event" in message:
+                self._events.append(_event(message))
+            elif isinstance(message.get("id"), int):
+                self._replies[message["id"]] = message
+
+    def _message(self, deadline: float, what: str) -> dict[str, Any]:
+        sock = self._connected(what)
+        while (end := self._buffer.find(b"\n")) < 0:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([sock], [], [], max(0.0, remaining))
+            if not ready:
+                if what == "events":
+                    raise TimeoutError
+                raise QMPError(f"QEMU did not answer {what} in time", vm=self.vm, step=what)
+            try:
+                chunk = sock.recv(65536)
+            except OSError as exc:
+                raise QMPError(f"lost the monitor connection during {what}: {exc}",
+                               vm=self.vm, step=what) from exc  # fmt: skip
+            if not chunk:
+                raise QMPError(f"QEMU closed the monitor connection during {what}",
+                               vm=self.vm, step=what)  # fmt: skip
+            self._buffer += chunk
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        try:
+            message = json.loads(line)
+        except ValueError as exc:
+            raise QMPError(f"QEMU sent no JSON during {what}: {line[:80]!r}", vm=self.vm,
+                           step=what) from exc  # fmt: skip
+        if not isinstance(message, dict):
+            raise QMPError(f"QEMU sent a non-object during {what}", vm=self.vm, step=what)
+        return message
 
 
 class Passthrough(Protocol):

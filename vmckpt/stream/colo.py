@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, cast
 
@@ -300,12 +301,16 @@ class ColoReceiver:
         """Block until QEMU asks for a checkpoint (CHECKPOINT_REQUEST)."""
         self.expect(fmt.COLO_CHECKPOINT_REQUEST)
 
-    def receive_checkpoint(self) -> ReceivedCheckpoint:
+    def receive_checkpoint(
+        self, on_stopped: Callable[[], None] | None = None
+    ) -> ReceivedCheckpoint:
         """Answer a CHECKPOINT_REQUEST (already read) and take in the checkpoint.
 
         The guest is stopped until the caller acknowledges (:meth:`acknowledge`), which
         it does as soon as this returns; then it takes the pages out with
-        :meth:`ReceivedCheckpoint.checkpoint`.
+        :meth:`ReceivedCheckpoint.checkpoint`. ``on_stopped`` is called as soon as the
+        guest is known to be stopped (QEMU stops it before VMSTATE_SEND), while the rest
+        of the checkpoint is still on its way.
         """
         if self.envelope is None:
             raise StreamError("no initial migration was received", step=STEP)
@@ -314,6 +319,8 @@ class ColoReceiver:
         self.send(fmt.COLO_CHECKPOINT_REPLY)  # QEMU stops the guest and sends
         faults.point("colo-mid-checkpoint")
         self.expect(fmt.COLO_VMSTATE_SEND)
+        if on_stopped is not None:
+            on_stopped()
         parse = _CheckpointParser(self)
         records = parse.sections()
         self.last_block = parse.block
