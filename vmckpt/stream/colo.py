@@ -76,17 +76,35 @@ class ColoCheckpoint:
 @dataclass
 class _BlockRecords:
     """The page records of one RAM block in a checkpoint, in arrival order: page number
-    and where its data starts in the receive buffer (-1: a ZERO page)."""
+    and where its data starts in the receive buffer (-1: a ZERO page). Records that came
+    one at a time wait in lists (an array each would cost more than the record, inside
+    the pause) until the next run or the end."""
 
     numbers: list[npt.NDArray[np.int64]] = field(default_factory=list)
     positions: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    one_numbers: list[int] = field(default_factory=list)
+    one_positions: list[int] = field(default_factory=list)
 
     def add(self, numbers: npt.NDArray[np.int64], positions: npt.NDArray[np.int64]) -> None:
+        if self.one_numbers:
+            self._flush()
         self.numbers.append(numbers)
         self.positions.append(positions)
 
     def add_one(self, number: int, position: int) -> None:
-        self.add(np.array([number], dtype=np.int64), np.array([position], dtype=np.int64))
+        self.one_numbers.append(number)
+        self.one_positions.append(position)
+
+    def _flush(self) -> None:
+        self.numbers.append(np.array(self.one_numbers, dtype=np.int64))
+        self.positions.append(np.array(self.one_positions, dtype=np.int64))
+        self.one_numbers, self.one_positions = [], []
+
+    def arrays(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Every record's page number and position, in arrival order."""
+        if self.one_numbers:
+            self._flush()
+        return np.concatenate(self.numbers), np.concatenate(self.positions)
 
 
 class ReceivedCheckpoint:
@@ -117,8 +135,8 @@ class ReceivedCheckpoint:
         buffer = np.frombuffer(decoder.buffer, dtype=np.uint8, count=self._end)
         pages = PageSet(list(self._receiver.blocks))
         for idstr, records in self._records.items():
-            numbers = np.concatenate(records.numbers).astype(np.uint32)
-            positions = np.concatenate(records.positions)
+            numbers64, positions = records.arrays()
+            numbers = numbers64.astype(np.uint32)
             # A page sent more than once keeps its last copy: the last record of each
             # page is the first of the reversed sequence.
             _, first_reversed = np.unique(numbers[::-1], return_index=True)
