@@ -600,7 +600,8 @@ class Decoder:
                 f"({len(rest)} bytes) does not end with the EOF section "
                 "(and optional device description)"
             )
-        if end >= 6 and rest[end - 6] != fmt.SECTION_FOOTER:
+        # Whatever comes before the EOF byte ends with a section's footer (0x7e, be32 id).
+        if end > 1 and (end < 6 or rest[end - 6] != fmt.SECTION_FOOTER):
             raise self.error(
                 f"stream truncated or malformed: no section footer before the EOF "
                 f"section at byte offset {at + end - 1}"
