@@ -2,8 +2,9 @@
 
 Both readers of the stream decode through it: :mod:`vmckpt.stream.reader` (a whole
 migration into a `RamImage` and an envelope; also the opening of a COLO session) and
-:mod:`vmckpt.stream.colo` (each COLO checkpoint's RAM records). Nothing else knows how
-the stream's records are laid out; their constants are in :mod:`vmckpt.stream.format`.
+:mod:`vmckpt.stream.colo` (each COLO checkpoint's RAM records). Nothing else decodes
+the stream (:mod:`vmckpt.stream.writer` encodes the records of the streams vmckpt
+writes); the constants are in :mod:`vmckpt.stream.format`.
 Records are decoded as QEMU's ``qemu_loadvm_state_main`` and ``ram_load_precopy``
 (migration/savevm.c, migration/ram.c) read them; anything the readers do not handle is
 refused with a `StreamError` naming its byte offset and what was expected there.
