@@ -185,7 +185,7 @@ def test_checkpoint_in_pieces_with_two_blocks_zero_pages_and_pages_sent_twice(
     monkeypatch.setattr(colo_stream, "RECEIVE_BUFFER", 64 * 1024)
     monkeypatch.setattr(colo_stream, "SHRINK_ABOVE", 1 << 20)
     receiver, primary = two_block_receiver()
-    assert len(receiver.buffer) == 64 * 1024
+    assert len(receiver.decoder.buffer) == 64 * 1024
     taken = run_checkpoint(
         receiver, primary, ram_part(records, "pc.ram") + device_part(b"dev\x00"), chunk
     )
@@ -197,7 +197,7 @@ def test_checkpoint_in_pieces_with_two_blocks_zero_pages_and_pages_sent_twice(
         assert taken.pages.zeroed.get(block, np.zeros(0)).tolist() == zero_pages
         for row, number in enumerate(data_pages):
             assert taken.pages.rows[block][row].tobytes() == pages[number]
-    assert len(receiver.buffer) > 1 << 20
+    assert len(receiver.decoder.buffer) > 1 << 20
     # The next checkpoint reuses the buffer, and continues in the block the last ended in.
     last_block = records[-1][0]
     page = b"\x11" * PAGE_SIZE
@@ -206,7 +206,7 @@ def test_checkpoint_in_pieces_with_two_blocks_zero_pages_and_pages_sent_twice(
     )
     assert nxt.pages.stored[last_block].tolist() == [3]
     assert nxt.pages.rows[last_block][0].tobytes() == page
-    assert len(receiver.buffer) == 64 * 1024
+    assert len(receiver.decoder.buffer) == 64 * 1024
     receiver.close()
     primary.close()
 
@@ -241,7 +241,7 @@ def test_pages_taken_after_the_buffer_was_reused_are_refused() -> None:
         ),
         (
             ram_part([("rom", 1, b"\x01" * PAGE_SIZE)], "pc.ram") + device_part(b""),
-            r"page of unknown RAM block b'rom' at byte offset 13",
+            r"page of unknown RAM block 'rom' at byte offset 13",
         ),
         (
             ram_part([("pc.ram", 1, None)], "pc.ram").replace(
@@ -260,15 +260,22 @@ def test_pages_taken_after_the_buffer_was_reused_are_refused() -> None:
         ),
         (
             bytes([fmt.SECTION_FULL]) + be32(SECTION_ID) + device_part(b""),
-            r"unexpected section type 0x04",
+            r"device section '' \(section id 2\) at byte offset 8 in a COLO checkpoint's RAM part",
+        ),
+        (
+            ram_part([], "pc.ram")[:5] + struct.pack(">Q", 0x1000 | fmt.RAM_FLAG_XBZRLE),
+            r"unsupported RAM record flags XBZRLE \(0x40\) at byte offset 13 in RAM section END",
         ),
         (
             ram_part([], "pc.ram")[:5] + struct.pack(">Q", 0x1000 | fmt.RAM_FLAG_MEM_SIZE),
-            r"unsupported RAM record flags",
+            r"second MEM_SIZE record at byte offset 13",
         ),
     ],
-    ids=["beyond-block", "unknown-block", "zero-fill", "footer", "trailing", "section", "flags"],
-)
+    ids=[
+        "beyond-block", "unknown-block", "zero-fill", "footer", "trailing", "section", "flags",
+        "mem-size",
+    ],
+)  # fmt: skip
 def test_bad_checkpoint_framing_is_an_error_naming_the_offset(body: bytes, message: str) -> None:
     receiver, primary = two_block_receiver()
     primary.sendall(be32(fmt.COLO_CHECKPOINT_REQUEST) + be32(fmt.COLO_VMSTATE_SEND) + body)
@@ -281,7 +288,7 @@ def test_bad_checkpoint_framing_is_an_error_naming_the_offset(body: bytes, messa
 
 def test_return_path_is_ended_with_pongs_and_shut() -> None:
     receiver, primary = receiver_after_opening()
-    receiver.reader.pings = [1]
+    receiver.pings = [1]
     receiver.end_return_path()
     data = primary.recv(64)
     assert data == bytes.fromhex("0002 0004 00000001 0001 0004 00000000".replace(" ", ""))
@@ -305,7 +312,11 @@ def test_primary_that_hangs_up_midway_is_an_error() -> None:
     whole = checkpoint_bytes({0: b"\x01" * PAGE_SIZE}, [], b"state\x00")
     primary.sendall(whole[: len(whole) // 2])
     primary.shutdown(socket.SHUT_WR)
-    with pytest.raises(StreamError, match="truncated"):
+    with pytest.raises(
+        StreamError,
+        match=r"truncated at byte offset 2076: expected 4096 bytes of page data at byte offset "
+        r"24, got 2052",
+    ):
         receiver.receive_checkpoint()
     receiver.close()
     primary.close()

@@ -437,7 +437,7 @@ def test_later_copies_overwrite_earlier() -> None:
         (_start(b"dirty-bitmap"), r"unsupported iterative section 'dirty-bitmap'"),
         (b"\x08\x00\x03\x00\x00", r"unsupported command 3 \(POSTCOPY_ADVISE\) at byte offset 27"),
         (b"\x04" + struct.pack(">IB", 3, 5) + b"timer", r"device section 'timer' \(section id 3\)"),
-        (b"\x00", r"unexpected EOF at byte offset 27 before the RAM section"),
+        (b"\x00", r"unexpected section type 0x00 \(EOF\) at byte offset 27 before the RAM section"),
         (
             _start(b"ram") + _mem_size(2) + _word(0x02) + b"\x06pc.ram" + b"\x01",
             r"ZERO page with fill byte 0x01 at byte offset 67 \(RAM block 'pc.ram', offset 0x0\)",

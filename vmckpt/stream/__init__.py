@@ -4,6 +4,11 @@
 and a `RamImage`; `write_stream` turns them back into a stream that QEMU's
 ``migrate-incoming`` accepts. Only format version 3 with default migration
 capabilities is handled; anything else raises `StreamError`.
+
+Modules: ``format`` (the constants), ``decoder`` (the one decoder of the stream's
+records), ``reader`` (a whole migration, through the decoder), ``writer``, ``envelope``,
+and ``colo`` (the receiving end of a COLO session: the opening through ``reader``, each
+checkpoint's RAM part through the decoder).
 """
 
 from vmckpt.stream.envelope import StreamEnvelope

@@ -1,18 +1,18 @@
 """Read a QEMU migration stream into a `RamImage` and an opaque envelope.
 
-The stream is parsed record by record, as QEMU's ``ram_load_precopy`` does,
-but everything that is not RAM is kept as raw bytes: the prelude (header and
-configuration) and the epilogue (device state, vmdesc, EOF). Only what the
-RAM part needs is interpreted; anything else that appears before RAM ends is
-rejected rather than guessed at.
+The stream is decoded by :class:`~vmckpt.stream.decoder.Decoder`; this module decides
+what to keep: every RAM page goes into the image, everything that is not RAM stays raw
+bytes, the prelude (header and configuration) and the epilogue (device state, vmdesc,
+EOF). Anything else that appears before RAM ends is rejected rather than guessed at.
+The opening migration of a COLO session is read the same way (:func:`read_migration`
+with ``session``).
 """
 
 from __future__ import annotations
 
-import io
-import json
 from collections.abc import Callable
-from typing import BinaryIO, Protocol, cast
+from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -20,437 +20,164 @@ import numpy.typing as npt
 from vmckpt.errors import StreamError
 from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
 from vmckpt.stream import format as fmt
+from vmckpt.stream.decoder import Command, Decoder, PageNumbers, RamBlocks, fill_from
 from vmckpt.stream.envelope import StreamEnvelope
 
 STEP = "reading migration stream"
-_READ_BUFFER = 1 << 20
-
-_PAGE = fmt.RAM_FLAG_PAGE
-_ZERO = fmt.RAM_FLAG_ZERO
-_EOS = fmt.RAM_FLAG_EOS
-_CONTINUE = fmt.RAM_FLAG_CONTINUE
-_FLAGS_MASK = fmt.RAM_FLAGS_MASK
-_UNPACK64 = fmt.BE64.unpack
+READ_BUFFER = 4 << 20  # the decoder's buffer: the size of one read from the source
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-class _Source(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
-    def readinto(self, buffer: memoryview, /) -> int | None: ...
+@dataclass(frozen=True)
+class Migration:
+    """What :func:`read_migration` read: the envelope and RAM of a whole migration, the
+    values of its PINGs (a COLO receiver answers them) and the RAM block its last page
+    record named (the next part of the stream may CONTINUE in it)."""
+
+    envelope: StreamEnvelope
+    image: RamImage
+    pings: list[int]
+    last_block: str | None
 
 
-class _Block:
-    """Where the pages of one RAM block go: its array (the whole block), and its size."""
-
-    __slots__ = ("array", "idstr", "limit", "view")
-
-    def __init__(self, idstr: str, array: npt.NDArray[np.uint8], limit: int) -> None:
-        self.idstr = idstr
-        self.array = array
-        self.view = array.data
-        self.limit = limit  # the block's used length: pages must start below it
-
-    def page(self, offset: int) -> memoryview:
-        """The 4 KiB to fill with the page at ``offset``."""
-        page: memoryview = self.view[offset : offset + PAGE_SIZE]
-        return page
-
-    def zero(self, offset: int) -> None:
-        self.view[offset : offset + PAGE_SIZE] = _ZERO_PAGE
-
-
-def _error(message: str) -> StreamError:
-    return StreamError(message, step=STEP)
-
-
-class _Reader:
-    """One pass over one stream; `pos` is the byte offset of the next unread byte."""
+class _MigrationReader:
+    """One pass over one migration: the decoder's records applied to a `RamImage` (the
+    `~vmckpt.stream.decoder.RamSink` of the ram section), the rest kept as bytes."""
 
     def __init__(
-        self, source: BinaryIO, on_blocks: Callable[[list[RamBlock]], RamImage] | None
+        self,
+        decoder: Decoder,
+        on_blocks: Callable[[list[RamBlock]], RamImage] | None,
+        session: bool,
     ) -> None:
-        if isinstance(source, io.RawIOBase):
-            source = cast(BinaryIO, io.BufferedReader(source, buffer_size=_READ_BUFFER))
-        self.src = cast(_Source, source)
-        self.pos = 0
+        self.decoder = decoder
         self.on_blocks = on_blocks or RamImage.zeroed
-        self.record: bytearray | None = None  # raw bytes kept for the envelope
+        self.session = session  # a COLO session: return-path commands; ends at the vmdesc
         self.image: RamImage | None = None
-        self.blocks: dict[str, _Block] = {}
-        self.last_block: _Block | None = None
-        self.colo = False  # a COLO session: return-path commands; ends at the vmdesc
-        self.pings: list[int] = []  # PING values seen (a COLO receiver may answer them)
+        self.rows: dict[str, npt.NDArray[np.uint8]] = {}  # each block as (pages, PAGE_SIZE)
+        self.views: dict[str, memoryview] = {}  # the same, as bytes
+        self.ram = RamBlocks()
+        self.kept = bytearray()  # commands between the ram START and END, for the epilogue
+        self.pings: list[int] = []
 
-    # -- primitive reads -------------------------------------------------------
-
-    def read(self, n: int, what: str) -> bytes:
-        data = self.src.read(n)
-        if len(data) != n:
-            raise _error(
-                f"stream truncated at byte offset {self.pos + len(data)}: "
-                f"expected {n} bytes of {what}, got {len(data)}"
-            )
-        self.pos += n
-        if self.record is not None:
-            self.record += data
-        return data
-
-    def u8(self, what: str) -> int:
-        return self.read(1, what)[0]
-
-    def be16(self, what: str) -> int:
-        return int(fmt.BE16.unpack(self.read(2, what))[0])
-
-    def be32(self, what: str) -> int:
-        return int(fmt.BE32.unpack(self.read(4, what))[0])
-
-    def be64(self, what: str) -> int:
-        return int(fmt.BE64.unpack(self.read(8, what))[0])
-
-    def idstr(self, what: str) -> str:
-        raw = self.read(self.u8(f"length of {what}"), what)
-        try:
-            return raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise _error(
-                f"{what} at byte offset {self.pos - len(raw)} is not ASCII: {raw!r}"
-            ) from None
-
-    def fill(self, view: memoryview, offset: int) -> None:
-        """Read exactly len(view) bytes into view (the PAGE payload path)."""
-        got = self.src.readinto(view) or 0
-        while got < len(view):
-            more = self.src.readinto(view[got:])
-            if not more:
-                raise _error(
-                    f"stream truncated at byte offset {offset + got}: "
-                    f"expected {len(view)} bytes of page data, got {got}"
-                )
-            got += more
-
-    # -- the stream ------------------------------------------------------------
-
-    def run(self) -> tuple[StreamEnvelope, RamImage]:
-        self.record = bytearray()
-        magic = self.be32("magic")
-        if magic != fmt.QEMU_VM_FILE_MAGIC:
-            raise _error(
-                f"not a QEMU migration stream: magic {magic:#010x} at byte offset 0, "
-                f"expected {fmt.QEMU_VM_FILE_MAGIC:#010x}"
-            )
-        version = self.be32("version")
-        if version != fmt.QEMU_VM_FILE_VERSION:
-            raise _error(
-                f"unsupported migration stream version {version} at byte offset 4, "
-                f"only version {fmt.QEMU_VM_FILE_VERSION} is handled"
-            )
-        machine_type = ""
-        section_type = self.u8("section type")
-        if section_type == fmt.CONFIGURATION:
-            machine_type, section_type = self.configuration()
-
+    def run(self) -> Migration:
+        decoder = self.decoder
+        header = decoder.header()
         # Until the ram START: commands only; they stay in the prelude.
-        while section_type == fmt.COMMAND:
-            self.command()
-            section_type = self.u8("section type")
-        start_at = self.pos - 1
+        prelude = bytearray(header.raw)
+        while True:
+            start_at = decoder.at()
+            section_type = decoder.u8("section type")
+            if section_type != fmt.COMMAND:
+                break
+            prelude += self.kept_bytes(decoder.command(start_at))
         if section_type != fmt.SECTION_START:
-            raise self.unexpected(section_type, start_at, "before the RAM section")
-        section_id, idstr, instance_id, version_id = self.section_header(start_at)
-        if idstr != fmt.RAM_IDSTR:
-            raise _error(
-                f"unsupported iterative section {idstr!r} (section id {section_id}) "
-                f"at byte offset {start_at}: only 'ram' is handled"
+            raise decoder.unexpected(section_type, start_at, "before the RAM section")
+        start = decoder.section_start()
+        if start.idstr != fmt.RAM_IDSTR:
+            raise self.error(
+                f"unsupported iterative section {start.idstr!r} (section id "
+                f"{start.section_id}) at byte offset {start_at}: only 'ram' is handled"
             )
-        prelude = bytes(self.record[: -(self.pos - start_at)])
-        self.record = None
-
-        self.ram_chunk(section_id, "START", start_at)
+        section_id = start.section_id
+        decoder.ram_chunk(self.ram, self, section_id, "START", start_at)
         if self.image is None:
-            raise _error(
+            raise self.error(
                 f"RAM section START (section id {section_id}) at byte offset {start_at} "
                 "has no MEM_SIZE record"
             )
-
         # PART sections until END; commands in between are kept for the epilogue.
-        kept = bytearray()
-        while True:
-            at = self.pos
-            section_type = self.u8("section type")
-            if section_type == fmt.COMMAND:
-                self.record = bytearray(b"\x08")
-                self.command()
-                kept += self.record
-                self.record = None
-                continue
-            if section_type not in (fmt.SECTION_PART, fmt.SECTION_END):
-                raise self.unexpected(section_type, at, "before the RAM section ended")
-            sid = self.be32("section id")
-            if sid != section_id:
-                raise _error(
-                    f"{fmt.SECTION_NAMES[section_type]} of section id {sid} at byte offset "
-                    f"{at}: only the 'ram' section (id {section_id}) is handled"
-                )
-            kind = "PART" if section_type == fmt.SECTION_PART else "END"
-            self.ram_chunk(section_id, kind, at)
-            if section_type == fmt.SECTION_END:
-                break
-
-        epilogue_at = self.pos
-        rest = self.read_rest_until_vmdesc() if self.colo else self.src.read()
-        self.pos += len(rest)
-        epilogue = bytes(kept) + rest
-        self.check_epilogue(rest, epilogue_at)
-        envelope = StreamEnvelope(
-            prelude=prelude,
-            machine_type=machine_type,
-            ram_section_id=section_id,
-            ram_instance_id=instance_id,
-            ram_version_id=version_id,
-            epilogue=epilogue,
+        decoder.ram_sections(
+            self.ram, self, section_id, until=fmt.SECTION_END, where="before the RAM section ended"
         )
-        return envelope, self.image
+        rest = decoder.device_part(until_vmdesc=self.session)
+        envelope = StreamEnvelope(
+            prelude=bytes(prelude),
+            machine_type=header.machine_type,
+            ram_section_id=section_id,
+            ram_instance_id=start.instance_id,
+            ram_version_id=start.version_id,
+            epilogue=bytes(self.kept) + rest,
+        )
+        return Migration(envelope, self.image, self.pings, self.ram.current)
 
-    def read_rest_until_vmdesc(self) -> bytes:
-        """The device part of a stream whose channel stays open (COLO).
+    def error(self, message: str) -> StreamError:
+        return self.decoder.error(message)
 
-        Device sections do not say their length, and QEMU keeps the channel
-        open, waiting for vmckpt's CHECKPOINT_READY: so the part ends where
-        the EOF byte and the device description (which QEMU always sends
-        unless suppress-vmdesc is set) end.
-        """
-        rest = bytearray()
-        read1 = getattr(self.src, "read1", None)
-        while True:
-            chunk = read1(1 << 16) if read1 else self.src.read(1)
-            if not chunk:
-                return bytes(rest)  # the caller's check_epilogue reports it
-            rest += chunk
-            if _ends_with_vmdesc(rest):
-                return bytes(rest)
-
-    def unexpected(self, section_type: int, at: int, where: str) -> StreamError:
-        if section_type == fmt.SECTION_FULL:
-            sid = self.be32("section id")
-            idstr = self.idstr(f"section name (section at byte offset {at})")
-            return _error(
-                f"device section {idstr!r} (section id {sid}) at byte offset {at} {where}: "
-                "device state inside the RAM part is not supported"
-            )
-        name = fmt.SECTION_NAMES.get(section_type, f"unknown section type {section_type:#04x}")
-        return _error(f"unexpected {name} at byte offset {at} {where}")
-
-    def section_header(self, at: int) -> tuple[int, str, int, int]:
-        section_id = self.be32("section id")
-        idstr = self.idstr(f"section name (section at byte offset {at})")
-        instance_id = self.be32("instance id")
-        version_id = self.be32("version id")
-        return section_id, idstr, instance_id, version_id
-
-    def configuration(self) -> tuple[str, int]:
-        """The configuration section; returns the machine type and the next section type."""
-        at = self.pos - 1
-        length = self.be32("configuration name length")
-        if length > 255:
-            raise _error(f"configuration section at byte offset {at}: name length {length}")
-        raw = self.read(length, "machine type")
-        machine_type = raw.rstrip(b"\0").decode("ascii", errors="replace")
-        while (section_type := self.u8("section type")) == fmt.SUBSECTION:
-            sub_at = self.pos - 1
-            name = self.idstr("subsection name")
-            self.be32("subsection version")
-            if name == "configuration/target-page-bits":
-                bits = self.be32("target page bits")
-                if bits != fmt.TARGET_PAGE_BITS:
-                    raise _error(
-                        f"target page bits {bits} at byte offset {self.pos - 4}: "
-                        f"only {fmt.TARGET_PAGE_BITS} (4 KiB pages) is handled"
-                    )
-            elif name == "configuration/capabilities":
-                count = self.be32("capability count")
-                caps = [self.idstr("capability name") for _ in range(count)]
-                bad = sorted(set(caps) & fmt.UNSUPPORTED_CAPABILITIES)
-                if bad:
-                    raise _error(
-                        f"stream was written with migration capability {', '.join(bad)} "
-                        f"(configuration at byte offset {sub_at}), which is not supported"
-                    )
-            elif name == "configuration/uuid":
-                self.read(16, "uuid")
-            else:
-                raise _error(f"unknown configuration subsection {name!r} at byte offset {sub_at}")
-        return machine_type, section_type
-
-    def command(self) -> None:
-        at = self.pos - 1
-        cmd = self.be16("command")
-        length = self.be16("command length")
-        if cmd in fmt.COLO_SESSION_COMMANDS and self.colo:
+    def kept_bytes(self, command: Command) -> bytes:
+        """What of a command the envelope keeps (its bytes, or nothing), or an error."""
+        if command.cmd in fmt.COLO_SESSION_COMMANDS and self.session:
             # Checkpointing and its return path are vmckpt's business: a restored
-            # guest must not wait for them, so these stay out of the prelude.
-            data = self.read(length, f"data of command {fmt.COMMAND_NAMES[cmd]}")
-            if cmd == fmt.MIG_CMD_PING and length == 4:
-                self.pings.append(int(fmt.BE32.unpack(data)[0]))
-            if self.record is not None:
-                del self.record[-(5 + length) :]
-            return
-        if cmd not in fmt.ACCEPTED_COMMANDS:
-            name = fmt.COMMAND_NAMES.get(cmd, "unknown")
-            raise _error(
-                f"unsupported command {cmd} ({name}) at byte offset {at}: "
-                "postcopy, COLO and return-path streams are not handled"
+            # guest must not wait for them, so these stay out of the envelope.
+            ping = command.ping_value()
+            if ping is not None:
+                self.pings.append(ping)
+            return b""
+        if command.cmd not in fmt.ACCEPTED_COMMANDS:
+            raise self.error(
+                f"unsupported command {command.cmd} ({command.name}) at byte offset "
+                f"{command.at}: postcopy, COLO and return-path streams are not handled"
             )
-        self.read(length, f"data of command {cmd}")
+        return command.raw
 
-    def check_epilogue(self, rest: bytes, at: int) -> None:
-        """Device state is opaque, but the stream must end as QEMU ends it.
+    # -- RamSink -----------------------------------------------------------------------
 
-        QEMU writes the last FULL section's footer, the EOF byte, then
-        (unless suppressed) VMDESCRIPTION with a be32 length and JSON. A stream
-        cut anywhere before that does not end this way.
-        """
-        end = len(rest)
-        candidate = rest.rfind(b"\x00\x06", 0, end)
-        while candidate >= 0:
-            start = candidate + 6
-            if start <= end and fmt.BE32.unpack_from(rest, candidate + 2)[0] == end - start:
-                try:
-                    json.loads(rest[start:])
-                except ValueError:
-                    break
-                end = candidate + 1
-                break
-            candidate = rest.rfind(b"\x00\x06", 0, candidate)
-        if end == 0 or rest[end - 1] != fmt.SECTION_EOF:
-            raise _error(
-                f"stream truncated or malformed: the device part at byte offset {at} "
-                f"({len(rest)} bytes) does not end with the EOF section "
-                "(and optional device description)"
-            )
-        if end >= 6 and rest[end - 6] != fmt.SECTION_FOOTER:
-            raise _error(
-                f"stream truncated or malformed: no section footer before the EOF "
-                f"section at byte offset {at + end - 1}"
-            )
+    def command(self, command: Command) -> None:
+        self.kept += self.kept_bytes(command)
 
-    # -- RAM -------------------------------------------------------------------
-
-    def mem_size(self, total: int, at: int) -> None:
-        if self.image is not None:
-            raise _error(f"second MEM_SIZE record at byte offset {at}")
-        blocks: list[RamBlock] = []
-        remaining = total
-        while remaining > 0:
-            idstr = self.idstr("RAM block name")
-            length = self.be64(f"length of RAM block {idstr!r}")
-            if length > remaining:
-                raise _error(
-                    f"MEM_SIZE at byte offset {at}: RAM block {idstr!r} of {length} bytes "
-                    f"exceeds the {remaining} bytes left of the total {total} (extra per-block "
-                    "fields from postcopy/ignore-shared/mapped-ram are not supported)"
-                )
-            blocks.append(RamBlock(idstr, length))
-            remaining -= length
+    def mem_size(self, blocks: list[RamBlock], at: int) -> None:
         image = self.on_blocks(blocks)
         for block in blocks:
             array = image.data.get(block.idstr)
-            if array is None or array.dtype != np.uint8 or array.size < block.pages * PAGE_SIZE:
+            size = block.pages * PAGE_SIZE
+            if (
+                array is None
+                or array.dtype != np.uint8
+                or array.size < size
+                or not array.flags.c_contiguous
+            ):
                 raise ValueError(f"on_blocks returned no room for RAM block {block.idstr!r}")
-            self.blocks[block.idstr] = _Block(block.idstr, array, block.length)
+            self.rows[block.idstr] = array[:size].reshape(-1, PAGE_SIZE)
+            self.views[block.idstr] = array[:size].data
         self.image = image
 
-    def ram_chunk(self, section_id: int, kind: str, section_at: int) -> None:
-        """Records of one ram section up to EOS, then its footer."""
-        read = self.src.read
-        unpack = _UNPACK64
-        block = self.last_block
-        pos = self.pos
-        try:
-            while True:
-                word_bytes = read(8)
-                if len(word_bytes) != 8:
-                    self.pos = pos
-                    raise _error(
-                        f"stream truncated at byte offset {pos + len(word_bytes)} inside RAM "
-                        f"section {kind} (section id {section_id}) at byte offset {section_at}"
-                    )
-                at = pos
-                pos += 8
-                word = unpack(word_bytes)[0]
-                flags = word & _FLAGS_MASK
-                record = flags & ~_CONTINUE
-                if record in (_PAGE, _ZERO):
-                    if flags & _CONTINUE:
-                        if block is None:
-                            raise _error(
-                                f"RAM record with CONTINUE but no previous block "
-                                f"at byte offset {at}"
-                            )
-                    else:
-                        self.pos = pos
-                        name = self.idstr("RAM block name")
-                        pos = self.pos
-                        found = self.blocks.get(name)
-                        if found is None:
-                            raise _error(
-                                f"page of unknown RAM block {name!r} at byte offset {at}"
-                                + ("" if self.image else " (before MEM_SIZE)")
-                            )
-                        block = found
-                    offset = word - flags
-                    if offset >= block.limit:
-                        raise _error(
-                            f"page offset {offset:#x} beyond RAM block {block.idstr!r} "
-                            f"({block.limit:#x} bytes) at byte offset {at}"
-                        )
-                    if record == _PAGE:
-                        self.fill(block.page(offset), pos)
-                        pos += PAGE_SIZE
-                    else:
-                        fill = read(1)
-                        if fill != b"\0":
-                            self.pos = pos
-                            if not fill:
-                                raise _error(
-                                    f"stream truncated at byte offset {pos}: "
-                                    "expected the fill byte of a ZERO page"
-                                )
-                            raise _error(
-                                f"ZERO page with fill byte {fill[0]:#04x} at byte offset {at} "
-                                f"(RAM block {block.idstr!r}, offset {offset:#x}): "
-                                "only 0 is supported"
-                            )
-                        pos += 1
-                        block.zero(offset)
-                elif record == _EOS:
-                    break
-                elif record == fmt.RAM_FLAG_MEM_SIZE:
-                    self.pos = pos
-                    self.mem_size(word - flags, at)
-                    pos = self.pos
-                elif record == fmt.RAM_FLAG_MULTIFD_FLUSH:
-                    pass
-                else:
-                    raise _error(
-                        f"unsupported RAM record flags {fmt.ram_flag_names(flags)} ({flags:#x}) "
-                        f"at byte offset {at} in RAM section {kind} (section id {section_id})"
-                    )
-        finally:
-            self.last_block = block
-        self.pos = pos
-        at = pos
-        footer = self.u8("section footer")
-        if footer != fmt.SECTION_FOOTER:
-            raise _error(
-                f"expected section footer (0x7e) at byte offset {at} after RAM section {kind} "
-                f"(section id {section_id}), found {footer:#04x}"
-            )
-        footer_id = self.be32("section footer id")
-        if footer_id != section_id:
-            raise _error(
-                f"section footer at byte offset {at} names section id {footer_id}, "
-                f"expected {section_id} (RAM section {kind} at byte offset {section_at})"
-            )
+    def page(self, block: str, number: int, position: int) -> None:
+        at = number * PAGE_SIZE
+        self.views[block][at : at + PAGE_SIZE] = memoryview(self.decoder.buffer)[
+            position : position + PAGE_SIZE
+        ]
+
+    def pages(self, block: str, numbers: PageNumbers, first: int, stride: int) -> None:
+        data = np.ndarray((numbers.size, PAGE_SIZE), dtype=np.uint8, buffer=self.decoder.buffer,
+                          offset=first, strides=(stride, 1))  # fmt: skip
+        rows = self.rows[block]
+        if numbers.size < 2 or bool(np.all(numbers[1:] > numbers[:-1])):
+            rows[numbers] = data
+        else:
+            # A page sent twice in one run: the later copy must win, and numpy does not
+            # promise an order for an assignment through repeated indices.
+            for row, number in enumerate(numbers.tolist()):
+                rows[number] = data[row]
+
+    def zero(self, block: str, number: int) -> None:
+        at = number * PAGE_SIZE
+        self.views[block][at : at + PAGE_SIZE] = _ZERO_PAGE
+
+    def zeros(self, block: str, numbers: PageNumbers) -> None:
+        self.rows[block][numbers] = 0
+
+
+def read_migration(
+    decoder: Decoder,
+    *,
+    on_blocks: Callable[[list[RamBlock]], RamImage] | None = None,
+    session: bool = False,
+) -> Migration:
+    """Decode a whole migration (as :func:`read_stream` says) from ``decoder``. With
+    ``session`` (the opening of a COLO session, whose channel stays open) the commands of
+    the session's return path are accepted (and left out of the envelope), and the
+    migration ends with its device description instead of the source's end."""
+    return _MigrationReader(decoder, on_blocks, session).run()
 
 
 def read_stream(
@@ -468,21 +195,6 @@ def read_stream(
     Raises `StreamError` for a malformed, truncated or unsupported stream; the
     image may then be partly filled and must be discarded.
     """
-    return _Reader(source, on_blocks).run()
-
-
-def _ends_with_vmdesc(data: bytearray) -> bool:
-    """Whether data ends with EOF, VMDESCRIPTION, be32 length and that much JSON."""
-    if not data.endswith(b"}"):
-        return False
-    candidate = data.rfind(b"\x00\x06")
-    while candidate >= 0:
-        start = candidate + 6
-        if len(data) >= start and fmt.BE32.unpack_from(data, candidate + 2)[0] == len(data) - start:
-            try:
-                json.loads(bytes(data[start:]))
-            except ValueError:
-                return False
-            return True
-        candidate = data.rfind(b"\x00\x06", 0, candidate)
-    return False
+    decoder = Decoder(fill_from(source), step=STEP, buffer=bytearray(READ_BUFFER))
+    migration = read_migration(decoder, on_blocks=on_blocks)
+    return migration.envelope, migration.image
