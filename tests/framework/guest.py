@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from vmckpt.backends import GuestRecord, LocalGuest, local_guest_names
 from vmckpt.images import Store
@@ -33,6 +34,8 @@ GUEST_BUILD = REPO / "guest" / "build"
 STATE_LINE = re.compile(r"^STATE seq=(\d+) sum=([0-9a-f]{16}) ok$")
 BOOT_TIMEOUT = 120.0
 POLL_S = 0.1
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,36 @@ def guest_append(*, pages: int, buf_mb: int) -> str:
 
 
 def wait_for(
-    condition: Callable[[], object], what: str, timeout: float, *, poll: float = POLL_S
-) -> None:
-    """Wait until ``condition()`` is true; AssertionError naming ``what`` if it is not in time."""
+    condition: Callable[[], T | None],
+    what: str,
+    timeout: float,
+    *,
+    poll: float = POLL_S,
+    evidence: Callable[[], object] | None = None,
+) -> T:
+    """Wait until ``condition()`` returns something true and return it (so a condition can
+    hand back what it found: ``wait_for(lambda: states if len(states := ...) >= n else
+    None, ...)``). The one wait loop of the tests: ``poll`` is only how often it looks.
+
+    If ``timeout`` passes first: AssertionError saying what did not happen, what the
+    condition last returned, and ``evidence()`` (a console's tail, a log...). An exception
+    the condition raises goes through at once."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        value = condition()
+        if value:
+            return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+            message = f"{what} did not happen within {timeout:.0f} s (last seen: {value!r})"
+            if evidence is not None:
+                message += f"; evidence:\n{evidence()}"
+            raise AssertionError(message)
         time.sleep(poll)
+
+
+def tail(text: str, lines: int = 20) -> str:
+    """The last ``lines`` lines of a console or log, for a failure message."""
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
 
 
 @dataclass
@@ -157,15 +182,11 @@ class Vmckpt:
 
     def wait_states(self, name: str, count: int, timeout: float = BOOT_TIMEOUT) -> list[State]:
         """Wait until the guest has printed ``count`` STATE lines in its current log."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            states = self.states(name)
-            if len(states) >= count:
-                return states
-            time.sleep(POLL_S)
-        raise AssertionError(
-            f"guest {name} printed fewer than {count} STATE lines in {timeout:.0f} s:\n"
-            + self.serial(name)[-2000:]
+        return wait_for(
+            lambda: states if len(states := self.states(name)) >= count else None,
+            f"guest {name} printing {count} STATE lines",
+            timeout,
+            evidence=lambda: f"console of {name}:\n{tail(self.serial(name))}",
         )
 
     def last_seq(self, name: str) -> int:
