@@ -237,11 +237,11 @@ def test_a_refused_command_is_one_line_naming_guest_command_and_class() -> None:
     channel = FakeChannel(qemu)
     mon = Monitor(PassthroughTransport(channel, vm=VM), vm=VM).connect()
     assert mon.version == "10.0.2" and channel.opened
-    qemu.fail("migrate", error_class="GenericError", desc="first line\nsecond line")
+    qemu.fail("migrate", error_class="DeviceNotFound", desc="first line\nsecond line")
     with pytest.raises(CommandRefused) as refused:
         mon.migrate("unix:/nowhere")
-    assert refused.value.error_class == "GenericError"
-    assert_one_line(refused.value, "during migrate", "first line second line", "(GenericError)")
+    assert refused.value.error_class == "DeviceNotFound"  # callers branch on it
+    assert_one_line(refused.value, "during migrate", "first line second line", "(DeviceNotFound)")
     mon.close()
     assert channel.closed
 
