@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.framework.guest import REPO, Vmckpt, qemu_pids_of
+from tests.framework.guest import REPO, Vmckpt, qemu_pids_of, wait_for
 from tests.framework.microkernel import SYSTEMS, fiasco_image, require
 from vmckpt.bootmedia import multiboot_load_end
 from vmckpt.diagnose import GuestFacts, hint_for
@@ -228,12 +228,18 @@ def test_fiasco_in_the_foreground_gets_the_hint_by_default(microkernel_runner: V
     )
     try:
         assert vmckpt.stderr is not None
-        stderr = b""
-        deadline = time.monotonic() + 30
-        while b"likely cause: memory" not in stderr and time.monotonic() < deadline:
-            ready, _, _ = select.select([vmckpt.stderr], [], [], 1.0)
-            if ready:
-                stderr += os.read(vmckpt.stderr.fileno(), 4096)
+        pipe = vmckpt.stderr.fileno()
+        said = bytearray()
+
+        def hinted() -> bool:
+            if select.select([pipe], [], [], 0)[0]:
+                chunk = os.read(pipe, 4096)
+                assert chunk, f"vmckpt run ended before its hint: {bytes(said)!r}"
+                said.extend(chunk)
+            return b"likely cause: memory" in said
+
+        wait_for(hinted, "the memory hint on vmckpt run's stderr", 30, evidence=lambda: said)
+        stderr = bytes(said)
         assert b"the guest printed nothing on its console in 5.0 s" in stderr, stderr
         assert b"likely cause: memory" in stderr, stderr
         vmckpt.send_signal(signal.SIGINT)
