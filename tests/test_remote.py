@@ -180,7 +180,7 @@ def test_restore_on_other_host_from_middle_layer_and_continue(
     assert result["layers_copied"] == [taken[0].layer, middle.layer]
     assert result["layers_reused"] == []
     assert result["bytes"] > 0
-    assert sorted(p.name for p in (remote_store / "layers").iterdir()) == sorted(
+    assert sorted(p.name for p in Store(remote_store).layers_path.iterdir()) == sorted(
         result["layers_copied"]
     )
     restored = wait_remote_states(other, remote_store, "rr", 10)
@@ -195,7 +195,7 @@ def test_restore_on_other_host_from_middle_layer_and_continue(
     assert "STATE seq=" in console.stdout
     remote_ckpt = json.loads(vmckpt("checkpoint", "rr", "--store", store, "--json").stdout)
     assert remote_ckpt["parent"] == middle.layer
-    assert (remote_store / "layers" / remote_ckpt["layer"] / "manifest.json").is_file()
+    assert Store(remote_store).layer_path(remote_ckpt["layer"], "manifest.json").is_file()
 
     vmckpt("stop", "rr", "--store", store)
     assert not other.qemu_pids(), "stop left a QEMU on the other host"
@@ -220,7 +220,7 @@ def test_damaged_copy_is_never_committed(vmckpt: Vmckpt, remote_store: Path) -> 
     vmckpt("stop", "dc", "--store", str(vmckpt.store))
     agent = [sys.executable, "-m", "vmckpt.remote.agent"]
     subprocess.run([*agent, "prepare", "--store", str(remote_store)], check=True, cwd=REPO)
-    source = vmckpt.store / "layers" / layer
+    source = Store(vmckpt.store).layer_path(layer)
     manifest_sha = hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()
 
     def send(flip: bool) -> subprocess.CompletedProcess[bytes]:
@@ -247,11 +247,12 @@ def test_damaged_copy_is_never_committed(vmckpt: Vmckpt, remote_store: Path) -> 
     damaged = send(flip=True)
     assert damaged.returncode != 0
     assert b"pages.bin does not match its manifest" in damaged.stdout
-    assert not (remote_store / "layers" / layer).exists()
-    assert not [p for p in (remote_store / "layers").iterdir() if p.name.startswith(".")]
+    there = Store(remote_store)
+    assert not there.layer_path(layer).exists()
+    assert not [p for p in there.layers_path.iterdir() if p.name.startswith(".")]
     # The same copy, undamaged, is committed.
     assert send(flip=False).returncode == 0
-    assert (remote_store / "layers" / layer / "manifest.json").is_file()
+    assert there.layer_path(layer, "manifest.json").is_file()
     # Sealed by the receiver, as from the sending host.
     assert Store(remote_store).manifest(layer).origin == "host:there"
 

@@ -282,8 +282,9 @@ def one_line_error(
 
 
 def snapshot(store: Path) -> dict[str, str]:
-    """Path -> sha256 of every file under the store's layers (what must not change)."""
-    layers = store / "layers"
+    """Path -> sha256 of every file under the store's layers (what must not change); empty
+    if the store has no layers directory (yet)."""
+    layers = Store(store).layers_path
     return {
         str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(layers.rglob("*"))
