@@ -95,8 +95,9 @@ def ssh_args(other: OtherHost, remote_store: Path, known_hosts: Path | None = No
 
 def remote_log(other: OtherHost, remote_store: Path, name: str) -> Path:
     """A guest's console log on the other host (its runtime directory of the store there)."""
-    store_id = json.loads((remote_store / "vmckpt-store.json").read_text())["store_id"]
-    dirs = HostDirs.for_store(store_id, remote_store, runtime=other.scratch / "run")
+    dirs = HostDirs.for_store(
+        Store(remote_store).store_id, remote_store, runtime=other.scratch / "run"
+    )
     return dirs.runtime_path("guest", name) / SERIAL_LOG
 
 

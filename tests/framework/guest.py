@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from vmckpt.backends import GuestRecord, LocalGuest, local_guest_names
+from vmckpt.errors import StoreError
 from vmckpt.images import Store
 from vmckpt.qemu import SERIAL_LOG
 from vmckpt.qmp import Monitor
@@ -88,6 +89,14 @@ def wait_for(
 def tail(text: str, lines: int = 20) -> str:
     """The last ``lines`` lines of a console or log, for a failure message."""
     return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+def open_store(path: Path) -> Store | None:
+    """The store at ``path``, or None if there is none (yet): teardown asks before it looks."""
+    try:
+        return Store(path)
+    except StoreError:
+        return None
 
 
 @dataclass
@@ -194,9 +203,9 @@ class Vmckpt:
         return states[-1].seq if states else -1
 
     def records(self) -> list[GuestRecord]:
-        if not (self.store / "vmckpt-store.json").exists():
+        store = open_store(self.store)
+        if store is None:
             return []
-        store = Store(self.store)
         records = []
         for name in local_guest_names(store):
             with contextlib.suppress(Exception):
@@ -296,8 +305,9 @@ def qemu_pids_of(store: Path) -> list[int]:
     """PIDs of live QEMU processes of this store (ours only): their command lines name the
     store's runtime directory on this host (sockets, logs), or the store."""
     marks = [str(store).encode()]
-    if (store / "vmckpt-store.json").exists():
-        marks.append(str(Store(store).host.runtime).encode())
+    opened = open_store(store)
+    if opened is not None:
+        marks.append(str(opened.host.runtime).encode())
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
