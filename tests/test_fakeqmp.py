@@ -46,6 +46,7 @@ def test_arguments_qemu_would_not_parse_are_rejected() -> None:
     with pytest.raises(UnexpectedCommand, match="'uri' must be a string"):
         mon.execute("migrate", {"uri": 7})
     assert qemu.capabilities["events"] is False  # nothing of it took effect
+    assert [c.outcome for c in qemu.log] == ["malformed"] * 3
 
 
 def test_it_refuses_what_qemu_refuses() -> None:

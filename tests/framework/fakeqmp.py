@@ -110,7 +110,8 @@ class ConnectionLost(Exception):
 @dataclass(frozen=True)
 class Call:
     """One command as the fake received it, and what became of it: ``ok``,
-    ``refused <ErrorClass>``, ``lost`` or ``forbidden``."""
+    ``refused <ErrorClass>``, ``lost``, or (an UnexpectedCommand) ``forbidden``, ``unknown``,
+    ``malformed``."""
 
     command: str
     arguments: dict[str, Any]
@@ -315,6 +316,9 @@ class FakeQemu:
                 result = handler(args, fd)
             except Refusal as refusal:
                 self.log.append(Call(command, args, f"refused {refusal.error_class}"))
+                raise
+            except UnexpectedCommand:
+                self.log.append(Call(command, args, "malformed"))
                 raise
             self.log.append(Call(command, args, "ok"))
             return result
