@@ -223,9 +223,15 @@ def test_fiasco_in_the_foreground_gets_the_hint_by_default(microkernel_runner: V
         sys.executable, "-m", "vmckpt", "run", "fg", "--store", str(runner.store),
         *_media("fiasco"), "--memory", "256M", "--accel", "tcg",
     ]  # fmt: skip
-    vmckpt = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ)
-    )
+    # As from a user's shell: SIGINT not ignored in the child, even when this test run was
+    # started as a background job (whose shell ignores SIGINT, and exec keeps that).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        vmckpt = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ)
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         assert vmckpt.stderr is not None
         pipe = vmckpt.stderr.fileno()
