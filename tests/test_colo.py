@@ -20,6 +20,7 @@ from tests.framework.guest import (
     assert_continues,
     assert_guest_untouched,
     one_line_error,
+    open_store,
     take,
     wait_for,
 )
@@ -58,8 +59,8 @@ def colo(vmckpt: Vmckpt, qemu11: str) -> Iterator[Vmckpt]:
     """The CLI runner with QEMU 11 for every command (guests, restores)."""
     vmckpt.env["VMCKPT_QEMU"] = qemu11
     yield vmckpt
-    if (vmckpt.store / "vmckpt-store.json").exists():
-        store = Store(vmckpt.store)
+    store = open_store(vmckpt.store)
+    if store is not None:
         for name in vmckpt.started:
             pid = session_pid(store, name)
             if pid is not None:

@@ -7,14 +7,17 @@ the initial migration part is a real QEMU stream in test_stream.py.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import socket
 import struct
+import termios
 import threading
-import time
 
 import numpy as np
 import pytest
 
+from tests.framework.guest import wait_for
 from vmckpt.errors import StreamError
 from vmckpt.mechanisms.choice import colo_refusal
 from vmckpt.ram import PAGE_SIZE, RamBlock
@@ -123,6 +126,13 @@ def ram_part(records: list[tuple[str, int, bytes | None]], first_block: str | No
     return bytes(out)
 
 
+def unread(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock``'s receive queue (FIONREAD)."""
+    count = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
 def run_checkpoint(
     receiver: ColoReceiver, primary: socket.socket, body: bytes, chunk: int | None = None
 ) -> ColoCheckpoint:
@@ -134,8 +144,10 @@ def run_checkpoint(
         step = chunk or len(payload)
         for at in range(0, len(payload), step):
             primary.sendall(payload[at : at + step])
-            if chunk:
-                time.sleep(0.0005)
+            if chunk:  # the receiver takes each piece before the next comes
+                wait_for(
+                    lambda: unread(receiver.sock) == 0, "the receiver taking a piece", 30, poll=1e-4
+                )
 
     thread = threading.Thread(target=primary_side)
     thread.start()

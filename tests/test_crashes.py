@@ -62,7 +62,9 @@ def test_checkpoint_killed_at_each_point_loses_nothing(vmckpt: Vmckpt, point: st
     while parents.get(chain[-1]):
         chain.append(str(parents[chain[-1]]))
     assert len(chain) == len(parents), f"the chain forked: {parents}"
-    leftovers = [p.name for p in (vmckpt.store / "layers").iterdir() if p.name.startswith(".")]
+    leftovers = [
+        p.name for p in Store(vmckpt.store).layers_path.iterdir() if p.name.startswith(".")
+    ]
     assert leftovers == [], f"a dead writer's temporary layer was left: {leftovers}"
     vmckpt("verify", "--store", store)
     original = vmckpt.wait_states("kp", len(vmckpt.states("kp")) + 5)
@@ -189,7 +191,7 @@ def test_symlinks_in_a_store_are_never_followed(vmckpt: Vmckpt, tmp_path: Path) 
     vmckpt("stop", "ln", "--store", store)
     secret = tmp_path / "secret"
     secret.write_bytes(b"not the store's" * 1000)
-    pages = vmckpt.store / "layers" / layer / "pages.bin"
+    pages = Store(vmckpt.store).layer_path(layer, "pages.bin")
     pages.unlink()
     pages.symlink_to(secret)
     line = one_line_error(vmckpt("verify", "--store", store, check=False), layer, "pages.bin")
@@ -198,8 +200,9 @@ def test_symlinks_in_a_store_are_never_followed(vmckpt: Vmckpt, tmp_path: Path) 
     assert "not a regular file" in line
     # A whole layer directory replaced by a link to another directory is refused too.
     moved = tmp_path / "elsewhere"
-    os.rename(vmckpt.store / "layers" / layer, moved)
-    os.symlink(moved, vmckpt.store / "layers" / layer)
+    directory = Store(vmckpt.store).layer_path(layer)
+    os.rename(directory, moved)
+    os.symlink(moved, directory)
     # A link is not a layer: not listed, not resolved, never read through.
     one_line_error(vmckpt("verify", "--store", store, layer, check=False), "no layer matches")
     assert vmckpt.listing()["layers"] == []
@@ -210,7 +213,7 @@ def test_a_store_that_cannot_be_written_is_refused_before_the_guest_is_paused(
 ) -> None:
     vmckpt.run_guest("ro")
     vmckpt.wait_states("ro", 3)
-    layers = str(vmckpt.store / "layers")
+    layers = str(Store(vmckpt.store).layers_path)
     # A read-only file system under the layers (root ignores mode bits).
     subprocess.run(["mount", "--bind", layers, layers], check=True)
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.framework.guest import GUEST_BUILD, Vmckpt, guest_append
+from tests.framework.guest import GUEST_BUILD, Vmckpt, guest_append, tail, wait_for
 
 DISK_LINE = re.compile(r"^DISK seq=(\d+) sum=([0-9a-f]{16}) ok$", re.MULTILINE)
 DISK_SIZE = 64 << 20
@@ -40,15 +40,12 @@ def run_disk_guest(vmckpt: Vmckpt, name: str, image: Path) -> None:
 
 
 def wait_disk(vmckpt: Vmckpt, name: str, count: int, timeout: float = 150.0) -> dict[int, str]:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = disk_states(vmckpt.serial(name))
-        if len(states) >= count:
-            return states
-        time.sleep(0.3)
-    raise AssertionError(f"fewer than {count} DISK lines:\n{vmckpt.serial(name)[-1500:]}")
+    return wait_for(
+        lambda: states if len(states := disk_states(vmckpt.serial(name))) >= count else None,
+        f"guest {name} printing {count} DISK lines",
+        timeout,
+        evidence=lambda: f"console of {name}:\n{tail(vmckpt.serial(name))}",
+    )
 
 
 def checkpoint(vmckpt: Vmckpt, name: str) -> str:

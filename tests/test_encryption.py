@@ -69,7 +69,7 @@ def chain3(encrypted: Store, rng: np.random.Generator) -> ChainT:
 
 
 def path_of(store: Store, layer_id: str, name: str = "") -> Path:
-    return store.path / "layers" / layer_id / name
+    return store.layer_path(layer_id, name or None)
 
 
 def cli(store: Path, *args: str, env: dict[str, str] | None = None) -> Any:
@@ -554,7 +554,7 @@ def test_a_damaged_copy_into_an_encrypted_store_is_never_committed(
             encrypted, manifest.id, plain.manifest_sha256(manifest.id), files, origin="host:a"
         )
     assert not encrypted.has_layer(manifest.id)
-    assert not [p for p in (encrypted.path / "layers").iterdir()]
+    assert not [p for p in encrypted.layers_path.iterdir()]
 
 
 # --- a real guest --------------------------------------------------------------------------------

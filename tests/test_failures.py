@@ -89,7 +89,7 @@ def _restore_fails(vmckpt: Vmckpt, layer: str, *needles: str) -> None:
 
 def test_flipped_byte_in_a_page_file(chain: tuple[Vmckpt, list[str]]) -> None:
     vmckpt, layers = chain
-    pages = vmckpt.store / "layers" / layers[0] / "pages.bin"
+    pages = Store(vmckpt.store).layer_path(layers[0], "pages.bin")
     data = bytearray(pages.read_bytes())
     data[len(data) // 2] ^= 0x40
     pages.write_bytes(bytes(data))
@@ -100,7 +100,7 @@ def test_flipped_byte_in_a_page_file(chain: tuple[Vmckpt, list[str]]) -> None:
 
 def test_truncated_layer(chain: tuple[Vmckpt, list[str]]) -> None:
     vmckpt, layers = chain
-    pages = vmckpt.store / "layers" / layers[1] / "pages.bin"
+    pages = Store(vmckpt.store).layer_path(layers[1], "pages.bin")
     pages.write_bytes(pages.read_bytes()[:4096])
     one_line_error(
         vmckpt("verify", "--store", str(vmckpt.store), check=False), layers[1], "pages.bin"
@@ -110,7 +110,7 @@ def test_truncated_layer(chain: tuple[Vmckpt, list[str]]) -> None:
 
 def test_missing_parent(chain: tuple[Vmckpt, list[str]]) -> None:
     vmckpt, layers = chain
-    shutil.rmtree(vmckpt.store / "layers" / layers[0])
+    shutil.rmtree(Store(vmckpt.store).layer_path(layers[0]))
     one_line_error(
         vmckpt("verify", "--store", str(vmckpt.store), layers[1], check=False),
         layers[0],
@@ -121,7 +121,7 @@ def test_missing_parent(chain: tuple[Vmckpt, list[str]]) -> None:
 
 def test_unknown_format_version(chain: tuple[Vmckpt, list[str]]) -> None:
     vmckpt, layers = chain
-    path = vmckpt.store / "layers" / layers[2] / "manifest.json"
+    path = Store(vmckpt.store).layer_path(layers[2], "manifest.json")
     manifest = json.loads(path.read_text())
     manifest["format_version"] = [2, 0]
     manifest.pop("manifest_sha256")
@@ -345,7 +345,7 @@ def test_qmp_socket_nobody_listens_on_or_not_qemu(vmckpt: Vmckpt, tmp_path: Path
     finally:
         qmp.unlink(missing_ok=True)
         real.rename(qmp)
-    assert not (vmckpt.store / "layers").exists() or snapshot(vmckpt.store) == {}
+    assert snapshot(vmckpt.store) == {}
 
 
 # -- checkpoints that fail midway leave the guest as it was --------------------------------
@@ -426,7 +426,7 @@ def test_store_disk_full(vmckpt: Vmckpt, tmp_path: Path, root: None) -> None:
             line = one_line_error(result, "guest full")
             assert "No space left" in line or "space" in line
             assert_guest_untouched(full, "full")
-            assert [p for p in (store / "layers").iterdir()] == [], "a partial layer was left"
+            assert list(Store(store).layers_path.iterdir()) == [], "a partial layer was left"
         finally:
             full.kill_all()
     finally:

@@ -17,12 +17,11 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.framework.guest import REPO, Vmckpt, qemu_pids_of, sigint_disposition
+from tests.framework.guest import REPO, Vmckpt, qemu_pids_of, sigint_disposition, wait_for
 from tests.framework.microkernel import SYSTEMS, fiasco_image, require
 from vmckpt.machine.bootmedia import multiboot_load_end
 from vmckpt.machine.diagnose import GuestFacts, hint_for
@@ -240,18 +239,29 @@ def test_fiasco_in_the_foreground_gets_the_hint_by_default(microkernel_runner: V
         sys.executable, "-m", "vmckpt", "run", "fg", "--store", str(runner.store),
         *_media("fiasco"), "--memory", "256M", "--accel", "tcg",
     ]  # fmt: skip
+    # Started as a background job of a script would start it: SIGINT inherited ignored
+    # (vmckpt run must still stop on it).
     with sigint_disposition(ignored=True):
         vmckpt = subprocess.Popen(
             command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ)
         )
     try:
         assert vmckpt.stderr is not None
-        stderr = b""
-        deadline = time.monotonic() + 30
-        while b"likely cause: memory" not in stderr and time.monotonic() < deadline:
-            ready, _, _ = select.select([vmckpt.stderr], [], [], 1.0)
-            if ready:
-                stderr += os.read(vmckpt.stderr.fileno(), 4096)
+        pipe = vmckpt.stderr.fileno()
+        # poll, not select: the test process may hold more than select's 1024 descriptors.
+        readable = select.poll()
+        readable.register(pipe, select.POLLIN | select.POLLHUP)
+        said = bytearray()
+
+        def hinted() -> bool:
+            if readable.poll(0):
+                chunk = os.read(pipe, 4096)
+                assert chunk, f"vmckpt run ended before its hint: {bytes(said)!r}"
+                said.extend(chunk)
+            return b"likely cause: memory" in said
+
+        wait_for(hinted, "the memory hint on vmckpt run's stderr", 30, evidence=lambda: said)
+        stderr = bytes(said)
         assert _silent_for(stderr.decode()) >= 5.0, stderr
         assert b"likely cause: memory" in stderr, stderr
         vmckpt.send_signal(signal.SIGINT)

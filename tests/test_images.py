@@ -116,7 +116,7 @@ def rewrite_manifest(store: Store, layer_id: str, change: Callable[[dict[str, An
     """Edit a manifest, recompute its checksum and seal it again with the store's key, as a
     newer (or malicious) writer holding the key would: these tests reach the checks behind
     the seal. (tests/test_security.py: without the key, such an edit is refused.)"""
-    path = store.path / "layers" / layer_id / "manifest.json"
+    path = store.layer_path(layer_id, "manifest.json")
     obj = json.loads(path.read_bytes())
     change(obj)
     obj["manifest_sha256"] = fmt.manifest_checksum(obj)
@@ -172,7 +172,7 @@ def write_chain(store: Store, images: list[RamImage]) -> list[LayerManifest]:
 
 
 def layer_path(store: Store, layer_id: str, name: str = "") -> Path:
-    return store.path / "layers" / layer_id / name
+    return store.layer_path(layer_id, name or None)
 
 
 # --- round trips ----------------------------------------------------------
@@ -302,7 +302,7 @@ def test_store_create_is_idempotent_and_private(tmp_path: Path) -> None:
     guest = first.host.runtime_dir("tiny")
     # A guest's runtime files are this host's, never the store's (docs/SECURITY.md).
     assert guest.is_dir() and not guest.is_relative_to(path)
-    assert guest == first.host.runtime / "guests" / "tiny"
+    assert guest == first.host.runtime_path("tiny") and guest.is_relative_to(first.host.runtime)
     for directory in (guest, guest.parent, first.host.runtime, first.host.runtime.parent):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     for bad in ("", "..", "a/b", "a,b", "x\ny", ".hidden"):
@@ -700,7 +700,7 @@ def test_parent_with_other_layout_is_rejected_on_read(chain3: ChainT) -> None:
 
 
 def leftovers(store: Store) -> list[str]:
-    return sorted(p.name for p in (store.path / "layers").iterdir())
+    return sorted(p.name for p in store.layers_path.iterdir())
 
 
 def test_failed_rename_leaves_nothing(

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,8 @@ from tests.framework.guest import (
     assert_continues,
     guest_append,
     parse_states,
+    tail,
+    wait_for,
 )
 from vmckpt.machine.qemu import socket_listens
 
@@ -51,6 +52,16 @@ def _end(process: subprocess.Popen[bytes]) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def wait_listening(daemon: subprocess.Popen[bytes], name: str, sock: Path, log: Path) -> None:
+    """Wait until a daemon we started listens on ``sock``; it must not exit meanwhile."""
+
+    def listening() -> bool:
+        assert daemon.poll() is None, f"{name} exited: {tail(log.read_text())}"
+        return socket_listens(sock)
+
+    wait_for(listening, f"{name} listening on {sock}", 30, evidence=lambda: tail(log.read_text()))
 
 
 @pytest.fixture(scope="session")
@@ -75,13 +86,7 @@ def libvirtd(root: None) -> Iterator[str]:
                             start_new_session=True,
                         )
                     )
-                deadline = time.monotonic() + 30
-                while not socket_listens(sock):
-                    assert started[-1].poll() is None, (
-                        f"{binary} exited: {(logs / f'{binary}.log').read_text()[-1000:]}"
-                    )
-                    assert time.monotonic() < deadline, f"{binary} did not listen on {sock}"
-                    time.sleep(0.1)
+                wait_listening(started[-1], binary, sock, logs / f"{binary}.log")
         yield URI
     finally:
         for process in reversed(started):
@@ -173,13 +178,21 @@ def states(serial: Path, offset: int = 0) -> list[State]:
 
 
 def wait_states(serial: Path, count: int, offset: int = 0, timeout: float = 120) -> list[State]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = states(serial, offset) if serial.exists() else []
-        if len(found) >= count:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"{serial}: fewer than {count} STATE lines in {timeout:.0f} s")
+    """Wait until the domain's console (from byte ``offset``) holds ``count`` STATE lines."""
+
+    def found() -> list[State] | None:
+        lines = states(serial, offset) if serial.exists() else []
+        return lines if len(lines) >= count else None
+
+    def console() -> str:
+        return tail(serial.read_text(errors="replace")[offset:]) if serial.exists() else "(none)"
+
+    return wait_for(
+        found,
+        f"{serial.name}: {count} STATE lines",
+        timeout,
+        evidence=lambda: f"the console:\n{console()}",
+    )
 
 
 def last_seq(serial: Path) -> int:

@@ -56,11 +56,11 @@ def assert_kept_layers_unchanged(store: Store, before: dict[str, Composed]) -> N
 
 
 def layer_bytes(store: Store) -> int:
-    return sum(p.stat().st_size for p in (store.path / "layers").rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in store.layers_path.rglob("*") if p.is_file())
 
 
 def leftovers(store: Store) -> list[str]:
-    return sorted(p.name for p in (store.path / "layers").iterdir() if p.name.startswith("."))
+    return sorted(p.name for p in store.layers_path.iterdir() if p.name.startswith("."))
 
 
 @pytest.fixture
@@ -170,10 +170,10 @@ def test_dry_run_changes_nothing_and_says_what_would_go(
     forked: tuple[Store, dict[str, str]],
 ) -> None:
     store, _ = forked
-    files = {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()}
+    files = {p: p.read_bytes() for p in store.layers_path.rglob("*") if p.is_file()}
     dry = maintenance.prune(store, KeepRules(last=1), dry_run=True)
     assert dry.dry_run and dry.removed
-    assert {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()} == files
+    assert {p: p.read_bytes() for p in store.layers_path.rglob("*") if p.is_file()} == files
     done = maintenance.prune(store, KeepRules(last=1))
     assert (done.removed, done.rewritten, done.bytes_freed) == (
         dry.removed, dry.rewritten, dry.bytes_freed,
@@ -260,7 +260,7 @@ def test_exclusive_bytes_is_what_delete_frees(forked: tuple[Store, dict[str, str
         assert abs((size - layer_bytes(store)) - expected) < 1024, name
     # A leaf frees exactly its own files and manifest.
     assert only[ids["G"]] == store.manifest(ids["G"]).bytes_total + os.path.getsize(
-        store.path / "layers" / ids["G"] / "manifest.json"
+        store.layer_path(ids["G"], "manifest.json")
     )
 
 
@@ -308,11 +308,11 @@ def test_a_layer_added_onto_one_that_goes_stops_the_switch(
         return made
 
     monkeypatch.setattr(maintenance, "_build", build_and_add)
-    files = sorted(p.name for p in (store.path / "layers").iterdir())
+    files = sorted(p.name for p in store.layers_path.iterdir())
     with pytest.raises(StoreError, match=rf"changed meanwhile \(new layer .* builds on {ids['B']}"):
         maintenance.prune(store, KeepRules(last=1))
     assert leftovers(store) == []
-    assert set(files) < {p.name for p in (store.path / "layers").iterdir()}
+    assert set(files) < {p.name for p in store.layers_path.iterdir()}
     for layer_id, composed in before.items():
         assert_same(store.compose(layer_id), composed, layer_id)
 
@@ -321,7 +321,7 @@ def test_without_atomic_exchange_nothing_changes(
     forked: tuple[Store, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, _ = forked
-    files = {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()}
+    files = {p: p.read_bytes() for p in store.layers_path.rglob("*") if p.is_file()}
 
     def no_exchange(*args: Any) -> None:
         raise OSError(errno.EINVAL, "Invalid argument")
@@ -329,7 +329,7 @@ def test_without_atomic_exchange_nothing_changes(
     monkeypatch.setattr(layerio, "exchange_at", no_exchange)
     with pytest.raises(StoreError, match=r"RENAME_EXCHANGE\) is not available here.*nothing was"):
         maintenance.prune(store, KeepRules(last=1))
-    assert {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()} == files
+    assert {p: p.read_bytes() for p in store.layers_path.rglob("*") if p.is_file()} == files
 
 
 def test_readers_wait_for_the_switch(forked: tuple[Store, dict[str, str]]) -> None:
@@ -388,7 +388,7 @@ def test_gc_removes_leftovers_and_leaves_live_work(
     forked: tuple[Store, dict[str, str]],
 ) -> None:
     store, ids = forked
-    layers = store.path / "layers"
+    layers = store.layers_path
     dead = layers / f".tmp-{ids['E']}-dead"
     dead.mkdir()
     (dead / "pages.bin").write_bytes(b"x" * 5000)
@@ -464,12 +464,12 @@ def test_the_commands_say_what_they_do(forked: tuple[Store, dict[str, str]]) -> 
 
 def test_a_store_with_a_damaged_layer_is_not_pruned(forked: tuple[Store, dict[str, str]]) -> None:
     store, ids = forked
-    path = store.path / "layers" / ids["C"] / "manifest.json"
+    path = store.layer_path(ids["C"], "manifest.json")
     path.write_bytes(path.read_bytes().replace(b'"guest"', b'"gueSt"'))
-    files = sorted(p.name for p in (store.path / "layers").iterdir())
+    files = sorted(p.name for p in store.layers_path.iterdir())
     with pytest.raises(StoreError, match=rf"damaged layer \(layer {ids['C']}.*run vmckpt verify"):
         maintenance.prune(store, KeepRules(last=1))
-    assert sorted(p.name for p in (store.path / "layers").iterdir()) == files
+    assert sorted(p.name for p in store.layers_path.iterdir()) == files
 
 
 def test_which_guests_are_gone(tmp_path: Path) -> None:
@@ -509,10 +509,10 @@ def test_a_reader_holds_off_the_switch(
 
     store, _ = forked
     monkeypatch.setattr(maintenance, "SWITCH_WAIT_MIN_S", 0.2)
-    files = {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()}
+    files = {p: p.read_bytes() for p in store.layers_path.rglob("*") if p.is_file()}
     with store.reading("a restore"), pytest.raises(LockError, match="being read"):
         maintenance.prune(store, KeepRules(last=1), wait_s=0.0)
-    assert {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()} == files
+    assert {p: p.read_bytes() for p in store.layers_path.rglob("*") if p.is_file()} == files
     assert maintenance.prune(store, KeepRules(last=1), wait_s=0.0).removed
 
 
@@ -520,7 +520,7 @@ def test_a_failed_write_of_a_new_version_changes_nothing(
     forked: tuple[Store, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, ids = forked
-    files = {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()}
+    files = {p: p.read_bytes() for p in store.layers_path.rglob("*") if p.is_file()}
     real = os.fsync
     calls = 0
 
@@ -535,6 +535,6 @@ def test_a_failed_write_of_a_new_version_changes_nothing(
     with pytest.raises(StoreError, match=r"cannot write its new version \(No space left"):
         maintenance.prune(store, KeepRules(last=1))
     monkeypatch.undo()
-    assert {p: p.read_bytes() for p in (store.path / "layers").rglob("*") if p.is_file()} == files
+    assert {p: p.read_bytes() for p in store.layers_path.rglob("*") if p.is_file()} == files
     assert store.verify() == store.layer_ids()
     assert ids["A"] in store.layer_ids()

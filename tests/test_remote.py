@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,12 +27,15 @@ from tests.framework.guest import (
     assert_continues,
     one_line_error,
     parse_states,
+    tail,
     take,
+    wait_for,
 )
 from tests.framework.netns import OtherHost, other_host
 from vmckpt.hostdirs import HostDirs
 from vmckpt.images import Store
 from vmckpt.machine.qemu import SERIAL_LOG, process_start_time
+from vmckpt.qmp import MigrationInfo, Monitor
 from vmckpt.remote.ssh import HostAddress, SshHost, SshOptions
 
 pytestmark = pytest.mark.qemu
@@ -93,8 +95,9 @@ def ssh_args(other: OtherHost, remote_store: Path, known_hosts: Path | None = No
 
 def remote_log(other: OtherHost, remote_store: Path, name: str) -> Path:
     """A guest's console log on the other host (its runtime directory of the store there)."""
-    store_id = json.loads((remote_store / "vmckpt-store.json").read_text())["store_id"]
-    dirs = HostDirs.for_store(store_id, remote_store, runtime=other.scratch / "run")
+    dirs = HostDirs.for_store(
+        Store(remote_store).store_id, remote_store, runtime=other.scratch / "run"
+    )
     return dirs.runtime_path(name) / SERIAL_LOG
 
 
@@ -106,15 +109,23 @@ def remote_states(other: OtherHost, remote_store: Path, name: str) -> list[State
 def wait_remote_states(
     other: OtherHost, remote_store: Path, name: str, count: int, timeout: float = 120
 ) -> list[State]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = remote_states(other, remote_store, name)
-        if len(states) >= count:
-            return states
-        time.sleep(0.2)
-    log = remote_log(other, remote_store, name)
-    text = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
-    raise AssertionError(f"remote guest {name} printed < {count} STATE lines:\n{text}")
+    def console() -> str:
+        log = remote_log(other, remote_store, name)
+        return tail(log.read_text(errors="replace")) if log.exists() else "(no log)"
+
+    return wait_for(
+        lambda: (
+            states if len(states := remote_states(other, remote_store, name)) >= count else None
+        ),
+        f"remote guest {name} printing {count} STATE lines",
+        timeout,
+        evidence=lambda: f"its console there:\n{console()}",
+    )
+
+
+def in_flight(info: MigrationInfo) -> MigrationInfo | None:
+    """A migration that has sent at least 1 MiB and is still under way."""
+    return info if info.status == "active" and (info.transferred or 0) >= 1 << 20 else None
 
 
 def guest_row(vmckpt: Vmckpt, name: str) -> dict[str, object]:
@@ -170,7 +181,7 @@ def test_restore_on_other_host_from_middle_layer_and_continue(
     assert result["layers_copied"] == [taken[0].layer, middle.layer]
     assert result["layers_reused"] == []
     assert result["bytes"] > 0
-    assert sorted(p.name for p in (remote_store / "layers").iterdir()) == sorted(
+    assert sorted(p.name for p in Store(remote_store).layers_path.iterdir()) == sorted(
         result["layers_copied"]
     )
     restored = wait_remote_states(other, remote_store, "rr", 10)
@@ -185,7 +196,7 @@ def test_restore_on_other_host_from_middle_layer_and_continue(
     assert "STATE seq=" in console.stdout
     remote_ckpt = json.loads(vmckpt("checkpoint", "rr", "--store", store, "--json").stdout)
     assert remote_ckpt["parent"] == middle.layer
-    assert (remote_store / "layers" / remote_ckpt["layer"] / "manifest.json").is_file()
+    assert Store(remote_store).layer_path(remote_ckpt["layer"], "manifest.json").is_file()
 
     vmckpt("stop", "rr", "--store", store)
     assert not other.qemu_pids(), "stop left a QEMU on the other host"
@@ -210,7 +221,7 @@ def test_damaged_copy_is_never_committed(vmckpt: Vmckpt, remote_store: Path) -> 
     vmckpt("stop", "dc", "--store", str(vmckpt.store))
     agent = [sys.executable, "-m", "vmckpt.agent"]
     subprocess.run([*agent, "prepare", "--store", str(remote_store)], check=True, cwd=REPO)
-    source = vmckpt.store / "layers" / layer
+    source = Store(vmckpt.store).layer_path(layer)
     manifest_sha = hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()
 
     def send(flip: bool) -> subprocess.CompletedProcess[bytes]:
@@ -237,11 +248,12 @@ def test_damaged_copy_is_never_committed(vmckpt: Vmckpt, remote_store: Path) -> 
     damaged = send(flip=True)
     assert damaged.returncode != 0
     assert b"pages.bin does not match its manifest" in damaged.stdout
-    assert not (remote_store / "layers" / layer).exists()
-    assert not [p for p in (remote_store / "layers").iterdir() if p.name.startswith(".")]
+    there = Store(remote_store)
+    assert not there.layer_path(layer).exists()
+    assert not [p for p in there.layers_path.iterdir() if p.name.startswith(".")]
     # The same copy, undamaged, is committed.
     assert send(flip=False).returncode == 0
-    assert (remote_store / "layers" / layer / "manifest.json").is_file()
+    assert there.layer_path(layer, "manifest.json").is_file()
     # Sealed by the receiver, as from the sending host.
     assert Store(remote_store).manifest(layer).origin == "host:there"
 
@@ -299,14 +311,29 @@ def test_cut_connection_mid_migration_leaves_source_running(
         ],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+    def ended_early() -> str:
+        return f"vmckpt migrate ended early: {migrate.communicate()}"
+
+    def destination_pids() -> list[int]:
+        assert migrate.poll() is None, ended_early()
+        return other.qemu_pids()
+
+    def memory_in_flight(mon: Monitor) -> MigrationInfo | None:
+        assert migrate.poll() is None, ended_early()
+        return in_flight(mon.query_migrate())
+
     try:
-        deadline = time.monotonic() + 60
-        while not other.qemu_pids():
-            assert migrate.poll() is None, migrate.communicate()
-            assert time.monotonic() < deadline, "no QEMU started on the other host"
-            time.sleep(0.1)
-        time.sleep(3)  # memory is on its way (4 MiB/s: ~25 s for this guest)
-        assert migrate.poll() is None, "the migration ended before the cut"
+        wait_for(destination_pids, "a QEMU starting on the other host", 60)
+        # The guest's memory is on its way (4 MiB/s: ~25 s for this guest): QEMU says so on
+        # the guest's second monitor (the first is the migration's).
+        with vmckpt.guest("cut").process().session_monitor(timeout=30) as mon:
+            wait_for(
+                lambda: memory_in_flight(mon),
+                "QEMU sending the guest's memory to the other host (1 MiB sent)",
+                60,
+                evidence=lambda: str(mon.query_migrate()),
+            )
         other.link(up=False)
         out, err = migrate.communicate(timeout=120)
     finally:
@@ -325,10 +352,12 @@ def test_cut_connection_mid_migration_leaves_source_running(
     assert vmckpt.last_seq("cut") > before
     assert "BAD" not in vmckpt.serial("cut")
     # Nothing is left on the other host.
-    deadline = time.monotonic() + 30
-    while other.qemu_pids() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not other.qemu_pids(), "a QEMU was left on the other host"
+    wait_for(
+        lambda: not other.qemu_pids(),
+        "the QEMU on the other host ending",
+        30,
+        evidence=lambda: f"QEMU PIDs in the namespace: {other.qemu_pids()}",
+    )
     vmckpt("stop", "cut", "--store", store)
 
 

@@ -41,7 +41,7 @@ def write_layer(store: Store, rng: np.random.Generator, qemu_args: list[str]) ->
 def tamper(store: Store, layer_id: str, **changes: Any) -> None:
     """Edit a manifest as someone without the key would: the checksum recomputed as
     docs/FORMAT.md describes, the seal left as it was."""
-    path = store.path / "layers" / layer_id / "manifest.json"
+    path = store.layer_path(layer_id, "manifest.json")
     obj = json.loads(path.read_bytes())
     obj.update(changes)
     obj["manifest_sha256"] = fmt.manifest_checksum(obj)
@@ -98,7 +98,7 @@ def test_every_layer_is_sealed_and_authenticates(store: Store, rng: np.random.Ge
     manifest = write_layer(store, rng, [])
     assert manifest.origin == "local"
     assert Store(store.path).manifest(manifest.id).origin == "local"
-    seal = json.loads((store.path / "layers" / manifest.id / keys.SEAL).read_bytes())
+    seal = json.loads(store.layer_path(manifest.id, keys.SEAL).read_bytes())
     assert seal["alg"] == "hmac-sha256" and seal["origin"] == "local"
     assert store.verify(manifest.id) == [manifest.id]
 
@@ -129,7 +129,7 @@ def test_edited_machine_type_is_refused(store: Store, rng: np.random.Generator) 
 
 def test_missing_seal_is_refused_with_the_way_out(store: Store, rng: np.random.Generator) -> None:
     manifest = write_layer(store, rng, [])
-    (store.path / "layers" / manifest.id / keys.SEAL).unlink()
+    store.layer_path(manifest.id, keys.SEAL).unlink()
     assert store.manifest(manifest.id).origin == "unsealed"  # listed, inspected...
     with pytest.raises(CorruptLayerError, match="init --adopt"):
         store.compose(manifest.id)  # ...never used
@@ -142,14 +142,13 @@ def test_seal_of_another_layer_or_store_does_not_authenticate(
     first = write_layer(store, rng, [])
     second = write_layer(store, rng, [])
     # A seal moved from one layer to another: it names the layer id, so it fails.
-    seal_dir = store.path / "layers"
-    shutil.copy(seal_dir / first.id / keys.SEAL, seal_dir / second.id / keys.SEAL)
+    shutil.copy(store.layer_path(first.id, keys.SEAL), store.layer_path(second.id, keys.SEAL))
     with pytest.raises(CorruptLayerError, match="MAC does not match"):
         store.manifest(second.id)
     # A whole layer, seal included, from another store (another key) fails too.
     other = Store.create(tmp_path / "other")
     foreign = write_layer(other, rng, EVIL_ARGS)
-    shutil.copytree(other.path / "layers" / foreign.id, seal_dir / foreign.id)
+    shutil.copytree(other.layer_path(foreign.id), store.layer_path(foreign.id))
     with pytest.raises(CorruptLayerError, match="MAC does not match"):
         store.manifest(foreign.id)
 
@@ -239,7 +238,7 @@ def test_squash_keeps_the_least_trusted_origin(
     maintenance.squash(other, None, child.id)
     assert other.manifest(child.id).origin == "host:source"
     # An unsealed layer is not rewritten (that would seal it).
-    (other.path / "layers" / child.id / keys.SEAL).unlink()
+    other.layer_path(child.id, keys.SEAL).unlink()
     grandchild = other.write_layer(content(image, child.id, image, tag="2"))
     with pytest.raises(StoreError, match="not authenticated"):
         maintenance.squash(other, None, grandchild.id)
@@ -254,8 +253,8 @@ def test_init_adopt_seals_what_checks_and_refuses_the_rest(
     good = write_layer(store, rng, [])
     bad = write_layer(store, rng, [])
     for layer in (good, bad):
-        (store.path / "layers" / layer.id / keys.SEAL).unlink()
-    pages = store.path / "layers" / bad.id / "pages.bin"
+        store.layer_path(layer.id, keys.SEAL).unlink()
+    pages = store.layer_path(bad.id, "pages.bin")
     data = bytearray(pages.read_bytes())
     data[0] ^= 1
     pages.write_bytes(bytes(data))

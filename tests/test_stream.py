@@ -11,21 +11,18 @@ from __future__ import annotations
 import io
 import socket
 import struct
-import subprocess
 import threading
-import time
 from pathlib import Path
-from typing import Any, cast
 
 import numpy as np
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from tests.framework.bareqemu import BareQemu
+from tests.framework.guest import wait_for
 from vmckpt.errors import StreamError
 from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
 from vmckpt.stream import StreamEnvelope, read_stream, write_stream
 
-QEMU = "qemu-system-x86_64"
 MEMORY = 128 << 20
 BLOB_ADDR = 0x1000000
 BLOB_SIZE = 4 << 20
@@ -50,61 +47,19 @@ def _multiboot_kernel() -> bytes:
     return header + _KERNEL_CODE
 
 
-class Qemu:
-    """One QEMU process with QMP on a unix socket; `close` always ends it."""
+def counter(qemu: BareQemu) -> int:
+    """The guest's counter (its kernel increments it forever once it runs)."""
+    return int(qemu.hmp(f"xp /1wx {COUNTER_ADDR:#x}").split()[-1], 16)
 
-    def __init__(self, workdir: Path, name: str, args: list[str]) -> None:
-        self.socket = workdir / f"{name}.qmp"
-        self.log = workdir / f"{name}.log"
-        command = [QEMU, *args, "-qmp", f"unix:{self.socket},server=on,wait=off"]
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 10
-            while not self.socket.exists():
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"QEMU did not start: {self.log.read_text()}")
-                time.sleep(0.02)
-            self.qmp = QEMUMonitorProtocol(str(self.socket))
-            self.qmp.connect()
-        except BaseException:
-            self.proc.kill()
-            self.proc.wait()
-            raise
 
-    def cmd(self, name: str, **args: object) -> Any:
-        return self.qmp.cmd(name, **args)
-
-    def hmp(self, line: str) -> str:
-        return cast(str, self.cmd("human-monitor-command", **{"command-line": line}))
-
-    def memory(self, addr: int, size: int, path: Path) -> bytes:
-        self.cmd("pmemsave", val=addr, size=size, filename=str(path))
-        return path.read_bytes()
-
-    def counter(self) -> int:
-        return int(self.hmp(f"xp /1wx {COUNTER_ADDR:#x}").split()[-1], 16)
-
-    def wait_migration(self) -> dict[str, Any]:
-        deadline = time.monotonic() + 60
-        while True:
-            info = cast(dict[str, Any], self.cmd("query-migrate"))
-            if info.get("status") == "completed":
-                return info
-            if info.get("status") == "failed" or time.monotonic() > deadline:
-                raise RuntimeError(f"migration did not complete: {info}")
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        try:
-            self.qmp.close()
-        finally:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def counting(qemu: BareQemu, above: int = 0) -> int:
+    """Wait until the guest's counter is above ``above`` (its kernel runs); the counter."""
+    return wait_for(
+        lambda: value if (value := counter(qemu)) > above else None,
+        f"the guest in QEMU {qemu.name} counting past {above}",
+        30,
+        evidence=qemu.log_tail,
+    )
 
 
 def _guest_args(workdir: Path) -> list[str]:
@@ -124,18 +79,14 @@ class LiveStream:
         (workdir / "blob.bin").write_bytes(self.blob)
         (workdir / "kernel.bin").write_bytes(_multiboot_kernel())
         self.path = workdir / "live.stream"
-        source = Qemu(workdir, "source", _guest_args(workdir))
-        try:
-            time.sleep(0.3)
-            assert cast(dict[str, Any], source.cmd("query-status"))["running"]
+        with BareQemu(workdir, "source", _guest_args(workdir)) as source:
+            counting(source)  # the guest runs, writing pages the migration must send again
             # Slow enough for several PART iterations, fast enough to converge.
-            source.cmd("migrate-set-parameters", **{"max-bandwidth": 40_000_000})
-            source.cmd("migrate", uri=f"exec:cat > {self.path}")
+            source.execute("migrate-set-parameters", **{"max-bandwidth": 40_000_000})
+            source.execute("migrate", uri=f"exec:cat > {self.path}")
             self.info = source.wait_migration()
             # The source is now paused exactly at the state the stream ends with.
             self.source_ram = source.memory(LOW, MEMORY - LOW, workdir / "source.mem")
-        finally:
-            source.close()
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +98,14 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> LiveStream:
 def parsed(live: LiveStream) -> tuple[StreamEnvelope, RamImage]:
     with live.path.open("rb") as source:
         return read_stream(source)
+
+
+def test_a_qemu_that_does_not_come_up_is_reported_with_its_output(tmp_path: Path) -> None:
+    """The framework's launcher, given a command line QEMU refuses."""
+    with pytest.raises(AssertionError, match=r"QEMU broken did not come up \(exit code 1\)") as e:
+        BareQemu(tmp_path, "broken", ["-machine", "no-such-machine", "-display", "none"])
+    assert "no-such-machine" in str(e.value)  # QEMU's own words, from its log
+    assert not (tmp_path / "broken.qmp").exists()
 
 
 # -- parsing real streams --------------------------------------------------------------------
@@ -211,15 +170,14 @@ def test_reads_a_live_migration_from_a_socket(live: LiveStream) -> None:
 
         receiver = threading.Thread(target=receive)
         receiver.start()
-        source = Qemu(live.workdir, "socket-source", _guest_args(live.workdir))
         try:
-            time.sleep(0.2)
-            source.cmd("migrate", uri=f"unix:{listen_path}")
-            receiver.join(timeout=60)
-            source.wait_migration()
-            source_ram = source.memory(LOW, MEMORY - LOW, live.workdir / "socket-source.mem")
+            with BareQemu(live.workdir, "socket-source", _guest_args(live.workdir)) as source:
+                counting(source)
+                source.execute("migrate", uri=f"unix:{listen_path}")
+                receiver.join(timeout=60)
+                source.wait_migration()
+                source_ram = source.memory(LOW, MEMORY - LOW, live.workdir / "socket-source.mem")
         finally:
-            source.close()
             receiver.join(timeout=30)
     outcome = result["stream"]
     if isinstance(outcome, BaseException):
@@ -248,22 +206,17 @@ def test_round_trip_qemu_loads_written_stream(
         assert np.array_equal(again.data[block.idstr], image.data[block.idstr])
 
     args = [*_guest_args(live.workdir), "-S", "-incoming", "defer"]
-    dest = Qemu(live.workdir, "dest", args)
-    try:
-        dest.cmd("migrate-incoming", uri=f"exec:cat {written}")
+    with BareQemu(live.workdir, "dest", args) as dest:
+        dest.execute("migrate-incoming", uri=f"exec:cat {written}")
         dest.wait_migration()
-        status = cast(dict[str, Any], dest.cmd("query-status"))
-        assert not status["running"]
+        assert not dest.monitor.is_running()
         dest_ram = dest.memory(LOW, MEMORY - LOW, live.workdir / "dest.mem")
         assert dest_ram == image.data["pc.ram"][LOW:].tobytes()
-        before = dest.counter()
+        before = counter(dest)
         assert before == int(image.data["pc.ram"][COUNTER_ADDR : COUNTER_ADDR + 4].view("<u4")[0])
-        dest.cmd("cont")
-        time.sleep(0.3)
-        assert cast(dict[str, Any], dest.cmd("query-status"))["running"]
-        assert dest.counter() > before  # the guest continues from the stored state
-    finally:
-        dest.close()
+        dest.execute("cont")
+        assert dest.monitor.is_running()
+        counting(dest, above=before)  # the guest continues from the stored state
 
 
 def test_written_stream_restores_zero_pages(parsed: tuple[StreamEnvelope, RamImage]) -> None:

@@ -18,6 +18,7 @@ from tests.framework.guest import (
     assert_guest_untouched,
     wait_for,
 )
+from vmckpt.images import Store
 from vmckpt.session import JOURNAL
 
 pytestmark = pytest.mark.qemu
@@ -87,5 +88,7 @@ def test_stopping_watch_mid_checkpoint_leaves_the_guest_running(vmckpt: Vmckpt) 
         assert not journal.exists(), "the session was not closed"
         assert_guest_untouched(vmckpt, "ws")
         vmckpt("verify", "--store", store)
-    leftovers = [p.name for p in (vmckpt.store / "layers").iterdir() if p.name.startswith(".")]
+    leftovers = [
+        p.name for p in Store(vmckpt.store).layers_path.iterdir() if p.name.startswith(".")
+    ]
     assert leftovers == [], "an interrupted checkpoint left a temporary layer"

@@ -23,7 +23,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+from vmckpt.errors import StoreError
 from vmckpt.guests.local import GuestRecord, LocalGuest, local_guest_names
 from vmckpt.images import Store
 from vmckpt.machine.qemu import SERIAL_LOG
@@ -38,6 +40,8 @@ POLL_S = 0.1
 # close (an event loop, a socket, a file) says so there, instead of only when the
 # collector happens to run in an order that makes its finalizer print a traceback.
 LEAKS_SHOWN = {"PYTHONWARNINGS": "always::ResourceWarning"}
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,14 +64,44 @@ def guest_append(*, pages: int, buf_mb: int) -> str:
 
 
 def wait_for(
-    condition: Callable[[], object], what: str, timeout: float, *, poll: float = POLL_S
-) -> None:
-    """Wait until ``condition()`` is true; AssertionError naming ``what`` if it is not in time."""
+    condition: Callable[[], T | None],
+    what: str,
+    timeout: float,
+    *,
+    poll: float = POLL_S,
+    evidence: Callable[[], object] | None = None,
+) -> T:
+    """Wait until ``condition()`` returns something true and return it (so a condition can
+    hand back what it found: ``wait_for(lambda: states if len(states := ...) >= n else
+    None, ...)``). The one wait loop of the tests: ``poll`` is only how often it looks.
+
+    If ``timeout`` passes first: AssertionError saying what did not happen, what the
+    condition last returned, and ``evidence()`` (a console's tail, a log...). An exception
+    the condition raises goes through at once."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        value = condition()
+        if value:
+            return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+            message = f"{what} did not happen within {timeout:.0f} s (last seen: {value!r})"
+            if evidence is not None:
+                message += f"; evidence:\n{evidence()}"
+            raise AssertionError(message)
         time.sleep(poll)
+
+
+def tail(text: str, lines: int = 20) -> str:
+    """The last ``lines`` lines of a console or log, for a failure message."""
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+def open_store(path: Path) -> Store | None:
+    """The store at ``path``, or None if there is none (yet): teardown asks before it looks."""
+    try:
+        return Store(path)
+    except StoreError:
+        return None
 
 
 @dataclass
@@ -162,15 +196,11 @@ class Vmckpt:
 
     def wait_states(self, name: str, count: int, timeout: float = BOOT_TIMEOUT) -> list[State]:
         """Wait until the guest has printed ``count`` STATE lines in its current log."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            states = self.states(name)
-            if len(states) >= count:
-                return states
-            time.sleep(POLL_S)
-        raise AssertionError(
-            f"guest {name} printed fewer than {count} STATE lines in {timeout:.0f} s:\n"
-            + self.serial(name)[-2000:]
+        return wait_for(
+            lambda: states if len(states := self.states(name)) >= count else None,
+            f"guest {name} printing {count} STATE lines",
+            timeout,
+            evidence=lambda: f"console of {name}:\n{tail(self.serial(name))}",
         )
 
     def last_seq(self, name: str) -> int:
@@ -178,9 +208,9 @@ class Vmckpt:
         return states[-1].seq if states else -1
 
     def records(self) -> list[GuestRecord]:
-        if not (self.store / "vmckpt-store.json").exists():
+        store = open_store(self.store)
+        if store is None:
             return []
-        store = Store(self.store)
         records = []
         for name in local_guest_names(store):
             with contextlib.suppress(Exception):
@@ -280,8 +310,9 @@ def one_line_error(
 
 
 def snapshot(store: Path) -> dict[str, str]:
-    """Path -> sha256 of every file under the store's layers (what must not change)."""
-    layers = store / "layers"
+    """Path -> sha256 of every file under the store's layers (what must not change); empty
+    if the store has no layers directory (yet)."""
+    layers = Store(store).layers_path
     return {
         str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(layers.rglob("*"))
@@ -293,8 +324,9 @@ def qemu_pids_of(store: Path) -> list[int]:
     """PIDs of live QEMU processes of this store (ours only): their command lines name the
     store's runtime directory on this host (sockets, logs), or the store."""
     marks = [str(store).encode()]
-    if (store / "vmckpt-store.json").exists():
-        marks.append(str(Store(store).host.runtime).encode())
+    opened = open_store(store)
+    if opened is not None:
+        marks.append(str(opened.host.runtime).encode())
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():

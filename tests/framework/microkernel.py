@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from tests.framework.guest import POLL_S, REPO, Vmckpt
+from tests.framework.guest import REPO, Vmckpt, wait_for
 from vmckpt.machine.qemu import SERIAL_LOG
 
 T = TypeVar("T")
@@ -279,17 +278,15 @@ def wait_ticks(
 ) -> list[Tick]:
     """Wait until the guest's console holds ``count`` ticks; AssertionError with its tail if
     it does not within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ticks = system.ticks(console(runner, name))
-        if len(ticks) >= count:
-            return ticks
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{system.name} guest {name} printed {len(ticks)} of {count} ticks in "
-                f"{timeout:.0f} s; console ends {console(runner, name)[-5:]!r}"
-            )
-        time.sleep(POLL_S)
+    return wait_for(
+        lambda: ticks if len(ticks := system.ticks(console(runner, name))) >= count else None,
+        f"{system.name} guest {name} printing {count} ticks",
+        timeout,
+        evidence=lambda: (
+            f"{len(system.ticks(console(runner, name)))} ticks; console ends:\n"
+            + "\n".join(console(runner, name)[-5:])
+        ),
+    )
 
 
 def last_tick(runner: Vmckpt, system: System, name: str) -> int:

@@ -15,10 +15,11 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.framework.guest import tail, wait_for
 
 SSHD = "/usr/sbin/sshd"
 
@@ -70,13 +71,25 @@ class OtherHost:
         return pids
 
 
-def _wait_port(address: str, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((address, port), 1.0):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"sshd did not listen on {address}:{port} within {timeout:.0f} s")
+def _accepts(address: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((address, port), 1.0):
+        return True
+    return False
+
+
+def _wait_sshd(sshd: subprocess.Popen[bytes], address: str, port: int, log: Path) -> None:
+    """Wait until the sshd we started accepts connections; it must not exit meanwhile."""
+
+    def listening() -> bool:
+        assert sshd.poll() is None, f"sshd exited: {tail(log.read_text(errors='replace'))}"
+        return _accepts(address, port)
+
+    wait_for(
+        listening,
+        f"sshd listening on {address}:{port}",
+        10.0,
+        evidence=lambda: tail(log.read_text(errors="replace")),
+    )
 
 
 @contextlib.contextmanager
@@ -139,7 +152,7 @@ def other_host() -> Iterator[OtherHost]:
             stderr=open(scratch / "sshd.log", "wb"),  # noqa: SIM115 - closed with the process
         )
         host.sshd_pid = sshd.pid
-        _wait_port(host.address, host.port, 10.0)
+        _wait_sshd(sshd, host.address, host.port, scratch / "sshd.log")
         yield host
     finally:
         if sshd is not None:
