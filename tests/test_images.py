@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -808,3 +809,17 @@ def test_unsorted_page_lists_are_sorted(store: Store, rng: np.random.Generator) 
     manifest = store.write_layer(layer)
     assert store.verify(manifest.id) == [manifest.id]
     assert_same_image(store.compose(manifest.id)[0], image)
+
+
+def test_stores_give_back_their_directories(tmp_path: Path) -> None:
+    """A long-lived process (a test run, a checkpoint session) opens many stores: one that is
+    closed, or only dropped, leaves no descriptor behind (the test run once ran out of them)."""
+    path = tmp_path / "store"
+    Store.create(path).close()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(300):
+        with Store(path) as store:
+            store.layer_ids()
+        Store(path).layer_ids()  # dropped without a close
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before

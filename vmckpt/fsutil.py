@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import stat
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,10 @@ class Dir:
     def __init__(self, fd: int, path: Path) -> None:
         self.fd = fd
         self.path = path  # for messages
+        # A Dir nobody closed (a Store dropped by a long-lived process: a test run, a
+        # session) gives its descriptor back when it is collected, not at exit.
+        self._closer = weakref.finalize(self, os.close, fd)
+        self._closer.atexit = False
 
     @classmethod
     def open(cls, path: Path, *, follow: bool = False) -> Dir:
@@ -186,7 +191,7 @@ class Dir:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            self._closer()
             self.fd = -1
 
     def __enter__(self) -> Dir:

@@ -196,6 +196,17 @@ class Store:
         self.locks = locks.StoreLocks(self.path, lambda: self.files.root.fd)
         self.reader = LayerReader(self.files, self.codec)
 
+    def close(self) -> None:
+        """Give back the store's open directories (a dropped Store gives them back when it
+        is collected; a long-lived process closes the stores it is done with)."""
+        self.files.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @classmethod
     def create(cls, path: Path | str, *, parents: bool = False, encrypt: bool = False) -> Store:
         """Create a store at ``path``, or open it if it is one already.
