@@ -417,7 +417,7 @@ def test_wrong_key_is_refused(chain3: ChainT, store_keys: Path) -> None:
             generation=1000,
             layers={i: (d.hexdigest(),) for i, d in digests.items()},
         )
-        (store.path / "catalog.json").write_bytes(catalog.encode(wrong.key))
+        wrong.write_catalog(catalog)
         with pytest.raises(CorruptLayerError, match="record 0 does not authenticate"):
             wrong.compose(manifests[0].id)
         result = cli(store.path, "verify", "--store", str(store.path))
