@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ import pytest
 
 from tests.framework.fakeqmp import STALL, FakeQemu, FakeQmpServer
 from tests.framework.guest import REPO, wait_for
+from tests.framework.journal import owner_dies
 from vmckpt import guard
 from vmckpt.errors import CheckpointError, QMPError
 from vmckpt.images import Store
@@ -62,13 +62,7 @@ def left_open_by_a_dead_checkpoint(qemu: FakeQemu, journal: Path) -> None:
     )  # fmt: skip
     session.open()
     session.start("unix:/nowhere")
-    stand_in = subprocess.Popen(["sleep", "60"])
-    start = process_start_time(stand_in.pid)
-    stand_in.kill()  # our own child, by its handle
-    stand_in.wait()
-    data = json.loads(journal.read_text())
-    data.update(owner_pid=stand_in.pid, owner_start=start)
-    journal.write_text(json.dumps(data))
+    owner_dies(journal)
 
 
 @pytest.fixture

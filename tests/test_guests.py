@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.framework.fakeqmp import COMPLETED, FakeQemu
+from tests.framework.journal import owner_dies
 from vmckpt.errors import CheckpointError, MachineError, StoreError, UsageError
 from vmckpt.guests import Guest, GuestStatus, LocalGuest, open_guest
 from vmckpt.guests.local import RECORD, GuestRecord, local_guest_names
@@ -284,13 +285,7 @@ def test_resume_recovers_a_checkpoint_a_dead_vmckpt_left(store: Store) -> None:
     session.open()
     session.start("unix:/nowhere")
     session.wait()  # the guest is stopped: then its vmckpt is killed
-    ended = subprocess.Popen(["sleep", "60"])
-    start = process_start_time(ended.pid)
-    ended.kill()
-    ended.wait()
-    data = json.loads(journal.read_text())
-    data.update(owner_pid=ended.pid, owner_start=start)
-    journal.write_text(json.dumps(data))
+    owner_dies(journal)
     assert qemu.run_state == "postmigrate"
 
     assert MonitoredGuest(store, qemu).resume() is True

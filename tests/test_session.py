@@ -11,9 +11,7 @@ dead vmckpt left open.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +25,8 @@ from tests.framework.fakeqmp import (
     STALL,
     FakeQemu,
 )
+from tests.framework.journal import owner_dies
 from vmckpt.errors import CheckpointError, QMPError
-from vmckpt.machine.qemu import process_start_time
 from vmckpt.qmp import Monitor
 from vmckpt.session import FD_NAME, MigrationSession, State, read_journal, recover
 
@@ -384,17 +382,6 @@ def test_a_step_of_leaving_that_fails_is_reported_and_the_others_still_done(
 
 
 # -- recover: what a dead vmckpt left ----------------------------------------------------------
-
-
-def owner_dies(journal: Path) -> None:
-    """The journal's owner is gone: it names a process (PID and start time) that has ended."""
-    stand_in = subprocess.Popen(["sleep", "60"])
-    start = process_start_time(stand_in.pid)
-    stand_in.kill()  # our own child, by its handle
-    stand_in.wait()
-    data = json.loads(journal.read_text())
-    data.update(owner_pid=stand_in.pid, owner_start=start)
-    journal.write_text(json.dumps(data))
 
 
 def abandoned(qemu: FakeQemu, journal: Path, until: str, **options: Any) -> None:
