@@ -5,8 +5,10 @@ absorb the layers that went) restores to a guest that continues exactly where it
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -24,6 +26,25 @@ def watch(vmckpt: Vmckpt, name: str, *extra: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+def read_rows(
+    watcher: subprocess.Popen[str],
+    vmckpt: Vmckpt,
+    name: str,
+    rows: queue.Queue[tuple[dict[str, Any], int, int] | None],
+) -> None:
+    """Each row of ``watch --json`` with the guest's position when the previous row arrived
+    and when this one did; None at the end."""
+    assert watcher.stdout is not None
+    before = vmckpt.last_seq(name)
+    try:
+        for line in watcher.stdout:
+            after = vmckpt.last_seq(name)
+            rows.put((json.loads(line), before, after))
+            before = after
+    finally:
+        rows.put(None)
+
+
 def restore_and_check(vmckpt: Vmckpt, name: str, shot: Taken, original: list[State]) -> None:
     vmckpt.restore("--layer", shot.layer, "--name", name)
     restored = vmckpt.wait_states(name, 10)
@@ -37,22 +58,26 @@ def test_prune_while_watch_runs_then_restore_a_kept_layer(vmckpt: Vmckpt) -> Non
     vmckpt.wait_states("pw", 5)
     store = str(vmckpt.store)
     watcher = watch(vmckpt, "pw", "--interval", "0.4s", "--count", "16")
-    assert watcher.stdout is not None
+    # Checkpoints go on while a prune runs: the rows are read, and the guest's position noted,
+    # the moment each arrives, on a thread of their own, so that a row's window (the position
+    # when the previous row arrived .. when it arrived) holds its checkpoint's instant even
+    # while the prunes below hold up this thread for several checkpoints.
+    rows: queue.Queue[tuple[dict[str, Any], int, int] | None] = queue.Queue()
+    reader = threading.Thread(target=read_rows, args=(watcher, vmckpt, "pw", rows), daemon=True)
+    reader.start()
     taken: dict[str, Taken] = {}
     order: list[str] = []
     pruned: list[dict[str, Any]] = []
-    before = vmckpt.last_seq("pw")
-    for line in watcher.stdout:
-        out = json.loads(line)
-        after = vmckpt.last_seq("pw")
+    while (row := rows.get(timeout=300)) is not None:
+        out, before, after = row
         taken[out["layer"]] = Taken(out["layer"], before, after, out["pages_stored"],
                                     out["bytes"], out["pause_ms"])  # fmt: skip
         order.append(out["layer"])
-        before = after
         if len(order) % 5 == 0:  # while the next checkpoint is under way
             result = vmckpt("prune", "--store", store, "--guest", "pw", "--keep-last", "2",
                             "--json")  # fmt: skip
             pruned.append(json.loads(result.stdout))
+    reader.join()
     assert watcher.wait(timeout=120) == 0
     assert len(order) == 16, "watch did not take every checkpoint while prunes ran"
     assert len(pruned) == 3 and all(p["removed"] for p in pruned)
