@@ -117,6 +117,8 @@ def restore_command(
     would refuse them). The monitor sockets and rebuilt disks are placeholders."""
     name = check_name(manifest.guest)
     spec = relocate_media(GuestSpec.from_dict(manifest.spec), store)
+    if spec.generation_id:  # a restore gives the guest a new one
+        spec = replace(spec, generation_id="auto")
     args = qemu_args_for(manifest, spec, extra_args, name, warn=False)
     disks = tuple(
         disk if disk.readonly
@@ -202,9 +204,11 @@ def restore_guest(
     extra_args: tuple[str, ...] | None = None,
     check_s: float = DEFAULT_CHECK_S,
     progress: Progress = NO_PROGRESS,
+    same_identity: bool = False,
 ) -> RestoreResult:
     """Restore a layer into a new QEMU on this host, named ``name`` (default: the layer's
-    guest). ``extra_args`` are the free-form QEMU arguments to use (None: the layer's own)."""
+    guest). ``extra_args`` are the free-form QEMU arguments to use (None: the layer's own).
+    The guest gets a new VM generation ID unless ``same_identity``."""
     started = time.monotonic()
     image = load_layer_image(store, layer_ref, progress=progress)
     manifest = image.manifest
@@ -215,6 +219,8 @@ def restore_guest(
     spec = relocate_media(image.spec, store)
     spec.check_media(vm=name)
     args = qemu_args_for(manifest, spec, extra_args, name)
+    if not same_identity:
+        spec = spec.with_new_identity()
     # Writable disks are rebuilt as new images in a fresh directory of this host's data
     # directory of the store (never in the store, which others may write).
     disk_dir = store.host.fresh(store.host.data_dir(name), f"disks-{manifest.id}-")
