@@ -30,7 +30,7 @@ from tests.framework.guest import (
 )
 from tests.framework.mechanisms import QEMU11_DEFAULT, SYSTEM_QEMU, qemu11
 from tests.test_images import as_1_1
-from vmckpt.images import Store
+from vmckpt.images import Store, keys
 from vmckpt.machine.qemu import process_start_time
 from vmckpt.mechanisms.pageserver import status_of
 from vmckpt.mechanisms.restore_prep import CLOCK_NOTE
@@ -91,8 +91,14 @@ def original(request: pytest.FixtureRequest, guest_images: Path) -> Iterator[Ori
 
 @pytest.fixture
 def lazy(original: Original, store_dir: Path, guest_images: Path) -> Iterator[Vmckpt]:
-    """A copy of the original store for one test, with the original's QEMU."""
+    """A copy of the original store for one test, with the original's QEMU. Each copy is the
+    original put back on purpose: the catalog generations an earlier test's copy reached are
+    forgotten (what `vmckpt init --adopt --accept-rollback` does), or the copy would be
+    refused as a store rolled back."""
     shutil.copytree(original.store, store_dir, symlinks=True)
+    with Store(store_dir) as store:
+        assert store.store_id is not None
+        keys.forget_generation(store.store_id)
     runner = Vmckpt(store_dir, media=guest_images, env={"VMCKPT_QEMU": original.qemu})
     try:
         yield runner
