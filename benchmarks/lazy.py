@@ -345,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, help="draw the medians here (PNG)")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a new one)")
     args = parser.parse_args(argv)  # fmt: skip
+    if args.qemu:  # the vmckpt commands' QEMU, and the one qemu-file starts here itself
+        os.environ["VMCKPT_QEMU"] = args.qemu
     env = dict(os.environ)
-    if args.qemu:
-        env["VMCKPT_QEMU"] = args.qemu
     work = args.work or Path(tempfile.mkdtemp(prefix="vk-lazy-bench-", dir="/tmp"))
     keys = work / "keys"
     keys.mkdir(parents=True, exist_ok=True)
