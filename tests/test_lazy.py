@@ -127,6 +127,8 @@ def wait_all_in(runner: Vmckpt, name: str) -> dict[str, Any]:
     assert not capabilities["postcopy-ram"] and not capabilities["events"], capabilities
     done = json.loads((runner.runtime(name) / "restored.json").read_text())
     assert done["state"] == "done" and done["pages_in"] == done["pages_total"] > 0, done
+    with Store(runner.store) as store:  # the layer is its head once its pages are all in
+        assert store.head(name) == done["layer"], (store.head(name), done)
     return dict(done)
 
 
@@ -321,4 +323,6 @@ def test_a_damaged_page_found_while_serving_ends_the_restored_guest(
     now = record(lazy, "dmg")
     assert now is not None and now["state"] == "failed", now
     assert shot.layer in str(now["error"]) and "does not match its digest" in str(now["error"])
+    with Store(lazy.store) as store:  # a damaged layer never became its head
+        assert store.head("dmg") is None
     assert [g["state"] for g in lazy.listing()["guests"] if g["name"] == "dmg"] == ["stopped"]

@@ -15,7 +15,9 @@ line, and the full restore of restore.py runs instead). A lazy restore:
    migration is incoming; with writable disks, their dirty bitmaps are recreated first)
    and waits for QEMU's RESUME event;
 6. returns: the guest runs, the server pushes the rest of the pages and ends the
-   migration ``completed`` (``vmckpt list``: ``restoring (NN %)`` until then).
+   migration ``completed`` (``vmckpt list``: ``restoring (NN %)`` until then); only then
+   does the layer become the guest's head (a page that fails its digest on the way never
+   makes a damaged layer a head).
 
 A failure before the guests run kills every QEMU it started and ends the server; the
 store is only read. A page that fails its digest later is the server's to report (it
@@ -157,9 +159,7 @@ def restore_lazy(
         if watch_s > 0:
             for launch in launches:
                 _watch(launch, watch_s)
-        for launch in launches:
-            store.set_head(launch.name, manifest.id)
-        server.done()
+        server.done()  # the page server sets each guest's head once its pages are all in
         server = None
         return results, pid
     except BaseException as exc:

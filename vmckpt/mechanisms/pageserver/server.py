@@ -263,8 +263,18 @@ def serve(
         producer.start()
         server.watch(monitors)
         for name, destination in server.destinations.items():
-            if destination.state == "done" and name in monitors:
+            if destination.state != "done":
+                continue
+            if name in monitors:
                 settle(monitors[name], name)
+            # Only now is the guest's memory all the layer's: it becomes the guest's head
+            # (a restore whose page failed its digest never makes a damaged layer a head).
+            # Before the record goes: a checkpoint waiting for it then has its parent.
+            try:
+                store.set_head(name, server.source.manifest.id)
+            except VmckptError as exc:
+                destination.error = f"its head could not be set: {exc.one_line()}"
+                _log.error("%s: %s", name, destination.error)
         server.write_records()
         if any(d.state == "failed" for d in server.destinations.values()):
             server.end_failed()
