@@ -10,7 +10,7 @@ GUEST_IMAGES ?= $(abspath guest)
 export GUEST_IMAGES
 
 .PHONY: all deps-demo deps-test guest demo test test-fast lint typecheck check-code \
-        bench bench-migrate bench-microkernels clean genode genode-demo fiasco-demo
+        bench bench-lazy bench-migrate bench-microkernels clean genode genode-demo fiasco-demo
 
 all: guest
 
@@ -54,6 +54,13 @@ BENCH_OUT ?= /tmp/vmckpt-bench
 
 bench: deps-test guest
 	$(PYTHON) -m benchmarks.checkpoint $(BENCH_ARGS) --plot $(BENCH_OUT).png --json $(BENCH_OUT).json
+	$(PYTHON) -m benchmarks.lazy $(LAZY_ARGS) --plot $(BENCH_OUT)-lazy.png --json $(BENCH_OUT)-lazy.json
+
+## Restore: lazy (postcopy from the store) against the full restore and QEMU's own
+## migrate-incoming from a file, guests of 1, 4 and 8 GiB with >= 90 % of RAM in use.
+LAZY_ARGS ?= --sizes 1G,4G,8G --repeat 3
+bench-lazy: deps-test guest
+	$(PYTHON) -m benchmarks.lazy $(LAZY_ARGS) --plot $(BENCH_OUT)-lazy.png --json $(BENCH_OUT)-lazy.json
 
 ## Migration to another host (a network namespace with its own sshd; needs root).
 bench-migrate: deps-test guest

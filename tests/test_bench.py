@@ -116,3 +116,28 @@ def test_microkernel_table_reports_genode_fiasco_and_linux_rows() -> None:
     # The base layer is apart; the medians are over the two later layers.
     assert cells[3:10] == ["10.6 MB", "2", "3.0 ms", "4.0 ms", "1.25 MB", "0.50 s", "0.10 s"]
     assert "note: fiasco: no Fiasco.OC ticker" in table
+
+
+def test_lazy_report_says_which_goals_were_met() -> None:
+    from pathlib import Path
+
+    from benchmarks.lazy import Run, Setup, report
+
+    fast = Setup("1G", 1024, Path("/nonexistent"), "0001-aaaaaa", 900_000_000, Path("/x"))
+    fast.runs = [
+        Run("lazy", "1G", process_s=0.6, running_s=0.2, resume_ms=20.0, all_in_s=2.0),
+        Run("lazy", "1G", process_s=0.7, running_s=0.22, resume_ms=30.0, all_in_s=2.2),
+        Run("full", "1G", process_s=1.9, running_s=1.5, resume_ms=900.0, all_in_s=1.5),
+    ]
+    slow = Setup("4G", 4096, Path("/nonexistent"), "0001-bbbbbb", 3_700_000_000, Path("/y"))
+    slow.runs = [Run("lazy", "4G", running_s=0.3, resume_ms=150.0, all_in_s=9.0)]
+    text = "\n".join(report([fast, slow]))
+    assert "| 1G | 0.84 GiB | lazy | 0.650 s | 0.210 s | 25.0 ms |" in text
+    assert "| 1G | 0.84 GiB | full | 1.900 s | 1.500 s | 900.0 ms |" in text
+    assert "- 1G: RESUME 25.0 ms after migrate-incoming (goal <= 100 ms): met" in text
+    assert "- 1G: every page in after 2.100 s (goal <= 2.80 s: 900 MB / 500 MB/s + 1 s): met" in (
+        text
+    )
+    assert "- 4G: RESUME 150.0 ms after migrate-incoming (goal <= 100 ms): NOT met" in text
+    assert "- 4G: a running guest 0.300 s after the command's start (goal <= 0.25 s): NOT" in text
+    assert "- 4G: every page in after 9.000 s (goal <= 8.40 s" in text and "NOT met" in text

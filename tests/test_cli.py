@@ -186,3 +186,32 @@ def test_foreground_run_stops_its_guest_on_a_signal(
     assert "STATE seq=" in out, "the console was not followed"
     assert "guest fg stopped" in out, out[-2000:]
     assert not qemu_pids_of(vmckpt.store), "the foreground run left its QEMU running"
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["--clones", "2", "--same-identity"], "clones each get their own identity"),
+        (["--clones", "0"], "--clones must be between 1 and 64"),
+        (["--clones", "65"], "--clones must be between 1 and 64"),
+        (["--clones", "2", "--host", "user@other"], "--clones starts clones on this host"),
+        (["--watch", "-1"], "--watch must be 0 or more seconds"),
+        (["--libvirt-define", "d", "--no-lazy"], "they go without --libvirt-define"),
+        (["--lazy", "--no-lazy"], "not allowed with argument"),
+    ],
+)
+def test_restore_options_that_do_not_go_together_are_refused_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], needle: str
+) -> None:
+    from vmckpt.cli import main
+
+    store = Store.create(tmp_path / "store")
+    store.close()
+    try:
+        code = main(["restore", "--store", str(tmp_path / "store"), *options])
+    except SystemExit as exc:  # argparse's own refusal (mutually exclusive options)
+        code = int(str(exc.code))
+    err = capsys.readouterr().err
+    assert code != 0 and needle in err, err
+    assert len(err.strip().splitlines()) <= 2, err  # one line (argparse adds its usage line)
+    assert list((tmp_path / "store" / "layers").iterdir()) == []

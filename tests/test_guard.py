@@ -169,7 +169,7 @@ def test_only_a_complete_release_releases(pieces: list[bytes], released: bool) -
             os.write(write_fd, piece)
         os.close(write_fd)
         write_fd = -1
-        assert guard._wait_for_parent(read_fd) is released
+        assert guard.wait_for_parent(read_fd) is released
     finally:
         os.close(read_fd)
         if write_fd >= 0:

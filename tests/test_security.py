@@ -22,7 +22,8 @@ from vmckpt.images import LayerManifest, Store, keys
 from vmckpt.images import format as fmt
 from vmckpt.images.transfer import layer_files, receive_layer
 from vmckpt.machine.spec import GuestSpec, check_machine, check_name
-from vmckpt.mechanisms.restore import qemu_args_for, restore_command
+from vmckpt.mechanisms.restore import restore_command
+from vmckpt.mechanisms.restore_prep import qemu_args_for
 
 EVIL_ARGS = ["-netdev", "tap,id=n0,script=/tmp/evil.sh", "-pidfile", "/etc/evil"]
 

@@ -9,6 +9,7 @@ real layers (tests/test_microkernels.py: Genode's ``--machine q35 --cpu max``).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -60,9 +61,35 @@ def test_command_line_uses_the_layers_exact_machine_type_and_the_cpu(tmp_path: P
     ],
 )
 def test_stored_machine_or_cpu_with_option_syntax_is_refused(field: str, value: str) -> None:
-    data = GuestSpec().to_dict()
+    data = json.loads(json.dumps(GuestSpec().to_dict()))  # as stored: lists, not tuples
     data[field] = value
-    with pytest.raises(MachineError, match="stored guest spec is not valid"):
+    what = {"machine": "machine type", "cpu": "CPU model"}[field]
+    with pytest.raises(MachineError, match=f"stored guest spec is not valid: {what} "):
+        GuestSpec.from_dict(data)
+
+
+GUID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+
+
+def test_a_generation_id_round_trips_and_reaches_the_command_line(tmp_path: Path) -> None:
+    spec = GuestSpec(generation_id=GUID)
+    assert GuestSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    line = _line(spec, tmp_path)
+    assert line[line.index(f"vmgenid,id=vmckpt-genid,guid={GUID}") - 1] == "-device"
+    # A spec of an older vmckpt has none: no device, and a new identity keeps it so.
+    assert not any("vmgenid" in arg for arg in _line(GuestSpec(), tmp_path))
+    assert GuestSpec().with_new_identity().generation_id == ""
+    fresh = spec.with_new_identity().generation_id
+    assert fresh != GUID and re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", fresh)
+
+
+@pytest.mark.parametrize(
+    "value", [GUID.upper(), GUID + "\n", GUID[:-1], "auto,x=1", f"{GUID},file=/x", 7]
+)
+def test_a_stored_generation_id_that_is_no_guid_is_refused(value: object) -> None:
+    data = json.loads(json.dumps(GuestSpec().to_dict()))  # as stored: lists, not tuples
+    data["generation_id"] = value
+    with pytest.raises(MachineError, match=r"VM generation ID .* is not a GUID"):
         GuestSpec.from_dict(data)
 
 

@@ -106,10 +106,12 @@ def test_genode_multiboot_on_i440fx_layer_resets_so_verify_says_reset_and_restor
     assert report["verdict"] == "dead", report
     assert report["exited"] is True, report
 
-    # A restore of it fails at once, in one line, and leaves no QEMU running.
+    # A restore that watches it (--watch; a lazy restore returns once the guest runs, else)
+    # fails at once, in one line, and leaves no QEMU running.
     result = runner(
-        "restore", "--store", str(runner.store), "--layer", layer, "--detach", check=False
-    )
+        "restore", "--store", str(runner.store), "--layer", layer, "--detach", "--watch", "1",
+        check=False,
+    )  # fmt: skip
     one_line_error(result, "failed at once (RESET", code=RestoreError.exit_code)
     assert not qemu_pids_of(runner.store)
 

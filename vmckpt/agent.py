@@ -45,7 +45,7 @@ from vmckpt.images.media import find_medium, import_medium
 from vmckpt.images.transfer import receive_layer
 from vmckpt.machine.spec import BootMedium, GuestSpec
 from vmckpt.mechanisms.colo import end_session
-from vmckpt.mechanisms.restore import relocate_media
+from vmckpt.mechanisms.restore_prep import relocate_media
 from vmckpt.session import JOURNAL, MigrationSession
 
 CHUNK = 1 << 20

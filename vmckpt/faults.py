@@ -6,7 +6,11 @@ crash at that exact step loses nothing and leaves no guest stopped.
 ``VMCKPT_FAULT=receiver-dies-after:BYTES`` makes the stream receiver fail
 after reading that many bytes. ``VMCKPT_FAULT=hold-at:POINT`` holds vmckpt at
 POINT (saying so on stderr) until a signal handler raises there, so a test can
-interrupt that exact step. Unset (always, outside tests), all are inert.
+interrupt that exact step. For lazy restores (vmckpt/mechanisms/lazy_restore.py,
+vmckpt/mechanisms/pageserver/): ``push-pace-ms:N`` slows the page server's push (N ms per
+read run, so a test can interrupt it), ``no-userfaultfd`` makes the host look as if it had
+no userfaultfd, and ``qemu-refuses-postcopy`` as if QEMU refused to be a postcopy
+destination. Unset (always, outside tests), all are inert.
 """
 
 from __future__ import annotations

@@ -41,8 +41,9 @@ CONNECT_RETRY_S = 30.0  # the dead parent's QMP connection must be gone first
 class Guard:
     """The parent's side: start the guard, release it when done. A context manager."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], module: str = "vmckpt.guard") -> None:
         self._argv = argv
+        self._module = module  # the guard's program: ``python -m MODULE --pipe FD ARGV``
         self._proc: subprocess.Popen[bytes] | None = None
         self._write_fd: int | None = None
 
@@ -60,7 +61,7 @@ class Guard:
         read_fd, write_fd = os.pipe()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "vmckpt.guard", "--pipe", str(read_fd), *self._argv],
+                [sys.executable, "-m", self._module, "--pipe", str(read_fd), *self._argv],
                 pass_fds=(read_fd,),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C or a kill of the process group spares it
@@ -72,6 +73,11 @@ class Guard:
             os.close(read_fd)
         self._write_fd = write_fd
         return self
+
+    @property
+    def pid(self) -> int | None:
+        """The guard process's PID, once started."""
+        return self._proc.pid if self._proc is not None else None
 
     def release(self) -> None:
         """The work is done and the guest as found: the guard exits without acting."""
@@ -100,7 +106,7 @@ class Guard:
 # -- the guard process -------------------------------------------------------------------
 
 
-def _wait_for_parent(fd: int) -> bool:
+def wait_for_parent(fd: int) -> bool:
     """Block until the parent releases us (True) or dies (False)."""
     data = b""
     while True:
@@ -174,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # it ends when its parent says so, or dies
-    if _wait_for_parent(args.pipe):
+    if wait_for_parent(args.pipe):
         return 0
     from vmckpt import log
 

@@ -27,6 +27,7 @@ from vmckpt.machine.spec import (
     check_cpu,
     check_machine,
     check_name,
+    new_generation_id,
 )
 from vmckpt.mechanisms import api
 from vmckpt.mechanisms.watch import stop_on_signals
@@ -57,6 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         append=args.append or "",
         qemu_args=qemu_args,
         disks=tuple(DiskSpec.parse(i, text) for i, text in enumerate(args.disk or ())),
+        generation_id=new_generation_id(),
     )
     hint_s = hint_seconds(args.hint_after, detach=args.detach)
     store = open_store(args)

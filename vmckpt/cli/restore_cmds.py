@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 from typing import Any
 
@@ -20,12 +21,15 @@ from vmckpt.cli.output import (
     print_json,
     progress_for,
 )
-from vmckpt.errors import UsageError
+from vmckpt.errors import RestoreError, UsageError, VmckptError
 from vmckpt.guests.local import LocalGuest
 from vmckpt.machine.spec import (
     check_name,
 )
 from vmckpt.mechanisms import api
+from vmckpt.mechanisms.pageserver import failure_of
+
+MAX_CLONES = 64
 
 
 def _target(args: argparse.Namespace, host: str) -> Any:
@@ -56,26 +60,59 @@ def _destination(args: argparse.Namespace) -> api.Destination:
     if args.connect:
         raise UsageError("--connect goes with --libvirt-define")
     if args.host:
+        if args.clones is not None:
+            raise UsageError("--clones starts clones on this host; it goes without --host")
         return api.OnHost(_target(args, args.host), args.name)
-    return api.Here(args.name)
+    return api.Here(args.name, args.clones)
+
+
+def _options(args: argparse.Namespace) -> api.RestoreOptions:
+    if args.watch is not None and args.watch < 0:
+        raise UsageError("--watch must be 0 or more seconds")
+    if args.clones is not None:
+        if not 1 <= args.clones <= MAX_CLONES:
+            raise UsageError(f"--clones must be between 1 and {MAX_CLONES}")
+        if args.same_identity:
+            raise UsageError(
+                "clones each get their own identity: --same-identity restores one guest"
+            )
+    if args.libvirt_define and (args.lazy != "auto" or args.same_identity or args.clones):
+        raise UsageError(
+            "--lazy, --no-lazy, --same-identity and --clones restore into a QEMU of vmckpt's: "
+            "they go without --libvirt-define"
+        )
+    return api.RestoreOptions(args.lazy, args.same_identity, args.watch)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     store = open_store(args)
-    result, guest = api.restore(
-        store, args.layer, _destination(args),
+    destination = _destination(args)
+    results, guest = api.restore(
+        store, args.layer, destination,
         qemu_args=tuple(args.qemu_arg) if args.qemu_arg else None,
-        progress=progress_for(args.json),
+        progress=progress_for(args.json), options=_options(args),
     )  # fmt: skip
-    print_json(result.to_dict()) if args.json else print(result.summary())
+    if args.json:
+        if isinstance(destination, api.Here) and destination.clones is not None:
+            print_json({"clones": [result.to_dict() for result in results]})
+        else:
+            print_json(results[0].to_dict())
+    else:
+        for result in results:
+            print(result.summary())
     if args.detach or guest is None:
         return 0
     try:
         follow(guest.console(True))
     finally:
-        if isinstance(guest, LocalGuest) and guest.process().alive():
-            print(f"\nstopping guest {guest.name}")
-            print(api.stop(guest))
+        with contextlib.suppress(VmckptError):
+            if isinstance(guest, LocalGuest) and guest.process().alive():
+                print(f"\nstopping guest {guest.name}")
+                print(api.stop(guest))
+    if isinstance(guest, LocalGuest):
+        failed = failure_of(store, guest.name)  # a page found damaged while it was served
+        if failed is not None:
+            raise RestoreError(failed, vm=guest.name, layer=results[0].layer, step="serve pages")
     return 0
 
 
@@ -141,6 +178,43 @@ def add_parsers(command: Command) -> None:
     )
     p.add_argument("--connect", metavar="URI", help="libvirt URI for --libvirt-define")
     p.add_argument("--host", metavar="[USER@]HOST[:PORT]", help="restore on another host, over SSH")
+    lazy = p.add_mutually_exclusive_group()
+    lazy.add_argument(
+        "--lazy",
+        dest="lazy",
+        action="store_const",
+        const="always",
+        default="auto",
+        help="the guest runs at once and its pages come from the store as it needs them "
+        "(a page server pushes the rest); the default where the host allows it: refused in "
+        "one line where it does not",
+    )
+    lazy.add_argument(
+        "--no-lazy",
+        dest="lazy",
+        action="store_const",
+        const="never",
+        help="load every page before the guest runs",
+    )
+    p.add_argument(
+        "--clones",
+        type=int,
+        metavar="N",
+        help="start N clones of the layer, named NAME-1..NAME-N, each with its own identity "
+        "(a new VM generation ID), sharing one read of the store",
+    )
+    p.add_argument(
+        "--same-identity",
+        action="store_true",
+        help="keep the layer's VM generation ID (the guest does not learn it was restored)",
+    )
+    p.add_argument(
+        "--watch",
+        type=float,
+        metavar="S",
+        help="watch the restored guest this long before the restore counts (one that dies, "
+        "panics or resets fails it; default: 1 s for a full restore, none for a lazy one)",
+    )
     ssh_options(p)
     p.add_argument("--detach", action="store_true", help="return once the guest runs")
     json_option(p)

@@ -124,6 +124,8 @@ def command_line(
         args += ["-cpu", spec.cpu]
     if spec.panic_device and _has_isa_bus(machine):
         args += ["-device", "pvpanic"]
+    if spec.generation_id and _has_isa_bus(machine):  # the PC machines' ACPI and fw_cfg
+        args += ["-device", f"vmgenid,id=vmckpt-genid,guid={spec.generation_id}"]
     kernel, initrd, iso = spec.medium("kernel"), spec.medium("initrd"), spec.medium("iso")
     if kernel:
         args += ["-kernel", kernel.path]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ MACHINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 CPU_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 CPU_FEATURE_RE = re.compile(r"^[+-]?[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(=[A-Za-z0-9_.-]{1,64})?\Z")
 DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
+# A VM generation ID: a GUID in QEMU's text form, or "auto" (QEMU draws one).
+GENERATION_ID_RE = re.compile(
+    r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|auto)\Z"
+)
 ACCELERATORS = ("auto", "kvm", "tcg")
 MEDIA_ROLES = ("kernel", "initrd", "iso", "module")
 DISK_FORMATS = ("raw", "qcow2")
@@ -252,6 +257,11 @@ class GuestSpec:
     # A pvpanic device, so a guest panic is a QMP event (GUEST_PANICKED); False in specs
     # written before vmckpt added it (a restore must give QEMU the same devices).
     panic_device: bool = True
+    # The GUID of the guest's VM generation ID device (QEMU's vmgenid, present from boot: its
+    # ACPI tables are built then). A restore gives the guest a new one, so a clone knows it
+    # is one (the guest reseeds its random numbers), unless told to keep it; "" in specs
+    # written before vmckpt added the device (such a guest is restored without it).
+    generation_id: str = ""
 
     def __post_init__(self) -> None:
         if not 16 <= self.memory_mib <= MAX_MEMORY_MIB:
@@ -263,6 +273,8 @@ class GuestSpec:
         check_machine(self.machine)
         check_cpu(self.cpu)
         check_text(self.append, "kernel command line")
+        if self.generation_id and not GENERATION_ID_RE.match(str(self.generation_id)):
+            raise UsageError(f"VM generation ID {str(self.generation_id)[:40]!r} is not a GUID")
         ids = [disk.id for disk in self.disks]
         if len(set(ids)) != len(ids):
             raise UsageError(f"disk ids repeat: {ids}")
@@ -319,6 +331,17 @@ class GuestSpec:
 
     def without_qemu_args(self) -> GuestSpec:
         return replace(self, qemu_args=())
+
+    def with_new_identity(self) -> GuestSpec:
+        """The same guest as a new machine: a new VM generation ID (if it has the device)."""
+        if not self.generation_id:
+            return self
+        return replace(self, generation_id=new_generation_id())
+
+
+def new_generation_id() -> str:
+    """A random GUID for a VM generation ID device."""
+    return str(uuid.uuid4())
 
 
 _BASE_FIELDS = frozenset(

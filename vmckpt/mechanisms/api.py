@@ -9,7 +9,11 @@ is checkpointed by that host's vmckpt.
 - :func:`status`: a guest's row in ``list``, with its mechanism and session;
 - :func:`stop`, :func:`pause`, :func:`resume`, :func:`release`: a guest's life cycle with its
   session ended first where one would get in the way;
-- :func:`restore`: a layer brought back here, as a libvirt domain, or on another host.
+- :func:`restore`: a layer brought back here (lazily where the host allows it; clones), as a
+  libvirt domain, or on another host;
+- a guest still being restored lazily: ``restoring (NN %)`` in its status, a checkpoint that
+  waits for its last pages (:func:`wait_for_pages`), ``resume`` that starts a new page server
+  for it if its own died.
 """
 
 from __future__ import annotations
@@ -28,15 +32,18 @@ from vmckpt.images.retention import keep_arguments
 from vmckpt.mechanisms.choice import COLO, PRECOPY, Choice, choose_mechanism
 from vmckpt.mechanisms.colo import SessionClient, end_session, session_pid
 from vmckpt.mechanisms.layers import CheckpointResult, CheckpointSettings
+from vmckpt.mechanisms.pageserver import restoring_state, resume_restore, wait_restored
 from vmckpt.mechanisms.precopy import take_checkpoint
 from vmckpt.mechanisms.remote import RemoteRestoreResult, restore_remote
-from vmckpt.mechanisms.restore import RestoreResult, restore_guest
+from vmckpt.mechanisms.restore import restore_clones, restore_guest
 from vmckpt.mechanisms.restore_libvirt import DomainRestoreResult, restore_domain
+from vmckpt.mechanisms.restore_prep import RestoreResult
 from vmckpt.mechanisms.watch import WatchSettings, checkpoint_settings, watch_loop
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.ram import RamImage
 
 Row = dict[str, Any]
+RESTORE_WAIT_S = 60.0  # a checkpoint waits this long for a lazy restore's last pages
 
 
 def mechanism_of(guest: Guest) -> Choice:
@@ -79,6 +86,7 @@ def checkpoint(
     """One checkpoint of the guest, as the row ``checkpoint --json`` prints."""
     if isinstance(guest, RemoteGuest):
         return guest.checkpoint_row("--mechanism", mechanism)
+    wait_for_pages(guest)
     if _uses_colo(guest, mechanism):
         assert isinstance(guest, LocalGuest)
         return _colo_checkpoint(guest)
@@ -97,6 +105,7 @@ def watch(
     """Periodic checkpoints; ``report`` gets each one's row (with a ``note``)."""
     if isinstance(guest, RemoteGuest):
         return _remote_watch(guest, settings, report, mechanism)
+    wait_for_pages(guest)
     take: Callable[[], Row]
     if _uses_colo(guest, mechanism):
         assert isinstance(guest, LocalGuest)
@@ -146,6 +155,13 @@ def _remote_watch(
     return taken
 
 
+def wait_for_pages(guest: Guest, timeout: float = RESTORE_WAIT_S) -> None:
+    """A guest still being restored lazily is checkpointed once all its pages are in: wait
+    for that, or refuse in one line (vmckpt/mechanisms/pageserver/records.py)."""
+    if isinstance(guest, LocalGuest):
+        wait_restored(guest.store, guest.name, timeout)
+
+
 def _uses_colo(guest: Guest, mechanism: str) -> bool:
     return choose(guest, mechanism).mechanism == COLO
 
@@ -166,6 +182,9 @@ def status(guest: Guest) -> GuestStatus:
     row = guest.status(ask_qemu=True if session is not None else None)
     if row.pid is None:
         return row
+    restoring = restoring_state(guest.store, guest.name)
+    if restoring is not None:  # its page server holds the checkpoint lock meanwhile
+        row = replace(row, state=restoring)
     choice = Choice("", "")
     with contextlib.suppress(MachineError, OSError):
         choice = mechanism_of(guest)
@@ -194,14 +213,41 @@ def pause(guest: Guest) -> None:
 
 
 def resume(guest: Guest) -> bool:
+    """Resume the guest; a lazy restore that lost its page server (and guard) gets a new one
+    (vmckpt/mechanisms/pageserver/recovery.py)."""
+    if isinstance(guest, LocalGuest) and resume_restore(guest.store, guest.name):
+        return True
     return guest.resume()
 
 
 @dataclass(frozen=True)
 class Here:
-    """Restore into a new QEMU on this host, named ``name`` (default: the layer's guest)."""
+    """Restore into a new QEMU on this host, named ``name`` (default: the layer's guest), or
+    ``clones`` guests NAME-1..NAME-N, each with its own identity."""
 
     name: str | None = None
+    clones: int | None = None
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How a restore loads the guest: ``lazy`` (``auto``: lazily where the host allows it,
+    ``always``, ``never``), ``same_identity`` (keep the layer's VM generation ID), ``watch_s``
+    (watch the guest this long before the restore counts; None: the kind's default)."""
+
+    lazy: str = "auto"
+    same_identity: bool = False
+    watch_s: float | None = None
+
+    def arguments(self) -> tuple[str, ...]:
+        """The options as another host's ``vmckpt restore`` is to be given them."""
+        flags = {"always": "--lazy", "never": "--no-lazy"}
+        options: tuple[str, ...] = (flags[self.lazy],) if self.lazy in flags else ()
+        if self.same_identity:
+            options += ("--same-identity",)
+        if self.watch_s is not None:
+            options += ("--watch", str(self.watch_s))
+        return options
 
 
 @dataclass(frozen=True)
@@ -231,17 +277,30 @@ def restore(
     *,
     qemu_args: tuple[str, ...] | None = None,
     progress: Progress = NO_PROGRESS,
-) -> tuple[Restored, Guest | None]:
-    """Restore ``layer`` (default: the newest) ``into`` a destination; the result, and the
-    restored guest where vmckpt can reach it afterwards (its console, a stop)."""
+    options: RestoreOptions | None = None,
+) -> tuple[list[Restored], Guest | None]:
+    """Restore ``layer`` (default: the newest) ``into`` a destination; the results (one per
+    guest: several for clones), and the restored guest where vmckpt can reach it afterwards
+    (its console, a stop; None for clones)."""
+    options = options or RestoreOptions()
     if isinstance(into, AsDomain):
         if qemu_args:
             raise UsageError("--qemu-arg does not go with --libvirt-define (the domain XML says)")
-        return restore_domain(store, layer, into.name, uri=into.uri, progress=progress), None
+        return [restore_domain(store, layer, into.name, uri=into.uri, progress=progress)], None
     if isinstance(into, OnHost):
         remote = restore_remote(
-            store, layer, into.name, into.target, qemu_args=qemu_args, progress=progress
-        )
-        return remote, RemoteGuest.load(store, remote.name)
-    result = restore_guest(store, layer, into.name, extra_args=qemu_args, progress=progress)
-    return result, LocalGuest(store, result.name)
+            store, layer, into.name, into.target, qemu_args=qemu_args, progress=progress,
+            options=options.arguments(),
+        )  # fmt: skip
+        return [remote], RemoteGuest.load(store, remote.name)
+    if into.clones is not None:
+        clones = restore_clones(
+            store, layer, into.name, into.clones, extra_args=qemu_args, lazy=options.lazy,
+            check_s=options.watch_s, progress=progress,
+        )  # fmt: skip
+        return list(clones), None
+    result = restore_guest(
+        store, layer, into.name, extra_args=qemu_args, progress=progress, lazy=options.lazy,
+        check_s=options.watch_s, same_identity=options.same_identity,
+    )  # fmt: skip
+    return [result], LocalGuest(store, result.name)

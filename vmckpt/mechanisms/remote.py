@@ -203,12 +203,16 @@ def restore_remote(
     target: RemoteTarget,
     *,
     qemu_args: tuple[str, ...] | None = None,
+    options: tuple[str, ...] = (),
     progress: Progress = NO_PROGRESS,
 ) -> RemoteRestoreResult:
     """Restore a layer on another host: copy what it lacks, restore there, record it here.
 
     The other host seals the layers as come from this one, so it never uses their free-form
-    QEMU arguments; ``qemu_args`` (the user's own, on this command line) are passed on."""
+    QEMU arguments; ``qemu_args`` (the user's own, on this command line) are passed on, and
+    so are the restore's ``options`` (``--lazy``/``--no-lazy``, ``--same-identity``,
+    ``--watch S``): the vmckpt there restores lazily where its host allows it, its own page
+    server serving the pages from its own store."""
     started = time.monotonic()
     layer_id = store.resolve(layer_ref) if layer_ref else store.newest()
     store.verify(layer_id)  # never ship a damaged chain
@@ -230,7 +234,7 @@ def restore_remote(
         copied = time.monotonic()
         code, out, err = endpoint.vmckpt(
             "restore", "--store", target.store, "--layer", layer_id, "--name", name,
-            "--detach", "--json", *[f"--qemu-arg={arg}" for arg in qemu_args or ()],
+            "--detach", "--json", *options, *[f"--qemu-arg={arg}" for arg in qemu_args or ()],
         )  # fmt: skip
         if code != 0:
             raise failure_of(err, ssh.name, "restore")

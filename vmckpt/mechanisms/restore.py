@@ -1,4 +1,5 @@
-"""Bring a guest back to life from a layer.
+"""Bring a guest back to life from a layer: lazily where the host allows it
+(lazy_restore.py), else in full.
 
 :func:`load_layer_image` is the one "resolve → compose → envelope" step every
 restore uses (here, as a libvirt domain, on another host through its own
@@ -29,10 +30,8 @@ from typing import Any, BinaryIO, cast
 from vmckpt import log
 from vmckpt.errors import RestoreError, VmckptError
 from vmckpt.guests.local import LocalGuest
-from vmckpt.images import LayerManifest, Store, keys
-from vmckpt.images.media import find_medium
+from vmckpt.images import LayerManifest, Store
 from vmckpt.machine.binary import (
-    machine_types,
     qemu_binary,
     qemu_version,
     resolve_accel,
@@ -42,6 +41,14 @@ from vmckpt.machine.liveness import FATAL_EVENTS, Observation, observe
 from vmckpt.machine.qemu import Launch, QemuProcess, command_line, rotate_serial_log
 from vmckpt.machine.spec import GuestSpec, check_name
 from vmckpt.mechanisms.disk_restore import discard_restored, materialize, track_restored
+from vmckpt.mechanisms.lazy_restore import restore_lazily
+from vmckpt.mechanisms.restore_prep import (
+    CLOCK_NOTE,
+    RestoreResult,
+    check_machine_type,
+    qemu_args_for,
+    relocate_media,
+)
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.ram import RamImage
 from vmckpt.session import MigrationSession
@@ -84,31 +91,6 @@ def load_layer_image(
     return LayerImage(manifest, ram, envelope)
 
 
-def qemu_args_for(
-    manifest: LayerManifest,
-    spec: GuestSpec,
-    given: tuple[str, ...] | None,
-    vm: str,
-    *,
-    warn: bool = True,
-) -> tuple[str, ...]:
-    """The free-form QEMU arguments a restore passes: those given on its command line
-    (``given``, even empty), else the layer's own, but only from a layer this store wrote
-    (origin ``local``): a layer from another host, or adopted, cannot make vmckpt pass
-    options of its choosing to QEMU (docs/SECURITY.md)."""
-    if given is not None:
-        return given
-    if not spec.qemu_args or manifest.origin == keys.LOCAL:
-        return spec.qemu_args
-    if warn:
-        _log.warning(
-            "guest %s: layer %s has origin %s, so its QEMU arguments %s are not used; "
-            "repeat them with --qemu-arg to use them",
-            vm, manifest.id, manifest.origin, " ".join(spec.qemu_args),
-        )  # fmt: skip
-    return ()
-
-
 def restore_command(
     store: Store, manifest: LayerManifest, extra_args: tuple[str, ...] | None = None
 ) -> list[str]:
@@ -117,6 +99,8 @@ def restore_command(
     would refuse them). The monitor sockets and rebuilt disks are placeholders."""
     name = check_name(manifest.guest)
     spec = relocate_media(GuestSpec.from_dict(manifest.spec), store)
+    if spec.generation_id:  # a restore gives the guest a new one
+        spec = replace(spec, generation_id="auto")
     args = qemu_args_for(manifest, spec, extra_args, name, warn=False)
     disks = tuple(
         disk if disk.readonly
@@ -138,74 +122,38 @@ def restore_command(
     )
 
 
-@dataclass(frozen=True)
-class RestoreResult:
-    name: str
-    layer: str
-    pid: int
-    compose_s: float
-    load_s: float
-    total_s: float
-    stream_bytes: int
-
-    def summary(self) -> str:
-        return (
-            f"guest {self.name} restored from layer {self.layer}, PID {self.pid}  "
-            f"(compose {self.compose_s:.2f} s, load {self.load_s:.2f} s, "
-            f"total {self.total_s:.2f} s)"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "layer": self.layer,
-            "pid": self.pid,
-            "host": "local",
-            "compose_s": round(self.compose_s, 3),
-            "load_s": round(self.load_s, 3),
-            "total_s": round(self.total_s, 3),
-            "bytes": self.stream_bytes,
-        }
-
-
-def relocate_media(spec: GuestSpec, store: Store) -> GuestSpec:
-    """The spec with each boot medium found by its content: at its own path, else in the
-    store's copy (restore on another host, see vmckpt/remote)."""
-    media = []
-    for medium in spec.media:
-        found = find_medium(store, medium.sha256, medium.path)
-        media.append(replace(medium, path=str(found)) if found else medium)
-    return replace(spec, media=tuple(media))
-
-
-def check_machine_type(manifest: LayerManifest, vm: str) -> None:
-    """Refuse, before anything starts, a layer whose exact machine type the QEMU in use lacks
-    (a layer of a newer QEMU: machine types are versioned, older ones stay in newer QEMUs)."""
-    binary = qemu_binary()
-    wanted = manifest.machine_type
-    if wanted and wanted not in machine_types(binary):
-        raise RestoreError(
-            f"it was taken by QEMU {manifest.qemu_version} on machine type {wanted}, which "
-            f"QEMU {qemu_version(binary)} ({binary}) does not have: restore it with QEMU "
-            f"{manifest.qemu_version} or later (VMCKPT_QEMU=PATH)",
-            vm=vm,
-            layer=manifest.id,
-            step="check-machine",
-        )
-
-
 def restore_guest(
     store: Store,
     layer_ref: str | None,
     name: str | None,
     *,
     extra_args: tuple[str, ...] | None = None,
-    check_s: float = DEFAULT_CHECK_S,
+    check_s: float | None = None,
     progress: Progress = NO_PROGRESS,
+    lazy: str = "auto",
+    same_identity: bool = False,
 ) -> RestoreResult:
     """Restore a layer into a new QEMU on this host, named ``name`` (default: the layer's
-    guest). ``extra_args`` are the free-form QEMU arguments to use (None: the layer's own)."""
+    guest). ``extra_args`` are the free-form QEMU arguments to use (None: the layer's own).
+    ``lazy``: ``auto`` (lazily where the host allows it, lazy_restore.py, else in full with
+    the reason in the result's notes), ``always`` (RestoreError where it cannot) or
+    ``never``. ``check_s``: how long the guest is watched before the restore counts
+    (default: a second in full, none when lazy: the command returns once the guest runs).
+    The guest gets a new VM generation ID unless ``same_identity``."""
     started = time.monotonic()
+    notes: tuple[str, ...] = ()
+    if lazy != "never":
+        outcome = restore_lazily(
+            store, layer_ref, [name], extra_args=extra_args, watch_s=check_s or 0.0,
+            started=started, same_identity=same_identity, progress=progress,
+        )  # fmt: skip
+        if not isinstance(outcome, str):
+            return outcome[0]
+        if lazy == "always":
+            raise RestoreError(f"cannot restore lazily: {outcome}", step="lazy")
+        notes = (f"full restore: {outcome}",)
+    notes += (CLOCK_NOTE,)
+    check_s = DEFAULT_CHECK_S if check_s is None else check_s
     image = load_layer_image(store, layer_ref, progress=progress)
     manifest = image.manifest
     name = check_name(name or manifest.guest)
@@ -215,6 +163,8 @@ def restore_guest(
     spec = relocate_media(image.spec, store)
     spec.check_media(vm=name)
     args = qemu_args_for(manifest, spec, extra_args, name)
+    if not same_identity:
+        spec = spec.with_new_identity()
     # Writable disks are rebuilt as new images in a fresh directory of this host's data
     # directory of the store (never in the store, which others may write).
     disk_dir = store.host.fresh(store.host.data_dir(name), f"disks-{manifest.id}-")
@@ -231,7 +181,7 @@ def restore_guest(
     process = guest.process()
     try:
         with progress.task("loading into QEMU", None):
-            written, loaded, observation = _load_into(
+            written, loaded, observation, resume_ms = _load_into(
                 process, image, spec, name=name, watch_s=check_s, until=_fatal
             )
         _check_alive(process, observation)
@@ -253,7 +203,48 @@ def restore_guest(
         load_s=loaded - composed,
         total_s=time.monotonic() - started,
         stream_bytes=written,
+        notes=notes,
+        resume_ms=resume_ms,
     )
+
+
+def restore_clones(
+    store: Store,
+    layer_ref: str | None,
+    name: str | None,
+    count: int,
+    *,
+    extra_args: tuple[str, ...] | None,
+    lazy: str = "auto",
+    check_s: float | None = None,
+    progress: Progress = NO_PROGRESS,
+) -> list[RestoreResult]:
+    """``vmckpt restore --clones N``: N guests NAME-1 .. NAME-N (NAME: ``name``, else the
+    layer's guest) from one layer, each with a new VM generation ID; lazily, one page server
+    feeds them all from one read of the store; in full, one restore after the other."""
+    started = time.monotonic()
+    layer_id = store.resolve(layer_ref) if layer_ref else store.newest()
+    base = check_name(name or store.manifest(layer_id).guest)
+    names = [check_name(f"{base}-{number}") for number in range(1, count + 1)]
+    notes: tuple[str, ...] = ()
+    if lazy != "never":
+        outcome = restore_lazily(
+            store, layer_id, list(names), extra_args=extra_args, watch_s=check_s or 0.0,
+            started=started, progress=progress,
+        )  # fmt: skip
+        if not isinstance(outcome, str):
+            return outcome
+        if lazy == "always":
+            raise RestoreError(f"cannot restore lazily: {outcome}", step="lazy")
+        notes = (f"full restore: {outcome}",)
+    results = []
+    for clone in names:
+        result = restore_guest(
+            store, layer_id, clone, extra_args=extra_args, check_s=check_s, progress=progress,
+            lazy="never",
+        )  # fmt: skip
+        results.append(replace(result, notes=notes + result.notes))
+    return results
 
 
 def _fatal(observation: Observation) -> bool:
@@ -288,9 +279,10 @@ def _load_into(
     name: str,
     watch_s: float,
     until: Callable[[Observation], bool] | None,
-) -> tuple[int, float, Observation]:
+) -> tuple[int, float, Observation, float | None]:
     """Load the composed stream, resume, and watch the guest from the moment it resumes
-    (vmckpt/machine/liveness.py); the bytes written, the moment the guest ran, what was seen."""
+    (vmckpt/machine/liveness.py); the bytes written, the moment the guest ran, what was seen,
+    and QEMU's RESUME event after migrate-incoming (ms)."""
     with process.monitor() as mon:
         session = MigrationSession(
             mon, vm=name, error=RestoreError, capabilities={"events": True}, incoming=True,
@@ -300,6 +292,7 @@ def _load_into(
             sender = _StreamSender(session.socket(), image.envelope, image.ram)
             sender.start()
             try:
+                incoming = time.time()
                 session.start()
                 try:
                     session.wait()
@@ -318,10 +311,12 @@ def _load_into(
             console_from = _size(process.serial_log)
             session.resume()
         running = time.monotonic()
+        resumes = [e.timestamp for e in mon.events_since(mark) if e.name == "RESUME"]
+        resume_ms = round((resumes[0] - incoming) * 1000, 3) if resumes else None
         observation = observe(
             process, mon, since=mark, seconds=watch_s, console_from=console_from, until=until
         )
-        return sender.written, running, observation
+        return sender.written, running, observation, resume_ms
 
 
 def _size(path: Path) -> int:
@@ -440,7 +435,7 @@ def boot_check(
             process = QemuProcess.launch(spec, launch, runtime_dir=scratch)
             try:
                 with progress.task("loading into a throw-away QEMU", None):
-                    _written, loaded, observation = _load_into(
+                    _written, loaded, observation, _resume = _load_into(
                         process, image, spec, name=label, watch_s=seconds, until=_exited
                     )
             except RestoreError as exc:

@@ -7,8 +7,10 @@ capabilities is handled; anything else raises `StreamError`.
 
 Modules: ``format`` (the constants), ``decoder`` (the one decoder of the stream's
 records), ``reader`` (a whole migration, through the decoder), ``writer``, ``envelope``,
-and ``colo`` (the receiving end of a COLO session: the opening through ``reader``, each
-checkpoint's RAM part through the decoder).
+``colo`` (the receiving end of a COLO session: the opening through ``reader``, each
+checkpoint's RAM part through the decoder), and ``postcopy`` (vmckpt as the source of a
+postcopy migration: the preamble, page records and recovery commands through the writer's
+encoders, the stored device state cut by the decoder, the return path it reads).
 """
 
 from vmckpt.stream.envelope import StreamEnvelope

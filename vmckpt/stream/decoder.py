@@ -590,7 +590,7 @@ class Decoder:
             if not self.more(self.filled - self.pos + 1, "the device part"):
                 break
         rest = self.take(self.filled - self.pos, "the device part")
-        end = _vmdesc_at(rest, 0, len(rest))
+        end = vmdesc_at(rest, 0, len(rest))
         if end is None:
             end = len(rest)
         else:
@@ -612,10 +612,10 @@ class Decoder:
     def _ends_with_vmdesc(self) -> bool:
         if self.filled == self.pos or self.buffer[self.filled - 1] != ord("}"):
             return False  # (the common case, cheaply)
-        return _vmdesc_at(self.buffer, self.pos, self.filled) is not None
+        return vmdesc_at(self.buffer, self.pos, self.filled) is not None
 
 
-def _vmdesc_at(data: bytes | bytearray, start: int, end: int) -> int | None:
+def vmdesc_at(data: bytes | bytearray, start: int, end: int) -> int | None:
     """Where, in ``data[start:end]``, the EOF byte is that a device description ending at
     ``end`` follows (VMDESCRIPTION, a be32 length and that much JSON); None if there is
     no such description."""

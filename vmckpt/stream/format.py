@@ -40,7 +40,14 @@ SECTION_NAMES: Final = {
 # Commands (enum MigrationCommand in savevm.c).
 MIG_CMD_OPEN_RETURN_PATH: Final = 1
 MIG_CMD_PING: Final = 2
+MIG_CMD_POSTCOPY_ADVISE: Final = 3
+MIG_CMD_POSTCOPY_LISTEN: Final = 4
+MIG_CMD_POSTCOPY_RUN: Final = 5
+MIG_CMD_POSTCOPY_RAM_DISCARD: Final = 6
+MIG_CMD_PACKAGED: Final = 7
 MIG_CMD_ENABLE_COLO: Final = 8
+MIG_CMD_POSTCOPY_RESUME: Final = 9
+MIG_CMD_RECV_BITMAP: Final = 10
 MIG_CMD_SWITCHOVER_START: Final = 11
 COMMAND_NAMES: Final = {
     1: "OPEN_RETURN_PATH",
@@ -67,6 +74,25 @@ COLO_SESSION_COMMANDS: Final = frozenset(
 # then the data.
 MIG_RP_MSG_SHUT: Final = 1  # data: be32 0 (no error); ends QEMU's return-path thread
 MIG_RP_MSG_PONG: Final = 2  # data: be32, the PING's value
+MIG_RP_MSG_REQ_PAGES_ID: Final = 3  # be64 offset, be32 length, RAM block name (u8 + bytes)
+MIG_RP_MSG_REQ_PAGES: Final = 4  # be64 offset, be32 length (the last named RAM block)
+MIG_RP_MSG_RECV_BITMAP: Final = 5  # RAM block name; then, unframed: be64 size, bitmap, ending
+MIG_RP_MSG_RESUME_ACK: Final = 6  # be32 RESUME_ACK_VALUE
+MIG_RP_MSG_SWITCHOVER_ACK: Final = 7
+RP_MESSAGE_NAMES: Final = {
+    1: "SHUT",
+    2: "PONG",
+    3: "REQ_PAGES_ID",
+    4: "REQ_PAGES",
+    5: "RECV_BITMAP",
+    6: "RESUME_ACK",
+    7: "SWITCHOVER_ACK",
+}
+RECV_BITMAP_ENDING: Final = 0x0123456789ABCDEF  # after a received bitmap (ram.c)
+RESUME_ACK_VALUE: Final = 1
+POSTCOPY_DISCARD_VERSION: Final = 0
+# The largest PACKAGED blob QEMU 10 accepts (MAX_VM_CMD_PACKAGED_SIZE in savevm.c).
+MAX_PACKAGED_BYTES: Final = 1 << 24
 
 # The "ram" section: a sequence of be64 words, page offset | flags.
 RAM_IDSTR: Final = "ram"

@@ -3,7 +3,9 @@
 The stream is the envelope's prelude, one ``ram`` START section holding
 MEM_SIZE and every page of every block, a ``ram`` END section with just EOS,
 then the envelope's epilogue. Page records are built with numpy structured
-arrays a chunk at a time; nothing loops over pages in Python.
+arrays a chunk at a time; nothing loops over pages in Python. The record encoders
+(section headers, footers, block names, MEM_SIZE, the record dtypes) are shared with
+:mod:`vmckpt.stream.postcopy`, which writes the streams of a postcopy source.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ _ZERO_CONT = np.uint64(fmt.RAM_FLAG_ZERO | fmt.RAM_FLAG_CONTINUE)
 _PAGE_SHIFT = np.uint64(fmt.TARGET_PAGE_BITS)
 
 
-def _section_start(envelope: StreamEnvelope) -> bytes:
+def section_start(envelope: StreamEnvelope) -> bytes:
+    """The ``ram`` START section's header, as the envelope names it."""
     name = fmt.RAM_IDSTR.encode()
     return (
         bytes([fmt.SECTION_START])
@@ -41,18 +44,21 @@ def _section_start(envelope: StreamEnvelope) -> bytes:
     )
 
 
-def _footer(section_id: int) -> bytes:
+def footer(section_id: int) -> bytes:
+    """A section's footer."""
     return bytes([fmt.SECTION_FOOTER]) + fmt.BE32.pack(section_id)
 
 
-def _idstr(idstr: str) -> bytes:
+def idstr_bytes(idstr: str) -> bytes:
+    """A RAM block's name as the stream spells it: a length byte and the name."""
     raw = idstr.encode("ascii")
     if not 0 < len(raw) < 256:
         raise StreamError(f"RAM block name {idstr!r} cannot be written", step=STEP)
     return bytes([len(raw)]) + raw
 
 
-def _mem_size(blocks: list[RamBlock]) -> bytes:
+def mem_size(blocks: list[RamBlock]) -> bytes:
+    """The MEM_SIZE record: the total, then each block's name and length."""
     total = sum(block.length for block in blocks)
     if total & fmt.RAM_FLAGS_MASK or any(b.length % PAGE_SIZE for b in blocks):
         raise StreamError(
@@ -62,7 +68,7 @@ def _mem_size(blocks: list[RamBlock]) -> bytes:
         )
     parts = [fmt.BE64.pack(total | fmt.RAM_FLAG_MEM_SIZE)]
     for block in blocks:
-        parts.append(_idstr(block.idstr) + fmt.BE64.pack(block.length))
+        parts.append(idstr_bytes(block.idstr) + fmt.BE64.pack(block.length))
     return b"".join(parts)
 
 
@@ -84,10 +90,10 @@ class _Records:
         words = pages.view(np.uint64)
         first = pages[0]
         if first.any():
-            head = fmt.BE64.pack(fmt.RAM_FLAG_PAGE) + _idstr(block.idstr)
+            head = fmt.BE64.pack(fmt.RAM_FLAG_PAGE) + idstr_bytes(block.idstr)
             written = sink.write(head) + sink.write(first.data)
         else:
-            head = fmt.BE64.pack(fmt.RAM_FLAG_ZERO) + _idstr(block.idstr) + b"\0"
+            head = fmt.BE64.pack(fmt.RAM_FLAG_ZERO) + idstr_bytes(block.idstr) + b"\0"
             written = sink.write(head)
         for start in range(1, count, CHUNK_PAGES):
             stop = min(start + CHUNK_PAGES, count)
@@ -129,13 +135,13 @@ def write_stream(sink: BinaryIO, envelope: StreamEnvelope, ram: RamImage) -> int
     section_id = envelope.ram_section_id
     eos = fmt.BE64.pack(fmt.RAM_FLAG_EOS)
     written = sink.write(envelope.prelude)
-    written += sink.write(_section_start(envelope) + _mem_size(ram.blocks))
+    written += sink.write(section_start(envelope) + mem_size(ram.blocks))
     records = _Records()
     for block in ram.blocks:
         if block.pages:
             written += records.write_block(sink, block, ram.pages_of(block.idstr))
-    written += sink.write(eos + _footer(section_id))
+    written += sink.write(eos + footer(section_id))
     end = bytes([fmt.SECTION_END]) + fmt.BE32.pack(section_id)
-    written += sink.write(end + eos + _footer(section_id))
+    written += sink.write(end + eos + footer(section_id))
     written += sink.write(envelope.epilogue)
     return written

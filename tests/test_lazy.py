@@ -1,0 +1,328 @@
+"""Lazy restore (vmckpt/mechanisms/lazy_restore.py, vmckpt/mechanisms/pageserver/) with real
+QEMU 10 and 11 under TCG: the guest runs at once and goes on with the original checksums while
+the page server brings its pages in; a page server killed mid-push is replaced and the restore
+completes; clones each get their own identity; where lazy cannot be, the full restore says why.
+
+Timings are the benchmark's business (benchmarks/lazy.py): these tests check what can fail."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import short_tmp
+from tests.framework.guest import (
+    Taken,
+    Vmckpt,
+    assert_continues,
+    guest_append,
+    one_line_error,
+    wait_for,
+)
+from tests.framework.mechanisms import QEMU11_DEFAULT, SYSTEM_QEMU, qemu11
+from tests.test_images import as_1_1
+from vmckpt.images import Store, keys
+from vmckpt.machine.qemu import process_start_time
+from vmckpt.mechanisms.pageserver import status_of
+from vmckpt.mechanisms.restore_prep import CLOCK_NOTE
+
+pytestmark = pytest.mark.qemu
+
+PACE = {"VMCKPT_FAULT": "push-pace-ms:300"}  # 8 MiB per 300 ms: a push of seconds
+RESTORE_S = 120.0
+IDENTITY = re.compile(r"^IDENTITY gpe05=(\S+) forks=(\d+) driver=(\w+)$", re.M)
+QEMUS = [
+    pytest.param(SYSTEM_QEMU, id="qemu10"),
+    pytest.param(qemu11(), id="qemu11", marks=pytest.mark.qemu11),
+]
+
+
+@dataclass
+class Original:
+    """A guest checkpointed twice, stopped: its store, layers and console, for the module."""
+
+    store: Path
+    qemu: str
+    taken: list[Taken]
+    states: list[Any]
+    serial: str
+
+
+@pytest.fixture(scope="module", params=QEMUS)
+def original(request: pytest.FixtureRequest, guest_images: Path) -> Iterator[Original]:
+    qemu = str(request.param)
+    if shutil.which(qemu) is None:
+        pytest.fail(f"no QEMU at {qemu} (make deps-test installs QEMU 11 at {QEMU11_DEFAULT})")
+    path = short_tmp("vk-lazy-")
+    runner = Vmckpt(path / "store", media=guest_images, env={"VMCKPT_QEMU": qemu})
+    try:
+        runner.run_guest(
+            "lz", extra=("--append", guest_append(pages=4, buf_mb=64) + " vmckpt.identity=1")
+        )
+        runner.wait_states("lz", 5)
+        wait_for(lambda: "IDENTITY" in runner.serial("lz"), "the identity report", 60)
+        taken = []
+        for _ in range(2):
+            # precopy-diff on both QEMUs: no checkpoint session to end (test_colo restores
+            # colo layers, lazily as every restore)
+            before = runner.last_seq("lz")
+            row = runner.checkpoint("lz", "--mechanism", "precopy-diff")
+            after = runner.last_seq("lz")
+            taken.append(Taken(str(row["layer"]), before, after, int(str(row["pages_stored"])),
+                               int(str(row["bytes"])), float(str(row["pause_ms"]))))  # fmt: skip
+            runner.wait_states("lz", len(runner.states("lz")) + 5)
+        states = runner.states("lz")
+        serial = runner.serial("lz")
+        runner("stop", "lz", "--store", str(runner.store))
+        yield Original(runner.store, qemu, taken, states, serial)
+    finally:
+        runner.kill_all()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def lazy(original: Original, store_dir: Path, guest_images: Path) -> Iterator[Vmckpt]:
+    """A copy of the original store for one test, with the original's QEMU. Each copy is the
+    original put back on purpose: the catalog generations an earlier test's copy reached are
+    forgotten (what `vmckpt init --adopt --accept-rollback` does), or the copy would be
+    refused as a store rolled back."""
+    shutil.copytree(original.store, store_dir, symlinks=True)
+    with Store(store_dir) as store:
+        assert store.store_id is not None
+        keys.forget_generation(store.store_id)
+    runner = Vmckpt(store_dir, media=guest_images, env={"VMCKPT_QEMU": original.qemu})
+    try:
+        yield runner
+    finally:
+        runner.kill_all()  # the page servers end with their QEMUs
+
+
+def record(runner: Vmckpt, name: str) -> dict[str, Any] | None:
+    return status_of(Store(runner.store), name)
+
+
+def restore(runner: Vmckpt, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    out = runner.restore(*args, env=env)
+    row = json.loads(out.stdout)
+    assert isinstance(row, dict)
+    return row
+
+
+def wait_all_in(runner: Vmckpt, name: str) -> dict[str, Any]:
+    """The page server finished: every page in, the migration completed, its record gone
+    and what it did kept (restored.json)."""
+    wait_for(lambda: record(runner, name) is None, f"{name}'s pages all in", RESTORE_S)
+    with runner.monitor(name) as mon:
+        assert mon.query_migrate().status == "completed"
+        capabilities = mon.migrate_capabilities()
+    assert not capabilities["postcopy-ram"] and not capabilities["events"], capabilities
+    done = json.loads((runner.runtime(name) / "restored.json").read_text())
+    assert done["state"] == "done" and done["pages_in"] == done["pages_total"] > 0, done
+    with Store(runner.store) as store:  # the layer is its head once its pages are all in
+        assert store.head(name) == done["layer"], (store.head(name), done)
+    return dict(done)
+
+
+def test_lazy_restore_runs_at_once_and_continues_with_the_original_checksums(
+    original: Original, lazy: Vmckpt
+) -> None:
+    for shot in original.taken:
+        row = restore(lazy, "--layer", shot.layer, "--name", "lz")
+        assert row["lazy"] is True and row["page_server"], row
+        assert row["resume_ms"] is not None and row["resume_ms"] >= 0
+        assert CLOCK_NOTE in row["notes"]
+        restored = lazy.wait_states("lz", 12)
+        assert_continues(restored, original.states, shot)
+        wait_all_in(lazy, "lz")
+        more = lazy.wait_states("lz", len(lazy.states("lz")) + 5)
+        assert_continues(more, original.states, shot)
+        assert "BAD" not in lazy.serial("lz")
+        lazy("stop", "lz", "--store", str(lazy.store))
+
+
+def test_a_guest_being_restored_is_listed_so_and_checkpointed_once_all_is_in(
+    original: Original, lazy: Vmckpt
+) -> None:
+    shot = original.taken[1]
+    restore(lazy, "--layer", shot.layer, "--name", "slow", env=PACE)
+
+    def restoring() -> bool:
+        rows = [g for g in lazy.listing()["guests"] if g["name"] == "slow"]
+        return bool(rows) and bool(re.fullmatch(r"restoring \(\d+ %\)", str(rows[0]["state"])))
+
+    wait_for(restoring, "vmckpt list showing the guest restoring (NN %)", 30)
+    # A checkpoint meanwhile waits for the last pages, then is a delta against the layer.
+    row = lazy.checkpoint("slow", "--mechanism", "precopy-diff")
+    assert record(lazy, "slow") is None, "the checkpoint did not wait for the restore"
+    assert row["parent"] == shot.layer
+    assert_continues(lazy.wait_states("slow", 10), original.states, shot)
+    lazy("verify", "--store", str(lazy.store))
+
+
+def test_killing_the_page_server_mid_push_and_a_new_one_completes_the_restore(
+    original: Original, lazy: Vmckpt
+) -> None:
+    shot = original.taken[1]
+    row = restore(lazy, "--layer", shot.layer, "--name", "k", env=PACE)
+    first = int(row["page_server"])
+
+    def mid_push() -> bool:
+        now = record(lazy, "k")
+        return now is not None and 5 <= int(now["percent"]) <= 70
+
+    wait_for(mid_push, "the push half way", 60, poll=0.02)
+    before = record(lazy, "k")
+    assert before is not None and before["pid"] == first and before["mode"] == "initial"
+    os.kill(first, signal.SIGKILL)  # the page server this test's restore started
+    # Its guard starts a new one, which resumes the paused migration (postcopy recovery).
+    wait_for(
+        lambda: (now := record(lazy, "k")) is None or now["pid"] != first,
+        "a new page server",
+        60,
+    )
+    wait_all_in(lazy, "k")
+    log = (lazy.runtime("k") / "pageserver.log").read_text()
+    assert "died: starting another" in log and "recovering the postcopy migration" in log, log
+    resumed = re.search(r"k: resumed: (\d+) of (\d+) stored pages were in", log)
+    assert resumed and 0 < int(resumed[1]) < int(resumed[2]), log
+    restored = lazy.wait_states("k", len(lazy.states("k")) + 10)
+    assert_continues(restored, original.states, shot)
+    assert "BAD" not in lazy.serial("k")
+
+
+def test_without_server_or_guard_a_checkpoint_is_refused_and_resume_starts_one(
+    original: Original, lazy: Vmckpt
+) -> None:
+    shot = original.taken[0]
+    row = restore(lazy, "--layer", shot.layer, "--name", "orphan", env=PACE)
+    wait_for(lambda: (r := record(lazy, "orphan")) is not None and r["guard_pid"], "a guard", 30)
+    now = record(lazy, "orphan")
+    assert now is not None
+    server, guard = int(row["page_server"]), int(now["guard_pid"])
+    started = process_start_time(guard)
+    os.kill(guard, signal.SIGKILL)  # first the guard, then its server: nothing recovers
+    os.kill(server, signal.SIGKILL)
+    wait_for(lambda: process_start_time(server) is None, "the server's end", 10)
+    wait_for(lambda: process_start_time(guard) != started, "the guard's end", 10)
+    refused = lazy("checkpoint", "orphan", "--store", str(lazy.store), check=False, timeout=120)
+    one_line_error(refused, "guest orphan", "still being restored", "vmckpt resume orphan")
+    states = [g["state"] for g in lazy.listing()["guests"] if g["name"] == "orphan"]
+    assert states and "no page server" in str(states[0]), states
+    lazy("resume", "orphan", "--store", str(lazy.store))
+    wait_all_in(lazy, "orphan")
+    assert_continues(lazy.wait_states("orphan", 10), original.states, shot)
+
+
+def identity(runner: Vmckpt, name: str) -> tuple[str, int, str]:
+    """The last IDENTITY line the guest printed in this life: gpe05, forks, driver."""
+    found = IDENTITY.findall(runner.serial(name))
+    assert found, runner.serial(name)[-500:]
+    gpe, forks, driver = found[-1]
+    return gpe, int(forks), driver
+
+
+def test_clones_each_get_their_own_identity_and_reseed_unless_told_not_to(
+    original: Original, lazy: Vmckpt
+) -> None:
+    shot = original.taken[1]
+    assert identity_before(original) == ("0", 0, "yes")
+    out = json.loads(lazy.restore("--layer", shot.layer, "--clones", "2").stdout)
+    names = [row["name"] for row in out["clones"]]
+    assert names == ["lz-1", "lz-2"]
+    assert {row["page_server"] for row in out["clones"]} == {out["clones"][0]["page_server"]}
+    lazy.started.update(names)
+    restore(lazy, "--layer", shot.layer, "--name", "same", "--same-identity")
+    layer_guid = Store(lazy.store).manifest(shot.layer).spec["generation_id"]
+    guids = {}
+    for name in (*names, "same"):
+        wait_for(reported(lazy, name), f"{name}'s identity report", 60)
+        with lazy.monitor(name) as mon:
+            guids[name] = mon.execute("query-vm-generation-id")["guid"]
+    for name in names:  # a new generation ID: QEMU raised GPE 05, the kernel reseeded
+        wait_for(reseeded(lazy, name), f"{name}'s reseed", 60)
+        assert identity(lazy, name) == ("1", 1, "yes")
+        assert_continues(lazy.wait_states(name, 5), original.states, shot)
+    wait_for(lambda: identity(lazy, "same")[0] == "1", "the GPE in the same-identity guest", 60)
+    lazy.wait_states("same", len(lazy.states("same")) + 3)  # a report or more later
+    assert identity(lazy, "same") == ("1", 0, "yes")  # the same ID: notified, no reseed
+    assert len({guids["lz-1"], guids["lz-2"], layer_guid}) == 3
+    assert guids["same"] == layer_guid
+    for name in names:
+        wait_all_in(lazy, name)
+    # The new identity is the restored guest's own: its next layer records it.
+    row = lazy.checkpoint("lz-1", "--mechanism", "precopy-diff")
+    assert Store(lazy.store).manifest(str(row["layer"])).spec["generation_id"] == guids["lz-1"]
+
+
+def reported(runner: Vmckpt, name: str) -> Callable[[], bool]:
+    return lambda: IDENTITY.search(runner.serial(name)) is not None
+
+
+def reseeded(runner: Vmckpt, name: str) -> Callable[[], bool]:
+    return lambda: identity(runner, name)[1] == 1
+
+
+def identity_before(original: Original) -> tuple[str, int, str]:
+    found = IDENTITY.findall(original.serial)
+    gpe, forks, driver = found[-1]
+    return gpe, int(forks), driver
+
+
+def test_the_full_restore_says_why_where_lazy_cannot_be(original: Original, lazy: Vmckpt) -> None:
+    shot = original.taken[1]
+    no_uffd = {"VMCKPT_FAULT": "no-userfaultfd"}
+    row = restore(lazy, "--layer", shot.layer, "--name", "full", env=no_uffd)
+    assert row["lazy"] is False
+    assert row["notes"][0].startswith("full restore: no userfaultfd on this host"), row
+    assert_continues(lazy.wait_states("full", 8), original.states, shot)
+    lazy("stop", "full", "--store", str(lazy.store))
+    refused = lazy(
+        "restore", "--store", str(lazy.store), "--layer", shot.layer, "--lazy", "--detach",
+        check=False, env=no_uffd,
+    )  # fmt: skip
+    one_line_error(refused, "cannot restore lazily: no userfaultfd", code=10)
+    # QEMU's own refusal to be a postcopy destination (its checks of the host and the RAM).
+    refusing = {"VMCKPT_FAULT": "qemu-refuses-postcopy"}
+    row = restore(lazy, "--layer", shot.layer, "--name", "qemu", env=refusing)
+    assert row["lazy"] is False
+    assert "cannot be a postcopy destination here" in row["notes"][0], row
+    assert_continues(lazy.wait_states("qemu", 8), original.states, shot)
+    # A layer without page digests (format 1.1) is composed whole.
+    as_1_1(Store(lazy.store), original.taken[0].layer)
+    row = restore(lazy, "--layer", shot.layer, "--name", "old")
+    assert row["lazy"] is False
+    assert "has no page digests" in row["notes"][0], row
+    assert_continues(lazy.wait_states("old", 8), original.states, shot)
+    # --no-lazy is the full restore, asked for.
+    row = restore(lazy, "--layer", shot.layer, "--name", "asked", "--no-lazy")
+    assert row["lazy"] is False and not any("full restore" in n for n in row["notes"])
+
+
+def test_a_damaged_page_found_while_serving_ends_the_restored_guest(
+    original: Original, lazy: Vmckpt
+) -> None:
+    shot = original.taken[0]
+    pages = lazy.store / "layers" / shot.layer / "pages.bin"
+    data = bytearray(pages.read_bytes())
+    data[len(data) * 3 // 4] ^= 0x10
+    pages.write_bytes(bytes(data))
+    restore(lazy, "--layer", shot.layer, "--name", "dmg")  # it runs at once...
+    # ...and the server, pushing, finds the page: it ends the guest and says why.
+    process = lazy.guest("dmg").record.process
+    assert process is not None
+    wait_for(lambda: not process.alive(), "the guest's end", RESTORE_S)
+    now = record(lazy, "dmg")
+    assert now is not None and now["state"] == "failed", now
+    assert shot.layer in str(now["error"]) and "does not match its digest" in str(now["error"])
+    with Store(lazy.store) as store:  # a damaged layer never became its head
+        assert store.head("dmg") is None
+    assert [g["state"] for g in lazy.listing()["guests"] if g["name"] == "dmg"] == ["stopped"]

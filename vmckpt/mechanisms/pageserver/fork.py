@@ -1,0 +1,207 @@
+"""The first page server of a restore, forked by the restore command.
+
+QEMU loads the device state only while pages are served (its main thread reads guest RAM
+while loading some devices, e.g. ``kvm-tpr-opt``), and a freshly spawned Python would
+spend a few hundred milliseconds importing before serving the first page. So
+:func:`fork_server` forks the server before the restore starts any thread or QMP
+connection; it detaches at once (a new session, no terminal, its output to
+``pageserver.log``, the command's pipes left alone) and names itself ``vmckpt-pageserv``.
+The restore command keeps its side, a :class:`ForkedServer`: one socket per destination
+to hand to QEMU, a pipe on which it says ``go NAME`` once a QEMU is receiving (or
+``abort``), and one on which the server says ``ready PID`` once its records are written
+and its guard runs. Its guard and every later server are spawned (recovery.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmckpt import log
+from vmckpt.errors import RestoreError, VmckptError
+from vmckpt.fsutil import FILE_MODE
+from vmckpt.images import Store
+from vmckpt.images.pagesource import PageSource
+from vmckpt.mechanisms.pageserver import records
+from vmckpt.mechanisms.pageserver.server import PageServer, guest_process, held, serve
+
+READY_TIMEOUT_S = 30.0
+PR_SET_NAME = 15  # linux/prctl.h
+_log = log.get("vmckpt.pageserver")
+
+
+@dataclass
+class ForkedServer:
+    """The restore command's side of a page server it forked."""
+
+    pid: int
+    sockets: dict[str, socket.socket]  # QEMU's ends, one per destination (hand them over)
+    _go: int  # pipe: "go NAME" once a destination's QEMU has its socket, "abort"
+    _ready: int  # pipe: the server says "ready PID" or "error ..."
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> int:
+        """The server's PID once it is serving (its records written, its guard running)."""
+        deadline = time.monotonic() + timeout
+        data = b""
+        while b"\n" not in data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RestoreError("the page server did not start in time", step="page-server")
+            ready, _, _ = select.select([self._ready], [], [], remaining)
+            if ready:
+                chunk = os.read(self._ready, 4096)
+                if not chunk:
+                    break
+                data += chunk
+        line = data.decode(errors="replace").strip()
+        if not line.startswith("ready "):
+            raise RestoreError(
+                f"the page server did not start: {line or 'it exited'}", step="page-server"
+            )
+        self.pid = int(line.split()[1])
+        return self.pid
+
+    def go(self, name: str) -> None:
+        """The destination ``name`` has its socket and is receiving: watch it."""
+        os.write(self._go, f"go {name}\n".encode())
+
+    def done(self) -> None:
+        """Every destination is launched; the restore command lets go of the server."""
+        for fd in (self._go, self._ready):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for sock in self.sockets.values():
+            sock.close()
+
+    def abort(self) -> None:
+        """The restore failed: the server ends at once (its QEMUs are the caller's to end)."""
+        with contextlib.suppress(OSError):
+            os.write(self._go, b"abort\n")
+        self.done()
+
+
+def fork_server(store: Store, source: PageSource, preambles: dict[str, bytes]) -> ForkedServer:
+    """Fork the page server of a restore (module doc): it detaches, serves ``source`` to one
+    destination per name of ``preambles``, and waits for :meth:`ForkedServer.go` to watch
+    each. Call it before any thread or QMP connection exists in this process. The caller's
+    copy of ``source`` is closed."""
+    names = list(preambles)
+    pairs = {name: socket.socketpair() for name in names}
+    go_read, go_write = os.pipe()
+    ready_read, ready_write = os.pipe()
+    log_path = store.host.runtime_dir(names[0]) / records.LOG
+    first = os.fork()
+    if first == 0:  # the intermediate child: a new session, then the server itself
+        code = 1
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                code = _forked_main(store, source, pairs, preambles, go_read, ready_write, log_path)
+            else:
+                code = 0
+        except BaseException:  # never return into the restore command's stack
+            code = 1
+        finally:
+            os._exit(code)
+    os.waitpid(first, 0)
+    os.close(go_read)
+    os.close(ready_write)
+    source.close()
+    theirs = {}
+    for name, (ours, peer) in pairs.items():
+        ours.close()
+        theirs[name] = peer
+    return ForkedServer(0, theirs, go_write, ready_read)
+
+
+def _detach(log_path: Path) -> None:
+    """Stdio to the server's log (the restore command's pipes and terminal are left alone)."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, FILE_MODE)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Its command line is still the restore's; its name (ps -o comm, top) says what it is.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, b"vmckpt-pageserv", 0, 0, 0)
+
+
+def _forked_main(
+    store: Store,
+    source: PageSource,
+    pairs: dict[str, tuple[socket.socket, socket.socket]],
+    preambles: dict[str, bytes],
+    go_read: int,
+    ready_write: int,
+    log_path: Path,
+) -> int:
+    try:
+        _detach(log_path)
+        log.configure(1)
+        sockets = {}
+        for name, (ours, peer) in pairs.items():
+            peer.close()
+            sockets[name] = ours
+        server = PageServer(store, source, list(preambles))
+
+        def announce() -> None:
+            os.write(ready_write, f"ready {os.getpid()}\n".encode())
+            os.close(ready_write)
+
+        follower = threading.Thread(
+            target=_follow_go, args=(server, go_read), name="go", daemon=True
+        )
+        follower.start()
+        _log.info("page server %d: layer %s for %s", os.getpid(), source.manifest.id,
+                  ", ".join(preambles))  # fmt: skip
+        with held(store, list(preambles)):
+            return serve(server, sockets, preambles, announce)
+    except VmckptError as exc:
+        _log.error("%s", exc.one_line())
+        with contextlib.suppress(OSError):
+            os.write(ready_write, f"error {exc.one_line()}\n".encode())
+        return exc.exit_code
+    except BaseException as exc:
+        _log.exception("page server failed: %r", exc)
+        with contextlib.suppress(OSError):
+            os.write(ready_write, f"error {exc!r}\n".encode())
+        return 1
+
+
+def _follow_go(server: PageServer, fd: int) -> None:
+    """The restore command's word on each destination: go (its QEMU is receiving) or abort."""
+    pending = set(server.names)
+    aborted = False
+    with os.fdopen(fd, "rb") as lines:
+        for raw in lines:
+            words = raw.decode(errors="replace").split()
+            if words[:1] == ["go"] and len(words) == 2 and words[1] in pending:
+                pending.discard(words[1])
+                destination = server.destinations[words[1]]
+                with contextlib.suppress(VmckptError):
+                    destination.process = guest_process(server.store, words[1])
+            elif words[:1] == ["abort"]:
+                aborted = True
+                break
+    if pending or aborted:  # the restore failed (or died) before its guests all ran
+        _log.info("the restore did not go ahead; ending")
+        for destination in server.destinations.values():
+            destination.state = "gone"
+            destination.close()
+        server.stop.set()
