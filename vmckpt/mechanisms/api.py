@@ -34,7 +34,6 @@ from vmckpt.mechanisms.restore import RestoreResult, restore_guest
 from vmckpt.mechanisms.restore_libvirt import DomainRestoreResult, restore_domain
 from vmckpt.mechanisms.watch import WatchSettings, checkpoint_settings, watch_loop
 from vmckpt.progress import NO_PROGRESS, Progress
-from vmckpt.ram import RamImage
 
 Row = dict[str, Any]
 
@@ -113,19 +112,17 @@ def watch(
 
 
 class _PrecopyTaker:
-    """precopy-diff checkpoints of a watch: the image each one received is the next one's
-    diff base, so no checkpoint composes the chain."""
+    """precopy-diff checkpoints of a watch: each is diffed against this host's copy of the
+    previous one's RAM (vmckpt/mechanisms/parent_ram.py), so no checkpoint composes the
+    chain and none holds a whole image."""
 
     def __init__(self, guest: Guest, settings: CheckpointSettings, progress: Progress) -> None:
         self.guest = guest
         self.settings = settings
         self.progress = progress
-        self.base: RamImage | None = None
 
     def __call__(self) -> Row:
-        result = take_checkpoint(self.guest, self.settings, base=self.base, progress=self.progress)
-        self.base = result.image
-        return _row(result)
+        return _row(take_checkpoint(self.guest, self.settings, progress=self.progress))
 
 
 def _remote_watch(
