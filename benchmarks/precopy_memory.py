@@ -43,6 +43,7 @@ from vmckpt.guests.local import LocalGuest
 from vmckpt.images import Store
 from vmckpt.machine.binary import parse_memory, qemu_binary, qemu_version
 from vmckpt.machine.spec import BootMedium, GuestSpec
+from vmckpt.mechanisms import precopy
 from vmckpt.mechanisms.layers import (
     CheckpointSettings,
     LayerParts,
@@ -135,7 +136,7 @@ def _checkpoints(store: Path, count: int, env: dict[str, str]) -> tuple[list[Poi
         argv = [sys.executable, "-m", "vmckpt", "checkpoint", GUEST, "--store", str(store),
                 "--json"]  # fmt: skip
         text, rss = _run_measured(argv, env)
-        row = json.loads(text.strip().splitlines()[-1])
+        row = json.loads(text)  # checkpoint --json: one object
         after.append(Point(rss, row["pause_ms"], row["total_s"], index == 0))
     return before, after
 
@@ -156,7 +157,8 @@ def _watch(store: Path, count: int, env: dict[str, str], run: WatchRun) -> None:
 
 def before_checkpoint(store: Store, base: RamImage | None) -> tuple[dict[str, Any], RamImage]:
     """One precopy-diff checkpoint as it was: the whole RAM received into an image, the
-    parent composed into another (or ``base``: the previous checkpoint's image), diffed."""
+    parent composed into another (or ``base``: the previous checkpoint's image), diffed;
+    the migration driven through the guest's general monitor (asyncio)."""
     started = time.monotonic()
     target = open_guest(store, GUEST)
     parent_id = store.head(GUEST, target.kind)
@@ -181,6 +183,8 @@ def before_checkpoint(store: Store, base: RamImage | None) -> tuple[dict[str, An
 
 
 def before_main(store_path: Path, watch_count: int | None) -> int:
+    # As it was: the waiting thread at Python's default switch interval.
+    precopy._prompt_threads = contextlib.nullcontext  # type: ignore[assignment]
     store = Store(store_path)
     if watch_count is None:
         print(json.dumps(before_checkpoint(store, None)[0]))

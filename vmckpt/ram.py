@@ -12,6 +12,7 @@ nothing here loops over pages in Python (over runs of consecutive pages at most)
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -162,6 +163,7 @@ class PageSet:
 READ_GAP_PAGES = 8  # read across a gap this small rather than make one more read
 READ_SPAN_PAGES = 1024  # at most this much per read call (the scratch span stays small)
 BATCH_PAGES = 4096  # pages copied per step between files: 16 MiB
+MAPPED_READS_DROP = 8192  # RamFile.get: pages read through the mapping before it is dropped
 
 
 def _pread_full(fd: int, view: memoryview, offset: int) -> None:
@@ -190,10 +192,13 @@ def read_rows(fd: int, positions: AnyPages, out: Rows, base: int = 0) -> None:
     if not positions.size:
         return
     if positions.size > 1 and not bool(np.all(positions[1:] > positions[:-1])):
+        # In order, a slice at a time: the copy in between stays small.
         order = np.argsort(positions, kind="stable")
-        ordered = np.empty_like(out[: positions.size])
-        read_rows(fd, positions[order], ordered, base)
-        out[order] = ordered
+        ordered = np.empty((min(order.size, BATCH_PAGES), PAGE_SIZE), dtype=np.uint8)
+        for start in range(0, order.size, BATCH_PAGES):
+            rows = order[start : start + BATCH_PAGES]
+            read_rows(fd, positions[rows], ordered[: rows.size], base)
+            out[rows] = ordered[: rows.size]
         return
     breaks = (np.flatnonzero(np.diff(positions) > READ_GAP_PAGES) + 1).tolist()
     for a, end in zip([0, *breaks], [*breaks, positions.size], strict=True):
@@ -216,9 +221,13 @@ def write_rows(fd: int, positions: AnyPages, rows: Rows, base: int = 0) -> None:
     if not positions.size:
         return
     if positions.size > 1 and not bool(np.all(positions[1:] > positions[:-1])):
-        order = np.argsort(positions, kind="stable")
-        positions, rows = positions[order], rows[order]
-    elif not rows.flags.c_contiguous:
+        # A slice at a time, each in order: the copy in between stays small.
+        for start in range(0, positions.size, BATCH_PAGES):
+            part = positions[start : start + BATCH_PAGES]
+            order = np.argsort(part, kind="stable")
+            write_rows(fd, part[order], rows[start : start + BATCH_PAGES][order], base)
+        return
+    if not rows.flags.c_contiguous:
         rows = np.ascontiguousarray(rows)
     breaks = (np.flatnonzero(np.diff(positions) != 1) + 1).tolist()
     for a, b in zip([0, *breaks], [*breaks, positions.size], strict=True):
@@ -233,6 +242,9 @@ class RamFile:
 
     def __init__(self, fd: int, blocks: list[RamBlock], nonzero: npt.NDArray[np.bool_]) -> None:
         self.fd = fd
+        self._map: mmap.mmap | None = None  # the file read through a mapping (see `get`)
+        self._rows: Rows | None = None
+        self._mapped_reads = 0
         self.blocks = list(blocks)
         self.offsets: dict[str, int] = {}
         self.nonzero: dict[str, npt.NDArray[np.bool_]] = {}
@@ -255,8 +267,37 @@ class RamFile:
         return cls(fd, blocks, np.zeros(pages, dtype=np.bool_))
 
     def get(self, idstr: str, numbers: AnyPages, out: Rows) -> None:
-        """Pages ``numbers`` of block ``idstr`` into the rows of ``out``."""
-        read_rows(self.fd, numbers, out, self.offsets[idstr])
+        """Pages ``numbers`` of block ``idstr`` into the rows of ``out``: mostly runs of
+        consecutive pages (a migration's first pass) with a read per run; scattered pages
+        (those a migration sends again) gathered from a read-only mapping of the file in
+        one numpy call, the mapping's pages dropped from this process every
+        `MAPPED_READS_DROP` pages read (they stay in the page cache), so its resident size
+        stays bounded."""
+        if numbers.size < 2 or int(np.count_nonzero(np.diff(numbers) != 1)) * 16 < numbers.size:
+            read_rows(self.fd, numbers, out, self.offsets[idstr])  # in runs: a read per run
+            return
+        if self._rows is None:
+            if not self.size:
+                return
+            self._map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            self._rows = np.frombuffer(self._map, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        np.take(self._rows, numbers + self.offsets[idstr] // PAGE_SIZE, axis=0, out=out)
+        self._mapped_reads += numbers.size
+        if self._mapped_reads >= MAPPED_READS_DROP:
+            self.drop_mapped()
+
+    def drop_mapped(self) -> None:
+        """Give the mapping's resident pages back (the page cache keeps them)."""
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED)
+        self._mapped_reads = 0
+
+    def close(self) -> None:
+        """Unmap the file (the caller closes ``fd``)."""
+        self._rows = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
 
     def put_pages(self, idstr: str, numbers: AnyPages, rows: Rows) -> None:
         numbers, rows = last_copies(numbers, rows)
@@ -311,12 +352,33 @@ class SpilledPages:
         read_rows(self.fd, self.rows_at[idstr][where], out)
 
 
+PENDING_PAGES = 256  # RamDiff: page records of a block gathered before they are diffed
+PENDING_RECORDS = 1 << 16  # ... and records in all (zero records cost no data)
+
+
+@dataclass
+class _Pending:
+    """A block's records not diffed yet, in arrival order: page numbers, and for each the
+    row of its data in ``rows`` (-1: a ZERO record)."""
+
+    rows: Rows
+    numbers: list[AnyPages] = field(default_factory=list)
+    where: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    pages: int = 0
+    records: int = 0
+
+
 class RamDiff:
     """A migration's RAM received as its difference from ``parent`` (None: all zeros), in
     memory O(batch) plus a few bytes per page: each batch of pages is compared with the
     parent's (read from its file, only where the parent's page is not zero); a page that
     differs and is not zero is appended to the unnamed file ``spill`` (the caller's), and
-    the newest copy of each page decides. A page never sent is zero (as in a `RamImage`)."""
+    the newest copy of each page decides. A page never sent is zero (as in a `RamImage`).
+
+    Short runs of records (a migration's last passes alternate a few pages and a few zero
+    pages) are gathered, their data copied, and diffed `PENDING_PAGES` at a time: a record
+    costs microseconds while QEMU waits for the reader, the diff's fixed cost is paid once
+    per batch."""
 
     def __init__(self, blocks: list[RamBlock], parent: RamFile | None, spill: int) -> None:
         if parent is not None and parent.blocks != list(blocks):
@@ -329,15 +391,62 @@ class RamDiff:
         self.received = {b.idstr: np.zeros(b.pages, dtype=np.bool_) for b in blocks}
         self._rows = np.empty((0, PAGE_SIZE), dtype=np.uint8)
         self._theirs = np.empty((0, PAGE_SIZE), dtype=np.uint8)
+        self._pending: dict[str, _Pending] = {}
+
+    def put_pages(self, idstr: str, numbers: AnyPages, rows: Rows) -> None:
+        pending = self._pending.get(idstr)
+        if numbers.size >= PENDING_PAGES:  # a long run: diffed as it is
+            if pending is not None and pending.records:
+                self._flush(idstr, pending)
+            self._diff_pages(idstr, numbers, rows)
+            return
+        if pending is None:
+            pending = self._pending[idstr] = _Pending(
+                np.empty((PENDING_PAGES, PAGE_SIZE), dtype=np.uint8)
+            )
+        elif pending.pages + numbers.size > PENDING_PAGES:
+            self._flush(idstr, pending)
+        start = pending.pages
+        pending.rows[start : start + numbers.size] = rows
+        pending.numbers.append(numbers)
+        pending.where.append(np.arange(start, start + numbers.size, dtype=np.int64))
+        pending.pages += numbers.size
+        pending.records += numbers.size
+
+    def put_zeros(self, idstr: str, numbers: AnyPages) -> None:
+        pending = self._pending.get(idstr)
+        if pending is None or not pending.records:
+            self._diff_zeros(idstr, numbers)  # nothing to keep in order with
+            return
+        pending.numbers.append(numbers)
+        pending.where.append(np.full(numbers.size, -1, dtype=np.int64))
+        pending.records += numbers.size
+        if pending.records >= PENDING_RECORDS:
+            self._flush(idstr, pending)
+
+    def _flush(self, idstr: str, pending: _Pending) -> None:
+        """Diff a block's pending records: of each page, its last record."""
+        numbers = np.concatenate(pending.numbers)
+        where = np.concatenate(pending.where)
+        _, first = np.unique(numbers[::-1], return_index=True)
+        last = numbers.size - 1 - first  # ascending page numbers
+        numbers, where = numbers[last], where[last]
+        data = where >= 0
+        self._diff_pages(idstr, numbers[data], pending.rows[where[data]])
+        self._diff_zeros(idstr, numbers[~data])
+        pending.numbers, pending.where = [], []
+        pending.pages = pending.records = 0
 
     def _parent_nonzero(self, idstr: str, numbers: AnyPages) -> npt.NDArray[np.bool_]:
         if self.parent is None:
             return np.zeros(numbers.size, dtype=np.bool_)
         return self.parent.nonzero[idstr][numbers]
 
-    def put_pages(self, idstr: str, numbers: AnyPages, rows: Rows) -> None:
+    def _diff_pages(self, idstr: str, numbers: AnyPages, rows: Rows) -> None:
         numbers, rows = last_copies(numbers, rows)
         count = numbers.size
+        if not count:
+            return
         if self._rows.shape[0] < count:
             self._rows = np.empty((max(count, 256), PAGE_SIZE), dtype=np.uint8)
         mine = self._rows[:count]
@@ -366,7 +475,7 @@ class RamDiff:
             state[numbers[keep]] = np.arange(self.spilled, self.spilled + keep.size)
             self.spilled += keep.size
 
-    def put_zeros(self, idstr: str, numbers: AnyPages) -> None:
+    def _diff_zeros(self, idstr: str, numbers: AnyPages) -> None:
         self.received[idstr][numbers] = True
         self.state[idstr][numbers] = np.where(
             self._parent_nonzero(idstr, numbers), ZEROED, UNCHANGED
@@ -375,6 +484,9 @@ class RamDiff:
     def result(self) -> tuple[SpilledPages, dict[str, PageNumbers], dict[str, PageNumbers]]:
         """The pages to store (their data in the spill file) and the pages that became zero,
         per block: what the layer writer takes."""
+        for idstr, pending in self._pending.items():
+            if pending.records:
+                self._flush(idstr, pending)
         stored: dict[str, PageNumbers] = {}
         zeroed: dict[str, PageNumbers] = {}
         rows_at: dict[str, npt.NDArray[np.int64]] = {}

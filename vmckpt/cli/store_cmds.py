@@ -96,7 +96,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print_json(caps.to_dict())
     else:
-        print(f"QEMU        {caps.binary} {caps.version}")
+        print(f"QEMU        {caps.binary} {caps.version} ({caps.why})")
         for accel, state in caps.accelerators.items():
             print(f"accel {accel:<6}{state}")
         print(f"accel auto  picks {caps.default_accel}")

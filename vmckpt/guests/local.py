@@ -111,6 +111,12 @@ class LocalGuest(Guest):
     def monitor(self) -> Monitor:
         return self.process().monitor()
 
+    def checkpoint_monitor(self) -> Monitor:
+        """QEMU's second monitor, spoken directly (no COLO session holds it while a
+        precopy-diff checkpoint runs): the command that ends the pause is sent and
+        answered without a hop through another thread."""
+        return self.process().session_monitor()
+
     def guard(self) -> Guard:
         return Guard.for_qmp(
             store=self.store.path, name=self.name, kind=self.kind,

@@ -71,7 +71,11 @@ def _scatter(
     image: PageTarget, rows: npt.NDArray[np.uint8], blocks: npt.NDArray[Any], pages: PageNumbers
 ) -> None:
     """Copy ``rows`` to their pages: row i to page ``pages[i]`` of block ``blocks[i]``."""
-    for number in np.unique(blocks).tolist():
+    numbers = np.unique(blocks).tolist()
+    if len(numbers) == 1:  # (the common case) without a copy of the rows
+        image.put_pages(image.blocks[numbers[0]].idstr, pages, rows)
+        return
+    for number in numbers:
         mine = blocks == number
         image.put_pages(image.blocks[number].idstr, pages[mine], rows[mine])
 

@@ -56,7 +56,8 @@ def colo_refusal(qemu_version: str, accel: str) -> str | None:
         return (
             f"QEMU {shown} under TCG: COLO deadlocks or aborts the guest before QEMU 11 "
             "(its RAM save and TCG's dirty-log sync wait on each other); QEMU 11 or later "
-            "(VMCKPT_QEMU) makes it possible"
+            "makes it possible (scripts/install-deps.sh installs it; vmckpt takes the newest "
+            "installed unless VMCKPT_QEMU names one)"
         )
     return None
 

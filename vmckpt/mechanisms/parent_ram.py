@@ -90,6 +90,8 @@ class ParentRam:
     def _compose(self, store: Store, head: LayerManifest) -> None:
         self._invalidate()
         _log.info("%s: composing layer %s into this host's parent image", self.vm, head.id)
+        if self.ram is not None:
+            self.ram.close()
         self.ram = store.compose_into(head.id, lambda blocks: RamFile.empty(self.fd, blocks))
         self._save(head)
 
@@ -115,6 +117,7 @@ class ParentRam:
             elif self.ram.blocks != pages.blocks:
                 raise CheckpointError("RAM blocks differ", vm=self.vm, step="parent image")
             ram = self.ram
+            ram.drop_mapped()
             rows = np.empty((BATCH_PAGES, PAGE_SIZE), dtype=np.uint8)
             for block in pages.blocks:
                 stored = pages.stored[block.idstr]
@@ -131,6 +134,8 @@ class ParentRam:
             self._invalidate()
 
     def close(self) -> None:
+        if self.ram is not None:
+            self.ram.close()
         os.close(self.fd)
 
     def __enter__(self) -> ParentRam:

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Generic, TypeVar, cast
@@ -51,7 +52,12 @@ from vmckpt.stream.reader import read_stream_to
 
 MECHANISM_PRECOPY = "precopy-diff"
 T = TypeVar("T", bound=PageTarget)
-RECEIVER_JOIN_S = 30.0  # after the migration ended, the receiver has read all or fails
+SWITCH_INTERVAL_S = 0.0002  # sys.setswitchinterval while a migration is received
+RECEIVER_JOIN_S = 30.0
+# The receiver decodes (and diffs) at most this much before it reads again: QEMU, whose
+# writes block meanwhile once the socket is full, waits for it at most that long, also
+# in the guest's pause.
+RECEIVE_CHUNK = 1 << 20  # after the migration ended, the receiver has read all or fails
 _log = log.get(__name__)
 
 
@@ -114,7 +120,9 @@ class _StreamReceiver(threading.Thread, Generic[T]):
                 counted = _CountingReader(
                     source, self.on_bytes, faults.value("receiver-dies-after")
                 )
-                self.envelope, self.ram = read_stream_to(cast(BinaryIO, counted), self.on_blocks)
+                self.envelope, self.ram = read_stream_to(
+                    cast(BinaryIO, counted), self.on_blocks, max_read=RECEIVE_CHUNK
+                )
         except BaseException as exc:  # reported to the main thread, never lost
             self.error = exc
         finally:
@@ -132,6 +140,19 @@ class _StreamReceiver(threading.Thread, Generic[T]):
             self.cut()  # QEMU holds its end open: cut ours so the thread ends
             self.join(timeout=5)
         self.sock.close()
+
+
+@contextlib.contextmanager
+def _prompt_threads() -> Iterator[None]:
+    """While the receiver thread decodes, the thread that waits for QEMU's end of the
+    migration and resumes the guest gets Python's lock at once when it wakes, not after
+    the default switch interval (5 ms, inside the guest's pause)."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 @dataclass(frozen=True)
@@ -174,7 +195,11 @@ def receive_precopy(
         journal=journal,
         timeout_s=settings.timeout_s,
     )
-    with session, progress.task("receiving RAM", memory_bytes or None, unit="B") as task:
+    with (
+        _prompt_threads(),
+        session,
+        progress.task("receiving RAM", memory_bytes or None, unit="B") as task,
+    ):
         faults.point(faults.AFTER_SETTINGS)
         receiver = _StreamReceiver(session.socket(), task.advance, on_blocks)
         receiver.start()
@@ -252,7 +277,7 @@ def _take(target: Guest, settings: CheckpointSettings, progress: Progress) -> Ch
     ):
         compose_s = time.monotonic() - started
         try:
-            with target.guard(), target.monitor() as mon:
+            with target.guard(), target.checkpoint_monitor() as mon:
                 recover(mon, journal, vm=name)  # a session a dead vmckpt left open
                 tracker.prepare(mon)
                 received = receive_precopy(

@@ -183,10 +183,17 @@ def read_stream(
 
 
 def read_stream_to(
-    source: BinaryIO, on_blocks: Callable[[list[RamBlock]], T]
+    source: BinaryIO, on_blocks: Callable[[list[RamBlock]], T], *, max_read: int = READ_BUFFER
 ) -> tuple[StreamEnvelope, T]:
     """`read_stream`, with the pages put into the `PageTarget` that ``on_blocks`` makes once
-    MEM_SIZE has told the block list (a `~vmckpt.ram.RamDiff`: bounded memory)."""
-    decoder = Decoder(fill_from(source), step=STEP, buffer=bytearray(READ_BUFFER))
+    MEM_SIZE has told the block list (a `~vmckpt.ram.RamDiff`: bounded memory), reading at
+    most ``max_read`` bytes at a time (what is read is decoded before the next read: a
+    live source waits at most that long for the reader to come back)."""
+    fill = fill_from(source)
+
+    def bounded(view: memoryview) -> int:
+        return fill(view[:max_read])
+
+    decoder = Decoder(bounded, step=STEP, buffer=bytearray(READ_BUFFER))
     envelope, image, _, _ = _MigrationReader(decoder, on_blocks, False).run()
     return envelope, image
