@@ -16,6 +16,7 @@ from tests.framework.guest import REPO
 from vmckpt.errors import MachineError
 from vmckpt.machine import binary as qemu_binaries
 from vmckpt.machine.binary import QEMU_ENV, choose_qemu
+from vmckpt.mechanisms.choice import LIBVIRT_REFUSAL
 
 
 def fake_qemu(directory: Path, version: str, name: str = "qemu-system-x86_64") -> Path:
@@ -95,3 +96,4 @@ def test_check_names_the_qemu_and_why() -> None:
     assert caps["why"] == f"{QEMU_ENV} names it"
     assert caps["version"].startswith("10.")
     assert "QEMU 11 or later makes it possible" in caps["mechanisms"]["colo"]
+    assert caps["mechanisms"]["colo (libvirt domains)"] == f"no: {LIBVIRT_REFUSAL}"

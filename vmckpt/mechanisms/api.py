@@ -21,10 +21,12 @@ from typing import Any
 
 from vmckpt.errors import MachineError, UsageError
 from vmckpt.guests.base import Guest, GuestStatus
+from vmckpt.guests.libvirt import KIND as LIBVIRT_KIND
 from vmckpt.guests.local import LocalGuest
 from vmckpt.guests.remote import RemoteGuest, RemoteTarget
 from vmckpt.images import Store
 from vmckpt.images.retention import keep_arguments
+from vmckpt.machine.spec import GuestSpec
 from vmckpt.mechanisms.choice import COLO, PRECOPY, Choice, choose_mechanism
 from vmckpt.mechanisms.colo import SessionClient, end_session, session_pid
 from vmckpt.mechanisms.layers import CheckpointResult, CheckpointSettings
@@ -40,6 +42,8 @@ Row = dict[str, Any]
 
 def mechanism_of(guest: Guest) -> Choice:
     """The checkpoint mechanism the guest gets, and why."""
+    if guest.kind == LIBVIRT_KIND:  # (asks libvirt nothing: the reason is libvirt's)
+        return choose_mechanism("", "", GuestSpec(), local=False, libvirt=True)
     return choose_mechanism(guest.qemu_version(), guest.accel, guest.spec(), local=guest.owns_qemu)
 
 
@@ -151,7 +155,9 @@ def status(guest: Guest) -> GuestStatus:
     """The guest's row in ``vmckpt list``: its state, its mechanism and why, its session."""
     if not isinstance(guest, LocalGuest):
         row = guest.status()
-        if isinstance(guest, RemoteGuest) or row.state == "unreachable":
+        if isinstance(guest, RemoteGuest) or (
+            row.state == "unreachable" and guest.kind != LIBVIRT_KIND
+        ):
             return row
         with contextlib.suppress(MachineError, OSError):
             choice = mechanism_of(guest)

@@ -11,7 +11,7 @@ from typing import Any
 from vmckpt.machine.binary import choose_qemu, kvm_usable, resolve_accel
 from vmckpt.machine.qemu import Launch, QemuProcess, rotate_serial_log
 from vmckpt.machine.spec import GuestSpec
-from vmckpt.mechanisms.choice import COLO, PRECOPY, colo_refusal
+from vmckpt.mechanisms.choice import COLO, LIBVIRT_REFUSAL, PRECOPY, colo_refusal
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ def probe_capabilities() -> Capabilities:
     precopy_ok = {"migrate", "getfd"} <= commands and "events" in caps
     mechanisms = {
         COLO: colo,
+        f"{COLO} (libvirt domains)": f"no: {LIBVIRT_REFUSAL}",
         PRECOPY: (
             "yes" + (" (the default here)" if colo.startswith("no") else " (fallback)")
             if precopy_ok
