@@ -240,7 +240,7 @@ def receive_precopy(
             raise
         finally:
             receiver.finish()
-    if isinstance(receiver.error, VmckptError):
+    if isinstance(receiver.error, CheckpointError):  # (what on_blocks refused: said as it is)
         raise receiver.error
     if receiver.error is not None or receiver.envelope is None or receiver.ram is None:
         raise CheckpointError(
