@@ -52,8 +52,17 @@ QEMU11 ?= /var/cache/vmckpt/qemu-11/bin/qemu-system-x86_64
 BENCH_ARGS ?= --sizes 256M,1G,4G --rates 100 --count 10 --qemu $(QEMU11)
 BENCH_OUT ?= /tmp/vmckpt-bench
 
+## Then precopy-diff's memory: peak RSS per checkpoint against guest RAM, before (two whole
+## images) and after (bounded), and its pause under watch at 1 GiB, on the system's QEMU 10
+## (where precopy-diff is the mechanism). MEMBENCH_SIZES=256M,1G,2G,4G adds the 4 GiB point.
+QEMU10 ?= qemu-system-x86_64
+MEMBENCH_SIZES ?= 256M,1G,2G
+MEMBENCH_ARGS ?= --sizes $(MEMBENCH_SIZES) --count 3 --watch-size 1G --watch-count 30 --qemu $(QEMU10)
+
 bench: deps-test guest
 	$(PYTHON) -m benchmarks.checkpoint $(BENCH_ARGS) --plot $(BENCH_OUT).png --json $(BENCH_OUT).json
+	$(PYTHON) -m benchmarks.precopy_memory $(MEMBENCH_ARGS) --plot $(BENCH_OUT)-precopy-memory.png \
+		--json $(BENCH_OUT)-precopy-memory.json
 	$(PYTHON) -m benchmarks.lazy $(LAZY_ARGS) --plot $(BENCH_OUT)-lazy.png --json $(BENCH_OUT)-lazy.json
 
 ## Restore: lazy (postcopy from the store) against the full restore and QEMU's own

@@ -77,7 +77,7 @@ from vmckpt.mechanisms.colo import SessionClient, end_session, session_pid
 from vmckpt.mechanisms.layers import CheckpointSettings
 from vmckpt.mechanisms.precopy import take_checkpoint
 from vmckpt.qmp import CONT_RETRY_S, Event, Monitor
-from vmckpt.ram import PAGE_SIZE, RamImage
+from vmckpt.ram import PAGE_SIZE
 from vmckpt.session import MigrationSession, leave_as_found
 
 COLO_METHOD = "colo"
@@ -457,18 +457,16 @@ class GuestBench:
         store = Store.create(scratch / "store", encrypt=encrypt)
         # The guest, checkpointed into another store than its own (a fresh one per run).
         target = LocalGuest(store, self.guest.name, self.guest.record)
-        base: RamImage | None = None
         try:
             next_at = started
             for index in range(self.settings.count + 1):  # the base layer, then `count`
                 next_at = self._wait_until(next_at)
                 began = time.monotonic()
                 cpu = time.process_time()  # this process: the receiver thread included
-                result = take_checkpoint(target, self.ckpt, base=base)
+                result = take_checkpoint(target, self.ckpt)
                 cpu = time.process_time() - cpu
                 if index == 0:  # the layers after the base are an interval apart
                     next_at = time.monotonic() + self.settings.interval_s
-                base = result.image
                 run.samples.append(
                     Sample(
                         pause_ms=result.pause_ms,

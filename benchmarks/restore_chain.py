@@ -262,9 +262,8 @@ def real_chain(args: argparse.Namespace, at: list[int], scratch: Path) -> tuple[
         taken = take_checkpoint(guest)
     finally:
         guest.stop()
-    assert taken.image is not None
-    image, base = taken.image, taken.layer
-    _, prelude, device = store.compose(base.id)
+    base = taken.layer
+    image, prelude, device = store.compose(base.id)
     rng = np.random.default_rng(args.seed)
     nonzero = image.nonzero_pages("pc.ram")
     hot = nonzero[nonzero.size // 4 :][: args.hot]

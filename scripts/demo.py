@@ -126,6 +126,14 @@ def main() -> None:
         print(f"  (taken while the guest went from seq {before} to seq {after})")
     time.sleep(1)
     original = dict(states(store, name))
+    listing = subprocess.run(
+        [sys.executable, "-m", "vmckpt", "list", "--json"], capture_output=True, text=True,
+        cwd=REPO, check=True,
+    )  # fmt: skip
+    guest = next(g for g in json.loads(listing.stdout)["guests"] if g["name"] == name)
+    if guest.get("mechanism") != "colo":  # the default install runs QEMU 11: colo
+        print(f"\n(these checkpoints are {guest.get('mechanism')}, not colo: "
+              f"{guest.get('mechanism_reason')})")  # fmt: skip
     vmckpt("list")
     vmckpt("stop", name)
 

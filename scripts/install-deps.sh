@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Installs what vmckpt needs, by purpose, and nothing more:
 #
-#   install-deps.sh demo   QEMU 10 (bookworm-backports on Debian 12, trixie on 13), what
-#                          `make -C guest` needs to build the test guest, and a Python virtual
-#                          environment (.venv) holding vmckpt and its runtime packages.
-#                          About 2 minutes on a fresh machine.
+#   install-deps.sh demo   QEMU 10 (bookworm-backports on Debian 12, trixie on 13) as the
+#                          system's qemu-system-x86_64, QEMU 11 from trixie-backports in a
+#                          minimal trixie root (kept in /var/cache/vmckpt, so a second run
+#                          takes seconds; vmckpt takes the newest QEMU installed, so COLO),
+#                          what `make -C guest` needs to build the test guest, and a Python
+#                          virtual environment (.venv) holding vmckpt and its runtime
+#                          packages. About 3-4 minutes on a fresh machine.
 #   install-deps.sh test   demo, plus: GRUB/xorriso (ISO guest), GNU Mach, sshd and iproute2
-#                          (the "other host" tests), libvirt, QEMU 11 in a minimal trixie
-#                          root (the COLO tests; kept in /var/cache/vmckpt, so a second run
-#                          takes seconds), and the development packages in the venv.
-#                          About 3 more minutes the first time.
+#                          (the "other host" tests), libvirt, and the development packages in
+#                          the venv. About 2 more minutes the first time.
+#
+# QEMU 11 lives in its own root on Debian 13 too: trixie-backports' qemu-system-x86 installed
+# into the system would replace the system's QEMU 10, which the tests (and guests restored
+# from QEMU 10 layers) still run on; the root keeps both.
 #
 # Idempotent: packages that are installed are not installed again, and apt is not even
 # asked when nothing is missing. Run as root or with sudo. apt's own output goes to a log
@@ -116,14 +121,14 @@ apt_install() {
 
 # --- the parts ------------------------------------------------------------------------------
 
+# debootstrap: the QEMU 11 root (COLO checkpoints, the default where QEMU 11 runs).
 DEMO_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio gzip gcc libc6-dev make file
-               python3 python3-venv)
+               python3 python3-venv debootstrap)
 # grub + xorriso + mtools: the ISO guest; openssh + iproute2: the "other host" in a network
 # namespace; libvirt + libvirt-dev + pkg-config + python3-dev: libvirt domains and building
-# libvirt-python; debootstrap: the QEMU 11 root; binutils: objcopy for multiboot kernels.
+# libvirt-python; binutils: objcopy for multiboot kernels.
 TEST_PACKAGES=(grub-pc-bin grub-common xorriso mtools binutils openssh-server openssh-client
-               iproute2 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config python3-dev
-               debootstrap)
+               iproute2 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config python3-dev)
 
 install_qemu() {
     enable_backports
@@ -177,8 +182,9 @@ install_gnumach_source() {
 }
 
 # QEMU 11 from trixie-backports in a minimal trixie root, run through that root's dynamic
-# loader by a wrapper script (vmckpt takes it from $VMCKPT_QEMU). Cached: a root that
-# answers --version is reused.
+# loader by a wrapper script in $QEMU11_CACHE/qemu-11/bin (vmckpt takes the newest QEMU it
+# finds there or on PATH, unless $VMCKPT_QEMU names one). Cached: a root that answers
+# --version is reused.
 install_qemu11() {
     local root="$QEMU11_CACHE/trixie" bin="$QEMU11_CACHE/qemu-11/bin"
     if [ -x "$bin/qemu-system-x86_64" ] && "$bin/qemu-system-x86_64" --version 2>/dev/null \
@@ -228,10 +234,10 @@ EOF
 started=$SECONDS
 install_qemu
 apt_install "${DEMO_PACKAGES[@]}"
+install_qemu11
 if [ "$PROFILE" = test ]; then
     apt_install "${TEST_PACKAGES[@]}"
     install_gnumach_source
-    install_qemu11
     install_python dev
 else
     install_python ""

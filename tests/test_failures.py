@@ -44,6 +44,7 @@ from vmckpt.images.format import manifest_bytes, manifest_checksum
 from vmckpt.mechanisms.precopy import _StreamReceiver
 from vmckpt.mechanisms.watch import STOP_NOTICE
 from vmckpt.qmp import Monitor
+from vmckpt.ram import RamDiff
 from vmckpt.remote.endpoint import Endpoint
 
 pytestmark = pytest.mark.qemu
@@ -286,7 +287,9 @@ def test_a_failed_stream_receiver_closes_its_socket() -> None:
     error the receiver keeps holds that file object."""
     ours, theirs = socket.socketpair()
     with theirs:
-        receiver = _StreamReceiver(ours, lambda _count: None)
+        receiver = _StreamReceiver(
+            ours, lambda _count: None, lambda blocks: RamDiff(blocks, None, -1)
+        )
         receiver.start()
         theirs.sendall(b"this is no migration stream")
         theirs.shutdown(socket.SHUT_WR)

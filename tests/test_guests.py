@@ -10,23 +10,28 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.framework.fakeqmp import COMPLETED, FakeQemu
+from tests.framework.guest import REPO
 from tests.framework.journal import owner_dies
 from vmckpt.errors import CheckpointError, MachineError, StoreError, UsageError
 from vmckpt.guests import Guest, GuestStatus, LocalGuest, open_guest
+from vmckpt.guests.libvirt import LibvirtGuest
 from vmckpt.guests.local import RECORD, GuestRecord, local_guest_names
-from vmckpt.images import Store
+from vmckpt.images import LayerContent, Store
 from vmckpt.machine.qemu import QemuProcess, process_start_time
 from vmckpt.machine.spec import DiskSpec, GuestSpec
 from vmckpt.mechanisms import api
-from vmckpt.mechanisms.choice import COLO, PRECOPY
+from vmckpt.mechanisms.choice import COLO, LIBVIRT_REFUSAL, PRECOPY, Choice
 from vmckpt.qmp import Monitor
+from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
 from vmckpt.session import JOURNAL, MigrationSession
 
 VM = "g1"
@@ -199,6 +204,50 @@ def test_a_guest_vmckpt_did_not_start_never_gets_colo(store: Store) -> None:
     assert api.choose(guest, PRECOPY).mechanism == PRECOPY
     with pytest.raises(UsageError, match="COLO needs a guest whose QEMU vmckpt started"):
         api.choose(guest, COLO)
+
+
+def test_a_libvirt_domain_gets_precopy_diff_with_the_one_line_reason_why_not_colo(
+    store: Store,
+) -> None:
+    """Even on a QEMU that runs COLO: the reason is libvirt's, in one line, and names what
+    would make COLO possible. Neither libvirt nor the domain is asked (none runs here), and
+    `vmckpt list` shows the reason for a domain with a head in the store."""
+    domain = LibvirtGuest(store, "vk-dom")
+    choice = api.mechanism_of(domain)
+    assert choice == Choice(PRECOPY, LIBVIRT_REFUSAL)
+    assert "\n" not in choice.reason
+    for why in ("libvirt", "resumes the guest after every checkpoint", "no API to hold a job"):
+        assert why in choice.reason
+    assert "`vmckpt restore` of its layer, or `vmckpt run`) on QEMU 11 gets colo" in choice.reason
+    with pytest.raises(UsageError, match="COLO is refused here: libvirt domain: "):
+        api.choose(domain, COLO)
+    # A head of the domain in the store: `list` names it, with the reason (JSON and text).
+    layer = store.write_layer(tiny_layer("vk-dom"))
+    store.set_head("vk-dom", layer.id, kind="libvirt")
+    listing = subprocess.run(
+        [sys.executable, "-m", "vmckpt", "list", "--store", str(store.path), "--json"],
+        capture_output=True, text=True, cwd=REPO, check=True, timeout=120,
+    )  # fmt: skip
+    rows = {row["name"]: row for row in json.loads(listing.stdout)["guests"]}
+    assert rows["vk-dom"]["kind"] == "libvirt"
+    assert rows["vk-dom"]["mechanism"] == PRECOPY
+    assert rows["vk-dom"]["mechanism_reason"] == LIBVIRT_REFUSAL
+    text = subprocess.run(
+        [sys.executable, "-m", "vmckpt", "list", "--store", str(store.path)],
+        capture_output=True, text=True, cwd=REPO, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    assert f"vk-dom: not colo: {LIBVIRT_REFUSAL}\n" in text
+
+
+def tiny_layer(guest: str) -> LayerContent:
+    image = RamImage.zeroed([RamBlock("pc.ram", 4 * PAGE_SIZE)])
+    image.pages_of("pc.ram")[1] = 7
+    return LayerContent(
+        parent=None, guest=guest, spec={"memory_mib": 1}, qemu_version="10.0.2",
+        machine_type="pc-i440fx-10.0", mechanism=PRECOPY, ram_section=(2, 0, 4), stats={},
+        ram=image, pages={"pc.ram": np.array([1], dtype=np.uint32)}, zeroed={},
+        prelude=b"QEVM", epilogue=b"\x00",
+    )  # fmt: skip
 
 
 # -- status and refusals -------------------------------------------------------------------------

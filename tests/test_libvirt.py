@@ -33,6 +33,7 @@ from tests.framework.guest import (
     wait_for,
 )
 from vmckpt.machine.qemu import socket_listens
+from vmckpt.mechanisms.choice import LIBVIRT_REFUSAL
 
 pytestmark = [pytest.mark.qemu, pytest.mark.libvirt]
 
@@ -295,3 +296,36 @@ def test_libvirt_errors_are_one_line_with_their_exit_code(
     assert refused.returncode == 10, refused.stderr
     assert "no libvirt_xml" in refused.stderr
     assert virsh("dominfo", name, check=False).returncode != 0
+
+
+def test_colo_is_refused_for_a_domain_in_one_line_that_says_why(
+    vmckpt: Vmckpt, domains: Domains
+) -> None:
+    """A libvirt domain gets precopy-diff: asked for colo, vmckpt refuses in one line (exit 2)
+    naming libvirt's reason and what would make colo possible, and leaves the domain as it
+    was; `vmckpt list` shows the domain with that reason."""
+    name = domains.new_name("nocolo")
+    serial = domains.define_and_start(name)
+    wait_states(serial, 3)
+    store = str(vmckpt.store)
+    vmckpt("init", store)
+    refused = vmckpt(
+        "checkpoint", "--libvirt", name, "--mechanism", "colo", "--store", store, check=False
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert LIBVIRT_REFUSAL in refused.stderr
+    assert virsh("domstate", name).stdout.strip() == "running"
+    assert json.loads(vmckpt("list", "--store", store, "--json").stdout)["layers"] == []
+    before = last_seq(serial)
+    wait_for(lambda: last_seq(serial) > before + 2 or None, f"{name} going on", 60)
+
+    row = json.loads(vmckpt("checkpoint", "--libvirt", name, "--store", store, "--json").stdout)
+    assert row["mechanism"] == "precopy-diff"
+    listing = json.loads(vmckpt("list", "--store", store, "--json").stdout)
+    domain = next(g for g in listing["guests"] if g["name"] == name)
+    assert (domain["kind"], domain["state"]) == ("libvirt", "running")
+    assert (domain["head"], domain["mechanism"]) == (row["layer"], "precopy-diff")
+    assert domain["mechanism_reason"] == LIBVIRT_REFUSAL
+    text = vmckpt("list", "--store", store).stdout
+    assert f"{name}: not colo: {LIBVIRT_REFUSAL}" in text

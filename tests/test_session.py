@@ -122,6 +122,32 @@ def test_settings_come_back_as_they_were_not_as_qemus_defaults(journal: Path) ->
     assert qemu.parameters["downtime-limit"] == 1234
 
 
+def test_a_parameter_retuned_mid_migration_is_put_back_too(journal: Path) -> None:
+    """precopy-diff starts with a tight downtime limit and relaxes it if the migration does
+    not end: the session changes only what it set, and puts it back as it was found."""
+    qemu = FakeQemu(outcome=STALL)
+    found = settings(qemu)
+    s = session(qemu, journal)
+    with pytest.raises(RuntimeError), s:
+        s.socket().close()
+        s.start()
+        assert not s.finished_within(0.05)  # stalled: not at an end, and no error
+        s.retune({"downtime-limit": 80})
+        assert qemu.parameters["downtime-limit"] == 80
+        with pytest.raises(ValueError, match="did not set"):
+            s.retune({"multifd-channels": 4})
+        raise RuntimeError("stop here")
+    assert_as_found(qemu, found, running=True)
+    done = FakeQemu()
+    t = session(done, None)
+    with t:
+        t.socket().close()
+        t.start()
+        assert t.finished_within(5.0)
+        assert t.wait() == "completed"
+        t.resume()
+
+
 @pytest.mark.parametrize("error", [RuntimeError("receiver broke"), KeyboardInterrupt()])
 def test_an_error_mid_migration_cancels_it(journal: Path, error: BaseException) -> None:
     qemu = FakeQemu(outcome=STALL)

@@ -238,6 +238,32 @@ class MigrationSession:
         _log.info("%s: migration %s", self.vm, status)
         return status
 
+    def finished_within(self, timeout: float) -> bool:
+        """Whether QEMU reports the migration at an end (any) within ``timeout`` s; False
+        otherwise, the migration going on (:meth:`wait` then takes the outcome)."""
+        self._require(State.MIGRATING)
+        ended = {"completed"} | FINISHED
+        try:
+            self.mon.wait_event(
+                {"MIGRATION"}, timeout, lambda e: str(e.data.get("status")) in ended,
+                since=self._mark,
+            )  # fmt: skip
+        except QMPError:
+            return False
+        return True
+
+    def retune(self, parameters: dict[str, object]) -> None:
+        """Change, while the migration runs, parameters this session set (they are put back
+        on close like the others)."""
+        self._require(State.MIGRATING)
+        unknown = sorted(set(parameters) - set(self.parameters))
+        if unknown:
+            raise ValueError(f"parameters the session did not set: {unknown}")
+        try:
+            self.mon.set_migrate_parameters(parameters)
+        except QMPError as exc:
+            raise self._fail(exc.message, "retune") from exc
+
     def poll(self) -> str:
         """The migration's status now (``query-migrate``), for callers that watch progress."""
         return self.mon.query_migrate().status

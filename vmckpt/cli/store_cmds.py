@@ -29,12 +29,15 @@ from vmckpt.cli.output import (
 )
 from vmckpt.errors import NotAliveError, UsageError, VmckptError
 from vmckpt.guests.base import GuestStatus
+from vmckpt.guests.libvirt import KIND as LIBVIRT_KIND
+from vmckpt.guests.libvirt import LibvirtGuest
 from vmckpt.guests.local import LocalGuest, local_guest_names
 from vmckpt.hostdirs import host_id
 from vmckpt.images import Store, keys
 from vmckpt.images.adopt import adopt
 from vmckpt.mechanisms import api
 from vmckpt.mechanisms.check import probe_capabilities
+from vmckpt.mechanisms.choice import COLO
 
 MAX_BOOT_CHECK_S = 600.0
 
@@ -96,7 +99,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print_json(caps.to_dict())
     else:
-        print(f"QEMU        {caps.binary} {caps.version}")
+        print(f"QEMU        {caps.binary} {caps.version} ({caps.why})")
         for accel, state in caps.accelerators.items():
             print(f"accel {accel:<6}{state}")
         print(f"accel auto  picks {caps.default_accel}")
@@ -133,6 +136,11 @@ def _guest_rows(store: Store) -> list[dict[str, Any]]:
         if kind == "guest" and name not in known:
             row = GuestStatus(name, kind, "stopped", None, head.layer).to_dict()
             rows.append({**row, "host": "local" if head.host == host_id() else "another host"})
+        elif kind == LIBVIRT_KIND:  # a domain checkpointed into this store (libvirt's default URI)
+            try:
+                rows.append(api.status(LibvirtGuest(store, name)).to_dict())
+            except VmckptError as exc:
+                rows.append({"name": name, "kind": kind, "state": f"unreadable: {exc.message}"})
     return rows
 
 
@@ -200,6 +208,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         ]  # fmt: skip
         headers = ["GUEST", "KIND", "STATE", "PID", "HEAD", "MECHANISM", "HOST"]
         print("\n".join(table(headers, glines, right={3})))
+        for g in guests:  # why a domain gets no colo, in one line
+            if g.get("kind") == LIBVIRT_KIND and g.get("mechanism") != COLO:
+                print(f"{g['name']}: not colo: {g.get('mechanism_reason')}")
     return 1 if damaged else 0
 
 

@@ -111,6 +111,12 @@ class LocalGuest(Guest):
     def monitor(self) -> Monitor:
         return self.process().monitor()
 
+    def checkpoint_monitor(self) -> Monitor:
+        """The guest's monitor, spoken directly (:meth:`Monitor.lines`): the event that
+        ends the migration and the command that ends the pause go without a hop through
+        another thread (a ``watch`` pause median of 14 against 23 ms through asyncio)."""
+        return Monitor.lines(self.process().qmp_socket, vm=self.name, timeout=10.0)
+
     def guard(self) -> Guard:
         return Guard.for_qmp(
             store=self.store.path, name=self.name, kind=self.kind,

@@ -20,7 +20,7 @@ from vmckpt.images import crypt
 from vmckpt.images import format as fmt
 from vmckpt.images.format import MANIFEST, PAGES, SUMS, BlockIndex, LayerManifest
 from vmckpt.images.layerio import CHUNK_PAGES, LayerReader, check_digest
-from vmckpt.ram import PAGE_SIZE, PageNumbers, RamBlock, RamImage
+from vmckpt.ram import PAGE_SIZE, PageNumbers, PageTarget, RamBlock
 
 
 @dataclass
@@ -68,16 +68,20 @@ class Wanted:
 
 
 def _scatter(
-    image: RamImage, rows: npt.NDArray[np.uint8], blocks: npt.NDArray[Any], pages: PageNumbers
+    image: PageTarget, rows: npt.NDArray[np.uint8], blocks: npt.NDArray[Any], pages: PageNumbers
 ) -> None:
     """Copy ``rows`` to their pages: row i to page ``pages[i]`` of block ``blocks[i]``."""
-    for number in np.unique(blocks).tolist():
+    numbers = np.unique(blocks).tolist()
+    if len(numbers) == 1:  # (the common case) without a copy of the rows
+        image.put_pages(image.blocks[numbers[0]].idstr, pages, rows)
+        return
+    for number in numbers:
         mine = blocks == number
-        image.pages_of(image.blocks[number].idstr)[pages[mine]] = rows[mine]
+        image.put_pages(image.blocks[number].idstr, pages[mine], rows[mine])
 
 
 def read_whole(
-    src: crypt.LayerFile, manifest: LayerManifest, wanted: Wanted, image: RamImage, step: str
+    src: crypt.LayerFile, manifest: LayerManifest, wanted: Wanted, image: PageTarget, step: str
 ) -> None:
     """A layer without page digests (1.0, 1.1): read its whole pages.bin, check its sha256,
     and copy the wanted pages into ``image`` (only once the whole file matched)."""
@@ -100,7 +104,7 @@ class PageBatch:
     checked against their digests together (hashed by several threads), and only then
     copied into the image."""
 
-    def __init__(self, image: RamImage, step: str) -> None:
+    def __init__(self, image: PageTarget, step: str) -> None:
         self.image = image
         self.step = step
         self.count = 0
@@ -163,7 +167,7 @@ class PageBatch:
 def gather(
     reader: LayerReader,
     newest_first: list[LayerManifest],
-    image: RamImage,
+    image: PageTarget,
     coverage: Coverage,
     step: str,
 ) -> None:

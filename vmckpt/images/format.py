@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from vmckpt.errors import CorruptLayerError, FormatVersionError
 from vmckpt.fsutil import parse_json
-from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamImage
+from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamImage, SpilledPages
 
 # The newest version this vmckpt reads (and writes: see LAYER_MINOR). Readers accept the
 # same major and a lower or equal minor (see `check_version`); the version is the format's
@@ -207,7 +207,7 @@ class LayerContent:
     stats: dict[str, Any]
     # The guest's RAM at this checkpoint: the full image (precopy-diff), or only the pages
     # the checkpoint delivered (COLO), which must then hold every page of ``pages``.
-    ram: RamImage | PageSet
+    ram: RamImage | PageSet | SpilledPages
     pages: dict[str, npt.NDArray[Any]]  # per block: page numbers whose data this layer stores
     zeroed: dict[str, npt.NDArray[Any]]  # per block: pages that became all-zero since the parent
     prelude: bytes  # QEMU stream header and configuration section, opaque

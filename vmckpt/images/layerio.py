@@ -58,7 +58,7 @@ from vmckpt.images.format import (
     LayerManifest,
 )
 from vmckpt.images.keys import SEAL
-from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamBlock, RamImage
+from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamBlock, RamImage, SpilledPages
 
 LAYERS_DIR = "layers"
 TMP_PREFIX = ".tmp-"
@@ -592,7 +592,7 @@ def _write_disks(
 
 
 def page_chunks(
-    ram: RamImage | PageSet, parts: list[BlockIndex]
+    ram: RamImage | PageSet | SpilledPages, parts: list[BlockIndex]
 ) -> Iterable[npt.NDArray[np.uint8]]:
     """The stored pages in index order, copied out CHUNK_PAGES at a time into one buffer."""
     largest = max((part.stored.size for part in parts), default=0)
@@ -711,7 +711,7 @@ def check_content(content: LayerContent) -> list[BlockIndex]:
             raise StoreError(f"{what} cannot be stored as JSON: {exc}", step="write") from exc
     parts: list[BlockIndex] = []
     for block in ram.blocks:
-        if isinstance(ram, PageSet):
+        if isinstance(ram, PageSet | SpilledPages):
             stored = _page_numbers(content.pages.get(block.idstr), block, "pages")
             zeroed = _page_numbers(content.zeroed.get(block.idstr), block, "zeroed")
             held = ram.stored.get(block.idstr, np.zeros(0, dtype=np.uint32))

@@ -35,7 +35,7 @@ from contextlib import AbstractContextManager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vmckpt import faults, locks, log
 from vmckpt.errors import CorruptLayerError, StoreError
@@ -78,7 +78,7 @@ from vmckpt.images.layerio import (
     TempLayer,
     check_content,
 )
-from vmckpt.ram import RamBlock, RamImage
+from vmckpt.ram import PageTarget, RamBlock, RamImage
 
 STORE_MARKER = "vmckpt-store.json"
 MEDIA_DIR = "media"
@@ -96,6 +96,7 @@ CHUNK_PAGES = 16384
 RAM_SLACK_BYTES = 1 << 30
 
 _log = log.get(__name__)
+T = TypeVar("T", bound=PageTarget)
 
 
 def _marker_bytes(store_id: str, encryption: str | None) -> bytes:
@@ -815,6 +816,21 @@ class Store:
             prelude = self.reader.read_small(newest, PRELUDE, "compose")
             device = self.reader.read_small(newest, DEVICE, "compose")
         return image, prelude, device
+
+    def compose_into(self, layer_id: str, make: Callable[[list[RamBlock]], T]) -> T:
+        """The guest's RAM at ``layer_id`` put into the `PageTarget` ``make`` returns for
+        the chain's RAM blocks (a `~vmckpt.ram.RamFile`: composed in bounded memory, a
+        batch of pages at a time), every page checked as `compose` checks it. The target
+        holds only checked pages, but is complete only if this returns."""
+        with self.reading("compose"):
+            chain = self._chain(layer_id, "compose", {})
+            self.require_sealed(chain, "compose")
+            newest = chain[-1]
+            self.check_ram_size(newest, "compose")
+            blocks = [RamBlock(block.idstr, block.length) for block in newest.blocks]
+            target = make(blocks)
+            gather(self.reader, list(reversed(chain)), target, Coverage.of(blocks), "compose")
+        return target
 
     def check_ram_size(self, manifest: LayerManifest, step: str) -> None:
         """Refuse, before allocating it, RAM far beyond what the layer's guest has."""

@@ -1,4 +1,5 @@
-"""The QEMU binary this host uses (``$VMCKPT_QEMU``, else the newest installed), what it
+"""The QEMU binary this host uses (``$VMCKPT_QEMU``, else the newest installed: the system's
+``qemu-system-x86_64`` or one scripts/install-deps.sh put in /var/cache/vmckpt), what it
 supports (its version, machine types, whether KVM is usable here), and qemu-img beside it.
 Knows no guest, process or store: the guest spec (spec.py) and the QEMU process (qemu.py)
 build on it."""
@@ -6,27 +7,99 @@ build on it."""
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import re
 import shutil
+import stat
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from vmckpt.errors import MachineError, UsageError
 
 DEFAULT_QEMU = "qemu-system-x86_64"
+QEMU_ENV = "VMCKPT_QEMU"
+# Where scripts/install-deps.sh installs a QEMU of its own (QEMU 11 in a minimal trixie root,
+# run through a wrapper): taken only if root (or this user) owns it and no one else may
+# write to it or to a directory above it.
+INSTALLED_QEMUS = "/var/cache/vmckpt/qemu-*/bin/qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class QemuChoice:
+    """The QEMU binary vmckpt uses here, its version, and why this one (one line)."""
+
+    binary: str
+    version: str
+    why: str
+
+
+def _safe_to_run(path: Path) -> bool:
+    """The file and every directory above it belong to root or this user, and no one else
+    may write to them (a binary others could replace is never run)."""
+    me = os.getuid()
+    try:
+        current = path.resolve(strict=True)
+        for part in (current, *current.parents):
+            info = os.stat(part)
+            others_write = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX and not info.st_uid
+            if info.st_uid not in (0, me) or (others_write and not sticky):
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def installed_qemus() -> list[str]:
+    """The QEMU binaries installed here: the system's on PATH, then install-deps.sh's."""
+    found: list[str] = []
+    system = shutil.which(DEFAULT_QEMU)
+    if system:
+        found.append(system)
+    for candidate in sorted(glob.glob(INSTALLED_QEMUS)):
+        if os.access(candidate, os.X_OK) and _safe_to_run(Path(candidate)):
+            found.append(candidate)
+    return found
+
+
+def choose_qemu() -> QemuChoice:
+    """The QEMU to use: ``$VMCKPT_QEMU`` if set, else the newest installed (see
+    `installed_qemus`; a tie goes to the system's), with the reason."""
+    chosen = os.environ.get(QEMU_ENV)
+    if chosen:
+        found = shutil.which(chosen)
+        if not found:
+            raise MachineError(
+                f"QEMU binary {chosen!r} ({QEMU_ENV}) not found (install qemu-system-x86, or "
+                f"unset {QEMU_ENV} to use the newest installed)",
+                step="find-qemu",
+            )
+        return QemuChoice(found, qemu_version(found), f"{QEMU_ENV} names it")
+    versions: list[tuple[tuple[int, int, int], int, str, str]] = []
+    for order, binary in enumerate(installed_qemus()):
+        try:
+            version = qemu_version(binary)
+        except (MachineError, OSError):
+            continue
+        versions.append((version_tuple(version), -order, binary, version))
+    if not versions:
+        raise MachineError(
+            f"no QEMU found: neither {DEFAULT_QEMU} on PATH nor {INSTALLED_QEMUS} (install "
+            f"qemu-system-x86 or run scripts/install-deps.sh, or set {QEMU_ENV})",
+            step="find-qemu",
+        )
+    versions.sort(reverse=True)
+    _, _, binary, version = versions[0]
+    others = [f"{v} at {b}" for _, _, b, v in versions[1:]]
+    why = "the newest QEMU installed" + (f" (also {', '.join(others)})" if others else "")
+    return QemuChoice(binary, version, f"{why}; {QEMU_ENV}=PATH picks another")
 
 
 def qemu_binary() -> str:
-    """The QEMU binary to use: $VMCKPT_QEMU, else qemu-system-x86_64 on PATH."""
-    chosen = os.environ.get("VMCKPT_QEMU", DEFAULT_QEMU)
-    found = shutil.which(chosen)
-    if not found:
-        raise MachineError(
-            f"QEMU binary {chosen!r} not found (install qemu-system-x86, or set VMCKPT_QEMU)",
-            step="find-qemu",
-        )
-    return found
+    """The QEMU binary to use (`choose_qemu`)."""
+    return choose_qemu().binary
 
 
 @functools.cache

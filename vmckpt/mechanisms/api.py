@@ -25,10 +25,12 @@ from typing import Any
 
 from vmckpt.errors import MachineError, UsageError
 from vmckpt.guests.base import Guest, GuestStatus
+from vmckpt.guests.libvirt import KIND as LIBVIRT_KIND
 from vmckpt.guests.local import LocalGuest
 from vmckpt.guests.remote import RemoteGuest, RemoteTarget
 from vmckpt.images import Store
 from vmckpt.images.retention import keep_arguments
+from vmckpt.machine.spec import GuestSpec
 from vmckpt.mechanisms.choice import COLO, PRECOPY, Choice, choose_mechanism
 from vmckpt.mechanisms.colo import SessionClient, end_session, session_pid
 from vmckpt.mechanisms.layers import CheckpointResult, CheckpointSettings
@@ -40,7 +42,6 @@ from vmckpt.mechanisms.restore_libvirt import DomainRestoreResult, restore_domai
 from vmckpt.mechanisms.restore_prep import RestoreResult
 from vmckpt.mechanisms.watch import WatchSettings, checkpoint_settings, watch_loop
 from vmckpt.progress import NO_PROGRESS, Progress
-from vmckpt.ram import RamImage
 
 Row = dict[str, Any]
 RESTORE_WAIT_S = 60.0  # a checkpoint waits this long for a lazy restore's last pages
@@ -48,6 +49,8 @@ RESTORE_WAIT_S = 60.0  # a checkpoint waits this long for a lazy restore's last 
 
 def mechanism_of(guest: Guest) -> Choice:
     """The checkpoint mechanism the guest gets, and why."""
+    if guest.kind == LIBVIRT_KIND:  # (asks libvirt nothing: the reason is libvirt's)
+        return choose_mechanism("", "", GuestSpec(), local=False, libvirt=True)
     return choose_mechanism(guest.qemu_version(), guest.accel, guest.spec(), local=guest.owns_qemu)
 
 
@@ -122,19 +125,17 @@ def watch(
 
 
 class _PrecopyTaker:
-    """precopy-diff checkpoints of a watch: the image each one received is the next one's
-    diff base, so no checkpoint composes the chain."""
+    """precopy-diff checkpoints of a watch: each is diffed against this host's copy of the
+    previous one's RAM (vmckpt/mechanisms/parent_ram.py), so no checkpoint composes the
+    chain and none holds a whole image."""
 
     def __init__(self, guest: Guest, settings: CheckpointSettings, progress: Progress) -> None:
         self.guest = guest
         self.settings = settings
         self.progress = progress
-        self.base: RamImage | None = None
 
     def __call__(self) -> Row:
-        result = take_checkpoint(self.guest, self.settings, base=self.base, progress=self.progress)
-        self.base = result.image
-        return _row(result)
+        return _row(take_checkpoint(self.guest, self.settings, progress=self.progress))
 
 
 def _remote_watch(
@@ -170,7 +171,9 @@ def status(guest: Guest) -> GuestStatus:
     """The guest's row in ``vmckpt list``: its state, its mechanism and why, its session."""
     if not isinstance(guest, LocalGuest):
         row = guest.status()
-        if isinstance(guest, RemoteGuest) or row.state == "unreachable":
+        if isinstance(guest, RemoteGuest) or (
+            row.state == "unreachable" and guest.kind != LIBVIRT_KIND
+        ):
             return row
         with contextlib.suppress(MachineError, OSError):
             choice = mechanism_of(guest)

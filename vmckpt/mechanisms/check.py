@@ -8,16 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmckpt.machine.binary import kvm_usable, qemu_binary, qemu_version, resolve_accel
+from vmckpt.machine.binary import choose_qemu, kvm_usable, resolve_accel
 from vmckpt.machine.qemu import Launch, QemuProcess, rotate_serial_log
 from vmckpt.machine.spec import GuestSpec
-from vmckpt.mechanisms.choice import COLO, PRECOPY, colo_refusal
+from vmckpt.mechanisms.choice import COLO, LIBVIRT_REFUSAL, PRECOPY, colo_refusal
 
 
 @dataclass(frozen=True)
 class Capabilities:
     binary: str
     version: str
+    why: str  # why this QEMU (VMCKPT_QEMU, or the newest installed)
     accelerators: dict[str, str]  # name -> "yes" or why not
     default_accel: str  # what --accel auto picks here
     mechanisms: dict[str, str]  # name -> "yes ..." or "no: why"
@@ -26,6 +27,7 @@ class Capabilities:
         return {
             "binary": self.binary,
             "version": self.version,
+            "why": self.why,
             "accelerators": self.accelerators,
             "default_accel": self.default_accel,
             "mechanisms": self.mechanisms,
@@ -38,8 +40,8 @@ class Capabilities:
 
 def probe_capabilities() -> Capabilities:
     """Start a throw-away QEMU with no guest and ask it what it supports."""
-    binary = qemu_binary()
-    version = qemu_version(binary)
+    qemu = choose_qemu()
+    binary, version = qemu.binary, qemu.version
     kvm_ok, why = kvm_usable()
     accelerators = {"kvm": "yes" if kvm_ok else f"no: {why}", "tcg": "yes"}
     accel = resolve_accel("auto")
@@ -57,8 +59,9 @@ def probe_capabilities() -> Capabilities:
     refusal = colo_refusal(version, accel)
     if "x-colo" not in caps:
         colo = (
-            "no: this QEMU has no x-colo capability; a QEMU 11 built with COLO (Debian's, "
-            "given as VMCKPT_QEMU) makes it possible"
+            "no: this QEMU has no x-colo capability; a QEMU 11 built with COLO (Debian's: "
+            "scripts/install-deps.sh installs it, or name one with VMCKPT_QEMU) makes it "
+            "possible"
         )
     elif refusal:
         colo = f"no: {refusal}"
@@ -67,6 +70,7 @@ def probe_capabilities() -> Capabilities:
     precopy_ok = {"migrate", "getfd"} <= commands and "events" in caps
     mechanisms = {
         COLO: colo,
+        f"{COLO} (libvirt domains)": f"no: {LIBVIRT_REFUSAL}",
         PRECOPY: (
             "yes" + (" (the default here)" if colo.startswith("no") else " (fallback)")
             if precopy_ok
@@ -76,4 +80,4 @@ def probe_capabilities() -> Capabilities:
         "mapped-ram (baseline)": "yes" if "mapped-ram" in caps else "no",
         "savevm (baseline)": "yes" if "snapshot-save" in commands else "no",
     }
-    return Capabilities(binary, version, accelerators, accel, mechanisms)
+    return Capabilities(binary, version, qemu.why, accelerators, accel, mechanisms)

@@ -11,6 +11,14 @@
   checkpoint's pause (vmckpt/colo.py, vmckpt/disk_capture.py). Never for a
   guest vmckpt did not start (the session needs a QEMU it owns).
 
+Never for a libvirt domain (`LIBVIRT_REFUSAL`): libvirt's monitor passthrough could carry
+the session (file descriptors pass with virDomainQemuMonitorCommandWithFiles, as
+precopy-diff's do), but a session keeps QEMU in migration state ``colo`` behind libvirt's
+back for as long as it lasts: QEMU resumes the guest at the end of every checkpoint
+(migration/colo.c, ``colo_do_checkpoint_transaction``), undoing a pause libvirt made, and
+refuses libvirt's own migration jobs (save, managedsave, snapshots with memory, migrate),
+while libvirt has no API to hold a job on behalf of an outside process.
+
 Every reason for refusing COLO names what would make it possible.
 - ``precopy-diff``: a live migration into vmckpt and a diff; works on every
   QEMU >= 7.2 and everywhere else.
@@ -56,13 +64,27 @@ def colo_refusal(qemu_version: str, accel: str) -> str | None:
         return (
             f"QEMU {shown} under TCG: COLO deadlocks or aborts the guest before QEMU 11 "
             "(its RAM save and TCG's dirty-log sync wait on each other); QEMU 11 or later "
-            "(VMCKPT_QEMU) makes it possible"
+            "makes it possible (scripts/install-deps.sh installs it; vmckpt takes the newest "
+            "installed unless VMCKPT_QEMU names one)"
         )
     return None
 
 
-def choose_mechanism(qemu_version: str, accel: str, spec: GuestSpec, *, local: bool) -> Choice:
+LIBVIRT_REFUSAL = (
+    "libvirt domain: a COLO session would hold QEMU in migration state colo behind libvirt's "
+    "back (QEMU resumes the guest after every checkpoint, undoing a pause libvirt made, and "
+    "refuses libvirt's save, snapshot and migrate jobs while it lasts) and libvirt has no API "
+    "to hold a job for an outside process; the guest run by vmckpt (`vmckpt restore` of its "
+    "layer, or `vmckpt run`) on QEMU 11 gets colo"
+)
+
+
+def choose_mechanism(
+    qemu_version: str, accel: str, spec: GuestSpec, *, local: bool, libvirt: bool = False
+) -> Choice:
     """The mechanism a guest's checkpoints use, with the reason in words."""
+    if libvirt:
+        return Choice(PRECOPY, LIBVIRT_REFUSAL)
     if not local:
         return Choice(
             PRECOPY,

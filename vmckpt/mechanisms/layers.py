@@ -14,7 +14,7 @@ from vmckpt import faults, log
 from vmckpt.errors import CheckpointError, VmckptError
 from vmckpt.guests.base import Guest
 from vmckpt.images import DiskDelta, LayerContent, LayerManifest, Store
-from vmckpt.ram import PageSet, RamImage
+from vmckpt.ram import PageSet, RamImage, SpilledPages
 from vmckpt.stream import StreamEnvelope
 
 _log = log.get(__name__)
@@ -63,7 +63,7 @@ class LayerParts:
     """What a mechanism hands over to become a layer."""
 
     envelope: StreamEnvelope
-    ram: RamImage | PageSet  # the whole RAM (precopy-diff) or the pages sent (COLO)
+    ram: RamImage | PageSet | SpilledPages  # the whole RAM, the pages sent (COLO) or kept
     pages: dict[str, np.ndarray]
     zeroed: dict[str, np.ndarray]
     qemu_version: str

@@ -2,9 +2,9 @@
 
 One checkpoint per interval until a count is reached or SIGINT/SIGTERM
 arrives; each is a layer whose parent is the previous one (vmckpt/mechanisms/api.py
-says how a checkpoint is taken: precopy-diff keeps the image the previous checkpoint
-received as the next diff's base, so no checkpoint composes the chain; COLO asks its
-session). A pause budget maps onto QEMU's
+says how a checkpoint is taken: precopy-diff diffs against this host's copy of the
+previous checkpoint's RAM, which each checkpoint brings up to date, so no checkpoint
+composes the chain; COLO asks its session). A pause budget maps onto QEMU's
 downtime limit (QEMU then runs more pre-copy rounds before it stops the
 guest); a layer whose pause still exceeded it is reported as such. With
 retention rules (``--keep-*``), the guest's layers the rules do not keep are

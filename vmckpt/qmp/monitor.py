@@ -49,6 +49,7 @@ class MigrationInfo:
     total_time_ms: int | None
     transferred: int | None
     error: str | None
+    dirty_sync_count: int | None = None  # RAM passes QEMU has synced its dirty log for
 
 
 @dataclass(frozen=True)
@@ -370,6 +371,7 @@ class Monitor:
             total_time_ms=info.get("total-time"),
             transferred=ram.get("transferred"),
             error=info.get("error-desc"),
+            dirty_sync_count=ram.get("dirty-sync-count"),
         )
 
     def incoming_port(self) -> int:

@@ -325,6 +325,10 @@ def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
+class _NotQmp(QMPError):
+    """What came from the socket is not QMP (no JSON object a line)."""
+
+
 class LineTransport:
     """QMP over a Unix socket, spoken directly: synchronous, one JSON document a line.
 
@@ -365,7 +369,11 @@ class LineTransport:
                            step="connect") from exc  # fmt: skip
         self._sock = sock
         try:
-            greeting = self._message(deadline, "the greeting")
+            try:
+                greeting = self._message(deadline, "the greeting")
+            except _NotQmp as exc:
+                raise QMPError(f"cannot connect to {where}: it is not QEMU's QMP ({exc.message})",
+                               vm=self.vm, step="connect") from exc  # fmt: skip
             version = _version(greeting["QMP"]["version"]["qemu"])
         except (KeyError, TypeError, ValueError) as exc:
             self.close()
@@ -483,10 +491,10 @@ class LineTransport:
         try:
             message = json.loads(line)
         except ValueError as exc:
-            raise QMPError(f"QEMU sent no JSON during {what}: {line[:80]!r}", vm=self.vm,
-                           step=what) from exc  # fmt: skip
+            raise _NotQmp(f"QEMU sent no JSON during {what}: {line[:80]!r}", vm=self.vm,
+                          step=what) from exc  # fmt: skip
         if not isinstance(message, dict):
-            raise QMPError(f"QEMU sent a non-object during {what}", vm=self.vm, step=what)
+            raise _NotQmp(f"QEMU sent a non-object during {what}", vm=self.vm, step=what)
         return message
 
 

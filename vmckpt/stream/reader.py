@@ -12,20 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Generic, TypeVar
 
 import numpy as np
-import numpy.typing as npt
 
 from vmckpt.errors import StreamError
-from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
+from vmckpt.ram import PAGE_SIZE, PageTarget, RamBlock, RamImage
 from vmckpt.stream import format as fmt
 from vmckpt.stream.decoder import Command, Decoder, PageNumbers, RamBlocks, fill_from
 from vmckpt.stream.envelope import StreamEnvelope
 
 STEP = "reading migration stream"
 READ_BUFFER = 4 << 20  # the decoder's buffer: the size of one read from the source
-_ZERO_PAGE = bytes(PAGE_SIZE)
+T = TypeVar("T", bound=PageTarget)
 
 
 @dataclass(frozen=True)
@@ -40,27 +39,22 @@ class Migration:
     last_block: str | None
 
 
-class _MigrationReader:
-    """One pass over one migration: the decoder's records applied to a `RamImage` (the
+class _MigrationReader(Generic[T]):
+    """One pass over one migration: the decoder's records applied to a `PageTarget` (the
     `~vmckpt.stream.decoder.RamSink` of the ram section), the rest kept as bytes."""
 
     def __init__(
-        self,
-        decoder: Decoder,
-        on_blocks: Callable[[list[RamBlock]], RamImage] | None,
-        session: bool,
+        self, decoder: Decoder, on_blocks: Callable[[list[RamBlock]], T], session: bool
     ) -> None:
         self.decoder = decoder
-        self.on_blocks = on_blocks or RamImage.zeroed
+        self.on_blocks = on_blocks
         self.session = session  # a COLO session: return-path commands; ends at the vmdesc
-        self.image: RamImage | None = None
-        self.rows: dict[str, npt.NDArray[np.uint8]] = {}  # each block as (pages, PAGE_SIZE)
-        self.views: dict[str, memoryview] = {}  # the same, as bytes
+        self.image: T | None = None
         self.ram = RamBlocks()
         self.kept = bytearray()  # commands between the ram START and END, for the epilogue
         self.pings: list[int] = []
 
-    def run(self) -> Migration:
+    def run(self) -> tuple[StreamEnvelope, T, list[int], str | None]:
         decoder = self.decoder
         header = decoder.header()
         # Until the ram START: commands only; they stay in the prelude.
@@ -99,7 +93,7 @@ class _MigrationReader:
             ram_version_id=start.version_id,
             epilogue=bytes(self.kept) + rest,
         )
-        return Migration(envelope, self.image, self.pings, self.ram.current)
+        return envelope, self.image, self.pings, self.ram.current
 
     def error(self, message: str) -> StreamError:
         return self.decoder.error(message)
@@ -127,44 +121,29 @@ class _MigrationReader:
 
     def mem_size(self, blocks: list[RamBlock], at: int) -> None:
         image = self.on_blocks(blocks)
-        for block in blocks:
-            array = image.data.get(block.idstr)
-            size = block.pages * PAGE_SIZE
-            if (
-                array is None
-                or array.dtype != np.uint8
-                or array.size < size
-                or not array.flags.c_contiguous
-            ):
-                raise ValueError(f"on_blocks returned no room for RAM block {block.idstr!r}")
-            self.rows[block.idstr] = array[:size].reshape(-1, PAGE_SIZE)
-            self.views[block.idstr] = array[:size].data
+        if image.blocks != blocks:
+            raise ValueError("on_blocks returned a target of other RAM blocks")
         self.image = image
 
+    def _target(self) -> T:
+        assert self.image is not None  # the decoder checks MEM_SIZE came first
+        return self.image
+
     def page(self, block: str, number: int, position: int) -> None:
-        at = number * PAGE_SIZE
-        self.views[block][at : at + PAGE_SIZE] = memoryview(self.decoder.buffer)[
-            position : position + PAGE_SIZE
-        ]
+        data = np.ndarray((1, PAGE_SIZE), dtype=np.uint8, buffer=self.decoder.buffer,
+                          offset=position)  # fmt: skip
+        self._target().put_pages(block, np.array([number], dtype=np.int64), data)
 
     def pages(self, block: str, numbers: PageNumbers, first: int, stride: int) -> None:
         data = np.ndarray((numbers.size, PAGE_SIZE), dtype=np.uint8, buffer=self.decoder.buffer,
                           offset=first, strides=(stride, 1))  # fmt: skip
-        rows = self.rows[block]
-        if numbers.size < 2 or bool(np.all(numbers[1:] > numbers[:-1])):
-            rows[numbers] = data
-        else:
-            # A page sent twice in one run: the later copy must win, and numpy does not
-            # promise an order for an assignment through repeated indices.
-            for row, number in enumerate(numbers.tolist()):
-                rows[number] = data[row]
+        self._target().put_pages(block, numbers, data)
 
     def zero(self, block: str, number: int) -> None:
-        at = number * PAGE_SIZE
-        self.views[block][at : at + PAGE_SIZE] = _ZERO_PAGE
+        self._target().put_zeros(block, np.array([number], dtype=np.int64))
 
     def zeros(self, block: str, numbers: PageNumbers) -> None:
-        self.rows[block][numbers] = 0
+        self._target().put_zeros(block, numbers)
 
 
 def read_migration(
@@ -177,7 +156,10 @@ def read_migration(
     ``session`` (the opening of a COLO session, whose channel stays open) the commands of
     the session's return path are accepted (and left out of the envelope), and the
     migration ends with its device description instead of the source's end."""
-    return _MigrationReader(decoder, on_blocks, session).run()
+    envelope, image, pings, last = _MigrationReader(
+        decoder, on_blocks or RamImage.zeroed, session
+    ).run()
+    return Migration(envelope, image, pings, last)
 
 
 def read_stream(
@@ -198,3 +180,20 @@ def read_stream(
     decoder = Decoder(fill_from(source), step=STEP, buffer=bytearray(READ_BUFFER))
     migration = read_migration(decoder, on_blocks=on_blocks)
     return migration.envelope, migration.image
+
+
+def read_stream_to(
+    source: BinaryIO, on_blocks: Callable[[list[RamBlock]], T], *, max_read: int = READ_BUFFER
+) -> tuple[StreamEnvelope, T]:
+    """`read_stream`, with the pages put into the `PageTarget` that ``on_blocks`` makes once
+    MEM_SIZE has told the block list (a `~vmckpt.ram.RamDiff`: bounded memory), reading at
+    most ``max_read`` bytes at a time (what is read is decoded before the next read: a
+    live source waits at most that long for the reader to come back)."""
+    fill = fill_from(source)
+
+    def bounded(view: memoryview) -> int:
+        return fill(view[:max_read])
+
+    decoder = Decoder(bounded, step=STEP, buffer=bytearray(READ_BUFFER))
+    envelope, image, _, _ = _MigrationReader(decoder, on_blocks, False).run()
+    return envelope, image
