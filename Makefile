@@ -54,6 +54,7 @@ BENCH_OUT ?= /tmp/vmckpt-bench
 
 bench: deps-test guest
 	$(PYTHON) -m benchmarks.checkpoint $(BENCH_ARGS) --plot $(BENCH_OUT).png --json $(BENCH_OUT).json
+	$(PYTHON) -m benchmarks.disk_restore --json $(BENCH_OUT)-disk-restore.json
 
 ## Migration to another host (a network namespace with its own sshd; needs root).
 bench-migrate: deps-test guest

@@ -41,7 +41,12 @@ from vmckpt.machine.binary import (
 from vmckpt.machine.liveness import FATAL_EVENTS, Observation, observe
 from vmckpt.machine.qemu import Launch, QemuProcess, command_line, rotate_serial_log
 from vmckpt.machine.spec import GuestSpec, check_name
-from vmckpt.mechanisms.disk_restore import discard_restored, materialize, track_restored
+from vmckpt.mechanisms.disk_restore import (
+    DiskRestoreStats,
+    discard_restored,
+    materialize,
+    track_restored,
+)
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.ram import RamImage
 from vmckpt.session import MigrationSession
@@ -147,6 +152,7 @@ class RestoreResult:
     load_s: float
     total_s: float
     stream_bytes: int
+    disk_bytes: int = 0  # written to rebuild its disks: bases made now, deltas applied
 
     def summary(self) -> str:
         return (
@@ -165,6 +171,7 @@ class RestoreResult:
             "load_s": round(self.load_s, 3),
             "total_s": round(self.total_s, 3),
             "bytes": self.stream_bytes,
+            "disk_bytes": self.disk_bytes,
         }
 
 
@@ -218,7 +225,13 @@ def restore_guest(
     # Writable disks are rebuilt as new images in a fresh directory of this host's data
     # directory of the store (never in the store, which others may write).
     disk_dir = store.host.fresh(store.host.data_dir(name), f"disks-{manifest.id}-")
-    spec = replace(spec, disks=materialize(store, manifest, spec.disks, disk_dir, vm=name))
+    disk_stats = DiskRestoreStats()
+    try:
+        disks = materialize(store, manifest, spec.disks, disk_dir, vm=name, stats=disk_stats)
+    except BaseException:
+        disk_dir.rmdir()
+        raise
+    spec = replace(spec, disks=disks)
     composed = time.monotonic()
     try:
         guest = LocalGuest.start(
@@ -253,6 +266,7 @@ def restore_guest(
         load_s=loaded - composed,
         total_s=time.monotonic() - started,
         stream_bytes=written,
+        disk_bytes=disk_stats.base_bytes + disk_stats.delta_bytes,
     )
 
 
