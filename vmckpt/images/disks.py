@@ -185,40 +185,47 @@ def bases_dir(store: Store) -> Path:
     return private_dir(store.host.data / BASES_DIR)
 
 
-def shared_base(store: Store, plan: DiskPlan) -> tuple[Path, bool]:
-    """The plan's base written out as a read-only raw image in this host's data directory,
-    made now if it is not there yet; and whether it was made now.
+def shared_base(store: Store, plan: DiskPlan, directory: Path | None = None) -> tuple[Path, bool]:
+    """The plan's base written out as a read-only raw image, made now if it is not there yet;
+    and whether it was made now. Where: this host's data directory of the store, or
+    ``directory`` (the user's: where a libvirt domain's restored disks go, which libvirt's
+    QEMU can read), as ``vmckpt-base-<digest>.raw``.
 
     It is written to a temporary name (every listed file of the layer checked while it is
     read, see :func:`compose_disk`), made read-only, synced and renamed into place under the
-    bases' lock, so a base that exists is complete. One found there must be a regular file
-    of this user's, mode 0400, no other link, of the disk's size; anything else is refused.
+    bases' lock, so a base that exists is complete. One found must be a regular file, mode
+    0400, no other link, of the disk's size, and in the data directory this user's (in a
+    directory of the user's, libvirt gives its QEMU's user the images it uses, the backing
+    ones too, while a domain runs); anything else is refused.
     """
-    directory = bases_dir(store)
     name = base_name(plan.base, plan.disk_id)
-    path = directory / name
+    if directory is None:
+        where = bases_dir(store)
+    else:
+        where, name = directory, f"vmckpt-base-{name}"
+    path = where / name
     step = "disk-base"
     with locks.hold(
-        directory / BASES_LOCK,
+        bases_dir(store) / BASES_LOCK,
         what=f"write disk base {name}",
         wait_s=BASES_LOCK_WAIT_S,
         busy=f"disk bases of {store.path}: another restore writes one",
     ):
-        if _check_base(path, plan.size, plan.base.id, step):
+        if _check_base(path, plan.size, plan.base.id, step, own=directory is None):
             return path, False
-        temporary = directory / f".tmp-{name}-{secrets.token_hex(4)}"
+        temporary = where / f".tmp-{name}-{secrets.token_hex(4)}"
         try:
             compose_disk(store, plan.base.id, plan.disk_id, temporary)
             temporary.chmod(BASE_MODE)
             os.rename(temporary, path)  # no base of this name: checked under the lock
-            fsync_dir(directory)
+            fsync_dir(where)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
         return path, True
 
 
-def _check_base(path: Path, size: int, layer_id: str, step: str) -> bool:
+def _check_base(path: Path, size: int, layer_id: str, step: str, *, own: bool) -> bool:
     """Whether a usable base is at ``path`` (False: none); StoreError if something else is."""
     try:
         info = os.lstat(path)
@@ -227,10 +234,11 @@ def _check_base(path: Path, size: int, layer_id: str, step: str) -> bool:
     except OSError as exc:
         raise StoreError(f"{path}: {exc.strerror or exc}", layer=layer_id, step=step) from exc
     problem = None
+    mode = stat.S_IMODE(info.st_mode)
     if not stat.S_ISREG(info.st_mode):
         problem = "is not a regular file"
-    elif info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) != BASE_MODE:
-        problem = f"is not a read-only file of this user's (mode {stat.S_IMODE(info.st_mode):04o})"
+    elif mode != BASE_MODE or (own and info.st_uid != os.geteuid()):
+        problem = f"is not a read-only file of this user's (uid {info.st_uid}, mode {mode:04o})"
     elif info.st_nlink != 1:
         problem = "has another hard link"
     elif info.st_size != size:

@@ -104,6 +104,7 @@ class _Capture:
     started: bool = False
     fleece: Path | None = None  # fleecing: the copy-before-write target, attached if set
     armed: bool = False  # fleecing: the new bitmap was added (before the pause)
+    fdsets: list[int] = field(default_factory=list)  # by_fd: the fd sets QEMU opens them by
 
     @property
     def fleece_node(self) -> str:
@@ -140,6 +141,9 @@ class DiskTracker:
     # The instant as a sync=none backup into a fleece image (see the module doc): the least
     # work inside the guest's pause; the new bitmaps are added before it (arm).
     fleecing: bool = False
+    # Hand QEMU its scratch images as file descriptors (QMP add-fd, /dev/fdset/N), never by
+    # path: a libvirt domain's QEMU runs as another user, who cannot open vmckpt's files.
+    by_fd: bool = False
     _captures: list[_Capture] = field(default_factory=list)
     _started: dict[str, str] = field(default_factory=dict)
 
@@ -222,7 +226,7 @@ class DiskTracker:
                         "node-name": capture.target_node,
                         "file": {
                             "driver": "file",
-                            "filename": str(capture.target),
+                            "filename": self._filename(mon, capture, capture.target),
                             "locking": "off",
                         },
                         "backing": {"driver": "null-co", "size": disk.size, "read-zeroes": True},
@@ -261,10 +265,32 @@ class DiskTracker:
             {
                 "driver": "qcow2",
                 "node-name": capture.fleece_node,
-                "file": {"driver": "file", "filename": str(fleece), "locking": "off"},
+                "file": {
+                    "driver": "file",
+                    "filename": self._filename(mon, capture, fleece),
+                    "locking": "off",
+                },
                 "cache": {"no-flush": True},
             }
         )
+
+    def _filename(self, mon: Monitor, capture: _Capture, path: Path) -> str:
+        """What QEMU opens ``path`` as: the path, or (``by_fd``) an fd set holding it."""
+        if not self.by_fd:
+            return str(path)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fdset = mon.add_fd(fd, f"{BACKUP_PREFIX}{capture.disk.id}")
+        finally:
+            os.close(fd)  # QEMU holds its own copy
+        capture.fdsets.append(fdset)
+        return f"/dev/fdset/{fdset}"
+
+    def _remove_fdsets(self, mon: Monitor, capture: _Capture) -> None:
+        while capture.fdsets:
+            with contextlib.suppress(QMPError):
+                mon.remove_fdset(capture.fdsets[-1])
+            capture.fdsets.pop()
 
     def arm(self, mon: Monitor) -> None:
         """Fleecing: add the new bitmaps now, just before the checkpoint is asked for (the
@@ -442,6 +468,7 @@ class DiskTracker:
                 self._end_fleecing(mon)
             for capture in self._captures:
                 capture.started = False
+                self._remove_fdsets(mon, capture)
         except QMPError as exc:
             raise self._fail(exc.message, "disk-collect") from exc
         return [self._read_target(capture) for capture in self._captures]
@@ -515,6 +542,7 @@ class DiskTracker:
                 present = {n.node_name for n in mon.block_nodes()}
                 ours = [capture.access_node, capture.target_node, capture.fleece_node]
                 _delete_nodes(mon, [n for n in ours if n in present])
+            self._remove_fdsets(mon, capture)
             with contextlib.suppress(QMPError):
                 nodes = {n.node_name: n for n in mon.block_nodes()}
                 node = nodes.get(capture.disk.node)
@@ -552,6 +580,11 @@ def clear_leftovers(mon: Monitor, *, vm: str, keep: Collection[str], scratch: Pa
     ours = [node.node_name for node in nodes if node.node_name.startswith(BACKUP_PREFIX)]
     found = found or bool(ours)
     _delete_nodes(mon, ours)
+    with contextlib.suppress(QMPError):  # QEMUs without fd sets have none of ours
+        for fdset, opaques in mon.fdsets().items():
+            if any(o.startswith(BACKUP_PREFIX) for o in opaques):
+                found = True
+                mon.remove_fdset(fdset)
     for node in nodes:
         if node.node_name.startswith(BACKUP_PREFIX):
             continue

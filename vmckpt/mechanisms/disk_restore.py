@@ -14,6 +14,7 @@ layer recorded is recreated in the restored QEMU so its next checkpoint is incre
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -74,8 +75,8 @@ def materialize(
                     step="compose-disk",
                 )
             overlay = directory / f"{_PREFIX}{disk.id}-{manifest.id}-{secrets.token_hex(2)}.qcow2"
-            made.append(overlay)
             base = build_overlay(store, manifest.id, disk.id, overlay, vm=vm, stats=stats)
+            made.append(overlay)
             result.append(replace(disk, path=str(overlay), format="qcow2", backing=str(base)))
     except BaseException:
         for path in made:
@@ -92,25 +93,38 @@ def build_overlay(
     *,
     vm: str,
     stats: DiskRestoreStats | None = None,
+    base_dir: Path | None = None,
 ) -> Path:
-    """Disk ``disk_id`` at ``layer_id`` as a new qcow2 image ``overlay`` (0600) on the disk's
-    shared base (made if this host lacks it); returns the base's path. The overlay is left
-    behind on failure: the caller removes it."""
+    """Disk ``disk_id`` at ``layer_id`` as a new qcow2 image ``overlay`` (0600, a name that
+    must not exist) on the disk's shared base (made if missing: in this host's data
+    directory of the store, or ``base_dir``); returns the base's path. On failure the
+    overlay is removed (if this made it)."""
     stats = stats if stats is not None else DiskRestoreStats()
     with store.reading("restore a disk"):
         plan = disk_plan(store, layer_id, disk_id)
-        base, made = shared_base(store, plan)
+        base, made = shared_base(store, plan, base_dir)
         if made:
             stats.bases_made += 1
             stats.base_bytes += plan.base_record.bytes_stored
-        qemu_img(
-            "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER_SIZE}",
-            "-F", "raw", "-b", str(base), str(overlay), str(plan.size),
-            vm=vm, step="compose-disk",
-        )  # fmt: skip
-        overlay.chmod(0o600)
-        if plan.deltas:
-            apply_deltas(store, plan, overlay, vm=vm, stats=stats)
+        # The name is taken with O_EXCL (never an existing file, nor a link planted there),
+        # then qemu-img writes the image into it.
+        try:
+            fd = os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise RestoreError(f"cannot make {overlay}: {exc.strerror or exc}", vm=vm,
+                               layer=layer_id, step="compose-disk") from exc  # fmt: skip
+        os.close(fd)
+        try:
+            qemu_img(
+                "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER_SIZE}",
+                "-F", "raw", "-b", str(base), str(overlay), str(plan.size),
+                vm=vm, step="compose-disk",
+            )  # fmt: skip
+            if plan.deltas:
+                apply_deltas(store, plan, overlay, vm=vm, stats=stats)
+        except BaseException:
+            overlay.unlink(missing_ok=True)
+            raise
     return base
 
 

@@ -217,7 +217,9 @@ def _take(
     parent = store.manifest(parent_id) if parent_id else None  # fails before touching the guest
     spec = target.spec()
     journal = store.host.journal_path(name, JOURNAL, kind)
-    tracker = DiskTracker(name, spec.disks, parent, store.host.scratch_dir(name, kind))
+    tracker = DiskTracker(
+        name, spec.disks, parent, store.host.scratch_dir(name, kind), by_fd=target.files_by_fd
+    )
     committed = False
     try:
         with target.guard(), target.monitor() as mon:
