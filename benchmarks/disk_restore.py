@@ -8,7 +8,8 @@ guest (``--memory``, TCG) running its disk workload on the disk's first 256 MiB
 (guest/diskload.c: random 4 KiB writes, checked against its memory; the data lies after
 that), checkpointed ``--layers`` + 1 times (precopy-diff): the base and ``--layers`` deltas.
 Then each of the base and the last layer is restored ``--repeat`` times each way, and, as
-the reference, the same guest without a disk (checkpointed once) ``--repeat`` times.
+the reference, the same guest without a disk (checkpointed once) right after each "after"
+restore (so both see the same load on a shared machine).
 
 Per restore: time to running (``restore_guest``'s compose + load, up to the moment the guest
 resumes; the 1 s it then watches the guest is left out) and bytes written (the blocks the
@@ -159,7 +160,9 @@ def checkpoints(store: Store, guest: LocalGuest, count: int) -> list[str]:
     return ids
 
 
-def bench_disk(args: argparse.Namespace, size_text: str, scratch: Path) -> list[Row]:
+def bench_disk(
+    args: argparse.Namespace, size_text: str, scratch: Path, nodisk: Reference
+) -> list[Row]:
     size = parse_memory(size_text) << 20
     store = Store.create(scratch / f"store-{size_text}")
     image = scratch / f"disk-{size_text}.qcow2"
@@ -187,21 +190,36 @@ def bench_disk(args: argparse.Namespace, size_text: str, scratch: Path) -> list[
         before = Row(size_text, label, "before", deltas)
         first = Row(size_text, label, "after, first", deltas)
         after = Row(size_text, label, "after", deltas)
-        for _ in range(args.repeat):
+        for _ in range(args.repeat if "before" in args.modes else 0):
             one_restore(store, manifest.id, before)
-        for _ in range(args.repeat):
+        for _ in range(args.repeat if "after" in args.modes else 0):
             shutil.rmtree(store.host.data / BASES_DIR, ignore_errors=True)
             one_restore(store, manifest.id, first)
             one_restore(store, manifest.id, after)
-        rows += [before, first, after]
-        print(format_table(rows, ""), file=sys.stderr)
+            nodisk.restore(size_text)
+        rows += [row for row in (before, first, after) if row.running_s]
+        print(format_table([*rows, nodisk.row], ""), file=sys.stderr)
     shutil.rmtree(store.path)
     shutil.rmtree(store.host.data, ignore_errors=True)
     image.unlink()
     return rows
 
 
-def bench_diskless(args: argparse.Namespace, scratch: Path) -> Row:
+@dataclass
+class Reference:
+    """The same guest without a disk, checkpointed once: restored right after each "after"
+    restore of a disk guest, so that both see the same load on a shared machine."""
+
+    store: Store
+    layer: str
+    row: Row
+
+    def restore(self, size: str) -> None:
+        one_restore(self.store, self.layer, self.row)
+        self.row.disk = size if self.row.disk in ("-", size) else "all"
+
+
+def reference(args: argparse.Namespace, scratch: Path) -> Reference:
     store = Store.create(scratch / "store-nodisk")
     spec = GuestSpec(
         memory_mib=parse_memory(args.memory),
@@ -214,12 +232,7 @@ def bench_diskless(args: argparse.Namespace, scratch: Path) -> Row:
         (layer,) = checkpoints(store, guest, 1)
     finally:
         guest.stop()
-    row = Row("-", "no disk", "no disk", 0)
-    for _ in range(args.repeat):
-        row.written.append(0)
-        one_restore(store, layer, row)
-    shutil.rmtree(store.path)
-    return row
+    return Reference(store, layer, Row("-", "no disk", "no disk", 0))
 
 
 def format_table(rows: Sequence[Row], title: str) -> str:
@@ -230,6 +243,8 @@ def format_table(rows: Sequence[Row], title: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for row in rows:
+        if not row.running_s:
+            continue
         ratio = f"{row.median_written / row.deltas_bytes:.2f}" if row.deltas_bytes else "-"
         lines.append(
             f"| {row.disk} | {row.layer} | {row.mode} | {row.median_running_s:.2f} s "
@@ -246,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default="1G")
     p.add_argument("--layers", type=int, default=10, help="deltas above the base (default 10)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument(
+        "--modes",
+        default="before,after",
+        type=lambda text: set(text.split(",")),
+        help="before, after or both (default; the no-disk reference always runs)",
+    )
     p.add_argument("--kernel", type=Path, default=REPO_GUEST / "vmlinuz")
     p.add_argument("--initrd", type=Path, default=REPO_GUEST / "initrd.img")
     p.add_argument("--scratch", type=Path, default=None, help="where stores and disks go")
@@ -261,9 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("VMCKPT_KEYS_DIR", str(scratch / "keys"))
     try:
         rows: list[Row] = []
+        nodisk = reference(args, scratch)
         for size in args.disks.split(","):
-            rows += bench_disk(args, size, scratch)
-        rows.append(bench_diskless(args, scratch))
+            rows += bench_disk(args, size, scratch, nodisk)
+        if nodisk.row.running_s:
+            rows.append(nodisk.row)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     title = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -456,3 +457,93 @@ def test_a_domain_with_a_disk_vmckpt_cannot_capture_is_refused_in_one_line(
     assert "disk vdb" in lines[0] and "shareable" in lines[0], lines[0]
     assert virsh("domstate", name).stdout.strip() == "running"
     assert Store(vmckpt.store).layer_ids() == []
+
+
+# -- a Debian 12 system with systemd on a qcow2 root disk ------------------------------------
+
+DEBIAN_BUILD = GUEST_BUILD / "debian"
+COUNTER_LINE = re.compile(r"COUNTER n=(\d+) ok")
+
+
+@pytest.fixture(scope="session")
+def debian_guest() -> Path:
+    """guest/debian (Debian 12, systemd, a counter service that checks its disk against its
+    memory), built with debootstrap from Debian's mirror if it is not built yet."""
+    if not (DEBIAN_BUILD / "root.qcow2").exists():
+        subprocess.run(
+            ["sh", str(GUEST_BUILD.parent / "debian" / "build.sh"), str(DEBIAN_BUILD)],
+            check=True, capture_output=True, timeout=1800,
+        )  # fmt: skip
+    return DEBIAN_BUILD
+
+
+def counters(serial: Path, offset: int = 0) -> list[int]:
+    text = serial.read_text(errors="replace")[offset:] if serial.exists() else ""
+    assert "COUNTERBAD" not in text, tail(text)
+    return [int(n) for n in COUNTER_LINE.findall(text)]
+
+
+def wait_counters(serial: Path, count: int, offset: int = 0, timeout: float = 300) -> list[int]:
+    return wait_for(
+        lambda: found if len(found := counters(serial, offset)) >= count else None,
+        f"{serial.name}: {count} COUNTER lines", timeout,
+        evidence=lambda: tail(serial.read_text(errors="replace")[offset:]),
+    )  # fmt: skip
+
+
+def test_debian_systemd_domain_with_a_qcow2_root_disk_continues_after_restore(
+    vmckpt: Vmckpt, domains: Domains, debian_guest: Path
+) -> None:
+    """The issue's user's VM: Debian 12 with systemd on a qcow2 root disk, defined with virsh,
+    a service keeping a counter in memory and on its root disk (checked against each other
+    each second), checkpointed three times, destroyed, restored with --libvirt-define: it
+    counts on from the checkpoint with memory and disk agreeing, and virsh lists it."""
+    scratch = domains.scratch
+    for name in ("vmlinuz", "initrd.img"):
+        shutil.copy(debian_guest / name, scratch / f"debian-{name}")
+        (scratch / f"debian-{name}").chmod(0o644)
+    root = scratch / "debian-root.qcow2"
+    shutil.copy(debian_guest / "root.qcow2", root)
+    name = domains.new_name("debian")
+    serial = scratch / f"{name}.serial.log"
+    xml = (
+        domain_xml(name, serial, scratch)
+        .replace(f"{scratch / 'vmlinuz'}", str(scratch / "debian-vmlinuz"))
+        .replace(f"{scratch / 'initrd.img'}", str(scratch / "debian-initrd.img"))
+    )
+    xml = re.sub(r"<cmdline>.*</cmdline>", "<cmdline>root=/dev/vda rw console=ttyS0 quiet"
+                 "</cmdline>", xml).replace("<memory unit='MiB'>256</memory>",
+                 "<memory unit='MiB'>1024</memory>")  # fmt: skip
+    xml = xml.replace("<memballoon model='none'/>", "<memballoon model='none'/>" + DISK_XML.format(
+        fmt="qcow2", path=root, dev="vda", bus="virtio"))  # fmt: skip
+    (scratch / f"{name}.xml").write_text(xml)
+    virsh("define", str(scratch / f"{name}.xml"))
+    virsh("start", name)
+    wait_counters(serial, 3, timeout=600)
+    store = str(vmckpt.store)
+    vmckpt("init", store)
+
+    layers = []
+    for _ in range(3):
+        before = counters(serial)[-1]
+        out = json.loads(vmckpt("checkpoint", "--libvirt", name, "--store", store, "--json").stdout)
+        after = counters(serial)[-1]
+        layers.append((out["layer"], before, after))
+        assert virsh("domstate", name).stdout.strip() == "running"
+        wait_counters(serial, len(counters(serial)) + 3)
+    virsh("destroy", name)
+    layer, before, after = layers[-1]
+
+    offset = serial.stat().st_size
+    restored_name = domains.new_name("debback")
+    out = json.loads(
+        vmckpt("restore", "--store", store, "--libvirt-define", restored_name, "--json").stdout
+    )
+    assert out["layer"] == layer
+    restored = wait_counters(serial, 5, offset)
+    # It counts on from the checkpoint's instant, one by one, memory and disk agreeing (the
+    # service reads the disk back before each step: COUNTERBAD otherwise).
+    assert before <= restored[0] <= after + 1, (restored, before, after)
+    assert restored == list(range(restored[0], restored[0] + len(restored))), restored
+    assert restored_name in virsh("list", "--name").stdout.split()
+    assert Path(domain_disks(restored_name)["vda"]).parent == scratch
