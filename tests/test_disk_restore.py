@@ -19,7 +19,7 @@ import pytest
 
 from tests.test_images import content, mutate, random_image
 from vmckpt.errors import CorruptLayerError, StoreError
-from vmckpt.images import DiskDelta, Store
+from vmckpt.images import DiskDelta, Store, maintenance
 from vmckpt.images.disks import BASES_DIR, disk_plan
 from vmckpt.machine.nbd import ImageWriter
 from vmckpt.machine.spec import DiskSpec
@@ -207,3 +207,29 @@ def test_a_base_that_is_not_what_vmckpt_left_is_refused(
     with pytest.raises(StoreError) as info:
         build_overlay(store, ids[1], "vda", tmp_path / "second.qcow2", vm="t")
     assert str(base) in info.value.one_line() and "refused" in info.value.one_line()
+
+
+def test_gc_removes_only_the_bases_nothing_needs(
+    store: Store, tmp_path: Path, rng: np.random.Generator
+) -> None:
+    ids, _states = make_chain(store, tmp_path, rng, layers=2)
+    directory = store.host.fresh(store.host.data_dir("g"), "disks-")
+    (disk,) = materialize(store, store.manifest(ids[1]), [spec_disk()], directory, vm="g")
+    base = Path(disk.backing)
+    bases = base.parent
+    # Bases of layers no longer in the store: one a restored disk still runs on, one not.
+    used, unused = bases / ("a" * 40 + ".raw"), bases / ("b" * 40 + ".raw")
+    for path in (used, unused):
+        path.write_bytes(bytes(SIZE))
+        path.chmod(0o400)
+    on_used = directory / "disk-old.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(used),
+                    str(on_used)], check=True)  # fmt: skip
+    removed = {Path(g.path) for g in maintenance.gc(store, [])}
+    assert unused in removed and not unused.exists()
+    assert used.exists() and base.exists() and used not in removed and base not in removed
+    # Without the restored disk on it, the layer's own base stays (the next restore uses it).
+    Path(disk.path).unlink()
+    on_used.unlink()
+    removed = {Path(g.path) for g in maintenance.gc(store, [])}
+    assert base.exists() and removed == {used}

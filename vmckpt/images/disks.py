@@ -249,6 +249,59 @@ def _check_base(path: Path, size: int, layer_id: str, step: str, *, own: bool) -
     return True
 
 
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def backing_name(path: Path) -> str | None:
+    """The backing file a qcow2 image names in its header (None: not a qcow2 image, or none).
+    Read without following a link; the name is at most 1023 bytes (QEMU's own limit)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        header = os.pread(fd, 20, 0)
+        if len(header) < 20 or header[:4] != QCOW2_MAGIC:
+            return None
+        offset = int.from_bytes(header[8:16], "big")
+        size = int.from_bytes(header[16:20], "big")
+        if not offset or not 0 < size < 1024:
+            return None
+        return os.pread(fd, size, offset).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def unused_bases(store: Store) -> list[Path]:
+    """This host's disk bases of the store that nothing needs any more: no layer of the store
+    holds the disk they hold (by their names), and no image in this host's data directory of
+    the store is backed by them. The caller holds the chain lock exclusively (no restore is
+    building an overlay meanwhile) and the bases' lock."""
+    directory = store.host.data / BASES_DIR
+    if not directory.is_dir() or directory.is_symlink():
+        return []
+    wanted: set[str] = set()
+    for layer_id in store.layer_ids():
+        manifest = store.manifest(layer_id, "gc")
+        wanted.update(base_name(manifest, d.id) for d in manifest.disks if d.full)
+    used: set[str] = set()
+    for dirpath, dirs, files in os.walk(store.host.data):  # never into a link
+        dirs[:] = [d for d in dirs if d != BASES_DIR]
+        for name in files:
+            backing = backing_name(Path(dirpath) / name)
+            if backing is not None:
+                used.add(os.path.normpath(backing))
+    return [
+        directory / name
+        for name in sorted(os.listdir(directory))
+        if (name.endswith(BASE_SUFFIX) and name not in wanted
+            and os.path.normpath(directory / name) not in used)
+        or name.startswith(".tmp-")  # a write the lock no longer covers: a crash's
+    ]  # fmt: skip
+
+
 def delta_extents(
     store: Store, manifest: LayerManifest, disk_id: str, *, step: str = "compose-disk"
 ) -> Iterator[tuple[int, int, memoryview | None]]:
