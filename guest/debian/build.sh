@@ -32,6 +32,7 @@ ln -sf /dev/null "$root/etc/systemd/system/serial-getty@ttyS0.service"
 cp "$(ls "$root"/boot/vmlinuz-* | tail -n1)" "$out/vmlinuz.tmp" && mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 cp "$(ls "$root"/boot/initrd.img-* | tail -n1)" "$out/initrd.img.tmp"
 mv "$out/initrd.img.tmp" "$out/initrd.img"
+rm -f "$root"/var/cache/apt/archives/*.deb
 rm -f "$out/root.raw"
 mkfs.ext4 -q -F -L root -d "$root" "$out/root.raw" 2G
 qemu-img convert -f raw -O qcow2 "$out/root.raw" "$out/root.qcow2.tmp"
