@@ -543,7 +543,14 @@ def test_debian_systemd_domain_with_a_qcow2_root_disk_continues_after_restore(
     restored = wait_counters(serial, 5, offset)
     # It counts on from the checkpoint's instant, one by one, memory and disk agreeing (the
     # service reads the disk back before each step: COUNTERBAD otherwise).
-    assert before <= restored[0] <= after + 1, (restored, before, after)
+    text = serial.read_text(errors="replace")
+    assert before <= restored[0] <= after + 1, (
+        restored,
+        before,
+        after,
+        text[offset - 400 : offset],
+        text[offset : offset + 400],
+    )
     assert restored == list(range(restored[0], restored[0] + len(restored))), restored
     assert restored_name in virsh("list", "--name").stdout.split()
     assert Path(domain_disks(restored_name)["vda"]).parent == scratch
