@@ -542,9 +542,12 @@ def test_debian_systemd_domain_with_a_qcow2_root_disk_continues_after_restore(
     assert out["layer"] == layer
     restored = wait_counters(serial, 5, offset)
     # It counts on from the checkpoint's instant, one by one, memory and disk agreeing (the
-    # service reads the disk back before each step: COUNTERBAD otherwise).
+    # service reads the disk back before each step: COUNTERBAD otherwise). The instant lies
+    # between `before` and `after`; the console may trail the guest by a line (a line the
+    # guest was printing at the instant, torn in the restored console, seen once in 4 runs:
+    # restored from 34 with after = 32), so the first whole line may be after + 2.
     text = serial.read_text(errors="replace")
-    assert before <= restored[0] <= after + 1, (
+    assert before <= restored[0] <= after + 2, (
         restored,
         before,
         after,
