@@ -1,9 +1,12 @@
 """Writable disks at a checkpoint: captured at the very instant memory is.
 
-A writable disk (raw or qcow2, on virtio-blk) is captured with QEMU's block
-dirty bitmaps and an incremental backup job, so a layer holds only the disk
-clusters written since its parent. Read-only disks are referenced by path and
-sha256 in the spec (vmckpt/machine/spec.py), never copied.
+A writable disk (raw or qcow2; virtio-blk in a vmckpt guest, any bus in a libvirt
+domain) is captured with QEMU's block dirty bitmaps and an incremental backup job,
+so a layer holds only the disk clusters written since its parent. A libvirt domain's
+QEMU runs as another user: its tracker (``by_fd``) hands it the scratch images as
+file descriptors (``add-fd``, ``/dev/fdset/N``), never paths it would have to open.
+Read-only disks are referenced by path and sha256 in the spec (vmckpt/machine/spec.py),
+never copied.
 
 :class:`DiskTracker` is independent of how memory is captured; a checkpoint
 calls, in order:
