@@ -8,8 +8,10 @@ guest (``--memory``, TCG) running its disk workload on the disk's first 256 MiB
 (guest/diskload.c: random 4 KiB writes, checked against its memory; the data lies after
 that), checkpointed ``--layers`` + 1 times (precopy-diff): the base and ``--layers`` deltas.
 Then each of the base and the last layer is restored ``--repeat`` times each way, and, as
-the reference, the same guest without a disk (checkpointed once) right after each "after"
-restore (so both see the same load on a shared machine).
+the reference, the same guest without a disk, checkpointed as often, its layer at the same
+place (base or last) restored right after each "after" restore (so both compose a chain as
+long and see the same load on a shared machine). "of it the disk": the part of the time to
+running spent rebuilding the disks.
 
 Per restore: time to running (``restore_guest``'s compose + load, up to the moment the guest
 resumes; the 1 s it then watches the guest is left out) and bytes written (the blocks the
@@ -65,6 +67,7 @@ class Row:
     deltas_bytes: int  # data the layers above the base hold for the disk
     running_s: list[float] = field(default_factory=list)
     written: list[int] = field(default_factory=list)
+    rebuild_s: list[float] = field(default_factory=list)  # of the time to running: the disks
 
     @property
     def median_running_s(self) -> float:
@@ -116,7 +119,7 @@ def make_disk(path: Path, size: int, fill: int) -> None:
 
 
 @contextlib.contextmanager
-def rebuilding(before: bool, written: list[int], data: Path) -> Iterator[None]:
+def rebuilding(before: bool, row: Row, data: Path) -> Iterator[None]:
     """Restores rebuild disks as vmckpt does now, or (``before``) as it did before (the whole
     disk per restore); what each rebuild allocated in ``data`` is appended to ``written``,
     measured as the rebuild returns (before the restored guest runs and writes itself)."""
@@ -126,8 +129,10 @@ def rebuilding(before: bool, written: list[int], data: Path) -> Iterator[None]:
 
     def measured(*args: Any, **kwargs: Any) -> Any:
         start = allocated(data)
+        started = time.monotonic()
         result = chosen(*args, **kwargs)
-        written.append(allocated(data) - start)
+        row.rebuild_s.append(time.monotonic() - started)
+        row.written.append(allocated(data) - start)
         return result
 
     names["materialize"] = measured
@@ -139,7 +144,7 @@ def rebuilding(before: bool, written: list[int], data: Path) -> Iterator[None]:
 
 def one_restore(store: Store, layer: str, row: Row) -> None:
     """Restore ``layer``, check the guest runs on, record time to running and bytes written."""
-    with rebuilding(row.mode == "before", row.written, store.host.data):
+    with rebuilding(row.mode == "before", row, store.host.data):
         result = restore_guest(store, layer, GUEST)
     row.running_s.append(result.compose_s + result.load_s)
     try:
@@ -196,9 +201,9 @@ def bench_disk(
             shutil.rmtree(store.host.data / BASES_DIR, ignore_errors=True)
             one_restore(store, manifest.id, first)
             one_restore(store, manifest.id, after)
-            nodisk.restore(size_text)
+            nodisk.restore(label, size_text)
         rows += [row for row in (before, first, after) if row.running_s]
-        print(format_table([*rows, nodisk.row], ""), file=sys.stderr)
+        print(format_table([*rows, *nodisk.rows.values()], ""), file=sys.stderr)
     shutil.rmtree(store.path)
     shutil.rmtree(store.host.data, ignore_errors=True)
     image.unlink()
@@ -207,16 +212,18 @@ def bench_disk(
 
 @dataclass
 class Reference:
-    """The same guest without a disk, checkpointed once: restored right after each "after"
-    restore of a disk guest, so that both see the same load on a shared machine."""
+    """The same guest without a disk, checkpointed as often: its layer at the same place in
+    its chain (base or last) restored right after each "after" restore of a disk guest, so
+    that both compose a chain as long and see the same load on a shared machine."""
 
     store: Store
-    layer: str
-    row: Row
+    ids: list[str]
+    rows: dict[str, Row] = field(default_factory=dict)
 
-    def restore(self, size: str) -> None:
-        one_restore(self.store, self.layer, self.row)
-        self.row.disk = size if self.row.disk in ("-", size) else "all"
+    def restore(self, label: str, size: str) -> None:
+        row = self.rows.setdefault(label, Row("-", label, "no disk", 0))
+        one_restore(self.store, self.ids[0] if label == "base" else self.ids[-1], row)
+        row.disk = size if row.disk in ("-", size) else "all"
 
 
 def reference(args: argparse.Namespace, scratch: Path) -> Reference:
@@ -229,26 +236,27 @@ def reference(args: argparse.Namespace, scratch: Path) -> Reference:
     )
     guest = LocalGuest.start(store, GUEST, spec)
     try:
-        (layer,) = checkpoints(store, guest, 1)
+        ids = checkpoints(store, guest, args.layers + 1)
     finally:
         guest.stop()
-    return Reference(store, layer, Row("-", "no disk", "no disk", 0))
+    return Reference(store, ids)
 
 
 def format_table(rows: Sequence[Row], title: str) -> str:
     lines = [
         title, "",
-        "| disk | layer | disk rebuilt | time to running (median) | bytes written (median) "
-        "| deltas above the base | written / deltas |",
-        "|---|---|---|---|---|---|---|",
+        "| disk | layer | disk rebuilt | time to running (median) | of it the disk "
+        "| bytes written (median) | deltas above the base | written / deltas |",
+        "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for row in rows:
         if not row.running_s:
             continue
         ratio = f"{row.median_written / row.deltas_bytes:.2f}" if row.deltas_bytes else "-"
+        rebuild = f"{statistics.median(row.rebuild_s):.2f} s" if row.rebuild_s else "-"
         lines.append(
             f"| {row.disk} | {row.layer} | {row.mode} | {row.median_running_s:.2f} s "
-            f"({len(row.running_s)}) | {row.median_written / 1e6:.1f} MB | "
+            f"({len(row.running_s)}) | {rebuild} | {row.median_written / 1e6:.1f} MB | "
             f"{row.deltas_bytes / 1e6:.1f} MB | {ratio} |"
         )
     return "\n".join(lines)
@@ -285,8 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nodisk = reference(args, scratch)
         for size in args.disks.split(","):
             rows += bench_disk(args, size, scratch, nodisk)
-        if nodisk.row.running_s:
-            rows.append(nodisk.row)
+        rows += nodisk.rows.values()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     title = (
