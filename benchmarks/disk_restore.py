@@ -11,7 +11,8 @@ Then each of the base and the last layer is restored ``--repeat`` times each way
 the reference, the same guest without a disk, checkpointed as often, its layer at the same
 place (base or last) restored right after each "after" restore (so both compose a chain as
 long and see the same load on a shared machine). "of it the disk": the part of the time to
-running spent rebuilding the disks.
+running spent rebuilding the disks; "vs no disk": the median over the "after" restores of
+each one's time to running over that of the diskless restore right after it.
 
 Per restore: time to running (``restore_guest``'s compose + load, up to the moment the guest
 resumes; the 1 s it then watches the guest is left out) and bytes written (the blocks the
@@ -68,6 +69,8 @@ class Row:
     running_s: list[float] = field(default_factory=list)
     written: list[int] = field(default_factory=list)
     rebuild_s: list[float] = field(default_factory=list)  # of the time to running: the disks
+    # "after": each restore's time to running over that of the diskless restore right after it
+    vs_no_disk: list[float] = field(default_factory=list)
 
     @property
     def median_running_s(self) -> float:
@@ -202,6 +205,7 @@ def bench_disk(
             one_restore(store, manifest.id, first)
             one_restore(store, manifest.id, after)
             nodisk.restore(label, size_text)
+            after.vs_no_disk.append(after.running_s[-1] / nodisk.rows[label].running_s[-1])
         rows += [row for row in (before, first, after) if row.running_s]
         print(format_table([*rows, *nodisk.rows.values()], ""), file=sys.stderr)
     shutil.rmtree(store.path)
@@ -246,18 +250,19 @@ def format_table(rows: Sequence[Row], title: str) -> str:
     lines = [
         title, "",
         "| disk | layer | disk rebuilt | time to running (median) | of it the disk "
-        "| bytes written (median) | deltas above the base | written / deltas |",
-        "|---|---|---|---|---|---|---|---|",
+        "| bytes written (median) | deltas above the base | written / deltas | vs no disk |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for row in rows:
         if not row.running_s:
             continue
         ratio = f"{row.median_written / row.deltas_bytes:.2f}" if row.deltas_bytes else "-"
         rebuild = f"{statistics.median(row.rebuild_s):.2f} s" if row.rebuild_s else "-"
+        versus = f"{statistics.median(row.vs_no_disk):.2f}x" if row.vs_no_disk else "-"
         lines.append(
             f"| {row.disk} | {row.layer} | {row.mode} | {row.median_running_s:.2f} s "
             f"({len(row.running_s)}) | {rebuild} | {row.median_written / 1e6:.1f} MB | "
-            f"{row.deltas_bytes / 1e6:.1f} MB | {ratio} |"
+            f"{row.deltas_bytes / 1e6:.1f} MB | {ratio} | {versus} |"
         )
     return "\n".join(lines)
 
