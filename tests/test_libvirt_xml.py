@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from vmckpt.errors import MachineError
+from vmckpt.errors import MachineError, RestoreError
 from vmckpt.guests.libvirt import device_nodes, spec_from_xml
 from vmckpt.machine.spec import DiskSpec, GuestSpec
-from vmckpt.mechanisms.restore_libvirt import restored_xml
+from vmckpt.mechanisms.restore_libvirt import _disk_path, restored_xml
 from vmckpt.qmp.monitor import BlockNode
 
 
@@ -144,3 +144,15 @@ def test_the_restored_xml_names_the_restored_images(images: tuple[Path, Path]) -
         assert element.find("source").get("file") == str(new[dev])  # type: ignore[union-attr]
         assert element.find("driver").get("type") == "qcow2"  # type: ignore[union-attr]
         assert element.find("backingStore") is None
+
+
+def test_restored_disks_go_beside_their_originals_or_into_disk_dir(tmp_path: Path) -> None:
+    original = tmp_path / "images" / "root.qcow2"
+    original.parent.mkdir()
+    elsewhere = tmp_path / "restored"
+    elsewhere.mkdir()
+    beside = _disk_path(str(original), None, "dom2", "0003-abcdef")
+    assert beside == original.parent / "root-dom2-0003-abcdef.qcow2"
+    assert _disk_path(str(original), elsewhere, "dom2", "0003-abcdef").parent == elsewhere
+    with pytest.raises(RestoreError, match="is not a directory"):
+        _disk_path(str(original), tmp_path / "missing", "dom2", "0003-abcdef")
