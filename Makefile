@@ -64,6 +64,7 @@ bench: deps-test guest
 	$(PYTHON) -m benchmarks.precopy_memory $(MEMBENCH_ARGS) --plot $(BENCH_OUT)-precopy-memory.png \
 		--json $(BENCH_OUT)-precopy-memory.json
 	$(PYTHON) -m benchmarks.lazy $(LAZY_ARGS) --plot $(BENCH_OUT)-lazy.png --json $(BENCH_OUT)-lazy.json
+	$(PYTHON) -m benchmarks.disk_restore --json $(BENCH_OUT)-disk-restore.json
 
 ## Restore: lazy (postcopy from the store) against the full restore and QEMU's own
 ## migrate-incoming from a file, guests of 1, 4 and 8 GiB with >= 90 % of RAM in use.

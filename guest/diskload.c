@@ -19,7 +19,8 @@
  * `sum` depends only on seq, so a restored guest prints the original's sums.
  *
  * Parameters (kernel command line): vmckpt.disk=/dev/vda (required),
- * vmckpt.disk_hz=5, vmckpt.disk_check_every=20.
+ * vmckpt.disk_hz=5, vmckpt.disk_check_every=20, vmckpt.disk_blocks=N (only the
+ * first N blocks are the workload's; default: the first 4 GiB).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -39,7 +40,7 @@
 #define MAGIC 0x6b7363646b736964ULL /* "diskcskd" */
 
 static char disk[256];
-static uint64_t hz = 5, check_every = 20;
+static uint64_t hz = 5, check_every = 20, max_blocks = 0;
 
 static uint64_t mix(uint64_t z)
 {
@@ -65,6 +66,8 @@ static void read_cmdline(void)
             hz = strtoull(t + 15, NULL, 0);
         else if (strncmp(t, "vmckpt.disk_check_every=", 24) == 0)
             check_every = strtoull(t + 24, NULL, 0);
+        else if (strncmp(t, "vmckpt.disk_blocks=", 19) == 0)
+            max_blocks = strtoull(t + 19, NULL, 0);
     }
 }
 
@@ -137,6 +140,8 @@ int main(void)
     uint64_t nblocks = size > 0 ? (uint64_t)size / BLOCK : 0;
     if (nblocks > (1u << 20))
         nblocks = 1u << 20;
+    if (max_blocks && nblocks > max_blocks)
+        nblocks = max_blocks; /* the rest of the disk is not the workload's: never checked */
     if (nblocks < 16) {
         say("DISKLOAD error %s is too small (%lld bytes)", disk, (long long)size);
         return 1;

@@ -30,6 +30,7 @@ from tests.test_images import content, mutate, random_image
 from tests.test_security import copy_to, guest_spec
 from vmckpt.errors import CorruptLayerError, StoreError
 from vmckpt.images import LayerManifest, Store, keys, maintenance
+from vmckpt.images.disks import BASES_DIR
 from vmckpt.machine.qemu import process_start_time
 
 COMMAND_S = 60.0  # a command that hangs on a planted file fails the test instead of the suite
@@ -490,8 +491,9 @@ def test_disks_are_rebuilt_on_this_host_never_through_the_store(
     vmckpt.restore("--layer", layer, "--name", "dk")
     wait_disk(vmckpt, "dk", len(disk_states(vmckpt.serial("dk"))) + 2)
     record = vmckpt.guest("dk").record
-    disks = [Path(d.path) for d in record.spec.disks] + [
-        Path(d.backing) for d in record.spec.disks if d.backing
-    ]
+    disks = [Path(d.path) for d in record.spec.disks]
     assert disks and all(p.is_relative_to(store.host.data_path("dk")) for p in disks)
+    # Their bases: written once on this host, in its data directory of the store.
+    bases = [Path(d.backing) for d in record.spec.disks if not d.readonly]
+    assert bases and all(p.parent == store.host.data / BASES_DIR for p in bases)
     assert tree(outside) == before

@@ -201,6 +201,7 @@ class FakeQemu:
             "query-cpus-fast": lambda _args, _fd: list(self.cpus),
             "query-named-block-nodes": lambda _args, _fd: list(self.block_nodes),
             "query-jobs": lambda _args, _fd: list(self.jobs),
+            "query-fdsets": lambda _args, _fd: [],  # no fd sets: vmckpt added none here
             "transaction": self._transaction,
             "job-dismiss": self._job_dismiss,
         }

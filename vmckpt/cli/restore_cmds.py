@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+from pathlib import Path
 from typing import Any
 
 from vmckpt.cli._common import (
@@ -56,9 +57,12 @@ def _destination(args: argparse.Namespace) -> api.Destination:
         if args.host or args.name:
             raise UsageError("--libvirt-define names the domain; it goes without --host/--name")
         name = check_name(args.libvirt_define, "domain name")
-        return api.AsDomain(name, args.connect or DEFAULT_URI)
+        disk_dir = Path(args.disk_dir).absolute() if args.disk_dir else None
+        return api.AsDomain(name, args.connect or DEFAULT_URI, disk_dir)
     if args.connect:
         raise UsageError("--connect goes with --libvirt-define")
+    if args.disk_dir:
+        raise UsageError("--disk-dir goes with --libvirt-define (vmckpt keeps its guests' disks)")
     if args.host:
         if args.clones is not None:
             raise UsageError("--clones starts clones on this host; it goes without --host")
@@ -177,6 +181,12 @@ def add_parsers(command: Command) -> None:
         help="restore as a new libvirt domain NAME (layers taken with --libvirt)",
     )
     p.add_argument("--connect", metavar="URI", help="libvirt URI for --libvirt-define")
+    p.add_argument(
+        "--disk-dir",
+        metavar="DIR",
+        help="with --libvirt-define: where the domain's restored disk images go (default: "
+        "each beside its original)",
+    )
     p.add_argument("--host", metavar="[USER@]HOST[:PORT]", help="restore on another host, over SSH")
     lazy = p.add_mutually_exclusive_group()
     lazy.add_argument(

@@ -53,6 +53,9 @@ class Guest:
     """A guest (see the module doc)."""
 
     kind = "guest"  # the store's name space for its head and this host's files of it
+    # Whether its QEMU gets vmckpt's files (disk scratch) as descriptors, never by path: it
+    # runs as another user (a libvirt domain's), who cannot open them.
+    files_by_fd = False
     owns_qemu = False  # vmckpt started its QEMU here (so a checkpoint session may hold it)
 
     def __init__(self, store: Store, name: str) -> None:

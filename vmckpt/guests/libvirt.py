@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from vmckpt.errors import LibvirtError, MachineError, VmckptError
 from vmckpt.guard import Guard
 from vmckpt.guests.base import Guest, GuestStatus
 from vmckpt.images import Store
-from vmckpt.machine.spec import BootMedium, GuestSpec
+from vmckpt.machine.spec import (
+    DISK_FORMATS,
+    DISK_ID_RE,
+    BootMedium,
+    DiskSpec,
+    GuestSpec,
+    qemu_img_info,
+)
 from vmckpt.qmp import Monitor
 from vmckpt.qmp.libvirt import (
     DEFAULT_URI,
@@ -26,6 +34,7 @@ from vmckpt.qmp.libvirt import (
     load_libvirt,
     lookup,
 )
+from vmckpt.qmp.monitor import BlockNode
 
 KIND = "libvirt"  # the store's name space for domains' heads and this host's files of them
 
@@ -55,30 +64,28 @@ def _memory_mib(element: ET.Element | None) -> int:
     return value * factor // (1 << 20)
 
 
-def spec_from_xml(text: str, *, domain: str) -> LibvirtSpec:
-    """memory, vCPUs, accelerator, machine type and boot media of a domain, from its XML."""
-    try:
-        root = ET.fromstring(text)
-    except ET.ParseError as exc:
-        raise MachineError(f"cannot parse the domain XML: {exc}", vm=domain, step="spec") from exc
+def spec_from_xml(text: str, *, domain: str, live: str | None = None) -> LibvirtSpec:
+    """memory, vCPUs, accelerator, machine type, boot media and writable disks of a domain,
+    from its migratable XML (``text``, stored in layers) and its live XML (``live``: the
+    block node each disk's device uses; without it no writable disk is accepted). A device
+    vmckpt cannot capture consistently is refused (:func:`refuse_uncapturable`)."""
+    root = _parse(text, domain)
+    live_root = _parse(live, domain) if live is not None else None
     os_type = root.find("os/type")
     media: list[BootMedium] = []
     for role in ("kernel", "initrd"):
         path = (root.findtext(f"os/{role}") or "").strip()
         if path:
             media.append(BootMedium.of(role, path))
+    refuse_uncapturable(root, domain)
+    disks: list[DiskSpec] = []
     for disk in root.findall("devices/disk"):
         source = disk.find("source")
         image = source.get("file") if source is not None else None
         if disk.get("device") == "cdrom" and image:
             media.append(BootMedium.of("iso", image))
-        elif disk.get("device", "disk") == "disk" and disk.find("readonly") is None:
-            raise MachineError(
-                "the domain has a writable disk; vmckpt does not checkpoint libvirt "
-                "domains with writable disks yet",
-                vm=domain,
-                step="spec",
-            )
+        elif _writable(disk):
+            disks.append(_disk_spec(disk, live_root, domain))
     vcpus = int((root.findtext("vcpu") or "1").strip())
     return LibvirtSpec(
         memory_mib=_memory_mib(root.find("memory")),
@@ -86,10 +93,122 @@ def spec_from_xml(text: str, *, domain: str) -> LibvirtSpec:
         accel="kvm" if root.get("type") == "kvm" else "tcg",
         machine=(os_type.get("machine") if os_type is not None else None) or "pc",
         media=tuple(media),
+        disks=tuple(disks),
         append=(root.findtext("os/cmdline") or "").strip(),
         panic_device=False,  # the domain's devices are libvirt's, as its XML says
         libvirt_xml=text,
     )
+
+
+def _parse(text: str, domain: str) -> ET.Element:
+    try:
+        return ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise MachineError(f"cannot parse the domain XML: {exc}", vm=domain, step="spec") from exc
+
+
+def _writable(disk: ET.Element) -> bool:
+    return disk.get("device", "disk") in ("disk", "lun") and disk.find("readonly") is None
+
+
+def _refused(device: str, why: str, domain: str) -> MachineError:
+    return MachineError(f"cannot checkpoint {device}: {why}", vm=domain, step="spec")
+
+
+def refuse_uncapturable(root: ET.Element, domain: str) -> None:
+    """Refuse, in one line naming the device and why, a domain with a device whose state
+    vmckpt cannot capture at the checkpoint's instant: a writable disk that is no image file
+    of raw or qcow2 format (a host block device, a network disk, a SCSI passthrough LUN), one
+    another domain may write (shareable) or libvirt discards (transient), a host directory
+    shared in (filesystem), a host device passed through (hostdev)."""
+    for disk in root.findall("devices/disk"):
+        if not _writable(disk):
+            continue
+        target = disk.find("target")
+        dev = target.get("dev", "?") if target is not None else "?"
+        name = f"disk {dev}"
+        kind = disk.get("type", "file")
+        driver = disk.find("driver")
+        image_format = driver.get("type", "raw") if driver is not None else "raw"
+        if disk.get("device") == "lun":
+            why = "a SCSI passthrough LUN (device='lun'): the guest drives the host's device"
+            raise _refused(name, f"{why}, whose state is not QEMU's to capture", domain)
+        if kind != "file":
+            why = f"type '{kind}': vmckpt captures writable disks that are image files"
+            raise _refused(name, f"{why} (type='file'), whose restored copies it can make", domain)
+        if image_format not in DISK_FORMATS:
+            raise _refused(name, f"format {image_format!r}: vmckpt captures raw and qcow2 images",
+                           domain)  # fmt: skip
+        if disk.find("shareable") is not None:
+            raise _refused(name, "shareable: another domain may write it at any instant", domain)
+        if disk.find("transient") is not None:
+            raise _refused(name, "transient: libvirt discards its writes when the domain stops",
+                           domain)  # fmt: skip
+    for element, why in (
+        ("filesystem", "a host directory shared into the guest; its files change outside QEMU"),
+        ("hostdev", "a host device passed through; its state is not QEMU's to capture"),
+    ):
+        found = root.find(f"devices/{element}")
+        if found is not None:
+            target = found.find("target")
+            label = target.get("dir", "") if target is not None else ""
+            raise _refused(f"{element} {label}".strip(), why, domain)
+
+
+def _disk_spec(disk: ET.Element, live: ET.Element | None, domain: str) -> DiskSpec:
+    """A writable image-file disk (checked by :func:`refuse_uncapturable`) as a DiskSpec with
+    the block node libvirt gave it (``libvirt-<index>-format``, from the live XML)."""
+    target = disk.find("target")
+    source = disk.find("source")
+    dev = target.get("dev", "") if target is not None else ""
+    path = source.get("file", "") if source is not None else ""
+    if not DISK_ID_RE.match(dev) or not path:
+        raise _refused(f"disk {dev or '?'}", "it has no usable target dev or source file", domain)
+    if live is None:
+        raise _refused(f"disk {dev}", "the domain's live XML was not read", domain)
+    index = None
+    for candidate in live.findall("devices/disk"):
+        live_target = candidate.find("target")
+        live_source = candidate.find("source")
+        if live_target is not None and live_target.get("dev") == dev and live_source is not None:
+            index = live_source.get("index")
+    if index is None or not index.isdigit():
+        raise _refused(f"disk {dev}", "libvirt names no block node for it (a libvirt that does "
+                       "not use -blockdev?)", domain)  # fmt: skip
+    driver = disk.find("driver")
+    image_format = driver.get("type", "raw") if driver is not None else "raw"
+    try:
+        info = qemu_img_info(Path(path))
+    except VmckptError as exc:
+        raise _refused(f"disk {dev}", f"{path}: {exc.message}", domain) from exc
+    return DiskSpec(
+        id=dev,
+        path=path,
+        format=image_format,
+        size=int(info["virtual-size"]),
+        node_name=f"libvirt-{index}-format",
+    )
+
+
+def device_nodes(
+    disks: tuple[DiskSpec, ...], nodes: list[BlockNode], domain: str
+) -> tuple[DiskSpec, ...]:
+    """Each disk with the block node its device uses in the running QEMU: libvirt's format
+    node ``libvirt-N-format``, or, where libvirt left out a raw image's format layer, its
+    storage node ``libvirt-N-storage`` (N from the live XML's source index)."""
+    by_name = {node.node_name: node for node in nodes}
+    result = []
+    for disk in disks:
+        stem = disk.node.removesuffix("-format")
+        for candidate in (f"{stem}-format", f"{stem}-storage"):
+            node = by_name.get(candidate)
+            if node is not None and node.driver in (disk.format, "file"):
+                result.append(replace(disk, node_name=candidate))
+                break
+        else:
+            raise _refused(f"disk {disk.id}", f"QEMU has no block node {stem}-format or "
+                           f"{stem}-storage for {disk.path}", domain)  # fmt: skip
+    return tuple(result)
 
 
 # -- the domain as a guest -----------------------------------------------------------------
@@ -99,6 +218,7 @@ class LibvirtGuest(Guest):
     """A running libvirt domain: checkpointed where it runs (precopy-diff layers)."""
 
     kind = KIND
+    files_by_fd = True  # QEMU runs as libvirt's user (libvirt-qemu), not as vmckpt's
 
     def __init__(self, store: Store, domain: str, uri: str | None = None) -> None:
         if not domain or "/" in domain or "\0" in domain or domain in (".", ".."):
@@ -118,6 +238,7 @@ class LibvirtGuest(Guest):
                     raise LibvirtError("the domain is not running", vm=self.name, step="spec")
                 try:
                     text = dom.XMLDesc(lv.VIR_DOMAIN_XML_MIGRATABLE)
+                    live = dom.XMLDesc(0)
                 except lv.libvirtError as exc:
                     raise libvirt_error(
                         lv, exc, domain=self.name, step="spec", uri=self.uri
@@ -125,7 +246,13 @@ class LibvirtGuest(Guest):
             finally:
                 with contextlib.suppress(Exception):
                     conn.close()
-            self._spec = spec_from_xml(str(text), domain=self.name)
+            spec = spec_from_xml(str(text), domain=self.name, live=str(live))
+            if spec.disks:
+                with self.monitor() as mon:
+                    spec = replace(
+                        spec, disks=device_nodes(spec.disks, mon.block_nodes(), self.name)
+                    )
+            self._spec = spec
         return self._spec
 
     @property

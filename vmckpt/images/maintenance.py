@@ -54,8 +54,8 @@ from vmckpt import faults, locks
 from vmckpt.errors import CorruptLayerError, StoreError, UsageError, VmckptError
 from vmckpt.fsutil import Dir
 from vmckpt.hostdirs import SCRATCH_DIR
+from vmckpt.images import disks, keys
 from vmckpt.images import format as fmt
-from vmckpt.images import keys
 from vmckpt.images.compose import Coverage, gather
 from vmckpt.images.crypt import LayerFile
 from vmckpt.images.format import (
@@ -78,7 +78,7 @@ from vmckpt.images.layerio import (
     check_digest,
 )
 from vmckpt.images.retention import KeepRules, parse_created, select
-from vmckpt.images.store import MEDIA_DIR, Store
+from vmckpt.images.store import MEDIA_DIR, STORE_LOCK_WAIT_S, Store
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
 
@@ -818,6 +818,17 @@ def gc(
                                 where = f"{MEDIA_DIR}/{sha}/"
                                 note(copies, name, "a partial copy of a boot medium", where=where)
         _gc_host(store, gone_guests, note, found, now, dry_run)
+    # Disk bases of this host no layer and no restored disk needs; the chain lock excludes
+    # a restore building an overlay on one meanwhile (lock order: maintenance, chain).
+    with store.maintenance_lock("gc"), store.switching("gc"):
+        bases = disks.bases_dir(store) if (store.host.data / disks.BASES_DIR).is_dir() else None
+        if bases is not None:
+            held = locks.hold(bases / disks.BASES_LOCK, what="gc", wait_s=STORE_LOCK_WAIT_S,
+                              busy="a restore writes a disk base")  # fmt: skip
+            with held, Dir.open(bases) as directory:
+                for path in disks.unused_bases(store):
+                    why = "a disk base no layer of the store holds and no restored disk uses"
+                    note(directory, path.name, why)
     return found
 
 

@@ -34,6 +34,7 @@ DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
 GENERATION_ID_RE = re.compile(
     r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|auto)\Z"
 )
+NODE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}\Z")  # QEMU's node names, without dots
 ACCELERATORS = ("auto", "kvm", "tcg")
 MEDIA_ROLES = ("kernel", "initrd", "iso", "module")
 DISK_FORMATS = ("raw", "qcow2")
@@ -161,6 +162,9 @@ class DiskSpec:
     readonly: bool = False
     sha256: str = ""  # read-only disks only: the content the layer expects
     backing: str = ""  # a restored disk: its composed base (raw), under a qcow2 overlay
+    # The block node the guest's device uses where vmckpt did not name it (a libvirt domain's
+    # "libvirt-N-format"); empty: vmckpt's own, vmckpt-<id>.
+    node_name: str = ""
 
     @classmethod
     def of(cls, disk_id: str, path: str | Path, *, readonly: bool = False) -> DiskSpec:
@@ -211,6 +215,9 @@ class DiskSpec:
         if not isinstance(readonly, bool) or not (sha256 == "" or _SHA256_RE.match(sha256)):
             raise UsageError(f"disk {disk_id}: readonly or sha256 has the wrong type")
         backing = data.get("backing", "")
+        node_name = data.get("node_name", "")
+        if not isinstance(node_name, str) or not (node_name == "" or NODE_RE.match(node_name)):
+            raise UsageError(f"disk {disk_id}: node_name {node_name!r} is not a block node name")
         return cls(
             id=disk_id,
             path=check_path(str(data.get("path", "")), f"disk {disk_id}"),
@@ -219,12 +226,13 @@ class DiskSpec:
             readonly=readonly,
             sha256=sha256,
             backing=check_path(backing, f"disk {disk_id} backing") if backing else "",
+            node_name=node_name,
         )
 
     @property
     def node(self) -> str:
         """The QEMU block node the guest's device uses."""
-        return f"vmckpt-{self.id}"
+        return self.node_name or f"vmckpt-{self.id}"
 
     def check(self, vm: str | None = None) -> None:
         """Refuse a missing image, or a read-only one whose content changed."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from vmckpt.errors import MachineError, UsageError
@@ -259,6 +260,7 @@ class AsDomain:
 
     name: str
     uri: str
+    disk_dir: Path | None = None  # where its restored disks go (default: beside the originals)
 
 
 @dataclass(frozen=True)
@@ -289,7 +291,10 @@ def restore(
     if isinstance(into, AsDomain):
         if qemu_args:
             raise UsageError("--qemu-arg does not go with --libvirt-define (the domain XML says)")
-        return [restore_domain(store, layer, into.name, uri=into.uri, progress=progress)], None
+        restored = restore_domain(
+            store, layer, into.name, uri=into.uri, disk_dir=into.disk_dir, progress=progress
+        )
+        return [restored], None
     if isinstance(into, OnHost):
         remote = restore_remote(
             store, layer, into.name, into.target, qemu_args=qemu_args, progress=progress,

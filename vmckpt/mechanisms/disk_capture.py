@@ -1,9 +1,12 @@
 """Writable disks at a checkpoint: captured at the very instant memory is.
 
-A writable disk (raw or qcow2, on virtio-blk) is captured with QEMU's block
-dirty bitmaps and an incremental backup job, so a layer holds only the disk
-clusters written since its parent. Read-only disks are referenced by path and
-sha256 in the spec (vmckpt/machine/spec.py), never copied.
+A writable disk (raw or qcow2; virtio-blk in a vmckpt guest, any bus in a libvirt
+domain) is captured with QEMU's block dirty bitmaps and an incremental backup job,
+so a layer holds only the disk clusters written since its parent. A libvirt domain's
+QEMU runs as another user: its tracker (``by_fd``) hands it the scratch images as
+file descriptors (``add-fd``, ``/dev/fdset/N``), never paths it would have to open.
+Read-only disks are referenced by path and sha256 in the spec (vmckpt/machine/spec.py),
+never copied.
 
 :class:`DiskTracker` is independent of how memory is captured; a checkpoint
 calls, in order:
@@ -104,6 +107,7 @@ class _Capture:
     started: bool = False
     fleece: Path | None = None  # fleecing: the copy-before-write target, attached if set
     armed: bool = False  # fleecing: the new bitmap was added (before the pause)
+    fdsets: list[int] = field(default_factory=list)  # by_fd: the fd sets QEMU opens them by
 
     @property
     def fleece_node(self) -> str:
@@ -140,6 +144,9 @@ class DiskTracker:
     # The instant as a sync=none backup into a fleece image (see the module doc): the least
     # work inside the guest's pause; the new bitmaps are added before it (arm).
     fleecing: bool = False
+    # Hand QEMU its scratch images as file descriptors (QMP add-fd, /dev/fdset/N), never by
+    # path: a libvirt domain's QEMU runs as another user, who cannot open vmckpt's files.
+    by_fd: bool = False
     _captures: list[_Capture] = field(default_factory=list)
     _started: dict[str, str] = field(default_factory=dict)
 
@@ -222,7 +229,7 @@ class DiskTracker:
                         "node-name": capture.target_node,
                         "file": {
                             "driver": "file",
-                            "filename": str(capture.target),
+                            "filename": self._filename(mon, capture, capture.target),
                             "locking": "off",
                         },
                         "backing": {"driver": "null-co", "size": disk.size, "read-zeroes": True},
@@ -261,10 +268,32 @@ class DiskTracker:
             {
                 "driver": "qcow2",
                 "node-name": capture.fleece_node,
-                "file": {"driver": "file", "filename": str(fleece), "locking": "off"},
+                "file": {
+                    "driver": "file",
+                    "filename": self._filename(mon, capture, fleece),
+                    "locking": "off",
+                },
                 "cache": {"no-flush": True},
             }
         )
+
+    def _filename(self, mon: Monitor, capture: _Capture, path: Path) -> str:
+        """What QEMU opens ``path`` as: the path, or (``by_fd``) an fd set holding it."""
+        if not self.by_fd:
+            return str(path)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fdset = mon.add_fd(fd, f"{BACKUP_PREFIX}{capture.disk.id}")
+        finally:
+            os.close(fd)  # QEMU holds its own copy
+        capture.fdsets.append(fdset)
+        return f"/dev/fdset/{fdset}"
+
+    def _remove_fdsets(self, mon: Monitor, capture: _Capture) -> None:
+        while capture.fdsets:
+            with contextlib.suppress(QMPError):
+                mon.remove_fdset(capture.fdsets[-1])
+            capture.fdsets.pop()
 
     def arm(self, mon: Monitor) -> None:
         """Fleecing: add the new bitmaps now, just before the checkpoint is asked for (the
@@ -442,6 +471,7 @@ class DiskTracker:
                 self._end_fleecing(mon)
             for capture in self._captures:
                 capture.started = False
+                self._remove_fdsets(mon, capture)
         except QMPError as exc:
             raise self._fail(exc.message, "disk-collect") from exc
         return [self._read_target(capture) for capture in self._captures]
@@ -515,6 +545,7 @@ class DiskTracker:
                 present = {n.node_name for n in mon.block_nodes()}
                 ours = [capture.access_node, capture.target_node, capture.fleece_node]
                 _delete_nodes(mon, [n for n in ours if n in present])
+            self._remove_fdsets(mon, capture)
             with contextlib.suppress(QMPError):
                 nodes = {n.node_name: n for n in mon.block_nodes()}
                 node = nodes.get(capture.disk.node)
@@ -552,6 +583,11 @@ def clear_leftovers(mon: Monitor, *, vm: str, keep: Collection[str], scratch: Pa
     ours = [node.node_name for node in nodes if node.node_name.startswith(BACKUP_PREFIX)]
     found = found or bool(ours)
     _delete_nodes(mon, ours)
+    with contextlib.suppress(QMPError):  # QEMUs without fd sets have none of ours
+        for fdset, opaques in mon.fdsets().items():
+            if any(o.startswith(BACKUP_PREFIX) for o in opaques):
+                found = True
+                mon.remove_fdset(fdset)
     for node in nodes:
         if node.node_name.startswith(BACKUP_PREFIX):
             continue

@@ -1,28 +1,48 @@
-"""Writable disks of a restored guest: rebuilt from the layers, never touching the original.
+"""Writable disks of a restored guest: rebuilt from the layers in O(changes), never touching
+the original.
 
-Each writable disk is composed from the chain (vmckpt/images) as a raw base
-image beside the guest's runtime files, and the restored QEMU writes into a
-qcow2 overlay on top of it, so the base stays exactly what the layer holds
-(no full copy into another format). The dirty bitmap the layer recorded is
-recreated in the restored QEMU so its next checkpoint is incremental.
+Each writable disk is a qcow2 overlay in the restore's own directory whose backing image is
+the disk's *base* — the layer below that holds the disk in full, written out once per host as
+a read-only raw image in this host's data directory of the store and shared by every restore
+and clone of the layers above it (vmckpt/images/disks.py, :func:`~vmckpt.images.disks.shared_base`).
+The deltas of the layers between that base and the restored one are written into the overlay
+(through a qemu-storage-daemon, vmckpt/machine/nbd.py): a restore writes what changed since
+the base, not the disk. The restored QEMU writes into the overlay only. The dirty bitmap the
+layer recorded is recreated in the restored QEMU so its next checkpoint is incremental.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from vmckpt import log
 from vmckpt.errors import QMPError, RestoreError
 from vmckpt.images import LayerManifest, Store
-from vmckpt.images.disks import compose_disk
+from vmckpt.images.disks import DiskPlan, delta_extents, disk_plan, shared_base
 from vmckpt.machine.binary import qemu_img
+from vmckpt.machine.nbd import ImageWriter
 from vmckpt.machine.spec import DiskSpec
 from vmckpt.qmp import Monitor
 
 _PREFIX = "disk-"
+CLUSTER_SIZE = 65536  # the overlay's, as the capture's backup targets (deltas come in these)
+_log = log.get(__name__)
+
+
+@dataclass
+class DiskRestoreStats:
+    """What rebuilding a restore's disks wrote: bases made now (bytes of their deltas),
+    delta data written into overlays, bytes zeroed there."""
+
+    bases_made: int = 0
+    base_bytes: int = 0
+    delta_bytes: int = 0
+    zeroed_bytes: int = 0
 
 
 def materialize(
@@ -32,12 +52,15 @@ def materialize(
     directory: Path,
     *,
     vm: str,
+    stats: DiskRestoreStats | None = None,
 ) -> tuple[DiskSpec, ...]:
-    """Build each writable disk as it was at ``manifest``'s layer in ``directory`` (a raw
-    base and a qcow2 overlay); check read-only ones. Returns the disks the restored QEMU
-    uses; on failure removes what it made."""
+    """Build each writable disk as it was at ``manifest``'s layer in ``directory`` (a qcow2
+    overlay on the disk's shared base, the later deltas written into it); check read-only
+    ones. Returns the disks the restored QEMU uses; on failure removes what it made (never a
+    shared base: a base is complete once it exists, and others may use it)."""
     result: list[DiskSpec] = []
     made: list[Path] = []
+    stats = stats if stats is not None else DiskRestoreStats()
     try:
         for disk in disks:
             if disk.readonly:
@@ -51,24 +74,76 @@ def materialize(
                     layer=manifest.id,
                     step="compose-disk",
                 )
-            stem = directory / f"{_PREFIX}{disk.id}-{manifest.id}-{secrets.token_hex(2)}"
-            base = stem.with_suffix(".raw")
-            made.append(base)
-            compose_disk(store, manifest.id, disk.id, base)
-            base.chmod(0o400)  # the overlay writes, the base never changes
-            overlay = stem.with_suffix(".qcow2")
+            overlay = directory / f"{_PREFIX}{disk.id}-{manifest.id}-{secrets.token_hex(2)}.qcow2"
+            base = build_overlay(store, manifest.id, disk.id, overlay, vm=vm, stats=stats)
             made.append(overlay)
-            qemu_img(
-                "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(overlay),
-                str(disk.size), vm=vm, step="compose-disk",
-            )  # fmt: skip
-            overlay.chmod(0o600)
             result.append(replace(disk, path=str(overlay), format="qcow2", backing=str(base)))
     except BaseException:
         for path in made:
             path.unlink(missing_ok=True)
         raise
     return tuple(result)
+
+
+def build_overlay(
+    store: Store,
+    layer_id: str,
+    disk_id: str,
+    overlay: Path,
+    *,
+    vm: str,
+    stats: DiskRestoreStats | None = None,
+    base_dir: Path | None = None,
+) -> Path:
+    """Disk ``disk_id`` at ``layer_id`` as a new qcow2 image ``overlay`` (0600, a name that
+    must not exist) on the disk's shared base (made if missing: in this host's data
+    directory of the store, or ``base_dir``); returns the base's path. On failure the
+    overlay is removed (if this made it)."""
+    stats = stats if stats is not None else DiskRestoreStats()
+    with store.reading("restore a disk"):
+        plan = disk_plan(store, layer_id, disk_id)
+        base, made = shared_base(store, plan, base_dir)
+        if made:
+            stats.bases_made += 1
+            stats.base_bytes += plan.base_record.bytes_stored
+        # The name is taken with O_EXCL (never an existing file, nor a link planted there),
+        # then qemu-img writes the image into it.
+        try:
+            fd = os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise RestoreError(f"cannot make {overlay}: {exc.strerror or exc}", vm=vm,
+                               layer=layer_id, step="compose-disk") from exc  # fmt: skip
+        os.close(fd)
+        try:
+            qemu_img(
+                "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER_SIZE}",
+                "-F", "raw", "-b", str(base), str(overlay), str(plan.size),
+                vm=vm, step="compose-disk",
+            )  # fmt: skip
+            if plan.deltas:
+                apply_deltas(store, plan, overlay, vm=vm, stats=stats)
+        except BaseException:
+            overlay.unlink(missing_ok=True)
+            raise
+    return base
+
+
+def apply_deltas(
+    store: Store, plan: DiskPlan, overlay: Path, *, vm: str, stats: DiskRestoreStats
+) -> None:
+    """Write the plan's deltas, oldest first, into ``overlay`` (the caller holds the chain's
+    read lock; a delta whose data does not check raises and the overlay must go)."""
+    with ImageWriter(overlay, "qcow2", vm=vm, step="compose-disk") as writer:
+        for manifest in plan.deltas:
+            for offset, length, data in delta_extents(store, manifest, plan.disk_id):
+                if data is None:
+                    writer.write_zeroes(offset, length)
+                else:
+                    writer.write(offset, data)
+        stats.delta_bytes += writer.written
+        stats.zeroed_bytes += writer.zeroed
+    _log.debug("%s: disk %s: %d bytes of %d deltas written over base layer %s", vm,
+               plan.disk_id, writer.written, len(plan.deltas), plan.base.id)  # fmt: skip
 
 
 def track_restored(mon: Monitor, disks: Sequence[DiskSpec], manifest: LayerManifest) -> None:

@@ -290,7 +290,7 @@ def _take(target: Guest, settings: CheckpointSettings, progress: Progress) -> Ch
     spec = target.spec()
     journal = store.host.journal_path(name, JOURNAL, kind)
     scratch = private_dir(store.host.scratch_dir(name, kind))
-    tracker = DiskTracker(name, spec.disks, parent, scratch)
+    tracker = DiskTracker(name, spec.disks, parent, scratch, by_fd=target.files_by_fd)
     committed = False
     with (
         progress.task("composing the parent", None),

@@ -40,7 +40,12 @@ from vmckpt.machine.binary import (
 from vmckpt.machine.liveness import FATAL_EVENTS, Observation, observe
 from vmckpt.machine.qemu import Launch, QemuProcess, command_line, rotate_serial_log
 from vmckpt.machine.spec import GuestSpec, check_name
-from vmckpt.mechanisms.disk_restore import discard_restored, materialize, track_restored
+from vmckpt.mechanisms.disk_restore import (
+    DiskRestoreStats,
+    discard_restored,
+    materialize,
+    track_restored,
+)
 from vmckpt.mechanisms.lazy_restore import restore_lazily
 from vmckpt.mechanisms.restore_prep import (
     CLOCK_NOTE,
@@ -168,7 +173,13 @@ def restore_guest(
     # Writable disks are rebuilt as new images in a fresh directory of this host's data
     # directory of the store (never in the store, which others may write).
     disk_dir = store.host.fresh(store.host.data_dir(name), f"disks-{manifest.id}-")
-    spec = replace(spec, disks=materialize(store, manifest, spec.disks, disk_dir, vm=name))
+    disk_stats = DiskRestoreStats()
+    try:
+        disks = materialize(store, manifest, spec.disks, disk_dir, vm=name, stats=disk_stats)
+    except BaseException:
+        disk_dir.rmdir()
+        raise
+    spec = replace(spec, disks=disks)
     composed = time.monotonic()
     try:
         guest = LocalGuest.start(
@@ -205,6 +216,7 @@ def restore_guest(
         stream_bytes=written,
         notes=notes,
         resume_ms=resume_ms,
+        disk_bytes=disk_stats.base_bytes + disk_stats.delta_bytes,
     )
 
 

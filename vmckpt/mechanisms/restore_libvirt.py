@@ -5,8 +5,17 @@ A layer of a domain records the domain's migratable XML (spec field ``libvirt_xm
 type), writes the composed chain as a libvirt save image (libvirt's header
 ``LibvirtQemudSave``, version 2, the domain XML, then QEMU's migration stream, as ``virsh
 save`` writes it) and has libvirt restore it (``virDomainRestoreFlags``), so libvirt starts
-QEMU with ``-incoming`` itself and the domain is an ordinary, untainted libvirt domain. The
-domain XML is used only from layers this store wrote (docs/SECURITY.md).
+QEMU with ``-incoming`` itself and the domain is an ordinary libvirt domain. The domain XML
+is used only from layers this store wrote (docs/SECURITY.md).
+
+Writable disks come back as new images, each beside its original (or in ``disk_dir``): a qcow2
+overlay named ``<original's stem>-<domain>-<layer>.qcow2`` on the disk's base, written out
+once per directory as ``vmckpt-base-<digest>.raw`` (read-only, shared by the restores into
+that directory), with the later deltas written into the overlay
+(vmckpt/mechanisms/disk_restore.py). The domain XML names the overlays; libvirt labels them
+(and the base, read-only) for its QEMU as it does its own images. The originals are never
+opened. The domain is restored paused, the layer's dirty bitmaps are added (so its next
+checkpoint is incremental), then it runs.
 """
 
 from __future__ import annotations
@@ -17,16 +26,19 @@ import struct
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from vmckpt.errors import RestoreError, VmckptError
-from vmckpt.guests.libvirt import KIND
-from vmckpt.images import Store, keys
+from vmckpt.guests.libvirt import KIND, device_nodes, spec_from_xml
+from vmckpt.images import LayerManifest, Store, keys
 from vmckpt.machine.spec import GuestSpec
+from vmckpt.mechanisms.disk_restore import build_overlay, track_restored
 from vmckpt.mechanisms.restore import load_layer_image
 from vmckpt.progress import NO_PROGRESS, Progress
-from vmckpt.qmp.libvirt import DEFAULT_URI, connect, libvirt_error, load_libvirt
+from vmckpt.qmp.libvirt import DEFAULT_URI, connect, domain_monitor, libvirt_error, load_libvirt
 from vmckpt.ram import RamImage
 from vmckpt.stream import StreamEnvelope, write_stream
 
@@ -71,9 +83,34 @@ class DomainRestoreResult:
         }
 
 
-def restored_xml(text: str, *, name: str, new_uuid: str, machine_type: str | None) -> str:
-    """The stored domain XML renamed, with a new UUID and the layer's exact machine type."""
+def restored_xml(
+    text: str,
+    *,
+    name: str,
+    new_uuid: str,
+    machine_type: str | None,
+    disks: Mapping[str, Path] | None = None,
+) -> str:
+    """The stored domain XML renamed, with a new UUID, the layer's exact machine type, and
+    each writable disk in ``disks`` (target dev → restored qcow2 image) pointing to its
+    restored image (its backing chain is the image's own, which libvirt reads)."""
     root = ET.fromstring(text)
+    for disk in root.findall("devices/disk"):
+        target = disk.find("target")
+        image = (disks or {}).get(target.get("dev", "") if target is not None else "")
+        if image is None:
+            continue
+        source = disk.find("source")
+        if source is None:
+            source = ET.SubElement(disk, "source")
+        source.attrib.clear()
+        source.set("file", str(image))
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.SubElement(disk, "driver", {"name": "qemu"})
+        driver.set("type", "qcow2")
+        for backing in disk.findall("backingStore"):
+            disk.remove(backing)
     root.attrib.pop("id", None)
     for tag, value in (("name", name), ("uuid", new_uuid)):
         element = root.find(tag)
@@ -100,6 +137,7 @@ def restore_domain(
     name: str,
     *,
     uri: str = DEFAULT_URI,
+    disk_dir: Path | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> DomainRestoreResult:
     """Define domain ``name`` from a layer's stored domain XML and start it from the layer.
@@ -128,14 +166,13 @@ def restore_domain(
             layer=layer_id,
             step="libvirt-define",
         )
-    if manifest.disks:
-        raise RestoreError(
-            "the layer holds writable disks, which --libvirt-define does not restore yet",
-            vm=name,
-            layer=layer_id,
-            step="libvirt-define",
-        )
-    GuestSpec.from_dict(manifest.spec).check_media(vm=name)
+    spec = GuestSpec.from_dict(manifest.spec)
+    spec.check_media(vm=name)
+    writable = [d for d in spec.disks if not d.readonly]
+    for disk in writable:
+        if manifest.disk(disk.id) is None:
+            raise RestoreError(f"holds no contents for writable disk {disk.id}", vm=name,
+                               layer=layer_id, step="libvirt-define")  # fmt: skip
     lv, _ = load_libvirt()
     conn = connect(lv, uri, name)
     try:
@@ -149,13 +186,23 @@ def restore_domain(
             )
         image_of_layer = load_layer_image(store, layer_id, progress=progress)
         new_uuid = str(uuid.uuid4())
-        xml = restored_xml(
-            str(text), name=name, new_uuid=new_uuid, machine_type=manifest.machine_type
-        )
-        composed = time.monotonic()
         image = store.host.data_dir(name, KIND) / "restore.save"
         defined: Any = None
+        made: list[Path] = []
         try:
+            restored: dict[str, Path] = {}
+            with progress.task("rebuilding the disks", None):
+                for disk in writable:
+                    overlay = _disk_path(disk.path, disk_dir, name, layer_id)
+                    build_overlay(store, layer_id, disk.id, overlay, vm=name,
+                                  base_dir=overlay.parent)  # fmt: skip
+                    made.append(overlay)
+                    restored[disk.id] = overlay
+            xml = restored_xml(
+                str(text), name=name, new_uuid=new_uuid, machine_type=manifest.machine_type,
+                disks=restored,
+            )  # fmt: skip
+            composed = time.monotonic()
             with contextlib.suppress(FileNotFoundError):
                 image.unlink()
             fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -163,8 +210,12 @@ def restore_domain(
                 written = write_save_image(sink, xml, image_of_layer.envelope, image_of_layer.ram)
             try:
                 defined = conn.defineXML(xml)
-                conn.restoreFlags(str(image), None, lv.VIR_DOMAIN_SAVE_RUNNING)
+                paused = lv.VIR_DOMAIN_SAVE_PAUSED if writable else lv.VIR_DOMAIN_SAVE_RUNNING
+                conn.restoreFlags(str(image), None, paused)
                 dom = conn.lookupByName(name)
+                if writable:
+                    _track_disks(lv, dom, name, uri, manifest)
+                    dom.resume()
                 state, _reason = dom.state()
             except lv.libvirtError as exc:
                 raise libvirt_error(
@@ -179,6 +230,8 @@ def restore_domain(
         except BaseException as exc:
             if defined is not None:
                 _remove_domain(lv, defined)
+            for path in made:
+                path.unlink(missing_ok=True)
             if isinstance(exc, VmckptError):
                 raise exc.in_context(layer=layer_id) from exc
             raise
@@ -200,6 +253,30 @@ def restore_domain(
         total_s=loaded - started,
         stream_bytes=written,
     )
+
+
+def _disk_path(original: str, disk_dir: Path | None, name: str, layer_id: str) -> Path:
+    """Where a restored disk goes: beside its original (or in ``disk_dir``), named after it,
+    the domain and the layer."""
+    source = Path(original)
+    directory = disk_dir or source.parent
+    if not directory.is_dir():
+        raise RestoreError(f"{directory} is not a directory for the restored disks",
+                           vm=name, layer=layer_id, step="libvirt-disks")  # fmt: skip
+    return directory / f"{source.stem}-{name}-{layer_id}.qcow2"
+
+
+def _track_disks(lv: Any, dom: Any, name: str, uri: str, manifest: LayerManifest) -> None:
+    """In the restored domain, before it runs: the layer's dirty bitmaps on the block nodes
+    libvirt gave the restored disks (their next checkpoint is then incremental)."""
+    try:
+        live = str(dom.XMLDesc(0))
+        text = str(dom.XMLDesc(lv.VIR_DOMAIN_XML_MIGRATABLE))
+    except lv.libvirtError as exc:
+        raise libvirt_error(lv, exc, domain=name, step="libvirt-restore", uri=uri) from exc
+    disks = spec_from_xml(text, domain=name, live=live).disks
+    with domain_monitor(name, uri) as mon:
+        track_restored(mon, device_nodes(disks, mon.block_nodes(), name), manifest)
 
 
 def _remove_domain(lv: Any, dom: Any) -> None:

@@ -64,6 +64,7 @@ class RestoreResult:
     notes: tuple[str, ...] = ()  # one line each: why not lazy, the guest's clock, ...
     resume_ms: float | None = None  # QEMU's RESUME event after migrate-incoming
     page_server: int | None = None  # lazy: the page server's PID
+    disk_bytes: int = 0  # written to rebuild its disks: bases made now, deltas applied
 
     def summary(self) -> str:
         if self.lazy:
@@ -95,6 +96,7 @@ class RestoreResult:
             "notes": list(self.notes),
             "resume_ms": self.resume_ms,
             "page_server": self.page_server,
+            "disk_bytes": self.disk_bytes,
         }
 
 

@@ -210,6 +210,27 @@ class Monitor:
         _log.debug("%s -> getfd %s (fd %d)", self.vm, name, fd)
         self.transport.execute_with_fd("getfd", {"fdname": name}, fd, self.timeout)
 
+    def add_fd(self, fd: int, opaque: str) -> int:
+        """Put a file descriptor into a new fd set (QMP ``add-fd``), so that a block node
+        can open it as ``/dev/fdset/<id>`` (QEMU may run as a user who cannot open the file
+        by its path: a libvirt domain's). Returns the set's id."""
+        reply = self.transport.execute_with_fd("add-fd", {"opaque": opaque}, fd, self.timeout)
+        fdset = reply.get("fdset-id") if isinstance(reply, dict) else None
+        if type(fdset) is not int:
+            raise QMPError(f"add-fd answered {reply!r}", vm=self.vm, step="add-fd")
+        return fdset
+
+    def remove_fdset(self, fdset: int) -> None:
+        """``remove-fd`` of a whole fd set (QEMU closes it once no node uses it)."""
+        self.execute("remove-fd", {"fdset-id": fdset})
+
+    def fdsets(self) -> dict[int, list[str]]:
+        """The fd sets (``query-fdsets``): per set id, the opaque strings of its descriptors."""
+        result: dict[int, list[str]] = {}
+        for entry in self.execute("query-fdsets") or []:
+            result[int(entry["fdset-id"])] = [str(f.get("opaque", "")) for f in entry["fds"]]
+        return result
+
     def close_fd(self, name: str) -> None:
         """``closefd``; quiet if QEMU has no such descriptor (any more)."""
         with contextlib.suppress(CommandRefused):
