@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from vmckpt import log
 from vmckpt.errors import StoreError
-from vmckpt.images import crypt, keys
+from vmckpt.images import crypt, keys, legacy
 from vmckpt.images import format as fmt
 from vmckpt.images.catalog import Catalog, Head, manifest_digest
 from vmckpt.images.format import PAGES, LayerManifest
@@ -101,7 +101,7 @@ def adopt(store: Store, *, new_key: bool = False, accept_rollback: bool = False)
         layers = {i: list(catalog.layers[i]) for i in kept} | adopted
         heads: dict[str, Head | None] = dict(catalog.heads)
         if store.marker_version < (fmt.FORMAT_MAJOR, fmt.CATALOG_MINOR):
-            heads = store.legacy_heads(set(layers)) | heads
+            heads = legacy.heads(store.path, set(layers)) | heads
         store.write_catalog(Catalog(store_id, catalog.generation).changed(add=layers, heads=heads))
         store.write_marker()
     return result

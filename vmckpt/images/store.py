@@ -30,7 +30,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -43,10 +43,9 @@ from vmckpt.fsutil import (
     DIR_MODE,
     fsync_dir,
     parse_json,
-    read_json,
 )
 from vmckpt.hostdirs import NAME_RE, HostDirs, host_id
-from vmckpt.images import crypt, keys
+from vmckpt.images import crypt, keys, legacy
 from vmckpt.images import format as fmt
 from vmckpt.images.catalog import (
     CATALOG,
@@ -82,10 +81,6 @@ from vmckpt.ram import PageTarget, RamBlock, RamImage
 
 STORE_MARKER = "vmckpt-store.json"
 MEDIA_DIR = "media"
-# Where a store of format 1.4 or older kept guests' runtime files and heads (its heads are
-# taken into the catalog once, when such a store is first opened by this vmckpt).
-LEGACY_HEADS = {"guest": "guests", "libvirt": "libvirt"}
-LEGACY_HEAD_FILE = "head.json"
 RUNTIME_NAME_RE = NAME_RE
 MAX_MARKER_BYTES = 1 << 16
 STORE_LOCK_WAIT_S = 60.0  # publishing a layer holds it for milliseconds; maintenance longer
@@ -115,17 +110,6 @@ def _marker_bytes(store_id: str, encryption: str | None) -> bytes:
 
 def _encryption_text(encryption: str | None) -> str:
     return f"encrypted ({encryption})" if encryption else "not encrypted"
-
-
-def _real_subdirs(path: Path) -> list[str]:
-    """The names (usable as guest names) of the real directories in ``path``."""
-    try:
-        entries = list(os.scandir(path))
-    except OSError:
-        return []
-    return sorted(
-        e.name for e in entries if NAME_RE.match(e.name) and e.is_dir(follow_symlinks=False)
-    )
 
 
 def is_real_dir(path: Path) -> bool:
@@ -467,22 +451,8 @@ class Store:
                     layers[layer_id] = [manifest_digest(data)]
             except StoreError:
                 continue
-        heads = self.legacy_heads(set(layers)) if legacy_heads else {}
+        heads = legacy.heads(self.path, set(layers)) if legacy_heads else {}
         return Catalog(self.store_id).changed(add=layers, heads=heads)
-
-    def legacy_heads(self, layers: Collection[str]) -> dict[str, Head | None]:
-        """The heads a store of format 1.4 or older kept in its guests' directories (those
-        on the ``layers`` given), owned by this host."""
-        heads: dict[str, Head | None] = {}
-        me = host_id()
-        for kind, sub in LEGACY_HEADS.items():
-            for name in _real_subdirs(self.path / sub):
-                with contextlib.suppress(OSError, ValueError):
-                    data = read_json(self.path / sub / name / LEGACY_HEAD_FILE)
-                    head = data.get("pending") or data.get("head")
-                    if isinstance(head, str) and head in layers:
-                        heads[head_key(kind, name)] = Head(head, me)
-        return heads
 
     def update_catalog(
         self,

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 from vmckpt.errors import RestoreError, VmckptError
 from vmckpt.guests.libvirt import KIND, device_nodes, spec_from_xml
 from vmckpt.images import LayerManifest, Store, keys
-from vmckpt.machine.spec import GuestSpec
+from vmckpt.machine.spec import DiskSpec, GuestSpec
 from vmckpt.mechanisms.disk_restore import build_overlay, track_restored
 from vmckpt.mechanisms.restore import load_layer_image
 from vmckpt.progress import NO_PROGRESS, Progress
@@ -131,21 +131,11 @@ def write_save_image(sink: BinaryIO, xml: str, envelope: StreamEnvelope, ram: Ra
     return SAVE_HEADER.size + len(data) + write_stream(sink, envelope, ram)
 
 
-def restore_domain(
-    store: Store,
-    layer_ref: str | None,
-    name: str,
-    *,
-    uri: str = DEFAULT_URI,
-    disk_dir: Path | None = None,
-    progress: Progress = NO_PROGRESS,
-) -> DomainRestoreResult:
-    """Define domain ``name`` from a layer's stored domain XML and start it from the layer.
-
-    Fails before defining anything if the chain is broken, the layer holds no domain
-    XML, or a domain of that name exists; a failure after the define undefines it.
-    """
-    started = time.monotonic()
+def _domain_layer(
+    store: Store, layer_ref: str | None, name: str
+) -> tuple[LayerManifest, str, list[DiskSpec]]:
+    """The layer to define domain ``name`` from, its domain XML and its writable disks;
+    refused unless this store wrote it, from a libvirt domain, with every disk's contents."""
     layer_id = store.resolve(layer_ref) if layer_ref else store.newest()
     manifest = store.manifest(layer_id)
     text = manifest.spec.get("libvirt_xml")
@@ -173,6 +163,26 @@ def restore_domain(
         if manifest.disk(disk.id) is None:
             raise RestoreError(f"holds no contents for writable disk {disk.id}", vm=name,
                                layer=layer_id, step="libvirt-define")  # fmt: skip
+    return manifest, str(text), writable
+
+
+def restore_domain(
+    store: Store,
+    layer_ref: str | None,
+    name: str,
+    *,
+    uri: str = DEFAULT_URI,
+    disk_dir: Path | None = None,
+    progress: Progress = NO_PROGRESS,
+) -> DomainRestoreResult:
+    """Define domain ``name`` from a layer's stored domain XML and start it from the layer.
+
+    Fails before defining anything if the chain is broken, the layer holds no domain
+    XML, or a domain of that name exists; a failure after the define undefines it.
+    """
+    started = time.monotonic()
+    manifest, text, writable = _domain_layer(store, layer_ref, name)
+    layer_id = manifest.id
     lv, _ = load_libvirt()
     conn = connect(lv, uri, name)
     try:
