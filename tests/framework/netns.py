@@ -132,6 +132,8 @@ def other_host() -> Iterator[OtherHost]:
         host.known_hosts.write_text(f"{host.address} {public[0]} {public[1]}\n")
         host.empty_known_hosts.write_text("")
         config = scratch / "sshd_config"
+        named = os.environ.get("VMCKPT_QEMU")
+        qemu = f" VMCKPT_QEMU={named}" if named else ""
         config.write_text(
             f"ListenAddress {host.address}\nPort {host.port}\n"
             f"HostKey {host_key}\nPidFile {scratch}/sshd.pid\n"
@@ -140,9 +142,10 @@ def other_host() -> Iterator[OtherHost]:
             "PermitRootLogin prohibit-password\nPubkeyAuthentication yes\n"
             "MaxSessions 50\nMaxStartups 50\nSubsystem sftp internal-sftp\n"
             # The other host's store keys, runtime and data directories live with the other
-            # host (its scratch directory).
+            # host (its scratch directory); it runs the QEMU the tests named for this one
+            # (conftest's system_qemu), not whichever is newest there.
             f"SetEnv VMCKPT_KEYS_DIR={scratch}/keys VMCKPT_RUNTIME_DIR={scratch}/run "
-            f"VMCKPT_DATA_DIR={scratch}/data\n"
+            f"VMCKPT_DATA_DIR={scratch}/data{qemu}\n"
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         # `ip netns exec` execs sshd, so the PID is sshd's own.
