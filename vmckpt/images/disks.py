@@ -70,45 +70,17 @@ def compose_disk(store: Store, layer_id: str, disk_id: str, target: Path) -> int
         with store.reading("compose a disk"), open(target, "xb") as out:
             used = disk_chain(store, layer_id, disk_id)
             for number, manifest in enumerate(used):
-                record = manifest.disk(disk_id)
-                assert record is not None
-                size = record.size
+                size = _record(manifest, disk_id).size
                 out.truncate(size)
-                index_bytes = store.reader.read_small(manifest, record.index_file, "compose-disk")
-                store.reader.check_present(manifest, record.data_file, "compose-disk")
-                index = fmt.decode_disk_index(index_bytes, record, manifest.id, "compose-disk")
-                # The first layer is the full one: the new file reads as zero already (sparse),
-                # so its zeroed ranges are left as they are rather than written.
-                for offset, length in index.zeroed if number else ():
+                for offset, length, data in delta_extents(store, manifest, disk_id):
                     out.seek(offset)
-                    for start in range(0, length, 1 << 20):
-                        out.write(bytes(min(1 << 20, length - start)))
-                digest = hashlib.sha256()
-                with store.reader.open(manifest, record.data_file, "compose-disk") as src:
-                    # The data file holds the stored extents one after the other.
-                    chunks = src.chunks()
-                    pending = memoryview(b"")
-                    for offset, length in index.stored:
-                        out.seek(offset)
-                        remaining = length
-                        while remaining:
-                            if not pending:
-                                pending = memoryview(next(chunks, b""))
-                                if not pending:
-                                    raise src.truncated()
-                            piece = pending[:remaining]
-                            digest.update(piece)
-                            out.write(piece)
-                            remaining -= len(piece)
-                            pending = pending[len(piece) :]
-                expected = manifest.files[record.data_file].sha256
-                if digest.hexdigest() != expected:
-                    raise CorruptLayerError(
-                        f"{record.data_file}: sha256 mismatch (expected {expected}, "
-                        f"found {digest.hexdigest()})",
-                        layer=manifest.id,
-                        step="compose-disk",
-                    )
+                    if data is not None:
+                        out.write(data)
+                    elif number:
+                        # The first layer is the full one: the new file reads as zero
+                        # already (sparse), so its zeroed ranges are left as they are.
+                        for start in range(0, length, 1 << 20):
+                            out.write(bytes(min(1 << 20, length - start)))
             out.flush()
             os.fsync(out.fileno())
     except BaseException as exc:
