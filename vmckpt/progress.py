@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
-from rich.progress import Progress as RichProgress
+if TYPE_CHECKING:  # rich is imported when a terminal shows progress, not by every command
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
 
 
 class Task(Protocol):
@@ -62,10 +55,21 @@ class TerminalProgress:
     """One updating line per step on stderr, removed when the step ends."""
 
     def __init__(self) -> None:
+        from rich.console import Console
+
         self.console = Console(stderr=True)
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None, *, unit: str = "") -> Iterator[Task]:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
         columns = [TextColumn("{task.description}"), BarColumn()]
         if unit == "B":
             columns += [DownloadColumn(), TransferSpeedColumn()]

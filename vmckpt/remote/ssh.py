@@ -23,11 +23,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-
-import paramiko
+from typing import TYPE_CHECKING, Any
 
 from vmckpt.errors import RemoteError, UsageError
+
+if TYPE_CHECKING:
+    import paramiko
+
+# paramiko (and the cryptography it loads) is imported by the code that connects, not by
+# this module: every vmckpt command imports this module, few of them reach another host,
+# and the import costs a local command (a restore that is to run in milliseconds) ~0.1 s.
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 CONNECT_TIMEOUT = 15.0
@@ -85,31 +90,28 @@ def fingerprint(key: Any) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
-class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
-    """Add an unknown host's key to our known_hosts file (the user asked for it)."""
+def _host_key_policy(address: HostAddress, known: Path, accept_new: bool) -> Any:
+    """What paramiko does with a host key known_hosts does not hold: add it (the user asked
+    for it) or refuse in one line."""
+    import paramiko
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    class AcceptNew(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
+        def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: Any) -> None:
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            known.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(known, "a", opener=lambda p, f: os.open(p, f, 0o600)) as handle:
+                handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
 
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: Any) -> None:
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.path, "a", opener=lambda p, f: os.open(p, f, 0o600)) as handle:
-            handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+    class Refuse(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
+        def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: Any) -> None:
+            raise RemoteError(
+                f"its host key ({key.get_name()} {fingerprint(key)}) is not in {known}; "
+                "check it and pass --accept-new-host-key to trust it",
+                host=str(address),
+                step="host-key",
+            )
 
-
-class _RefusePolicy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
-    def __init__(self, address: HostAddress, path: Path) -> None:
-        self.address = address
-        self.path = path
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: Any) -> None:
-        raise RemoteError(
-            f"its host key ({key.get_name()} {fingerprint(key)}) is not in {self.path}; "
-            "check it and pass --accept-new-host-key to trust it",
-            host=str(self.address),
-            step="host-key",
-        )
+    return AcceptNew() if accept_new else Refuse()
 
 
 class SshHost:
@@ -118,6 +120,8 @@ class SshHost:
     def __init__(self, address: HostAddress, options: SshOptions) -> None:
         self.address = address
         self.options = options
+        import paramiko
+
         self.client = paramiko.SSHClient()
         self._sftp: paramiko.SFTPClient | None = None
 
@@ -126,6 +130,8 @@ class SshHost:
         return str(self.address)
 
     def connect(self) -> SshHost:
+        import paramiko
+
         known = Path(self.options.known_hosts).expanduser()
         try:
             if known.exists():
@@ -134,12 +140,9 @@ class SshHost:
             raise RemoteError(
                 f"cannot read known hosts {known}: {exc}", host=self.name, step="host-key"
             ) from exc
-        policy = (
-            _AcceptNewPolicy(known)
-            if self.options.accept_new_host_key
-            else _RefusePolicy(self.address, known)
+        self.client.set_missing_host_key_policy(
+            _host_key_policy(self.address, known, self.options.accept_new_host_key)
         )
-        self.client.set_missing_host_key_policy(policy)
         identity = str(Path(self.options.identity).expanduser()) if self.options.identity else None
         try:
             self.client.connect(
@@ -213,6 +216,8 @@ class SshHost:
         return transport.sock  # type: ignore[no-any-return]
 
     def sftp(self) -> paramiko.SFTPClient:
+        import paramiko
+
         if self._sftp is None:
             try:
                 self._sftp = self.client.open_sftp()
@@ -233,6 +238,8 @@ class SshHost:
 
     def open(self, argv: list[str], *, step: str = "run") -> Channel:
         """Start a command there with its stdin, stdout and stderr connected to us."""
+        import paramiko
+
         command = " ".join(shlex.quote(a) for a in argv)
         try:
             transport = self.client.get_transport()
@@ -260,6 +267,8 @@ class Channel:
         self._reader.start()
 
     def _read(self) -> None:
+        import paramiko
+
         pending = b""
         self.chan.settimeout(0.05)
         try:
@@ -294,6 +303,8 @@ class Channel:
         The channel has a short timeout (for the reader thread), so a full SSH window
         shows up here as a timeout: wait for room and go on.
         """
+        import paramiko
+
         view = memoryview(data)
         try:
             while view:
@@ -316,6 +327,8 @@ class Channel:
 
     def end_input(self) -> None:
         """End the command's stdin (it reads end of file)."""
+        import paramiko
+
         with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
             self.chan.shutdown_write()
 
