@@ -97,3 +97,63 @@ def test_check_names_the_qemu_and_why() -> None:
     assert caps["version"].startswith("10.")
     assert "QEMU 11 or later makes it possible" in caps["mechanisms"]["colo"]
     assert caps["mechanisms"]["colo (libvirt domains)"] == f"no: {LIBVIRT_REFUSAL}"
+
+
+def counting_qemu(directory: Path, version: str, machines: tuple[str, ...]) -> tuple[Path, Path]:
+    """A fake QEMU that answers --version and -machine help and counts how often it ran."""
+    directory.mkdir(parents=True, exist_ok=True)
+    binary, runs = directory / "qemu-system-x86_64", directory / "runs"
+    listing = "\\n".join(f"{m}  machine {m}" for m in machines)
+    binary.write_text(
+        "#!/bin/sh\n"
+        f"echo run >> {runs}\n"
+        f'if [ "$1" = --version ]; then echo "QEMU emulator version {version}"; exit 0; fi\n'
+        f'printf "Supported machines are:\\n{listing}\\n"\n'
+    )
+    binary.chmod(0o755)
+    return binary, runs
+
+
+def ask_in_a_new_process(binary: Path) -> list[str]:
+    """What a new vmckpt command learns of the binary: its version and machine types."""
+    code = (
+        "import sys; from vmckpt.machine.binary import qemu_version, machine_types;"
+        "print(qemu_version(sys.argv[1])); print(' '.join(sorted(machine_types(sys.argv[1]))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(binary)],
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=True,
+    )  # fmt: skip
+    return out.stdout.split("\n")[:2]
+
+
+def test_a_qemu_binary_is_asked_once_per_build_and_a_forged_answer_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore that is to run in milliseconds cannot ask QEMU its version and machines
+    each time: the answers are kept in this host's runtime root, for that build of the
+    binary only (a new build is asked again), and a kept answer for another build, or one
+    that is not an answer, is not taken."""
+    monkeypatch.setenv("VMCKPT_RUNTIME_DIR", str(tmp_path / "run"))
+    binary, runs = counting_qemu(tmp_path / "bin", "10.0.2", ("pc-q35-10.0", "q35"))
+    assert ask_in_a_new_process(binary) == ["10.0.2", "pc-q35-10.0 q35"]
+    assert runs.read_text().count("run") == 2
+    assert ask_in_a_new_process(binary) == ["10.0.2", "pc-q35-10.0 q35"]
+    assert runs.read_text().count("run") == 2  # the second command asked no QEMU
+    kept = sorted((tmp_path / "run" / qemu_binaries.PROBE_DIR).iterdir())
+    assert [p.name.split("-")[0] for p in kept] == ["machines", "version"]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in kept)
+
+    binary, _ = counting_qemu(tmp_path / "bin", "11.1.3", ("pc-q35-11.1",))  # a new build
+    assert ask_in_a_new_process(binary) == ["11.1.3", "pc-q35-11.1"]
+    assert runs.read_text().count("run") == 4
+
+    for path in sorted((tmp_path / "run" / qemu_binaries.PROBE_DIR).iterdir()):
+        record = json.loads(path.read_text())
+        if record["answer"] == "11.1.3":  # an answer of another build (another inode)
+            other = {**record["identity"], "ino": record["identity"]["ino"] + 1}
+            path.write_text(json.dumps({"identity": other, "answer": "9.9.9"}))
+        elif record["answer"] == ["pc-q35-11.1"]:
+            path.write_text("[" * 100000)  # not JSON a record could hold
+    assert ask_in_a_new_process(binary) == ["11.1.3", "pc-q35-11.1"]
+    assert runs.read_text().count("run") == 6  # asked again, not taken from the files

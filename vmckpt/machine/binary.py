@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -15,8 +17,11 @@ import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from vmckpt.errors import MachineError, UsageError
+from vmckpt.errors import MachineError, StoreError, UsageError
+from vmckpt.fsutil import read_json, write_json_atomic
+from vmckpt.hostdirs import private_dir, runtime_root
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 QEMU_ENV = "VMCKPT_QEMU"
@@ -102,8 +107,58 @@ def qemu_binary() -> str:
     return choose_qemu().binary
 
 
+PROBE_DIR = "qemu-probes"  # in this host's runtime root: what each QEMU binary answered
+
+
+def _identity(binary: str) -> dict[str, Any]:
+    """What names one build of a binary: its path, inode, size and times (a package upgrade,
+    or install-deps.sh rewriting its wrapper, makes a new one)."""
+    info = os.stat(binary)
+    return {
+        "binary": os.path.realpath(binary),
+        "dev": info.st_dev,
+        "ino": info.st_ino,
+        "size": info.st_size,
+        "mtime_ns": info.st_mtime_ns,
+        "ctime_ns": info.st_ctime_ns,
+    }
+
+
+def _probe_path(identity: dict[str, Any], question: str) -> Path:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    return runtime_root() / PROBE_DIR / f"{question}-{digest}.json"
+
+
+def _remembered(identity: dict[str, Any], question: str) -> Any:
+    """What this build answered before, on this host since it booted (the runtime root is
+    this user's only, on tmpfs as root); None if not known. Asking QEMU costs a restore
+    that is to run in milliseconds 30-60 ms per question."""
+    try:
+        record = read_json(_probe_path(identity, question))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("identity") != identity:
+        return None
+    return record.get("answer")
+
+
+def _remember(identity: dict[str, Any], question: str, answer: Any) -> None:
+    """Keep an answer for the next command; a host where that cannot be done asks again."""
+    try:
+        private_dir(runtime_root())
+        path = private_dir(runtime_root() / PROBE_DIR)
+        write_json_atomic(path / _probe_path(identity, question).name,
+                          {"identity": identity, "answer": answer})  # fmt: skip
+    except (OSError, StoreError):
+        pass
+
+
 @functools.cache
-def _version_of(binary: str, mtime_ns: int) -> str:
+def _version_of(binary: str, identity_json: str) -> str:
+    identity = json.loads(identity_json)
+    known = _remembered(identity, "version")
+    if isinstance(known, str) and re.fullmatch(r"\d+\.\d+\.\d+", known):
+        return known
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
     match = re.search(r"version (\d+\.\d+\.\d+)", out.stdout)
     if not match:
@@ -113,16 +168,21 @@ def _version_of(binary: str, mtime_ns: int) -> str:
             f"QEMU binary {binary}: `--version` printed no QEMU version ({said})",
             step="find-qemu",
         )
+    _remember(identity, "version", match.group(1))
     return match.group(1)
 
 
 def qemu_version(binary: str) -> str:
-    """``major.minor.micro`` of a QEMU binary (asked once per binary and modification time)."""
-    return _version_of(binary, os.stat(binary).st_mtime_ns)
+    """``major.minor.micro`` of a QEMU binary (asked once per build of it on this host)."""
+    return _version_of(binary, json.dumps(_identity(binary), sort_keys=True))
 
 
 @functools.cache
-def _machines_of(binary: str, mtime_ns: int) -> frozenset[str]:
+def _machines_of(binary: str, identity_json: str) -> frozenset[str]:
+    identity = json.loads(identity_json)
+    known = _remembered(identity, "machines")
+    if isinstance(known, list) and known and all(isinstance(m, str) for m in known):
+        return frozenset(known)
     out = subprocess.run(
         [binary, "-machine", "help"], capture_output=True, text=True, check=False
     ).stdout
@@ -131,12 +191,15 @@ def _machines_of(binary: str, mtime_ns: int) -> frozenset[str]:
         raise MachineError(
             f"QEMU binary {binary}: `-machine help` printed no machine list", step="find-qemu"
         )
-    return frozenset(line.split()[0] for line in lines[1:] if line.strip())
+    machines = frozenset(line.split()[0] for line in lines[1:] if line.strip())
+    _remember(identity, "machines", sorted(machines))
+    return machines
 
 
 def machine_types(binary: str) -> frozenset[str]:
-    """The machine types (and aliases such as ``pc``, ``q35``) a QEMU binary offers."""
-    return _machines_of(binary, os.stat(binary).st_mtime_ns)
+    """The machine types (and aliases such as ``pc``, ``q35``) a QEMU binary offers (asked
+    once per build of it on this host)."""
+    return _machines_of(binary, json.dumps(_identity(binary), sort_keys=True))
 
 
 def version_tuple(version: str) -> tuple[int, int, int]:
