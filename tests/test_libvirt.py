@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.framework.debian import CONSOLE_LAG_LINES, counters, debian_build, wait_counters
 from tests.framework.guest import (
     GUEST_BUILD,
     State,
@@ -495,37 +496,10 @@ def test_a_domain_with_a_disk_vmckpt_cannot_capture_is_refused_in_one_line(
 
 # -- a Debian 12 system with systemd on a qcow2 root disk ------------------------------------
 
-DEBIAN_BUILD = GUEST_BUILD / "debian"
-COUNTER_LINE = re.compile(r"COUNTER n=(\d+) ok")
-# Lines the Debian guest's console may trail its counter service by (journald in between)
-# on a loaded host, plus one torn at the instant.
-CONSOLE_LAG_LINES = 4
-
 
 @pytest.fixture(scope="session")
 def debian_guest() -> Path:
-    """guest/debian (Debian 12, systemd, a counter service that checks its disk against its
-    memory), built with debootstrap from Debian's mirror if it is not built yet."""
-    if not (DEBIAN_BUILD / "root.qcow2").exists():
-        subprocess.run(
-            ["sh", str(GUEST_BUILD.parent / "debian" / "build.sh"), str(DEBIAN_BUILD)],
-            check=True, capture_output=True, timeout=1800,
-        )  # fmt: skip
-    return DEBIAN_BUILD
-
-
-def counters(serial: Path, offset: int = 0) -> list[int]:
-    text = serial.read_text(errors="replace")[offset:] if serial.exists() else ""
-    assert "COUNTERBAD" not in text, tail(text)
-    return [int(n) for n in COUNTER_LINE.findall(text)]
-
-
-def wait_counters(serial: Path, count: int, offset: int = 0, timeout: float = 300) -> list[int]:
-    return wait_for(
-        lambda: found if len(found := counters(serial, offset)) >= count else None,
-        f"{serial.name}: {count} COUNTER lines", timeout,
-        evidence=lambda: tail(serial.read_text(errors="replace")[offset:]),
-    )  # fmt: skip
+    return debian_build()
 
 
 def test_debian_systemd_domain_with_a_qcow2_root_disk_continues_after_restore(

@@ -83,6 +83,22 @@ def test_a_generation_id_round_trips_and_reaches_the_command_line(tmp_path: Path
     assert fresh != GUID and re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", fresh)
 
 
+def test_the_guest_agent_channel_round_trips_and_reaches_the_command_line(tmp_path: Path) -> None:
+    spec = GuestSpec(guest_agent=True)
+    assert GuestSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    launch = Launch(name="g", accel="tcg", serial_log=tmp_path / "s")
+    line = command_line(spec, launch, binary="qemu", qemu_major=10, qmp_fds=(3,), agent_fd=9)
+    assert "socket,id=vmckpt-qga,fd=9,server=on,wait=off" in line
+    port = "virtserialport,bus=vmckpt-vser.0,chardev=vmckpt-qga,name=org.qemu.guest_agent.0"
+    assert line[line.index(port) - 1] == "-device"
+    assert "null,id=vmckpt-qga" in _line(spec, tmp_path)  # no host end: the device is there
+    # A spec of an older vmckpt has none (and a stored value that is not true gives none).
+    assert not any("vmckpt-qga" in arg for arg in _line(GuestSpec(), tmp_path))
+    for stored in ("yes", 1, None):
+        data = {**json.loads(json.dumps(spec.to_dict())), "guest_agent": stored}
+        assert GuestSpec.from_dict(data).guest_agent is False
+
+
 @pytest.mark.parametrize(
     "value", [GUID.upper(), GUID + "\n", GUID[:-1], "auto,x=1", f"{GUID},file=/x", 7]
 )

@@ -59,6 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         qemu_args=qemu_args,
         disks=tuple(DiskSpec.parse(i, text) for i, text in enumerate(args.disk or ())),
         generation_id=new_generation_id(),
+        guest_agent=not args.no_guest_agent,
     )
     hint_s = hint_seconds(args.hint_after, detach=args.detach)
     store = open_store(args)
@@ -204,6 +205,12 @@ def add_parsers(command: Command) -> None:
         metavar="IMAGE[:ro]",
         help="a virtio disk (raw or qcow2; repeatable); writable ones are checkpointed, "
         ":ro ones referenced by content hash",
+    )
+    p.add_argument(
+        "--no-guest-agent",
+        action="store_true",
+        help="no channel for QEMU's guest agent (by default the guest gets one, through "
+        "which a restore steps its clock to now if qemu-ga runs in it)",
     )
     p.add_argument(
         "--qemu-arg",

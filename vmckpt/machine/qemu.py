@@ -34,7 +34,7 @@ from vmckpt.errors import MachineError, QMPError
 from vmckpt.fsutil import FILE_MODE, open_nofollow
 from vmckpt.machine.binary import qemu_binary, qemu_version, version_tuple
 from vmckpt.machine.spec import DiskSpec, GuestSpec, check_machine, check_name
-from vmckpt.qmp import Monitor
+from vmckpt.qmp import Monitor, agent
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep a margin
@@ -91,10 +91,12 @@ def command_line(
     binary: str,
     qemu_major: int,
     qmp_fds: Sequence[int] = (),
+    agent_fd: int | None = None,
 ) -> list[str]:
     """QEMU's argv for ``spec``: only validated fields, plus the caller's trusted extras.
 
-    ``qmp_fds`` are the listening QMP sockets QEMU inherits, one monitor each. Every
+    ``qmp_fds`` are the listening QMP sockets QEMU inherits, one monitor each; ``agent_fd``
+    the listening host end of the guest agent's channel (a spec with ``guest_agent``). Every
     value that lands in an option string is checked here, whatever its source (a
     layer's machine type comes from a store, which may be hostile).
     """
@@ -126,6 +128,21 @@ def command_line(
         args += ["-device", "pvpanic"]
     if spec.generation_id and _has_isa_bus(machine):  # the PC machines' ACPI and fw_cfg
         args += ["-device", f"vmgenid,id=vmckpt-genid,guid={spec.generation_id}"]
+    if spec.guest_agent and _has_isa_bus(machine):  # the PC machines have PCI for it
+        # Without a host end (a QEMU a benchmark starts on another host) the channel goes
+        # nowhere, but is there: the device set, which a migration or restore must repeat,
+        # is the spec's alone.
+        host_end = (
+            f"socket,id={agent.CHARDEV_ID},fd={agent_fd},server=on,wait=off"
+            if agent_fd is not None
+            else f"null,id={agent.CHARDEV_ID}"
+        )
+        args += [
+            "-chardev", host_end,
+            "-device", "virtio-serial-pci,id=vmckpt-vser",
+            "-device", f"virtserialport,bus=vmckpt-vser.0,chardev={agent.CHARDEV_ID},"
+                       f"name={agent.CHANNEL_NAME}",
+        ]  # fmt: skip
     kernel, initrd, iso = spec.medium("kernel"), spec.medium("initrd"), spec.medium("iso")
     if kernel:
         args += ["-kernel", kernel.path]
@@ -205,6 +222,8 @@ class QemuProcess:
     # A second QMP monitor, reserved for the guest's checkpoint session (vmckpt/mechanisms/colo.py),
     # so that the session's long-lived connection never blocks other commands.
     session_socket: Path | None = None
+    # The host end of the guest agent's channel (a spec with guest_agent), bound by vmckpt.
+    agent_socket: Path | None = None
     _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @classmethod
@@ -226,6 +245,7 @@ class QemuProcess:
         token = secrets.token_hex(3)
         qmp_socket = runtime_dir / f"qmp-{token}.sock"
         session_socket = runtime_dir / f"session-{token}.sock"
+        agent_socket = runtime_dir / f"qga-{token}.sock" if spec.guest_agent else None
         if len(str(session_socket)) > SOCKET_PATH_MAX:
             raise MachineError(
                 f"the QMP socket path {session_socket} is longer than a Unix socket allows; "
@@ -235,7 +255,9 @@ class QemuProcess:
             )
         listeners: list[socket.socket] = []
         try:
-            for path in (qmp_socket, session_socket):
+            for path in (qmp_socket, session_socket, agent_socket):
+                if path is None:
+                    continue
                 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 listeners.append(listener)
                 listener.bind(str(path))
@@ -243,7 +265,10 @@ class QemuProcess:
                 listener.listen(8)
             fds = [listener.fileno() for listener in listeners]
             major = version_tuple(qemu_version(binary))[0]
-            command = command_line(spec, launch, binary=binary, qemu_major=major, qmp_fds=fds)
+            command = command_line(
+                spec, launch, binary=binary, qemu_major=major, qmp_fds=fds[:2],
+                agent_fd=fds[2] if agent_socket is not None else None,
+            )  # fmt: skip
             log_path = runtime_dir / QEMU_LOG
             fd = open_nofollow(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             with os.fdopen(fd, "ab") as log_handle:
@@ -260,8 +285,9 @@ class QemuProcess:
                     start_new_session=True,  # a Ctrl-C on vmckpt must not reach the guest
                 )
         except BaseException:
-            qmp_socket.unlink(missing_ok=True)
-            session_socket.unlink(missing_ok=True)
+            for path in (qmp_socket, session_socket, agent_socket):
+                if path is not None:
+                    path.unlink(missing_ok=True)
             raise
         finally:
             for listener in listeners:
@@ -276,6 +302,7 @@ class QemuProcess:
             accel=launch.accel,
             command=command,
             session_socket=session_socket,
+            agent_socket=agent_socket,
             _popen=popen,
         )
         try:
@@ -287,8 +314,9 @@ class QemuProcess:
                 popen.wait(1.0)  # a QEMU that failed to start is exiting: let it finish
             exited = popen.returncode
             process.kill()
-            qmp_socket.unlink(missing_ok=True)
-            session_socket.unlink(missing_ok=True)
+            for path in (qmp_socket, session_socket, agent_socket):
+                if path is not None:
+                    path.unlink(missing_ok=True)
             # A Ctrl-C stays a Ctrl-C, even when QEMU also exited meanwhile.
             if exited is not None and isinstance(exc, Exception):
                 raise MachineError(
@@ -380,6 +408,7 @@ class QemuProcess:
             "accel": self.accel,
             "command": self.command,
             "session_socket": str(self.session_socket) if self.session_socket else None,
+            "agent_socket": str(self.agent_socket) if self.agent_socket else None,
         }
 
     @classmethod
@@ -394,4 +423,5 @@ class QemuProcess:
             accel=str(data.get("accel", "tcg")),
             command=[str(a) for a in data.get("command", [])],
             session_socket=Path(data["session_socket"]) if data.get("session_socket") else None,
+            agent_socket=Path(data["agent_socket"]) if data.get("agent_socket") else None,
         )

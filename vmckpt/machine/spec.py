@@ -270,6 +270,10 @@ class GuestSpec:
     # is one (the guest reseeds its random numbers), unless told to keep it; "" in specs
     # written before vmckpt added the device (such a guest is restored without it).
     generation_id: str = ""
+    # A channel for QEMU's guest agent (virtio-serial, org.qemu.guest_agent.0), through which
+    # a restore steps the guest's clock to now where an agent answers in the guest; False in
+    # specs written before vmckpt added it (such a guest is restored without it).
+    guest_agent: bool = False
 
     def __post_init__(self) -> None:
         if not 16 <= self.memory_mib <= MAX_MEMORY_MIB:
@@ -315,6 +319,7 @@ class GuestSpec:
                 qemu_args=tuple(check_text(a, "QEMU argument") for a in qemu_args),
                 disks=tuple(DiskSpec.from_dict(d) for d in data.get("disks", [])),
                 panic_device=data.get("panic_device", False) is True,
+                guest_agent=data.get("guest_agent", False) is True,
                 **extra,
             )
         except KeyError as exc:
@@ -355,6 +360,6 @@ def new_generation_id() -> str:
 _BASE_FIELDS = frozenset(
     {
         "memory_mib", "cpus", "accel", "machine", "cpu", "media", "append", "qemu_args",
-        "disks", "panic_device",
+        "disks", "panic_device", "guest_agent",
     }
 )  # fmt: skip

@@ -45,11 +45,11 @@ from vmckpt.mechanisms.disk_restore import discard_restored, materialize, track_
 from vmckpt.mechanisms.lazy_host import memory_refusal, userfaultfd_refusal
 from vmckpt.mechanisms.pageserver import ForkedServer, fork_server
 from vmckpt.mechanisms.restore_prep import (
-    CLOCK_NOTE,
     RestoreResult,
     check_machine_type,
     qemu_args_for,
     relocate_media,
+    step_clock,
 )
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.qmp import Monitor
@@ -111,6 +111,7 @@ class Started:
     pid: int
     resume_ms: float | None  # QEMU's RESUME after migrate-incoming (QEMU's and our clock)
     running_s: float  # from the restore's start until the guest ran
+    clock: str = ""  # its clock stepped to now, or why not
 
 
 @dataclass
@@ -159,6 +160,10 @@ def restore_lazy(
         if watch_s > 0:
             for launch in launches:
                 _watch(launch, watch_s)
+        for index, launch in enumerate(launches):  # once every guest runs: no one waits
+            assert launch.guest is not None
+            clock = step_clock(launch.spec, launch.guest.process(), launch.mon)
+            results[index] = replace(results[index], clock=clock)
         server.done()  # the page server sets each guest's head once its pages are all in
         server = None
         return results, pid
@@ -358,7 +363,7 @@ def restore_lazily(
                 total_s=time.monotonic() - started,
                 stream_bytes=len(prepared.preamble),
                 lazy=True,
-                notes=(CLOCK_NOTE,),
+                notes=(guest.clock,),
                 resume_ms=guest.resume_ms,
                 page_server=server_pid,
             )

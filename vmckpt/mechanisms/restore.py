@@ -48,11 +48,11 @@ from vmckpt.mechanisms.disk_restore import (
 )
 from vmckpt.mechanisms.lazy_restore import restore_lazily
 from vmckpt.mechanisms.restore_prep import (
-    CLOCK_NOTE,
     RestoreResult,
     check_machine_type,
     qemu_args_for,
     relocate_media,
+    step_clock,
 )
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.ram import RamImage
@@ -123,7 +123,12 @@ def restore_command(
     )  # fmt: skip
     major = version_tuple(qemu_version(binary))[0]
     return command_line(
-        replace(spec, disks=disks), launch, binary=binary, qemu_major=major, qmp_fds=(3, 4)
+        replace(spec, disks=disks),
+        launch,
+        binary=binary,
+        qemu_major=major,
+        qmp_fds=(3, 4),
+        agent_fd=5 if spec.guest_agent else None,
     )
 
 
@@ -157,7 +162,6 @@ def restore_guest(
         if lazy == "always":
             raise RestoreError(f"cannot restore lazily: {outcome}", step="lazy")
         notes = (f"full restore: {outcome}",)
-    notes += (CLOCK_NOTE,)
     check_s = DEFAULT_CHECK_S if check_s is None else check_s
     image = load_layer_image(store, layer_ref, progress=progress)
     manifest = image.manifest
@@ -206,6 +210,7 @@ def restore_guest(
             raise RestoreError(exc.message, vm=name, layer=manifest.id, step=exc.step) from exc
         raise
     _log.info("%s: restored from layer %s", name, manifest.id)
+    notes += (step_clock(spec, process),)
     return RestoreResult(
         name=name,
         layer=manifest.id,
