@@ -265,6 +265,30 @@ def test_clones_each_get_their_own_identity_and_reseed_unless_told_not_to(
     assert Store(lazy.store).manifest(str(row["layer"])).spec["generation_id"] == guids["lz-1"]
 
 
+def test_clones_restored_in_full_each_get_their_own_identity_too(
+    original: Original, lazy: Vmckpt
+) -> None:
+    """--clones --no-lazy: one full restore after the other, each clone a new machine."""
+    shot = original.taken[0]
+    out = json.loads(lazy.restore("--layer", shot.layer, "--clones", "2", "--name", "fc",
+                                  "--no-lazy").stdout)  # fmt: skip
+    names = [row["name"] for row in out["clones"]]
+    assert names == ["fc-1", "fc-2"]
+    assert all(row["lazy"] is False and not row["page_server"] for row in out["clones"]), out
+    lazy.started.update(names)
+    layer_guid = Store(lazy.store).manifest(shot.layer).spec["generation_id"]
+    guids = set()
+    for name in names:
+        wait_for(reseeded(lazy, name), f"{name}'s reseed", 60)
+        assert identity(lazy, name) == ("1", 1, "yes")
+        assert_continues(lazy.wait_states(name, 5), original.states, shot)
+        with lazy.monitor(name) as mon:
+            guids.add(mon.execute("query-vm-generation-id")["guid"])
+    assert len(guids) == 2 and layer_guid not in guids
+    for name in names:
+        lazy("stop", name, "--store", str(lazy.store))
+
+
 def reported(runner: Vmckpt, name: str) -> Callable[[], bool]:
     return lambda: IDENTITY.search(runner.serial(name)) is not None
 
