@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import argparse
 
-from vmckpt.cli._common import Command, json_option, open_store, parse_duration, store_option
+from vmckpt.cli._common import (
+    Command,
+    json_option,
+    open_bucket,
+    open_store,
+    parse_duration,
+    store_option,
+)
 from vmckpt.cli.output import human_bytes, print_json, progress_for
 from vmckpt.errors import UsageError
 from vmckpt.guests.local import gone_guests
@@ -95,6 +102,11 @@ def add_parsers(command: Command) -> None:
         "long is gone (its records, head, logs and restored disks are removed)",
     )  # fmt: skip
     p.add_argument("-n", "--dry-run", action="store_true", help="say what would go")
+    p.add_argument(
+        "--upload-grace", default="1h", metavar="DURATION",
+        help="a store in a bucket: the objects of a layer no catalog names are an interrupted "
+        "upload once this old (younger, they may be one under way)",
+    )  # fmt: skip
 
 
 def _summary(result: Result) -> str:
@@ -151,7 +163,13 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    bucket = open_bucket(args)
+    store = bucket.local if bucket is not None else open_store(args)
+    if bucket is not None and not args.dry_run:
+        grace = parse_duration(args.upload_grace, zero=True)
+        for layer_id in bucket.gc(grace):
+            print(f"removed from {bucket.name}: the objects of {layer_id} (an upload no "
+                  "catalog names)")  # fmt: skip
     gone = gone_guests(store, parse_duration(args.gone_after))
     found = gc(store, gone, dry_run=args.dry_run)
     removed = [item for item in found if item.removed]
