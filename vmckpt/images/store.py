@@ -194,13 +194,9 @@ class Store:
 
     @classmethod
     def create(
-        cls,
-        path: Path | str,
-        *,
-        parents: bool = False,
-        encrypt: bool = False,
+        cls, path: Path | str, *, parents: bool = False, encrypt: bool = False,
         key: keys.StoreKey | None = None,
-    ) -> Store:
+    ) -> Store:  # fmt: skip
         """Create a store at ``path``, or open it if it is one already.
 
         Only the last component is created unless ``parents``: a missing parent
@@ -209,8 +205,7 @@ class Store:
         The marker file is written last, atomically, so a half-created store is
         not a store. ``encrypt``: its layer files are encrypted (crypt.py); an
         existing store that is not is refused (a store is never converted in place).
-        ``key``: the store takes the id and encryption of that existing key (the working
-        copy of a store in a bucket, images/bucketstore.py) instead of new ones.
+        ``key``: that key's id and encryption (a bucket's working copy, bucketstore.py).
         """
         path = Path(path).expanduser().absolute()
         if parents:
@@ -245,14 +240,10 @@ class Store:
                 files.mkdir_layers()
                 # The key first: a store with a marker always has one; then its (empty)
                 # catalog; the marker last.
-                if key is None:
-                    store_id = keys.new_store_id()
-                    encryption = crypt.ALGORITHM if encrypt else None
-                    key = keys.create_key(store_id, path, encryption)
-                else:
-                    store_id, encryption = key.store_id, key.encryption
-                generation = keys.seen_generation(store_id) + 1
-                catalog = Catalog(store_id, generation=generation)
+                store_id = key.store_id if key else keys.new_store_id()
+                encryption = key.encryption if key else (crypt.ALGORITHM if encrypt else None)
+                key = key or keys.create_key(store_id, path, encryption)
+                catalog = Catalog(store_id, generation=keys.seen_generation(store_id) + 1)
                 files.replace_root_file(CATALOG, catalog.encode(key))
                 keys.note_generation(store_id, catalog.generation)
                 files.replace_root_file(STORE_MARKER, marker_bytes(store_id, encryption))
