@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from vmckpt.cli._common import (
@@ -58,8 +59,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
         row = api.checkpoint(
             guest, settings, progress=progress_for(args.json), mechanism=args.mechanism
         )
-    print_json(row) if args.json else print(checkpoint_line(row), flush=True)
+    print_json(row) if args.json else print(checkpoint_line(row))
     if bucket is not None:
+        sys.stdout.flush()  # the layer is said before the upload, however that ends
         push_after(bucket, row)
     return 0
 
