@@ -24,7 +24,7 @@ from vmckpt.cli.output import (
     print_json_line,
     progress_for,
 )
-from vmckpt.errors import BucketError
+from vmckpt.errors import BucketError, UsageError
 from vmckpt.images.bucketstore import BucketStore
 from vmckpt.log import get as get_log
 from vmckpt.mechanisms import api
@@ -79,6 +79,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
         prune_every_s=parse_duration(args.prune_every, zero=True),
     )
     mechanism = "colo" if args.colo else args.mechanism
+    if bucket is not None and settings.keep is not None:
+        raise UsageError("watch --keep-… prunes: not supported yet on a store in a bucket")
 
     def report(row: dict[str, Any]) -> None:
         print_json_line(row) if args.json else print(checkpoint_line(row), flush=True)

@@ -17,6 +17,7 @@ from vmckpt.cli._common import (
 from vmckpt.cli.output import human_bytes, print_json, progress_for
 from vmckpt.errors import UsageError
 from vmckpt.guests.local import gone_guests
+from vmckpt.images import Store
 from vmckpt.images.maintenance import Result, delete, gc, prune, squash
 from vmckpt.images.retention import PERIODS, KeepRules
 
@@ -134,10 +135,21 @@ def _print(result: Result, args: argparse.Namespace, *, list_kept: bool = False)
     print(_summary(result))
 
 
+def directory_store(args: argparse.Namespace, what: str) -> Store:
+    """The store, for a chain maintenance: a store in a bucket is refused (its layers are
+    shared; maintenance of the bucket is not built yet, and the working copy's alone would
+    make it disagree with the bucket)."""
+    if open_bucket(args) is not None:
+        raise UsageError(
+            f"{what} works on a directory store; on a store in a bucket it is not supported yet"
+        )
+    return open_store(args)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     rules = keep_rules(args)
     result = prune(
-        open_store(args), rules, guest=args.guest, dry_run=args.dry_run,
+        directory_store(args, "prune"), rules, guest=args.guest, dry_run=args.dry_run,
         progress=progress_for(args.json),
     )  # fmt: skip
     _print(result, args, list_kept=args.list)
@@ -145,7 +157,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_squash(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    store = directory_store(args, "squash")
     first, sep, last = args.layers.partition("..")
     if sep and not (first and last):
         raise UsageError(f"{args.layers!r}: give FROM..TO with both ends")
@@ -158,7 +170,7 @@ def cmd_squash(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    _print(delete(open_store(args), args.layer, dry_run=args.dry_run), args)
+    _print(delete(directory_store(args, "delete"), args.layer, dry_run=args.dry_run), args)
     return 0
 
 
