@@ -22,7 +22,7 @@ import pytest
 from tests.framework.s3server import S3Server, boto3_client
 from tests.test_images import assert_same_image, content, mutate, random_image
 from vmckpt.cli import main
-from vmckpt.errors import BucketError, CorruptLayerError, StoreError
+from vmckpt.errors import BucketError, CorruptLayerError, StoreError, UsageError
 from vmckpt.images import keys
 from vmckpt.images.bucket import BucketConfig, BucketUrl
 from vmckpt.images.bucketstore import BucketStore
@@ -92,6 +92,44 @@ def objects(s3_server: S3Server, bucket: str) -> list[str]:
     return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
 
+def test_config_from_options_environment_and_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in (
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+    ):
+        monkeypatch.delenv(var, raising=False)  # fmt: skip
+    config_file, creds_file = tmp_path / "config", tmp_path / "credentials"
+    config_file.write_text(
+        "[default]\nregion = r0\n[profile lab]\nregion = r1\nendpoint_url = http://lab:1\n"
+    )
+    creds_file.write_text("[lab]\naws_access_key_id = K1\naws_secret_access_key = S1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config_file))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds_file))
+    assert BucketConfig.resolve().region == "r0"
+    lab = BucketConfig.resolve(profile="lab")
+    assert (lab.endpoint, lab.region, lab.access_key, lab.secret_key) == (
+        "http://lab:1",
+        "r1",
+        "K1",
+        "S1",
+    )
+    assert "S1" not in repr(lab)
+    monkeypatch.setenv("AWS_REGION", "r2")  # the environment before the profile
+    assert BucketConfig.resolve(profile="lab").region == "r2"
+    given = BucketConfig(endpoint="http://given:2")  # options before both
+    assert BucketConfig.resolve(given, profile="lab").endpoint == "http://given:2"
+    with pytest.raises(UsageError, match="no profile 'nope'"):
+        BucketConfig.resolve(profile="nope")
+
+
 def test_url_parsing() -> None:
     assert BucketUrl.parse("s3://my-bucket/a/b/") == BucketUrl("my-bucket", "a/b")
     assert str(BucketUrl.parse("s3://my-bucket")) == "s3://my-bucket"
@@ -140,6 +178,12 @@ def test_push_then_another_host_fetches_only_the_chain(
         assert_same_image(ram, images[1])
         assert store_b.fetch(chain[1])[1] == []  # cached: nothing fetched again
         assert store_b.verify() == sorted([*chain, other.id])
+        # gc bounds the working copy: no guest of host b builds on these; fetched again.
+        assert sorted(store_b.trim()) == sorted([*chain, other.id])
+        assert store_b.local.layer_names() == []
+        assert store_b.fetch(chain[1])[1] == chain
+    with host_a:  # every layer of host a is uploaded and no head of its guests is there
+        assert sorted(store.trim()) == sorted([*chain, other.id])
 
 
 def test_a_tampered_object_is_refused_and_nothing_is_published(

@@ -182,6 +182,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
         for layer_id in bucket.gc(grace):
             print(f"removed from {bucket.name}: the objects of {layer_id} (an upload no "
                   "catalog names)")  # fmt: skip
+        for layer_id in bucket.trim():
+            print(f"removed {layer_id} from this host's working copy (in {bucket.name}; "
+                  "no guest here builds on it)")  # fmt: skip
     gone = gone_guests(store, parse_duration(args.gone_after))
     found = gc(store, gone, dry_run=args.dry_run)
     removed = [item for item in found if item.removed]

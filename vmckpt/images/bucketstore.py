@@ -393,6 +393,35 @@ class BucketStore:
             removed.append(layer_id)
         return removed
 
+    def trim(self) -> list[str]:
+        """Bound the working copy: remove the layers the bucket holds (that very version)
+        that neither a head of this host's guests nor a layer not yet uploaded builds on (a
+        restore fetches them again). Returns the layer ids removed."""
+        catalog, _ = self.catalog("gc")
+        local = self.local
+        with local.maintenance_lock("gc"), local.switching("gc"), local.lock("gc"):
+            evict = _evictable(self, catalog)
+            if evict:
+                local.update_catalog("gc", drop=evict)  # first: a crash leaves strays, gc's
+        for layer_id in evict:
+            local.files.remove(layer_id)
+        return evict
+
+
+def _evictable(store: BucketStore, catalog: Catalog) -> list[str]:
+    local = store.local
+    mine = host_id()
+    names = local.layer_names()
+    local_catalog = local.catalog("gc")
+    assert local_catalog is not None
+    roots = [head.layer for head in local_catalog.heads.values() if head.host == mine]
+    roots += [i for i in names if i not in catalog.layers]  # not uploaded
+    keep: set[str] = set()
+    for root in roots:
+        if root in names and root not in keep:
+            keep.update(m.id for m in local.chain(root, "gc"))
+    return [i for i in names if i not in keep and catalog.accepts(i, local.manifest_sha256(i))]
+
 
 def _parse_marker(data: bytes, url: BucketUrl) -> tuple[str, str | None]:
     """The store id and encryption a bucket's marker names (checked as a directory
