@@ -338,11 +338,15 @@ def test_cli_init_list_verify_gc_on_a_bucket(
     host_a, _ = hosts
     for var, value in s3_env(config).items():
         monkeypatch.setenv(var, value)
+    # The endpoint and region given to init only: later commands take them from this host.
+    for var in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    given = ["--endpoint", config.endpoint or "", "--region", config.region or ""]
     with host_a:
-        assert main(["init", str(url)]) == 0
+        assert main(["init", str(url), *given]) == 0
         out = capsys.readouterr().out
         assert f"store {url} created" in out and "key" in out
-        assert main(["init", str(url)]) == 0
+        assert main(["init", str(url), *given]) == 0
         assert "exists already" in capsys.readouterr().out
         store, _ = BucketStore.open(url, config)
         (layer,) = write_chain(store, [random_image(np.random.default_rng(12))])
@@ -352,4 +356,7 @@ def test_cli_init_list_verify_gc_on_a_bucket(
         assert main(["verify", "--store", str(url)]) == 0
         assert layer in capsys.readouterr().out
         assert main(["gc", "--store", str(url)]) == 0
+        assert f"removed {layer} from this host's working copy" in capsys.readouterr().out
+        assert main(["prune", "--store", str(url), "--keep-last", "1"]) == 2
+        assert "not supported yet" in capsys.readouterr().err
         assert keys.load_key(store.local.store_id or "") is not None

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from vmckpt import faults, log
 from vmckpt.errors import BucketError, CorruptLayerError, StoreError
-from vmckpt.fsutil import parse_json
+from vmckpt.fsutil import parse_json, read_json, write_json_atomic
 from vmckpt.hostdirs import data_root, host_id, private_dir
 from vmckpt.images import crypt, keys
 from vmckpt.images import format as fmt
@@ -47,6 +47,7 @@ from vmckpt.images.layerio import LAYERS_DIR, MAX_MANIFEST_BYTES
 from vmckpt.images.store import MAX_MARKER_BYTES, STORE_MARKER, Store, marker_bytes
 
 WORKING_DIR = "buckets"  # under data_root(): one working copy per bucket store
+WHERE_FILE = "bucket.json"  # beside it: the URL, and the endpoint and region init was given
 CAS_ATTEMPTS = 20
 GC_GRACE_S = 3600.0  # objects of a layer no catalog names are left alone this long
 _log = log.get(__name__)
@@ -58,6 +59,29 @@ def working_path(url: BucketUrl) -> Path:
     digest = hashlib.sha256(str(url).encode()).hexdigest()[:32]
     top = private_dir(private_dir(data_root()) / WORKING_DIR)
     return private_dir(top / digest) / "store"
+
+
+def remembered(url: BucketUrl) -> BucketConfig:
+    """The endpoint and region ``vmckpt init`` was given for the store (this host's own
+    file; never a credential); empty if none."""
+    try:
+        data = read_json(working_path(url).parent / WHERE_FILE)
+    except FileNotFoundError:
+        return BucketConfig()
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{working_path(url).parent / WHERE_FILE}: {exc}", step="open") from exc
+    if not isinstance(data, dict):
+        return BucketConfig()
+    endpoint, region = data.get("endpoint"), data.get("region")
+    return BucketConfig(
+        endpoint=endpoint if isinstance(endpoint, str) else None,
+        region=region if isinstance(region, str) else None,
+    )
+
+
+def remember(url: BucketUrl, config: BucketConfig) -> None:
+    path = working_path(url).parent / WHERE_FILE
+    write_json_atomic(path, {"url": str(url), "endpoint": config.endpoint, "region": config.region})
 
 
 def _layer_key(layer_id: str, name: str) -> str:
@@ -90,7 +114,10 @@ class BucketStore:
     ) -> tuple[BucketStore, bool]:
         """The store at ``url`` through this host's working copy (made on first use, from
         the bucket's marker: the user must have the store's key); ``create``: make the
-        store in the bucket if it has none. Returns the store and whether it was made."""
+        store in the bucket if it has none, and remember ``config``'s endpoint and region
+        (they fill in, after the environment and the profile, what later commands lack).
+        Returns the store and whether it was made."""
+        config = config.fill(remembered(url))
         bucket = Bucket(url, config)
         path = working_path(url)
         if (path / STORE_MARKER).exists() and not create:
@@ -102,7 +129,9 @@ class BucketStore:
                     f"bucket {url} holds no store (create it with `vmckpt init {url}`)",
                     step="open",
                 )
-            return cls._create(bucket, path, encrypt), True
+            made = cls._create(bucket, path, encrypt)
+            remember(url, config)
+            return made, True
         store_id, encryption = _parse_marker(got[0], url)
         if encrypt and encryption is None:
             raise StoreError(
@@ -124,6 +153,8 @@ class BucketStore:
                 step="open",
             )
         local = Store.create(path, key=key)
+        if create:
+            remember(url, config)
         if local.store_id != store_id:
             raise StoreError(
                 f"{path} is the working copy of store {local.store_id}, but bucket {url} holds "
