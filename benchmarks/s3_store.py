@@ -2,15 +2,16 @@
 
 For each guest size (``--sizes``, default 256M,2G) and each kind of store (a directory, and
 ``s3://`` on a SeaweedFS started here as the tests start it, tests/framework/s3server.py),
-the test guest (guest/build) is booted under TCG, checkpointed twice (a base layer, then a
-delta), and stopped; then a *second host* (its own keys, data and runtime directories: for
-the bucket, an empty working copy, so the whole chain is fetched) restores the delta. Every
-command is the CLI, run as a user runs it. Per checkpoint it prints:
+the test guest (guest/build) is booted under TCG, checkpointed ``--deltas`` + 1 times (a
+base layer, then deltas), and stopped; then a *second host* (its own keys, data and runtime
+directories: for the bucket, an empty working copy, so the whole chain is fetched) restores
+the newest delta. Every command is the CLI, run as a user runs it. Per checkpoint it prints:
 
-- pause: the guest's pause, as the layer records it (the upload comes after it ends);
+- pause: the guest's pause, as the layer records it (the upload comes after it ends); for
+  the deltas their median and maximum;
 - visible: the command's wall time until it returned, i.e. until the layer was committed
-  (directory) or uploaded and named by the bucket's catalog (bucket);
-- bytes: the layer's files (what a bucket store uploads);
+  (directory) or uploaded and named by the bucket's catalog (bucket); deltas: median;
+- bytes: the layer's files (what a bucket store uploads); deltas: their sum;
 
 and per restore the command's wall time until the guest runs (fetch included for the bucket).
 
@@ -27,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,9 +56,10 @@ class Row:
     pause_base_ms: float
     visible_base_s: float
     bytes_base: int
-    pause_delta_ms: float
-    visible_delta_s: float
-    bytes_delta: int
+    pause_delta_ms: float  # median
+    pause_delta_max_ms: float
+    visible_delta_s: float  # median
+    bytes_delta: int  # all deltas
     restore_s: float
 
 
@@ -112,7 +115,7 @@ def copy_keys(source: Host, target: Host) -> None:
             shutil.copy2(key, dst / key.name)
 
 
-def measure(size: str, kind: str, scratch: Path, server: S3Server, buf_mb: int) -> Row:
+def measure(size: str, kind: str, scratch: Path, server: S3Server, buf_mb: int, deltas: int) -> Row:
     env = server.endpoint.environment()
     a = Host(scratch / f"{kind[0]}{size}a", env)
     b = Host(scratch / f"{kind[0]}{size}b", env)
@@ -132,7 +135,7 @@ def measure(size: str, kind: str, scratch: Path, server: S3Server, buf_mb: int) 
         a.wait_running(store, "g", 2)
         rows: list[dict[str, Any]] = []
         times: list[float] = []
-        for _ in range(2):
+        for _ in range(1 + deltas):
             out, took = a.run("checkpoint", "g", "--store", store, "--json")
             rows.append(json.loads(out))
             times.append(took)
@@ -146,30 +149,32 @@ def measure(size: str, kind: str, scratch: Path, server: S3Server, buf_mb: int) 
         b = a  # the directory store is on host a
     try:
         _, restore_s = b.run(
-            "restore", "--store", store, "--layer", rows[1]["layer"], "--name", "r",
+            "restore", "--store", store, "--layer", rows[-1]["layer"], "--name", "r",
             "--detach", "--no-lazy",
         )  # fmt: skip
     finally:
         with contextlib.suppress(RuntimeError):
             b.run("stop", "r", "--store", store)
+    pauses = [float(row["pause_ms"]) for row in rows[1:]]
     return Row(
         size, kind,
         float(rows[0]["pause_ms"]), times[0], int(rows[0]["bytes"]),
-        float(rows[1]["pause_ms"]), times[1], int(rows[1]["bytes"]),
-        restore_s,
+        statistics.median(pauses), max(pauses), statistics.median(times[1:]),
+        sum(int(row["bytes"]) for row in rows[1:]), restore_s,
     )  # fmt: skip
 
 
 def table(rows: Sequence[Row]) -> str:
     head = (
         f"{'size':>5} {'store':>6} | {'pause base':>10} {'visible':>8} {'bytes':>10} | "
-        f"{'pause delta':>11} {'visible':>8} {'bytes':>10} | {'restore':>8}"
+        f"{'delta pause med/max':>19} {'visible':>8} {'bytes':>10} | {'restore':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.size:>5} {r.store:>6} | {r.pause_base_ms:>8.1f}ms {r.visible_base_s:>7.2f}s "
-            f"{r.bytes_base / 2**20:>7.1f}MiB | {r.pause_delta_ms:>9.1f}ms "
+            f"{r.bytes_base / 2**20:>7.1f}MiB | "
+            f"{r.pause_delta_ms:>8.1f}/{r.pause_delta_max_ms:<6.1f}ms "
             f"{r.visible_delta_s:>7.2f}s {r.bytes_delta / 2**20:>7.1f}MiB | {r.restore_s:>7.2f}s"
         )
     return "\n".join(lines)
@@ -179,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sizes", default="256M,2G", help="guest memory sizes")
     parser.add_argument("--buf-mb", type=int, default=64, help="what the guest rewrites (MiB)")
+    parser.add_argument("--deltas", type=int, default=5, help="delta checkpoints per guest")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     rows: list[Row] = []
@@ -187,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with running_seaweedfs() as server:
             for size in args.sizes.split(","):
                 for kind in ("dir", "bucket"):
-                    rows.append(measure(size, kind, scratch, server, args.buf_mb))
+                    rows.append(measure(size, kind, scratch, server, args.buf_mb, args.deltas))
                     print(table(rows[-1:]).splitlines()[-1], flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
