@@ -355,6 +355,8 @@ def test_cli_init_list_verify_gc_on_a_bucket(
         assert main(["push", "--store", str(url)]) == 0
         assert main(["verify", "--store", str(url)]) == 0
         assert layer in capsys.readouterr().out
+        assert main(["inspect", "--store", str(url), layer[:6]]) == 0
+        assert layer in capsys.readouterr().out
         assert main(["gc", "--store", str(url)]) == 0
         assert f"removed {layer} from this host's working copy" in capsys.readouterr().out
         assert main(["prune", "--store", str(url), "--keep-last", "1"]) == 2

@@ -286,8 +286,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from vmckpt.mechanisms.restore import restore_command
 
-    store = open_store(args)
-    manifest = store.manifest(store.resolve(args.layer))
+    bucket = open_bucket(args)
+    store = bucket.local if bucket is not None else open_store(args)
+    layer = bucket.fetch(args.layer)[0] if bucket is not None else store.resolve(args.layer)
+    manifest = store.manifest(layer)
     spec = manifest.spec
     try:
         restore: list[str] | None = restore_command(store, manifest)
