@@ -25,7 +25,7 @@ from vmckpt.cli import main
 from vmckpt.errors import BucketError, CorruptLayerError, StoreError, UsageError
 from vmckpt.images import keys
 from vmckpt.images.bucket import BucketConfig, BucketUrl
-from vmckpt.images.bucketstore import BucketStore
+from vmckpt.images.bucketstore import BucketStore, working_path
 from vmckpt.ram import RamImage
 
 HOST_VARS = ("VMCKPT_KEYS_DIR", "VMCKPT_DATA_DIR", "VMCKPT_RUNTIME_DIR")
@@ -362,3 +362,21 @@ def test_cli_init_list_verify_gc_on_a_bucket(
         assert main(["prune", "--store", str(url), "--keep-last", "1"]) == 2
         assert "not supported yet" in capsys.readouterr().err
         assert keys.load_key(store.local.store_id or "") is not None
+
+
+def test_an_init_that_stopped_before_the_marker_is_finished_by_the_same_host_only(
+    config: BucketConfig, url: BucketUrl, hosts: tuple[Host, Host], s3_server: S3Server
+) -> None:
+    host_a, host_b = hosts
+    with host_a:
+        store, _ = BucketStore.open(url, config, create=True)
+    marker = f"{url.prefix}/vmckpt-store.json"
+    boto3_client(s3_server.endpoint).delete_object(Bucket=url.bucket, Key=marker)
+    with host_b, pytest.raises(StoreError, match=r"no vmckpt-store\.json"):
+        BucketStore.open(url, config, create=True)  # another key: not its catalog
+    with host_b:  # what the refused init made here is gone with it
+        assert not working_path(url).exists()
+    with host_a:
+        again, created = BucketStore.open(url, config, create=True)
+        assert created and again.local.store_id == store.local.store_id
+    assert marker in objects(s3_server, url.bucket)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -167,12 +168,28 @@ class BucketStore:
     def _create(cls, bucket: Bucket, path: Path, encrypt: bool) -> BucketStore:
         """A new store: its working copy (id and key made here), then in the bucket its
         first catalog and, last, its marker, each only if there is none yet."""
+        fresh = not (path / STORE_MARKER).exists()
         local = Store.create(path, encrypt=encrypt)
+        try:
+            return cls._create_in_bucket(bucket, local)
+        except StoreError as exc:
+            # A refused init leaves no working copy or key behind; one the object store
+            # failed keeps them, so that running it again finishes what this one began.
+            if fresh and not isinstance(exc, BucketError):
+                local.close()
+                shutil.rmtree(path, ignore_errors=True)
+                if local.store_id is not None:
+                    keys.key_path(local.store_id).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def _create_in_bucket(cls, bucket: Bucket, local: Store) -> BucketStore:
         assert local.store_id is not None
         key = local.sealing_key("create")
         catalog = Catalog(local.store_id, generation=1)
         url = bucket.url
-        if bucket.put(CATALOG, catalog.encode(key), "create", create=True) is None:
+        made = bucket.put(CATALOG, catalog.encode(key), "create", create=True) is not None
+        if not made and not _own_catalog(bucket, key, local.store_id):
             raise StoreError(
                 f"bucket {url} has a {CATALOG} but no {STORE_MARKER}: another host is making "
                 "a store there, or one was left half made; refused",
@@ -384,15 +401,11 @@ class BucketStore:
         return fetched
 
     def verify(self) -> list[str]:
-        """Every layer of the bucket (fetched where this host lacks it) checked as a directory
-        store's are; then this host's layers not uploaded. Returns the ids checked."""
-        catalog, _ = self.catalog("verify")
+        """Every layer of the bucket (fetched where this host lacks it, each copy checked
+        against the catalog, its seal and its manifest), and this host's layers not uploaded,
+        verified as a directory store's are. Returns the ids verified."""
         self.fetch_all()
-        checked: list[str] = []
-        for layer_id in sorted(catalog.layers):
-            checked.append(layer_id)
-            self.local.verify(layer_id)
-        return checked
+        return self.local.verify()
 
     # --- gc -----------------------------------------------------------------------
 
@@ -437,6 +450,19 @@ class BucketStore:
         for layer_id in evict:
             local.files.remove(layer_id)
         return evict
+
+
+def _own_catalog(bucket: Bucket, key: keys.StoreKey, store_id: str) -> bool:
+    """Whether the catalog in the bucket is this store's (left by an init here that failed
+    before it wrote the marker: that init goes on)."""
+    there = bucket.get(CATALOG, MAX_CATALOG_BYTES, "create")
+    if there is None:
+        return False
+    try:
+        Catalog.decode(there[0], key, store_id)
+    except StoreError:
+        return False
+    return True
 
 
 def _evictable(store: BucketStore, catalog: Catalog) -> list[str]:
