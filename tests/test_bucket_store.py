@@ -380,3 +380,30 @@ def test_an_init_that_stopped_before_the_marker_is_finished_by_the_same_host_onl
         again, created = BucketStore.open(url, config, create=True)
         assert created and again.local.store_id == store.local.store_id
     assert marker in objects(s3_server, url.bucket)
+
+
+def test_an_encrypted_store_in_a_bucket_holds_ciphertext_and_restores_elsewhere(
+    config: BucketConfig, url: BucketUrl, hosts: tuple[Host, Host], s3_server: S3Server
+) -> None:
+    host_a, host_b = hosts
+    rng = np.random.default_rng(13)
+    images = [random_image(rng)]
+    images.append(mutate(images[0], rng))
+    with host_a:
+        store, _ = BucketStore.open(url, config, create=True, encrypt=True)
+        assert store.local.encrypted
+        chain = write_chain(store, images)
+        store.push()
+        store_id = store.local.store_id or ""
+    client = boto3_client(s3_server.endpoint)
+    key = f"{url.prefix}/layers/{chain[0]}/pages.bin"
+    stored = client.get_object(Bucket=url.bucket, Key=key)["Body"].read()
+    page = images[0].pages_of("pc.ram")[images[0].nonzero_pages("pc.ram")[0]].tobytes()
+    assert page not in stored  # not in the clear
+    share_key(store_id, host_a, host_b)
+    with host_b:
+        store_b, _ = BucketStore.open(url, config)
+        assert store_b.local.encrypted
+        assert store_b.fetch(chain[1])[1] == chain
+        ram, _prelude, _state = store_b.local.compose(chain[1])
+        assert_same_image(ram, images[1])
