@@ -201,6 +201,11 @@ def test_killed_upload_leaves_nothing_visible_and_push_retries(
         assert layer_objects(s3_server, url, layer) == []
         assert layer in a.run("push", "--store", str(url)).stdout
         assert layer in catalog_layers(s3_server, url)
+        # watch uploads each layer as it goes.
+        out = a.run("watch", "g", "--store", str(url), "--interval", "1s", "--count", "2",
+                    "--json").stdout  # fmt: skip
+        watched = [json.loads(line)["layer"] for line in out.splitlines() if line.strip()]
+        assert len(watched) == 2 and set(watched) <= catalog_layers(s3_server, url)
         # The other host restores it from the bucket alone.
         b.started.add("g2")
         b.run("restore", "--store", str(url), "--layer", layer, "--name", "g2", "--detach")
