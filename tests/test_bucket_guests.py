@@ -303,13 +303,23 @@ def test_two_hosts_checkpoint_into_one_bucket_at_once_and_restore_each_others(
             assert b.wait_states(url, "from-a", 2)
             fetched_by_a = set(a.working_store(url).layer_names())
             assert set(layers["gb"]) <= fetched_by_a
+            # A chain across hosts: host b's delta on host a's layer, restored on host a.
+            row = json.loads(b.run("checkpoint", "from-a", "--store", str(url), "--json").stdout)
+            assert row["parent"] == layers["ga"][-1]
+            a.started.add("back")
+            a.run("restore", "--store", str(url), "--layer", row["layer"], "--name", "back",
+                  "--detach", "--no-lazy")  # fmt: skip
+            assert a.wait_states(url, "back", 2)
             # verify on the bucket, from either host: every layer the catalog names.
             verified = a.run("verify", "--store", str(url)).stdout
-            assert "4 layer(s) verified" in verified, verified
+            assert "5 layer(s) verified" in verified, verified
             heads = json.loads(
                 client.get_object(Bucket="shared", Key="hosts/catalog.json")["Body"].read()
             )["heads"]
-            assert {"guest/ga", "guest/gb", "guest/from-a", "guest/from-b"} <= set(heads)
+            assert {"guest/ga", "guest/gb", "guest/from-a", "guest/from-b", "guest/back"} <= set(
+                heads
+            )
+            assert heads["guest/from-a"]["layer"] == row["layer"]
         finally:
             a.kill_guests(url)
             b.kill_guests(url)
