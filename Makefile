@@ -10,7 +10,7 @@ GUEST_IMAGES ?= $(abspath guest)
 export GUEST_IMAGES
 
 .PHONY: all deps-demo deps-test guest demo test test-fast lint typecheck check-code \
-        bench bench-lazy bench-migrate bench-microkernels clean genode genode-demo fiasco-demo
+        bench bench-s3 bench-lazy bench-migrate bench-microkernels clean genode genode-demo fiasco-demo
 
 all: guest
 
@@ -65,6 +65,12 @@ bench: deps-test guest
 		--json $(BENCH_OUT)-precopy-memory.json
 	$(PYTHON) -m benchmarks.lazy $(LAZY_ARGS) --plot $(BENCH_OUT)-lazy.png --json $(BENCH_OUT)-lazy.json
 	$(PYTHON) -m benchmarks.disk_restore --json $(BENCH_OUT)-disk-restore.json
+
+## A store in an S3 bucket (SeaweedFS started here) against a directory store, same run:
+## pause, time until the layer is visible, bytes uploaded, restore on a second host.
+S3BENCH_SIZES ?= 256M,2G
+bench-s3: deps-test guest
+	$(PYTHON) -m benchmarks.s3_store --sizes $(S3BENCH_SIZES) --json $(BENCH_OUT)-s3.json
 
 ## Restore: lazy (postcopy from the store) against the full restore and QEMU's own
 ## migrate-incoming from a file, guests of 1, 4 and 8 GiB with >= 90 % of RAM in use.

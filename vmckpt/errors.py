@@ -207,6 +207,14 @@ class LockError(VmckptError):
     exit_code = 14
 
 
+class BucketError(StoreError):
+    """An object store (an S3-compatible bucket holding a store) cannot be reached, answered
+    with an error, throttled us or refused our credentials; no layer is lost (a layer not
+    uploaded stays on this host, and `vmckpt push` uploads it later)."""
+
+    exit_code = 15
+
+
 def exit_codes() -> list[tuple[int, str]]:
     """Every exit code the ``vmckpt`` command uses, with what it means (for --help)."""
     codes = [(0, "success"), (1, "an unexpected error (a bug: please report it)")]

@@ -16,6 +16,8 @@ from vmckpt.errors import UsageError
 from vmckpt.guests import Guest, open_guest
 from vmckpt.guests.remote import DEFAULT_REMOTE_STORE
 from vmckpt.images import Store
+from vmckpt.images.bucket import BucketConfig, BucketUrl, is_bucket_url
+from vmckpt.images.bucketstore import BucketStore
 from vmckpt.remote.ssh import DEFAULT_KNOWN_HOSTS
 
 STORE_ENV = "VMCKPT_STORE"
@@ -24,15 +26,33 @@ STORE_ENV = "VMCKPT_STORE"
 Command = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
-def store_path(args: argparse.Namespace) -> Path:
-    """The store a command works on: --store, else $VMCKPT_STORE; always absolute."""
-    given = args.store or os.environ.get(STORE_ENV)
+def _given_store(args: argparse.Namespace) -> str:
+    given: str | None = args.store or os.environ.get(STORE_ENV)
     if not given:
         raise UsageError(f"no store given: pass --store DIR or set {STORE_ENV}")
-    return Path(given).expanduser().absolute()
+    return given
+
+
+def store_path(args: argparse.Namespace) -> Path:
+    """The store a command works on: --store, else $VMCKPT_STORE; always absolute."""
+    return Path(_given_store(args)).expanduser().absolute()
+
+
+def open_bucket(args: argparse.Namespace) -> BucketStore | None:
+    """The store in a bucket the command works on (--store s3://BUCKET/PREFIX), reached
+    through this host's working copy; None for a directory store."""
+    given = _given_store(args)
+    if not is_bucket_url(given):
+        return None
+    config = BucketConfig.resolve(profile=getattr(args, "profile", None))
+    return BucketStore.open(BucketUrl.parse(given), config)[0]
 
 
 def open_store(args: argparse.Namespace) -> Store:
+    """The store a command works on; for a store in a bucket, this host's working copy."""
+    bucket = open_bucket(args)
+    if bucket is not None:
+        return bucket.local
     if getattr(args, "create", False):
         return Store.create(store_path(args))
     return Store(store_path(args))
@@ -97,7 +117,13 @@ def store_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--store",
         metavar="DIR",
-        help=f"the store (default: ${STORE_ENV})",
+        help=f"the store: a directory, or s3://BUCKET/PREFIX (default: ${STORE_ENV})",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="for a store in a bucket: the ~/.aws/config profile (default: $AWS_PROFILE, else "
+        "default) that gives what the AWS_* variables do not",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from vmckpt.cli._common import (
@@ -11,6 +12,7 @@ from vmckpt.cli._common import (
     json_option,
     libvirt_options,
     mechanism_option,
+    open_bucket,
     open_store,
     parse_duration,
     store_option,
@@ -22,15 +24,34 @@ from vmckpt.cli.output import (
     print_json_line,
     progress_for,
 )
+from vmckpt.errors import BucketError, UsageError
+from vmckpt.images.bucketstore import BucketStore
+from vmckpt.log import get as get_log
 from vmckpt.mechanisms import api
 from vmckpt.mechanisms.layers import CheckpointSettings
 from vmckpt.mechanisms.watch import WatchSettings, stop_on_signals
 
 CHECKPOINT_WAIT_S = 60.0  # another checkpoint of the guest under way: wait this long
+_log = get_log(__name__)
+
+
+def push_after(bucket: BucketStore, row: dict[str, Any]) -> None:
+    """A store in a bucket: the layer just committed here (the guest runs again) uploaded,
+    then made visible; a failure keeps it here for `vmckpt push`."""
+    try:
+        bucket.push()
+    except BucketError as exc:
+        raise BucketError(
+            f"{exc.message}; layer {row.get('layer')} is kept on this host: `vmckpt push "
+            f"--store {bucket.name}` uploads it",
+            layer=exc.layer,
+            step=exc.step,
+        ) from exc
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    bucket = open_bucket(args)
+    store = bucket.local if bucket is not None else open_store(args)
     guest = guest_of(args, store)
     settings = CheckpointSettings(lock_wait_s=args.wait)
     # A Ctrl-C lets the checkpoint finish (a second one aborts it, still cleanly).
@@ -39,11 +60,15 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
             guest, settings, progress=progress_for(args.json), mechanism=args.mechanism
         )
     print_json(row) if args.json else print(checkpoint_line(row))
+    if bucket is not None:
+        sys.stdout.flush()  # the layer is said before the upload, however that ends
+        push_after(bucket, row)
     return 0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    bucket = open_bucket(args)
+    store = bucket.local if bucket is not None else open_store(args)
     guest = guest_of(args, store)
     keep = keep_rules(args)
     settings = WatchSettings(
@@ -54,9 +79,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
         prune_every_s=parse_duration(args.prune_every, zero=True),
     )
     mechanism = "colo" if args.colo else args.mechanism
+    if bucket is not None and settings.keep is not None:
+        raise UsageError("watch --keep-… prunes: not supported yet on a store in a bucket")
 
     def report(row: dict[str, Any]) -> None:
         print_json_line(row) if args.json else print(checkpoint_line(row), flush=True)
+        if bucket is not None:
+            try:
+                push_after(bucket, row)
+            except BucketError as exc:  # the watch goes on; the next push takes it too
+                _log.warning("%s", exc.one_line())
 
     taken = api.watch(
         guest, settings, report, progress=progress_for(args.json), mechanism=mechanism

@@ -6,10 +6,18 @@ from __future__ import annotations
 
 import argparse
 
-from vmckpt.cli._common import Command, json_option, open_store, parse_duration, store_option
+from vmckpt.cli._common import (
+    Command,
+    json_option,
+    open_bucket,
+    open_store,
+    parse_duration,
+    store_option,
+)
 from vmckpt.cli.output import human_bytes, print_json, progress_for
 from vmckpt.errors import UsageError
 from vmckpt.guests.local import gone_guests
+from vmckpt.images import Store
 from vmckpt.images.maintenance import Result, delete, gc, prune, squash
 from vmckpt.images.retention import PERIODS, KeepRules
 
@@ -95,6 +103,11 @@ def add_parsers(command: Command) -> None:
         "long is gone (its records, head, logs and restored disks are removed)",
     )  # fmt: skip
     p.add_argument("-n", "--dry-run", action="store_true", help="say what would go")
+    p.add_argument(
+        "--upload-grace", default="1h", metavar="DURATION",
+        help="a store in a bucket: the objects of a layer no catalog names are an interrupted "
+        "upload once this old (younger, they may be one under way)",
+    )  # fmt: skip
 
 
 def _summary(result: Result) -> str:
@@ -122,10 +135,21 @@ def _print(result: Result, args: argparse.Namespace, *, list_kept: bool = False)
     print(_summary(result))
 
 
+def directory_store(args: argparse.Namespace, what: str) -> Store:
+    """The store, for a chain maintenance: a store in a bucket is refused (its layers are
+    shared; maintenance of the bucket is not built yet, and the working copy's alone would
+    make it disagree with the bucket)."""
+    if open_bucket(args) is not None:
+        raise UsageError(
+            f"{what} works on a directory store; on a store in a bucket it is not supported yet"
+        )
+    return open_store(args)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     rules = keep_rules(args)
     result = prune(
-        open_store(args), rules, guest=args.guest, dry_run=args.dry_run,
+        directory_store(args, "prune"), rules, guest=args.guest, dry_run=args.dry_run,
         progress=progress_for(args.json),
     )  # fmt: skip
     _print(result, args, list_kept=args.list)
@@ -133,7 +157,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_squash(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    store = directory_store(args, "squash")
     first, sep, last = args.layers.partition("..")
     if sep and not (first and last):
         raise UsageError(f"{args.layers!r}: give FROM..TO with both ends")
@@ -146,12 +170,21 @@ def cmd_squash(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    _print(delete(open_store(args), args.layer, dry_run=args.dry_run), args)
+    _print(delete(directory_store(args, "delete"), args.layer, dry_run=args.dry_run), args)
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    bucket = open_bucket(args)
+    store = bucket.local if bucket is not None else open_store(args)
+    if bucket is not None and not args.dry_run:
+        grace = parse_duration(args.upload_grace, zero=True)
+        for layer_id in bucket.gc(grace):
+            print(f"removed from {bucket.name}: the objects of {layer_id} (an upload no "
+                  "catalog names)")  # fmt: skip
+        for layer_id in bucket.trim():
+            print(f"removed {layer_id} from this host's working copy (in {bucket.name}; "
+                  "no guest here builds on it)")  # fmt: skip
     gone = gone_guests(store, parse_duration(args.gone_after))
     found = gc(store, gone, dry_run=args.dry_run)
     removed = [item for item in found if item.removed]

@@ -12,6 +12,7 @@ from vmckpt.cli._common import (
     Command,
     follow,
     json_option,
+    open_bucket,
     open_store,
     ssh_options,
     store_option,
@@ -89,8 +90,11 @@ def _options(args: argparse.Namespace) -> api.RestoreOptions:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    bucket = open_bucket(args)
+    store = bucket.local if bucket is not None else open_store(args)
     destination = _destination(args)
+    if bucket is not None:  # the chain's layers this host lacks, fetched and checked
+        args.layer = bucket.fetch(args.layer)[0]
     results, guest = api.restore(
         store, args.layer, destination,
         qemu_args=tuple(args.qemu_arg) if args.qemu_arg else None,
@@ -104,6 +108,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     else:
         for result in results:
             print(result.summary())
+    if bucket is not None:
+        bucket.push()  # the restored guests' heads
     if args.detach or guest is None:
         return 0
     try:

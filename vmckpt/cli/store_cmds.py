@@ -15,6 +15,7 @@ from vmckpt.cli._common import (
     STORE_ENV,
     Command,
     json_option,
+    open_bucket,
     open_store,
     store_option,
 )
@@ -35,6 +36,8 @@ from vmckpt.guests.local import LocalGuest, local_guest_names
 from vmckpt.hostdirs import host_id
 from vmckpt.images import Store, keys
 from vmckpt.images.adopt import adopt
+from vmckpt.images.bucket import BucketConfig, BucketUrl, is_bucket_url
+from vmckpt.images.bucketstore import BucketStore
 from vmckpt.mechanisms import api
 from vmckpt.mechanisms.check import probe_capabilities
 from vmckpt.mechanisms.choice import COLO
@@ -46,6 +49,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     target = args.path or args.store or os.environ.get(STORE_ENV)
     if not target:
         raise UsageError(f"name the store to create: vmckpt init DIR (or set {STORE_ENV})")
+    if is_bucket_url(target):
+        return _init_bucket(args, BucketUrl.parse(target))
     path = Path(target).expanduser().absolute()
     if args.adopt and args.encrypt:
         raise UsageError(
@@ -91,6 +96,52 @@ def cmd_init(args: argparse.Namespace) -> int:
                 "key   none for this user: its layers cannot be restored or added to until "
                 f"`vmckpt init --adopt {store.path}`"
             )
+    return 0
+
+
+def _init_bucket(args: argparse.Namespace, url: BucketUrl) -> int:
+    if args.adopt:
+        raise UsageError("--adopt is for a directory store")
+    given = BucketConfig(args.endpoint, args.region)
+    config = BucketConfig.resolve(given, profile=args.profile)
+    bucket, created = BucketStore.open(url, config, create=True, encrypt=args.encrypt)
+    store = bucket.local
+    if args.json:
+        print_json(
+            {
+                "store": str(url),
+                "created": created,
+                "store_id": store.store_id,
+                "encryption": store.encryption,
+                "working_copy": str(store.path),
+            }
+        )
+        return 0
+    print(f"store {url} {'created' if created else 'exists already'}")
+    if store.encryption is not None:
+        print(f"encrypted with {store.encryption} (layer files; manifests are in the clear)")
+    assert store.store_id is not None
+    print(f"key   {keys.key_path(store.store_id)} (keep it, and copy it to every host using it)")
+    print(f"here  {store.path} (this host's working copy: new layers, fetched layers)")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    bucket = open_bucket(args)
+    if bucket is None:
+        raise UsageError("push uploads into a store in a bucket: --store s3://BUCKET/PREFIX")
+    result = bucket.push()
+    if args.json:
+        print_json(
+            {"uploaded": result.uploaded, "heads": result.heads, "bytes": result.bytes_uploaded}
+        )
+    else:
+        print(
+            f"uploaded {len(result.uploaded)} layer(s) ({human_bytes(result.bytes_uploaded)}) "
+            f"to {bucket.name}" + (f": {' '.join(result.uploaded)}" if result.uploaded else "")
+        )
+        if result.heads:
+            print(f"heads {' '.join(result.heads)}")
     return 0
 
 
@@ -144,10 +195,21 @@ def _guest_rows(store: Store) -> list[dict[str, Any]]:
     return rows
 
 
+def _bucket_summary(bucket: BucketStore) -> dict[str, list[str]]:
+    catalog, _ = bucket.catalog("list")
+    here = set(bucket.local.layer_names())
+    return {
+        "layers": sorted(catalog.layers),
+        "not_fetched": sorted(set(catalog.layers) - here),
+        "not_uploaded": sorted(here - set(catalog.layers)),
+    }
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from vmckpt.images.maintenance import exclusive_bytes
 
-    store = open_store(args)
+    bucket = open_bucket(args)
+    store = bucket.local if bucket is not None else open_store(args)
     rows, damaged = _layers(store)
     guests = _guest_rows(store)
     only: dict[str, int] = {}
@@ -158,14 +220,21 @@ def cmd_list(args: argparse.Namespace) -> int:
         row["exclusive_bytes"] = only.get(row["layer"])
     total = store.bytes_on_disk()
     strays = store.uncatalogued()
+    in_bucket = _bucket_summary(bucket) if bucket is not None else None
     if args.json:
         print_json(
             {
                 "layers": rows, "guests": guests, "damaged": damaged, "store_bytes": total,
-                "uncatalogued": strays,
+                "uncatalogued": strays, "bucket": in_bucket,
             }
         )  # fmt: skip
         return 0
+    if bucket is not None and in_bucket is not None:
+        print(
+            f"bucket {bucket.name}: {len(in_bucket['layers'])} layer(s); this host holds "
+            f"{len(rows)} of them or its own, {len(in_bucket['not_fetched'])} not fetched here, "
+            f"{len(in_bucket['not_uploaded'])} not uploaded (`vmckpt push`)"
+        )
     lines = []
     for prefix, row in layer_tree(rows):
         lines.append(
@@ -217,8 +286,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from vmckpt.mechanisms.restore import restore_command
 
-    store = open_store(args)
-    manifest = store.manifest(store.resolve(args.layer))
+    bucket = open_bucket(args)
+    store = bucket.local if bucket is not None else open_store(args)
+    layer = bucket.fetch(args.layer)[0] if bucket is not None else store.resolve(args.layer)
+    manifest = store.manifest(layer)
     spec = manifest.spec
     try:
         restore: list[str] | None = restore_command(store, manifest)
@@ -293,12 +364,22 @@ ORIGIN_MEANING = {
 
 def cmd_verify(args: argparse.Namespace) -> int:
     store = open_store(args)
-    layer = store.resolve(args.layer) if args.layer else None
+    layer = args.layer if is_bucket_url(args.store or os.environ.get(STORE_ENV, "")) else None
+    if layer is None and args.layer:
+        layer = store.resolve(args.layer)
     if args.qemu_arg and not args.boot:
         raise UsageError("--qemu-arg goes with --boot")
     if args.boot and not (0 < args.seconds <= MAX_BOOT_CHECK_S):
         raise UsageError(f"--seconds must be above 0 and at most {MAX_BOOT_CHECK_S:.0f}")
-    verified = store.verify(layer)
+    bucket = open_bucket(args)
+    if bucket is not None:
+        if layer is None:
+            verified = bucket.verify()
+        else:
+            layer = bucket.fetch(args.layer)[0]
+            verified = store.verify(layer)
+    else:
+        verified = store.verify(layer)
     shown = " ".join(verified) if len(verified) <= 8 else f"{verified[0]} … {verified[-1]}"
     if not args.boot:
         print_json({"verified": verified}) if args.json else print(
@@ -362,6 +443,23 @@ def add_parsers(command: Command) -> None:
         help="encrypt the store's layers at rest (ChaCha20-Poly1305, under a key derived from "
         "the store's key): chosen when the store is made, never later",
     )
+    json_option(p)
+
+    p.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="s3://: the object store's endpoint "
+        "(default: $AWS_ENDPOINT_URL, else the profile's, else AWS)",
+    )
+    p.add_argument("--region", help="s3://: the region (default: $AWS_REGION, else the profile's)")
+
+    p = command(
+        "push",
+        cmd_push,
+        "upload this host's layers that a store in a bucket lacks (a checkpoint does it; "
+        "this retries one that failed), and this host's guests' heads",
+    )
+    store_option(p)
     json_option(p)
 
     p = command("check", cmd_check, "what this host's QEMU supports, and the mechanisms")

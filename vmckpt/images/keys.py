@@ -195,32 +195,40 @@ def check_seal(key: StoreKey, layer_id: str, manifest: bytes, seal: bytes, step:
 # --- the generations of catalogs this user has seen (images/catalog.py) -----------------
 
 
-def _seen_path(store_id: str) -> Path:
-    return key_path(store_id).with_name(f"{store_id}.seen")
+SEEN_SCOPES = ("seen", "bucket-seen")  # a store's catalog; the catalog in its bucket
 
 
-def seen_generation(store_id: str) -> int:
+def _seen_path(store_id: str, scope: str = "seen") -> Path:
+    assert scope in SEEN_SCOPES
+    return key_path(store_id).with_name(f"{store_id}.{scope}")
+
+
+def seen_generation(store_id: str, scope: str = "seen") -> int:
     """The highest catalog generation of the store this user has seen (0: none), kept beside
     its key: a catalog older than that is a store put back to an earlier state."""
     try:
-        data = read_json(_seen_path(store_id))
+        data = read_json(_seen_path(store_id, scope))
     except FileNotFoundError:
         return 0
     except (OSError, ValueError) as exc:
-        raise StoreError(f"cannot read {_seen_path(store_id)}: {exc}", step="catalog") from exc
+        raise StoreError(
+            f"cannot read {_seen_path(store_id, scope)}: {exc}", step="catalog"
+        ) from exc
     value = data.get("generation") if isinstance(data, dict) else None
     return value if isinstance(value, int) and value >= 0 else 0
 
 
-def note_generation(store_id: str, generation: int) -> None:
+def note_generation(store_id: str, generation: int, scope: str = "seen") -> None:
     """Remember that the store's catalog reached ``generation`` (never lowering what is
-    remembered: concurrent commands serialise on a lock of the file)."""
-    path = _seen_path(store_id)
-    lock_path = path.with_name(f".{store_id}.seen.lock")
+    remembered: concurrent commands serialise on a lock of the file). ``scope``
+    ``bucket-seen``: the catalog in the store's bucket (images/bucketstore.py), numbered
+    apart from the catalog of this host's working copy."""
+    path = _seen_path(store_id, scope)
+    lock_path = path.with_name(f".{store_id}.{scope}.lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if seen_generation(store_id) >= generation:
+        if seen_generation(store_id, scope) >= generation:
             return
         write_json_atomic(path, {"store_id": store_id, "generation": generation})
     finally:

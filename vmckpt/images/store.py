@@ -94,7 +94,7 @@ _log = log.get(__name__)
 T = TypeVar("T", bound=PageTarget)
 
 
-def _marker_bytes(store_id: str, encryption: str | None) -> bytes:
+def marker_bytes(store_id: str, encryption: str | None) -> bytes:
     """The store marker, naming the store's id and (1.4) its encryption."""
     marker: dict[str, Any] = {
         "format": STORE_FORMAT,
@@ -193,7 +193,10 @@ class Store:
         self.close()
 
     @classmethod
-    def create(cls, path: Path | str, *, parents: bool = False, encrypt: bool = False) -> Store:
+    def create(
+        cls, path: Path | str, *, parents: bool = False, encrypt: bool = False,
+        key: keys.StoreKey | None = None,
+    ) -> Store:  # fmt: skip
         """Create a store at ``path``, or open it if it is one already.
 
         Only the last component is created unless ``parents``: a missing parent
@@ -202,6 +205,7 @@ class Store:
         The marker file is written last, atomically, so a half-created store is
         not a store. ``encrypt``: its layer files are encrypted (crypt.py); an
         existing store that is not is refused (a store is never converted in place).
+        ``key``: that key's id and encryption (a bucket's working copy, bucketstore.py).
         """
         path = Path(path).expanduser().absolute()
         if parents:
@@ -236,13 +240,13 @@ class Store:
                 files.mkdir_layers()
                 # The key first: a store with a marker always has one; then its (empty)
                 # catalog; the marker last.
-                store_id = keys.new_store_id()
-                encryption = crypt.ALGORITHM if encrypt else None
-                key = keys.create_key(store_id, path, encryption)
-                catalog = Catalog(store_id, generation=1)
+                store_id = key.store_id if key else keys.new_store_id()
+                encryption = key.encryption if key else (crypt.ALGORITHM if encrypt else None)
+                key = key or keys.create_key(store_id, path, encryption)
+                catalog = Catalog(store_id, generation=keys.seen_generation(store_id) + 1)
                 files.replace_root_file(CATALOG, catalog.encode(key))
                 keys.note_generation(store_id, catalog.generation)
-                files.replace_root_file(STORE_MARKER, _marker_bytes(store_id, encryption))
+                files.replace_root_file(STORE_MARKER, marker_bytes(store_id, encryption))
             finally:
                 files.close()
             fsync_dir(path.parent)
@@ -494,7 +498,7 @@ class Store:
     def write_marker(self) -> None:
         """Replace the marker (1.5: the store has a catalog), naming the store's id."""
         assert self.store_id is not None
-        self.files.replace_root_file(STORE_MARKER, _marker_bytes(self.store_id, self.encryption))
+        self.files.replace_root_file(STORE_MARKER, marker_bytes(self.store_id, self.encryption))
         self.marker_version = (fmt.FORMAT_MAJOR, fmt.CATALOG_MINOR)
 
     # --- paths and names --------------------------------------------------
