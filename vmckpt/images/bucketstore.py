@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -51,6 +52,10 @@ WORKING_DIR = "buckets"  # under data_root(): one working copy per bucket store
 WHERE_FILE = "bucket.json"  # beside it: the URL, and the endpoint and region init was given
 CAS_ATTEMPTS = 20
 GC_GRACE_S = 3600.0  # objects of a layer no catalog names are left alone this long
+# The working copy's bound (bytes, or with K/M/G/T), kept as layers are fetched: the layers
+# this host needs for nothing (see trim) go, the least recently fetched first, to make room.
+CACHE_LIMIT_ENV = "VMCKPT_CACHE_LIMIT"
+_SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
 _log = log.get(__name__)
 
 
@@ -83,6 +88,17 @@ def remembered(url: BucketUrl) -> BucketConfig:
 def remember(url: BucketUrl, config: BucketConfig) -> None:
     path = working_path(url).parent / WHERE_FILE
     write_json_atomic(path, {"url": str(url), "endpoint": config.endpoint, "region": config.region})
+
+
+def cache_limit() -> int | None:
+    """The working copy's bound in bytes ($VMCKPT_CACHE_LIMIT), or None: unbounded."""
+    text = os.environ.get(CACHE_LIMIT_ENV, "").strip()
+    if not text:
+        return None
+    match = _SIZE_RE.fullmatch(text)
+    if match is None:
+        raise StoreError(f"{CACHE_LIMIT_ENV}={text!r} is not a size (e.g. 20G)", step="open")
+    return int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
 
 
 def _layer_key(layer_id: str, name: str) -> str:
@@ -357,6 +373,11 @@ class BucketStore:
                 raise CorruptLayerError(f"{MANIFEST} names layer {manifest.id}", layer=current)
             missing.append((current, got[0], manifest))
             current = manifest.parent
+        if missing:
+            needed = {m.id for _, _, m in missing}
+            if current is not None:
+                needed |= {m.id for m in self.local.chain(current, step)}
+            self.make_room(sum(self._bytes(m) for _, _, m in missing), needed, catalog)
         for layer, data, manifest in reversed(missing):
             self._download(layer, data, manifest)
         return layer_id, [layer for layer, _, _ in reversed(missing)]
@@ -392,6 +413,44 @@ class BucketStore:
         finally:
             temp.close()
 
+    def _bytes(self, manifest: LayerManifest) -> int:
+        """What a layer's files take in the working copy."""
+        sizes = (entry.size for entry in manifest.files.values())
+        return sum(crypt.sealed_size(n) if self.local.encrypted else n for n in sizes)
+
+    def make_room(self, incoming: int, needed: set[str], catalog: Catalog) -> list[str]:
+        """Keep the working copy within $VMCKPT_CACHE_LIMIT once ``incoming`` bytes are
+        fetched: remove the layers trim would (this host needs them for nothing), the least
+        recently fetched first, never one of ``needed``, until it fits. What this host needs
+        is kept even beyond the bound (a warning says so). Returns the layer ids removed."""
+        limit = cache_limit()
+        if limit is None:
+            return []
+        local = self.local
+        step = "fetch"
+        with local.maintenance_lock(step), local.switching(step), local.lock(step):
+            held = {i: self._bytes(local.manifest(i, step)) for i in local.layer_names()}
+            total = sum(held.values()) + incoming
+            candidates = [i for i in _evictable(self, catalog) if i not in needed]
+            candidates.sort(key=lambda i: local.layer_path(i).stat().st_mtime)
+            evict: list[str] = []
+            for layer_id in candidates:
+                if total <= limit:
+                    break
+                evict.append(layer_id)
+                total -= held[layer_id]
+            if evict:
+                local.update_catalog(step, drop=evict)  # first: a crash leaves strays, gc's
+        for layer_id in evict:
+            local.files.remove(layer_id)
+        if total > limit:
+            _log.warning(
+                "%s: the working copy holds %d bytes with this fetch, above %s=%d: the rest "
+                "is what this host's guests build on or has not uploaded",
+                self.name, total, CACHE_LIMIT_ENV, limit,
+            )  # fmt: skip
+        return evict
+
     def fetch_all(self) -> list[str]:
         """Every layer the bucket's catalog names, fetched where this host lacks it."""
         catalog, _ = self.catalog("fetch")
@@ -404,8 +463,20 @@ class BucketStore:
         """Every layer of the bucket (fetched where this host lacks it, each copy checked
         against the catalog, its seal and its manifest), and this host's layers not uploaded,
         verified as a directory store's are. Returns the ids verified."""
-        self.fetch_all()
-        return self.local.verify()
+        if cache_limit() is None:
+            self.fetch_all()
+            return self.local.verify()
+        # Within a bound the copy cannot hold them all at once: each chain is checked as it
+        # is fetched (before a later fetch may remove it), then what is here alone.
+        catalog, _ = self.catalog("verify")
+        verified: set[str] = set()
+        for layer_id in sorted(catalog.layers):
+            if layer_id not in verified:
+                self.fetch(layer_id)
+                verified.update(self.local.verify(layer_id))
+        for layer_id in self.pending():
+            verified.update(self.local.verify(layer_id))
+        return sorted(verified)
 
     # --- gc -----------------------------------------------------------------------
 
