@@ -17,7 +17,7 @@ from vmckpt.cli._common import (
 from vmckpt.cli.output import human_bytes, print_json, progress_for
 from vmckpt.errors import UsageError
 from vmckpt.guests.local import gone_guests
-from vmckpt.images import Store
+from vmckpt.images import Store, bucketmaint
 from vmckpt.images.maintenance import Result, delete, gc, prune, squash
 from vmckpt.images.retention import PERIODS, KeepRules
 
@@ -136,18 +136,24 @@ def _print(result: Result, args: argparse.Namespace, *, list_kept: bool = False)
 
 
 def directory_store(args: argparse.Namespace, what: str) -> Store:
-    """The store, for a chain maintenance: a store in a bucket is refused (its layers are
-    shared; maintenance of the bucket is not built yet, and the working copy's alone would
-    make it disagree with the bucket)."""
+    """The store, for a maintenance that rewrites layers (squash): a store in a bucket is
+    refused (a layer's objects there never change; the working copy's alone would make it
+    disagree with the bucket)."""
     if open_bucket(args) is not None:
         raise UsageError(
-            f"{what} works on a directory store; on a store in a bucket it is not supported yet"
+            f"{what} rewrites layers, which a store in a bucket does not: it works on a "
+            "directory store only"
         )
     return open_store(args)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     rules = keep_rules(args)
+    bucket = open_bucket(args)
+    if bucket is not None:
+        result = bucketmaint.prune(bucket, rules, guest=args.guest, dry_run=args.dry_run)
+        _print(result, args, list_kept=args.list)
+        return 0
     result = prune(
         directory_store(args, "prune"), rules, guest=args.guest, dry_run=args.dry_run,
         progress=progress_for(args.json),
@@ -170,7 +176,11 @@ def cmd_squash(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    _print(delete(directory_store(args, "delete"), args.layer, dry_run=args.dry_run), args)
+    bucket = open_bucket(args)
+    if bucket is not None:
+        _print(bucketmaint.delete(bucket, args.layer, dry_run=args.dry_run), args)
+        return 0
+    _print(delete(open_store(args), args.layer, dry_run=args.dry_run), args)
     return 0
 
 
@@ -180,8 +190,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if bucket is not None and not args.dry_run:
         grace = parse_duration(args.upload_grace, zero=True)
         for layer_id in bucket.gc(grace):
-            print(f"removed from {bucket.name}: the objects of {layer_id} (an upload no "
-                  "catalog names)")  # fmt: skip
+            print(f"removed from {bucket.name}: the objects of {layer_id} (removed, or an "
+                  "upload no catalog names)")  # fmt: skip
         for layer_id in bucket.trim():
             print(f"removed {layer_id} from this host's working copy (in {bucket.name}; "
                   "no guest here builds on it)")  # fmt: skip

@@ -664,6 +664,72 @@ def _run(
     )
 
 
+Snapshot = _Snapshot  # what bucketmaint plans on
+
+
+def snapshot_of(
+    manifests: dict[str, LayerManifest], heads: dict[str, list[str]], digests: dict[str, str]
+) -> _Snapshot:
+    """A snapshot of layers read elsewhere (a store in a bucket: its catalog's layers)."""
+    return _Snapshot(manifests, heads, digests)
+
+
+def refuse_heads(snapshot: _Snapshot, going: Iterable[str], what: str) -> None:
+    """StoreError if a layer of ``going`` is a guest's head."""
+    _refuse_heads(snapshot, going, what)
+
+
+def without_children(snapshot: _Snapshot, remove: Collection[str]) -> tuple[set[str], set[str]]:
+    """Of ``remove``, the layers that can go without any other layer changing (no layer
+    that stays builds on them), and the rest."""
+    going = set(remove)
+    depth = snapshot.depth
+    for layer_id in sorted(remove, key=lambda i: (-depth[i], i)):  # children first
+        if any(c not in going for c in snapshot.children.get(layer_id, ())):
+            going.discard(layer_id)
+    return going, set(remove) - going
+
+
+def prune_selection(
+    snapshot: _Snapshot,
+    rules: KeepRules,
+    *,
+    guest: str | None = None,
+    now: datetime | None = None,
+    tz: tzinfo | None = None,
+    scope_ids: Collection[str] | None = None,
+) -> tuple[set[str], dict[str, str]]:
+    """What a prune removes of ``snapshot`` (the layers of ``scope_ids``, default all; of
+    guest ``guest`` or of every guest, each guest's layers ruled on their own), and what it
+    keeps and why. A guest's head is always kept."""
+    now = now or datetime.now(UTC)
+    scope = [
+        m
+        for m in snapshot.manifests.values()
+        if (guest is None or m.guest == guest) and (scope_ids is None or m.id in scope_ids)
+    ]
+    groups: dict[str, list[tuple[str, datetime]]] = {}
+    for manifest in scope:
+        try:
+            created = parse_created(manifest.created)
+        except ValueError as exc:
+            raise CorruptLayerError(
+                f"{MANIFEST}: created {manifest.created!r} is not a time",
+                layer=manifest.id,
+                step="prune",
+            ) from exc
+        groups.setdefault(manifest.guest, []).append((manifest.id, created))
+    kept: dict[str, str] = {}
+    for layers in groups.values():
+        kept.update(select(layers, rules, now, tz))
+    for manifest in scope:
+        holders = snapshot.heads.get(manifest.id)
+        if holders:
+            why = f"head of {', '.join(holders)}"
+            kept[manifest.id] = f"{kept[manifest.id]}, {why}" if manifest.id in kept else why
+    return {m.id for m in scope} - set(kept), kept
+
+
 def prune(
     store: Store,
     rules: KeepRules,
@@ -685,30 +751,9 @@ def prune(
             "give at least one --keep-* rule (a prune without one would remove every layer "
             "but the heads)"
         )
-    now = now or datetime.now(UTC)
     with store.maintenance_lock("prune", wait_s=wait_s):
         snapshot = _Snapshot.take(store, "prune")
-        scope = [m for m in snapshot.manifests.values() if guest is None or m.guest == guest]
-        groups: dict[str, list[tuple[str, datetime]]] = {}
-        for manifest in scope:
-            try:
-                created = parse_created(manifest.created)
-            except ValueError as exc:
-                raise CorruptLayerError(
-                    f"{MANIFEST}: created {manifest.created!r} is not a time",
-                    layer=manifest.id,
-                    step="prune",
-                ) from exc
-            groups.setdefault(manifest.guest, []).append((manifest.id, created))
-        kept: dict[str, str] = {}
-        for layers in groups.values():
-            kept.update(select(layers, rules, now, tz))
-        for manifest in scope:
-            holders = snapshot.heads.get(manifest.id)
-            if holders:
-                why = f"head of {', '.join(holders)}"
-                kept[manifest.id] = f"{kept[manifest.id]}, {why}" if manifest.id in kept else why
-        remove = {m.id for m in scope} - set(kept)
+        remove, kept = prune_selection(snapshot, rules, guest=guest, now=now, tz=tz)
         return _run(
             store, "prune", snapshot, remove, dry_run=dry_run, kept=kept, progress=progress,
             switch_wait_s=max(wait_s, SWITCH_WAIT_MIN_S),
