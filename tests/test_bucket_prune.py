@@ -269,6 +269,7 @@ def test_prune_keeps_what_others_build_on_and_refusals_are_one_line(
             (["squash", *where, chain[1]], "directory store only"),
             (["prune", *where], "--keep"),
             (["delete", *where, "nosuchlayer"], "no layer matches"),
+            (["watch", "web", *where, "--keep-last", "2"], "not supported on a store in a bucket"),
         ):
             assert main(argv) != 0, argv
             err = capsys.readouterr().err.strip()
