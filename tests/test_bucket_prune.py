@@ -15,7 +15,7 @@ import pytest
 
 from tests.framework.s3server import S3Server, boto3_client
 from tests.test_bucket_store import Host, objects, s3_env, share_key, write_chain
-from tests.test_images import content, mutate, random_image
+from tests.test_images import assert_same_image, content, mutate, random_image
 from vmckpt.cli import main
 from vmckpt.errors import StoreError
 from vmckpt.images import bucketmaint
@@ -266,7 +266,7 @@ def test_prune_keeps_what_others_build_on_and_refusals_are_one_line(
         where = ["--store", str(url)]
         for argv, words in (
             (["delete", *where, chain[0]], "build on it"),
-            (["squash", *where, chain[1]], "directory store only"),
+            (["squash", *where, f"{chain[1]}..{chain[0]}"], "not an older layer"),
             (["prune", *where], "--keep"),
             (["delete", *where, "nosuchlayer"], "no layer matches"),
             (["watch", "web", *where, "--keep-last", "2"], "not supported on a store in a bucket"),
@@ -328,3 +328,48 @@ def test_a_fetch_meeting_a_removal_says_so_and_keeps_nothing(
         assert [r.removed for r in removed] == [(layer,)]
         with pytest.raises(StoreError, match="removed from bucket"):
             store_b.fetch(layer)  # now refused before anything is fetched
+
+
+def test_squash_replaces_a_chain_with_a_new_layer_that_restores_the_same(
+    config: BucketConfig,
+    url: BucketUrl,
+    hosts: tuple[Host, Host],
+    s3_server: S3Server,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    host_a, host_b = hosts
+    for var, value in s3_env(config).items():
+        monkeypatch.setenv(var, value)
+    store_a, store_b = two_hosts(config, url, hosts)
+    rng = np.random.default_rng(27)
+    images = [random_image(rng)]
+    images += [mutate(images[-1], rng) for _ in range(2)]
+    with host_a:
+        chain = write_chain(store_a, images)
+        side = store_a.local.write_layer(content(mutate(images[0], rng), chain[0], images[0], "s"))
+        store_a.push()
+        where = ["--store", str(url)]
+        assert main(["squash", *where, chain[1]]) != 0  # chain[2] builds on it: it stays
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "layers build on it" in err, err
+        dry = bucketmaint.squash(store_a, None, chain[2], dry_run=True)
+        assert dry.layer is None and set(dry.result.removed) == {chain[1], chain[2]}
+        assert set(store_a.catalog("test")[0].layers) == {*chain, side.id}
+        assert main(["squash", *where, chain[2]]) == 0
+        out = capsys.readouterr().out
+        catalog, _ = store_a.catalog("test")
+    # chain[0] stays: the side layer builds on it. The new base layer replaces the rest.
+    (new,) = set(catalog.layers) - {chain[0], side.id}
+    assert f"wrote    {new} (a base layer): it restores as {chain[2]} did" in out, out
+    assert set(catalog.removed) == {chain[1], chain[2]}
+    for layer in (chain[1], chain[2]):
+        assert layer_objects(s3_server, url, layer) == []
+    with host_b:
+        assert store_b.fetch(new)[1] == [new]  # a base layer: nothing else to fetch
+        assert store_b.local.manifest(new).parent is None
+        ram, _prelude, _state = store_b.local.compose(new)
+        assert_same_image(ram, images[2])
+        assert store_b.local.manifest(new).created == store_a.local.manifest(new).created
+        with pytest.raises(StoreError, match="removed"):
+            store_b.fetch(chain[2])

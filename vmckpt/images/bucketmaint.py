@@ -14,12 +14,14 @@ bucket's catalog names and this host's layers not yet uploaded, then:
 A layer's objects in a bucket never change, so a layer is removed only if no layer that
 stays builds on it: a directory store's kept children absorb a removed parent (a new
 version under the same id), which in a bucket would change objects other hosts may be
-reading. A prune keeps such layers (and says why); a delete of one is refused. ``squash``,
-which rewrites a layer, is refused on a store in a bucket.
+reading. A prune keeps such layers (and says why); a delete of one is refused. ``squash``
+writes a new layer (a new id) in the working copy that composes to what the squashed layer
+did, uploads it, and names it in the same swap that removes the layers it replaces.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, tzinfo
 
 from vmckpt import log
@@ -29,6 +31,7 @@ from vmckpt.images.format import LayerManifest
 from vmckpt.images.maintenance import (
     Result,
     Snapshot,
+    build_squashed,
     prune_selection,
     refuse_heads,
     snapshot_of,
@@ -158,3 +161,92 @@ def prune(
     if changed:
         bucket.trim(removed_only=True)
     return result
+
+
+@dataclass(frozen=True)
+class Squashed:
+    """What a squash on a store in a bucket did: ``layer`` (new, or None in a dry run)
+    composes to what ``top`` composed to, on ``parent``; ``result.removed`` went."""
+
+    result: Result
+    top: str
+    parent: str | None
+    layer: str | None
+
+
+def squash(
+    bucket: BucketStore, first_ref: str | None, last_ref: str, *, dry_run: bool = False
+) -> Squashed:
+    """``first_ref`` None: replace ``last_ref``'s chain with one new base layer; else replace
+    the run ``first_ref``..``last_ref`` of one chain with one new layer on ``first_ref``'s
+    parent. The new layer composes to what ``last_ref`` did (and keeps its ``created``);
+    it is written in the working copy, uploaded, and named by the same swap of the catalog
+    that removes the layers it replaces. ``last_ref`` must be no guest's head and no other
+    layer's parent (it is replaced); a layer of the run that is, or that another layer
+    builds on, stays."""
+    step = "squash"
+    last = bucket.fetch(last_ref)[0]  # the chain, here (before the lock: a fetch takes it)
+    with bucket.local.maintenance_lock(step):
+        snapshot, known = _take(bucket, step)
+        if last not in known:
+            raise StoreError(
+                f"it is not in bucket {bucket.name} (not uploaded yet): `vmckpt push` it first",
+                layer=last,
+                step=step,
+            )
+        chain = snapshot.chain_ids(last)
+        parent: str | None = None
+        run = chain
+        if first_ref is not None:
+            first = bucket.resolve(first_ref, step)
+            if first not in chain or first == last:
+                raise UsageError(
+                    f"{first} is not an older layer of {last}'s chain (squash FROM..TO takes a "
+                    "run of one chain, oldest first)"
+                )
+            run = chain[: chain.index(first) + 1]
+            parent = snapshot.manifests[first].parent
+        if len(run) == 1:
+            return Squashed(Result(step, (), (), 0, dry_run), last, parent, None)
+        holders = snapshot.heads.get(last)
+        children = snapshot.children.get(last)
+        if holders or children:
+            why = f"the head of {', '.join(holders)}" if holders else "layers build on it"
+            raise StoreError(
+                f"it is {why}; on a store in a bucket squash replaces it with a new layer, so "
+                "it must be a layer no guest's head or other layer names",
+                layer=last,
+                step=step,
+            )
+        candidates = [i for i in run if i not in snapshot.heads]
+        going, _stays = without_children(snapshot, candidates)
+        freed = sum(snapshot.manifests[i].bytes_total for i in going)
+        if dry_run:
+            return Squashed(Result(step, tuple(sorted(going)), (), freed, True), last, parent, None)
+        local = bucket.local
+        temp, digest = build_squashed(local, snapshot, last, run[1:], parent)
+        try:
+            local.publish(temp, digest, parent, None)
+        except BaseException:
+            local.files.remove(temp.name)
+            raise
+        finally:
+            temp.close()
+        new = temp.layer_id
+        try:
+            removed = bucket.remove(
+                {i: snapshot.manifest_sha256[i] for i in going}, known, step, add=new
+            )
+        except BaseException:
+            # Not named by the bucket: the new layer goes from the working copy too.
+            with local.lock(step):
+                local.update_catalog(step, drop=[new])
+            local.files.remove(new)
+            raise
+        try:
+            bucket.delete_objects(removed, step)
+        except BucketError as exc:  # committed: any host's gc deletes them later
+            _log.warning("%s; `vmckpt gc` deletes the removed layers' objects", exc.one_line())
+        freed -= local.manifest(new, step).bytes_total
+    bucket.trim(removed_only=True)
+    return Squashed(Result(step, tuple(removed), (), freed, False), last, parent, new)

@@ -549,14 +549,24 @@ class BucketStore:
             raise CorruptLayerError(f"{MANIFEST} names layer {manifest.id}", layer=layer_id)
         return manifest
 
-    def remove(self, going: dict[str, str], known: set[str], step: str) -> list[str]:
+    def remove(
+        self, going: dict[str, str], known: set[str], step: str, *, add: str | None = None
+    ) -> list[str]:
         """Remove the layers ``going`` (id -> the digest of the version planned for) from the
         bucket: one compare-and-swap of the catalog, which drops them and records them as
         removed (the commit point; their objects are deleted after, see
-        :meth:`delete_objects`). ``known``: the layers the plan saw; a layer named since
-        that builds on one that goes, or a head moved onto one, refuses the removal (nothing
-        changed). Returns the ids removed (a layer another host removed first is not)."""
+        :meth:`delete_objects`), and names ``add`` (a layer of the working copy that
+        replaces them, uploaded first). ``known``: the layers the plan saw; a layer named
+        since that builds on one that goes, or a head moved onto one, refuses the removal
+        (nothing changed). Returns the ids removed (a layer another host removed first is
+        not)."""
         known = set(known)
+        added: dict[str, list[str]] = {}
+        parent: str | None = None
+        if add is not None:
+            self._upload(add)
+            added[add] = [self.local.manifest_sha256(add)]
+            parent = self.local.manifest(add, step).parent
 
         def changed(why: str) -> StoreError:
             return StoreError(
@@ -567,8 +577,10 @@ class BucketStore:
         for _attempt in range(CAS_ATTEMPTS):
             catalog, etag = self.catalog(step)
             now = [i for i in sorted(going) if catalog.accepts(i, going[i])]
-            if not now:
+            if not now and (add is None or add in catalog.layers):
                 return []
+            if add is not None and parent is not None and parent not in catalog.layers:
+                raise changed(f"layer {parent}, on which {add} builds, is gone")
             for layer_id, who in catalog.heads_of().items():
                 if layer_id in now:
                     raise changed(f"layer {layer_id} became the head of {', '.join(who)}")
@@ -577,7 +589,7 @@ class BucketStore:
                 if parent in going:
                     raise changed(f"new layer {layer_id} builds on {parent}")
                 known.add(layer_id)
-            new = catalog.changed(remove=now)
+            new = catalog.changed(add=added, remove=now)
             key = self.local.sealing_key(step)
             if self.bucket.put(CATALOG, new.encode(key), step, if_match=etag) is not None:
                 assert self.local.store_id is not None

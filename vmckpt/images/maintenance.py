@@ -467,10 +467,11 @@ def plan_changes(
 
 
 def _build(
-    store: Store, rewrite: Rewrite, snapshot: _Snapshot, indexes: _Indexes
+    store: Store, rewrite: Rewrite, snapshot: _Snapshot, indexes: _Indexes, *, new_id: bool = False
 ) -> tuple[TempLayer, str]:
     """The new version of ``rewrite.layer`` as a complete temporary layer directory (open,
-    and locked while it is); returns it and the digest of its manifest."""
+    and locked while it is); returns it and the digest of its manifest. ``new_id``: as a new
+    layer, under an id of its own (a store in a bucket, whose layers never change)."""
     step = "rewrite"
     top = snapshot.manifests[rewrite.layer]
     segment = [top, *(snapshot.manifests[i] for i in rewrite.absorb)]
@@ -509,7 +510,7 @@ def _build(
                 merged.stored, merged.zeroed, record.bitmap, _disk_chunks(store, merged, step),
             )
         )  # fmt: skip
-    temp = store.new_version(top.id)
+    temp = store.new_version(None if new_id else top.id)
     try:
         _, digest = store.write_version(
             temp, content, parts, disks, created=top.created, origin=origin
@@ -665,6 +666,26 @@ def _run(
 
 
 Snapshot = _Snapshot  # what bucketmaint plans on
+
+
+def build_squashed(
+    store: Store, snapshot: _Snapshot, top: str, absorb: list[str], parent: str | None
+) -> tuple[TempLayer, str]:
+    """A new layer (a new id) that composes to what ``top`` composes to, absorbing the
+    layers ``absorb`` (newest first; ``top``'s chain down to, not including, ``parent``):
+    complete in a temporary directory (open and locked; publish or remove it, then close
+    it), and the digest of its manifest. Every layer read must be in ``store``."""
+    manifests = snapshot.manifests
+    segment = [manifests[top], *(manifests[i] for i in absorb)]
+    indexes = _Indexes(store, "squash")
+    rewrite = Rewrite(
+        layer=top,
+        absorb=tuple(absorb),
+        parent=parent,
+        bytes_before=manifests[top].bytes_total,
+        bytes_after=_size_after(segment, parent is None, indexes),
+    )
+    return _build(store, rewrite, snapshot, indexes, new_id=True)
 
 
 def snapshot_of(
