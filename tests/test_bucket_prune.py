@@ -373,3 +373,33 @@ def test_squash_replaces_a_chain_with_a_new_layer_that_restores_the_same(
         assert store_b.local.manifest(new).created == store_a.local.manifest(new).created
         with pytest.raises(StoreError, match="removed"):
             store_b.fetch(chain[2])
+
+
+def test_a_squash_whose_chain_another_host_removes_meanwhile_changes_nothing(
+    config: BucketConfig,
+    url: BucketUrl,
+    hosts: tuple[Host, Host],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    host_a, host_b = hosts
+    store_a, store_b = two_hosts(config, url, hosts)
+    rng = np.random.default_rng(28)
+    base = random_image(rng)
+    with host_a:
+        chain = write_chain(store_a, [base, mutate(base, rng)])
+        store_a.push()
+
+    def delete_b() -> Result:
+        with host_b:
+            return bucketmaint.delete(store_b, chain[1])
+
+    ran = race_at_swap(monkeypatch, store_a, "squash", delete_b)
+    with host_a:
+        before = set(store_a.local.layer_names())
+        with pytest.raises(StoreError, match="removed by another host"):
+            bucketmaint.squash(store_a, None, chain[1])
+        assert [r.removed for r in ran if isinstance(r, Result)] == [(chain[1],)]
+        catalog, _ = store_a.catalog("test")
+        assert set(catalog.layers) == {chain[0]}  # no new layer named
+        assert set(store_a.local.layer_names()) <= before  # nor kept in the working copy
+        assert store_a.pending() == []

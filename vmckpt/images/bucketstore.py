@@ -577,7 +577,9 @@ class BucketStore:
         for _attempt in range(CAS_ATTEMPTS):
             catalog, etag = self.catalog(step)
             now = [i for i in sorted(going) if catalog.accepts(i, going[i])]
-            if not now and (add is None or add in catalog.layers):
+            if add is not None and len(now) != len(going):
+                raise changed("a layer to replace was removed by another host")
+            if not now:
                 return []
             if add is not None and parent is not None and parent not in catalog.layers:
                 raise changed(f"layer {parent}, on which {add} builds, is gone")
