@@ -66,13 +66,17 @@ def _take(bucket: BucketStore, step: str) -> tuple[Snapshot, set[str]]:
     return snapshot_of(manifests, heads, digests), set(catalog.layers)
 
 
+def _sizes(snapshot: Snapshot) -> dict[str, int]:
+    return {i: m.bytes_total for i, m in snapshot.manifests.items()}
+
+
 def _finish(
     bucket: BucketStore,
     action: str,
     going: set[str],
     digests: dict[str, str],
     known: set[str],
-    freed: int,
+    sizes: dict[str, int],
     *,
     dry_run: bool,
     kept: dict[str, str] | None = None,
@@ -88,7 +92,7 @@ def _finish(
         action=action,
         removed=tuple(removed),
         rewritten=(),
-        bytes_freed=freed if set(removed) == going else 0,
+        bytes_freed=sum(sizes[i] for i in removed),
         dry_run=dry_run,
         kept=kept or {},
     )
@@ -118,9 +122,8 @@ def delete(bucket: BucketStore, layer_ref: str, *, dry_run: bool = False) -> Res
                 layer=layer_id,
                 step=step,
             )
-        freed = snapshot.manifests[layer_id].bytes_total
         result, changed = _finish(
-            bucket, step, going, snapshot.manifest_sha256, known, freed, dry_run=dry_run
+            bucket, step, going, snapshot.manifest_sha256, known, _sizes(snapshot), dry_run=dry_run
         )
     if changed:
         bucket.trim(removed_only=True)
@@ -152,10 +155,8 @@ def prune(
         going, stays = without_children(snapshot, remove)
         for layer_id in stays:
             kept[layer_id] = KEPT_CHILDREN
-        manifests = snapshot.manifests
-        freed = sum(manifests[i].bytes_total for i in going)
         result, changed = _finish(
-            bucket, step, going, snapshot.manifest_sha256, known, freed,
+            bucket, step, going, snapshot.manifest_sha256, known, _sizes(snapshot),
             dry_run=dry_run, kept=kept,
         )  # fmt: skip
     if changed:

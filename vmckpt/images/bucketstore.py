@@ -22,6 +22,10 @@ catalog names them; the catalog is the commit point, as in a directory store:
   with the store's key, and each file is checked against its manifest's size and digest (an
   encrypted file's records authenticate when read) before the copy is published in the
   working copy.
+- a prune, delete or squash (bucketmaint.py) removes layers by one swap of the catalog that
+  drops them and records them as ``removed`` (format 1.6), then deletes their objects; no
+  host uploads, resolves or restores a removed layer again, and :meth:`BucketStore.gc`
+  deletes what objects of one are left and drops it from the working copy.
 
 No lock is held in the bucket, so a dead host leaves none behind.
 """
