@@ -25,7 +25,7 @@ from vmckpt.cli import main
 from vmckpt.errors import BucketError, CorruptLayerError, StoreError, UsageError
 from vmckpt.images import keys
 from vmckpt.images.bucket import BucketConfig, BucketUrl
-from vmckpt.images.bucketstore import BucketStore, working_path
+from vmckpt.images.bucketstore import CACHE_LIMIT_ENV, BucketStore, working_path
 from vmckpt.ram import RamImage
 
 HOST_VARS = ("VMCKPT_KEYS_DIR", "VMCKPT_DATA_DIR", "VMCKPT_RUNTIME_DIR")
@@ -184,6 +184,42 @@ def test_push_then_another_host_fetches_only_the_chain(
         assert store_b.fetch(chain[1])[1] == chain
     with host_a:  # every layer of host a is uploaded and no head of its guests is there
         assert sorted(store.trim()) == sorted([*chain, other.id])
+
+
+def test_the_working_copy_stays_within_its_bound(
+    config: BucketConfig, url: BucketUrl, hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With $VMCKPT_CACHE_LIMIT a fetch makes room by removing what this host needs for
+    nothing, the least recently fetched first, never the chain it fetches; verify still
+    checks every layer of the bucket."""
+    host_a, host_b = hosts
+    rng = np.random.default_rng(11)
+    base = random_image(rng)
+    with host_a:
+        store, _ = BucketStore.open(url, config, create=True)
+        chain = write_chain(store, [base, mutate(base, rng)])
+        sibling = store.local.write_layer(content(mutate(base, rng), chain[0], base, tag="s"))
+        store.push()
+        store_id = store.local.store_id
+        assert store_id is not None
+        sizes = {i: store._bytes(store.local.manifest(i)) for i in (*chain, sibling.id)}
+    share_key(store_id, host_a, host_b)
+    with host_b:
+        store_b, _ = BucketStore.open(url, config)
+        limit = sizes[chain[0]] + max(sizes[chain[1]], sizes[sibling.id]) + 4096
+        monkeypatch.setenv(CACHE_LIMIT_ENV, str(limit))
+        assert store_b.fetch(chain[1])[1] == chain
+        assert store_b.fetch(sibling.id)[1] == [sibling.id]
+        # chain[1] made room; the base, which the sibling builds on, stayed.
+        held = store_b.local.layer_names()
+        assert sorted(held) == sorted([chain[0], sibling.id])
+        assert sum(sizes[i] for i in held) <= limit
+        assert store_b.verify() == sorted([*chain, sibling.id])
+        held = store_b.local.layer_names()
+        assert sum(sizes[i] for i in held) <= limit, held
+        monkeypatch.setenv(CACHE_LIMIT_ENV, "12 parsecs")
+        with pytest.raises(StoreError, match=f"{CACHE_LIMIT_ENV}='12 parsecs' is not a size"):
+            store_b.verify()
 
 
 def test_a_tampered_object_is_refused_and_nothing_is_published(
@@ -359,8 +395,8 @@ def test_cli_init_list_verify_gc_on_a_bucket(
         assert layer in capsys.readouterr().out
         assert main(["gc", "--store", str(url)]) == 0
         assert f"removed {layer} from this host's working copy" in capsys.readouterr().out
-        assert main(["prune", "--store", str(url), "--keep-last", "1"]) == 2
-        assert "not supported yet" in capsys.readouterr().err
+        assert main(["squash", "--store", str(url), layer]) == 0
+        assert "is a base layer already" in capsys.readouterr().out
         assert keys.load_key(store.local.store_id or "") is not None
 
 

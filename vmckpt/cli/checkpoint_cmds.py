@@ -69,8 +69,13 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     bucket = open_bucket(args)
     store = bucket.local if bucket is not None else open_store(args)
-    guest = guest_of(args, store)
     keep = keep_rules(args)
+    if bucket is not None and keep.any():
+        raise UsageError(
+            "watch --keep-… prunes the watch's own chain, which a store in a bucket keeps whole "
+            "(a layer another builds on stays there): not supported on a store in a bucket"
+        )
+    guest = guest_of(args, store)
     settings = WatchSettings(
         interval_s=parse_duration(args.interval),
         count=args.count,
@@ -79,8 +84,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
         prune_every_s=parse_duration(args.prune_every, zero=True),
     )
     mechanism = "colo" if args.colo else args.mechanism
-    if bucket is not None and settings.keep is not None:
-        raise UsageError("watch --keep-… prunes: not supported yet on a store in a bucket")
 
     def report(row: dict[str, Any]) -> None:
         print_json_line(row) if args.json else print(checkpoint_line(row), flush=True)

@@ -17,7 +17,7 @@ from vmckpt.cli._common import (
 from vmckpt.cli.output import human_bytes, print_json, progress_for
 from vmckpt.errors import UsageError
 from vmckpt.guests.local import gone_guests
-from vmckpt.images import Store
+from vmckpt.images import bucketmaint
 from vmckpt.images.maintenance import Result, delete, gc, prune, squash
 from vmckpt.images.retention import PERIODS, KeepRules
 
@@ -135,21 +135,15 @@ def _print(result: Result, args: argparse.Namespace, *, list_kept: bool = False)
     print(_summary(result))
 
 
-def directory_store(args: argparse.Namespace, what: str) -> Store:
-    """The store, for a chain maintenance: a store in a bucket is refused (its layers are
-    shared; maintenance of the bucket is not built yet, and the working copy's alone would
-    make it disagree with the bucket)."""
-    if open_bucket(args) is not None:
-        raise UsageError(
-            f"{what} works on a directory store; on a store in a bucket it is not supported yet"
-        )
-    return open_store(args)
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
     rules = keep_rules(args)
+    bucket = open_bucket(args)
+    if bucket is not None:
+        result = bucketmaint.prune(bucket, rules, guest=args.guest, dry_run=args.dry_run)
+        _print(result, args, list_kept=args.list)
+        return 0
     result = prune(
-        directory_store(args, "prune"), rules, guest=args.guest, dry_run=args.dry_run,
+        open_store(args), rules, guest=args.guest, dry_run=args.dry_run,
         progress=progress_for(args.json),
     )  # fmt: skip
     _print(result, args, list_kept=args.list)
@@ -157,10 +151,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_squash(args: argparse.Namespace) -> int:
-    store = directory_store(args, "squash")
     first, sep, last = args.layers.partition("..")
     if sep and not (first and last):
         raise UsageError(f"{args.layers!r}: give FROM..TO with both ends")
+    bucket = open_bucket(args)
+    if bucket is not None:
+        return _squash_bucket(bucketmaint.squash(
+            bucket, first if sep else None, last if sep else first, dry_run=args.dry_run
+        ), args)  # fmt: skip
+    store = open_store(args)
     result = squash(store, first if sep else None, last if sep else first, dry_run=args.dry_run)
     if not result.rewritten and not args.json:
         print(f"nothing to do: {args.layers} is a base layer already")
@@ -169,8 +168,30 @@ def cmd_squash(args: argparse.Namespace) -> int:
     return 0
 
 
+def _squash_bucket(done: bucketmaint.Squashed, args: argparse.Namespace) -> int:
+    """A squash on a store in a bucket: a new layer replaces the run."""
+    result = done.result
+    if args.json:
+        print_json({**result.to_dict(), "top": done.top, "new_layer": done.layer})
+        return 0
+    if not result.removed and done.layer is None and not result.dry_run:
+        print(f"nothing to do: {done.top} is a base layer already")
+        return 0
+    on = f"on {done.parent}" if done.parent else "a base layer"
+    if done.layer is None:
+        print(f"would write a new layer ({on}) that restores as {done.top} does")
+    else:
+        print(f"wrote    {done.layer} ({on}): it restores as {done.top} did")
+    _print(result, args)
+    return 0
+
+
 def cmd_delete(args: argparse.Namespace) -> int:
-    _print(delete(directory_store(args, "delete"), args.layer, dry_run=args.dry_run), args)
+    bucket = open_bucket(args)
+    if bucket is not None:
+        _print(bucketmaint.delete(bucket, args.layer, dry_run=args.dry_run), args)
+        return 0
+    _print(delete(open_store(args), args.layer, dry_run=args.dry_run), args)
     return 0
 
 
@@ -180,8 +201,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if bucket is not None and not args.dry_run:
         grace = parse_duration(args.upload_grace, zero=True)
         for layer_id in bucket.gc(grace):
-            print(f"removed from {bucket.name}: the objects of {layer_id} (an upload no "
-                  "catalog names)")  # fmt: skip
+            print(f"removed from {bucket.name}: the objects of {layer_id} (removed, or an "
+                  "upload no catalog names)")  # fmt: skip
         for layer_id in bucket.trim():
             print(f"removed {layer_id} from this host's working copy (in {bucket.name}; "
                   "no guest here builds on it)")  # fmt: skip

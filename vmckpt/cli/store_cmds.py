@@ -201,7 +201,8 @@ def _bucket_summary(bucket: BucketStore) -> dict[str, list[str]]:
     return {
         "layers": sorted(catalog.layers),
         "not_fetched": sorted(set(catalog.layers) - here),
-        "not_uploaded": sorted(here - set(catalog.layers)),
+        "not_uploaded": sorted(here - set(catalog.layers) - set(catalog.removed)),
+        "removed": sorted(here & set(catalog.removed)),  # here still; `vmckpt gc` drops them
     }
 
 
@@ -234,6 +235,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"bucket {bucket.name}: {len(in_bucket['layers'])} layer(s); this host holds "
             f"{len(rows)} of them or its own, {len(in_bucket['not_fetched'])} not fetched here, "
             f"{len(in_bucket['not_uploaded'])} not uploaded (`vmckpt push`)"
+            + (
+                f", {len(in_bucket['removed'])} removed from the bucket (`vmckpt gc` drops them)"
+                if in_bucket["removed"]
+                else ""
+            )
         )
     lines = []
     for prefix, row in layer_tree(rows):

@@ -22,6 +22,10 @@ catalog names them; the catalog is the commit point, as in a directory store:
   with the store's key, and each file is checked against its manifest's size and digest (an
   encrypted file's records authenticate when read) before the copy is published in the
   working copy.
+- a prune, delete or squash (bucketmaint.py) removes layers by one swap of the catalog that
+  drops them and records them as ``removed`` (format 1.6), then deletes their objects; no
+  host uploads, resolves or restores a removed layer again, and :meth:`BucketStore.gc`
+  deletes what objects of one are left and drops it from the working copy.
 
 No lock is held in the bucket, so a dead host leaves none behind.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -51,6 +56,10 @@ WORKING_DIR = "buckets"  # under data_root(): one working copy per bucket store
 WHERE_FILE = "bucket.json"  # beside it: the URL, and the endpoint and region init was given
 CAS_ATTEMPTS = 20
 GC_GRACE_S = 3600.0  # objects of a layer no catalog names are left alone this long
+# The working copy's bound (bytes, or with K/M/G/T), kept as layers are fetched: the layers
+# this host needs for nothing (see trim) go, the least recently fetched first, to make room.
+CACHE_LIMIT_ENV = "VMCKPT_CACHE_LIMIT"
+_SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
 _log = log.get(__name__)
 
 
@@ -83,6 +92,17 @@ def remembered(url: BucketUrl) -> BucketConfig:
 def remember(url: BucketUrl, config: BucketConfig) -> None:
     path = working_path(url).parent / WHERE_FILE
     write_json_atomic(path, {"url": str(url), "endpoint": config.endpoint, "region": config.region})
+
+
+def cache_limit() -> int | None:
+    """The working copy's bound in bytes ($VMCKPT_CACHE_LIMIT), or None: unbounded."""
+    text = os.environ.get(CACHE_LIMIT_ENV, "").strip()
+    if not text:
+        return None
+    match = _SIZE_RE.fullmatch(text)
+    if match is None:
+        raise StoreError(f"{CACHE_LIMIT_ENV}={text!r} is not a size (e.g. 20G)", step="open")
+    return int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
 
 
 def _layer_key(layer_id: str, name: str) -> str:
@@ -226,13 +246,21 @@ class BucketStore:
         """The layer ``ref`` names (exactly or as a unique prefix) in the bucket's catalog or
         among this host's layers not yet uploaded."""
         catalog, _ = self.catalog(step)
-        names = sorted(set(catalog.layers) | set(self.local.layer_names()))
+        here = (i for i in self.local.layer_names() if i not in catalog.removed)
+        names = sorted(set(catalog.layers) | set(here))
         if ref in names:
             return ref
         matches = [name for name in names if ref and name.startswith(ref)]
         if len(matches) == 1:
             return matches[0]
         if not matches:
+            gone = [name for name in catalog.removed if ref and name.startswith(ref)]
+            if len(gone) == 1:
+                raise StoreError(
+                    f"it was removed from bucket {self.name} (by a prune or delete)",
+                    layer=gone[0],
+                    step=step,
+                )
             raise StoreError(f"no layer matches {ref!r} in {self.name}", step=step)
         raise StoreError(f"{ref!r} is ambiguous: it matches {', '.join(matches[:5])}", step=step)
 
@@ -242,9 +270,28 @@ class BucketStore:
         return self._pending(catalog)
 
     def _pending(self, catalog: Catalog) -> list[str]:
-        local = [i for i in self.local.layer_ids() if i not in catalog.layers]
+        """Not in the catalog, and not removed from the bucket: a removed layer this working
+        copy still holds is never uploaded again (trim and gc drop it)."""
+        local = [
+            i
+            for i in self.local.layer_ids()
+            if i not in catalog.layers and i not in catalog.removed
+        ]
         depth = {i: len(self.local.chain(i, "push")) for i in local}
         return sorted(local, key=lambda i: (depth[i], i))
+
+    def _refuse_orphans(self, todo: list[str], catalog: Catalog) -> None:
+        """A layer to upload whose parent the bucket removed cannot be pushed: its chain is
+        gone from the store (it stays here, and restores here while its parent does)."""
+        for layer_id in todo:
+            parent = self.local.manifest(layer_id, "push").parent
+            if parent is not None and parent in catalog.removed:
+                raise StoreError(
+                    f"it builds on {parent}, which was removed from bucket {self.name} (by a "
+                    "prune or delete); it cannot be uploaded",
+                    layer=layer_id,
+                    step="push",
+                )
 
     # --- push -------------------------------------------------------------------------
 
@@ -254,6 +301,7 @@ class BucketStore:
         (retried against the new catalog when another host won the race)."""
         catalog, etag = self.catalog("push")
         todo = self._pending(catalog)
+        self._refuse_orphans(todo, catalog)
         uploaded = 0
         for layer_id in todo:
             uploaded += self._upload(layer_id)
@@ -262,6 +310,7 @@ class BucketStore:
         for _attempt in range(CAS_ATTEMPTS):
             local = self.local.catalog("push")
             assert local is not None
+            self._refuse_orphans(todo, catalog)  # a removal may have come first
             add: dict[str, list[str]] = {}
             for layer_id in todo:
                 digest = self.local.manifest_sha256(layer_id)
@@ -272,7 +321,7 @@ class BucketStore:
                         layer=layer_id,
                         step="push",
                     )
-                if known is None:
+                if known is None and layer_id not in catalog.removed:
                     add[layer_id] = [digest]
             heads: dict[str, Head | None] = {
                 key: head
@@ -333,14 +382,23 @@ class BucketStore:
         step = "fetch"
         catalog, _ = self.catalog(step)
         layer_id = self.resolve(ref, step)
+        if self.local.has_layer(layer_id):
+            for manifest in self.local.chain(layer_id, step):
+                if manifest.id in catalog.removed:
+                    raise StoreError(
+                        f"it was removed from bucket {self.name} (by a prune or delete)",
+                        layer=manifest.id,
+                        step=step,
+                    )
         missing: list[tuple[str, bytes, LayerManifest]] = []
         current: str | None = layer_id
         while current is not None and not self.local.has_layer(current):
             if len(missing) > len(catalog.layers):
                 raise CorruptLayerError("its chain loops", layer=layer_id, step=step)
             if current not in catalog.layers:
+                why = "removed (by a prune or delete)" if current in catalog.removed else "unknown"
                 raise StoreError(
-                    f"bucket {self.name}: its catalog does not name this layer",
+                    f"bucket {self.name}: its catalog does not name this layer ({why})",
                     layer=current,
                     step=step,
                 )
@@ -357,8 +415,25 @@ class BucketStore:
                 raise CorruptLayerError(f"{MANIFEST} names layer {manifest.id}", layer=current)
             missing.append((current, got[0], manifest))
             current = manifest.parent
+        if missing:
+            needed = {m.id for _, _, m in missing}
+            if current is not None:
+                needed |= {m.id for m in self.local.chain(current, step)}
+            self.make_room(sum(self._bytes(m) for _, _, m in missing), needed, catalog)
         for layer, data, manifest in reversed(missing):
-            self._download(layer, data, manifest)
+            try:
+                self._download(layer, data, manifest)
+            except StoreError as exc:
+                # Its objects may have gone because another host removed it meanwhile (the
+                # catalog changes first): then say so, not that the bucket is damaged.
+                if layer in self.catalog(step)[0].removed:
+                    raise StoreError(
+                        f"it was removed from bucket {self.name} (by a prune or delete on "
+                        "another host) while this host fetched it; nothing was kept",
+                        layer=layer,
+                        step=step,
+                    ) from exc
+                raise
         return layer_id, [layer for layer, _, _ in reversed(missing)]
 
     def _download(self, layer_id: str, data: bytes, manifest: LayerManifest) -> None:
@@ -392,6 +467,44 @@ class BucketStore:
         finally:
             temp.close()
 
+    def _bytes(self, manifest: LayerManifest) -> int:
+        """What a layer's files take in the working copy."""
+        sizes = (entry.size for entry in manifest.files.values())
+        return sum(crypt.sealed_size(n) if self.local.encrypted else n for n in sizes)
+
+    def make_room(self, incoming: int, needed: set[str], catalog: Catalog) -> list[str]:
+        """Keep the working copy within $VMCKPT_CACHE_LIMIT once ``incoming`` bytes are
+        fetched: remove the layers trim would (this host needs them for nothing), the least
+        recently fetched first, never one of ``needed``, until it fits. What this host needs
+        is kept even beyond the bound (a warning says so). Returns the layer ids removed."""
+        limit = cache_limit()
+        if limit is None:
+            return []
+        local = self.local
+        step = "fetch"
+        with local.maintenance_lock(step), local.switching(step), local.lock(step):
+            held = {i: self._bytes(local.manifest(i, step)) for i in local.layer_names()}
+            total = sum(held.values()) + incoming
+            candidates = [i for i in _evictable(self, catalog) if i not in needed]
+            candidates.sort(key=lambda i: local.layer_path(i).stat().st_mtime)
+            evict: list[str] = []
+            for layer_id in candidates:
+                if total <= limit:
+                    break
+                evict.append(layer_id)
+                total -= held[layer_id]
+            if evict:
+                local.update_catalog(step, drop=evict)  # first: a crash leaves strays, gc's
+        for layer_id in evict:
+            local.files.remove(layer_id)
+        if total > limit:
+            _log.warning(
+                "%s: the working copy holds %d bytes with this fetch, above %s=%d: the rest "
+                "is what this host's guests build on or has not uploaded",
+                self.name, total, CACHE_LIMIT_ENV, limit,
+            )  # fmt: skip
+        return evict
+
     def fetch_all(self) -> list[str]:
         """Every layer the bucket's catalog names, fetched where this host lacks it."""
         catalog, _ = self.catalog("fetch")
@@ -404,15 +517,116 @@ class BucketStore:
         """Every layer of the bucket (fetched where this host lacks it, each copy checked
         against the catalog, its seal and its manifest), and this host's layers not uploaded,
         verified as a directory store's are. Returns the ids verified."""
-        self.fetch_all()
-        return self.local.verify()
+        if cache_limit() is None:
+            self.fetch_all()
+            return self.local.verify()
+        # Within a bound the copy cannot hold them all at once: each chain is checked as it
+        # is fetched (before a later fetch may remove it), then what is here alone.
+        catalog, _ = self.catalog("verify")
+        verified: set[str] = set()
+        for layer_id in sorted(catalog.layers):
+            if layer_id not in verified:
+                self.fetch(layer_id)
+                verified.update(self.local.verify(layer_id))
+        for layer_id in self.pending():
+            verified.update(self.local.verify(layer_id))
+        return sorted(verified)
+
+    # --- removal ---------------------------------------------------------------------
+
+    def manifest_in_bucket(self, layer_id: str, catalog: Catalog, step: str) -> LayerManifest:
+        """A layer's manifest as the catalog names it: this host's copy if it is that very
+        version, else the bucket's object (checked against the catalog's digest)."""
+        if self.local.has_layer(layer_id):
+            manifest, digest = self.local.manifest_with_digest(layer_id, step)
+            if catalog.accepts(layer_id, digest):
+                return manifest
+        got = self.bucket.get(_layer_key(layer_id, MANIFEST), MAX_MANIFEST_BYTES, step, layer_id)
+        if got is None or not catalog.accepts(layer_id, manifest_digest(got[0])):
+            raise CorruptLayerError(
+                f"bucket {self.name}: its {MANIFEST} is missing or not the one the catalog names",
+                layer=layer_id,
+                step=step,
+            )
+        manifest = fmt.parse_manifest(got[0], layer_id, step)
+        if manifest.id != layer_id:
+            raise CorruptLayerError(f"{MANIFEST} names layer {manifest.id}", layer=layer_id)
+        return manifest
+
+    def remove(
+        self, going: dict[str, str], known: set[str], step: str, *, add: str | None = None
+    ) -> list[str]:
+        """Remove the layers ``going`` (id -> the digest of the version planned for) from the
+        bucket: one compare-and-swap of the catalog, which drops them and records them as
+        removed (the commit point; their objects are deleted after, see
+        :meth:`delete_objects`), and names ``add`` (a layer of the working copy that
+        replaces them, uploaded first). ``known``: the layers the plan saw; a layer named
+        since that builds on one that goes, or a head moved onto one, refuses the removal
+        (nothing changed). Returns the ids removed (a layer another host removed first is
+        not)."""
+        known = set(known)
+        added: dict[str, list[str]] = {}
+        parent: str | None = None
+        if add is not None:
+            self._upload(add)
+            added[add] = [self.local.manifest_sha256(add)]
+            parent = self.local.manifest(add, step).parent
+
+        def changed(why: str) -> StoreError:
+            return StoreError(
+                f"bucket {self.name} changed meanwhile ({why}); nothing was removed, run it again",
+                step=step,
+            )
+
+        for _attempt in range(CAS_ATTEMPTS):
+            catalog, etag = self.catalog(step)
+            now = [i for i in sorted(going) if catalog.accepts(i, going[i])]
+            if add is not None and len(now) != len(going):
+                raise changed("a layer to replace was removed by another host")
+            if not now:
+                return []
+            if add is not None and parent is not None and parent not in catalog.layers:
+                raise changed(f"layer {parent}, on which {add} builds, is gone")
+            for layer_id, who in catalog.heads_of().items():
+                if layer_id in now:
+                    raise changed(f"layer {layer_id} became the head of {', '.join(who)}")
+            for layer_id in sorted(set(catalog.layers) - known - set(going)):
+                parent = self.manifest_in_bucket(layer_id, catalog, step).parent
+                if parent in going:
+                    raise changed(f"new layer {layer_id} builds on {parent}")
+                known.add(layer_id)
+            new = catalog.changed(add=added, remove=now)
+            key = self.local.sealing_key(step)
+            if self.bucket.put(CATALOG, new.encode(key), step, if_match=etag) is not None:
+                assert self.local.store_id is not None
+                keys.note_generation(self.local.store_id, new.generation, "bucket-seen")
+                return now
+        raise BucketError(
+            f"bucket {self.name}: its {CATALOG} changed {CAS_ATTEMPTS} times while this host "
+            "tried to replace it; nothing was removed, run it again",
+            step=step,
+        )
+
+    def delete_objects(self, layer_ids: list[str], step: str) -> None:
+        """Delete the objects of layers the catalog records as removed (each layer's
+        manifest last: while it is there, an upload cannot claim the id)."""
+        wanted = set(layer_ids)
+        found: dict[str, list[str]] = {}
+        for info in self.bucket.listing(LAYERS_DIR, step):
+            parts = info.key.split("/")
+            if len(parts) == 3 and parts[0] == LAYERS_DIR and parts[1] in wanted:
+                found.setdefault(parts[1], []).append(info.key)
+        for _layer_id, objects in sorted(found.items()):
+            objects.sort(key=lambda k: k.endswith("/" + MANIFEST))
+            self.bucket.delete(objects, step)
 
     # --- gc -----------------------------------------------------------------------
 
     def gc(self, grace_s: float = GC_GRACE_S) -> list[str]:
-        """Remove the objects of layers no catalog names (an upload that was interrupted, or
-        is under way: only those whose newest object is older than ``grace_s``). Returns the
-        layer ids removed."""
+        """Remove the objects of layers the catalog records as removed (those the host that
+        removed them left behind), and of layers no catalog names (an upload that was
+        interrupted, or is under way: only those whose newest object is older than
+        ``grace_s``). Returns the layer ids removed."""
         step = "gc"
         catalog, _ = self.catalog(step)
         by_layer: dict[str, list[str]] = {}
@@ -429,7 +643,7 @@ class BucketStore:
         cutoff = datetime.now(UTC) - timedelta(seconds=grace_s)
         removed = []
         for layer_id, objects in sorted(by_layer.items()):
-            if newest[layer_id] > cutoff:
+            if newest[layer_id] > cutoff and layer_id not in catalog.removed:
                 continue
             # The manifest last: it is what claims the id.
             objects.sort(key=lambda k: k.endswith("/" + MANIFEST))
@@ -437,14 +651,17 @@ class BucketStore:
             removed.append(layer_id)
         return removed
 
-    def trim(self) -> list[str]:
-        """Bound the working copy: remove the layers the bucket holds (that very version)
-        that neither a head of this host's guests nor a layer not yet uploaded builds on (a
-        restore fetches them again). Returns the layer ids removed."""
+    def trim(self, *, removed_only: bool = False) -> list[str]:
+        """Bound the working copy: remove the layers the bucket holds (that very version), or
+        has removed, that neither a head of this host's guests nor a layer not yet uploaded
+        builds on (a restore fetches them again). ``removed_only``: only those the bucket
+        removed. Returns the layer ids removed."""
         catalog, _ = self.catalog("gc")
         local = self.local
         with local.maintenance_lock("gc"), local.switching("gc"), local.lock("gc"):
             evict = _evictable(self, catalog)
+            if removed_only:
+                evict = [i for i in evict if i in catalog.removed]
             if evict:
                 local.update_catalog("gc", drop=evict)  # first: a crash leaves strays, gc's
         for layer_id in evict:
@@ -472,12 +689,17 @@ def _evictable(store: BucketStore, catalog: Catalog) -> list[str]:
     local_catalog = local.catalog("gc")
     assert local_catalog is not None
     roots = [head.layer for head in local_catalog.heads.values() if head.host == mine]
-    roots += [i for i in names if i not in catalog.layers]  # not uploaded
+    # not uploaded (a layer removed from the bucket is not: it was, and is gone)
+    roots += [i for i in names if i not in catalog.layers and i not in catalog.removed]
     keep: set[str] = set()
     for root in roots:
         if root in names and root not in keep:
             keep.update(m.id for m in local.chain(root, "gc"))
-    return [i for i in names if i not in keep and catalog.accepts(i, local.manifest_sha256(i))]
+    return [
+        i
+        for i in names
+        if i not in keep and (i in catalog.removed or catalog.accepts(i, local.manifest_sha256(i)))
+    ]
 
 
 def _parse_marker(data: bytes, url: BucketUrl) -> tuple[str, str | None]:

@@ -34,6 +34,10 @@ from vmckpt.images.keys import StoreKey
 CATALOG = "catalog.json"
 CATALOG_FORMAT = "vmckpt-catalog"
 CATALOG_VERSION = (1, 5)
+# 1.6: the catalog records the layers removed from a store in a bucket (``removed``), which a
+# reader of 1.5 would ignore (it would upload them again), so such a catalog says 1.6 and a
+# reader of 1.5 refuses it. A catalog that records none is written as 1.5, as before.
+REMOVED_VERSION = (1, 6)
 MAX_CATALOG_BYTES = 64 << 20  # ~100 bytes a layer: hundreds of thousands of layers
 _CONTEXT = b"vmckpt catalog v1\0"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
@@ -62,6 +66,9 @@ class Catalog:
     # a chain maintenance switches it to a new, equivalent version)
     layers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     heads: Mapping[str, Head] = field(default_factory=dict)
+    # layer id -> the SHA-256s of the manifest versions removed (a store in a bucket only: a
+    # host whose working copy still holds one never uploads it again)
+    removed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def accepts(self, layer_id: str, manifest_sha256: str) -> bool:
         return manifest_sha256 in self.layers.get(layer_id, ())
@@ -80,14 +87,22 @@ class Catalog:
         add: Mapping[str, Iterable[str]] | None = None,
         drop: Iterable[str] = (),
         heads: Mapping[str, Head | None] | None = None,
+        remove: Iterable[str] = (),
     ) -> Catalog:
         """The next generation: layers added (or their accepted versions replaced), layers
-        dropped (with any head on them), heads set (None: removed)."""
+        dropped (with any head on them), layers removed (dropped, and recorded in
+        ``removed``: a store in a bucket), heads set (None: removed)."""
         layers = dict(self.layers)
+        removed = dict(self.removed)
         for layer_id, versions in (add or {}).items():
+            if layer_id in removed:
+                raise StoreError(f"{CATALOG}: a removed layer cannot come back", layer=layer_id)
             layers[layer_id] = tuple(dict.fromkeys(versions))
         for layer_id in drop:
             layers.pop(layer_id, None)
+        for layer_id in remove:
+            gone = layers.pop(layer_id, ())
+            removed[layer_id] = tuple(dict.fromkeys((*removed.get(layer_id, ()), *gone)))
         new_heads = dict(self.heads)
         for key, head in (heads or {}).items():
             if head is None:
@@ -95,17 +110,22 @@ class Catalog:
             else:
                 new_heads[key] = head
         new_heads = {k: h for k, h in new_heads.items() if h.layer in layers}
-        return replace(self, generation=self.generation + 1, layers=layers, heads=new_heads)
+        return replace(
+            self, generation=self.generation + 1, layers=layers, heads=new_heads, removed=removed
+        )
 
     def _body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "format": CATALOG_FORMAT,
-            "format_version": list(CATALOG_VERSION),
+            "format_version": list(REMOVED_VERSION if self.removed else CATALOG_VERSION),
             "store_id": self.store_id,
             "generation": self.generation,
             "layers": {k: list(v) for k, v in sorted(self.layers.items())},
             "heads": {k: {"layer": h.layer, "host": h.host} for k, h in sorted(self.heads.items())},
         }
+        if self.removed:
+            body["removed"] = {k: list(v) for k, v in sorted(self.removed.items())}
+        return body
 
     def encode(self, key: StoreKey) -> bytes:
         """The catalog file, sealed under the store's key."""
@@ -133,8 +153,9 @@ class Catalog:
         if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(key, obj)):
             raise bad("it does not authenticate with this store's key")
         # Authenticated: what follows checks the writer's own work.
-        if obj.get("format_version") != list(CATALOG_VERSION):
-            raise bad(f"format version {obj.get('format_version')} is not 1.5")
+        version = obj.get("format_version")
+        if version not in (list(CATALOG_VERSION), list(REMOVED_VERSION)):
+            raise bad(f"format version {version} is not 1.5 or 1.6")
         if obj.get("store_id") != store_id:
             raise bad(f"it is the catalog of store {obj.get('store_id')}")
         generation = obj.get("generation")
@@ -143,16 +164,29 @@ class Catalog:
             raise bad("its generation is not a positive number")
         if not isinstance(layers, dict) or not isinstance(heads, dict):
             raise bad("layers or heads is not an object")
-        parsed_layers: dict[str, tuple[str, ...]] = {}
-        for layer_id, versions in layers.items():
-            if (
-                not LAYER_ID_RE.match(layer_id)
-                or not isinstance(versions, list)
-                or not versions
-                or not all(isinstance(v, str) and _SHA256_RE.match(v) for v in versions)
-            ):
-                raise bad(f"layer entry {layer_id!r} is malformed")
-            parsed_layers[layer_id] = tuple(versions)
+        removed = obj.get("removed", {}) if version == list(REMOVED_VERSION) else {}
+        if "removed" in obj and version != list(REMOVED_VERSION):
+            raise bad("a catalog of 1.5 records no removed layers")
+        if not isinstance(removed, dict):
+            raise bad("removed is not an object")
+
+        def entries(found: dict[str, Any], what: str) -> dict[str, tuple[str, ...]]:
+            parsed: dict[str, tuple[str, ...]] = {}
+            for layer_id, versions in found.items():
+                if (
+                    not LAYER_ID_RE.match(layer_id)
+                    or not isinstance(versions, list)
+                    or not versions
+                    or not all(isinstance(v, str) and _SHA256_RE.match(v) for v in versions)
+                ):
+                    raise bad(f"{what} entry {layer_id!r} is malformed")
+                parsed[layer_id] = tuple(versions)
+            return parsed
+
+        parsed_layers = entries(layers, "layer")
+        parsed_removed = entries(removed, "removed layer")
+        if set(parsed_layers) & set(parsed_removed):
+            raise bad("a layer is both named and removed")
         parsed_heads: dict[str, Head] = {}
         for head_name, head in heads.items():
             kind, _, name = str(head_name).partition("/")
@@ -167,7 +201,7 @@ class Catalog:
             ):
                 raise bad(f"head {head_name!r} is malformed")
             parsed_heads[head_name] = Head(head["layer"], head["host"])
-        return cls(store_id, generation, parsed_layers, parsed_heads)
+        return cls(store_id, generation, parsed_layers, parsed_heads, parsed_removed)
 
 
 def _mac(key: StoreKey, body: Mapping[str, Any]) -> str:

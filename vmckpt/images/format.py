@@ -27,7 +27,7 @@ from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamImage, SpilledPages
 # same major and a lower or equal minor (see `check_version`); the version is the format's
 # own, not vmckpt's.
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 5  # 1.1 disks, 1.2 page digests, 1.3 seals, 1.4 encryption, 1.5 catalog
+FORMAT_MINOR = 6  # 1.1 disks, 1.2 digests, 1.3 seals, 1.4 encryption, 1.5 catalog, 1.6 removed
 DISKS_MINOR = 1  # the optional manifest field `disks`, disk-<id>.idx/.bin
 SUMS_MINOR = 2  # pages.sum, required from 1.2 on
 SEAL_MINOR = 3  # manifest.mac and the marker's store_id, from 1.3 on
@@ -39,6 +39,9 @@ ENCRYPTION_MINOR = 4
 # 1.5: the store's sealed catalog (catalog.json: its layers and heads); a store with one has
 # a marker of 1.5, so a reader of 1.4 or older, which would ignore it, refuses the store.
 CATALOG_MINOR = 5
+# 1.6: a catalog that records removed layers (a store in a bucket; images/catalog.py). The
+# marker and the layers are unchanged.
+REMOVED_MINOR = 6
 LAYER_MINOR = SEAL_MINOR  # what a layer's manifest is written as
 
 LAYER_FORMAT = "vmckpt-layer"

@@ -467,10 +467,11 @@ def plan_changes(
 
 
 def _build(
-    store: Store, rewrite: Rewrite, snapshot: _Snapshot, indexes: _Indexes
+    store: Store, rewrite: Rewrite, snapshot: _Snapshot, indexes: _Indexes, *, new_id: bool = False
 ) -> tuple[TempLayer, str]:
     """The new version of ``rewrite.layer`` as a complete temporary layer directory (open,
-    and locked while it is); returns it and the digest of its manifest."""
+    and locked while it is); returns it and the digest of its manifest. ``new_id``: as a new
+    layer, under an id of its own (a store in a bucket, whose layers never change)."""
     step = "rewrite"
     top = snapshot.manifests[rewrite.layer]
     segment = [top, *(snapshot.manifests[i] for i in rewrite.absorb)]
@@ -509,7 +510,7 @@ def _build(
                 merged.stored, merged.zeroed, record.bitmap, _disk_chunks(store, merged, step),
             )
         )  # fmt: skip
-    temp = store.new_version(top.id)
+    temp = store.new_version(None if new_id else top.id)
     try:
         _, digest = store.write_version(
             temp, content, parts, disks, created=top.created, origin=origin
@@ -664,6 +665,92 @@ def _run(
     )
 
 
+Snapshot = _Snapshot  # what bucketmaint plans on
+
+
+def build_squashed(
+    store: Store, snapshot: _Snapshot, top: str, absorb: list[str], parent: str | None
+) -> tuple[TempLayer, str]:
+    """A new layer (a new id) that composes to what ``top`` composes to, absorbing the
+    layers ``absorb`` (newest first; ``top``'s chain down to, not including, ``parent``):
+    complete in a temporary directory (open and locked; publish or remove it, then close
+    it), and the digest of its manifest. Every layer read must be in ``store``."""
+    manifests = snapshot.manifests
+    segment = [manifests[top], *(manifests[i] for i in absorb)]
+    indexes = _Indexes(store, "squash")
+    rewrite = Rewrite(
+        layer=top,
+        absorb=tuple(absorb),
+        parent=parent,
+        bytes_before=manifests[top].bytes_total,
+        bytes_after=_size_after(segment, parent is None, indexes),
+    )
+    return _build(store, rewrite, snapshot, indexes, new_id=True)
+
+
+def snapshot_of(
+    manifests: dict[str, LayerManifest], heads: dict[str, list[str]], digests: dict[str, str]
+) -> _Snapshot:
+    """A snapshot of layers read elsewhere (a store in a bucket: its catalog's layers)."""
+    return _Snapshot(manifests, heads, digests)
+
+
+def refuse_heads(snapshot: _Snapshot, going: Iterable[str], what: str) -> None:
+    """StoreError if a layer of ``going`` is a guest's head."""
+    _refuse_heads(snapshot, going, what)
+
+
+def without_children(snapshot: _Snapshot, remove: Collection[str]) -> tuple[set[str], set[str]]:
+    """Of ``remove``, the layers that can go without any other layer changing (no layer
+    that stays builds on them), and the rest."""
+    going = set(remove)
+    depth = snapshot.depth
+    for layer_id in sorted(remove, key=lambda i: (-depth[i], i)):  # children first
+        if any(c not in going for c in snapshot.children.get(layer_id, ())):
+            going.discard(layer_id)
+    return going, set(remove) - going
+
+
+def prune_selection(
+    snapshot: _Snapshot,
+    rules: KeepRules,
+    *,
+    guest: str | None = None,
+    now: datetime | None = None,
+    tz: tzinfo | None = None,
+    scope_ids: Collection[str] | None = None,
+) -> tuple[set[str], dict[str, str]]:
+    """What a prune removes of ``snapshot`` (the layers of ``scope_ids``, default all; of
+    guest ``guest`` or of every guest, each guest's layers ruled on their own), and what it
+    keeps and why. A guest's head is always kept."""
+    now = now or datetime.now(UTC)
+    scope = [
+        m
+        for m in snapshot.manifests.values()
+        if (guest is None or m.guest == guest) and (scope_ids is None or m.id in scope_ids)
+    ]
+    groups: dict[str, list[tuple[str, datetime]]] = {}
+    for manifest in scope:
+        try:
+            created = parse_created(manifest.created)
+        except ValueError as exc:
+            raise CorruptLayerError(
+                f"{MANIFEST}: created {manifest.created!r} is not a time",
+                layer=manifest.id,
+                step="prune",
+            ) from exc
+        groups.setdefault(manifest.guest, []).append((manifest.id, created))
+    kept: dict[str, str] = {}
+    for layers in groups.values():
+        kept.update(select(layers, rules, now, tz))
+    for manifest in scope:
+        holders = snapshot.heads.get(manifest.id)
+        if holders:
+            why = f"head of {', '.join(holders)}"
+            kept[manifest.id] = f"{kept[manifest.id]}, {why}" if manifest.id in kept else why
+    return {m.id for m in scope} - set(kept), kept
+
+
 def prune(
     store: Store,
     rules: KeepRules,
@@ -685,30 +772,9 @@ def prune(
             "give at least one --keep-* rule (a prune without one would remove every layer "
             "but the heads)"
         )
-    now = now or datetime.now(UTC)
     with store.maintenance_lock("prune", wait_s=wait_s):
         snapshot = _Snapshot.take(store, "prune")
-        scope = [m for m in snapshot.manifests.values() if guest is None or m.guest == guest]
-        groups: dict[str, list[tuple[str, datetime]]] = {}
-        for manifest in scope:
-            try:
-                created = parse_created(manifest.created)
-            except ValueError as exc:
-                raise CorruptLayerError(
-                    f"{MANIFEST}: created {manifest.created!r} is not a time",
-                    layer=manifest.id,
-                    step="prune",
-                ) from exc
-            groups.setdefault(manifest.guest, []).append((manifest.id, created))
-        kept: dict[str, str] = {}
-        for layers in groups.values():
-            kept.update(select(layers, rules, now, tz))
-        for manifest in scope:
-            holders = snapshot.heads.get(manifest.id)
-            if holders:
-                why = f"head of {', '.join(holders)}"
-                kept[manifest.id] = f"{kept[manifest.id]}, {why}" if manifest.id in kept else why
-        remove = {m.id for m in scope} - set(kept)
+        remove, kept = prune_selection(snapshot, rules, guest=guest, now=now, tz=tz)
         return _run(
             store, "prune", snapshot, remove, dry_run=dry_run, kept=kept, progress=progress,
             switch_wait_s=max(wait_s, SWITCH_WAIT_MIN_S),

@@ -905,9 +905,10 @@ class Store:
                 f"cannot write into {self.layers_path}: {exc.strerror or exc}", step="write"
             ) from exc
 
-    def new_version(self, layer_id: str) -> TempLayer:
+    def new_version(self, layer_id: str | None) -> TempLayer:
         """A temporary directory for a new version of layer ``layer_id`` (chain maintenance
-        writes it with :meth:`write_version`; close it when done)."""
+        writes it with :meth:`write_version`; close it when done); None: for a new layer,
+        under a new id."""
         return self._make_temporary(layer_id)
 
     def _remove_dead_temporaries(self) -> None:
