@@ -77,8 +77,9 @@ class Row:
         return statistics.median(self.running_s)
 
     @property
-    def median_written(self) -> int:
-        return int(statistics.median(self.written))
+    def median_written(self) -> int | None:
+        """None for a row that writes no disk (the reference without one)."""
+        return int(statistics.median(self.written)) if self.written else None
 
 
 def allocated(root: Path) -> int:
@@ -256,12 +257,14 @@ def format_table(rows: Sequence[Row], title: str) -> str:
     for row in rows:
         if not row.running_s:
             continue
-        ratio = f"{row.median_written / row.deltas_bytes:.2f}" if row.deltas_bytes else "-"
+        written = row.median_written
+        ratio = f"{written / row.deltas_bytes:.2f}" if row.deltas_bytes and written else "-"
         rebuild = f"{statistics.median(row.rebuild_s):.2f} s" if row.rebuild_s else "-"
+        shown = f"{written / 1e6:.1f} MB" if written is not None else "-"
         versus = f"{statistics.median(row.vs_no_disk):.2f}x" if row.vs_no_disk else "-"
         lines.append(
             f"| {row.disk} | {row.layer} | {row.mode} | {row.median_running_s:.2f} s "
-            f"({len(row.running_s)}) | {rebuild} | {row.median_written / 1e6:.1f} MB | "
+            f"({len(row.running_s)}) | {rebuild} | {shown} | "
             f"{row.deltas_bytes / 1e6:.1f} MB | {ratio} | {versus} |"
         )
     return "\n".join(lines)
