@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.framework.buckets import config, hosts, url  # noqa: F401  (fixtures)
 from tests.framework.guest import GUEST_BUILD, REPO, Vmckpt
 from tests.framework.mechanisms import SYSTEM_QEMU, Mechanism
 from tests.framework.s3server import s3_bucket, s3_server  # noqa: F401  (fixtures)

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.framework.buckets import Host, share_key
 from tests.framework.s3server import S3Server, boto3_client
-from tests.test_bucket_store import Host, objects, s3_env, share_key, write_chain
+from tests.test_bucket_store import objects, s3_env, write_chain
 from tests.test_images import assert_same_image, content, mutate, random_image
 from vmckpt.cli import main
 from vmckpt.errors import StoreError
@@ -26,22 +27,6 @@ from vmckpt.images.format import manifest_bytes
 from vmckpt.images.keys import SEAL
 from vmckpt.images.maintenance import Result
 from vmckpt.images.retention import KeepRules
-
-
-@pytest.fixture
-def config(s3_server: S3Server) -> BucketConfig:
-    ep = s3_server.endpoint
-    return BucketConfig(ep.url, ep.region, ep.access_key, ep.secret_key)
-
-
-@pytest.fixture
-def url(s3_bucket: str) -> BucketUrl:
-    return BucketUrl(s3_bucket, "team/stores")
-
-
-@pytest.fixture
-def hosts(tmp_path: Path) -> tuple[Host, Host]:
-    return Host(tmp_path / "a"), Host(tmp_path / "b")
 
 
 def layer_objects(s3_server: S3Server, url: BucketUrl, layer_id: str) -> list[str]:
