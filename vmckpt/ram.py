@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -200,6 +201,13 @@ def read_rows(fd: int, positions: AnyPages, out: Rows, base: int = 0) -> None:
             read_rows(fd, positions[rows], ordered[: rows.size], base)
             out[rows] = ordered[: rows.size]
         return
+    read_in_runs(positions, out, lambda rows, at: _pread_full(fd, _bytes(rows), base + at))
+
+
+def read_in_runs(positions: AnyPages, out: Rows, pread: Callable[[Rows, int], None]) -> None:
+    """Rows ``positions`` (ascending) of a page-row file into the rows of ``out``, one
+    ``pread(rows, byte offset)`` per run of positions, across gaps of up to READ_GAP_PAGES
+    and at most READ_SPAN_PAGES a call (the scratch span stays small)."""
     breaks = (np.flatnonzero(np.diff(positions) > READ_GAP_PAGES) + 1).tolist()
     for a, end in zip([0, *breaks], [*breaks, positions.size], strict=True):
         while a < end:
@@ -207,10 +215,10 @@ def read_rows(fd: int, positions: AnyPages, out: Rows, base: int = 0) -> None:
             b = a + int(np.searchsorted(positions[a:end], first + READ_SPAN_PAGES))
             last = int(positions[b - 1])
             if last - first + 1 == b - a:  # consecutive: straight into place
-                _pread_full(fd, _bytes(out[a:b]), base + first * PAGE_SIZE)
+                pread(out[a:b], first * PAGE_SIZE)
             else:
                 span = np.empty((last - first + 1, PAGE_SIZE), dtype=np.uint8)
-                _pread_full(fd, _bytes(span), base + first * PAGE_SIZE)
+                pread(span, first * PAGE_SIZE)
                 out[a:b] = span[positions[a:b] - first]
             a = b
 

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmckpt.errors import CorruptLayerError
-from vmckpt.ram import PAGE_SIZE
+from vmckpt.ram import PAGE_SIZE, read_in_runs
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -162,10 +162,6 @@ class LayerFile:
         raise NotImplementedError
 
 
-READ_GAP_PAGES = 8  # plain files: read across a gap this small rather than make one more read
-READ_SPAN_PAGES = 1024  # plain files: at most this much per read call
-
-
 class PlainFile(LayerFile):
     """A file whose bytes are its content."""
 
@@ -193,21 +189,8 @@ class PlainFile(LayerFile):
         return b"".join(chunks)
 
     def read_pages(self, positions: npt.NDArray[np.int64], out: npt.NDArray[np.uint8]) -> None:
-        """One read per run of positions, across small gaps."""
-        breaks = (np.flatnonzero(np.diff(positions) > READ_GAP_PAGES) + 1).tolist()
-        for a, end in zip([0, *breaks], [*breaks, positions.size], strict=True):
-            while a < end:
-                first = int(positions[a])
-                # At most READ_SPAN_PAGES per read, so the scratch span stays small.
-                b = a + int(np.searchsorted(positions[a:end], first + READ_SPAN_PAGES))
-                last = int(positions[b - 1])
-                if last - first + 1 == b - a:  # consecutive: straight into place
-                    self.pread_into(out[a:b], first * PAGE_SIZE)
-                else:
-                    span = np.empty((last - first + 1, PAGE_SIZE), dtype=np.uint8)
-                    self.pread_into(span, first * PAGE_SIZE)
-                    out[a:b] = span[positions[a:b] - first]
-                a = b
+        """One read per run of positions, across small gaps (ram.read_in_runs)."""
+        read_in_runs(positions, out, self.pread_into)
 
 
 class SealedFile(LayerFile):
