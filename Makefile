@@ -33,8 +33,9 @@ demo: deps-demo guest
 test: deps-test guest check-code
 	$(PYTHON) -m pytest -v tests
 
-## The tests that boot no guest (seconds): the format, the stream, the CLI's parsing.
-test-fast: check-code
+## The tests that boot no guest (about 2 minutes): the format, the stream, the CLI's parsing,
+## the stores in a bucket. Some read the guest's kernel and initrd without booting them.
+test-fast: deps-test guest check-code
 	$(PYTHON) -m pytest -q -m "not qemu" tests
 
 check-code: lint typecheck
