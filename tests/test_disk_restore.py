@@ -20,7 +20,7 @@ import pytest
 from tests.test_images import content, mutate, random_image
 from vmckpt.errors import CorruptLayerError, StoreError
 from vmckpt.images import DiskDelta, Store, maintenance
-from vmckpt.images.disks import BASES_DIR, disk_plan
+from vmckpt.images.disks import BASES_DIR, OVERLAY_SUFFIX, backing_name, disk_plan
 from vmckpt.machine.nbd import ImageWriter
 from vmckpt.machine.spec import DiskSpec
 from vmckpt.mechanisms.disk_restore import DiskRestoreStats, build_overlay, materialize
@@ -225,11 +225,62 @@ def test_gc_removes_only_the_bases_nothing_needs(
     on_used = directory / "disk-old.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(used),
                     str(on_used)], check=True)  # fmt: skip
+    # An empty overlay kept for a base that is gone goes too; the one of a kept base stays.
+    template = base.with_name(base.name + OVERLAY_SUFFIX)
+    orphan = bases / ("c" * 40 + ".raw" + OVERLAY_SUFFIX)
+    orphan.write_bytes(template.read_bytes())
     removed = {Path(g.path) for g in maintenance.gc(store, [])}
     assert unused in removed and not unused.exists()
+    assert orphan in removed and not orphan.exists()
     assert used.exists() and base.exists() and used not in removed and base not in removed
+    assert template.exists()
     # Without the restored disk on it, the layer's own base stays (the next restore uses it).
     Path(disk.path).unlink()
     on_used.unlink()
     removed = {Path(g.path) for g in maintenance.gc(store, [])}
     assert base.exists() and removed == {used}
+
+
+def test_the_empty_overlay_is_made_once_and_one_naming_another_file_is_made_again(
+    store: Store, tmp_path: Path, rng: np.random.Generator
+) -> None:
+    ids, states = make_chain(store, tmp_path, rng, layers=3)
+    base = build_overlay(store, ids[2], "vda", tmp_path / "first.qcow2", vm="t")
+    template = base.with_name(base.name + OVERLAY_SUFFIX)
+    assert stat.S_IMODE(template.lstat().st_mode) == 0o400
+    assert backing_name(template) == str(base)
+    made = template.stat().st_ino
+    build_overlay(store, ids[1], "vda", tmp_path / "second.qcow2", vm="t")
+    assert template.stat().st_ino == made  # copied, not made again
+    assert read_disk(tmp_path / "second.qcow2", tmp_path) == states[1]
+    # A template that names another backing file is not used.
+    planted = tmp_path / "planted.qcow2"
+    elsewhere = str(tmp_path / "delta-0.bin")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", elsewhere,
+                    str(planted), str(SIZE)], check=True)  # fmt: skip
+    template.chmod(0o600)
+    template.write_bytes(planted.read_bytes())
+    template.chmod(0o400)
+    build_overlay(store, ids[2], "vda", tmp_path / "third.qcow2", vm="t")
+    assert backing_name(tmp_path / "third.qcow2") == str(base)
+    assert backing_name(template) == str(base)
+    assert read_disk(tmp_path / "third.qcow2", tmp_path) == states[2]
+
+
+def test_writes_in_flight_at_once_land_as_written_in_order(tmp_path: Path) -> None:
+    """The writer keeps several writes in flight; one to a place a write in flight covers
+    must still land after it (the server may complete those in any order)."""
+    image = tmp_path / "w.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"], check=True)
+    expected = bytearray(4 << 20)
+    with ImageWriter(image, "qcow2", vm="t", durable=False) as writer:
+        for number in range(40):
+            writer.write(0, bytes([number + 1]) * 65536)  # one place, over and over
+            writer.write_zeroes(65536, 65536)
+            writer.write(65536 + 512 * number, bytes([number + 1]) * 512)
+            at = (2 + number) * 65536  # and ones that overlap nothing
+            writer.write(at, bytes([number + 7]) * 4096)
+            expected[at : at + 4096] = bytes([number + 7]) * 4096
+    expected[:65536] = bytes([40]) * 65536
+    expected[65536 + 512 * 39 : 65536 + 512 * 40] = bytes([40]) * 512
+    assert read_disk(image, tmp_path) == bytes(expected)

@@ -9,9 +9,12 @@ writes bytes from a stream at an offset, hence the daemon.
 The daemon is started by vmckpt as its child and handed an already listening socket (an
 abstract Unix socket: no path anyone could plant or race for); vmckpt connects at once (the
 connection waits in the backlog until the daemon accepts it). The client speaks the fixed
-newstyle handshake with ``NBD_OPT_EXPORT_NAME`` and simple replies, one request at a time:
-``NBD_CMD_WRITE`` (at most 4 MiB each), ``NBD_CMD_WRITE_ZEROES``, ``NBD_CMD_FLUSH``,
-``NBD_CMD_DISC`` (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md). The
+newstyle handshake with ``NBD_OPT_EXPORT_NAME`` and simple replies: ``NBD_CMD_WRITE`` (at
+most 4 MiB each), ``NBD_CMD_WRITE_ZEROES``, ``NBD_CMD_FLUSH``, ``NBD_CMD_DISC``
+(https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md). Up to
+:data:`MAX_IN_FLIGHT` writes are in flight at once (a reply's round trip per cluster made a
+delta of scattered clusters slow); the server may complete them in any order, so a write
+that overlaps one in flight waits until every one in flight is answered. The
 daemon is ended by its PID (SIGTERM, which makes it close its images in order; SIGKILL
 after a timeout).
 """
@@ -48,6 +51,9 @@ CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_WRITE_ZEROES = 1, 2, 3, 6
 MAX_WRITE = 4 << 20  # bytes per NBD_CMD_WRITE (QEMU's server takes up to 32 MiB)
 MAX_ZEROES = 1 << 30  # bytes per NBD_CMD_WRITE_ZEROES
 END_TIMEOUT_S = 30.0
+# Requests sent before their replies are read: QEMU's server serves 16 at once; their
+# replies (16 bytes each) always fit the socket's buffer, so neither side blocks the other.
+MAX_IN_FLIGHT = 16
 
 
 def storage_daemon() -> str:
@@ -68,23 +74,29 @@ class ImageWriter:
 
     Use as a context manager: on a clean exit the image is flushed and the daemon ended;
     on an exception the daemon is ended (what was written may be partial: the caller
-    discards the image). ``written`` counts the data bytes sent, ``zeroed`` the bytes
+    discards the image). Not ``durable``: the flush writes everything into the file but does
+    not sync it to the device (for an image a QEMU opens next, whose guest's own flushes sync
+    the file). ``written`` counts the data bytes sent, ``zeroed`` the bytes
     zeroed. Errors are MachineError naming ``vm`` and the step.
     """
 
-    def __init__(self, image: Path, fmt: str, *, vm: str, step: str = "disk-write") -> None:
+    def __init__(
+        self, image: Path, fmt: str, *, vm: str, step: str = "disk-write", durable: bool = True
+    ) -> None:
         if fmt not in ("qcow2", "raw"):
             raise MachineError(f"cannot write a {fmt!r} image", vm=vm, step=step)
         self.image = image
         self.fmt = fmt
         self.vm = vm
         self.step = step
+        self.durable = durable
         self.size = 0
         self.written = 0
         self.zeroed = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._cookie = 0
+        self._in_flight: dict[int, tuple[int, int]] = {}  # cookie: (offset, length)
 
     def _fail(self, message: str) -> MachineError:
         return MachineError(message, vm=self.vm, step=self.step)
@@ -101,8 +113,10 @@ class ImageWriter:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            if kind is None:
+            if kind is None:  # qcow2 writes its metadata out (and syncs, if durable)
+                self._drain()
                 self._request(CMD_FLUSH, 0, 0)
+                self._drain()
                 self._send(REQUEST.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
         finally:
             self._end()
@@ -115,7 +129,8 @@ class ImageWriter:
             fd = listener.fileno()
             command = [
                 storage_daemon(),
-                "--blockdev", f"driver=file,node-name=file,filename={_escape(self.image)}",
+                "--blockdev", f"driver=file,node-name=file,filename={_escape(self.image)}"
+                + ("" if self.durable else ",cache.no-flush=on"),
                 "--blockdev", f"driver={self.fmt},node-name=image,file=file",
                 "--nbd-server", f"addr.type=fd,addr.str={fd}",
                 "--export", f"type=nbd,id=out,node-name=image,name={EXPORT.decode()},"
@@ -181,17 +196,29 @@ class ImageWriter:
     ) -> None:
         if offset < 0 or offset + length > self.size:
             raise self._fail(f"range {offset}+{length} is outside the image ({self.size} bytes)")
+        end = offset + length
+        if len(self._in_flight) >= MAX_IN_FLIGHT or any(
+            start < end and offset < start + size for start, size in self._in_flight.values()
+        ):
+            self._drain()
         self._cookie += 1
         self._send(REQUEST.pack(REQUEST_MAGIC, 0, command, self._cookie, offset, length))
         if data is not None:
             self._send(data)
-        magic, error, cookie = REPLY.unpack(self._recv(REPLY.size))
-        if magic != REPLY_MAGIC or cookie != self._cookie:
-            raise self._fail("the NBD server sent a reply out of protocol")
-        if error:
-            raise self._fail(
-                f"writing {self.image} at {offset}+{length} failed: {os.strerror(error)}"
-            )
+        self._in_flight[self._cookie] = (offset, length)
+
+    def _drain(self) -> None:
+        """Read the replies of every request in flight; the first error raises."""
+        while self._in_flight:
+            magic, error, cookie = REPLY.unpack(self._recv(REPLY.size))
+            where = self._in_flight.pop(cookie, None)
+            if magic != REPLY_MAGIC or where is None:
+                raise self._fail("the NBD server sent a reply out of protocol")
+            if error:
+                offset, length = where
+                raise self._fail(
+                    f"writing {self.image} at {offset}+{length} failed: {os.strerror(error)}"
+                )
 
     def _send(self, data: bytes | memoryview) -> None:
         assert self._sock is not None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +24,15 @@ from pathlib import Path
 from vmckpt import log
 from vmckpt.errors import QMPError, RestoreError
 from vmckpt.images import LayerManifest, Store
-from vmckpt.images.disks import DiskPlan, delta_extents, disk_plan, shared_base
+from vmckpt.images.disks import (
+    BASE_MODE,
+    OVERLAY_SUFFIX,
+    QCOW2_MAGIC,
+    DiskPlan,
+    delta_extents,
+    disk_plan,
+    shared_base,
+)
 from vmckpt.machine.binary import qemu_img
 from vmckpt.machine.nbd import ImageWriter
 from vmckpt.machine.spec import DiskSpec
@@ -31,6 +40,7 @@ from vmckpt.qmp import Monitor
 
 _PREFIX = "disk-"
 CLUSTER_SIZE = 65536  # the overlay's, as the capture's backup targets (deltas come in these)
+_TEMPLATE_MAX = 1 << 20  # an empty overlay's header and tables: ~200 KiB
 _log = log.get(__name__)
 
 
@@ -107,25 +117,81 @@ def build_overlay(
             stats.bases_made += 1
             stats.base_bytes += plan.base_record.bytes_stored
         # The name is taken with O_EXCL (never an existing file, nor a link planted there),
-        # then qemu-img writes the image into it.
+        # then the empty overlay is written into it.
         try:
             fd = os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise RestoreError(f"cannot make {overlay}: {exc.strerror or exc}", vm=vm,
                                layer=layer_id, step="compose-disk") from exc  # fmt: skip
-        os.close(fd)
         try:
-            qemu_img(
-                "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER_SIZE}",
-                "-F", "raw", "-b", str(base), str(overlay), str(plan.size),
-                vm=vm, step="compose-disk",
-            )  # fmt: skip
+            if base_dir is None:  # in the data directory: its template beside it
+                with os.fdopen(os.dup(fd), "wb") as out:
+                    out.write(_overlay_template(base, plan.size, vm=vm))
+            else:
+                os.close(fd)
+                fd = -1
+                _create_overlay(overlay, base, plan.size, vm=vm)
             if plan.deltas:
                 apply_deltas(store, plan, overlay, vm=vm, stats=stats)
         except BaseException:
             overlay.unlink(missing_ok=True)
             raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
     return base
+
+
+def _create_overlay(path: Path, base: Path, size: int, *, vm: str) -> None:
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER_SIZE}",
+        "-F", "raw", "-b", str(base), str(path), str(size), vm=vm, step="compose-disk",
+    )  # fmt: skip
+
+
+def _overlay_template(base: Path, size: int, *, vm: str) -> bytes:
+    """The bytes of an empty overlay on ``base`` (a shared base in the data directory): kept
+    beside it, made by qemu-img the first time. Used only if it is this user's read-only
+    regular file naming ``base`` as its backing file and ``size`` as its own; else remade
+    (it holds nothing but what qemu-img writes for these two)."""
+    template = base.with_name(base.name + OVERLAY_SUFFIX)
+    with contextlib.suppress(OSError):
+        fd = os.open(template, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            if (
+                stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid()
+                and stat.S_IMODE(info.st_mode) == BASE_MODE and info.st_nlink == 1
+                and info.st_size <= _TEMPLATE_MAX
+            ):  # fmt: skip
+                data = os.pread(fd, _TEMPLATE_MAX, 0)
+                if _names(data, base, size):
+                    return data
+        finally:
+            os.close(fd)
+    temporary = template.with_name(f".tmp-{template.name}-{secrets.token_hex(4)}")
+    try:
+        _create_overlay(temporary, base, size, vm=vm)
+        temporary.chmod(BASE_MODE)
+        data = temporary.read_bytes()
+        if not _names(data, base, size):
+            raise RestoreError(f"qemu-img made an overlay of {base} that does not name it",
+                               vm=vm, step="compose-disk")  # fmt: skip
+        os.rename(temporary, template)  # the same bytes as any other restore's: last one stays
+    finally:
+        temporary.unlink(missing_ok=True)
+    return data
+
+
+def _names(image: bytes, base: Path, size: int) -> bool:
+    """Whether a qcow2 header names ``base`` as its backing file and ``size`` as its size."""
+    if len(image) < 32 or image[:4] != QCOW2_MAGIC:
+        return False
+    offset = int.from_bytes(image[8:16], "big")
+    length = int.from_bytes(image[16:20], "big")
+    return int.from_bytes(image[24:32], "big") == size and image[
+        offset : offset + length
+    ] == os.fsencode(base)
 
 
 def apply_deltas(
@@ -133,7 +199,10 @@ def apply_deltas(
 ) -> None:
     """Write the plan's deltas, oldest first, into ``overlay`` (the caller holds the chain's
     read lock; a delta whose data does not check raises and the overlay must go)."""
-    with ImageWriter(overlay, "qcow2", vm=vm, step="compose-disk") as writer:
+    # Not synced: the restored QEMU reads the overlay through the page cache, and its guest's
+    # flushes sync the file (these writes with it); after a host crash the restore is gone
+    # anyway, its overlay with it.
+    with ImageWriter(overlay, "qcow2", vm=vm, step="compose-disk", durable=False) as writer:
         for manifest in plan.deltas:
             for offset, length, data in delta_extents(store, manifest, plan.disk_id):
                 if data is None:

@@ -156,7 +156,7 @@ def restore_lazy(
         for launch in launches:
             _start(store, manifest, launch, extra_args, server)
         pid = server.wait_ready()
-        results = [_wait_running(launch, manifest, started) for launch in launches]
+        results = [_wait_running(launch, started) for launch in launches]
         if watch_s > 0:
             for launch in launches:
                 _watch(launch, watch_s)
@@ -217,28 +217,24 @@ def _start(
     peer = server.sockets[name]
     mon.send_fd(FD_NAME, peer.fileno())
     peer.close()
+    # Writable disks: activated and given their dirty bitmaps now, before the guest can
+    # write. No other QEMU holds the images (the page server serves memory only), so QEMU's
+    # reason to keep an incoming guest's disks inactive until it runs does not apply; and so
+    # QEMU can start the guest itself the moment its device state is loaded.
+    track_restored(mon, launch.spec.disks, manifest)
     launch.mark = mon.mark()
     launch.console_from = _size(process.serial_log)
     launch.incoming_wall = time.time()
     mon.migrate_incoming(f"fd:{FD_NAME}")
     server.go(name)
-    if not any(not disk.readonly for disk in launch.spec.disks):
-        mon.cont()  # while incoming: QEMU runs the guest once the device state is loaded
+    mon.cont()  # while incoming: QEMU runs the guest once the device state is loaded
 
 
-def _wait_running(launch: _Launch, manifest: LayerManifest, started: float) -> Started:
-    """Wait until QEMU runs the guest (its RESUME event); with writable disks, first until
-    the device state is loaded, to recreate their dirty bitmaps before the guest writes."""
+def _wait_running(launch: _Launch, started: float) -> Started:
+    """Wait until QEMU runs the guest (its RESUME event)."""
     assert launch.guest is not None and launch.mon is not None
     mon, process, name = launch.mon, launch.guest.process(), launch.name
     deadline = time.monotonic() + LOAD_TIMEOUT_S
-    has_disks = any(not disk.readonly for disk in launch.spec.disks)
-    if has_disks:
-        while mon.status() == "inmigrate":
-            _check_loading(mon, process, launch, deadline)
-            time.sleep(0.002)
-        track_restored(mon, launch.spec.disks, manifest)
-        mon.cont()
     while True:
         with contextlib.suppress(QMPError):
             event = mon.wait_event({"RESUME"}, 0.05, since=launch.mark)
