@@ -352,3 +352,37 @@ def test_a_damaged_page_found_while_serving_ends_the_restored_guest(
     with Store(lazy.store) as store:  # a damaged layer never became its head
         assert store.head("dmg") is None
     assert [g["state"] for g in lazy.listing()["guests"] if g["name"] == "dmg"] == ["stopped"]
+
+
+@pytest.mark.parametrize("memory", ["1G", "4G"])
+@pytest.mark.parametrize("qemu", QEMUS)
+def test_lazy_restores_of_1_and_4_gib_guests_continue_with_their_checksums(
+    qemu: str, memory: str, guest_images: Path
+) -> None:
+    """The sizes the issue names (their timings: benchmarks/lazy.py): a guest with 256 MiB of
+    its workload's data in use, restored lazily, runs on where it was checkpointed."""
+    qemu = str(qemu)
+    if shutil.which(qemu) is None:
+        pytest.fail(f"no QEMU at {qemu} (make deps-test installs QEMU 11 at {QEMU11_DEFAULT})")
+    path = short_tmp("vk-lazy-size-")
+    runner = Vmckpt(path / "store", media=guest_images, env={"VMCKPT_QEMU": qemu})
+    try:
+        runner.run_guest("big", memory=memory, buf_mb=256)
+        runner.wait_states("big", 4)
+        before = runner.last_seq("big")
+        row = runner.checkpoint("big", "--mechanism", "precopy-diff")
+        shot = Taken(str(row["layer"]), before, runner.last_seq("big"),
+                     int(str(row["pages_stored"])), int(str(row["bytes"])),
+                     float(str(row["pause_ms"])))  # fmt: skip
+        assert shot.pages * 4096 >= 256 << 20, row  # the workload's data is in the layer
+        original = runner.wait_states("big", len(runner.states("big")) + 4)
+        runner("stop", "big", "--store", str(runner.store))
+        restored_row = restore(runner, "--layer", shot.layer, "--name", "big")
+        assert restored_row["lazy"] is True, restored_row
+        assert_continues(runner.wait_states("big", 6), original, shot)
+        done = wait_all_in(runner, "big")
+        assert done["pages_in"] * 4096 >= 256 << 20, done
+        assert "BAD" not in runner.serial("big")
+    finally:
+        runner.kill_all()
+        shutil.rmtree(path, ignore_errors=True)

@@ -97,14 +97,15 @@ def read_regular(
     """The content of a regular file of at most ``limit`` bytes, read without following a
     symbolic link and without blocking on a FIFO (opened non-blocking, then checked to be a
     regular file before a byte is read). ``single_link``: a file with other hard links is
-    refused too, since it may be a file outside the directory it was found in. OSError (with
-    a readable strerror) for anything else than such a file."""
+    refused too, since it may be a file outside the directory it was found in (one with no
+    link left was replaced or removed after it was opened: it was the file at ``path``).
+    OSError (with a readable strerror) for anything else than such a file."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        if single_link and info.st_nlink != 1:
+        if single_link and info.st_nlink > 1:
             raise OSError(errno.EMLINK, "it has other hard links (refused)", str(path))
         if info.st_size > limit:
             raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
