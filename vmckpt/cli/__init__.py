@@ -7,6 +7,7 @@ Every VmckptError becomes one line on stderr and the error's exit code
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -72,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     log.configure(args.verbose)
+    # What the imports made lives as long as the process: no collection needs to scan it,
+    # the one at exit included (measured: 0.1 s of a lazy restore's 0.5 s command).
+    gc.freeze()
     try:
         code: int = args.func(args)
         return code
