@@ -7,6 +7,7 @@ Timings are the benchmark's business (benchmarks/lazy.py): these tests check wha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -352,6 +353,33 @@ def test_a_damaged_page_found_while_serving_ends_the_restored_guest(
     with Store(lazy.store) as store:  # a damaged layer never became its head
         assert store.head("dmg") is None
     assert [g["state"] for g in lazy.listing()["guests"] if g["name"] == "dmg"] == ["stopped"]
+
+
+def test_a_damaged_digest_file_fails_the_restore_before_the_guest_runs(
+    original: Original, lazy: Vmckpt
+) -> None:
+    """The page server opens the chain's index and digests while the QEMU starts: a digest
+    file that does not match its manifest fails the restore as the full restore would (one
+    line, exit 4), with no QEMU left running and no guest listed; the store is untouched."""
+    shot = original.taken[1]
+    sums = lazy.store / "layers" / shot.layer / "pages.sum"
+    sums.chmod(0o600)
+    data = bytearray(sums.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    sums.write_bytes(bytes(data))
+    sums.chmod(0o400)
+    before = {p: p.read_bytes() for p in sorted((lazy.store / "layers").rglob("*")) if p.is_file()}
+    result = lazy("restore", "--store", str(lazy.store), "--layer", shot.layer, "--name", "bad",
+                  "--detach", "--json", check=False)  # fmt: skip
+    lazy.started.add("bad")
+    one_line_error(result, "pages.sum: sha256 mismatch", shot.layer, code=4)
+    runtime = str(lazy.runtime("bad"))
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            assert runtime.encode() not in cmdline.read_bytes(), f"{cmdline.parent} still runs"
+    assert "bad" not in [g["name"] for g in lazy.listing()["guests"]]
+    after = {p: p.read_bytes() for p in sorted((lazy.store / "layers").rglob("*")) if p.is_file()}
+    assert after == before
 
 
 @pytest.mark.parametrize("memory", ["1G", "4G"])

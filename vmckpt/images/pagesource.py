@@ -58,6 +58,22 @@ class _Layer:
     sums: npt.NDArray[np.uint8]  # its pages.sum rows
 
 
+@dataclass(frozen=True)
+class SourceHead:
+    """What a page source serves before its first page, checked without reading the chain's
+    indexes or pages: the chain (manifests and seals), the RAM blocks, the newest layer's
+    prelude and device state. (:meth:`PageSource.head`: cheap whatever the RAM size.)"""
+
+    chain: list[LayerManifest]
+    blocks: list[RamBlock]
+    prelude: bytes
+    device_state: bytes
+
+    @property
+    def manifest(self) -> LayerManifest:
+        return self.chain[-1]
+
+
 class PageSource:
     """The page index of one layer's chain and its open files (module doc)."""
 
@@ -88,25 +104,45 @@ class PageSource:
         self._codec = codec
         self.stored = np.flatnonzero(owner != ZERO).astype(np.int64)  # pages some layer holds
 
+    @staticmethod
+    def head(store: Store, layer_id: str) -> SourceHead:
+        """The chain of ``layer_id`` checked (manifests, seals, RAM size, page digests
+        present) and its newest layer's prelude and device state read: what a restore needs
+        before its QEMU starts. :meth:`open` checks it all again and builds the page index."""
+        with store.reading("open a page source"):
+            chain = PageSource._checked_chain(store, layer_id)
+            newest = chain[-1]
+            prelude = store.reader.read_small(newest, PRELUDE, STEP)
+            device = store.reader.read_small(newest, DEVICE, STEP)
+        blocks = [RamBlock(block.idstr, block.length) for block in newest.blocks]
+        return SourceHead(chain, blocks, prelude, device)
+
+    @staticmethod
+    def _checked_chain(store: Store, layer_id: str) -> list[LayerManifest]:
+        step = STEP
+        chain = store.chain(layer_id, step)
+        store.require_sealed(chain, step)
+        newest = chain[-1]
+        store.check_ram_size(newest, step)
+        old = next((m for m in chain if not m.has_page_sums), None)
+        if old is not None:
+            version = ".".join(str(n) for n in old.format_version)
+            raise NoPageDigests(
+                f"layer {old.id} (format {version}) has no page digests: its pages can "
+                "only be composed whole",
+                layer=newest.id,
+                step=step,
+            )
+        return chain
+
     @classmethod
     def open(cls, store: Store, layer_id: str) -> PageSource:
         """Check the chain of ``layer_id`` as a compose does, without reading its pages, and
         build its page index. Holds the chain lock (shared) meanwhile."""
         step = STEP
         with store.reading("open a page source"):
-            chain = store.chain(layer_id, step)
-            store.require_sealed(chain, step)
+            chain = cls._checked_chain(store, layer_id)
             newest = chain[-1]
-            store.check_ram_size(newest, step)
-            old = next((m for m in chain if not m.has_page_sums), None)
-            if old is not None:
-                version = ".".join(str(n) for n in old.format_version)
-                raise NoPageDigests(
-                    f"layer {old.id} (format {version}) has no page digests: its pages can "
-                    "only be composed whole",
-                    layer=newest.id,
-                    step=step,
-                )
             blocks = [RamBlock(block.idstr, block.length) for block in newest.blocks]
             counts = [block.pages for block in blocks]
             starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

@@ -9,13 +9,16 @@ connection; it detaches at once (a new session, no terminal, its output to
 The restore command keeps its side, a :class:`ForkedServer`: one socket per destination
 to hand to QEMU, a pipe on which it says ``go NAME`` once a QEMU is receiving (or
 ``abort``), and one on which the server says ``ready PID`` once its records are written
-and its guard runs. Its guard and every later server are spawned (recovery.py).
+and its guard runs (or ``failed`` and the error, as it crosses processes, if it could not
+open the chain: the restore raises that error). Its guard and every later server are
+spawned (recovery.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import select
 import signal
@@ -27,14 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmckpt import log
-from vmckpt.errors import RestoreError, VmckptError
+from vmckpt.errors import RestoreError, VmckptError, from_wire
 from vmckpt.fsutil import FILE_MODE
 from vmckpt.images import Store
-from vmckpt.images.pagesource import PageSource
+from vmckpt.images.pagesource import PageSource, SourceHead
 from vmckpt.mechanisms.pageserver import records
 from vmckpt.mechanisms.pageserver.server import PageServer, guest_process, held, serve
 
 READY_TIMEOUT_S = 30.0
+FAILURE_WAIT_S = 1.0  # a failed restore: how long the server may take to say why
 PR_SET_NAME = 15  # linux/prctl.h
 _log = log.get("vmckpt.pageserver")
 
@@ -46,33 +50,67 @@ class ForkedServer:
     pid: int
     sockets: dict[str, socket.socket]  # QEMU's ends, one per destination (hand them over)
     _go: int  # pipe: "go NAME" once a destination's QEMU has its socket, "abort"
-    _ready: int  # pipe: the server says "ready PID" or "error ..."
+    _ready: int  # pipe: the server says "ready PID", "failed {error}" or "error ..."
+
+    _said: str | None = None  # the server's line on the ready pipe, once read
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> int:
         """The server's PID once it is serving (its records written, its guard running)."""
+        line = self._line(timeout)
+        if line is None:
+            raise RestoreError("the page server did not start in time", step="page-server")
+        failure = self._failure(line)
+        if failure is not None:
+            raise failure
+        self.pid = int(line.split()[1])
+        return self.pid
+
+    def failure(self, timeout: float = FAILURE_WAIT_S) -> VmckptError | None:
+        """Why the server could not start, if it said so (within ``timeout``): a restore that
+        failed otherwise asks, since a server that cannot open the chain ends the QEMUs'
+        incoming migrations, and that is what the restore then sees first."""
+        line = self._line(timeout)
+        return None if line is None else self._failure(line)
+
+    def _line(self, timeout: float) -> str | None:
+        """The server's one line ("" if it exited without one), None if not said in time."""
+        if self._said is not None:
+            return self._said
         deadline = time.monotonic() + timeout
         data = b""
         while b"\n" not in data:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise RestoreError("the page server did not start in time", step="page-server")
-            ready, _, _ = select.select([self._ready], [], [], remaining)
-            if ready:
-                chunk = os.read(self._ready, 4096)
-                if not chunk:
-                    break
-                data += chunk
-        line = data.decode(errors="replace").strip()
-        if not line.startswith("ready "):
-            raise RestoreError(
-                f"the page server did not start: {line or 'it exited'}", step="page-server"
-            )
-        self.pid = int(line.split()[1])
-        return self.pid
+                return None
+            try:
+                ready, _, _ = select.select([self._ready], [], [], remaining)
+                chunk = os.read(self._ready, 4096) if ready else None
+            except OSError:  # the pipe is closed: done() was called
+                chunk = b""
+            if chunk == b"":
+                break
+            data += chunk or b""
+        self._said = data.decode(errors="replace").strip()
+        return self._said
+
+    @staticmethod
+    def _failure(line: str) -> VmckptError | None:
+        if line.startswith("ready "):
+            return None
+        if line.startswith("failed "):
+            with contextlib.suppress(ValueError):
+                wire = json.loads(line.removeprefix("failed "))
+                if isinstance(wire, dict):
+                    return from_wire(wire, default=RestoreError)
+        return RestoreError(
+            f"the page server did not start: {line or 'it exited'}", step="page-server"
+        )
 
     def go(self, name: str) -> None:
-        """The destination ``name`` has its socket and is receiving: watch it."""
-        os.write(self._go, f"go {name}\n".encode())
+        """The destination ``name`` has its socket and is receiving: watch it. (A server
+        that has ended says why on its ready pipe: :meth:`wait_ready`.)"""
+        with contextlib.suppress(OSError):
+            os.write(self._go, f"go {name}\n".encode())
 
     def done(self) -> None:
         """Every destination is launched; the restore command lets go of the server."""
@@ -89,11 +127,12 @@ class ForkedServer:
         self.done()
 
 
-def fork_server(store: Store, source: PageSource, preambles: dict[str, bytes]) -> ForkedServer:
-    """Fork the page server of a restore (module doc): it detaches, serves ``source`` to one
-    destination per name of ``preambles``, and waits for :meth:`ForkedServer.go` to watch
-    each. Call it before any thread or QMP connection exists in this process. The caller's
-    copy of ``source`` is closed."""
+def fork_server(store: Store, head: SourceHead, preambles: dict[str, bytes]) -> ForkedServer:
+    """Fork the page server of a restore (module doc): it detaches, opens the chain ``head``
+    checked as a page source (an error, a chain that is no longer that one, is said on the
+    ready pipe), serves it to one destination per name of ``preambles``, and waits for
+    :meth:`ForkedServer.go` to watch each. Call it before any thread or QMP connection
+    exists in this process."""
     names = list(preambles)
     pairs = {name: socket.socketpair() for name in names}
     go_read, go_write = os.pipe()
@@ -105,7 +144,7 @@ def fork_server(store: Store, source: PageSource, preambles: dict[str, bytes]) -
         try:
             os.setsid()
             if os.fork() == 0:
-                code = _forked_main(store, source, pairs, preambles, go_read, ready_write, log_path)
+                code = _forked_main(store, head, pairs, preambles, go_read, ready_write, log_path)
             else:
                 code = 0
         except BaseException:  # never return into the restore command's stack
@@ -115,7 +154,6 @@ def fork_server(store: Store, source: PageSource, preambles: dict[str, bytes]) -
     os.waitpid(first, 0)
     os.close(go_read)
     os.close(ready_write)
-    source.close()
     theirs = {}
     for name, (ours, peer) in pairs.items():
         ours.close()
@@ -144,7 +182,7 @@ def _detach(log_path: Path) -> None:
 
 def _forked_main(
     store: Store,
-    source: PageSource,
+    head: SourceHead,
     pairs: dict[str, tuple[socket.socket, socket.socket]],
     preambles: dict[str, bytes],
     go_read: int,
@@ -158,6 +196,13 @@ def _forked_main(
         for name, (ours, peer) in pairs.items():
             peer.close()
             sockets[name] = ours
+        source = PageSource.open(store, head.manifest.id)
+        if source.manifest != head.manifest or source.device_state != head.device_state:
+            source.close()
+            raise RestoreError(
+                "the layer changed while the restore started", layer=head.manifest.id,
+                step="page-server",
+            )  # fmt: skip
         server = PageServer(store, source, list(preambles))
 
         def announce() -> None:
@@ -174,8 +219,8 @@ def _forked_main(
             return serve(server, sockets, preambles, announce)
     except VmckptError as exc:
         _log.error("%s", exc.one_line())
-        with contextlib.suppress(OSError):
-            os.write(ready_write, f"error {exc.one_line()}\n".encode())
+        with contextlib.suppress(OSError):  # the restore raises it as it is (its exit code)
+            os.write(ready_write, f"failed {json.dumps(exc.to_wire())}\n".encode())
         return exc.exit_code
     except BaseException as exc:
         _log.exception("page server failed: %r", exc)
