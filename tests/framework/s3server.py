@@ -225,6 +225,12 @@ def seaweedfs_command(
         f"-volume.port={volume}",
         f"-volume.port.grpc={volume_grpc}",
         "-volume.preStopSeconds=0",
+        # Every bucket is a collection of its own, given several volumes at once; by default
+        # weed counts how many volumes fit in the disk's free space at up to 1 GiB each, and
+        # refuses writes (InternalError) past that: with ~40 GB free, at the 39th bucket. The
+        # tests store kilobytes to megabytes per bucket: small volumes, and enough of them.
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=2000",
         f"-filer.port={filer}",
         f"-filer.port.grpc={filer_grpc}",
         f"-filer.localSocket={workdir / 'filer.sock'}",
