@@ -237,16 +237,33 @@ def backing_name(path: Path) -> str | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        header = os.pread(fd, 20, 0)
-        if len(header) < 20 or header[:4] != QCOW2_MAGIC:
+        where = _backing_field(os.pread(fd, 20, 0))
+        if where is None:
             return None
-        offset = int.from_bytes(header[8:16], "big")
-        size = int.from_bytes(header[16:20], "big")
-        if not offset or not 0 < size < 1024:
-            return None
+        offset, size = where
         return os.pread(fd, size, offset).decode(errors="replace")
     finally:
         os.close(fd)
+
+
+def _backing_field(header: bytes) -> tuple[int, int] | None:
+    """Where a qcow2 header says its backing file's name lies (offset, length); None: not
+    qcow2, or no name (of at most 1023 bytes, QEMU's own limit)."""
+    if len(header) < 20 or header[:4] != QCOW2_MAGIC:
+        return None
+    offset = int.from_bytes(header[8:16], "big")
+    size = int.from_bytes(header[16:20], "big")
+    return (offset, size) if offset and 0 < size < 1024 else None
+
+
+def overlay_names(image: bytes, base: Path, size: int) -> bool:
+    """Whether a qcow2 image (its bytes from the start) names ``base`` as its backing file
+    and ``size`` as its own virtual size."""
+    where = _backing_field(image)
+    if where is None or len(image) < 32 or int.from_bytes(image[24:32], "big") != size:
+        return False
+    offset, length = where
+    return image[offset : offset + length] == os.fsencode(base)
 
 
 def unused_bases(store: Store) -> list[Path]:

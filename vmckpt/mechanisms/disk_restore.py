@@ -27,10 +27,10 @@ from vmckpt.images import LayerManifest, Store
 from vmckpt.images.disks import (
     BASE_MODE,
     OVERLAY_SUFFIX,
-    QCOW2_MAGIC,
     DiskPlan,
     delta_extents,
     disk_plan,
+    overlay_names,
     shared_base,
 )
 from vmckpt.machine.binary import qemu_img
@@ -165,7 +165,7 @@ def _overlay_template(base: Path, size: int, *, vm: str) -> bytes:
                 and info.st_size <= _TEMPLATE_MAX
             ):  # fmt: skip
                 data = os.pread(fd, _TEMPLATE_MAX, 0)
-                if _names(data, base, size):
+                if overlay_names(data, base, size):
                     return data
         finally:
             os.close(fd)
@@ -174,24 +174,13 @@ def _overlay_template(base: Path, size: int, *, vm: str) -> bytes:
         _create_overlay(temporary, base, size, vm=vm)
         temporary.chmod(BASE_MODE)
         data = temporary.read_bytes()
-        if not _names(data, base, size):
+        if not overlay_names(data, base, size):
             raise RestoreError(f"qemu-img made an overlay of {base} that does not name it",
                                vm=vm, step="compose-disk")  # fmt: skip
         os.rename(temporary, template)  # the same bytes as any other restore's: last one stays
     finally:
         temporary.unlink(missing_ok=True)
     return data
-
-
-def _names(image: bytes, base: Path, size: int) -> bool:
-    """Whether a qcow2 header names ``base`` as its backing file and ``size`` as its size."""
-    if len(image) < 32 or image[:4] != QCOW2_MAGIC:
-        return False
-    offset = int.from_bytes(image[8:16], "big")
-    length = int.from_bytes(image[16:20], "big")
-    return int.from_bytes(image[24:32], "big") == size and image[
-        offset : offset + length
-    ] == os.fsencode(base)
 
 
 def apply_deltas(
