@@ -210,7 +210,7 @@ def _start(
         machine_type=manifest.machine_type or None, incoming=True,
     )  # fmt: skip
     process = launch.guest.process()
-    mon = process.monitor(timeout=30.0)
+    mon = process.direct_monitor(timeout=30.0)
     launch.mon = mon
     try:
         if os.environ.get(faults.ENV) == QEMU_REFUSES:

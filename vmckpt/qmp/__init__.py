@@ -1,9 +1,10 @@
 """The only code in vmckpt that speaks QMP.
 
 :class:`Monitor` offers the commands and events vmckpt uses, typed, over a
-:class:`Transport`: QEMU's QMP socket (:class:`SocketTransport`, on qemu.qmp)
-QEMU's QMP socket spoken directly (:class:`LineTransport`, for a checkpoint
-session's monitor), or a passthrough channel someone else owns (:class:`PassthroughTransport`,
+:class:`Transport`: QEMU's QMP socket through qemu.qmp
+(:class:`~vmckpt.qmp.asyncqmp.SocketTransport`, imported when first used), QEMU's QMP
+socket spoken directly (:class:`LineTransport`, for a checkpoint session's monitor and a
+lazy restore's), or a passthrough channel someone else owns (:class:`PassthroughTransport`,
 used for libvirt domains). The migration choreography built on it lives in
 :mod:`vmckpt.session`.
 """
@@ -23,7 +24,6 @@ from vmckpt.qmp.transport import (
     Passthrough,
     PassthroughTransport,
     RawEvent,
-    SocketTransport,
     Transport,
 )
 
@@ -40,6 +40,5 @@ __all__ = [
     "PassthroughTransport",
     "Pending",
     "RawEvent",
-    "SocketTransport",
     "Transport",
 ]

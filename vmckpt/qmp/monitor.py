@@ -25,7 +25,6 @@ from vmckpt.qmp.transport import (
     CommandRefused,
     LineTransport,
     RawEvent,
-    SocketTransport,
     Transport,
 )
 
@@ -111,6 +110,8 @@ class Monitor:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> Monitor:
         """A connected monitor on QEMU's QMP socket (a path, or a connected socket)."""
+        from vmckpt.qmp.asyncqmp import SocketTransport  # asyncio: imported by its users only
+
         return cls(SocketTransport(address, vm=vm), vm=vm, timeout=timeout).connect()
 
     @classmethod
