@@ -16,17 +16,20 @@ import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
-import numpy as np
-import numpy.typing as npt
+from vmckpt.lazy_numpy import np
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 PAGE_SIZE = 4096
 WORDS_PER_PAGE = PAGE_SIZE // 8
 
-PageNumbers = npt.NDArray[np.uint32]
-AnyPages = npt.NDArray[np.integer[Any]]
-Rows = npt.NDArray[np.uint8]
+# Aliases for annotations, as strings: numpy is loaded on first use (vmckpt/lazy_numpy.py).
+PageNumbers: TypeAlias = "npt.NDArray[np.uint32]"
+AnyPages: TypeAlias = "npt.NDArray[np.integer[Any]]"
+Rows: TypeAlias = "npt.NDArray[np.uint8]"
 
 
 class PageTarget(Protocol):

@@ -10,17 +10,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from vmckpt.errors import CorruptLayerError, StoreError
 from vmckpt.images import crypt
 from vmckpt.images import format as fmt
 from vmckpt.images.format import MANIFEST, PAGES, SUMS, BlockIndex, LayerManifest
 from vmckpt.images.layerio import CHUNK_PAGES, LayerReader, check_digest
+from vmckpt.lazy_numpy import np
 from vmckpt.ram import PAGE_SIZE, PageNumbers, PageTarget, RamBlock
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 
 @dataclass

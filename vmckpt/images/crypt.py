@@ -31,13 +31,12 @@ import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-import numpy as np
-import numpy.typing as npt
-
 from vmckpt.errors import CorruptLayerError
+from vmckpt.lazy_numpy import np
 from vmckpt.ram import PAGE_SIZE, read_in_runs
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 ALGORITHM = "chacha20-poly1305"  # the store marker's "encryption"

@@ -14,14 +14,15 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from vmckpt.errors import CorruptLayerError, FormatVersionError
 from vmckpt.fsutil import parse_json
+from vmckpt.lazy_numpy import np
 from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamImage, SpilledPages
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 # The newest version this vmckpt reads (and writes: see LAYER_MINOR). Readers accept the
 # same major and a lower or equal minor (see `check_version`); the version is the format's
@@ -61,11 +62,13 @@ PAGE_DIGEST_SIZE = 16
 # 1.1: per writable disk <id>, its delta's extent index and data.
 DISK_INDEX = "disk-{}.idx"
 DISK_DATA = "disk-{}.bin"
-DISK_DTYPE = np.dtype("<u8")
+DISK_DTYPE = "<u8"  # dtypes as strings: numpy loads on first use (vmckpt/lazy_numpy.py)
+DISK_WORD = 8  # its size
 DISK_ALIGN = 512  # extents start and end on sector boundaries
 DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
 
-INDEX_DTYPE = np.dtype("<u4")
+INDEX_DTYPE = "<u4"
+INDEX_WORD = 4  # its size
 LAYER_ID_RE = re.compile(r"^(\d{4,})-([0-9a-f]{6})\Z")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
@@ -583,7 +586,7 @@ def decode_disk_index(data: bytes, record: DiskRecord, layer_id: str, step: str)
     def corrupt(message: str) -> CorruptLayerError:
         return CorruptLayerError(f"{record.index_file}: {message}", layer=layer_id, step=step)
 
-    if len(data) % DISK_DTYPE.itemsize or len(data) < 2 * DISK_DTYPE.itemsize:
+    if len(data) % DISK_WORD or len(data) < 2 * DISK_WORD:
         raise corrupt(f"{len(data)} bytes is not a valid extent index (truncated?)")
     words = [int(w) for w in np.frombuffer(data, dtype=DISK_DTYPE)]
     count_stored, count_zeroed = words[0], words[1]
@@ -699,7 +702,7 @@ def decode_index(data: bytes, manifest: LayerManifest, step: str) -> list[BlockI
     def corrupt(message: str) -> CorruptLayerError:
         return CorruptLayerError(f"{INDEX}: {message}", layer=layer_id, step=step)
 
-    if len(data) % INDEX_DTYPE.itemsize:
+    if len(data) % INDEX_WORD:
         raise corrupt(f"{len(data)} bytes is not a whole number of u32 words")
     words: PageNumbers = np.frombuffer(data, dtype=INDEX_DTYPE).astype(np.uint32)
     pos = 0
@@ -733,5 +736,5 @@ def decode_index(data: bytes, manifest: LayerManifest, step: str) -> list[BlockI
             )
         parts.append(BlockIndex(stored=stored, zeroed=zeroed))
     if pos != words.size:
-        raise corrupt(f"{(words.size - pos) * INDEX_DTYPE.itemsize} bytes after the last block")
+        raise corrupt(f"{(words.size - pos) * INDEX_WORD} bytes after the last block")
     return parts

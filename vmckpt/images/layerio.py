@@ -33,10 +33,7 @@ import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from vmckpt import locks
 from vmckpt.errors import CorruptLayerError, StoreError
@@ -58,7 +55,11 @@ from vmckpt.images.format import (
     LayerManifest,
 )
 from vmckpt.images.keys import SEAL
+from vmckpt.lazy_numpy import np
 from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamBlock, RamImage, SpilledPages
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 LAYERS_DIR = "layers"
 TMP_PREFIX = ".tmp-"

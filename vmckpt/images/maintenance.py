@@ -48,8 +48,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
-import numpy as np
-
 from vmckpt import faults, locks
 from vmckpt.errors import CorruptLayerError, StoreError, UsageError, VmckptError
 from vmckpt.fsutil import Dir
@@ -79,6 +77,7 @@ from vmckpt.images.layerio import (
 )
 from vmckpt.images.retention import KeepRules, parse_created, select
 from vmckpt.images.store import MEDIA_DIR, STORE_LOCK_WAIT_S, Store
+from vmckpt.lazy_numpy import np
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
 

@@ -30,16 +30,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-import numpy.typing as npt
-
 from vmckpt.errors import CorruptLayerError, StoreError
 from vmckpt.images import crypt
 from vmckpt.images import format as fmt
 from vmckpt.images.format import DEVICE, PAGES, PRELUDE, SUMS, LayerManifest
+from vmckpt.lazy_numpy import np
 from vmckpt.ram import PAGE_SIZE, RamBlock
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
+
     from vmckpt.images.store import Store
 
 STEP = "serve pages"

@@ -8,12 +8,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from vmckpt import faults, log
 from vmckpt.errors import CheckpointError, VmckptError
 from vmckpt.guests.base import Guest
 from vmckpt.images import DiskDelta, LayerContent, LayerManifest, Store
+from vmckpt.lazy_numpy import np
 from vmckpt.ram import PageSet, RamImage, SpilledPages
 from vmckpt.stream import StreamEnvelope
 

@@ -20,13 +20,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vmckpt import log
 from vmckpt.errors import CheckpointError, VmckptError
 from vmckpt.fsutil import open_nofollow, read_json, write_json_atomic
 from vmckpt.hostdirs import private_dir
 from vmckpt.images import LayerManifest, Store
+from vmckpt.lazy_numpy import np
 from vmckpt.ram import BATCH_PAGES, PAGE_SIZE, RamBlock, RamFile, SpilledPages
 
 CACHE_DIR = "parent-ram"

@@ -44,17 +44,19 @@ import contextlib
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
 
 from vmckpt import faults
 from vmckpt.errors import StreamError
+from vmckpt.lazy_numpy import np
 from vmckpt.ram import PAGE_SIZE, PageSet, RamBlock, RamImage
 from vmckpt.stream import format as fmt
 from vmckpt.stream import reader
 from vmckpt.stream.decoder import Command, Decoder, PageNumbers, RamBlocks
 from vmckpt.stream.envelope import StreamEnvelope
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 STEP = "COLO checkpoint"
 MAX_DEVICE_STATE = 256 << 20  # a sanity cap on VMSTATE_SIZE

@@ -32,20 +32,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeAlias
 
 from vmckpt.errors import StreamError
+from vmckpt.lazy_numpy import np
 from vmckpt.ram import PAGE_SIZE, RamBlock
 from vmckpt.stream import format as fmt
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 Fill = Callable[[memoryview], int]
 """Reads at most ``len(view)`` bytes of the stream into ``view``; returns how many, 0 at
 its end (``socket.recv_into``, or :func:`fill_from` a file)."""
 
-PageNumbers = npt.NDArray[np.int64]
+PageNumbers: TypeAlias = "npt.NDArray[np.int64]"  # a string: numpy loads on first use
 
 _PAGE = fmt.RAM_FLAG_PAGE
 _ZERO = fmt.RAM_FLAG_ZERO
@@ -60,7 +61,7 @@ _RUNS = (_PAGE_RUN, _ZERO_RUN)
 _PAGE_OR_ZERO = (_PAGE, _ZERO)
 _PAGE_RECORD = 8 + PAGE_SIZE  # a PAGE record of the current block: header word and data
 _ZERO_RECORD = 8 + 1  # a ZERO record of the current block: header word and fill byte
-_WORD = np.dtype(">u8")
+_WORD = ">u8"  # a dtype as a string: numpy loads on first use (vmckpt/lazy_numpy.py)
 _UNPACK64 = fmt.BE64.unpack_from
 # A run of page records is checked as far as it is buffered, in one go: they are 4 KiB
 # each, so that is at most a few thousand. Zero records are 9 bytes: hundreds of

@@ -51,24 +51,27 @@ import io
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Final, cast
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, BinaryIO, Final, cast
 
 from vmckpt.errors import StreamError
+from vmckpt.lazy_numpy import np
 from vmckpt.ram import PAGE_SIZE, RamBlock
 from vmckpt.stream import format as fmt
 from vmckpt.stream.decoder import Decoder, fill_from, vmdesc_at
 from vmckpt.stream.envelope import StreamEnvelope
 from vmckpt.stream.writer import (
     PAGE_RECORD,
+    PAGE_RECORD_SIZE,
     ZERO_RECORD,
+    ZERO_RECORD_SIZE,
     footer,
     idstr_bytes,
     mem_size,
     section_start,
 )
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 STEP = "postcopy stream"
 HOST_PAGE_SIZE: Final = PAGE_SIZE  # the destination's page-size summary vmckpt serves
@@ -77,9 +80,10 @@ RETURN_PATH_PING: Final = 1
 # device state (QEMU 11 sends the same value for the same purpose).
 PACKAGE_LOADED: Final = 0x42
 
-_PAGE = np.uint64(fmt.RAM_FLAG_PAGE | fmt.RAM_FLAG_CONTINUE)
-_ZERO = np.uint64(fmt.RAM_FLAG_ZERO | fmt.RAM_FLAG_CONTINUE)
-_SHIFT = np.uint64(fmt.TARGET_PAGE_BITS)
+# Python ints: they take the arrays' uint64 (numpy loads on first use: lazy_numpy.py).
+_PAGE = fmt.RAM_FLAG_PAGE | fmt.RAM_FLAG_CONTINUE
+_ZERO = fmt.RAM_FLAG_ZERO | fmt.RAM_FLAG_CONTINUE
+_SHIFT = fmt.TARGET_PAGE_BITS
 _EOS = fmt.BE64.pack(fmt.RAM_FLAG_EOS)
 
 
@@ -263,7 +267,7 @@ class RecordWriter:
             offsets = (pages - self.layout.starts[self.layout.block_of(pages)]).astype(np.uint64)
             records["word"] = (offsets << _SHIFT) | _PAGE
             records["data"] = rows
-            self._emit(out, pages, records, fmt.RAM_FLAG_PAGE, PAGE_RECORD.itemsize)
+            self._emit(out, pages, records, fmt.RAM_FLAG_PAGE, PAGE_RECORD_SIZE)
         if zero_pages is not None and zero_pages.size:
             if self._zeros.size < zero_pages.size:
                 self._zeros = np.zeros(max(zero_pages.size, 64), dtype=ZERO_RECORD)
@@ -271,7 +275,7 @@ class RecordWriter:
             starts = self.layout.starts[self.layout.block_of(zero_pages)]
             records["word"] = ((zero_pages - starts).astype(np.uint64) << _SHIFT) | _ZERO
             records["fill"] = 0
-            self._emit(out, zero_pages, records, fmt.RAM_FLAG_ZERO, ZERO_RECORD.itemsize)
+            self._emit(out, zero_pages, records, fmt.RAM_FLAG_ZERO, ZERO_RECORD_SIZE)
         out.append(self._tail)
         return out
 

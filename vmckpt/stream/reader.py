@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Generic, TypeVar
 
-import numpy as np
-
 from vmckpt.errors import StreamError
+from vmckpt.lazy_numpy import np
 from vmckpt.ram import PAGE_SIZE, PageTarget, RamBlock, RamImage
 from vmckpt.stream import format as fmt
 from vmckpt.stream.decoder import Command, Decoder, PageNumbers, RamBlocks, fill_from

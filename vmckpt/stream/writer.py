@@ -10,25 +10,30 @@ arrays a chunk at a time; nothing loops over pages in Python. The record encoder
 
 from __future__ import annotations
 
-from typing import BinaryIO
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, BinaryIO
 
 from vmckpt.errors import StreamError
+from vmckpt.lazy_numpy import np
 from vmckpt.ram import PAGE_SIZE, RamBlock, RamImage
 from vmckpt.stream import format as fmt
 from vmckpt.stream.envelope import StreamEnvelope
 
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
 STEP = "writing migration stream"
 CHUNK_PAGES = 4096  # 16 MiB of page records per write
 
-PAGE_RECORD = np.dtype([("word", ">u8"), ("data", np.uint8, (PAGE_SIZE,))])
-ZERO_RECORD = np.dtype([("word", ">u8"), ("fill", np.uint8)])
+# Records as numpy dtype specs, and words as Python ints (they take an array's uint64):
+# numpy is loaded on first use (vmckpt/lazy_numpy.py).
+PAGE_RECORD = [("word", ">u8"), ("data", "u1", (PAGE_SIZE,))]
+ZERO_RECORD = [("word", ">u8"), ("fill", "u1")]
+PAGE_RECORD_SIZE = 8 + PAGE_SIZE
+ZERO_RECORD_SIZE = 8 + 1
 
-_PAGE_CONT = np.uint64(fmt.RAM_FLAG_PAGE | fmt.RAM_FLAG_CONTINUE)
-_ZERO_CONT = np.uint64(fmt.RAM_FLAG_ZERO | fmt.RAM_FLAG_CONTINUE)
-_PAGE_SHIFT = np.uint64(fmt.TARGET_PAGE_BITS)
+_PAGE_CONT = fmt.RAM_FLAG_PAGE | fmt.RAM_FLAG_CONTINUE
+_ZERO_CONT = fmt.RAM_FLAG_ZERO | fmt.RAM_FLAG_CONTINUE
+_PAGE_SHIFT = fmt.TARGET_PAGE_BITS
 
 
 def section_start(envelope: StreamEnvelope) -> bytes:

@@ -1,5 +1,6 @@
-"""``python -m vmckpt.mechanisms.pageserver``: a page server that recovers a lazy restore
-(``resume``), or the guard of one (``--pipe FD``): vmckpt/mechanisms/pageserver/recovery.py."""
+"""``python -m vmckpt.mechanisms.pageserver resume``: a page server that recovers a lazy
+restore (vmckpt/mechanisms/pageserver/recovery.py; its guard is
+vmckpt/mechanisms/pageserver_guard.py)."""
 
 import sys
 

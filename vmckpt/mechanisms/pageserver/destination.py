@@ -24,16 +24,18 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, TypeAlias
 
 from vmckpt import log
 from vmckpt.errors import CorruptLayerError, StreamError
 from vmckpt.images.pagesource import ZERO, PageReader, PageSource
+from vmckpt.lazy_numpy import np
 from vmckpt.machine.qemu import QemuProcess
 from vmckpt.ram import PAGE_SIZE
 from vmckpt.stream import postcopy as pc
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 SEND_PAGES = 256  # pages pushed per section (1 MiB)
 QUEUE_DEPTH = 3  # read runs queued ahead per destination
@@ -47,7 +49,7 @@ HOLD_POLL_S = 0.0005
 HANDSHAKE_TIMEOUT_S = 60.0
 _log = log.get("vmckpt.pageserver")
 
-Chunk = tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]  # pages and their rows
+Chunk: TypeAlias = "tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]"  # pages, their rows
 
 
 @dataclass

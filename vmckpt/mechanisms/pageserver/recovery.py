@@ -1,7 +1,7 @@
 """A new page server for paused destinations: postcopy recovery.
 
 If a page server dies, its destinations pause (QEMU: ``postcopy-paused``; vCPUs that touch
-a missing page wait). Its guard (``python -m vmckpt.mechanisms.pageserver --pipe FD``,
+a missing page wait). Its guard (``python -m vmckpt.mechanisms.pageserver_guard``,
 spawned, waiting on a pipe) then starts a new server (:func:`start_recovery`), which gives
 each paused destination a new channel (``migrate-recover``), asks it which pages it holds
 (RECV_BITMAP) and resumes it (POSTCOPY_RESUME) with the rest. ``vmckpt resume NAME`` does
@@ -27,7 +27,6 @@ from types import FrameType
 from vmckpt import log
 from vmckpt.errors import LockError, VmckptError
 from vmckpt.fsutil import FILE_MODE
-from vmckpt.guard import wait_for_parent
 from vmckpt.images import Store
 from vmckpt.images.pagesource import PageSource
 from vmckpt.machine.qemu import QemuProcess
@@ -163,28 +162,22 @@ def resume_restore(store: Store, name: str) -> bool:
     return True
 
 
-def _guard_main(args: argparse.Namespace) -> int:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)  # it ends when its server says so, or dies
-    if wait_for_parent(args.pipe):
-        return 0
+def recover_for_guard(store_path: Path, layer: str, names: Sequence[str]) -> int:
+    """What the guard (vmckpt/mechanisms/pageserver_guard.py) does when the server of
+    ``names`` died without a release: start a new one."""
     log.configure(1)
-    store = Store(args.store)
-    _log.warning("the page server of %s died: starting another", ", ".join(args.guest))
-    start_recovery(store, args.layer, args.guest)
+    _log.warning("the page server of %s died: starting another", ", ".join(names))
+    start_recovery(Store(store_path), layer, names)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__)
-    parser.add_argument("mode", nargs="?", choices=["resume", "guard"], default="guard")
-    parser.add_argument("--pipe", type=int)
+    parser.add_argument("mode", choices=["resume"])
     parser.add_argument("--store", required=True, type=Path)
     parser.add_argument("--layer", required=True)
     parser.add_argument("--guest", action="append", required=True)
     args = parser.parse_args(argv)
-    if args.pipe is not None:
-        return _guard_main(args)
     log.configure(1)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -21,21 +21,22 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
 from vmckpt import faults, log
 from vmckpt.errors import CorruptLayerError, QMPError, VmckptError
 from vmckpt.guard import Guard
 from vmckpt.guests.local import LocalGuest
 from vmckpt.images import Store
 from vmckpt.images.pagesource import PageSource
+from vmckpt.lazy_numpy import np
 from vmckpt.machine.qemu import QemuProcess, process_start_time
 from vmckpt.mechanisms.pageserver import records
 from vmckpt.mechanisms.pageserver.destination import Destination, hand, widen
 from vmckpt.qmp import Monitor
 from vmckpt.ram import PAGE_SIZE
 
-MODULE = "vmckpt.mechanisms.pageserver"  # python -m MODULE: a recovery server, or a guard
+MODULE = "vmckpt.mechanisms.pageserver"  # python -m MODULE resume: a recovery server
+# python -m GUARD_MODULE: the server's guard (a module outside this package: light to start)
+GUARD_MODULE = "vmckpt.mechanisms.pageserver_guard"
 READ_PAGES = 2048  # pages read and checked at a time for the push (8 MiB)
 STATUS_EVERY_S = 0.5
 POLL_S = 0.05
@@ -246,7 +247,9 @@ def serve(
     store = server.store
     monitors: dict[str, Monitor] = {}
     released = False
-    server.guard = Guard(guard_argv(store, server.source.manifest.id, server.names), module=MODULE)
+    server.guard = Guard(
+        guard_argv(store, server.source.manifest.id, server.names), module=GUARD_MODULE
+    )
     server.guard.start()
     try:
         server.write_records()
