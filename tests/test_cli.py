@@ -23,7 +23,7 @@ from tests.framework.guest import (
     sigint_disposition,
     wait_for,
 )
-from vmckpt.cli import build_parser
+from vmckpt.cli import FAMILIES, build_parser, families_for
 from vmckpt.errors import exit_codes
 from vmckpt.images import Store
 
@@ -33,6 +33,46 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
         if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)
     return {}
+
+
+def test_each_command_is_in_the_family_that_adds_it_and_its_line_builds_only_that() -> None:
+    added: dict[str, list[str]] = {family: [] for family in FAMILIES}
+    for family, commands in FAMILIES.items():
+
+        def command(
+            name: str, func: object, help_text: str, family: str = family
+        ) -> argparse.ArgumentParser:
+            added[family].append(name)
+            return argparse.ArgumentParser()
+
+        __import__(f"vmckpt.cli.{family}", fromlist=["add_parsers"]).add_parsers(command)
+        assert sorted(added[family]) == sorted(commands), family
+    assert families_for(["-vv", "restore", "--layer", "x"]) == ["restore_cmds"]
+    assert families_for(["--json-errors", "gc"]) == ["maintenance"]
+    assert families_for(["--help"]) == list(FAMILIES)
+    assert families_for(["restor"]) == list(FAMILIES)  # a typo: argparse lists them all
+    restore_only = _subparsers(build_parser(["restore", "--detach"]))
+    assert sorted(restore_only) == ["migrate", "restore"]
+
+
+def test_importing_the_cli_loads_neither_numpy_nor_asyncio_nor_the_s3_client() -> None:
+    """They are loaded where used (vmckpt/lazy_numpy.py, vmckpt/qmp/asyncqmp.py): the
+    command's start is part of a lazy restore's time. A module that touches numpy at its
+    top level, or imports qemu.qmp there, fails this."""
+    code = (
+        "import sys, vmckpt.cli, vmckpt.cli.restore_cmds\n"
+        "print(sorted(m for m in ('numpy', 'asyncio', 'qemu.qmp', 'obstore') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert result.stdout.strip() == "[]", result.stdout
+    # What the command modules keep of their own so as not to import the guests' kinds:
+    from vmckpt.cli._common import DEFAULT_REMOTE_STORE
+    from vmckpt.guests import libvirt, remote
+    from vmckpt.mechanisms.api import LIBVIRT_KIND
+
+    assert (DEFAULT_REMOTE_STORE, LIBVIRT_KIND) == (remote.DEFAULT_REMOTE_STORE, libvirt.KIND)
 
 
 def test_every_option_has_help_and_the_help_lists_exit_codes_and_examples() -> None:

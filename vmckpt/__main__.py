@@ -1,5 +1,3 @@
-import sys
+from vmckpt.cli import run
 
-from vmckpt.cli import main
-
-sys.exit(main())
+run()

@@ -10,15 +10,20 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from vmckpt.errors import UsageError
-from vmckpt.guests import Guest, open_guest
-from vmckpt.guests.remote import DEFAULT_REMOTE_STORE
 from vmckpt.images import Store
 from vmckpt.images.bucket import BucketConfig, BucketUrl, is_bucket_url
-from vmckpt.images.bucketstore import BucketStore
 from vmckpt.remote.ssh import DEFAULT_KNOWN_HOSTS
+
+DEFAULT_REMOTE_STORE = ".vmckpt/store"  # relative to the remote user's home
+
+# The kinds of guest and the store in a bucket are imported where a command reaches them:
+# a command loads what it uses (vmckpt/cli/__init__.py).
+if TYPE_CHECKING:
+    from vmckpt.guests import Guest
+    from vmckpt.images.bucketstore import BucketStore
 
 STORE_ENV = "VMCKPT_STORE"
 
@@ -44,6 +49,8 @@ def open_bucket(args: argparse.Namespace) -> BucketStore | None:
     given = _given_store(args)
     if not is_bucket_url(given):
         return None
+    from vmckpt.images.bucketstore import BucketStore
+
     config = BucketConfig.resolve(profile=getattr(args, "profile", None))
     return BucketStore.open(BucketUrl.parse(given), config)[0]
 
@@ -83,6 +90,8 @@ def parse_duration(text: str, *, zero: bool = False) -> float:
 
 
 def guest_of(args: argparse.Namespace, store: Store) -> Guest:
+    from vmckpt.guests import open_guest
+
     libvirt = getattr(args, "libvirt", None)
     if bool(args.name) == bool(libvirt):
         raise UsageError("give either a guest NAME or --libvirt DOMAIN")
@@ -163,7 +172,7 @@ def ssh_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--remote-store",
         metavar="DIR",
-        default=DEFAULT_REMOTE_STORE,
+        default=DEFAULT_REMOTE_STORE,  # vmckpt.guests.remote's (tests/test_cli.py)
         help="the store on the other host (relative: to the remote home)",
     )
     g.add_argument(

@@ -26,15 +26,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-import obstore
-from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
-from obstore.store import S3Store
-
 from vmckpt.errors import BucketError, UsageError
 
 if TYPE_CHECKING:
     from obstore import PutMode
     from obstore.store import ClientConfig, S3Config
+
+# obstore itself is imported by the methods that speak S3: a command that opens no bucket
+# does not load the client (tests/test_cli.py checks the CLI's imports).
 
 SCHEME = "s3://"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
@@ -163,6 +162,8 @@ class Bucket:
     """The objects under one prefix of one bucket. Keys are relative to the prefix."""
 
     def __init__(self, url: BucketUrl, config: BucketConfig) -> None:
+        from obstore.store import S3Store
+
         self.url = url
         self.config = config
         options: S3Config = {"virtual_hosted_style_request": False}
@@ -204,6 +205,9 @@ class Bucket:
     ) -> tuple[bytes, str] | None:
         """An object's body and ETag; None if there is no such object; BucketError if it is
         larger than ``limit`` bytes (it is never read whole then)."""
+        import obstore
+        from obstore.exceptions import NotFoundError
+
         try:
             result = obstore.get(self._store, key)
             if result.meta["size"] > limit:
@@ -229,6 +233,9 @@ class Bucket:
 
     def stream(self, key: str, limit: int, step: str, layer: str | None = None) -> Iterator[bytes]:
         """An object's body in chunks; BucketError if it is missing or larger than ``limit``."""
+        import obstore
+        from obstore.exceptions import NotFoundError
+
         try:
             result = obstore.get(self._store, key)
             size = result.meta["size"]
@@ -271,6 +278,9 @@ class Bucket:
         """Write an object; its new ETag. ``create``: only if there is none (If-None-Match:
         *), ``if_match``: only if its ETag is that one (If-Match); either way None when the
         condition does not hold (nothing written). A conditional write is one request."""
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
         mode: PutMode = "overwrite"
         if create:
             mode = "create"
@@ -288,6 +298,8 @@ class Bucket:
 
     def listing(self, prefix: str, step: str) -> list[ObjectInfo]:
         """Every object whose key starts with ``prefix/`` (all pages)."""
+        import obstore
+
         found: list[ObjectInfo] = []
         try:
             for batch in obstore.list(self._store, prefix, chunk_size=1000):
@@ -299,6 +311,9 @@ class Bucket:
 
     def delete(self, keys: list[str], step: str) -> None:
         """Remove objects (a missing one is no error)."""
+        import obstore
+        from obstore.exceptions import NotFoundError
+
         for key in keys:
             try:
                 obstore.delete(self._store, key)

@@ -22,27 +22,28 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from vmckpt.errors import MachineError, UsageError
 from vmckpt.guests.base import Guest, GuestStatus
-from vmckpt.guests.libvirt import KIND as LIBVIRT_KIND
 from vmckpt.guests.local import LocalGuest
-from vmckpt.guests.remote import RemoteGuest, RemoteTarget
 from vmckpt.images import Store
-from vmckpt.images.retention import keep_arguments
 from vmckpt.machine.spec import GuestSpec
-from vmckpt.mechanisms.choice import COLO, PRECOPY, Choice, choose_mechanism
-from vmckpt.mechanisms.colo import SessionClient, end_session, session_pid
-from vmckpt.mechanisms.layers import CheckpointResult, CheckpointSettings
-from vmckpt.mechanisms.pageserver import restoring_state, resume_restore, wait_restored
-from vmckpt.mechanisms.precopy import take_checkpoint
-from vmckpt.mechanisms.remote import RemoteRestoreResult, restore_remote
-from vmckpt.mechanisms.restore import restore_clones, restore_guest
-from vmckpt.mechanisms.restore_libvirt import DomainRestoreResult, restore_domain
-from vmckpt.mechanisms.restore_prep import RestoreResult
-from vmckpt.mechanisms.watch import WatchSettings, checkpoint_settings, watch_loop
 from vmckpt.progress import NO_PROGRESS, Progress
+
+# Each command imports the mechanisms it uses, in the functions that use them: a command's
+# imports are most of its start (a lazy restore's is timed from it), and each command uses
+# a few of these only.
+if TYPE_CHECKING:
+    from vmckpt.guests.remote import RemoteGuest, RemoteTarget
+    from vmckpt.mechanisms.choice import Choice
+    from vmckpt.mechanisms.layers import CheckpointResult, CheckpointSettings
+    from vmckpt.mechanisms.remote import RemoteRestoreResult
+    from vmckpt.mechanisms.restore_libvirt import DomainRestoreResult
+    from vmckpt.mechanisms.restore_prep import RestoreResult
+    from vmckpt.mechanisms.watch import WatchSettings
+
+LIBVIRT_KIND = "libvirt"  # vmckpt.guests.libvirt.KIND (tests/test_cli.py checks it)
 
 Row = dict[str, Any]
 RESTORE_WAIT_S = 60.0  # a checkpoint waits this long for a lazy restore's last pages
@@ -50,6 +51,8 @@ RESTORE_WAIT_S = 60.0  # a checkpoint waits this long for a lazy restore's last 
 
 def mechanism_of(guest: Guest) -> Choice:
     """The checkpoint mechanism the guest gets, and why."""
+    from vmckpt.mechanisms.choice import choose_mechanism
+
     if guest.kind == LIBVIRT_KIND:  # (asks libvirt nothing: the reason is libvirt's)
         return choose_mechanism("", "", GuestSpec(), local=False, libvirt=True)
     return choose_mechanism(guest.qemu_version(), guest.accel, guest.spec(), local=guest.owns_qemu)
@@ -57,6 +60,8 @@ def mechanism_of(guest: Guest) -> Choice:
 
 def choose(guest: Guest, requested: str) -> Choice:
     """The mechanism to use: the guest's own (``auto``), or the one asked for if allowed."""
+    from vmckpt.mechanisms.choice import COLO, PRECOPY, Choice
+
     choice = mechanism_of(guest)
     if requested in ("auto", choice.mechanism):
         return choice
@@ -72,6 +77,8 @@ def _row(result: CheckpointResult) -> Row:
 
 
 def _colo_checkpoint(guest: LocalGuest) -> Row:
+    from vmckpt.mechanisms.colo import SessionClient
+
     client = SessionClient.ensure(guest)
     try:
         row: Row = client.request("checkpoint")["row"]
@@ -88,6 +95,9 @@ def checkpoint(
     mechanism: str = "auto",
 ) -> Row:
     """One checkpoint of the guest, as the row ``checkpoint --json`` prints."""
+    from vmckpt.guests.remote import RemoteGuest
+    from vmckpt.mechanisms.precopy import take_checkpoint
+
     if isinstance(guest, RemoteGuest):
         return guest.checkpoint_row("--mechanism", mechanism)
     wait_for_pages(guest)
@@ -107,6 +117,10 @@ def watch(
     mechanism: str = "auto",
 ) -> int:
     """Periodic checkpoints; ``report`` gets each one's row (with a ``note``)."""
+    from vmckpt.guests.remote import RemoteGuest
+    from vmckpt.mechanisms.colo import SessionClient
+    from vmckpt.mechanisms.watch import checkpoint_settings, watch_loop
+
     if isinstance(guest, RemoteGuest):
         return _remote_watch(guest, settings, report, mechanism)
     wait_for_pages(guest)
@@ -136,6 +150,8 @@ class _PrecopyTaker:
         self.progress = progress
 
     def __call__(self) -> Row:
+        from vmckpt.mechanisms.precopy import take_checkpoint
+
         return _row(take_checkpoint(self.guest, self.settings, progress=self.progress))
 
 
@@ -143,6 +159,8 @@ def _remote_watch(
     guest: RemoteGuest, settings: WatchSettings, report: Callable[[Row], None], mechanism: str
 ) -> int:
     """The other host's vmckpt runs the watch (the layers are there: pruned there too)."""
+    from vmckpt.images.retention import keep_arguments
+
     args = ["--interval", f"{settings.interval_s}s", "--mechanism", mechanism]
     if settings.count is not None:
         args += ["--count", str(settings.count)]
@@ -160,16 +178,25 @@ def _remote_watch(
 def wait_for_pages(guest: Guest, timeout: float = RESTORE_WAIT_S) -> None:
     """A guest still being restored lazily is checkpointed once all its pages are in: wait
     for that, or refuse in one line (vmckpt/mechanisms/pageserver/records.py)."""
+    from vmckpt.mechanisms.pageserver.records import wait_restored
+
     if isinstance(guest, LocalGuest):
         wait_restored(guest.store, guest.name, timeout)
 
 
 def _uses_colo(guest: Guest, mechanism: str) -> bool:
+    from vmckpt.mechanisms.choice import COLO
+
     return choose(guest, mechanism).mechanism == COLO
 
 
 def status(guest: Guest) -> GuestStatus:
     """The guest's row in ``vmckpt list``: its state, its mechanism and why, its session."""
+    from vmckpt.guests.remote import RemoteGuest
+    from vmckpt.mechanisms.choice import Choice
+    from vmckpt.mechanisms.colo import session_pid
+    from vmckpt.mechanisms.pageserver.records import restoring_state
+
     if not isinstance(guest, LocalGuest):
         row = guest.status()
         if isinstance(guest, RemoteGuest) or (
@@ -201,6 +228,8 @@ def status(guest: Guest) -> GuestStatus:
 def release(guest: Guest) -> bool:
     """End the guest's COLO checkpoint session, if one runs (before anything that needs the
     guest to itself: a precopy-diff checkpoint, a migration, a pause, a stop)."""
+    from vmckpt.mechanisms.colo import end_session
+
     if isinstance(guest, LocalGuest):
         return end_session(guest.store, guest.name)
     return False
@@ -219,6 +248,8 @@ def pause(guest: Guest) -> None:
 def resume(guest: Guest) -> bool:
     """Resume the guest; a lazy restore that lost its page server (and guard) gets a new one
     (vmckpt/mechanisms/pageserver/recovery.py)."""
+    from vmckpt.mechanisms.pageserver.recovery import resume_restore
+
     if isinstance(guest, LocalGuest) and resume_restore(guest.store, guest.name):
         return True
     return guest.resume()
@@ -272,7 +303,7 @@ class OnHost:
 
 
 Destination = Here | AsDomain | OnHost
-Restored = RestoreResult | DomainRestoreResult | RemoteRestoreResult
+Restored: TypeAlias = "RestoreResult | DomainRestoreResult | RemoteRestoreResult"
 
 
 def restore(
@@ -288,27 +319,34 @@ def restore(
     guest: several for clones), and the restored guest where vmckpt can reach it afterwards
     (its console, a stop; None for clones)."""
     options = options or RestoreOptions()
+    if isinstance(into, Here):
+        from vmckpt.mechanisms.restore import restore_clones, restore_guest
+
+        if into.clones is not None:
+            clones = restore_clones(
+                store, layer, into.name, into.clones, extra_args=qemu_args, lazy=options.lazy,
+                check_s=options.watch_s, progress=progress,
+            )  # fmt: skip
+            return list(clones), None
+        result = restore_guest(
+            store, layer, into.name, extra_args=qemu_args, progress=progress, lazy=options.lazy,
+            check_s=options.watch_s, same_identity=options.same_identity,
+        )  # fmt: skip
+        return [result], LocalGuest(store, result.name)
     if isinstance(into, AsDomain):
+        from vmckpt.mechanisms.restore_libvirt import restore_domain
+
         if qemu_args:
             raise UsageError("--qemu-arg does not go with --libvirt-define (the domain XML says)")
         restored = restore_domain(
             store, layer, into.name, uri=into.uri, disk_dir=into.disk_dir, progress=progress
         )
         return [restored], None
-    if isinstance(into, OnHost):
-        remote = restore_remote(
-            store, layer, into.name, into.target, qemu_args=qemu_args, progress=progress,
-            options=options.arguments(),
-        )  # fmt: skip
-        return [remote], RemoteGuest.load(store, remote.name)
-    if into.clones is not None:
-        clones = restore_clones(
-            store, layer, into.name, into.clones, extra_args=qemu_args, lazy=options.lazy,
-            check_s=options.watch_s, progress=progress,
-        )  # fmt: skip
-        return list(clones), None
-    result = restore_guest(
-        store, layer, into.name, extra_args=qemu_args, progress=progress, lazy=options.lazy,
-        check_s=options.watch_s, same_identity=options.same_identity,
+    from vmckpt.guests.remote import RemoteGuest
+    from vmckpt.mechanisms.remote import restore_remote
+
+    remote = restore_remote(
+        store, layer, into.name, into.target, qemu_args=qemu_args, progress=progress,
+        options=options.arguments(),
     )  # fmt: skip
-    return [result], LocalGuest(store, result.name)
+    return [remote], RemoteGuest.load(store, remote.name)

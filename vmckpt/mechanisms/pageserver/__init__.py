@@ -39,14 +39,12 @@ from vmckpt.mechanisms.pageserver.records import (
     status_of,
     wait_restored,
 )
-from vmckpt.mechanisms.pageserver.recovery import resume_restore
 
 __all__ = [
     "ForkedServer",
     "failure_of",
     "fork_server",
     "restoring_state",
-    "resume_restore",
     "status_of",
     "wait_restored",
 ]

@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmckpt import log
 from vmckpt.errors import RestoreError, VmckptError, from_wire
@@ -35,7 +36,11 @@ from vmckpt.fsutil import FILE_MODE
 from vmckpt.images import Store
 from vmckpt.images.pagesource import PageSource, SourceHead
 from vmckpt.mechanisms.pageserver import records
-from vmckpt.mechanisms.pageserver.server import PageServer, guest_process, held, serve
+
+# The server's own modules (and numpy, through them) are imported by the forked server,
+# while the restore command starts the QEMUs: not by the command before it forks.
+if TYPE_CHECKING:
+    from vmckpt.mechanisms.pageserver.server import PageServer
 
 READY_TIMEOUT_S = 30.0
 FAILURE_WAIT_S = 1.0  # a failed restore: how long the server may take to say why
@@ -192,6 +197,8 @@ def _forked_main(
     try:
         _detach(log_path)
         log.configure(1)
+        from vmckpt.mechanisms.pageserver.server import PageServer, held, serve
+
         sockets = {}
         for name, (ours, peer) in pairs.items():
             peer.close()
@@ -231,6 +238,8 @@ def _forked_main(
 
 def _follow_go(server: PageServer, fd: int) -> None:
     """The restore command's word on each destination: go (its QEMU is receiving) or abort."""
+    from vmckpt.mechanisms.pageserver.server import guest_process
+
     pending = set(server.names)
     aborted = False
     with os.fdopen(fd, "rb") as lines:
