@@ -176,3 +176,49 @@ def test_run_refuses_bad_media_in_one_line(vmckpt: Vmckpt, tmp_path: Path) -> No
         assert result.returncode == UsageError.exit_code, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert needle in result.stderr, (args, result.stderr)
+
+
+def test_a_medium_is_read_once_until_it_changes_and_a_bad_record_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Boot media are checked on every restore; their digests are remembered on this host
+    (vmckpt.hostdirs.file_sha256) under the file's identity, in the runtime root only."""
+    from vmckpt import hostdirs
+
+    monkeypatch.setenv("VMCKPT_RUNTIME_DIR", str(tmp_path / "run"))
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"A" * 4096)
+    records = tmp_path / "run" / hostdirs.DIGEST_DIR
+    # Just written: its times may not change on the next write (their granularity), so it
+    # is read each time and nothing is remembered.
+    assert hostdirs.file_sha256(kernel) == hashlib.sha256(b"A" * 4096).hexdigest()
+    assert not records.exists()
+
+    monkeypatch.setattr(hostdirs, "DIGEST_SETTLE_NS", 0)  # as if written long ago
+    assert hostdirs.file_sha256(kernel) == hashlib.sha256(b"A" * 4096).hexdigest()
+    (record,) = records.iterdir()
+    real_digest = hashlib.file_digest
+
+    def unread(*args: object, **kwargs: object) -> object:
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(hashlib, "file_digest", unread)
+    assert hostdirs.file_sha256(kernel) == hashlib.sha256(b"A" * 4096).hexdigest()
+    monkeypatch.setattr(hashlib, "file_digest", real_digest)
+
+    kernel.write_bytes(b"B" * 8192)  # changed: read again
+    assert hostdirs.file_sha256(kernel) == hashlib.sha256(b"B" * 8192).hexdigest()
+
+    # A record that is not a digest, or one in a directory others may write, is not taken.
+    newest = max(records.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    forged = json.loads(newest.read_text())
+    forged["sha256"] = hashlib.sha256(b"C").hexdigest()
+    newest.write_text(json.dumps(forged))
+    records.chmod(0o755)
+    assert hostdirs.file_sha256(kernel) == hashlib.sha256(b"B" * 8192).hexdigest()
+    records.chmod(0o700)  # this user's own again: its records are this user's word (as
+    assert hostdirs.file_sha256(kernel) == hashlib.sha256(b"C").hexdigest()  # QEMU's probes)
+    forged["sha256"] = "not a digest"
+    newest.write_text(json.dumps(forged))
+    assert hostdirs.file_sha256(kernel) == hashlib.sha256(b"B" * 8192).hexdigest()
+    assert record.exists()

@@ -34,7 +34,7 @@ from typing import Any
 
 from vmckpt import locks
 from vmckpt.errors import StoreError
-from vmckpt.fsutil import DIR_MODE, read_json, write_json_atomic
+from vmckpt.fsutil import DIR_MODE, open_nofollow, read_json, write_json_atomic
 
 RUNTIME_ENV = "VMCKPT_RUNTIME_DIR"
 DATA_ENV = "VMCKPT_DATA_DIR"
@@ -44,6 +44,10 @@ KIND_DIRS = {"guest": "guests", "libvirt": "libvirt"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 RECORD_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\.json\Z")
 GUEST_LOCK = "checkpoint.lock"
+DIGEST_DIR = "file-digests"  # in the runtime root: files' sha256 by identity (file_sha256)
+# A file changed less than this long ago may change again within its times' granularity
+# (a few ms) without changing them: its digest is not remembered (git's "racy" entries).
+DIGEST_SETTLE_NS = 2_000_000_000
 SCRATCH_DIR = "disk-scratch"  # a checkpoint's scratch files (vmckpt/mechanisms/disk_capture.py)
 
 
@@ -95,6 +99,43 @@ def private_dir(path: Path, *, create: bool = True) -> Path:
             step="host-dirs",
         )
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's content (opened without following a link, as
+    ``fsutil.sha256_file``), remembered on this host under the file's identity: its device,
+    inode, size and modification and change times. A write to the file changes its change
+    time, so a changed file is read again. Boot media and read-only disks are checked on
+    every restore: ~10 ms for the test guest's kernel and initrd (twice: found, then
+    checked), of a restore that is to run in milliseconds. The records are in the runtime
+    root (this user's only, on tmpfs as root), never in a store."""
+    with os.fdopen(open_nofollow(path), "rb") as handle:
+        info = os.fstat(handle.fileno())
+        identity = {
+            "dev": info.st_dev, "ino": info.st_ino, "size": info.st_size,
+            "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns,
+        }  # fmt: skip
+        key = hashlib.sha256(repr(sorted(identity.items())).encode()).hexdigest()[:32]
+        record_dir = runtime_root() / DIGEST_DIR
+        with contextlib.suppress(OSError, ValueError, StoreError):
+            private_dir(record_dir, create=False)
+            record = read_json(record_dir / f"{key}.json")
+            known = record.get("sha256") if isinstance(record, dict) else None
+            if (
+                isinstance(record, dict) and record.get("identity") == identity
+                and isinstance(known, str) and re.fullmatch(r"[0-9a-f]{64}", known)
+            ):  # fmt: skip
+                return known
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        after = os.fstat(handle.fileno())
+    settled = time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) > DIGEST_SETTLE_NS
+    unchanged = (after.st_mtime_ns, after.st_ctime_ns) == (info.st_mtime_ns, info.st_ctime_ns)
+    if stat.S_ISREG(info.st_mode) and settled and unchanged:
+        with contextlib.suppress(OSError, StoreError):  # not remembered: read next time
+            private_dir(runtime_root())
+            private_dir(record_dir)
+            write_json_atomic(record_dir / f"{key}.json", {"identity": identity, "sha256": digest})
+    return digest
 
 
 def store_dir_name(store_id: str | None, store_path: Path) -> str:

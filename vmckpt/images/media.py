@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from vmckpt.errors import StoreError
-from vmckpt.fsutil import DIR_MODE, FILE_MODE, sha256_file
-from vmckpt.hostdirs import NAME_RE
+from vmckpt.fsutil import DIR_MODE, FILE_MODE
+from vmckpt.hostdirs import NAME_RE, file_sha256
 from vmckpt.images import crypt
 from vmckpt.images.layerio import TMP_PREFIX, write_chunks
 from vmckpt.images.store import MEDIA_DIR, Store, is_real_dir
@@ -33,7 +33,7 @@ def find_medium(store: Store, sha256: str, original: str) -> Path | None:
     content hash decides, never the path."""
     with contextlib.suppress(OSError):
         path = Path(original)
-        if path.is_file() and sha256_file(path.resolve()) == sha256:
+        if path.is_file() and file_sha256(path.resolve()) == sha256:
             return path.resolve()
     try:
         copy = media_path(store, sha256, Path(original).name)
@@ -44,7 +44,7 @@ def find_medium(store: Store, sha256: str, original: str) -> Path | None:
             return None
     with contextlib.suppress(OSError):
         info = os.lstat(copy)
-        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and sha256_file(copy) == sha256:
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and file_sha256(copy) == sha256:
             return copy
     return None
 

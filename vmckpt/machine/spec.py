@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vmckpt.errors import MachineError, UsageError
-from vmckpt.fsutil import sha256_file
+from vmckpt.hostdirs import file_sha256
 from vmckpt.machine.binary import qemu_img
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
@@ -103,7 +103,7 @@ class BootMedium:
         if not resolved.is_file():
             raise UsageError(f"{role} {path} does not exist")
         check_path(str(resolved), role)
-        return cls(role, str(resolved), sha256_file(resolved), check_text(args, "module args"))
+        return cls(role, str(resolved), file_sha256(resolved), check_text(args, "module args"))
 
     @classmethod
     def from_dict(cls, data: Any) -> BootMedium:
@@ -132,7 +132,7 @@ class BootMedium:
         path = Path(self.path)
         if not path.is_file() or (path.is_symlink() and not path.resolve().is_file()):
             raise MachineError(f"{self.role} {self.path} is missing", vm=vm, step="check-media")
-        if sha256_file(path.resolve()) != self.sha256:
+        if file_sha256(path.resolve()) != self.sha256:
             # Its digest is not shown: the path may come from a layer another host sent and
             # name any file of this one.
             raise MachineError(
@@ -189,7 +189,7 @@ class DiskSpec:
             format=image_format,
             size=int(info["virtual-size"]),
             readonly=readonly,
-            sha256=sha256_file(resolved) if readonly else "",
+            sha256=file_sha256(resolved) if readonly else "",
         )
 
     @classmethod
@@ -241,7 +241,7 @@ class DiskSpec:
             raise MachineError(
                 f"disk {self.id} ({self.path}) is missing", vm=vm, step="check-media"
             )
-        if self.readonly and sha256_file(path) != self.sha256:
+        if self.readonly and file_sha256(path) != self.sha256:
             raise MachineError(
                 f"read-only disk {self.id} ({self.path}) changed since the checkpoint",
                 vm=vm,
