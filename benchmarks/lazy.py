@@ -20,10 +20,10 @@ page is in (lazy: the page server's completion; the others load everything first
 lazy restore also the pages served on demand and pushed, and the duplicate requests.
 
 It prints tables and, against the goals of the lazy restore (RESUME within 100 ms of
-``migrate-incoming`` and the command returning a running guest within 250 ms at 1 and 4 GiB;
-every page in within non-zero bytes / 500 MB/s + 1 s), whether each was met in this run. It
-never asserts. A size whose guest does not fit the host's available memory is skipped, said
-so. Times on a shared machine vary: the medians of ``--repeat`` runs are shown.
+``migrate-incoming``; the command returning a running guest within 250 ms of its exec at 1
+and 4 GiB; every page in within non-zero bytes / 500 MB/s + 1 s), whether each was met in
+this run. It never asserts. A size whose guest does not fit the host's available memory is
+skipped, said so. Times on a shared machine vary: the medians of ``--repeat`` runs are shown.
 """
 
 from __future__ import annotations
@@ -283,13 +283,15 @@ def report(setups: list[Setup]) -> list[str]:
         if not runs:
             continue
         resume = median([r.resume_ms for r in runs])
-        running = median([r.running_s for r in runs])
+        # The command's start as its user sees it: the vmckpt process, from exec (Python's
+        # start and imports included) until it returned the running guest and exited.
+        running = median([r.process_s for r in runs])
         all_in = median([r.all_in_s for r in runs])
         budget = each.stored_bytes / GOAL_PUSH_BYTES_PER_S + 1.0
         checks = [
             (f"RESUME {fmt_ms(resume)} after migrate-incoming (goal <= {GOAL_RESUME_MS:.0f} ms)",
              resume is not None and resume <= GOAL_RESUME_MS),
-            (f"a running guest {fmt_s(running)} after the command's start (goal <= "
+            (f"the command returned a running guest {fmt_s(running)} after its exec (goal <= "
              f"{GOAL_RUNNING_S:.2f} s)", running is not None and running <= GOAL_RUNNING_S),
             (f"every page in after {fmt_s(all_in)} (goal <= {budget:.2f} s: "
              f"{each.stored_bytes / 1e6:.0f} MB / 500 MB/s + 1 s)",

@@ -177,6 +177,10 @@ def test_killing_the_page_server_mid_push_and_a_new_one_completes_the_restore(
     shot = original.taken[1]
     row = restore(lazy, "--layer", shot.layer, "--name", "k", env=PACE)
     first = int(row["page_server"])
+    # The server starts its guard once the guest runs; the command returns only after.
+    returned = record(lazy, "k")
+    assert returned is not None and returned["guard_pid"], returned
+    assert process_start_time(int(returned["guard_pid"])) is not None, "no guard runs"
 
     def mid_push() -> bool:
         now = record(lazy, "k")

@@ -17,7 +17,6 @@ retries transient failures a few times first, within ``RETRY_TIMEOUT``.
 
 from __future__ import annotations
 
-import configparser
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -114,6 +113,8 @@ class BucketConfig:
         """A profile of ``~/.aws/config`` (``[profile NAME]``, or ``[default]``) and of
         ``~/.aws/credentials`` (``[NAME]``); an empty configuration if there is none. A
         named profile that is in neither file is refused."""
+        import configparser  # only a command on a bucket reads these files
+
         name = profile or os.environ.get("AWS_PROFILE") or "default"
         home = Path.home() / ".aws"
         config_file = Path(os.environ.get("AWS_CONFIG_FILE") or home / "config")

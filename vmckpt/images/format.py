@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,8 @@ from vmckpt.lazy_numpy import np
 from vmckpt.ram import PAGE_SIZE, PageNumbers, PageSet, RamImage, SpilledPages
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy.typing as npt
 
 # The newest version this vmckpt reads (and writes: see LAYER_MINOR). Readers accept the
@@ -634,6 +635,8 @@ def page_digests(pages: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     threads at once.
     """
     global _digest_pool
+    from concurrent.futures import ThreadPoolExecutor  # a command that writes pages only
+
     count = pages.shape[0]
     data = np.ascontiguousarray(pages).data.cast("B")
     if count < _DIGEST_SPLIT or _DIGEST_THREADS == 1:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 from collections.abc import Sequence
 
 from vmckpt import faults
@@ -33,7 +32,7 @@ def userfaultfd_refusal() -> str | None:
         return None
     except OSError as exc:
         device = f"{USERFAULTFD_DEVICE}: {exc.strerror}"
-    number = _SYS_USERFAULTFD.get(platform.machine())
+    number = _SYS_USERFAULTFD.get(os.uname().machine)
     if number is not None:
         libc = ctypes.CDLL(None, use_errno=True)
         fd = libc.syscall(number, os.O_CLOEXEC | os.O_NONBLOCK)

@@ -16,7 +16,8 @@ line, and the full restore of restore.py runs instead). A lazy restore:
    answers QEMU's page requests at once;
 5. asks QEMU to run the guest as soon as the device state is loaded (``cont`` while the
    migration is incoming; writable disks are activated and their dirty bitmaps recreated
-   before ``migrate-incoming``) and waits for QEMU's RESUME event;
+   before ``migrate-incoming``) and waits for QEMU's RESUME event, then for the server's
+   word that its guard runs (it starts the guard, and the push, once the guests run);
 6. returns: the guest runs, the server pushes the rest of the pages and ends the
    migration ``completed`` (``vmckpt list``: ``restoring (NN %)`` until then); only then
    does the layer become the guest's head (a page that fails its digest on the way never
@@ -158,6 +159,7 @@ def restore_lazy(
             _start(store, manifest, launch, extra_args, server)
         pid = server.wait_ready()
         results = [_wait_running(launch, started) for launch in launches]
+        server.wait_guarded()  # started once the guests run: none is left unguarded
         if watch_s > 0:
             for launch in launches:
                 _watch(launch, watch_s)

@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,35 +55,60 @@ class ForkedServer:
     pid: int
     sockets: dict[str, socket.socket]  # QEMU's ends, one per destination (hand them over)
     _go: int  # pipe: "go NAME" once a destination's QEMU has its socket, "abort"
-    _ready: int  # pipe: the server says "ready PID", "failed {error}" or "error ..."
+    # pipe: the server says "ready PID" (serving, its records written), then "guarded" (its
+    # guard runs); or, instead of either, "failed {error}" or "error ..."
+    _ready: int
 
-    _said: str | None = None  # the server's line on the ready pipe, once read
+    _said: list[str] = field(default_factory=list)  # its lines read so far
+    _unread: bytes = b""
+    _ended: bool = False  # the pipe ended (or was closed here)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> int:
-        """The server's PID once it is serving (its records written, its guard running)."""
-        line = self._line(timeout)
+        """The server's PID once it is serving (its records written)."""
+        line = self._line(0, timeout)
         if line is None:
             raise RestoreError("the page server did not start in time", step="page-server")
-        failure = self._failure(line)
+        failure = self._failure(line, "ready ")
         if failure is not None:
             raise failure
         self.pid = int(line.split()[1])
         return self.pid
 
+    def wait_guarded(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Once the server's guard runs (it starts it once the guests run)."""
+        line = self._line(1, timeout)
+        if line is None:
+            raise RestoreError("the page server did not start its guard in time",
+                               step="page-server")  # fmt: skip
+        failure = self._failure(line, "guarded")
+        if failure is not None:
+            raise failure
+
     def failure(self, timeout: float = FAILURE_WAIT_S) -> VmckptError | None:
-        """Why the server could not start, if it said so (within ``timeout``): a restore that
+        """Why the server could not go on, if it said so (within ``timeout``): a restore that
         failed otherwise asks, since a server that cannot open the chain ends the QEMUs'
         incoming migrations, and that is what the restore then sees first."""
-        line = self._line(timeout)
-        return None if line is None else self._failure(line)
-
-    def _line(self, timeout: float) -> str | None:
-        """The server's one line ("" if it exited without one), None if not said in time."""
-        if self._said is not None:
-            return self._said
         deadline = time.monotonic() + timeout
-        data = b""
-        while b"\n" not in data:
+        for index in range(2):
+            line = self._line(index, max(0.0, deadline - time.monotonic()))
+            if line is None:
+                return None
+            failure = self._failure(line, ("ready ", "guarded")[index])
+            if failure is not None:
+                return failure
+        return None
+
+    def _line(self, index: int, timeout: float) -> str | None:
+        """The server's line ``index`` ("" if it exited before saying it), None if not said
+        in time."""
+        deadline = time.monotonic() + timeout
+        while len(self._said) <= index:
+            if b"\n" in self._unread or (self._ended and self._unread):
+                line, _, self._unread = self._unread.partition(b"\n")
+                self._said.append(line.decode(errors="replace").strip())
+                continue
+            if self._ended:
+                return ""
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -93,14 +118,13 @@ class ForkedServer:
             except OSError:  # the pipe is closed: done() was called
                 chunk = b""
             if chunk == b"":
-                break
-            data += chunk or b""
-        self._said = data.decode(errors="replace").strip()
-        return self._said
+                self._ended = True
+            self._unread += chunk or b""
+        return self._said[index]
 
     @staticmethod
-    def _failure(line: str) -> VmckptError | None:
-        if line.startswith("ready "):
+    def _failure(line: str, expected: str) -> VmckptError | None:
+        if line.startswith(expected):
             return None
         if line.startswith("failed "):
             with contextlib.suppress(ValueError):
@@ -194,6 +218,7 @@ def _forked_main(
     ready_write: int,
     log_path: Path,
 ) -> int:
+    pipe = _ReadyPipe(ready_write)
     try:
         _detach(log_path)
         log.configure(1)
@@ -212,10 +237,6 @@ def _forked_main(
             )  # fmt: skip
         server = PageServer(store, source, list(preambles))
 
-        def announce() -> None:
-            os.write(ready_write, f"ready {os.getpid()}\n".encode())
-            os.close(ready_write)
-
         follower = threading.Thread(
             target=_follow_go, args=(server, go_read), name="go", daemon=True
         )
@@ -223,17 +244,36 @@ def _forked_main(
         _log.info("page server %d: layer %s for %s", os.getpid(), source.manifest.id,
                   ", ".join(preambles))  # fmt: skip
         with held(store, list(preambles)):
-            return serve(server, sockets, preambles, announce)
+            return serve(
+                server, sockets, preambles,
+                announce=lambda: pipe.say(f"ready {os.getpid()}"),
+                guarded=lambda: pipe.say("guarded", last=True),
+            )  # fmt: skip
     except VmckptError as exc:
         _log.error("%s", exc.one_line())
-        with contextlib.suppress(OSError):  # the restore raises it as it is (its exit code)
-            os.write(ready_write, f"failed {json.dumps(exc.to_wire())}\n".encode())
+        pipe.say(f"failed {json.dumps(exc.to_wire())}", last=True)  # raised as it is
         return exc.exit_code
     except BaseException as exc:
         _log.exception("page server failed: %r", exc)
-        with contextlib.suppress(OSError):
-            os.write(ready_write, f"error {exc!r}\n".encode())
+        pipe.say(f"error {exc!r}", last=True)
         return 1
+
+
+class _ReadyPipe:
+    """The server's side of its ready pipe: lines until the last, then closed (and never
+    written again: its descriptor's number may be another file's by then)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def say(self, line: str, *, last: bool = False) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):  # the restore command is gone: nobody to tell
+            os.write(self.fd, f"{line}\n".encode())
+        if last:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _follow_go(server: PageServer, fd: int) -> None:
