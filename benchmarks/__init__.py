@@ -2,12 +2,15 @@
 
 Their stores are throw-away: unless VMCKPT_KEYS_DIR says otherwise, their keys go to a
 directory of their own under /tmp (removed at exit if no store was made), not to the
-user's ~/.config/vmckpt/keys.
+user's ~/.config/vmckpt/keys. So does what this host keeps for their stores (unless
+VMCKPT_DATA_DIR says otherwise): precopy-diff's copy of a guest's RAM, restored disks;
+gigabytes per run, removed at exit (a store's data directory outlives the store itself).
 """
 
 import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 
 if "VMCKPT_KEYS_DIR" not in os.environ:
@@ -19,3 +22,8 @@ if "VMCKPT_KEYS_DIR" not in os.environ:
             os.rmdir(path)  # only if empty: kept stores stay readable
 
     atexit.register(_remove_if_unused)
+
+if "VMCKPT_DATA_DIR" not in os.environ:
+    _data = tempfile.mkdtemp(prefix="vmckpt-bench-data-")
+    os.environ["VMCKPT_DATA_DIR"] = _data
+    atexit.register(shutil.rmtree, _data, True)

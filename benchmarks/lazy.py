@@ -40,6 +40,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vmckpt.images import Store
 from vmckpt.machine.binary import parse_memory, resolve_accel
@@ -121,22 +122,10 @@ def wait_lines(path: Path, count: int, timeout: float, start: int = 0) -> float 
     return None
 
 
-def setup(size: str, work: Path, env: dict[str, str], fill: float) -> Setup | None:
-    memory = parse_memory(size)
-    need = int(memory * 2.3)
-    if available_mib() < need:
-        print(f"{size}: skipped: a checkpoint and a full restore of it need ~{need} MiB, "
-              f"{available_mib()} MiB are available")  # fmt: skip
-        return None
-    buf = max(16, int(memory * fill) - KERNEL_MIB)
-    store = work / f"store-{size}"
-    # No full-buffer verification (check_every=0): it reads every page, so the guest's first
-    # console line after a lazy restore would wait for the whole push.
-    append = f"console=ttyS0 quiet panic=-1 vmckpt.buf_mb={buf} vmckpt.pages=4 vmckpt.check_every=0"
-    print(f"{size}: booting the test guest ({buf} MiB of workload buffer)", flush=True)
-    vmckpt(env, "run", "src", "--store", str(store), "--create", "--kernel",
-           str(GUEST / "vmlinuz"), "--initrd", str(GUEST / "initrd.img"), "--append", append,
-           "--memory", size, "--accel", "tcg", "--detach")  # fmt: skip
+def _checkpoint_source(
+    size: str, memory: int, work: Path, store: Path, env: dict[str, str]
+) -> tuple[dict[str, Any], Path]:
+    """The running source guest checkpointed once, then saved by QEMU to a file."""
     serial = Store(store).host.runtime_path("src") / "serial.log"
     if wait_lines(serial, 3, 60 + memory / 20) is None:
         raise SystemExit(f"{size}: the guest printed no STATE line: {serial.read_text()[-300:]}")
@@ -153,7 +142,30 @@ def setup(size: str, work: Path, env: dict[str, str], fill: float) -> Setup | No
             if time.monotonic() > deadline:
                 raise SystemExit(f"{size}: QEMU's migrate to a file did not finish")
             time.sleep(0.05)
-    vmckpt(env, "stop", "src", "--store", str(store))
+    return row, qemu_file
+
+
+def setup(size: str, work: Path, env: dict[str, str], fill: float) -> Setup | None:
+    memory = parse_memory(size)
+    need = int(memory * 2.3)
+    if available_mib() < need:
+        print(f"{size}: skipped: a checkpoint and a full restore of it need ~{need} MiB, "
+              f"{available_mib()} MiB are available")  # fmt: skip
+        return None
+    buf = max(16, int(memory * fill) - KERNEL_MIB)
+    store = work / f"store-{size}"
+    # No full-buffer verification (check_every=0): it reads every page, so the guest's first
+    # console line after a lazy restore would wait for the whole push.
+    append = f"console=ttyS0 quiet panic=-1 vmckpt.buf_mb={buf} vmckpt.pages=4 vmckpt.check_every=0"
+    print(f"{size}: booting the test guest ({buf} MiB of workload buffer)", flush=True)
+    vmckpt(env, "run", "src", "--store", str(store), "--create", "--kernel",
+           str(GUEST / "vmlinuz"), "--initrd", str(GUEST / "initrd.img"), "--append", append,
+           "--memory", size, "--accel", "tcg", "--detach")  # fmt: skip
+    try:
+        row, qemu_file = _checkpoint_source(size, memory, work, store, env)
+    finally:  # a failure (a full disk) leaves no guest of its own running
+        stop = [sys.executable, "-m", "vmckpt", "stop", "src", "--store", str(store)]
+        subprocess.run(stop, env=env, cwd=REPO, capture_output=True, check=False, timeout=120)
     stored = int(row["pages_stored"]) * 4096
     print(f"{size}: layer {row['layer']}: {stored / 2**20:.0f} MiB in "
           f"{int(row['pages_stored'])} non-zero pages ({100 * stored / (memory << 20):.1f} % of "
