@@ -67,12 +67,6 @@ def test_importing_the_cli_loads_neither_numpy_nor_asyncio_nor_the_s3_client() -
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert result.stdout.strip() == "[]", result.stdout
-    # What the command modules keep of their own so as not to import the guests' kinds:
-    from vmckpt.cli._common import DEFAULT_REMOTE_STORE
-    from vmckpt.guests import libvirt, remote
-    from vmckpt.mechanisms.api import LIBVIRT_KIND
-
-    assert (DEFAULT_REMOTE_STORE, LIBVIRT_KIND) == (remote.DEFAULT_REMOTE_STORE, libvirt.KIND)
 
 
 def test_every_option_has_help_and_the_help_lists_exit_codes_and_examples() -> None:

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from vmckpt.errors import UsageError
 from vmckpt.images import Store
 from vmckpt.images.bucket import BucketConfig, BucketUrl, is_bucket_url
+from vmckpt.remote import DEFAULT_REMOTE_STORE
 from vmckpt.remote.ssh import DEFAULT_KNOWN_HOSTS
-
-DEFAULT_REMOTE_STORE = ".vmckpt/store"  # relative to the remote user's home
 
 # The kinds of guest and the store in a bucket are imported where a command reaches them:
 # a command loads what it uses (vmckpt/cli/__init__.py).
@@ -172,7 +171,7 @@ def ssh_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--remote-store",
         metavar="DIR",
-        default=DEFAULT_REMOTE_STORE,  # vmckpt.guests.remote's (tests/test_cli.py)
+        default=DEFAULT_REMOTE_STORE,
         help="the store on the other host (relative: to the remote home)",
     )
     g.add_argument(

@@ -20,6 +20,10 @@ from vmckpt.machine.spec import GuestSpec
 from vmckpt.qmp import CONT_RETRY_S, Monitor
 from vmckpt.session import JOURNAL, recover
 
+# The kind of a libvirt domain (guests/libvirt.py): the store's name space for domains' heads
+# and this host's files of them. Here, so that code that only compares kinds loads no libvirt.
+LIBVIRT_KIND = "libvirt"
+
 
 @dataclass(frozen=True)
 class GuestStatus:

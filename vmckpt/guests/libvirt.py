@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vmckpt.errors import LibvirtError, MachineError, VmckptError
 from vmckpt.guard import Guard
-from vmckpt.guests.base import Guest, GuestStatus
+from vmckpt.guests.base import LIBVIRT_KIND, Guest, GuestStatus
 from vmckpt.images import Store
 from vmckpt.machine.spec import (
     DISK_FORMATS,
@@ -36,7 +36,7 @@ from vmckpt.qmp.libvirt import (
 )
 from vmckpt.qmp.monitor import BlockNode
 
-KIND = "libvirt"  # the store's name space for domains' heads and this host's files of them
+KIND = LIBVIRT_KIND
 
 
 # -- the spec, from the domain XML -------------------------------------------------------

@@ -17,10 +17,9 @@ from vmckpt.errors import RemoteError, UsageError, VmckptError
 from vmckpt.guests.base import Guest, GuestStatus
 from vmckpt.guests.local import REMOTE_RECORD
 from vmckpt.images import Store
+from vmckpt.remote import DEFAULT_REMOTE_STORE
 from vmckpt.remote.endpoint import DEFAULT_REMOTE_PYTHON, Endpoint, failure_of
 from vmckpt.remote.ssh import HostAddress, SshHost, SshOptions
-
-DEFAULT_REMOTE_STORE = ".vmckpt/store"  # relative to the remote user's home
 
 
 @dataclass(frozen=True)

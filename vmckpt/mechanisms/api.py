@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from vmckpt.errors import MachineError, UsageError
-from vmckpt.guests.base import Guest, GuestStatus
+from vmckpt.guests.base import LIBVIRT_KIND, Guest, GuestStatus
 from vmckpt.guests.local import LocalGuest
 from vmckpt.images import Store
 from vmckpt.machine.spec import GuestSpec
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
     from vmckpt.mechanisms.restore_libvirt import DomainRestoreResult
     from vmckpt.mechanisms.restore_prep import RestoreResult
     from vmckpt.mechanisms.watch import WatchSettings
-
-LIBVIRT_KIND = "libvirt"  # vmckpt.guests.libvirt.KIND (tests/test_cli.py checks it)
 
 Row = dict[str, Any]
 RESTORE_WAIT_S = 60.0  # a checkpoint waits this long for a lazy restore's last pages

@@ -37,7 +37,6 @@ from vmckpt.remote.endpoint import (
 )
 
 REMOTE_RECORD = "remote.json"
-DEFAULT_REMOTE_STORE = ".vmckpt/store"  # relative to the remote user's home
 CHUNK = 1 << 20
 TRANSFER_TIMEOUT_S = 3600.0
 
