@@ -154,3 +154,31 @@ def test_readers_have_their_own_descriptors(chain3: ChainT) -> None:
     first.close()
     for page, row in zip(pages.tolist(), rows, strict=True):
         np.testing.assert_array_equal(row, page_of(images[1], source, page))
+
+
+def test_indexes_and_digests_read_ahead_are_taken_once_and_damage_still_fails_the_open(
+    chain3: ChainT,
+) -> None:
+    """A page server reads the chain's indexes and digests in a thread while it imports
+    (LayerReader.prefetch): the open then reads neither again, and a file damaged before
+    the read ahead still fails the open, named."""
+    store, manifests, images = chain3
+    names = ("pages.idx", "pages.sum")
+    newest_first = list(reversed(manifests))
+    store.reader.prefetch(newest_first, names, "test")
+    moved = [(layer_path(store, m.id, n), layer_path(store, m.id, n + ".away"))
+             for m in manifests for n in names]  # fmt: skip
+    for path, away in moved:
+        path.rename(away)
+    with PageSource.open(store, manifests[2].id) as source:  # read ahead: no file read again
+        check_every_page(source, images[2])
+    with pytest.raises(CorruptLayerError, match=r"pages\.idx is missing"):
+        PageSource.open(store, manifests[2].id)  # each was taken once
+    for path, away in moved:
+        away.rename(path)
+
+    flip_byte(layer_path(store, manifests[1].id, "pages.sum"), 0)
+    store.reader.prefetch(newest_first, names, "test")  # stops there, raises nothing
+    with pytest.raises(CorruptLayerError, match=r"pages\.sum: sha256 mismatch") as caught:
+        PageSource.open(store, manifests[2].id)
+    assert f"layer {manifests[1].id}" in caught.value.one_line()

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmckpt import locks
-from vmckpt.errors import CorruptLayerError, StoreError
+from vmckpt.errors import CorruptLayerError, StoreError, VmckptError
 from vmckpt.fsutil import DIR_MODE, FILE_MODE, Dir, exchange_at, read_regular
 from vmckpt.images import crypt
 from vmckpt.images import format as fmt
@@ -409,6 +409,9 @@ class LayerReader:
     def __init__(self, files: StoreFiles, codec: Callable[[str], crypt.Codec]) -> None:
         self.files = files
         self._codec = codec
+        # Files read and checked ahead (prefetch), by (layer, name, listed sha256): taken
+        # once by read_small. Only a manifest listing that very digest finds one.
+        self._checked: dict[tuple[str, str, str], bytes] = {}
 
     def open(self, manifest: LayerManifest, name: str, step: str) -> crypt.LayerFile:
         """A listed file, checked to be a regular file of its own of the listed size (in an
@@ -442,10 +445,33 @@ class LayerReader:
 
     def read_small(self, manifest: LayerManifest, name: str, step: str) -> bytes:
         """A small listed file (index, digests, prelude, device state), checked: size, sha256."""
+        ahead = self._checked.pop((manifest.id, name, manifest.files[name].sha256), None)
+        if ahead is not None:
+            return ahead
         with self.open(manifest, name, step) as src:
             data = src.read_all()
         check_digest(manifest, name, hashlib.sha256(data).hexdigest(), step)
         return data
+
+    def prefetch(self, chain: Iterable[LayerManifest], names: Iterable[str], step: str) -> None:
+        """Read and check ``names`` of each layer of ``chain``, in that order, for read_small
+        to return later: run in a thread, it overlaps what another does meanwhile (reading
+        and hashing release the GIL). The first error ends it: read_small reads that file
+        itself and reports it where it is needed."""
+        wanted = tuple(names)
+        for manifest in chain:
+            for name in wanted:
+                if name not in manifest.files:
+                    continue
+                try:
+                    data = self.read_small(manifest, name, step)
+                except (VmckptError, OSError):
+                    return
+                self._checked[(manifest.id, name, manifest.files[name].sha256)] = data
+
+    def drop_prefetched(self) -> None:
+        """Forget what prefetch read that nobody took (a layer the open did not need)."""
+        self._checked.clear()
 
     def index(self, manifest: LayerManifest, step: str, sums: bool = True) -> LayerIndex:
         """The layer's decoded page index and (1.2, if ``sums``) page digests, both checked."""
