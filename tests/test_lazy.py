@@ -31,9 +31,10 @@ from tests.framework.guest import (
 )
 from tests.framework.mechanisms import QEMU11_DEFAULT, SYSTEM_QEMU, qemu11
 from tests.test_images import as_1_1
+from vmckpt.errors import RestoreError
 from vmckpt.images import Store, keys
 from vmckpt.machine.qemu import process_start_time
-from vmckpt.mechanisms.pageserver import status_of
+from vmckpt.mechanisms.pageserver import fork_server, status_of
 from vmckpt.mechanisms.restore_prep import NOT_STEPPED
 
 pytestmark = pytest.mark.qemu
@@ -308,6 +309,29 @@ def identity_before(original: Original) -> tuple[str, int, str]:
     return gpe, int(forks), driver
 
 
+def page_servers(store: Path, name: str) -> list[int]:
+    """The page servers (by the name they give themselves) of restores of ``name`` into
+    ``store``: their command line is the restore's, which forked them."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if comm == "vmckpt-pageserv" and str(store).encode() in argv and name.encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def no_page_server_is_left(lazy: Vmckpt, name: str) -> None:
+    """A restore that went in full after all leaves no page server behind (each lazy-capable
+    restore forks one first thing)."""
+    wait_for(lambda: not page_servers(lazy.store, name), f"the page server of {name} ending", 10)
+
+
 def test_the_full_restore_says_why_where_lazy_cannot_be(original: Original, lazy: Vmckpt) -> None:
     shot = original.taken[1]
     no_uffd = {"VMCKPT_FAULT": "no-userfaultfd"}
@@ -326,16 +350,40 @@ def test_the_full_restore_says_why_where_lazy_cannot_be(original: Original, lazy
     row = restore(lazy, "--layer", shot.layer, "--name", "qemu", env=refusing)
     assert row["lazy"] is False
     assert "cannot be a postcopy destination here" in row["notes"][0], row
+    no_page_server_is_left(lazy, "qemu")  # ordered, then told to end
     assert_continues(lazy.wait_states("qemu", 8), original.states, shot)
     # A layer without page digests (format 1.1) is composed whole.
     as_1_1(Store(lazy.store), original.taken[0].layer)
     row = restore(lazy, "--layer", shot.layer, "--name", "old")
     assert row["lazy"] is False
     assert "has no page digests" in row["notes"][0], row
+    no_page_server_is_left(lazy, "old")  # never ordered
     assert_continues(lazy.wait_states("old", 8), original.states, shot)
     # --no-lazy is the full restore, asked for.
     row = restore(lazy, "--layer", shot.layer, "--name", "asked", "--no-lazy")
     assert row["lazy"] is False and not any("full restore" in n for n in row["notes"])
+
+
+def test_a_server_whose_layer_is_not_the_one_the_command_checked_serves_nothing(
+    original: Original, lazy: Vmckpt, tmp_path: Path
+) -> None:
+    """The page server is forked before the command checks the layer and builds the chain's
+    preamble itself from what it opens: unless both are the same, it refuses, in one line,
+    before it writes a record or takes a lock."""
+    store = Store(lazy.store)
+    server = fork_server(store)
+    try:
+        server.order(original.taken[1].layer, ["nobody"], tmp_path / "pageserver.log",
+                     b"the preamble of another layer")  # fmt: skip
+        with pytest.raises(RestoreError) as caught:
+            server.wait_ready()
+    finally:
+        server.abort()
+    line = caught.value.one_line()
+    assert "the layer changed while the restore started" in line, line
+    assert f"layer {original.taken[1].layer}" in line, line
+    assert status_of(store, "nobody") is None
+    assert not (store.host.runtime_path("nobody") / "pageserver.json").exists()
 
 
 def test_a_damaged_page_found_while_serving_ends_the_restored_guest(

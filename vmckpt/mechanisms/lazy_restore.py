@@ -3,14 +3,16 @@
 ``vmckpt restore`` is lazy wherever the host allows it (lazy_host.py says why not, in one
 line, and the full restore of restore.py runs instead). A lazy restore:
 
-1. checks the layer's chain (vmckpt/images/pagesource.py, ``PageSource.head``): every
-   manifest and seal, the RAM size, page digests present; reads its device state;
-2. cuts the stored device state for postcopy and builds the stream's preamble
-   (vmckpt/stream/postcopy.py);
-3. forks the page server (vmckpt/mechanisms/pageserver/) with one socket per guest; the
-   server opens the chain as a page source (each index and page digest file checked, the
-   page index built: ~0.1 s at 8 GiB) while this process starts the QEMUs, and says on
-   its ready pipe whether it could;
+1. forks the page server (vmckpt/mechanisms/pageserver/fork.py) before anything else: it
+   imports what it serves with (numpy: ~60 ms) while this process works;
+2. checks the layer's chain (vmckpt/images/pagesource.py, ``PageSource.head``): every
+   manifest and seal, the RAM size, page digests present; reads its device state, cuts it
+   for postcopy and builds the stream's preamble (vmckpt/stream/postcopy.py);
+3. checks the guests (names, media, the host's memory), then orders the server: the layer,
+   one socket per guest. The server opens the chain as a page source (each index and page
+   digest file checked, the page index built: ~0.1 s at 8 GiB) and builds the preamble
+   itself (it must be the one this process built) while this process starts the QEMUs, and
+   says on its ready pipe whether it could;
 4. starts each QEMU waiting for an incoming migration, sets ``postcopy-ram`` and hands it
    its socket; once the server is ready, starts ``migrate-incoming``: the server sends the
    device state and answers QEMU's page requests at once;
@@ -48,7 +50,8 @@ from vmckpt.machine.qemu import QemuProcess
 from vmckpt.machine.spec import GuestSpec, check_name
 from vmckpt.mechanisms.disk_restore import discard_restored, materialize, track_restored
 from vmckpt.mechanisms.lazy_host import memory_refusal, userfaultfd_refusal
-from vmckpt.mechanisms.pageserver import ForkedServer, fork_server
+from vmckpt.mechanisms.pageserver import ForkedServer, fork_server, records
+from vmckpt.mechanisms.pageserver.fork import preamble_of
 from vmckpt.mechanisms.restore_prep import (
     RestoreResult,
     check_machine_type,
@@ -58,8 +61,6 @@ from vmckpt.mechanisms.restore_prep import (
 )
 from vmckpt.progress import NO_PROGRESS, Progress
 from vmckpt.qmp import Monitor
-from vmckpt.stream import StreamEnvelope
-from vmckpt.stream import postcopy as pc
 
 LOAD_TIMEOUT_S = 120.0
 FD_NAME = "vmckpt-postcopy"
@@ -90,16 +91,7 @@ def prepare(store: Store, manifest: LayerManifest) -> Prepared | str:
     except NoPageDigests as exc:
         return exc.message
     try:
-        envelope = StreamEnvelope(
-            prelude=head.prelude,
-            machine_type=manifest.machine_type,
-            ram_section_id=manifest.ram_section[0],
-            ram_instance_id=manifest.ram_section[1],
-            ram_version_id=manifest.ram_section[2],
-            epilogue=head.device_state,
-        )
-        device = pc.split_device_state(head.device_state)
-        preamble = pc.preamble(envelope, head.blocks, device)
+        preamble = preamble_of(head)
     except StreamError as exc:
         return f"layer {manifest.id}: {exc.message}"
     return Prepared(head, preamble)
@@ -134,16 +126,18 @@ def restore_lazy(
     prepared: Prepared,
     guests: Sequence[tuple[str, GuestSpec]],
     *,
+    server: ForkedServer,
     extra_args: tuple[str, ...],
     started: float,
     watch_s: float = 0.0,
 ) -> tuple[list[Started], int]:
-    """Start one QEMU per ``(name, spec)`` as a postcopy destination of ``prepared`` and
-    return once every guest runs (and, with ``watch_s``, was watched that long): each
-    guest's figures and the page server's PID. On failure every QEMU started is killed,
-    the page server ends, rebuilt disks are removed, and RestoreError is raised."""
+    """Start one QEMU per ``(name, spec)`` as a postcopy destination of ``prepared``, served
+    by ``server`` (forked by fork_server, not yet ordered: this orders it, and ends it on
+    failure), and return once every guest runs (and, with ``watch_s``, was watched that
+    long): each guest's figures and the page server's PID. On failure every QEMU started is
+    killed, the page server ends, rebuilt disks are removed, and RestoreError is raised."""
     launches = [_Launch(name, spec) for name, spec in guests]
-    server: ForkedServer | None = None
+    serving: ForkedServer | None = server
     try:
         for launch in launches:
             # As the full restore: in a fresh directory of this host's data directory.
@@ -152,9 +146,9 @@ def restore_lazy(
             )
             disks = materialize(store, manifest, launch.spec.disks, launch.disk_dir, vm=launch.name)
             launch.spec = replace(launch.spec, disks=disks)
-        server = fork_server(
-            store, prepared.head, {launch.name: prepared.preamble for launch in launches}
-        )
+        names = [launch.name for launch in launches]
+        log_path = store.host.runtime_dir(names[0]) / records.LOG
+        server.order(manifest.id, names, log_path, prepared.preamble)
         for launch in launches:
             _start(store, manifest, launch, extra_args, server)
         # Each QEMU's incoming migration begins once its source serves: the page server
@@ -173,7 +167,7 @@ def restore_lazy(
             clock = step_clock(launch.spec, launch.guest.process(), launch.mon)
             results[index] = replace(results[index], clock=clock)
         server.done()  # the page server sets each guest's head once its pages are all in
-        server = None
+        serving = None
         return results, pid
     except BaseException as exc:
         for launch in launches:
@@ -185,9 +179,9 @@ def restore_lazy(
                     store.host.remove_record(launch.name, GUEST_RECORD)
             if launch.disk_dir is not None:
                 discard_restored(launch.spec.disks, launch.disk_dir)
-        if server is not None:
-            reported = server.failure() if isinstance(exc, VmckptError) else None
-            server.abort()
+        if serving is not None:
+            reported = serving.failure() if isinstance(exc, VmckptError) else None
+            serving.abort()
             if reported is not None and reported is not exc:
                 exc = reported  # the cause: the server could not open the chain
         if isinstance(exc, RestoreError):
@@ -333,11 +327,35 @@ def restore_lazily(
     in full). A name None is the layer's guest. Each guest gets a new VM generation ID
     unless ``same_identity``. Anything else wrong (a damaged chain, a guest of that name
     running, media changed) raises as the full restore would."""
-    layer_id = store.resolve(layer_ref) if layer_ref else store.newest()
-    manifest = store.manifest(layer_id)
     why = userfaultfd_refusal()
     if why is not None:
         return why
+    # Forked first, while this process has no thread: it imports and then builds the page
+    # index while this one checks the layer and starts the QEMUs (fork.py).
+    server = fork_server(store)
+    try:
+        return _restore_lazily(
+            store, layer_ref, names, server, extra_args=extra_args, watch_s=watch_s,
+            started=started, same_identity=same_identity, progress=progress,
+        )  # fmt: skip
+    finally:
+        server.abort()  # unless it was ordered (restore_lazy's then): it exits untouched
+
+
+def _restore_lazily(
+    store: Store,
+    layer_ref: str | None,
+    names: Sequence[str | None],
+    server: ForkedServer,
+    *,
+    extra_args: tuple[str, ...] | None,
+    watch_s: float,
+    started: float,
+    same_identity: bool,
+    progress: Progress,
+) -> list[RestoreResult] | str:
+    layer_id = store.resolve(layer_ref) if layer_ref else store.newest()
+    manifest = store.manifest(layer_id)
     with progress.task(f"opening layer {layer_id}", None):
         prepared = prepare(store, manifest)
     if isinstance(prepared, str):
@@ -358,8 +376,9 @@ def restore_lazily(
         return why
     try:
         running, server_pid = restore_lazy(
-            store, manifest, prepared, guests, extra_args=args, started=started, watch_s=watch_s
-        )
+            store, manifest, prepared, guests, server=server, extra_args=args, started=started,
+            watch_s=watch_s,
+        )  # fmt: skip
     except CannotBeLazy as exc:  # its QEMUs are ended: the full restore starts anew
         return exc.message
     results = []
