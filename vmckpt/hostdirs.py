@@ -134,7 +134,8 @@ def file_sha256(path: Path) -> str:
         with contextlib.suppress(OSError, StoreError):  # not remembered: read next time
             private_dir(runtime_root())
             private_dir(record_dir)
-            write_json_atomic(record_dir / f"{key}.json", {"identity": identity, "sha256": digest})
+            write_json_atomic(record_dir / f"{key}.json", {"identity": identity, "sha256": digest},
+                              durable=False)  # fmt: skip
     return digest
 
 
@@ -320,12 +321,14 @@ class HostDirs:
         *,
         durable: bool = False,
     ) -> None:
-        """Replace a guest's record atomically (unique temporary name, fsync, rename)."""
+        """Replace a guest's record atomically (unique temporary name, rename). ``durable``:
+        in its data directory, fsynced; else in its runtime directory, not (its processes
+        do not outlive the host either)."""
         self._record_path(name, record, kind, durable, "write-record")
         directory = self.data_dir(name, kind) if durable else self.runtime_dir(name, kind)
         path = directory / record
         try:
-            write_json_atomic(path, data)
+            write_json_atomic(path, data, durable=durable)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc}", vm=name, step="write-record") from exc
 

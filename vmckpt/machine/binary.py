@@ -148,7 +148,7 @@ def _remember(identity: dict[str, Any], question: str, answer: Any) -> None:
         private_dir(runtime_root())
         path = private_dir(runtime_root() / PROBE_DIR)
         write_json_atomic(path / _probe_path(identity, question).name,
-                          {"identity": identity, "answer": answer})  # fmt: skip
+                          {"identity": identity, "answer": answer}, durable=False)  # fmt: skip
     except (OSError, StoreError):
         pass
 
