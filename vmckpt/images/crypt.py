@@ -179,13 +179,15 @@ class PlainFile(LayerFile):
     def read_all(self) -> bytes:
         # Up to one byte more than listed: a file that grew since it was opened fails its
         # sha256 (the caller checks it).
-        chunks = []
+        # One read where the kernel gives it all (a regular file does): no join to copy
+        # (15 ms of the 30 MB of an 8 GiB guest's pages.sum).
+        chunks: list[bytes] = []
         offset, limit = 0, self.size + 1
-        while limit > 0 and (chunk := os.pread(self.fd, min(limit, 1 << 24), offset)):
+        while limit > 0 and (chunk := os.pread(self.fd, limit, offset)):
             chunks.append(chunk)
             offset += len(chunk)
             limit -= len(chunk)
-        return b"".join(chunks)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def read_pages(self, positions: npt.NDArray[np.int64], out: npt.NDArray[np.uint8]) -> None:
         """One read per run of positions, across small gaps (ram.read_in_runs)."""

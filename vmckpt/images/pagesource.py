@@ -85,6 +85,7 @@ class PageSource:
         blocks: list[RamBlock],
         owner: npt.NDArray[np.int32],
         position: npt.NDArray[np.int64],
+        stored: npt.NDArray[np.int64],
         prelude: bytes,
         device_state: bytes,
         codec: crypt.Codec,
@@ -97,12 +98,12 @@ class PageSource:
         self.block_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.total_pages = int(self.block_starts[-1])
         self.owner = owner  # per global page: index into chain, or ZERO
-        self.position = position  # per global page: its row in that layer's pages.bin
+        self.position = position  # per stored page: its row in its owner's pages.bin
         self.prelude = prelude
         self.device_state = device_state
         self._layers = layers
         self._codec = codec
-        self.stored = np.flatnonzero(owner != ZERO).astype(np.int64)  # pages some layer holds
+        self.stored = stored  # the pages some layer holds, ascending
 
     @staticmethod
     def head(store: Store, layer_id: str) -> SourceHead:
@@ -148,28 +149,31 @@ class PageSource:
             starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
             total = int(starts[-1])
             owner = np.full(total, ZERO, dtype=np.int32)
-            position = np.zeros(total, dtype=np.int64)
-            decided = np.zeros(total, dtype=np.bool_)
+            position = np.empty(total, dtype=np.int64)  # read only where owner says
+            decided: npt.NDArray[np.bool_] | None = None  # none yet: the newest layer's own
+            held: list[npt.NDArray[np.int64]] = []  # each contributing layer's pages, sorted
             layers: dict[int, _Layer] = {}
             try:
                 for index in range(len(chain) - 1, -1, -1):
                     manifest = chain[index]
                     parts = store.reader.index(manifest, step, sums=False).parts
-                    offset = 0
-                    mine = False
-                    for number, part in enumerate(parts):
-                        base = int(starts[number])
-                        stored = part.stored.astype(np.int64) + base
+                    # The layer's pages as global numbers, in its pages.bin's order (ascending).
+                    stored = np.concatenate(
+                        [
+                            part.stored.astype(np.int64) + int(starts[n])
+                            for n, part in enumerate(parts)
+                        ]
+                    )
+                    if decided is None:  # the newest: every page it lists is its own
+                        chosen, rows = stored, np.arange(stored.size, dtype=np.int64)
+                    else:
                         fresh = ~decided[stored]
-                        if fresh.any():
-                            chosen = stored[fresh]
-                            owner[chosen] = index
-                            position[chosen] = np.flatnonzero(fresh) + offset
-                            mine = True
-                        decided[stored] = True
-                        decided[part.zeroed.astype(np.int64) + base] = True
-                        offset += part.stored.size
-                    if mine:
+                        rows = np.flatnonzero(fresh)
+                        chosen = stored[rows]
+                    if chosen.size:
+                        owner[chosen] = index
+                        position[chosen] = rows
+                        held.append(chosen)
                         pages = store.reader.open(manifest, PAGES, step)
                         try:
                             sums = store.reader.page_sums(manifest, step)
@@ -177,6 +181,13 @@ class PageSource:
                             pages.close()
                             raise
                         layers[index] = _Layer(manifest, pages, sums)
+                    if index == 0:
+                        break  # the oldest: nothing is left to decide
+                    if decided is None:
+                        decided = np.zeros(total, dtype=np.bool_)
+                    decided[stored] = True
+                    for n, part in enumerate(parts):
+                        decided[part.zeroed.astype(np.int64) + int(starts[n])] = True
                     if decided.all():
                         break
                 prelude = store.reader.read_small(newest, PRELUDE, step)
@@ -186,9 +197,11 @@ class PageSource:
                 for layer in layers.values():
                     layer.pages.close()
                 raise
+        stored = held[0] if len(held) == 1 else np.sort(np.concatenate(held or [starts[:0]]))
         return cls(
-            store.store_id or "", chain, layers, blocks, owner, position, prelude, device, codec
-        )
+            store.store_id or "", chain, layers, blocks, owner, position, stored, prelude,
+            device, codec,
+        )  # fmt: skip
 
     def close(self) -> None:
         for layer in self._layers.values():
