@@ -23,7 +23,7 @@ from tests.framework.guest import (
     sigint_disposition,
     wait_for,
 )
-from vmckpt.cli import FAMILIES, build_parser, families_for
+from vmckpt.cli import FAMILIES, build_parser, families_for, forks_a_page_server
 from vmckpt.errors import exit_codes
 from vmckpt.images import Store
 
@@ -51,6 +51,12 @@ def test_each_command_is_in_the_family_that_adds_it_and_its_line_builds_only_tha
     assert families_for(["--json-errors", "gc"]) == ["maintenance"]
     assert families_for(["--help"]) == list(FAMILIES)
     assert families_for(["restor"]) == list(FAMILIES)  # a typo: argparse lists them all
+    # A restore that may be lazy forks its page server before the rest is imported.
+    assert forks_a_page_server(["-v", "restore", "--layer", "x", "--detach"])
+    for not_lazy in (["--no-lazy"], ["--host", "h"], ["--host=h"], ["--libvirt-define", "d"],
+                     ["--help"]):  # fmt: skip
+        assert not forks_a_page_server(["restore", *not_lazy]), not_lazy
+    assert not forks_a_page_server(["checkpoint", "web"])
     restore_only = _subparsers(build_parser(["restore", "--detach"]))
     assert sorted(restore_only) == ["migrate", "restore"]
 

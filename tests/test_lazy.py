@@ -34,7 +34,8 @@ from tests.test_images import as_1_1
 from vmckpt.errors import RestoreError
 from vmckpt.images import Store, keys
 from vmckpt.machine.qemu import process_start_time
-from vmckpt.mechanisms.pageserver import fork_server, status_of
+from vmckpt.mechanisms.pageserver import status_of
+from vmckpt.mechanisms.pageserver_fork import fork_server
 from vmckpt.mechanisms.restore_prep import NOT_STEPPED
 
 pytestmark = pytest.mark.qemu
@@ -345,6 +346,7 @@ def test_the_full_restore_says_why_where_lazy_cannot_be(original: Original, lazy
         check=False, env=no_uffd,
     )  # fmt: skip
     one_line_error(refused, "cannot restore lazily: no userfaultfd", code=10)
+    no_page_server_is_left(lazy, shot.layer)  # of a restore that failed, or went in full
     # QEMU's own refusal to be a postcopy destination (its checks of the host and the RAM).
     refusing = {"VMCKPT_FAULT": "qemu-refuses-postcopy"}
     row = restore(lazy, "--layer", shot.layer, "--name", "qemu", env=refusing)
@@ -371,9 +373,9 @@ def test_a_server_whose_layer_is_not_the_one_the_command_checked_serves_nothing(
     preamble itself from what it opens: unless both are the same, it refuses, in one line,
     before it writes a record or takes a lock."""
     store = Store(lazy.store)
-    server = fork_server(store)
+    server = fork_server()
     try:
-        server.order(original.taken[1].layer, ["nobody"], tmp_path / "pageserver.log",
+        server.order(store, original.taken[1].layer, ["nobody"], tmp_path / "pageserver.log",
                      b"the preamble of another layer")  # fmt: skip
         with pytest.raises(RestoreError) as caught:
             server.wait_ready()

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from vmckpt import __version__, log
-from vmckpt.cli._common import Formatter, Parser
 from vmckpt.errors import VmckptError, exit_codes
+from vmckpt.mechanisms import pageserver_fork
 
 EXAMPLES = """\
 examples:
@@ -52,20 +52,41 @@ FAMILIES = {
 _GLOBAL_FLAGS = ("-v", "--verbose", "--json-errors", "-vv", "-vvv")
 
 
-def families_for(argv: Sequence[str]) -> list[str]:
-    """The family modules a command line needs: the one of its command, or all of them."""
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command a command line names (its first word after the global flags), if any."""
     for arg in argv:
         if arg in _GLOBAL_FLAGS or (arg.startswith("-v") and set(arg[1:]) == {"v"}):
             continue
-        for family, commands in FAMILIES.items():
-            if arg in commands:
-                return [family]
-        break
+        return arg
+    return None
+
+
+def families_for(argv: Sequence[str]) -> list[str]:
+    """The family modules a command line needs: the one of its command, or all of them."""
+    command = command_of(argv)
+    for family, commands in FAMILIES.items():
+        if command in commands:
+            return [family]
     return list(FAMILIES)
+
+
+# A restore that is not lazy: no page server to fork (or help only).
+_NOT_LAZY = frozenset({"--no-lazy", "--host", "--libvirt-define", "-h", "--help"})
+
+
+def forks_a_page_server(argv: Sequence[str]) -> bool:
+    """Whether the command line is a restore that is lazy where the host allows it: its
+    page server is then forked before the command imports the rest of vmckpt (a guess made
+    before parsing: a server no restore takes exits untouched)."""
+    return command_of(argv) == "restore" and not any(
+        arg.split("=", 1)[0] in _NOT_LAZY for arg in argv
+    )
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser of ``argv``'s command (of every command if ``argv`` is None or names none)."""
+    from vmckpt.cli._common import Formatter, Parser
+
     parser = Parser(
         prog="vmckpt",
         description="Incremental, short-pause checkpoints of whole QEMU guests, restored anywhere.",
@@ -98,6 +119,17 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
+    if forks_a_page_server(arguments):
+        # Before anything else of vmckpt is imported: its imports (numpy) run beside this
+        # process's (vmckpt/mechanisms/pageserver_fork.py).
+        pageserver_fork.fork_early()
+    try:
+        return _main(arguments)
+    finally:
+        pageserver_fork.discard_early()  # a restore that did not take it: it exits
+
+
+def _main(arguments: list[str]) -> int:
     parser = build_parser(arguments)
     args = parser.parse_args(arguments)
     log.configure(args.verbose)

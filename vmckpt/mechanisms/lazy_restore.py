@@ -3,8 +3,9 @@
 ``vmckpt restore`` is lazy wherever the host allows it (lazy_host.py says why not, in one
 line, and the full restore of restore.py runs instead). A lazy restore:
 
-1. forks the page server (vmckpt/mechanisms/pageserver/fork.py) before anything else: it
-   imports what it serves with (numpy: ~60 ms) while this process works;
+1. takes its page server, forked before anything else (vmckpt/mechanisms/pageserver_fork.py:
+   by the CLI as the command starts): it imports what it serves with (numpy: ~60 ms) while
+   this process works;
 2. checks the layer's chain (vmckpt/images/pagesource.py, ``PageSource.head``): every
    manifest and seal, the RAM size, page digests present; reads its device state, cuts it
    for postcopy and builds the stream's preamble (vmckpt/stream/postcopy.py);
@@ -50,8 +51,9 @@ from vmckpt.machine.qemu import QemuProcess
 from vmckpt.machine.spec import GuestSpec, check_name
 from vmckpt.mechanisms.disk_restore import discard_restored, materialize, track_restored
 from vmckpt.mechanisms.lazy_host import memory_refusal, userfaultfd_refusal
-from vmckpt.mechanisms.pageserver import ForkedServer, fork_server, records
+from vmckpt.mechanisms.pageserver import records
 from vmckpt.mechanisms.pageserver.fork import preamble_of
+from vmckpt.mechanisms.pageserver_fork import ForkedServer, take_server
 from vmckpt.mechanisms.restore_prep import (
     RestoreResult,
     check_machine_type,
@@ -148,7 +150,7 @@ def restore_lazy(
             launch.spec = replace(launch.spec, disks=disks)
         names = [launch.name for launch in launches]
         log_path = store.host.runtime_dir(names[0]) / records.LOG
-        server.order(manifest.id, names, log_path, prepared.preamble)
+        server.order(store, manifest.id, names, log_path, prepared.preamble)
         for launch in launches:
             _start(store, manifest, launch, extra_args, server)
         # Each QEMU's incoming migration begins once its source serves: the page server
@@ -330,9 +332,10 @@ def restore_lazily(
     why = userfaultfd_refusal()
     if why is not None:
         return why
-    # Forked first, while this process has no thread: it imports and then builds the page
-    # index while this one checks the layer and starts the QEMUs (fork.py).
-    server = fork_server(store)
+    # Forked first, while this process has no thread (by the CLI as the command started, or
+    # now): it imports and then builds the page index while this one checks the layer and
+    # starts the QEMUs (pageserver_fork.py).
+    server = take_server()
     try:
         return _restore_lazily(
             store, layer_ref, names, server, extra_args=extra_args, watch_s=watch_s,

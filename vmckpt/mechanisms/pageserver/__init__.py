@@ -27,12 +27,12 @@ Modules, bottom up:
 - ``destination.py``: one destination, its return path and its sender;
 - ``server.py``: :class:`PageServer` (the push read once for all, the watch until each
   destination is done) and :func:`serve`, the body of every page server process;
-- ``fork.py``: the first server of a restore, forked by the restore command;
+- ``fork.py``: the first server of a restore, forked by the restore command (its side;
+  the command's is vmckpt/mechanisms/pageserver_fork.py, outside this package: light);
 - ``recovery.py``: a new server for paused destinations when one died (its guard starts it,
   or ``vmckpt resume``), and the program ``python -m vmckpt.mechanisms.pageserver``.
 """
 
-from vmckpt.mechanisms.pageserver.fork import ForkedServer, fork_server
 from vmckpt.mechanisms.pageserver.records import (
     failure_of,
     restoring_state,
@@ -41,9 +41,7 @@ from vmckpt.mechanisms.pageserver.records import (
 )
 
 __all__ = [
-    "ForkedServer",
     "failure_of",
-    "fork_server",
     "restoring_state",
     "status_of",
     "wait_restored",
