@@ -12,6 +12,7 @@ a full restore, a failure) and it exits, having touched nothing.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -109,6 +110,9 @@ def forked_main(control: socket.socket, go_read: int, ready_write: int) -> int:
         from vmckpt.mechanisms.pageserver.server import PageServer, held, serve
 
         np.ndarray  # noqa: B018  (numpy itself, now: PageSource.open needs it)
+        # As the command does (cli.main): what the imports made is never collected, so no
+        # collection during the push scans it.
+        gc.freeze()
         ordered = ordering.result()
         if ordered is None:
             return 0  # the command restores in full, failed or is gone: nothing was touched
