@@ -40,6 +40,7 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,8 +254,10 @@ class _Early:
 def fork_early() -> None:
     """``vmckpt restore``'s first step (the CLI's): its page server, forked before the
     command imports the rest of vmckpt. Taken by :func:`take_server`, or ended by
-    :func:`discard_early` (a restore that is not lazy after all)."""
-    if _Early.server is None:
+    :func:`discard_early` (a restore that is not lazy after all). Not in a process that
+    runs other threads (main() called by a program): one of them may hold a lock the forked
+    server would need; the restore forks its server later, as it would anyway."""
+    if _Early.server is None and threading.active_count() == 1:
         _Early.server = fork_server()
 
 
