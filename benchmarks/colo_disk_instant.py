@@ -37,7 +37,8 @@ never assert.
     python -m benchmarks.colo_disk_instant --qemu $QEMU11 --memory 256M --count 20 --rounds 3
 
 ``--pages N``: the guest writes N pages per 100 ms step (default 4; 100 is the 1,000 page
-writes a second of ``make bench``'s disk table).
+writes a second of ``make bench``'s disk table). ``--breakdown``: the guest's QEMU traces
+its own pause, and each variant's pause is cut into its parts (benchmarks/colo_pause_trace.py).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.colo_pause_trace import Pause, format_breakdown, parse_pauses, trace_args
 from vmckpt.errors import VmckptError
 from vmckpt.guests.local import LocalGuest
 from vmckpt.images import LayerManifest, Store
@@ -162,7 +164,14 @@ class _Variant(ColoSession):
         return tracker, stats, self._thread_error
 
 
-def _boot(store: Store, memory_mib: int, disk: Path, image_format: str, pages: int) -> LocalGuest:
+def _boot(
+    store: Store,
+    memory_mib: int,
+    disk: Path,
+    image_format: str,
+    pages: int,
+    qemu_args: Sequence[str] = (),
+) -> LocalGuest:
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", image_format, str(disk), str(DISK_BYTES)], check=True
     )
@@ -176,7 +185,7 @@ def _boot(store: Store, memory_mib: int, disk: Path, image_format: str, pages: i
         append=APPEND.format(pages=pages),
         disks=(DiskSpec("disk0", str(disk), image_format, DISK_BYTES),),
     )
-    guest = LocalGuest.start(store, "probe", spec)
+    guest = LocalGuest.start(store, "probe", spec, extra_args=tuple(qemu_args))
     serial = store.host.runtime_dir("probe") / "serial.log"
     deadline = time.monotonic() + 240
     while serial.read_bytes().count(b"DISK seq=") < 5:
@@ -231,6 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write every checkpoint's layer stats here")
     p.add_argument("--rounds", type=int, default=3, help="each variant this often, interleaved")
     p.add_argument("--pages", type=int, default=4, help="pages the guest writes per 100 ms step")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="trace the guest's QEMU and print where each variant's pause goes",
+    )
     args = p.parse_args(argv)
     if args.qemu:
         os.environ["VMCKPT_QEMU"] = args.qemu
@@ -239,14 +253,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="vk-instant-"))
     store = Store.create(work / "store")
     disk = work / f"disk.{args.format}"
-    guest = _boot(store, parse_memory(args.memory), disk, args.format, args.pages)
+    trace_log = work / "qemu-trace.log"
+    qemu_args = trace_args(work / "trace-events", trace_log) if args.breakdown else []
+    guest = _boot(store, parse_memory(args.memory), disk, args.format, args.pages, qemu_args)
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    windows: list[tuple[str, float, float]] = []  # variant, wall clock from, to
+    pauses: list[Pause] = []
     try:
         for _ in range(args.rounds):
             for variant in variants:
+                began = time.time()
                 results[variant] += _run(guest, variant, args.count, args.interval)
+                windows.append((variant, began, time.time()))
     finally:
-        guest.stop()
+        guest.stop()  # QEMU has then written all of its trace
+        if args.breakdown and trace_log.exists():
+            with trace_log.open(errors="replace") as log:
+                pauses = parse_pauses(log)
         shutil.rmtree(work, ignore_errors=True)
     print(f"QEMU {qemu_version(binary)}, {args.memory} guest, {args.format} disk, "
           f"{args.count} checkpoints x {args.rounds} rounds per variant, one per "
@@ -255,6 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{'wait ms':>9} {'pages':>6} {'wall ms':>8}")  # fmt: skip
     for variant in variants:
         print(_summary(variant, results[variant]))
+    if args.breakdown:
+        for variant in variants:
+            mine = [
+                p for p in pauses
+                if any(v == variant and a <= p.started <= b for v, a, b in windows)
+            ]  # fmt: skip
+            print(format_breakdown(variant, mine))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

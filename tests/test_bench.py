@@ -11,6 +11,7 @@ from benchmarks.checkpoint import (
     format_table,
     pause_from_events,
 )
+from benchmarks.colo_pause_trace import PHASES, format_breakdown, parse_pauses
 from vmckpt.qmp import Event
 
 
@@ -144,3 +145,51 @@ def test_lazy_report_says_which_goals_were_met() -> None:
     assert f"- 1G: {returned.format('0.650 s')}" in text
     assert f"- 4G: {returned.format('0.300 s')}" in text
     assert "- 4G: every page in after 9.000 s (goal <= 8.40 s" in text and "NOT met" in text
+
+
+# One pause of a disk guest's COLO checkpoint as QEMU 11.1.3 traced it (benchmarks/
+# colo_pause_trace.py's events; trimmed: two device sections, events' JSON and one line
+# shortened), then a pause cut short.
+_TRACE = """\
+2026-12-07T03:06:06.722969Z colo_send_message Send 'checkpoint-request' message
+2026-12-07T03:06:06.724818Z runstate_set current_run_state 9 (running) new_state 15 (colo)
+2026-12-07T03:06:06.725989Z monitor_qmp_respond mon 0x5 resp: {"event": "STOP", ...}
+2026-12-07T03:06:06.726004Z monitor_qmp_respond mon 0x6 resp: {"event": "STOP", ...}
+2026-12-07T03:06:06.727674Z colo_vm_state_change Change 'run' => 'stop'
+2026-12-07T03:06:06.727694Z colo_send_message Send 'vmstate-send' message
+2026-12-07T03:06:06.730964Z savevm_section_start apic, section_id 6
+2026-12-07T03:06:06.732001Z savevm_section_end apic, section_id 6 -> 0
+2026-12-07T03:06:06.736077Z savevm_section_start 0000:00:02.0/virtio-blk, section_id 39
+2026-12-07T03:06:06.742442Z savevm_section_end 0000:00:02.0/virtio-blk, section_id 39 -> 0
+2026-12-07T03:06:06.742555Z migration_bitmap_sync_start
+2026-12-07T03:06:06.743297Z job_state_transition job 0x5 ... transition (undefined-->created)
+2026-12-07T03:06:06.743810Z migration_bitmap_sync_end dirty_pages 1349
+2026-12-07T03:06:06.743824Z savevm_section_start ram, section_id 1
+2026-12-07T03:06:06.761626Z savevm_section_end ram, section_id 1 -> 0
+2026-12-07T03:06:06.761690Z colo_send_message Send 'vmstate-size' message
+2026-12-07T03:06:06.764654Z colo_receive_message Receive 'vmstate-received' message
+2026-12-07T03:06:06.764887Z colo_receive_message Receive 'vmstate-loaded' message
+2026-12-07T03:06:06.764914Z monitor_qmp_respond mon 0x5 resp: {"event": "RESUME", ...}
+2026-12-07T03:06:06.764934Z runstate_set current_run_state 15 (colo) new_state 9 (running)
+2026-12-07T03:06:07.224818Z runstate_set current_run_state 9 (running) new_state 15 (colo)
+2026-12-07T03:06:07.225989Z monitor_qmp_respond mon 0x5 resp: {"event": "STOP", ...}
+2026-12-07T03:06:07.264934Z runstate_set current_run_state 15 (colo) new_state 9 (running)
+"""
+
+
+def test_a_traced_pause_is_cut_into_its_phases() -> None:
+    (pause,) = parse_pauses(_TRACE.splitlines())  # the second pause lacks its phases
+    assert abs(pause.marks["stopped"] - 1.171) < 1e-3
+    assert abs(pause.phase_ms("drained") - (727.674 - 725.989)) < 1e-3
+    assert abs(pause.phase_ms("devices") - (742.555 - 727.674)) < 1e-3
+    assert abs(pause.sections["0000:00:02.0/virtio-blk"] - 6.365) < 1e-3
+    assert "ram" not in pause.sections
+    assert abs(pause.phase_ms("ram_sent") - (761.626 - 743.810)) < 1e-3
+    assert abs(pause.phase_ms("acknowledged") - (764.887 - 761.626)) < 1e-3
+    assert pause.capture_ms is not None and abs(pause.capture_ms - (743.297 - 724.818)) < 1e-3
+    assert abs(pause.total_ms - (764.914 - 724.818)) < 1e-3
+    assert abs(sum(pause.phase_ms(key) for key, _ in PHASES) - pause.total_ms) < 1e-6
+    table = format_breakdown("fleecing", [pause])
+    assert "0000:00:02.0/virtio-blk 6.36" in table
+    assert "job created at 18.48 ms (in 1 of 1 pauses)" in table
+    assert "no complete pause" in format_breakdown("none", [])
