@@ -209,6 +209,7 @@ def seaweedfs_command(
      admin_grpc) = ports  # fmt: skip
     return [
         str(weed),
+        f"-logdir={workdir}",  # glog's files: with the data, not left in /tmp
         "mini",
         f"-dir={workdir / 'data'}",
         f"-ip={host}",
