@@ -14,7 +14,8 @@ until it is ``running`` again) and times, from the start of each:
 - ``ram synced``: the dirty bitmap synchronised (the disk capture's QMP command, which
   needs QEMU's big lock, usually runs here: ``capture`` says when its job was created);
 - ``ram sent``: the dirty pages written into the stream;
-- ``acknowledged``: vmckpt has read the device state and acknowledged the checkpoint;
+- ``acknowledged``: vmckpt has read the device state and acknowledged the checkpoint
+  (QEMU received VMSTATE_LOADED);
 - ``resumed``: QEMU's RESUME event.
 
 Used by ``python -m benchmarks.colo_disk_instant --breakdown``. Benchmarks never assert.
@@ -34,7 +35,6 @@ import numpy as np
 EVENTS = (
     "runstate_set",
     "colo_vm_state_change",
-    "colo_send_message",
     "colo_receive_message",
     "savevm_section_start",
     "savevm_section_end",
