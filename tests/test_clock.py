@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.framework.debian import clocks, counters, debian_build, wait_counters
+from tests.framework.debian import clocks, counters, debian_build, wait_agent, wait_counters
 from tests.framework.guest import Vmckpt
 
 pytestmark = [pytest.mark.qemu]
@@ -58,6 +58,8 @@ def test_a_restored_guest_with_an_agent_has_its_clock_stepped_to_now(
     )  # fmt: skip
     serial = vmckpt.runtime("deb") / "serial.log"
     wait_counters(serial, 3, timeout=600)
+    # A layer taken before qemu-ga opened its channel restores with no agent, rightly.
+    wait_agent(vmckpt, "deb")
     layer = vmckpt.checkpoint("deb")["layer"]
     taken = time.time()
     wait_counters(serial, len(counters(serial)) + GAP_LINES)

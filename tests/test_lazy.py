@@ -27,6 +27,7 @@ from tests.framework.guest import (
     assert_continues,
     guest_append,
     one_line_error,
+    tail,
     wait_for,
 )
 from tests.framework.mechanisms import QEMU11_DEFAULT, SYSTEM_QEMU, qemu11
@@ -123,7 +124,11 @@ def restore(runner: Vmckpt, *args: str, env: dict[str, str] | None = None) -> di
 def wait_all_in(runner: Vmckpt, name: str) -> dict[str, Any]:
     """The page server finished: every page in, the migration completed, its record gone
     and what it did kept (restored.json)."""
-    wait_for(lambda: record(runner, name) is None, f"{name}'s pages all in", RESTORE_S)
+    log = runner.runtime(name) / "pageserver.log"
+    wait_for(
+        lambda: record(runner, name) is None, f"{name}'s pages all in", RESTORE_S,
+        evidence=lambda: tail(log.read_text(errors="replace") if log.exists() else ""),
+    )  # fmt: skip
     with runner.monitor(name) as mon:
         assert mon.query_migrate().status == "completed"
         capabilities = mon.migrate_capabilities()

@@ -9,7 +9,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from tests.framework.guest import GUEST_BUILD, tail, wait_for
+from tests.framework.guest import GUEST_BUILD, Vmckpt, tail, wait_for
+from vmckpt.qmp.agent import CHARDEV_ID
 
 DEBIAN_BUILD = GUEST_BUILD / "debian"
 # "COUNTER n=5 ok t=1765030000": the count, and the guest's clock (seconds since the epoch).
@@ -48,3 +49,18 @@ def wait_counters(serial: Path, count: int, offset: int = 0, timeout: float = 30
         f"{serial.name}: {count} COUNTER lines", timeout,
         evidence=lambda: tail(serial.read_text(errors="replace")[offset:]),
     )  # fmt: skip
+
+
+def agent_opened(vmckpt: Vmckpt, name: str) -> bool:
+    """Whether the guest's qemu-ga has opened its channel (QEMU's ``frontend-open`` of the
+    agent's chardev, what a restore reads from the layer's device state)."""
+    with vmckpt.monitor(name) as mon:
+        chardevs = mon.execute("query-chardev")
+    return any(c.get("label") == CHARDEV_ID and c.get("frontend-open") for c in chardevs)
+
+
+def wait_agent(vmckpt: Vmckpt, name: str, timeout: float = 300) -> None:
+    """Wait until the guest's agent runs: udev starts qemu-ga when its port appears, which on
+    a loaded host can be seconds after the counter service's first lines."""
+    wait_for(lambda: agent_opened(vmckpt, name), f"guest {name}: qemu-ga opened its channel",
+             timeout, evidence=lambda: tail(vmckpt.serial(name)))  # fmt: skip
