@@ -306,7 +306,8 @@ def reported(runner: Vmckpt, name: str) -> Callable[[], bool]:
 
 
 def reseeded(runner: Vmckpt, name: str) -> Callable[[], bool]:
-    return lambda: identity(runner, name)[1] == 1
+    """Whether the guest reported a fork (a reseed); not yet, before its first report."""
+    return lambda: reported(runner, name)() and identity(runner, name)[1] == 1
 
 
 def identity_before(original: Original) -> tuple[str, int, str]:

@@ -141,7 +141,7 @@ def command_line(
             "-chardev", host_end,
             "-device", "virtio-serial-pci,id=vmckpt-vser",
             "-device", f"virtserialport,bus=vmckpt-vser.0,chardev={agent.CHARDEV_ID},"
-                       f"name={agent.CHANNEL_NAME},id={agent.PORT_ID}",
+                       f"name={agent.CHANNEL_NAME}",
         ]  # fmt: skip
     kernel, initrd, iso = spec.medium("kernel"), spec.medium("initrd"), spec.medium("iso")
     if kernel:

@@ -166,8 +166,7 @@ def restore_lazy(
                 _watch(launch, watch_s)
         for index, launch in enumerate(launches):  # once every guest runs: no one waits
             assert launch.guest is not None
-            assert launch.mon is not None
-            clock = step_clock(launch.spec, launch.guest.process(), launch.mon, since=launch.mark)
+            clock = step_clock(launch.spec, launch.guest.process(), launch.mon)
             results[index] = replace(results[index], clock=clock)
         server.done()  # the page server sets each guest's head once its pages are all in
         serving = None

@@ -196,9 +196,10 @@ def restore_guest(
     process = guest.process()
     try:
         with progress.task("loading into QEMU", None):
-            written, loaded, _seen, resume_ms, clock = _load_into(
-                process, image, spec, name=name, watch_s=check_s, until=_fatal, restoring=True
+            written, loaded, observation, resume_ms = _load_into(
+                process, image, spec, name=name, watch_s=check_s, until=_fatal
             )
+        _check_alive(process, observation)
         store.set_head(name, manifest.id)
     except BaseException as exc:
         process.kill()
@@ -209,8 +210,7 @@ def restore_guest(
             raise RestoreError(exc.message, vm=name, layer=manifest.id, step=exc.step) from exc
         raise
     _log.info("%s: restored from layer %s", name, manifest.id)
-    assert clock is not None  # restoring: always a note
-    notes += (clock,)
+    notes += (step_clock(spec, process),)
     return RestoreResult(
         name=name,
         layer=manifest.id,
@@ -296,12 +296,10 @@ def _load_into(
     name: str,
     watch_s: float,
     until: Callable[[Observation], bool] | None,
-    restoring: bool = False,
-) -> tuple[int, float, Observation, float | None, str | None]:
+) -> tuple[int, float, Observation, float | None]:
     """Load the composed stream, resume, and watch the guest from the moment it resumes
-    (vmckpt/machine/liveness.py); ``restoring``: then fail if it did not live, and step its
-    clock. The bytes written, the moment the guest ran, what was seen, QEMU's RESUME event
-    after migrate-incoming (ms), and (restoring) the clock's note."""
+    (vmckpt/machine/liveness.py); the bytes written, the moment the guest ran, what was seen,
+    and QEMU's RESUME event after migrate-incoming (ms)."""
     with process.monitor() as mon:
         session = MigrationSession(
             mon, vm=name, error=RestoreError, capabilities={"events": True}, incoming=True,
@@ -335,11 +333,7 @@ def _load_into(
         observation = observe(
             process, mon, since=mark, seconds=watch_s, console_from=console_from, until=until
         )
-        clock = None
-        if restoring:
-            _check_alive(process, observation)
-            clock = step_clock(spec, process, mon, since=mark)
-        return sender.written, running, observation, resume_ms, clock
+        return sender.written, running, observation, resume_ms
 
 
 def _size(path: Path) -> int:
@@ -458,7 +452,7 @@ def boot_check(
             process = QemuProcess.launch(spec, launch, runtime_dir=scratch)
             try:
                 with progress.task("loading into a throw-away QEMU", None):
-                    _written, loaded, observation, _resume, _clock = _load_into(
+                    _written, loaded, observation, _resume = _load_into(
                         process, image, spec, name=label, watch_s=seconds, until=_exited
                     )
             except RestoreError as exc:

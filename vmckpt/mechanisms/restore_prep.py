@@ -17,7 +17,7 @@ from vmckpt.machine.binary import machine_types, qemu_binary, qemu_version
 from vmckpt.machine.qemu import QemuProcess
 from vmckpt.machine.spec import GuestSpec
 from vmckpt.qmp import Monitor
-from vmckpt.qmp.agent import CHARDEV_ID, PORT_ID, GuestAgent
+from vmckpt.qmp.agent import CHARDEV_ID, GuestAgent
 
 AGENT_TIMEOUT_S = 5.0  # a guest agent that answers does so in milliseconds, even lazily
 NOT_STEPPED = "clock not stepped: {why}, so its clock goes on from the checkpoint's time"
@@ -126,20 +126,29 @@ def check_machine_type(manifest: LayerManifest, vm: str) -> None:
         )
 
 
-def step_clock(spec: GuestSpec, process: QemuProcess, mon: Monitor, *, since: int) -> str:
+def step_clock(spec: GuestSpec, process: QemuProcess, mon: Monitor | None = None) -> str:
     """Step a restored guest's clock to now through QEMU's guest agent, once it runs (its
     clock would go on from the checkpoint's instant: under TCG no kvmclock carries it); what
     was done, or why not, in one line for the user. Costs nothing where no agent runs: QEMU
-    knows whether the guest had the agent's channel open (the device state holds it). Never
-    raises: the guest runs whatever its clock says. ``mon``: a monitor on the guest's QEMU
-    whose events go back to ``since``, a mark taken before the guest first ran."""
+    knows whether the guest opened the agent's channel (the device state holds it). Never
+    raises: the guest runs whatever its clock says. ``mon``: a monitor already open on the
+    guest's QEMU (else one is opened)."""
     if not spec.guest_agent or process.agent_socket is None:
         return NOT_STEPPED.format(
             why="the guest has no channel for QEMU's guest agent (vmckpt gives one to the "
             "guests it starts, unless --no-guest-agent; a layer of an older vmckpt has none)"
         )
     try:
-        if not _agent_port_open(mon, since):
+        if mon is None:
+            with process.monitor() as own:
+                chardevs = own.execute("query-chardev")
+        else:
+            chardevs = mon.execute("query-chardev")
+        opened = any(
+            isinstance(c, dict) and c.get("label") == CHARDEV_ID and c.get("frontend-open")
+            for c in chardevs
+        )
+        if not opened:
             return NOT_STEPPED.format(
                 why="no guest agent runs in the guest (install qemu-guest-agent in it)"
             )
@@ -150,22 +159,3 @@ def step_clock(spec: GuestSpec, process: QemuProcess, mon: Monitor, *, since: in
         return NOT_STEPPED.format(why=exc.message)
     _log.info("%s: clock stepped to now by the guest agent", process.name)
     return "clock stepped to now by the guest agent"
-
-
-def _agent_port_open(mon: Monitor, since: int) -> bool:
-    """Whether the restored guest has the agent's port open. QEMU applies a loaded port's
-    state on a virtual-clock timer that fires once the guest runs, not with the load: until
-    then ``query-chardev`` says closed whatever the guest had. The port's VSERPORT_CHANGE
-    event says when it is applied (at once: a timer of 1 ns of guest time)."""
-    try:
-        event = mon.wait_event(
-            {"VSERPORT_CHANGE"}, AGENT_TIMEOUT_S,
-            lambda event: event.data.get("id") == PORT_ID, since=since,
-        )  # fmt: skip
-        return event.data.get("open") is True
-    except QMPError:  # no event (the port's state was not in the stream): ask QEMU now
-        chardevs = mon.execute("query-chardev")
-        return any(
-            isinstance(c, dict) and c.get("label") == CHARDEV_ID and c.get("frontend-open")
-            for c in chardevs
-        )

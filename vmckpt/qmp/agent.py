@@ -25,9 +25,6 @@ from vmckpt.errors import QMPError
 
 CHANNEL_NAME = "org.qemu.guest_agent.0"
 CHARDEV_ID = "vmckpt-qga"  # the host end's chardev (query-chardev: frontend-open)
-# The guest end's port device: with an id, QEMU reports the guest opening or closing it in a
-# VSERPORT_CHANGE event, and after a restore once the port's state is applied.
-PORT_ID = "vmckpt-qga-port"
 MAX_REPLY = 1 << 16  # an answer to either question is tens of bytes
 SYNC_BYTE = b"\xff"
 
