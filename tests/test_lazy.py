@@ -35,7 +35,7 @@ from tests.test_images import as_1_1
 from vmckpt.errors import RestoreError
 from vmckpt.images import Store, keys
 from vmckpt.machine.qemu import process_start_time
-from vmckpt.mechanisms.pageserver import status_of
+from vmckpt.mechanisms.pageserver import records, status_of
 from vmckpt.mechanisms.pageserver_fork import fork_server
 from vmckpt.mechanisms.restore_prep import NOT_STEPPED
 
@@ -124,7 +124,7 @@ def restore(runner: Vmckpt, *args: str, env: dict[str, str] | None = None) -> di
 def wait_all_in(runner: Vmckpt, name: str) -> dict[str, Any]:
     """The page server finished: every page in, the migration completed, its record gone
     and what it did kept (restored.json)."""
-    log = runner.runtime(name) / "pageserver.log"
+    log = runner.runtime(name) / records.LOG
     wait_for(
         lambda: record(runner, name) is None, f"{name}'s pages all in", RESTORE_S,
         evidence=lambda: tail(log.read_text(errors="replace") if log.exists() else ""),

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from tests.framework.guest import GUEST_BUILD, Vmckpt, tail, wait_for
-from vmckpt.qmp.agent import CHARDEV_ID
+from vmckpt.qmp.agent import channel_open
 
 DEBIAN_BUILD = GUEST_BUILD / "debian"
 # "COUNTER n=5 ok t=1765030000": the count, and the guest's clock (seconds since the epoch).
@@ -55,8 +55,7 @@ def agent_opened(vmckpt: Vmckpt, name: str) -> bool:
     """Whether the guest's qemu-ga has opened its channel (QEMU's ``frontend-open`` of the
     agent's chardev, what a restore reads from the layer's device state)."""
     with vmckpt.monitor(name) as mon:
-        chardevs = mon.execute("query-chardev")
-    return any(c.get("label") == CHARDEV_ID and c.get("frontend-open") for c in chardevs)
+        return channel_open(mon.execute("query-chardev"))
 
 
 def wait_agent(vmckpt: Vmckpt, name: str, timeout: float = 300) -> None:

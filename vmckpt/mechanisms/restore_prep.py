@@ -17,7 +17,7 @@ from vmckpt.machine.binary import machine_types, qemu_binary, qemu_version
 from vmckpt.machine.qemu import QemuProcess
 from vmckpt.machine.spec import GuestSpec
 from vmckpt.qmp import Monitor
-from vmckpt.qmp.agent import CHARDEV_ID, GuestAgent
+from vmckpt.qmp.agent import GuestAgent, channel_open
 
 AGENT_TIMEOUT_S = 5.0  # a guest agent that answers does so in milliseconds, even lazily
 NOT_STEPPED = "clock not stepped: {why}, so its clock goes on from the checkpoint's time"
@@ -144,11 +144,7 @@ def step_clock(spec: GuestSpec, process: QemuProcess, mon: Monitor | None = None
                 chardevs = own.execute("query-chardev")
         else:
             chardevs = mon.execute("query-chardev")
-        opened = any(
-            isinstance(c, dict) and c.get("label") == CHARDEV_ID and c.get("frontend-open")
-            for c in chardevs
-        )
-        if not opened:
+        if not channel_open(chardevs):
             return NOT_STEPPED.format(
                 why="no guest agent runs in the guest (install qemu-guest-agent in it)"
             )

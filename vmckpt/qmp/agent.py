@@ -29,6 +29,15 @@ MAX_REPLY = 1 << 16  # an answer to either question is tens of bytes
 SYNC_BYTE = b"\xff"
 
 
+def channel_open(chardevs: Any) -> bool:
+    """Whether the guest has the agent's channel open, from QEMU's ``query-chardev`` answer
+    (``frontend-open`` of vmckpt's chardev; a restored guest's comes from its device state)."""
+    return any(
+        isinstance(c, dict) and c.get("label") == CHARDEV_ID and c.get("frontend-open")
+        for c in chardevs
+    )
+
+
 class GuestAgent:
     """One connection to a guest's agent. ``deadline`` bounds every exchange: an agent that
     does not answer (a guest without one, a guest that hangs) costs at most that."""
