@@ -41,9 +41,12 @@ CONNECT_RETRY_S = 30.0  # the dead parent's QMP connection must be gone first
 class Guard:
     """The parent's side: start the guard, release it when done. A context manager."""
 
-    def __init__(self, argv: list[str], module: str = "vmckpt.guard") -> None:
+    def __init__(
+        self, argv: list[str], module: str = "vmckpt.guard", pass_fds: Sequence[int] = ()
+    ) -> None:
         self._argv = argv
         self._module = module  # the guard's program: ``python -m MODULE --pipe FD ARGV``
+        self.pass_fds = tuple(pass_fds)  # descriptors the guard holds (and ARGV names)
         self._proc: subprocess.Popen[bytes] | None = None
         self._write_fd: int | None = None
 
@@ -62,7 +65,7 @@ class Guard:
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", self._module, "--pipe", str(read_fd), *self._argv],
-                pass_fds=(read_fd,),
+                pass_fds=(read_fd, *self.pass_fds),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C or a kill of the process group spares it
             )

@@ -367,11 +367,12 @@ class QemuProcess:
         start, for a command whose time counts (a lazy restore's); one thread drives it."""
         return Monitor.lines(self.qmp_socket, vm=self.name, timeout=timeout)
 
-    def session_monitor(self, timeout: float = 10.0) -> Monitor:
+    def session_monitor(self, timeout: float = 10.0, *, oob: bool = False) -> Monitor:
         """The monitor reserved for the checkpoint session (the general one if there is none),
         spoken directly (:meth:`Monitor.lines`): the session sends a command inside the
-        guest's pause."""
-        return Monitor.lines(self.session_socket or self.qmp_socket, vm=self.name, timeout=timeout)
+        guest's pause. A lazy restore's page server holds it instead, with ``oob``."""
+        return Monitor.lines(self.session_socket or self.qmp_socket, vm=self.name,
+                             timeout=timeout, oob=oob)  # fmt: skip
 
     def wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

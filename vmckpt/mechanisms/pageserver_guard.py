@@ -27,14 +27,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--store", required=True, type=Path)
     parser.add_argument("--layer", required=True)
     parser.add_argument("--guest", action="append", required=True)
+    # NAME=FD: the server's monitor connection to NAME's QEMU, held here (and handed to the
+    # new server) so that a recovery needs no new one (pageserver/server.py: monitor_of).
+    parser.add_argument("--monitor", action="append", default=[])
     args = parser.parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # it ends when its server says so, or dies
     if wait_for_parent(args.pipe):
         return 0
     from vmckpt.mechanisms.pageserver.recovery import recover_for_guard
+    from vmckpt.mechanisms.pageserver.server import parse_monitors
 
-    return recover_for_guard(args.store, args.layer, args.guest)
+    return recover_for_guard(args.store, args.layer, args.guest, parse_monitors(args.monitor))
 
 
 if __name__ == "__main__":

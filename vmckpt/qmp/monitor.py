@@ -116,12 +116,43 @@ class Monitor:
 
     @classmethod
     def lines(
-        cls, path: str | Path, *, vm: str | None = None, timeout: float = DEFAULT_TIMEOUT
+        cls,
+        path: str | Path,
+        *,
+        vm: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        oob: bool = False,
     ) -> Monitor:
         """A connected monitor on QEMU's QMP socket that speaks QMP directly
         (:class:`~vmckpt.qmp.transport.LineTransport`: cheaper per command, and
-        :meth:`submit` sends a command whose reply is taken later)."""
-        return cls(LineTransport(path, vm=vm), vm=vm, timeout=timeout).connect()
+        :meth:`submit` sends a command whose reply is taken later); with ``oob``, one that
+        negotiated out-of-band commands where QEMU offers them (:meth:`execute_oob`)."""
+        return cls(LineTransport(path, vm=vm, oob=oob), vm=vm, timeout=timeout).connect()
+
+    @classmethod
+    def adopt(
+        cls, sock: socket.socket, *, vm: str | None, description: str,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Monitor:  # fmt: skip
+        """A connection with out-of-band commands that another process negotiated and
+        handed on (:meth:`LineTransport.adopt`); its QEMU version is not asked for."""
+        monitor = cls(LineTransport.adopt(sock, vm=vm, description=description), vm=vm,
+                      timeout=timeout)  # fmt: skip
+        monitor._connected = True
+        return monitor
+
+    @property
+    def oob(self) -> bool:
+        """Whether out-of-band commands were negotiated on this connection."""
+        return isinstance(self.transport, LineTransport) and self.transport.oob
+
+    def handover_socket(self) -> socket.socket:
+        """The connection's socket, to hand the connection to another process (a
+        :meth:`lines` monitor only)."""
+        if not isinstance(self.transport, LineTransport):
+            raise QMPError("only a direct monitor connection can be handed on", vm=self.vm,
+                           step="handover")  # fmt: skip
+        return self.transport.connection()
 
     # -- connection ---------------------------------------------------------
 
@@ -182,14 +213,36 @@ class Monitor:
         _log.debug("%s <- %s", self.vm, _brief(result))
         return result
 
-    def submit(self, command: str, arguments: Mapping[str, object] | None = None) -> Pending:
-        """Send a command now; :meth:`reply` takes its reply later (meanwhile the thread
-        may do other work: QEMU runs the command). A transport that cannot send ahead runs
-        the command here and keeps the reply. Nothing else may use the monitor between."""
+    def submit(
+        self, command: str, arguments: Mapping[str, object] | None = None, *, oob: bool = False
+    ) -> Pending:
+        """Send a command now (out of band with ``oob``); :meth:`reply` takes its reply
+        later (meanwhile the thread may do other work: QEMU runs the command). A transport
+        that cannot send ahead runs the command here and keeps the reply. Nothing else may
+        use the monitor between."""
         _log.debug("%s -> %s %s (reply later)", self.vm, command, _brief(arguments or {}))
         if isinstance(self.transport, LineTransport):
-            return Pending(command, self.transport.submit(command, arguments))
+            return Pending(command, self.transport.submit(command, arguments, oob=oob))
+        if oob:
+            raise QMPError(f"{command} out of band: not over this monitor", vm=self.vm,
+                           step=command)  # fmt: skip
         return Pending(command, None, self.execute(command, arguments))
+
+    def execute_oob(
+        self, command: str, arguments: Mapping[str, object] | None = None,
+        *, timeout: float | None = None,
+    ) -> Any:  # fmt: skip
+        """Run a command that QEMU allows out of band in the monitor's own thread: it is
+        answered even while QEMU's main loop is blocked (:meth:`lines` with ``oob``)."""
+        return self.reply(self.submit(command, arguments, oob=True), timeout=timeout)
+
+    def answered(self, pending: Pending, timeout: float) -> bool:
+        """Whether the reply to ``pending`` came (waiting up to ``timeout``); then
+        :meth:`reply` returns at once."""
+        if pending.token is None:
+            return True
+        assert isinstance(self.transport, LineTransport)
+        return self.transport.answered(pending.token, timeout)
 
     def reply(self, pending: Pending, *, timeout: float | None = None) -> Any:
         """The reply to a command :meth:`submit` sent; QMPError as :meth:`execute` raises."""

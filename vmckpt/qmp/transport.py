@@ -17,6 +17,7 @@ import array
 import collections
 import contextlib
 import json
+import os
 import queue
 import select
 import socket
@@ -84,6 +85,10 @@ def version_of(qemu: Any) -> str:
     return f"{int(qemu['major'])}.{int(qemu['minor'])}.{int(qemu['micro'])}"
 
 
+class _Waited(Exception):
+    """A wait for a reply that may not come yet (:meth:`LineTransport.answered`) ended."""
+
+
 class _NotQmp(QMPError):
     """What came from the socket is not QMP (no JSON object a line)."""
 
@@ -97,18 +102,44 @@ class LineTransport:
     :meth:`submit` sends a command whose reply :meth:`collect` takes later, so the
     thread can read the checkpoint while QEMU runs it. Replies are matched by ``id``;
     events that arrive meanwhile are queued. One thread drives it.
+
+    With ``oob`` it negotiates QMP's out-of-band capability where QEMU offers it: a command
+    sent with ``oob=True`` then runs in the monitor's own thread, even while QEMU's main
+    loop waits for its big lock (a vCPU blocked on a page a lazy restore has not brought
+    yet holds it). Such a connection can be handed to another process as it is
+    (:meth:`connection`, :meth:`adopt`): a new connection could not be negotiated then, since
+    ``qmp_capabilities`` itself needs the main loop.
     """
 
-    def __init__(self, path: str | Path, *, vm: str | None) -> None:
+    def __init__(self, path: str | Path, *, vm: str | None, oob: bool = False) -> None:
         self.path = Path(path)
         self.vm = vm
         self.description = str(path)
+        self.want_oob = oob
+        self.oob = False  # negotiated
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
         self._events: collections.deque[RawEvent] = collections.deque()
         self._replies: dict[int, dict[str, Any]] = {}
         self._commands: dict[int, str] = {}
         self._next_id = 0
+        self._partial = False
+
+    @classmethod
+    def adopt(cls, sock: socket.socket, *, vm: str | None, description: str) -> LineTransport:
+        """A connection another process negotiated (with out-of-band commands) and handed
+        on. Its ids start far above any that process used: replies to its commands that
+        are still in the stream are then dropped, not taken for ours."""
+        transport = cls(description, vm=vm)
+        transport._sock = sock
+        transport.oob = True
+        transport._partial = True  # the first line may be the rest of one it had half read
+        transport._next_id = (os.getpid() << 24) + (int(time.monotonic_ns()) & 0xFFFFFF)
+        return transport
+
+    def connection(self) -> socket.socket:
+        """The connected socket (to hand it to another process)."""
+        return self._connected("handing the monitor on")
 
     def connect(self, timeout: float) -> str:
         where = self.description
@@ -134,6 +165,7 @@ class LineTransport:
                 raise QMPError(f"cannot connect to {where}: it is not QEMU's QMP ({exc.message})",
                                vm=self.vm, step="connect") from exc  # fmt: skip
             version = version_of(greeting["QMP"]["version"]["qemu"])
+            offered = greeting["QMP"].get("capabilities") or []
         except (KeyError, TypeError, ValueError) as exc:
             self.close()
             raise QMPError(f"{where} greeted without a QEMU version: not a QEMU monitor",
@@ -141,19 +173,31 @@ class LineTransport:
         except QMPError:
             self.close()
             raise
-        self.execute("qmp_capabilities", None, max(0.1, deadline - time.monotonic()))
+        enable = ["oob"] if self.want_oob and "oob" in offered else []
+        arguments = {"enable": enable} if enable else None
+        self.execute("qmp_capabilities", arguments, max(0.1, deadline - time.monotonic()))
+        self.oob = bool(enable)
         return version
 
     # -- commands ---------------------------------------------------------------
 
     def submit(
-        self, command: str, arguments: Mapping[str, object] | None, fd: int | None = None
+        self,
+        command: str,
+        arguments: Mapping[str, object] | None,
+        fd: int | None = None,
+        *,
+        oob: bool = False,
     ) -> int:
-        """Send a command (with ``fd`` attached, if given); its token for :meth:`collect`."""
+        """Send a command (with ``fd`` attached, if given; out of band if ``oob``: see the
+        class); its token for :meth:`collect`."""
         sock = self._connected(command)
+        if oob and not self.oob:
+            raise QMPError(f"{command} out of band: the monitor did not negotiate it",
+                           vm=self.vm, step=command)  # fmt: skip
         self._next_id += 1
         token = self._next_id
-        request: dict[str, object] = {"execute": command, "id": token}
+        request: dict[str, object] = {"exec-oob" if oob else "execute": command, "id": token}
         if arguments:
             request["arguments"] = dict(arguments)
         data = json.dumps(request).encode() + b"\n"
@@ -189,6 +233,14 @@ class LineTransport:
             )
         return reply.get("return")
 
+    def answered(self, token: int, timeout: float) -> bool:
+        """Whether the reply to ``token`` came, waiting up to ``timeout`` for it."""
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(_Waited):
+            self._pump(deadline, self._commands.get(token, "a command"),
+                       lambda: token in self._replies, soft=True)  # fmt: skip
+        return token in self._replies
+
     def execute(self, command: str, arguments: Mapping[str, object] | None, timeout: float) -> Any:
         return self.collect(self.submit(command, arguments), timeout)
 
@@ -217,17 +269,19 @@ class LineTransport:
             raise QMPError(f"the monitor is not connected ({what})", vm=self.vm, step=what)
         return self._sock
 
-    def _pump(self, deadline: float, what: str, done: Callable[[], bool]) -> None:
+    def _pump(
+        self, deadline: float, what: str, done: Callable[[], bool], *, soft: bool = False
+    ) -> None:
         """Read messages until ``done()``; events are queued, replies kept by id. Raises
-        TimeoutError (events) or QMPError (a command) at ``deadline``."""
+        TimeoutError (events), _Waited (``soft``) or QMPError (a command) at ``deadline``."""
         while not done():
-            message = self._message(deadline, what)
+            message = self._message(deadline, what, soft=soft)
             if "event" in message:
                 self._events.append(event_of(message))
-            elif isinstance(message.get("id"), int):
+            elif message.get("id") in self._commands:  # not a reply to another holder's
                 self._replies[message["id"]] = message
 
-    def _message(self, deadline: float, what: str) -> dict[str, Any]:
+    def _message(self, deadline: float, what: str, *, soft: bool = False) -> dict[str, Any]:
         sock = self._connected(what)
         while (end := self._buffer.find(b"\n")) < 0:
             remaining = deadline - time.monotonic()
@@ -235,6 +289,8 @@ class LineTransport:
             if not ready:
                 if what == "events":
                     raise TimeoutError
+                if soft:
+                    raise _Waited
                 raise QMPError(f"QEMU did not answer {what} in time", vm=self.vm, step=what)
             try:
                 chunk = sock.recv(65536)
@@ -247,9 +303,12 @@ class LineTransport:
             self._buffer += chunk
         line = bytes(self._buffer[:end])
         del self._buffer[: end + 1]
+        partial, self._partial = self._partial, False
         try:
             message = json.loads(line)
         except ValueError as exc:
+            if partial:
+                return self._message(deadline, what, soft=soft)
             raise _NotQmp(f"QEMU sent no JSON during {what}: {line[:80]!r}", vm=self.vm,
                           step=what) from exc  # fmt: skip
         if not isinstance(message, dict):

@@ -4,10 +4,15 @@ If a page server dies, its destinations pause (QEMU: ``postcopy-paused``; vCPUs 
 a missing page wait). Its guard (``python -m vmckpt.mechanisms.pageserver_guard``,
 spawned, waiting on a pipe) then starts a new server (:func:`start_recovery`), which gives
 each paused destination a new channel (``migrate-recover``), asks it which pages it holds
-(RECV_BITMAP) and resumes it (POSTCOPY_RESUME) with the rest. ``vmckpt resume NAME`` does
-the same by hand (:func:`resume_restore`) when the guard is gone too. A server that died
-before its guest ran leaves a migration QEMU cannot resume: the recovery ends that QEMU and
-records the failure.
+(RECV_BITMAP) and resumes it (POSTCOPY_RESUME) with the rest.
+
+It does so over the monitor connection the dead server held, handed down through the
+guard (server.monitor_of): a vCPU waiting for a page may hold QEMU's big lock, and then
+only out-of-band commands on an already negotiated connection are answered. ``vmckpt
+resume NAME`` does the same by hand (:func:`resume_restore`) when the guard is gone too,
+over a new connection: when QEMU cannot answer that one, the guest cannot be recovered
+(the recovery says so, ends that QEMU and records the failure). So does a server that died
+before its guest ran: it leaves a migration QEMU cannot resume.
 """
 
 from __future__ import annotations
@@ -20,12 +25,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
 from vmckpt import log
-from vmckpt.errors import LockError, VmckptError
+from vmckpt.errors import LockError, QMPError, RestoreError, VmckptError
 from vmckpt.fsutil import FILE_MODE
 from vmckpt.images import Store
 from vmckpt.images.pagesource import PageSource
@@ -33,23 +38,27 @@ from vmckpt.machine.qemu import QemuProcess
 from vmckpt.mechanisms.pageserver import records
 from vmckpt.mechanisms.pageserver.server import (
     MODULE,
+    MONITOR_TIMEOUT_S,
     PageServer,
     guard_argv,
     guest_process,
     held,
     monitor_of,
+    parse_monitors,
     serve,
     settle,
 )
-from vmckpt.qmp import Monitor
+from vmckpt.qmp import CommandRefused, Monitor
 
-FD_NAME = "vmckpt-postcopy"
 POLL_S = 0.05
 PAUSED_TIMEOUT_S = 60.0  # recovery: a destination reaches postcopy-paused within this
+# A new monitor connection (no guard handed one on) is negotiated within this, or QEMU's
+# main loop is blocked for good (recovery.py's doc).
+NEW_MONITOR_S = 15.0
 _log = log.get("vmckpt.pageserver")
 
 
-def _recover(store: Store, layer: str, names: Sequence[str]) -> int:
+def _recover(store: Store, layer: str, names: Sequence[str], handed: Mapping[str, int]) -> int:
     """Give each paused destination a new channel and serve it what it still lacks."""
     alive: list[str] = []
     processes: dict[str, QemuProcess] = {}
@@ -69,11 +78,41 @@ def _recover(store: Store, layer: str, names: Sequence[str]) -> int:
         except LockError:
             _log.info("another page server serves %s already", ", ".join(alive))
             return 0
-        return _recoverheld(store, layer, alive, processes)
+        return _recoverheld(store, layer, alive, processes, handed)
+
+
+def _monitor(name: str, process: QemuProcess, handed: Mapping[str, int]) -> Monitor:
+    """The destination's monitor: the connection the guard handed on, or a new one (after
+    the guard died too: its ``qmp_capabilities`` needs QEMU's main loop, which a vCPU
+    waiting for a page may block for good)."""
+    fd = handed.get(name)
+    if fd is not None:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            _log.warning("%s: the monitor connection handed on is unusable: %s", name, exc)
+        else:
+            _log.info("%s: over the monitor connection its guard held", name)
+            return Monitor.adopt(sock, vm=name, description=str(process.session_socket),
+                                 timeout=MONITOR_TIMEOUT_S)  # fmt: skip
+    _log.info("%s: over a new monitor connection", name)
+    try:
+        return monitor_of(process, timeout=NEW_MONITOR_S)
+    except QMPError as exc:
+        raise RestoreError(
+            f"QEMU does not answer a new monitor connection ({exc.message}), as when a vCPU "
+            "waiting for a page holds QEMU's big lock; the connection that could still reach "
+            "it ended with the page server and its guard: the guest cannot be recovered, "
+            "restore it again", vm=name, step="recover",
+        ) from exc  # fmt: skip
 
 
 def _recoverheld(
-    store: Store, layer: str, alive: list[str], processes: dict[str, QemuProcess]
+    store: Store,
+    layer: str,
+    alive: list[str],
+    processes: dict[str, QemuProcess],
+    handed: Mapping[str, int],
 ) -> int:
     source = PageSource.open(store, layer)
     server = PageServer(store, source, alive)
@@ -83,13 +122,18 @@ def _recoverheld(
     try:
         for name in list(alive):
             process = processes[name]
-            mon = monitor_of(process)
+            destination = server.destinations[name]
+            destination.process = process
+            try:
+                mon = _monitor(name, process, handed)
+            except RestoreError as exc:
+                destination.fail(exc.message)
+                continue
             monitors[name] = mon
-            status = _wait_status(mon, {"postcopy-paused", "completed", "failed"}, PAUSED_TIMEOUT_S)
-            server.destinations[name].process = process
+            listen = _listen_path(store, name)
+            status = _take_over(mon, name, listen, PAUSED_TIMEOUT_S)
             if status != "postcopy-paused":
                 _log.info("%s: migration is %s; nothing to recover", name, status)
-                destination = server.destinations[name]
                 if status == "completed":
                     settle(mon, name)
                     destination.state = "done"
@@ -99,75 +143,144 @@ def _recoverheld(
                         f"({process.log_tail()})"
                     )
                 continue
-            ours, theirs = socket.socketpair()
             try:
-                mon.send_fd(FD_NAME, theirs.fileno())
+                sockets[name] = _connect(listen, name)
             finally:
-                theirs.close()
-            mon.execute("migrate-recover", {"uri": f"fd:{FD_NAME}"})
-            sockets[name] = ours
+                with contextlib.suppress(OSError):
+                    listen.unlink()
             _log.info("%s: recovering the postcopy migration", name)
-        for mon in monitors.values():
-            mon.close()
         todo = {n: s for n, s in sockets.items()}
         for name in server.names:
             if name in todo:
                 continue
             destination = server.destinations.pop(name)
+            if name in monitors:
+                monitors.pop(name).close()
             with contextlib.suppress(OSError, VmckptError):
                 if destination.state == "failed":
+                    _log.error("%s: %s", name, destination.error)
                     records.write(store, name, records.RECORD, server.record(destination))
                     processes[name].kill()
                 else:
                     records.remove(store, name)
         server.names = list(todo)
         if not todo:
-            return 0
-        return serve(server, todo, None)
+            return 1 if any(d.state == "failed" for d in server.destinations.values()) else 0
+        return serve(server, todo, None, monitors=monitors)
     finally:
+        for mon in monitors.values():
+            mon.close()
         source.close()
 
 
-def _wait_status(mon: Monitor, wanted: set[str], timeout: float) -> str:
+def _listen_path(store: Store, name: str) -> Path:
+    """Where the destination listens for its new stream: this host's runtime directory."""
+    path = store.host.runtime_dir(name) / f"recover-{os.getpid()}.sock"
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return path
+
+
+def _take_over(mon: Monitor, name: str, listen: Path, timeout: float) -> str:
+    """``postcopy-paused`` once the destination listens on ``listen`` for a new stream
+    (``migrate-recover``, out of band: it is answered even while a vCPU waiting for a page
+    holds QEMU's big lock); otherwise the migration's end (``completed``, ``failed``). QEMU
+    refuses ``migrate-recover`` until it noticed the old stream broke; meanwhile an
+    in-band ``query-migrate`` (answered once the main loop runs) tells whether the
+    migration ended instead."""
     deadline = time.monotonic() + timeout
-    status = mon.query_migrate().status
-    while status not in wanted and time.monotonic() < deadline:
-        time.sleep(POLL_S)
-        status = mon.query_migrate().status
-    return status
+    query = None
+    refused = ""
+    while time.monotonic() < deadline:
+        try:
+            mon.execute_oob("migrate-recover", {"uri": f"unix:{listen}"})
+            return "postcopy-paused"
+        except CommandRefused as exc:
+            refused = exc.message
+        if query is None:
+            query = mon.submit("query-migrate")
+        if mon.answered(query, POLL_S):
+            info = mon.reply(query)
+            query = None
+            status = str(info.get("status", "")) if isinstance(info, dict) else ""
+            if status in ("completed", "failed", "cancelled"):
+                return status
+    raise RestoreError(
+        f"QEMU did not let its migration be recovered within {timeout:.0f} s ({refused})",
+        vm=name, step="recover",
+    )  # fmt: skip
 
 
-def start_recovery(store: Store, layer: str, names: Sequence[str]) -> subprocess.Popen[bytes]:
-    """Spawn a page server that resumes the paused restore of ``names`` (detached)."""
+def _connect(path: Path, name: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(MONITOR_TIMEOUT_S)
+        sock.connect(str(path))
+        sock.settimeout(None)
+    except OSError as exc:
+        sock.close()
+        raise RestoreError(f"cannot connect to QEMU's recovery socket {path}: {exc}", vm=name,
+                           step="recover") from exc  # fmt: skip
+    return sock
+
+
+def start_recovery(
+    store: Store, layer: str, names: Sequence[str], handed: Mapping[str, int] | None = None
+) -> subprocess.Popen[bytes]:
+    """Spawn a page server that resumes the paused restore of ``names`` (detached); it
+    inherits the monitor connections ``handed`` (per guest, a descriptor)."""
     log_path = store.host.runtime_dir(names[0]) / records.LOG
+    handed = handed or {}
     with open(log_path, "ab") as log_handle:
         os.fchmod(log_handle.fileno(), FILE_MODE)
         argv = [sys.executable, "-m", MODULE, "resume",
-                *guard_argv(store, layer, names)]  # fmt: skip
+                *guard_argv(store, layer, names, handed)]  # fmt: skip
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log_handle, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, pass_fds=tuple(handed.values()),
         )  # fmt: skip
 
 
 def resume_restore(store: Store, name: str) -> bool:
     """``vmckpt resume`` of a guest whose lazy restore lost its page server (and guard):
-    start a new server for it (and the clones it served with it). Whether one was started."""
+    start a new server for it (and the clones it served with it) and wait until it serves
+    (or failed: RestoreError). Whether one was started."""
     record = records.status_of(store, name)
     if record is None or record["alive"] or record.get("state") not in records.ACTIVE_STATES:
         return False
     names = [str(n) for n in record.get("guests") or [name]]
-    _log.warning("%s: its page server is gone; starting another", name)
-    start_recovery(store, str(record.get("layer")), names)
-    return True
+    _log.info("%s: its page server is gone; starting another", name)
+    process = start_recovery(store, str(record.get("layer")), names)
+    deadline = time.monotonic() + NEW_MONITOR_S + PAUSED_TIMEOUT_S + 10
+    while time.monotonic() < deadline:
+        exited = process.poll() is not None
+        now = records.status_of(store, name)
+        ours = now is not None and now.get("pid") == process.pid
+        if now is not None and ours and now.get("state") == "failed":
+            raise RestoreError(f"the lazy restore cannot go on: {now.get('error')}", vm=name,
+                               step="resume")  # fmt: skip
+        if (ours and now is not None and now.get("state") in records.ACTIVE_STATES) or (
+            exited and now is None
+        ):
+            return True
+        if exited:
+            raise RestoreError(
+                f"the new page server ended ({process.returncode}) without serving; see "
+                f"{store.host.runtime_dir(name) / records.LOG}", vm=name, step="resume",
+            )  # fmt: skip
+        time.sleep(POLL_S)
+    raise RestoreError("the new page server did not start serving in time", vm=name,
+                       step="resume")  # fmt: skip
 
 
-def recover_for_guard(store_path: Path, layer: str, names: Sequence[str]) -> int:
+def recover_for_guard(
+    store_path: Path, layer: str, names: Sequence[str], handed: Mapping[str, int]
+) -> int:
     """What the guard (vmckpt/mechanisms/pageserver_guard.py) does when the server of
-    ``names`` died without a release: start a new one."""
+    ``names`` died without a release: start a new one, handing it the monitors it holds."""
     log.configure(1)
     _log.warning("the page server of %s died: starting another", ", ".join(names))
-    start_recovery(Store(store_path), layer, names)
+    start_recovery(Store(store_path), layer, names, handed)
     return 0
 
 
@@ -177,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--store", required=True, type=Path)
     parser.add_argument("--layer", required=True)
     parser.add_argument("--guest", action="append", required=True)
+    parser.add_argument("--monitor", action="append")
     args = parser.parse_args(argv)
     log.configure(1)
 
@@ -186,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        return _recover(Store(args.store), args.layer, args.guest)
+        return _recover(Store(args.store), args.layer, args.guest,
+                        parse_monitors(args.monitor))  # fmt: skip
     except VmckptError as exc:
         _log.error("%s", exc.one_line())
         return exc.exit_code

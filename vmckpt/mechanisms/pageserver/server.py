@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from vmckpt import faults, log
@@ -213,8 +213,32 @@ class PageServer:
                 destination.process.kill()
 
 
-def monitor_of(process: QemuProcess) -> Monitor:
-    return process.session_monitor(timeout=MONITOR_TIMEOUT_S)
+def monitor_of(process: QemuProcess, timeout: float = MONITOR_TIMEOUT_S) -> Monitor:
+    """A destination's monitor for its page server: the session monitor (no checkpoint runs
+    while its pages come in), with out-of-band commands. The server hands the connection
+    to its guard, and the guard to the server it starts: a recovery must be able to send
+    ``migrate-recover`` while a vCPU waiting for a page holds QEMU's big lock, and a new
+    connection could not even be negotiated then."""
+    return process.session_monitor(timeout=timeout, oob=True)
+
+
+def open_monitors(server: PageServer, monitors: dict[str, Monitor]) -> None:
+    """A monitor for each destination whose QEMU is known and that has none yet."""
+    for name, destination in server.destinations.items():
+        if name in monitors or destination.process is None or destination.finished:
+            continue
+        try:
+            monitors[name] = monitor_of(destination.process)
+        except VmckptError as exc:
+            _log.warning("%s: no monitor for its recovery: %s", name, exc.one_line())
+
+
+def start_guard(server: PageServer, monitors: dict[str, Monitor]) -> None:
+    """Start the server's guard, holding the destinations' monitor connections."""
+    handed = {name: mon.handover_socket().fileno() for name, mon in monitors.items() if mon.oob}
+    argv = guard_argv(server.store, server.source.manifest.id, server.names, handed)
+    server.guard = Guard(argv, module=GUARD_MODULE, pass_fds=list(handed.values()))
+    server.guard.start()
 
 
 def settle(mon: Monitor, name: str) -> None:
@@ -230,11 +254,26 @@ def guest_process(store: Store, name: str) -> QemuProcess:
     return LocalGuest(store, name).process()
 
 
-def guard_argv(store: Store, layer: str, names: Sequence[str]) -> list[str]:
+def guard_argv(
+    store: Store, layer: str, names: Sequence[str], monitors: Mapping[str, int] | None = None
+) -> list[str]:
+    """The arguments of a guard or a recovery server: ``monitors`` are the descriptors of
+    monitor connections it inherits, per guest."""
     argv = ["--store", str(store.path), "--layer", layer]
     for name in names:
         argv += ["--guest", name]
+    for name, fd in (monitors or {}).items():
+        argv += ["--monitor", f"{name}={fd}"]
     return argv
+
+
+def parse_monitors(values: Sequence[str] | None) -> dict[str, int]:
+    """``--monitor NAME=FD`` arguments back into {name: fd}."""
+    result: dict[str, int] = {}
+    for value in values or []:
+        name, _, fd = value.rpartition("=")
+        result[name] = int(fd)
+    return result
 
 
 @contextlib.contextmanager
@@ -253,21 +292,20 @@ def serve(
     preambles: dict[str, bytes] | None,
     announce: Callable[[], None] | None = None,
     guarded: Callable[[], None] | None = None,
+    monitors: dict[str, Monitor] | None = None,
 ) -> int:
     """The body of a page server process once its destinations are connected (or about to
     be), holding their checkpoint locks: returns its exit code. A restore command's first
     server calls ``announce()`` once its records are written and it serves, and
-    ``guarded()`` once its guard runs (the command waits for both)."""
+    ``guarded()`` once its guard runs (the command waits for both). A recovery server
+    brings the destinations' ``monitors`` (:func:`monitor_of`)."""
     store = server.store
-    monitors: dict[str, Monitor] = {}
+    monitors = {} if monitors is None else monitors
     released = False
-    server.guard = Guard(
-        guard_argv(store, server.source.manifest.id, server.names), module=GUARD_MODULE
-    )
     first = announce is not None
-    if not first:
-        server.guard.start()
     try:
+        if not first:
+            start_guard(server, monitors)
         server.write_records()
         if announce is not None:
             announce()
@@ -285,7 +323,8 @@ def serve(
             # not to take the host's CPUs from it (measured at 4 GiB on 2 cores: 40 ms of the
             # command's 0.31 s). The command returns only once the guard runs (guarded).
             server.wait_loaded(LOADED_WAIT_S)
-            server.guard.start()
+            open_monitors(server, monitors)
+            start_guard(server, monitors)
             server.write_records()
             if guarded is not None:
                 guarded()
@@ -318,7 +357,8 @@ def serve(
             # recovers it), as if this one had died.
             _log.warning("%s: stream broken, leaving it to recovery", broken[0].name)
             return 3
-        server.guard.release()
+        if server.guard is not None:
+            server.guard.release()
         released = True
     finally:
         for destination in server.destinations.values():
