@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from tests.framework.mechanisms import QEMU11_DEFAULT, SYSTEM_QEMU, qemu11
 from tests.test_images import as_1_1
 from vmckpt.errors import RestoreError
 from vmckpt.images import Store, keys
-from vmckpt.machine.qemu import process_start_time
+from vmckpt.machine.qemu import QemuProcess, process_start_time
 from vmckpt.mechanisms.pageserver import records, status_of
 from vmckpt.mechanisms.pageserver_fork import fork_server
 from vmckpt.mechanisms.restore_prep import NOT_STEPPED
@@ -215,21 +216,40 @@ def test_killing_the_page_server_mid_push_and_a_new_one_completes_the_restore(
     assert "BAD" not in lazy.serial("k")
 
 
+def orphaned(lazy: Vmckpt, shot: Taken, name: str) -> QemuProcess:
+    """A lazy restore of ``shot`` as ``name`` whose page server and guard were killed
+    mid-push (first the guard, then its server: nothing recovers); its QEMU."""
+    row = restore(lazy, "--layer", shot.layer, "--name", name, env=PACE)
+    wait_for(lambda: (r := record(lazy, name)) is not None and r["guard_pid"], "a guard", 30)
+    now = record(lazy, name)
+    assert now is not None
+    server, guard = int(row["page_server"]), int(now["guard_pid"])
+    started = process_start_time(guard)
+    qemu = lazy.guest(name).process()
+    os.kill(guard, signal.SIGKILL)
+    os.kill(server, signal.SIGKILL)
+    wait_for(lambda: process_start_time(server) is None, "the server's end", 10)
+    wait_for(lambda: process_start_time(guard) != started, "the guard's end", 10)
+    return qemu
+
+
+def assert_lost(lazy: Vmckpt, name: str, resumed: subprocess.CompletedProcess[str],
+                qemu: QemuProcess) -> None:  # fmt: skip
+    """``vmckpt resume`` said in one line that the guest cannot be recovered, ended its
+    QEMU and recorded the failure."""
+    one_line_error(resumed, f"guest {name}", "does not answer a new monitor connection",
+                   "cannot be recovered, restore it again")  # fmt: skip
+    wait_for(lambda: not qemu.alive(), "the unrecoverable QEMU's end", 30)
+    failed = record(lazy, name)
+    assert failed is not None and failed["state"] == "failed", failed
+    assert "cannot be recovered" in str(failed["error"]), failed
+
+
 def test_without_server_or_guard_a_checkpoint_is_refused_and_resume_starts_one(
     original: Original, lazy: Vmckpt
 ) -> None:
     shot = original.taken[0]
-    row = restore(lazy, "--layer", shot.layer, "--name", "orphan", env=PACE)
-    wait_for(lambda: (r := record(lazy, "orphan")) is not None and r["guard_pid"], "a guard", 30)
-    now = record(lazy, "orphan")
-    assert now is not None
-    server, guard = int(row["page_server"]), int(now["guard_pid"])
-    started = process_start_time(guard)
-    qemu = lazy.guest("orphan").process()
-    os.kill(guard, signal.SIGKILL)  # first the guard, then its server: nothing recovers
-    os.kill(server, signal.SIGKILL)
-    wait_for(lambda: process_start_time(server) is None, "the server's end", 10)
-    wait_for(lambda: process_start_time(guard) != started, "the guard's end", 10)
+    qemu = orphaned(lazy, shot, "orphan")
     refused = lazy("checkpoint", "orphan", "--store", str(lazy.store), check=False, timeout=120)
     one_line_error(refused, "guest orphan", "still being restored", "vmckpt resume orphan")
     states = [g["state"] for g in lazy.listing()["guests"] if g["name"] == "orphan"]
@@ -238,41 +258,23 @@ def test_without_server_or_guard_a_checkpoint_is_refused_and_resume_starts_one(
     if resumed.returncode == 0:
         wait_all_in(lazy, "orphan")
         assert_continues(lazy.wait_states("orphan", 10), original.states, shot)
-        return
-    # The other outcome QEMU allows: a vCPU waiting for a page holds QEMU's big lock, so a
-    # new monitor connection is never negotiated (the one that could still reach QEMU, out
-    # of band, ended with the guard). The resume says so in one line and ends that QEMU.
-    one_line_error(resumed, "guest orphan", "does not answer a new monitor connection",
-                   "cannot be recovered, restore it again")  # fmt: skip
-    wait_for(lambda: not qemu.alive(), "the unrecoverable QEMU's end", 30)
-    failed = record(lazy, "orphan")
-    assert failed is not None and failed["state"] == "failed", failed
-    assert "cannot be recovered" in str(failed["error"]), failed
+    else:
+        # The other outcome QEMU allows: a vCPU waiting for a page holds QEMU's big lock,
+        # so a new monitor connection is never negotiated (the one that could still reach
+        # QEMU, out of band, ended with the guard).
+        assert_lost(lazy, "orphan", resumed, qemu)
 
 
 def test_a_guest_whose_qemu_cannot_answer_a_new_monitor_is_said_lost_and_ended(
     original: Original, lazy: Vmckpt
 ) -> None:
     shot = original.taken[0]
-    row = restore(lazy, "--layer", shot.layer, "--name", "lost", env=PACE)
-    wait_for(lambda: (r := record(lazy, "lost")) is not None and r["guard_pid"], "a guard", 30)
-    now = record(lazy, "lost")
-    assert now is not None
-    server, guard = int(row["page_server"]), int(now["guard_pid"])
-    qemu = lazy.guest("lost").process()
-    os.kill(guard, signal.SIGKILL)  # server and guard gone: no connection reaches QEMU
-    os.kill(server, signal.SIGKILL)
-    wait_for(lambda: process_start_time(server) is None, "the server's end", 10)
+    qemu = orphaned(lazy, shot, "lost")
     # A QEMU that answers no new connection, as one whose main loop a vCPU waiting for a
     # page blocks: this test's own QEMU, stopped.
     os.kill(qemu.pid, signal.SIGSTOP)
     resumed = lazy("resume", "lost", "--store", str(lazy.store), check=False, timeout=180)
-    one_line_error(resumed, "guest lost", "does not answer a new monitor connection",
-                   "cannot be recovered, restore it again")  # fmt: skip
-    wait_for(lambda: not qemu.alive(), "the unrecoverable QEMU's end", 30)
-    failed = record(lazy, "lost")
-    assert failed is not None and failed["state"] == "failed", failed
-    assert "cannot be recovered" in str(failed["error"]), failed
+    assert_lost(lazy, "lost", resumed, qemu)
     with Store(lazy.store) as store:  # its pages never all came in: not its head
         assert store.head("lost") != shot.layer
 
