@@ -109,6 +109,9 @@ def test_without_a_journal_the_guard_does_not_even_connect(
     qemu, asked = fake_socket
     assert guard._recover(guard_args(store, tmp_path / "qmp.sock")) == 0
     assert asked == [] and qemu.log == []
+    # Nor does it make the guest's directories (a guard outliving its guest and store).
+    assert not store.host.has_runtime(VM)
+    assert not store.host.data_path(VM).exists()
 
 
 def test_a_recovery_that_fails_is_logged_and_keeps_the_journal(

@@ -134,9 +134,11 @@ def _recover(args: argparse.Namespace) -> int:
 
     logger = log.get("vmckpt.guard")
     store = Store(args.store)
-    journal = store.host.journal_path(args.name, JOURNAL, args.kind)
+    # Looked at without making directories: a guard whose guest and store are gone (a
+    # test's, torn down) must not leave its runtime directory behind.
+    journal = store.host.journal_path(args.name, JOURNAL, args.kind, create=False)
     disks = args.kind == "guest"  # only vmckpt's own guests have their disks captured
-    scratch = store.host.scratch_dir(args.name, args.kind) if disks else None
+    scratch = store.host.scratch_path(args.name, args.kind) if disks else None
     if read_journal(journal) is None and not (scratch and has_scratch_leftovers(scratch)):
         return 0
     with store.host.guest_lock(args.name, what="recover after a crash", wait_s=600, kind=args.kind):

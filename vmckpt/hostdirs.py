@@ -232,6 +232,11 @@ class HostDirs:
         interrupted checkpoint left there)."""
         return self.data_dir(name, kind) / SCRATCH_DIR
 
+    def scratch_path(self, name: str, kind: str = "guest") -> Path:
+        """Where :meth:`scratch_dir` is (nothing created: for a look that must leave no
+        directory behind, e.g. a guard's after its guest is gone)."""
+        return self.data_path(name, kind) / SCRATCH_DIR
+
     def fresh(self, parent: Path, prefix: str) -> Path:
         """A new directory of this user's only in ``parent`` (a directory made by one of the
         methods here): made by one mkdir under a random name, so nothing can be in it but
@@ -246,11 +251,15 @@ class HostDirs:
         private_dir(top)
         return self.fresh(private_dir(top / "scratch"), prefix)
 
-    def journal_path(self, name: str, file: str, kind: str = "guest") -> Path:
-        """Where a guest's journal ``file`` lives (vmckpt.session's migration journal)."""
+    def journal_path(
+        self, name: str, file: str, kind: str = "guest", *, create: bool = True
+    ) -> Path:
+        """Where a guest's journal ``file`` lives (vmckpt.session's migration journal); its
+        runtime directory is made unless ``create`` is false."""
         if not RECORD_NAME_RE.match(file):
             raise StoreError(f"{file!r} is not a journal name", vm=name, step="journal")
-        return self.runtime_dir(name, kind) / file
+        top = self.runtime_dir(name, kind) if create else self.runtime_path(name, kind)
+        return top / file
 
     # -- which guests -----------------------------------------------------------------
 

@@ -279,8 +279,11 @@ def recover_for_guard(
     """What the guard (vmckpt/mechanisms/pageserver_guard.py) does when the server of
     ``names`` died without a release: start a new one, handing it the monitors it holds."""
     log.configure(1)
+    store = Store(store_path)
+    if not any(store.host.has_runtime(name) for name in names):
+        return 0  # the guests are gone, and with them what this host kept for them
     _log.warning("the page server of %s died: starting another", ", ".join(names))
-    start_recovery(Store(store_path), layer, names, handed)
+    start_recovery(store, layer, names, handed)
     return 0
 
 
