@@ -255,18 +255,18 @@ def resume_restore(store: Store, name: str) -> bool:
     while time.monotonic() < deadline:
         exited = process.poll() is not None
         now = records.status_of(store, name)
-        ours = now is not None and now.get("pid") == process.pid
-        if now is not None and ours and now.get("state") == "failed":
-            raise RestoreError(f"the lazy restore cannot go on: {now.get('error')}", vm=name,
-                               step="resume")  # fmt: skip
-        if (ours and now is not None and now.get("state") in records.ACTIVE_STATES) or (
-            exited and now is None
-        ):
-            return True
+        if now is not None and now.get("pid") == process.pid:
+            if now.get("state") == "failed":
+                raise RestoreError(f"the lazy restore cannot go on: {now.get('error')}",
+                                   vm=name, step="resume")  # fmt: skip
+            if now.get("state") in records.ACTIVE_STATES:
+                return True
         if exited:
+            if now is None or now["alive"]:  # all in already, or another server serves
+                return True
             raise RestoreError(
                 f"the new page server ended ({process.returncode}) without serving; see "
-                f"{store.host.runtime_dir(name) / records.LOG}", vm=name, step="resume",
+                f"{store.host.runtime_path(name) / records.LOG}", vm=name, step="resume",
             )  # fmt: skip
         time.sleep(POLL_S)
     raise RestoreError("the new page server did not start serving in time", vm=name,
