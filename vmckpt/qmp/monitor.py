@@ -438,16 +438,20 @@ class Monitor:
         self.execute("migrate_cancel")
 
     def query_migrate(self) -> MigrationInfo:
-        info = self.execute("query-migrate")
-        ram = info.get("ram", {})
-        return MigrationInfo(
-            status=str(info.get("status", "none")),
-            downtime_ms=info.get("downtime"),
-            total_time_ms=info.get("total-time"),
-            transferred=ram.get("transferred"),
-            error=info.get("error-desc"),
-            dirty_sync_count=ram.get("dirty-sync-count"),
-        )
+        return _migration_info(self.execute("query-migrate"))
+
+    def submit_query_migrate(self) -> Pending:
+        """``query-migrate`` sent now, in band; :meth:`migration_reply` takes its answer
+        once :meth:`answered` (QEMU answers it only when its main loop runs)."""
+        return self.submit("query-migrate")
+
+    def migration_reply(self, pending: Pending) -> MigrationInfo:
+        return _migration_info(self.reply(pending))
+
+    def recover_migration(self, uri: str) -> None:
+        """``migrate-recover`` out of band (a destination in ``postcopy-paused`` listens on
+        ``uri`` for a new stream): answered even while QEMU's main loop is blocked."""
+        self.execute_oob("migrate-recover", {"uri": uri})
 
     def incoming_port(self) -> int:
         """The TCP port of a ``migrate-incoming tcp:HOST:0`` (from ``query-migrate``)."""
@@ -510,3 +514,17 @@ class Monitor:
 
     def job_dismiss(self, job_id: str) -> None:
         self.execute("job-dismiss", {"id": job_id})
+
+
+def _migration_info(info: Any) -> MigrationInfo:
+    """The parts of a ``query-migrate`` answer vmckpt uses."""
+    info = info if isinstance(info, dict) else {}
+    ram = info.get("ram") or {}
+    return MigrationInfo(
+        status=str(info.get("status", "none")),
+        downtime_ms=info.get("downtime"),
+        total_time_ms=info.get("total-time"),
+        transferred=ram.get("transferred"),
+        error=info.get("error-desc"),
+        dirty_sync_count=ram.get("dirty-sync-count"),
+    )

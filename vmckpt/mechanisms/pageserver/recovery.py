@@ -193,16 +193,15 @@ def _take_over(mon: Monitor, name: str, listen: Path, timeout: float) -> str:
     refused = ""
     while time.monotonic() < deadline:
         try:
-            mon.execute_oob("migrate-recover", {"uri": f"unix:{listen}"})
+            mon.recover_migration(f"unix:{listen}")
             return "postcopy-paused"
         except CommandRefused as exc:
             refused = exc.message
         if query is None:
-            query = mon.submit("query-migrate")
+            query = mon.submit_query_migrate()
         if mon.answered(query, POLL_S):
-            info = mon.reply(query)
+            status = mon.migration_reply(query).status
             query = None
-            status = str(info.get("status", "")) if isinstance(info, dict) else ""
             if status in ("completed", "failed", "cancelled"):
                 return status
     raise RestoreError(
