@@ -4,6 +4,8 @@ one at a time or a run at a time, each checked as it is read; the same answers a
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import numpy.typing as npt
@@ -22,7 +24,7 @@ from tests.test_images import (
 from vmckpt.errors import CorruptLayerError
 from vmckpt.images import Store
 from vmckpt.images.pagesource import ZERO, NoPageDigests, PageSource
-from vmckpt.ram import PAGE_SIZE, RamImage
+from vmckpt.ram import PAGE_SIZE, RamImage, distinct
 
 
 @pytest.fixture
@@ -182,3 +184,41 @@ def test_indexes_and_digests_read_ahead_are_taken_once_and_damage_still_fails_th
     with pytest.raises(CorruptLayerError, match=r"pages\.sum: sha256 mismatch") as caught:
         PageSource.open(store, manifests[2].id)
     assert f"layer {manifests[1].id}" in caught.value.one_line()
+
+
+def test_distinct_is_what_numpy_unique_gives(rng: np.random.Generator) -> None:
+    for size in (0, 1, 2, 7, 1000):
+        values = rng.integers(0, max(1, size // 3), size=size, dtype=np.int64)
+        assert np.array_equal(distinct(values), np.unique(values)), size
+    assert np.array_equal(distinct(np.array([5, 5, 5], dtype=np.uint8)), [5])
+
+
+def test_serving_a_first_page_imports_nothing_more(chain3: ChainT) -> None:
+    """A page server answers the first page QEMU asks for (while loading the device state,
+    the guest not yet running) without an import on the way: numpy 2's np.unique imports
+    numpy.ma on its first call (~20 ms). A fresh interpreter: this one imported it long ago."""
+    store, manifests, _ = chain3
+    script = f"""
+import sys
+from vmckpt.images import Store
+from vmckpt.images.pagesource import PageSource
+from vmckpt.lazy_numpy import np
+from vmckpt.mechanisms.pageserver.destination import Destination
+from vmckpt.stream import postcopy as pc
+source = PageSource.open(Store({str(store.path)!r}), {manifests[2].id!r})
+destination = Destination("g", source, 2)
+sent = []
+destination.send = lambda buffers: sent.append(b"".join(bytes(b) for b in buffers))
+before = set(sys.modules)
+page = int(source.stored[len(source.stored) // 2])
+destination.requests.append((pc.PageRequest(page, 1), 0.0))
+with source.reader() as reader:
+    destination.serve_requests(reader)
+assert len(sent) == 1 and destination.sent[page], sent
+print(sorted(set(sys.modules) - before))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

@@ -123,6 +123,18 @@ class RamImage:
         self.pages_of(idstr)[numbers] = 0
 
 
+def distinct(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """The distinct values of a 1-D array, sorted: ``np.unique`` without numpy 2's first-call
+    import of ``numpy.ma`` (~20 ms: a lazy restore's first page request waited for it)."""
+    ordered = np.sort(values)
+    if ordered.size < 2:
+        return ordered
+    keep = np.empty(ordered.size, dtype=np.bool_)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
+
+
 def last_copies(numbers: AnyPages, rows: Rows) -> tuple[AnyPages, Rows]:
     """``numbers`` and their ``rows`` with only the last copy of a page that repeats (numpy
     does not promise an order for an assignment through repeated indices)."""

@@ -635,14 +635,15 @@ def page_digests(pages: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     threads at once.
     """
     global _digest_pool
-    from concurrent.futures import ThreadPoolExecutor  # a command that writes pages only
-
     count = pages.shape[0]
     data = np.ascontiguousarray(pages).data.cast("B")
     if count < _DIGEST_SPLIT or _DIGEST_THREADS == 1:
         joined = _digest_range(data, 0, count)
     else:
         if _digest_pool is None:
+            # Imported here: a page server's first answer (one page) must not wait for it.
+            from concurrent.futures import ThreadPoolExecutor
+
             _digest_pool = ThreadPoolExecutor(_DIGEST_THREADS, thread_name_prefix="vmckpt-sum")
         bounds = [count * i // _DIGEST_THREADS for i in range(_DIGEST_THREADS + 1)]
         parts = [

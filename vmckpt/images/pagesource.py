@@ -35,7 +35,7 @@ from vmckpt.images import crypt
 from vmckpt.images import format as fmt
 from vmckpt.images.format import DEVICE, PAGES, PRELUDE, SUMS, LayerManifest
 from vmckpt.lazy_numpy import np
-from vmckpt.ram import PAGE_SIZE, RamBlock
+from vmckpt.ram import PAGE_SIZE, RamBlock, distinct
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -270,7 +270,7 @@ class PageReader:
         owners = source.owner[pages]
         if pages.size and int(owners.min()) == ZERO:
             raise ValueError("a page no layer holds (it is zero) was asked for")
-        for index in np.unique(owners).tolist():
+        for index in distinct(owners).tolist():
             rows = np.flatnonzero(owners == index) if len(self._files) > 1 else None
             chosen = pages if rows is None else pages[rows]
             positions = source.position[chosen]

@@ -31,7 +31,7 @@ from vmckpt.errors import CorruptLayerError, StreamError
 from vmckpt.images.pagesource import ZERO, PageReader, PageSource
 from vmckpt.lazy_numpy import np
 from vmckpt.machine.qemu import QemuProcess
-from vmckpt.ram import PAGE_SIZE
+from vmckpt.ram import PAGE_SIZE, distinct
 from vmckpt.stream import postcopy as pc
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ class Destination:
                 self.counters.duplicates += 1
         if not wanted:
             return
-        pages = np.unique(np.concatenate(wanted))
+        pages = distinct(np.concatenate(wanted))
         owners = self.source.owner[pages]
         stored, zero = pages[owners != ZERO], pages[owners == ZERO]
         rows = np.empty((stored.size, PAGE_SIZE), dtype=np.uint8)
