@@ -431,6 +431,25 @@ def test_damaged_page_that_compose_does_not_need(chain3: ChainT) -> None:
         store.compose(base)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_page_digests_are_each_pages_sha256_with_any_number_of_threads(
+    monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    """One thread on a host of 2 CPUs, several on bigger ones (fmt._digest_threads): the
+    same digests either way, in the pages' order."""
+    monkeypatch.setattr(fmt, "_DIGEST_THREADS", threads)
+    monkeypatch.setattr(fmt, "_digest_pool", None)
+    rng = np.random.default_rng(5)
+    pages = rng.integers(0, 256, size=(fmt._DIGEST_SPLIT + 37, PAGE_SIZE), dtype=np.uint8)
+    digests = fmt.page_digests(pages)
+    assert digests.shape == (pages.shape[0], fmt.PAGE_DIGEST_SIZE)
+    for row in (0, 1, fmt._DIGEST_SPLIT // 2, pages.shape[0] - 1):
+        expected = hashlib.sha256(pages[row].tobytes()).digest()[: fmt.PAGE_DIGEST_SIZE]
+        assert digests[row].tobytes() == expected, row
+    if fmt._digest_pool is not None:
+        fmt._digest_pool.shutdown()
+
+
 def test_wrong_digest_in_pages_sum(chain3: ChainT) -> None:
     """A pages.sum that matches its manifest but not its pages: verify and compose say so."""
     store, manifests, _ = chain3
