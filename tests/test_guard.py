@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,9 +27,10 @@ from tests.framework.fakeqmp import STALL, FakeQemu, FakeQmpServer
 from tests.framework.guest import REPO, wait_for
 from tests.framework.journal import owner_dies
 from vmckpt import guard
-from vmckpt.errors import CheckpointError, QMPError
+from vmckpt.errors import CheckpointError, QMPError, StoreError
 from vmckpt.images import Store
 from vmckpt.machine.qemu import process_start_time
+from vmckpt.mechanisms.pageserver import records
 from vmckpt.qmp import Monitor
 from vmckpt.session import JOURNAL, MigrationSession
 
@@ -112,6 +114,22 @@ def test_without_a_journal_the_guard_does_not_even_connect(
     # Nor does it make the guest's directories (a guard outliving its guest and store).
     assert not store.host.has_runtime(VM)
     assert not store.host.data_path(VM).exists()
+
+
+def test_a_page_server_outliving_its_guest_makes_no_directory_again(store: Store) -> None:
+    """A lazy restore's page server writes its records into the guest's runtime directory
+    while it is there; once a teardown removed it (the guest's QEMU killed, its store and
+    directories removed: a test's scratch), a last record fails in one line instead of
+    making the directory again (seen: a CI run left /tmp/vk-b-*/b/vmckpt_runtime_dir)."""
+    with pytest.raises(StoreError, match="No such file"):  # nor before the restore made it
+        records.write(store, VM, records.RECORD, {"state": "serving"})
+    store.host.runtime_dir(VM)  # as the restore command does
+    records.write(store, VM, records.RECORD, {"state": "serving"})
+    assert store.host.read_record(VM, records.RECORD) == {"state": "serving"}
+    shutil.rmtree(store.host.runtime)
+    with pytest.raises(StoreError, match="No such file"):
+        records.write(store, VM, records.DONE, {"state": "done"})
+    assert not store.host.runtime.exists()
 
 
 def test_a_recovery_that_fails_is_logged_and_keeps_the_journal(

@@ -329,12 +329,19 @@ class HostDirs:
         kind: str = "guest",
         *,
         durable: bool = False,
+        create: bool = True,
     ) -> None:
         """Replace a guest's record atomically (unique temporary name, rename). ``durable``:
         in its data directory, fsynced; else in its runtime directory, not (its processes
-        do not outlive the host either)."""
+        do not outlive the host either). Not ``create``: only into the guest's runtime
+        directory as it is (StoreError if it is gone), never made again."""
         self._record_path(name, record, kind, durable, "write-record")
-        directory = self.data_dir(name, kind) if durable else self.runtime_dir(name, kind)
+        if durable:
+            directory = self.data_dir(name, kind)
+        elif create:
+            directory = self.runtime_dir(name, kind)
+        else:
+            directory = private_dir(self.runtime_path(name, kind), create=False)
         path = directory / record
         try:
             write_json_atomic(path, data, durable=durable)

@@ -148,6 +148,9 @@ def restore_lazy(
             )
             disks = materialize(store, manifest, launch.spec.disks, launch.disk_dir, vm=launch.name)
             launch.spec = replace(launch.spec, disks=disks)
+            # The server records each guest's restore there from its start; it never makes
+            # the directory itself (pageserver/records.py).
+            store.host.runtime_dir(launch.name)
         names = [launch.name for launch in launches]
         log_path = store.host.runtime_dir(names[0]) / records.LOG
         server.order(store, manifest.id, names, log_path, prepared.preamble)

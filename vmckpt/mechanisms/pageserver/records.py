@@ -31,8 +31,10 @@ ORPHANED_S = 15.0  # a guard starts a new server within this
 
 
 def write(store: Store, name: str, record: str, data: dict[str, Any]) -> None:
-    """Replace one of a guest's page server records (atomically)."""
-    store.host.write_record(name, record, data)
+    """Replace one of a guest's page server records (atomically), in its runtime directory
+    as it is: StoreError if that is gone. A server outliving its guest's teardown (the
+    guest's QEMU killed, its store and runtime directory removed) must not make it again."""
+    store.host.write_record(name, record, data, create=False)
 
 
 def remove(store: Store, name: str) -> None:
