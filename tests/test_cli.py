@@ -23,6 +23,7 @@ from tests.framework.guest import (
     sigint_disposition,
     wait_for,
 )
+from tests.framework.mechanisms import SYSTEM_QEMU
 from vmckpt.cli import FAMILIES, build_parser, families_for, forks_a_page_server
 from vmckpt.errors import exit_codes
 from vmckpt.images import Store
@@ -255,3 +256,40 @@ def test_restore_options_that_do_not_go_together_are_refused_before_anything_sta
     assert code != 0 and needle in err, err
     assert len(err.strip().splitlines()) <= 2, err  # one line (argparse adds its usage line)
     assert list((tmp_path / "store" / "layers").iterdir()) == []
+
+
+def test_an_abbreviated_option_is_refused_not_taken_for_a_longer_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # argparse took `--qemu PATH` for `--qemu-arg PATH`: QEMU got the path as its first disk.
+    from vmckpt.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["run", "g", "--store", str(tmp_path / "s"), "--kernel", "k", "--qemu", "/q"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "unrecognized arguments: --qemu /q" in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_qemu_binary_that_cannot_be_executed_is_one_line_and_starts_nothing(
+    vmckpt: Vmckpt, tmp_path: Path
+) -> None:
+    # A binary open for writing cannot be executed (ETXTBSY): first when vmckpt asks it its
+    # version, then, its answers known on this host, when vmckpt starts it for a guest.
+    wrapper = tmp_path / "qemu-system-x86_64"
+    wrapper.write_text(f'#!/bin/sh\nexec {SYSTEM_QEMU} "$@"\n')
+    wrapper.chmod(0o755)
+    env = {"VMCKPT_QEMU": str(wrapper)}
+    media = vmckpt.media
+    run = ["run", "g", "--store", str(vmckpt.store), "--create",
+           "--kernel", str(media / "vmlinuz"), "--initrd", str(media / "initrd.img"),
+           "--append", guest_append(pages=4, buf_mb=16), "--memory", "128M", "--accel", "tcg",
+           "--detach"]  # fmt: skip
+    with wrapper.open("r+"):
+        asking = vmckpt(*run, env=env, check=False)
+    one_line_error(asking, f"cannot run QEMU {wrapper}", "Text file busy", code=8)
+    vmckpt("check", env=env)  # its answers, remembered
+    with wrapper.open("r+"):
+        starting = vmckpt(*run, env=env, check=False)
+    one_line_error(starting, f"cannot run QEMU {wrapper}", "Text file busy", "launch", code=8)
+    assert not qemu_pids_of(vmckpt.store)

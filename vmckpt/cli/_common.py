@@ -115,7 +115,13 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a bad value refused in one line (and exit code 2) like every error."""
+    """argparse, with a bad value refused in one line (and exit code 2) like every error,
+    and no abbreviated options: argparse would take ``--qemu X`` for ``--qemu-arg X`` and
+    hand QEMU the path as its first disk."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -153,13 +153,22 @@ def _remember(identity: dict[str, Any], question: str, answer: Any) -> None:
         pass
 
 
+def _ask(binary: str, *question: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run([binary, *question], capture_output=True, text=True, check=False)
+    except OSError as exc:  # not executable, gone, busy being written
+        raise MachineError(
+            f"cannot run QEMU {binary}: {exc.strerror or exc}", step="find-qemu"
+        ) from exc
+
+
 @functools.cache
 def _version_of(binary: str, identity_json: str) -> str:
     identity = json.loads(identity_json)
     known = _remembered(identity, "version")
     if isinstance(known, str) and re.fullmatch(r"\d+\.\d+\.\d+", known):
         return known
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    out = _ask(binary, "--version")
     match = re.search(r"version (\d+\.\d+\.\d+)", out.stdout)
     if not match:
         lines = (out.stdout or out.stderr).strip().splitlines()
@@ -183,9 +192,7 @@ def _machines_of(binary: str, identity_json: str) -> frozenset[str]:
     known = _remembered(identity, "machines")
     if isinstance(known, list) and known and all(isinstance(m, str) for m in known):
         return frozenset(known)
-    out = subprocess.run(
-        [binary, "-machine", "help"], capture_output=True, text=True, check=False
-    ).stdout
+    out = _ask(binary, "-machine", "help").stdout
     lines = out.splitlines()
     if not lines or not lines[0].startswith("Supported machines"):
         raise MachineError(
@@ -251,7 +258,10 @@ def qemu_img(*args: str, vm: str | None = None, step: str = "qemu-img") -> str:
     binary = str(beside) if beside.is_file() else shutil.which("qemu-img")
     if binary is None:
         raise MachineError("qemu-img not found (install qemu-utils)", vm=vm, step=step)
-    result = subprocess.run([binary, *args], capture_output=True, text=True, check=False)
+    try:
+        result = subprocess.run([binary, *args], capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise MachineError(f"cannot run {binary}: {exc.strerror or exc}", vm=vm, step=step) from exc
     if result.returncode != 0:
         raise MachineError(
             f"qemu-img {args[0]} failed: {result.stderr.strip() or result.stdout.strip()}",

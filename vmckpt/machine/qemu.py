@@ -276,14 +276,21 @@ class QemuProcess:
                 log_handle.write(("+ " + " ".join(command) + "\n").encode())
                 log_handle.flush()
                 _log.info("launching QEMU for %s: %s", launch.name, " ".join(command))
-                popen = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_handle,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=fds,
-                    start_new_session=True,  # a Ctrl-C on vmckpt must not reach the guest
-                )
+                try:
+                    popen = subprocess.Popen(
+                        command,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log_handle,
+                        stderr=subprocess.STDOUT,
+                        pass_fds=fds,
+                        start_new_session=True,  # a Ctrl-C on vmckpt must not reach the guest
+                    )
+                except OSError as exc:  # not executable, gone, busy being written
+                    raise MachineError(
+                        f"cannot run QEMU {binary}: {exc.strerror or exc}",
+                        vm=launch.name,
+                        step="launch",
+                    ) from exc
         except BaseException:
             for path in (qmp_socket, session_socket, agent_socket):
                 if path is not None:
