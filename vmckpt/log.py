@@ -25,7 +25,9 @@ def configure(verbosity: int) -> None:
     root.setLevel(level)
     if not any(getattr(h, "_vmckpt", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s.%(msecs)03d %(name)s: %(message)s", "%H:%M:%S")
+        )
         handler._vmckpt = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.propagate = False
