@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -293,3 +294,38 @@ def test_a_qemu_binary_that_cannot_be_executed_is_one_line_and_starts_nothing(
         starting = vmckpt(*run, env=env, check=False)
     one_line_error(starting, f"cannot run QEMU {wrapper}", "Text file busy", "launch", code=8)
     assert not qemu_pids_of(vmckpt.store)
+
+
+@pytest.mark.parametrize(
+    ("raised", "needle"),
+    [
+        (OSError(28, "No space left on device", "/st/layers/x"), "No space left on device"),
+        (KeyError("spec"), "internal error, a bug in vmckpt (KeyError: 'spec'); -v shows"),
+    ],
+)
+def test_what_no_vmckpt_error_foresaw_is_still_one_line_and_v_shows_where(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    raised: Exception,
+    needle: str,
+) -> None:
+    import vmckpt.cli.store_cmds
+    from vmckpt.cli import main
+
+    def failing(args: argparse.Namespace) -> int:
+        raise raised
+
+    monkeypatch.setattr(vmckpt.cli.store_cmds, "cmd_list", failing)
+    store = str(tmp_path / "store")
+    assert main(["list", "--store", store]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vmckpt list: error: ") and needle in err, err
+    root = logging.getLogger("vmckpt")
+    level, handlers = root.level, list(root.handlers)
+    try:
+        assert main(["-v", "list", "--store", store]) == 1
+        assert "Traceback" in capsys.readouterr().err
+    finally:  # -v gave the logger a handler on this test's stderr
+        root.handlers[:] = handlers
+        root.setLevel(level)

@@ -140,16 +140,29 @@ def _main(arguments: list[str]) -> int:
         code: int = args.func(args)
         return code
     except VmckptError as exc:
-        if args.json_errors:
-            print(json.dumps(exc.to_wire(), sort_keys=True), file=sys.stderr)
-        else:
-            print(f"vmckpt {args.command}: error: {exc.one_line()}", file=sys.stderr)
-        return exc.exit_code
+        return _report(args, exc)
     except KeyboardInterrupt:
         print(f"vmckpt {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 1
+    # Every failure vmckpt foresees is a VmckptError; what escapes one is still said in one
+    # line (-v adds the traceback): an OSError names its file, anything else is a bug.
+    except OSError as exc:
+        logging.getLogger(log.ROOT).info("where it failed", exc_info=True)
+        return _report(args, VmckptError(str(exc)))
+    except Exception as exc:
+        logging.getLogger(log.ROOT).info("where it failed", exc_info=True)
+        bug = f"internal error, a bug in vmckpt ({type(exc).__name__}: {exc}); -v shows where"
+        return _report(args, VmckptError(bug))
+
+
+def _report(args: argparse.Namespace, exc: VmckptError) -> int:
+    if args.json_errors:
+        print(json.dumps(exc.to_wire(), sort_keys=True), file=sys.stderr)
+    else:
+        print(f"vmckpt {args.command}: error: {exc.one_line()}", file=sys.stderr)
+    return exc.exit_code
 
 
 def run() -> NoReturn:
