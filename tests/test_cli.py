@@ -77,6 +77,26 @@ def test_importing_the_cli_loads_neither_numpy_nor_asyncio_nor_the_s3_client() -
     assert result.stdout.strip() == "[]", result.stdout
 
 
+def test_numpy_as_vmckpt_loads_it_starts_no_blas_threads() -> None:
+    """vmckpt never calls BLAS; OpenBLAS's threads cost a page server CPU its QEMU needs. A
+    setting made outside is kept."""
+    code = (
+        "import os, vmckpt.lazy_numpy as lazy\n"
+        "lazy.np.zeros(1)\n"
+        "print(len(os.listdir('/proc/self/task')), os.environ['OPENBLAS_NUM_THREADS'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    for given, threads, kept in ((None, "1", "1"), ("3", None, "3")):
+        if given is not None:
+            env["OPENBLAS_NUM_THREADS"] = given
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+            env=env,
+        )  # fmt: skip
+        count, setting = result.stdout.split()
+        assert setting == kept and count == (threads or count), (given, result.stdout)
+
+
 def test_every_option_has_help_and_the_help_lists_exit_codes_and_examples() -> None:
     parser = build_parser()
     missing = []

@@ -15,6 +15,7 @@ it, which loads a lazy module at once, and its first load is not safe between th
 from __future__ import annotations
 
 import importlib
+import os
 import types
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,11 @@ else:
         # import_module holds the import system's lock: threads that get here together
         # load numpy once. The names are then numpy's (numpy's own __getattr__ included,
         # for the attributes numpy itself loads lazily).
+        # vmckpt sorts, compares and indexes arrays; it never calls BLAS. OpenBLAS starts a
+        # thread per CPU as numpy loads, and on 2 CPUs that costs a lazy restore's page
+        # server ~75 ms of CPU beside its QEMU and command (OPENBLAS_NUM_THREADS set outside
+        # is kept).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         numpy = importlib.import_module("numpy")
         for key, value in vars(numpy).items():
             if not (key.startswith("__") and key != "__getattr__"):
