@@ -349,3 +349,19 @@ def test_what_no_vmckpt_error_foresaw_is_still_one_line_and_v_shows_where(
     finally:  # -v gave the logger a handler on this test's stderr
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def test_a_guest_that_does_not_exist_is_named_so_and_nothing_is_made_for_it(
+    vmckpt: Vmckpt,
+) -> None:
+    # stop, pause and resume made the unknown guest's runtime directory on their way to
+    # the error (a session's record looked for, the checkpoint lock taken); console said
+    # it had no output yet.
+    vmckpt("init", str(vmckpt.store))
+    runtime = Path(os.environ["VMCKPT_RUNTIME_DIR"])
+    for command in (["stop"], ["pause"], ["resume"], ["console"], ["checkpoint"],
+                    ["watch", "--count", "1"]):  # fmt: skip
+        result = vmckpt(command[0], "ghost", "--store", str(vmckpt.store), *command[1:],
+                        check=False)  # fmt: skip
+        one_line_error(result, "guest ghost", "no such guest in this store", code=8)
+    assert not [path for path in runtime.rglob("ghost")], "a directory was made for it"

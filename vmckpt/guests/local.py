@@ -94,6 +94,10 @@ class LocalGuest(Guest):
     def runtime_dir(self) -> Path:
         return self.store.host.runtime_dir(self.name)
 
+    def resume(self) -> bool:
+        _ = self.record  # an unknown guest is said so before its lock would make its directory
+        return super().resume()
+
     def process(self) -> QemuProcess:
         """The guest's QEMU, if it runs; MachineError otherwise."""
         process = self.record.process
@@ -224,10 +228,10 @@ class LocalGuest(Guest):
         """The serial output of the guest's current life; with ``follow``, until it ends or
         ``stop`` is set (checked before every read, so a guest that never stops talking
         does not keep it going)."""
-        log_path = self.store.host.runtime_dir(self.name) / SERIAL_LOG
+        process = self.record.process  # an unknown guest is said so, and nothing is made
+        log_path = self.store.host.runtime_path(self.name) / SERIAL_LOG
         if not log_path.exists():
             raise MachineError("has no console output yet", vm=self.name)
-        process = self.record.process
         alive = process if process is not None and process.alive() else None
         with log_path.open("r", errors="replace") as handle:
             while stop is None or not stop.is_set():

@@ -901,7 +901,7 @@ def _remote_error(reply: dict[str, Any], name: str) -> VmckptError:
 def session_pid(store: Store, name: str) -> int | None:
     """The PID of a guest's running checkpoint session, if one runs."""
     try:
-        data = read_json(store.host.runtime_dir(name) / RECORD)
+        data = read_json(store.host.runtime_path(name) / RECORD)
     except (OSError, ValueError):
         return None
     pid, start = data.get("pid"), data.get("start_time")
