@@ -24,7 +24,7 @@ from tests.test_images import (
 from vmckpt.errors import CorruptLayerError
 from vmckpt.images import Store
 from vmckpt.images.pagesource import ZERO, NoPageDigests, PageSource
-from vmckpt.ram import PAGE_SIZE, RamImage, distinct
+from vmckpt.ram import PAGE_SIZE, RamImage, distinct, first_of_runs, quantile
 
 
 @pytest.fixture
@@ -193,11 +193,28 @@ def test_distinct_is_what_numpy_unique_gives(rng: np.random.Generator) -> None:
     assert np.array_equal(distinct(np.array([5, 5, 5], dtype=np.uint8)), [5])
 
 
-def test_serving_a_first_page_imports_nothing_more(chain3: ChainT) -> None:
+def test_first_of_runs_and_quantile_are_what_numpy_gives(rng: np.random.Generator) -> None:
+    for size in (0, 1, 2, 7, 1000):
+        values = np.sort(rng.integers(0, max(1, size // 3), size=size, dtype=np.int64))
+        wanted, starts = first_of_runs(values)
+        expected_values, expected_starts = np.unique(values, return_index=True)
+        assert np.array_equal(wanted, expected_values), size
+        assert np.array_equal(starts, expected_starts), size
+    for size in (1, 2, 5, 500):
+        samples = rng.random(size).tolist()
+        for q in (0.0, 0.5, 0.99, 1.0):
+            assert quantile(samples, q) == pytest.approx(float(np.quantile(samples, q))), (size, q)
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["clear", "encrypted"])
+def test_serving_a_first_page_and_recording_it_imports_nothing_more(
+    tmp_path: os.PathLike[str], rng: np.random.Generator, encrypt: bool
+) -> None:
     """A page server answers the first page QEMU asks for (while loading the device state,
-    the guest not yet running) without an import on the way: numpy 2's np.unique imports
-    numpy.ma on its first call (~20 ms). A fresh interpreter: this one imported it long ago."""
-    store, manifests, _ = chain3
+    the guest not yet running), and writes the record its restore command waits for,
+    without an import on the way: numpy 2's np.unique and np.quantile import numpy.ma on
+    their first call (~10-20 ms). A fresh interpreter: this one imported it long ago."""
+    store, manifests, _ = make_chain(f"{tmp_path}/store", rng, encrypt=encrypt)
     script = f"""
 import sys
 from vmckpt.images import Store
@@ -215,6 +232,7 @@ destination.requests.append((pc.PageRequest(page, 1), 0.0))
 with source.reader() as reader:
     destination.serve_requests(reader)
 assert len(sent) == 1 and destination.sent[page], sent
+assert destination.counters.latency_ms(0.5) == destination.counters.latency_ms(0.99) > 0
 print(sorted(set(sys.modules) - before))
 """
     done = subprocess.run(

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from vmckpt.errors import CorruptLayerError
 from vmckpt.lazy_numpy import np
-from vmckpt.ram import PAGE_SIZE, read_in_runs
+from vmckpt.ram import PAGE_SIZE, first_of_runs, read_in_runs
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -296,7 +296,7 @@ class SealedFile(LayerFile):
         if not positions.size:
             return
         numbers = positions // RECORD_PAGES
-        wanted, starts = np.unique(numbers, return_index=True)
+        wanted, starts = first_of_runs(numbers)  # positions come sorted
         bounds = np.append(starts, positions.size)
         counts = np.diff(bounds)
         direct_ok = bool(out.flags.c_contiguous)

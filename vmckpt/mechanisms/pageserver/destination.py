@@ -32,6 +32,7 @@ from vmckpt.images.pagesource import ZERO, PageReader, PageSource
 from vmckpt.lazy_numpy import np
 from vmckpt.machine.qemu import QemuProcess
 from vmckpt.ram import PAGE_SIZE, distinct
+from vmckpt.ram import quantile as ram_quantile
 from vmckpt.stream import postcopy as pc
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class Counters:
     def latency_ms(self, quantile: float) -> float | None:
         if not self.latencies:
             return None
-        return round(float(np.quantile(np.array(self.latencies), quantile)) * 1000, 3)
+        return round(ram_quantile(self.latencies, quantile) * 1000, 3)
 
 
 class Destination:
