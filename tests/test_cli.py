@@ -314,6 +314,9 @@ def test_a_qemu_binary_that_cannot_be_executed_is_one_line_and_starts_nothing(
         starting = vmckpt(*run, env=env, check=False)
     one_line_error(starting, f"cannot run QEMU {wrapper}", "Text file busy", "launch", code=8)
     assert not qemu_pids_of(vmckpt.store)
+    # The guest never ran: `list` shows none (its record was written before the launch).
+    listing = json.loads(vmckpt("list", "--store", str(vmckpt.store), "--json").stdout)
+    assert not listing["guests"], listing["guests"]
 
 
 @pytest.mark.parametrize(

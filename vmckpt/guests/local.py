@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmckpt.errors import MachineError, QMPError, StoreError, UsageError
+from vmckpt.errors import MachineError, QMPError, StoreError, UsageError, VmckptError
 from vmckpt.guard import Guard
 from vmckpt.guests.base import Guest, GuestStatus
 from vmckpt.hostdirs import host_id
@@ -162,7 +162,11 @@ class LocalGuest(Guest):
             guest.record.process = process
             guest.save()
 
-        process = QemuProcess.launch(spec, launch, runtime_dir=runtime, on_spawn=remember)
+        try:
+            process = QemuProcess.launch(spec, launch, runtime_dir=runtime, on_spawn=remember)
+        except BaseException:
+            guest._forget_if_never_ran()
+            raise
         try:
             guest.save()
             if not incoming:
@@ -171,8 +175,17 @@ class LocalGuest(Guest):
                         mon.cont()
         except BaseException:
             process.kill()
+            guest._forget_if_never_ran()
             raise
         return guest
+
+    def _forget_if_never_ran(self) -> None:
+        """A start that failed with no QEMU left running: no guest for ``list`` to show (its
+        logs stay in its runtime directory). A QEMU that may still run keeps its record."""
+        process = self.record.process
+        if process is None or not process.alive():
+            with contextlib.suppress(OSError, VmckptError):
+                self.store.host.remove_record(self.name, RECORD)
 
     def observe(
         self,
