@@ -73,14 +73,22 @@ def test_prune_while_watch_runs_then_restore_a_kept_layer(vmckpt: Vmckpt) -> Non
         taken[out["layer"]] = Taken(out["layer"], before, after, out["pages_stored"],
                                     out["bytes"], out["pause_ms"])  # fmt: skip
         order.append(out["layer"])
-        if len(order) % 5 == 0:  # while the next checkpoint is under way
+        # A prune that took long (the watch went on meanwhile, its rows queued here) may
+        # already have kept the newest layer this row is: the next prune waits for a newer
+        # one, or it would have nothing to remove.
+        seen = (
+            max((order.index(k) for k in pruned[-1]["kept"] if k in order), default=-1)
+            if pruned
+            else -1
+        )
+        if len(order) % 5 == 0 and seen < len(order) - 1:  # the next checkpoint under way
             result = vmckpt("prune", "--store", store, "--guest", "pw", "--keep-last", "2",
                             "--json")  # fmt: skip
             pruned.append(json.loads(result.stdout))
     reader.join()
     assert watcher.wait(timeout=120) == 0
     assert len(order) == 16, "watch did not take every checkpoint while prunes ran"
-    assert len(pruned) == 3 and all(p["removed"] for p in pruned)
+    assert len(pruned) >= 2 and all(p["removed"] for p in pruned), pruned
     # Every prune rewrote the oldest layer it kept into a base layer absorbing the rest.
     assert all(p["rewritten"] for p in pruned)
     vmckpt("verify", "--store", store)
