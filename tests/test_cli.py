@@ -308,11 +308,11 @@ def test_a_qemu_binary_that_cannot_be_executed_is_one_line_and_starts_nothing(
            "--detach"]  # fmt: skip
     with wrapper.open("r+"):
         asking = vmckpt(*run, env=env, check=False)
-    one_line_error(asking, f"cannot run QEMU {wrapper}", "Text file busy", code=8)
+    one_line_error(asking, f"cannot run {wrapper}", "Text file busy", code=8)
     vmckpt("check", env=env)  # its answers, remembered
     with wrapper.open("r+"):
         starting = vmckpt(*run, env=env, check=False)
-    one_line_error(starting, f"cannot run QEMU {wrapper}", "Text file busy", "launch", code=8)
+    one_line_error(starting, f"cannot run {wrapper}", "Text file busy", "launch", code=8)
     assert not qemu_pids_of(vmckpt.store)
     # The guest never ran: `list` shows none (its record was written before the launch).
     listing = json.loads(vmckpt("list", "--store", str(vmckpt.store), "--json").stdout)

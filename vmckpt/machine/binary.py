@@ -153,13 +153,17 @@ def _remember(identity: dict[str, Any], question: str, answer: Any) -> None:
         pass
 
 
+def cannot_run(binary: str, exc: OSError, *, vm: str | None = None, step: str) -> MachineError:
+    """A program vmckpt starts could not be executed (not executable, gone, busy being
+    written): one line naming it, not a traceback."""
+    return MachineError(f"cannot run {binary}: {exc.strerror or exc}", vm=vm, step=step)
+
+
 def _ask(binary: str, *question: str) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run([binary, *question], capture_output=True, text=True, check=False)
-    except OSError as exc:  # not executable, gone, busy being written
-        raise MachineError(
-            f"cannot run QEMU {binary}: {exc.strerror or exc}", step="find-qemu"
-        ) from exc
+    except OSError as exc:
+        raise cannot_run(binary, exc, step="find-qemu") from exc
 
 
 @functools.cache
@@ -261,7 +265,7 @@ def qemu_img(*args: str, vm: str | None = None, step: str = "qemu-img") -> str:
     try:
         result = subprocess.run([binary, *args], capture_output=True, text=True, check=False)
     except OSError as exc:
-        raise MachineError(f"cannot run {binary}: {exc.strerror or exc}", vm=vm, step=step) from exc
+        raise cannot_run(binary, exc, vm=vm, step=step) from exc
     if result.returncode != 0:
         raise MachineError(
             f"qemu-img {args[0]} failed: {result.stderr.strip() or result.stdout.strip()}",

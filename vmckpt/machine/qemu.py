@@ -32,7 +32,7 @@ from typing import Any
 from vmckpt import log
 from vmckpt.errors import MachineError, QMPError
 from vmckpt.fsutil import FILE_MODE, open_nofollow
-from vmckpt.machine.binary import qemu_binary, qemu_version, version_tuple
+from vmckpt.machine.binary import cannot_run, qemu_binary, qemu_version, version_tuple
 from vmckpt.machine.spec import DiskSpec, GuestSpec, check_machine, check_name
 from vmckpt.qmp import Monitor, agent
 
@@ -285,12 +285,8 @@ class QemuProcess:
                         pass_fds=fds,
                         start_new_session=True,  # a Ctrl-C on vmckpt must not reach the guest
                     )
-                except OSError as exc:  # not executable, gone, busy being written
-                    raise MachineError(
-                        f"cannot run QEMU {binary}: {exc.strerror or exc}",
-                        vm=launch.name,
-                        step="launch",
-                    ) from exc
+                except OSError as exc:
+                    raise cannot_run(binary, exc, vm=launch.name, step="launch") from exc
         except BaseException:
             for path in (qmp_socket, session_socket, agent_socket):
                 if path is not None:
