@@ -6,7 +6,9 @@ saved once more by QEMU itself (``migrate`` to a file, the guest stopped), and s
 ``--repeat`` times each, the same state is restored by:
 
 - ``lazy``: ``vmckpt restore`` (lazy: the page server serves the pages as the guest touches
-  them and pushes the rest);
+  them and pushes the rest), run in its own process as without a helper;
+- ``helper``: the same command handed to a ``vmckpt helper`` (vmckpt/helper.py: vmckpt kept
+  warm, a process forked per command), started for these runs and ended by its PID;
 - ``full``: ``vmckpt restore --no-lazy --watch 0`` (today's restore: compose the chain, load
   every page, then run);
 - ``qemu-file``: QEMU's own ``migrate-incoming file:`` of the saved stream, then ``cont``
@@ -29,15 +31,19 @@ skipped, said so. Times on a shared machine vary: the medians of ``--repeat`` ru
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +63,8 @@ KERNEL_MIB = 60  # what the test guest's kernel and initramfs take besides the b
 GOAL_RESUME_MS = 100.0
 GOAL_RUNNING_S = 0.25
 GOAL_PUSH_BYTES_PER_S = 500e6
-METHODS = ("lazy", "full", "qemu-file")
+METHODS = ("lazy", "helper", "full", "qemu-file")
+LAZY_METHODS = ("lazy", "helper")
 
 
 @dataclass
@@ -191,7 +198,7 @@ def restore_run(setup: Setup, env: dict[str, str], method: str, number: int) -> 
     seen = wait_lines(serial, 1, 120)
     if seen is not None:
         run.first_line_s = time.time() - (time.monotonic() - seen) - start
-    if method == "lazy":
+    if method in LAZY_METHODS:
         store = Store(setup.store)
         deadline = time.monotonic() + 1800
         while status_of(store, name) is not None and time.monotonic() < deadline:
@@ -204,6 +211,24 @@ def restore_run(setup: Setup, env: dict[str, str], method: str, number: int) -> 
         run.all_in_s = run.running_s
     vmckpt(env, "stop", name, "--store", str(setup.store))
     return run
+
+
+@contextlib.contextmanager
+def helper_running(env: dict[str, str]) -> Iterator[None]:
+    """A ``vmckpt helper`` serving the runtime root of ``env``, ended by its PID after."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vmckpt", "helper"], env=env, cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        said = process.stdout.readline()  # "serving ..." once it listens, or why it cannot
+        if "serving" not in said:
+            raise SystemExit(f"vmckpt helper did not start: {said.strip() or 'it exited'}")
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
 
 
 def qemu_file_run(setup: Setup, number: int) -> Run:
@@ -273,10 +298,10 @@ def report(setups: list[Setup]) -> list[str]:
                 f"{fmt_s(median([r.first_line_s for r in runs]))} | "
                 f"{fmt_s(median([r.all_in_s for r in runs]))} |"
             )
-    lines += ["", "| RAM | pushed | on demand (zero) | requests | duplicates |",
+    lines += ["", "| RAM (lazy, helper) | pushed | on demand (zero) | requests | duplicates |",
               "|---|---|---|---|---|"]  # fmt: skip
     for each in setups:
-        runs = [r for r in each.runs if r.method == "lazy"]
+        runs = [r for r in each.runs if r.method in LAZY_METHODS]
         if runs:
             lines.append(
                 f"| {each.size} | {median([r.pushed for r in runs]):.0f} | "
@@ -290,8 +315,8 @@ def report(setups: list[Setup]) -> list[str]:
         lines += ["", f"Host load average during the runs: {min(loads):.1f} to {max(loads):.1f} "
                   f"({os.cpu_count()} CPUs)"]  # fmt: skip
     lines += ["", "Against the goals (medians; this run, this machine):"]
-    for each in setups:
-        runs = [r for r in each.runs if r.method == "lazy"]
+    for each, method in itertools.product(setups, LAZY_METHODS):
+        runs = [r for r in each.runs if r.method == method]
         if not runs:
             continue
         resume = median([r.resume_ms for r in runs])
@@ -310,7 +335,7 @@ def report(setups: list[Setup]) -> list[str]:
              all_in is not None and all_in <= budget),
         ]  # fmt: skip
         for text, met in checks:
-            lines.append(f"- {each.size}: {text}: {'met' if met else 'NOT met'}")
+            lines.append(f"- {each.size} {method}: {text}: {'met' if met else 'NOT met'}")
     return lines
 
 
@@ -377,10 +402,11 @@ def main(argv: list[str] | None = None) -> int:
             for number in range(args.repeat):
                 for method in methods:
                     load = os.getloadavg()[0]
-                    run = (
-                        qemu_file_run(each, number) if method == "qemu-file"
-                        else restore_run(each, env, method, number)
-                    )  # fmt: skip
+                    with helper_running(env) if method == "helper" else contextlib.nullcontext():
+                        run = (
+                            qemu_file_run(each, number) if method == "qemu-file"
+                            else restore_run(each, env, method, number)
+                        )  # fmt: skip
                     run.load = load
                     each.runs.append(run)
                     print(f"{size} {method} #{number}: running {fmt_s(run.running_s)}, RESUME "

@@ -31,6 +31,7 @@ from tests.framework.guest import (
     tail,
     wait_for,
 )
+from tests.framework.helper import running_helper
 from tests.framework.mechanisms import QEMU11_DEFAULT, SYSTEM_QEMU, qemu11
 from tests.test_images import as_1_1
 from vmckpt.errors import RestoreError
@@ -158,6 +159,22 @@ def test_lazy_restore_runs_at_once_and_continues_with_the_original_checksums(
         assert_continues(more, original.states, shot)
         assert "BAD" not in lazy.serial("lz")
         lazy("stop", "lz", "--store", str(lazy.store))
+
+
+def test_a_lazy_restore_handed_to_the_helper_runs_and_continues_with_the_original_checksums(
+    original: Original, lazy: Vmckpt
+) -> None:
+    shot = original.taken[-1]
+    with running_helper() as helper:  # this session's runtime root: the runner's commands'
+        row = restore(lazy, "--layer", shot.layer, "--name", "lz")
+        helper.wait_said(": exit 0")
+        assert len(helper.command_pids()) == 1, helper.lines
+    assert row["lazy"] is True and row["page_server"], row
+    assert_continues(lazy.wait_states("lz", 12), original.states, shot)
+    wait_all_in(lazy, "lz")
+    assert_continues(lazy.wait_states("lz", len(lazy.states("lz")) + 5), original.states, shot)
+    assert "BAD" not in lazy.serial("lz")
+    lazy("stop", "lz", "--store", str(lazy.store))
 
 
 def test_a_guest_being_restored_is_listed_so_and_checkpointed_once_all_is_in(

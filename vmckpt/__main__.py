@@ -1,3 +1,3 @@
-from vmckpt.cli import run
+from vmckpt.launcher import run
 
 run()

@@ -28,6 +28,7 @@ MID_MIGRATION = "mid-migration"  # QEMU is sending the guest's RAM
 BEFORE_RESUME = "before-resume"  # the migration completed, the guest is stopped
 MID_WRITE = "mid-write"  # the layer's files are being written
 BEFORE_HEAD = "before-head"  # the layer renamed into place, the catalog not yet written
+RESTORE_START = "restore-start"  # a restore command began: nothing read, nothing started
 # The points a push into a bucket passes (vmckpt/images/bucketstore.py).
 MID_UPLOAD = "mid-upload"  # after each file of a layer is uploaded
 BEFORE_VISIBLE = "before-visible"  # every layer uploaded, the bucket's catalog not replaced

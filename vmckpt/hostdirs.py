@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmckpt import locks
+from vmckpt import hostroot, locks
 from vmckpt.errors import StoreError
 from vmckpt.fsutil import DIR_MODE, open_nofollow, read_json, write_json_atomic
 
-RUNTIME_ENV = "VMCKPT_RUNTIME_DIR"
+RUNTIME_ENV = hostroot.RUNTIME_ENV
 DATA_ENV = "VMCKPT_DATA_DIR"
 HOST_FILE = "host.json"
 HOST_ID_RE = re.compile(r"^[0-9a-f]{16}\Z")
@@ -52,16 +52,8 @@ SCRATCH_DIR = "disk-scratch"  # a checkpoint's scratch files (vmckpt/mechanisms/
 
 
 def runtime_root() -> Path:
-    """Where this host's runtime directories of stores are."""
-    given = os.environ.get(RUNTIME_ENV)
-    if given:
-        return Path(given).absolute()
-    if os.geteuid() == 0:
-        return Path("/run/vmckpt")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "vmckpt"
-    return Path(tempfile.gettempdir()) / f"vmckpt-{os.geteuid()}"
+    """Where this host's runtime directories of stores are (vmckpt/hostroot.py)."""
+    return Path(hostroot.runtime_root()).absolute()
 
 
 def data_root() -> Path:

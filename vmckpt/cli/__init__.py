@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from vmckpt import __version__, log
+from vmckpt.cmdline import command_of
 from vmckpt.errors import VmckptError, exit_codes
 from vmckpt.mechanisms import pageserver_fork
 
@@ -48,17 +49,8 @@ FAMILIES = {
     "checkpoint_cmds": ("checkpoint", "watch"),
     "restore_cmds": ("restore", "migrate"),
     "maintenance": ("prune", "squash", "delete", "gc"),
+    "helper_cmds": ("helper",),
 }
-_GLOBAL_FLAGS = ("-v", "--verbose", "--json-errors", "-vv", "-vvv")
-
-
-def command_of(argv: Sequence[str]) -> str | None:
-    """The command a command line names (its first word after the global flags), if any."""
-    for arg in argv:
-        if arg in _GLOBAL_FLAGS or (arg.startswith("-v") and set(arg[1:]) == {"v"}):
-            continue
-        return arg
-    return None
 
 
 def families_for(argv: Sequence[str]) -> list[str]:
@@ -165,17 +157,22 @@ def _report(args: argparse.Namespace, exc: VmckptError) -> int:
     return exc.exit_code
 
 
-def run() -> NoReturn:
-    """The ``vmckpt`` program (and ``python -m vmckpt``): :func:`main`, then an exit that
-    skips the interpreter's teardown of every module (~25 ms of a lazy restore's command,
-    measured). By then each command has written, closed and waited for what it started
-    (its threads are daemons, its files closed by ``with``); stdio and the log are flushed
-    here."""
-    code = main()
+def finish() -> None:
+    """What a command's process does before it exits without the interpreter's teardown of
+    every module (~25 ms of a lazy restore's command, measured): by then each command has
+    written, closed and waited for what it started (its threads are daemons, its files
+    closed by ``with``); stdio and the log are flushed here."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed pipe: nothing more to say there
             stream.flush()
+
+
+def run() -> NoReturn:
+    """The command run in this process (vmckpt/launcher.py runs it where no helper does):
+    :func:`main`, then :func:`finish` and exit."""
+    code = main()
+    finish()
     os._exit(code)
 
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from vmckpt import faults
 from vmckpt.cli._common import (
     Command,
     follow,
@@ -90,6 +91,7 @@ def _options(args: argparse.Namespace) -> api.RestoreOptions:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    faults.point(faults.RESTORE_START)
     bucket = open_bucket(args)
     store = bucket.local if bucket is not None else open_store(args)
     destination = _destination(args)
