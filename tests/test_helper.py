@@ -75,6 +75,25 @@ def test_a_helped_command_answers_as_it_would_in_its_own_process(
     assert "unrecognized arguments: --no-such-option" in here[list(commands)[1]].stderr
 
 
+@pytest.mark.qemu
+def test_a_helped_commands_log_goes_to_its_clients_stderr(
+    place: tuple[Path, dict[str, str]],
+) -> None:
+    path, env = place  # a QEMU that cannot boot a text file: it exits at once
+    args = ["-v", "run", "x", "--store", "st", "--kernel", "/etc/hostname", "--memory", "64M",
+            "--accel", "tcg", "--detach"]  # fmt: skip
+    with running_helper(env) as helper:
+        helped = cli(path, env, *args)
+        helper.wait_said(": exit ")
+        assert len(helper.command_pids()) == 1, helper.lines
+    here = cli(path, env, *args)
+    for result in (helped, here):
+        said = result.stderr.splitlines()
+        assert result.returncode == here.returncode != 0, (helped, here)
+        assert " vmckpt.machine.qemu: launching QEMU for x: " in said[0], said
+        assert said[-1].startswith("vmckpt run: error: guest x, during launch: QEMU exited"), said
+
+
 def held_restore(path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
     """A restore through the helper, held at its start (VMCKPT_FAULT travels with the
     environment), once it says so; its stderr lines."""

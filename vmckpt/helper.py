@@ -27,6 +27,7 @@ import gc
 import importlib
 import io
 import json
+import logging
 import os
 import selectors
 import signal
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from vmckpt import hostdirs, launcher
+from vmckpt import hostdirs, launcher, log
 from vmckpt.errors import LockError, UsageError
 
 # What a helped command (restore or run, --detach) and a lazy restore's page server import;
@@ -208,8 +209,6 @@ def _accept(helper: Helper, selector: selectors.BaseSelector, verbose: bool) -> 
         pid = os.fork()
         if pid == 0:
             _child(helper, conn, request, fds)
-        pidfd = os.pidfd_open(pid)
-        socket.send_fds(conn, [f"pid {pid}".encode()], [pidfd])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"vmckpt helper: a request failed: {exc}", flush=True)
         conn.close()
@@ -217,11 +216,22 @@ def _accept(helper: Helper, selector: selectors.BaseSelector, verbose: bool) -> 
     finally:
         for fd in fds:
             os.close(fd)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:  # no descriptor left: a child it cannot watch is not left running
+        print(f"vmckpt helper: pid {pid}: cannot be watched ({exc}): killed", flush=True)
+        os.kill(pid, signal.SIGKILL)  # its own child, not yet reaped: the PID is still its
+        os.waitpid(pid, 0)
+        conn.close()
+        return
     client = Client(conn, pid, pidfd)
     helper.clients[pidfd] = client
     helper.clients[conn.fileno()] = client
     selector.register(pidfd, selectors.EVENT_READ)
     selector.register(conn, selectors.EVENT_READ)
+    # A client gone meanwhile: its connection reads as ended, and its command is killed.
+    with contextlib.suppress(OSError):
+        socket.send_fds(conn, [f"pid {pid}".encode()], [pidfd])
     if verbose:
         print(f"vmckpt helper: pid {pid}: {' '.join(request['argv'])}", flush=True)
 
@@ -279,6 +289,9 @@ def _child(
                 os.close(client.pidfd)
             client.conn.close()
         os.setsid()
+        # The helper's own log handler writes to the helper's stderr object: the command
+        # configures its own (log.configure), on the client's.
+        logging.getLogger(log.ROOT).handlers.clear()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM
                           else signal.default_int_handler)  # fmt: skip
