@@ -138,6 +138,25 @@ def test_a_helped_command_gets_its_clients_signals_and_dies_with_it(
             os.kill(child, 0)
 
 
+def test_a_stopped_helper_takes_no_more_commands_and_lets_its_running_ones_end(
+    place: tuple[Path, dict[str, str]],
+) -> None:
+    path, env = place
+    with running_helper(env) as helper:
+        client, lines = held_restore(path, env)
+        helper.process.send_signal(signal.SIGTERM)
+        sock = path / "run" / launcher.HELPER_SOCKET
+        wait_for(lambda: not sock.exists(), "the helper's socket removed", WAIT_S)
+        assert helper.process.poll() is None  # it waits for the command it runs
+        after = cli(path, env, "restore", "--store", "st", "--layer", "nope", "--detach")
+        assert after.returncode == 3 and "no layer matches 'nope'" in after.stderr  # here
+        client.send_signal(signal.SIGINT)
+        assert client.wait(timeout=WAIT_S) == 130, lines
+        assert helper.process.wait(timeout=WAIT_S) == 0
+        helper.wait_said("vmckpt helper: stopped")
+        assert sum(": exit " in line for line in helper.lines) == 1, helper.lines
+
+
 def test_a_helper_whose_code_changed_leaves_the_command_to_its_client_and_stops(
     place: tuple[Path, dict[str, str]],
 ) -> None:

@@ -16,7 +16,8 @@ PID and a pidfd (to forward signals to), then its exit status. A client that goe
 before its child ended (killed) has its child killed too: a command dies with its process.
 
 The helper holds no thread, no QMP connection and no store open: a fork copies a process
-that only waits on sockets. It serves until SIGTERM or SIGINT, then removes its socket.
+that only waits on sockets. It serves until SIGTERM or SIGINT, then removes its socket and
+waits for the commands it runs to end (their clients get their exit statuses).
 What it reads from a client is that user's own input, as a command line is.
 """
 
@@ -65,6 +66,8 @@ WARM_MODULES = (
     "vmckpt.guard",
 )
 STEP = "helper"
+STOP_POLL_S = 1.0  # how soon a SIGTERM is acted on (the wait for a request goes on after it)
+REQUEST_TIMEOUT_S = 5.0  # a client sends its request as it connects
 
 
 @dataclass
@@ -168,13 +171,18 @@ def serve(verbose: bool = False) -> int:
     selector.register(helper.listener, selectors.EVENT_READ)
     try:
         while not helper.stopping:
-            for key, _events in selector.select(timeout=1.0):
+            for key, _events in selector.select(timeout=STOP_POLL_S):
                 if key.fileobj is helper.listener:
                     _accept(helper, selector, verbose)
                 else:
                     _settle(helper, selector, key.fd, verbose)
     finally:
+        selector.unregister(helper.listener)
         _stop_listening(helper)
+    # The commands it runs end as they would have: their clients get their exit statuses.
+    while helper.clients:
+        for key, _events in selector.select():
+            _settle(helper, selector, key.fd, verbose)
     print("vmckpt helper: stopped", flush=True)
     return 0
 
@@ -194,6 +202,7 @@ def _accept(helper: Helper, selector: selectors.BaseSelector, verbose: bool) -> 
         return
     fds: list[int] = []
     try:
+        conn.settimeout(REQUEST_TIMEOUT_S)  # a client stopped before it asked stops no other
         uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
         message, fds, _flags, _addr = socket.recv_fds(conn, launcher.MESSAGE_MAX, 3)
         request = json.loads(message)
@@ -206,6 +215,7 @@ def _accept(helper: Helper, selector: selectors.BaseSelector, verbose: bool) -> 
             if refusal == "stale":
                 helper.stopping = True
             return
+        conn.settimeout(None)
         pid = os.fork()
         if pid == 0:
             _child(helper, conn, request, fds)
