@@ -114,19 +114,23 @@ def held_restore(path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str]
     return client, lines
 
 
+def interrupt(client: subprocess.Popen[str], lines: list[str]) -> None:
+    """Ctrl-C, as a terminal sends it to the command's process: the command says so, 130."""
+    client.send_signal(signal.SIGINT)
+    assert client.wait(timeout=WAIT_S) == 130, lines
+    wait_for(lambda: "vmckpt restore: interrupted" in lines, "the interruption said",
+             WAIT_S, evidence=lambda: lines)  # fmt: skip
+
+
 def test_a_helped_command_gets_its_clients_signals_and_dies_with_it(
     place: tuple[Path, dict[str, str]],
 ) -> None:
     path, env = place
     with running_helper(env) as helper:
-        client, lines = held_restore(path, env)
-        client.send_signal(signal.SIGINT)  # what Ctrl-C sends the command's process
-        assert client.wait(timeout=WAIT_S) == 130
-        wait_for(lambda: "vmckpt restore: interrupted" in lines, "the interruption said",
-                 WAIT_S, evidence=lambda: lines)  # fmt: skip
+        interrupt(*held_restore(path, env))
         helper.wait_said(": exit 130")
 
-        client, lines = held_restore(path, env)
+        client, _lines = held_restore(path, env)
         wait_for(lambda: len(helper.command_pids()) == 2, "the helper naming its second child",
                  WAIT_S, evidence=lambda: helper.lines)  # fmt: skip
         child = helper.command_pids()[-1]
@@ -150,8 +154,7 @@ def test_a_stopped_helper_takes_no_more_commands_and_lets_its_running_ones_end(
         assert helper.process.poll() is None  # it waits for the command it runs
         after = cli(path, env, "restore", "--store", "st", "--layer", "nope", "--detach")
         assert after.returncode == 3 and "no layer matches 'nope'" in after.stderr  # here
-        client.send_signal(signal.SIGINT)
-        assert client.wait(timeout=WAIT_S) == 130, lines
+        interrupt(client, lines)
         assert helper.process.wait(timeout=WAIT_S) == 0
         helper.wait_said("vmckpt helper: stopped")
         assert sum(": exit " in line for line in helper.lines) == 1, helper.lines
