@@ -64,6 +64,12 @@ WARM_MODULES = (
     "vmckpt.guests.local",
     "vmckpt.images.pagesource",
     "vmckpt.guard",
+    # imported where they are first used: an encrypted store's pages, page digests hashed by
+    # several threads (a host of more than 2 CPUs), progress on a terminal
+    "cryptography.hazmat.primitives.ciphers.aead",
+    "cryptography.hazmat.primitives.kdf.hkdf",
+    "concurrent.futures",
+    "rich.progress",
 )
 STEP = "helper"
 STOP_POLL_S = 1.0  # how soon a SIGTERM is acted on (the wait for a request goes on after it)
