@@ -202,3 +202,17 @@ def test_only_this_user_reaches_the_helper_and_one_helper_serves_a_host(
         assert other.returncode == 13  # another user cannot even connect
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as mine:
             mine.connect(str(sock))  # this user can
+
+
+def test_the_vmckpt_script_and_python_m_vmckpt_are_one_installation_to_the_helper(
+    place: tuple[Path, dict[str, str]],
+) -> None:
+    path, env = place
+    script = Path(sys.prefix) / "bin" / "vmckpt"  # the console script: `#!.../python3`
+    with running_helper(env) as helper:  # started as `python -m vmckpt`
+        result = subprocess.run([str(script), "restore", "--store", "st", "--layer", "nope",
+                                 "--detach"], cwd=path, env={**os.environ, **env},
+                                capture_output=True, text=True, timeout=WAIT_S)  # fmt: skip
+        assert result.returncode == 3, result
+        helper.wait_said(": exit 3")
+        assert not helper.said("not taken"), helper.lines

@@ -50,8 +50,10 @@ def helper_socket() -> str:
 
 
 def installation() -> dict[str, str]:
-    """What says which vmckpt this is: a helper runs only its own code for a client."""
-    return {"python": sys.executable, "package": os.path.dirname(os.path.abspath(__file__))}
+    """What says which vmckpt this is: a helper runs only its own code for a client. The
+    environment's prefix, not the interpreter's path: a venv's ``python`` and ``python3``
+    (``python -m vmckpt`` and the ``vmckpt`` script) are one installation."""
+    return {"prefix": sys.prefix, "package": os.path.dirname(os.path.abspath(__file__))}
 
 
 def through_helper(argv: Sequence[str]) -> int | None:
