@@ -333,8 +333,11 @@ def _child(
             except SystemExit as exc:  # argparse: a usage error, or --help
                 code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
             finish()
-    except BaseException:  # never return into the helper's loop
-        code = 1
+    except BaseException as exc:  # never return into the helper's loop; say why, once
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        with contextlib.suppress(Exception):  # stderr is the client's once it is set up
+            print(f"vmckpt: error: the helper could not run the command ({exc!r})",
+                  file=sys.stderr, flush=True)  # fmt: skip
     finally:
         os._exit(code)
 

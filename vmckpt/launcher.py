@@ -14,8 +14,8 @@ its exit status. With no helper, or one that cannot take the command (its code i
 vmckpt's any more, another user's), the command runs in this process as always: nothing
 about a command's result depends on the helper.
 
-Imports only what Python has loaded anyway, and ``socket``: this is the whole of a helped
-command's own start.
+Imports only what Python has loaded anyway, ``socket``, ``json`` and two small modules of
+vmckpt (``hostroot``, ``cmdline``): this is the whole of a helped command's own start.
 """
 
 from __future__ import annotations
