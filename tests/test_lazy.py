@@ -233,6 +233,41 @@ def test_killing_the_page_server_mid_push_and_a_new_one_completes_the_restore(
     assert "BAD" not in lazy.serial("k")
 
 
+def test_a_new_page_server_that_finds_the_chain_damaged_ends_the_guest_and_says_why(
+    original: Original, lazy: Vmckpt
+) -> None:
+    """The server dies mid-push and, meanwhile, the layer's digest file was damaged: the new
+    server cannot serve the missing pages, so the paused guest is ended (not left waiting
+    for them for ever) and its record says why."""
+    shot = original.taken[1]
+    row = restore(lazy, "--layer", shot.layer, "--name", "dmgrec", env=PACE)
+    first = int(row["page_server"])
+    qemu = lazy.guest("dmgrec").process()
+    wait_for(
+        lambda: (now := record(lazy, "dmgrec")) is not None and now["guard_pid"]
+        and 5 <= int(now["percent"]) <= 70,
+        "the push under way, guarded", 60, poll=0.02,
+    )  # fmt: skip
+    sums = lazy.store / "layers" / shot.layer / "pages.sum"
+    kept = sums.read_bytes()
+    sums.chmod(0o600)
+    try:
+        sums.write_bytes(kept[:-1] + bytes([kept[-1] ^ 0x01]))
+        os.kill(first, signal.SIGKILL)  # the page server this test's restore started
+        wait_for(lambda: not qemu.alive(), "the guest's end", 60)
+        failed = record(lazy, "dmgrec")
+        assert failed is not None and failed["state"] == "failed", failed
+        error = str(failed["error"])
+        assert "cannot go on" in error and "pages.sum" in error and shot.layer in error, error
+        log = (lazy.runtime("dmgrec") / "pageserver.log").read_text()
+        assert "died: starting another" in log and "cannot go on" in log, log
+        with Store(lazy.store) as store:
+            assert store.head("dmgrec") is None
+    finally:
+        sums.write_bytes(kept)
+        sums.chmod(0o400)
+
+
 def orphaned(lazy: Vmckpt, shot: Taken, name: str) -> QemuProcess:
     """A lazy restore of ``shot`` as ``name`` whose page server and guard were killed
     mid-push (first the guard, then its server: nothing recovers); its QEMU."""

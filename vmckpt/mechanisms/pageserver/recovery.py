@@ -12,7 +12,9 @@ only out-of-band commands on an already negotiated connection are answered. ``vm
 resume NAME`` does the same by hand (:func:`resume_restore`) when the guard is gone too,
 over a new connection: when QEMU cannot answer that one, the guest cannot be recovered
 (the recovery says so, ends that QEMU and records the failure). So does a server that died
-before its guest ran: it leaves a migration QEMU cannot resume.
+before its guest ran: it leaves a migration QEMU cannot resume; and a new server that finds
+the chain no longer servable (a layer file damaged or gone since the restore began), whose
+paused guests would otherwise wait for their missing pages for ever.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from vmckpt.errors import LockError, QMPError, RestoreError, VmckptError
 from vmckpt.fsutil import FILE_MODE
 from vmckpt.images import Store
 from vmckpt.images.pagesource import PageSource
-from vmckpt.machine.qemu import QemuProcess
+from vmckpt.machine.qemu import QemuProcess, process_start_time
 from vmckpt.mechanisms.pageserver import records
 from vmckpt.mechanisms.pageserver.server import (
     MODULE,
@@ -81,6 +83,23 @@ def _recover(store: Store, layer: str, names: Sequence[str], handed: Mapping[str
         return _recoverheld(store, layer, alive, processes, handed)
 
 
+def _unservable(
+    store: Store, names: Sequence[str], processes: Mapping[str, QemuProcess], exc: VmckptError
+) -> None:
+    """The chain can no longer be served (a layer file damaged, shortened or gone since the
+    restore began): the paused guests would wait for their missing pages for ever. Each one's
+    QEMU is ended and its record says why (``vmckpt list``: restore failed)."""
+    why = f"the lazy restore cannot go on: {exc.one_line()}"
+    for name in names:
+        _log.error("%s: %s", name, why)
+        with contextlib.suppress(OSError, VmckptError):
+            data = store.host.read_record(name, records.RECORD) or {}
+            data.update(pid=os.getpid(), start_time=process_start_time(os.getpid()),
+                        state="failed", error=why)  # fmt: skip
+            records.write(store, name, records.RECORD, data)
+        processes[name].kill()
+
+
 def _monitor(name: str, process: QemuProcess, handed: Mapping[str, int]) -> Monitor:
     """The destination's monitor: the connection the guard handed on, or a new one (after
     the guard died too: its ``qmp_capabilities`` needs QEMU's main loop, which a vCPU
@@ -114,7 +133,11 @@ def _recoverheld(
     processes: dict[str, QemuProcess],
     handed: Mapping[str, int],
 ) -> int:
-    source = PageSource.open(store, layer)
+    try:
+        source = PageSource.open(store, layer)
+    except VmckptError as exc:
+        _unservable(store, alive, processes, exc)
+        return 1
     server = PageServer(store, source, alive)
     server.mode = "resume"
     sockets: dict[str, socket.socket] = {}
