@@ -84,6 +84,12 @@ class Run:
     zero_on_demand: int = 0
     requests: int = 0
     duplicates: int = 0
+    # The page server's push: where its time went (s; see Counters in destination.py).
+    reading_s: float = 0.0
+    handing_s: float = 0.0
+    starved_s: float = 0.0
+    held_s: float = 0.0
+    sending_s: float = 0.0
 
 
 @dataclass
@@ -207,6 +213,8 @@ def restore_run(setup: Setup, env: dict[str, str], method: str, number: int) -> 
         run.all_in_s = float(done["completed"]) - start
         for key in ("pushed", "on_demand", "zero_on_demand", "requests", "duplicates"):
             setattr(run, key, int(done[key]))
+        for key in ("reading_s", "handing_s", "starved_s", "held_s", "sending_s"):
+            setattr(run, key, float(done.get(key) or 0.0))
     else:
         run.all_in_s = run.running_s
     vmckpt(env, "stop", name, "--store", str(setup.store))
@@ -309,6 +317,25 @@ def report(setups: list[Setup]) -> list[str]:
                 f"({median([r.zero_on_demand for r in runs]):.0f}) | "
                 f"{median([r.requests for r in runs]):.0f} | "
                 f"{median([r.duplicates for r in runs]):.0f} |"
+            )
+    lines += [
+        "",
+        "Where the push's time went (s; the reader: reading and checking pages, waiting for "
+        "a full queue; its sender: starved of them, holding pushed pages back while the "
+        "guest faulted, in send at the destination's pace):",
+        "",
+        "| RAM | method | reading | reader waiting | starved | held | sending |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for each, method in itertools.product(setups, LAZY_METHODS):
+        runs = [r for r in each.runs if r.method == method]
+        if runs:
+            lines.append(
+                f"| {each.size} | {method} | {median([r.reading_s for r in runs]):.2f} | "
+                f"{median([r.handing_s for r in runs]):.2f} | "
+                f"{median([r.starved_s for r in runs]):.2f} | "
+                f"{median([r.held_s for r in runs]):.2f} | "
+                f"{median([r.sending_s for r in runs]):.2f} |"
             )
     loads = [r.load for each in setups for r in each.runs]
     if loads:

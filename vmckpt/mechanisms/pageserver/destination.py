@@ -68,6 +68,10 @@ class Counters:
     latencies: list[float] = field(default_factory=list)  # request arrival to its answer, s
     started: float = field(default_factory=time.monotonic)
     all_in_s: float | None = None  # from the start of serving to the last page sent
+    # Where the sender's time went while pushing (s): what limits the push rate.
+    starved_s: float = 0.0  # waiting for the next read run (the reader is behind)
+    held_s: float = 0.0  # holding pushed pages back while the guest faults (BUSY_AHEAD)
+    sending_s: float = 0.0  # in send() of pushed pages (blocked: the destination is behind)
 
     def latency_ms(self, quantile: float) -> float | None:
         if not self.latencies:
@@ -250,17 +254,23 @@ class Destination:
                     except queue.Empty:
                         if self.shut.is_set():
                             raise OSError("the destination closed the stream") from None
+                        waited = time.monotonic()
                         self.wake.wait(0.01)
                         self.wake.clear()
+                        self.counters.starved_s += time.monotonic() - waited
                         continue
                     if item is None:
                         break
                     pages, rows = item
                     for start in range(0, pages.size, SEND_PAGES):
                         self.serve_requests(reader)
+                        began = time.monotonic()
                         self.hold_back(reader)
+                        held = time.monotonic()
                         end = start + SEND_PAGES
                         self.push(pages[start:end], rows[start:end])
+                        self.counters.held_s += held - began
+                        self.counters.sending_s += time.monotonic() - held
                 # Every stored page is sent; the stream ends once the device state is loaded
                 # (requests answered meanwhile).
                 while not self.closing and not self.package_loaded.is_set():

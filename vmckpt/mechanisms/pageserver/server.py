@@ -60,6 +60,8 @@ class PageServer:
         self.guard: Guard | None = None
         self.failure: str | None = None
         self.mode = "initial"
+        self.reading_s = 0.0  # the push's reads (and page checks), s
+        self.handing_s = 0.0  # the push waiting for a destination's queue (it is behind), s
 
     # -- records ------------------------------------------------------------------------
 
@@ -88,6 +90,11 @@ class PageServer:
             "request_ms_p99": counters.latency_ms(0.99),
             "request_ms_max": counters.latency_ms(1.0),
             "all_in_s": counters.all_in_s,
+            "starved_s": round(counters.starved_s, 3),
+            "held_s": round(counters.held_s, 3),
+            "sending_s": round(counters.sending_s, 3),
+            "reading_s": round(self.reading_s, 3),
+            "handing_s": round(self.handing_s, 3),
         }
 
     def wait_loaded(self, timeout: float) -> None:
@@ -129,9 +136,13 @@ class PageServer:
                         if not pages.size:
                             continue
                     rows = np.empty((pages.size, PAGE_SIZE), dtype=np.uint8)
+                    began = time.monotonic()
                     reader.read(pages, rows)
+                    self.reading_s += time.monotonic() - began
+                    began = time.monotonic()
                     for destination in live:
                         hand(destination, (pages, rows))
+                    self.handing_s += time.monotonic() - began
         except CorruptLayerError as exc:
             self.failure = exc.one_line()
             for destination in self.destinations.values():
