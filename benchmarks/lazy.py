@@ -84,7 +84,7 @@ class Run:
     zero_on_demand: int = 0
     requests: int = 0
     duplicates: int = 0
-    # The page server's push: where its time went (s; see Counters in destination.py).
+    # The page server's push: where its time went (s; its record: PageServer.record).
     reading_s: float = 0.0
     handing_s: float = 0.0
     starved_s: float = 0.0

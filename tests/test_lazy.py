@@ -258,7 +258,8 @@ def test_a_new_page_server_that_finds_the_chain_damaged_ends_the_guest_and_says_
         failed = record(lazy, "dmgrec")
         assert failed is not None and failed["state"] == "failed", failed
         error = str(failed["error"])
-        assert "cannot go on" in error and "pages.sum" in error and shot.layer in error, error
+        assert "can no longer be served" in error, error
+        assert "pages.sum" in error and shot.layer in error, error
         log = (lazy.runtime("dmgrec") / "pageserver.log").read_text()
         assert "died: starting another" in log and "cannot go on" in log, log
         with Store(lazy.store) as store:

@@ -89,9 +89,10 @@ def _unservable(
     """The chain can no longer be served (a layer file damaged, shortened or gone since the
     restore began): the paused guests would wait for their missing pages for ever. Each one's
     QEMU is ended and its record says why (``vmckpt list``: restore failed)."""
-    why = f"the lazy restore cannot go on: {exc.one_line()}"
+    # As the record's error, it follows "the lazy restore cannot go on: " in `vmckpt resume`.
+    why = f"its chain can no longer be served: {exc.one_line()}"
     for name in names:
-        _log.error("%s: %s", name, why)
+        _log.error("%s: the lazy restore cannot go on: %s", name, why)
         with contextlib.suppress(OSError, VmckptError):
             data = store.host.read_record(name, records.RECORD) or {}
             data.update(pid=os.getpid(), start_time=process_start_time(os.getpid()),
